@@ -1,0 +1,161 @@
+"""Text generation with a KV cache: greedy or sampled, streamed, or batched.
+
+Each step feeds only the newest token through the model, reads the keys and
+values of earlier tokens from the cache, and applies the 50,257-wide LM head to
+the last position alone. Batches of prompts of different lengths are left
+padded, with an attention mask and per-row positions, so each row gets exactly
+what it would get on its own.
+"""
+from __future__ import annotations
+
+import codecs
+from typing import Iterator, Sequence
+
+import torch
+
+from .gpt import GPT, GPTConfig
+from .tokenizer import EOT_ID
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole generation."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens cached before the current forward pass
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys and values of ``layer``; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def sample_next(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, generator=None):
+    """Next token ids (B,) from last-position logits (B, vocab): greedy when temperature is 0."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_steps(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = EOT_ID,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every prompt, (B,), until all have emitted ``eos_id`` or the limit.
+
+    A row that has finished keeps yielding ``eos_id``. Prompts are cropped from
+    the left so that prompt and new tokens fit the context window.
+    """
+    config = model.config
+    device = model.transformer.wte.weight.device
+    max_new_tokens = max(0, min(max_new_tokens, config.block_size - 1))
+    keep = config.block_size - max_new_tokens
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if not prompts or max_new_tokens == 0:
+        return
+    prompts = [list(p)[-keep:] for p in prompts]
+    B, L = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, L), EOT_ID, dtype=torch.long)
+    valid = torch.ones(B, L + max_new_tokens, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        idx[row, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+        valid[row, : L - len(p)] = False
+    idx, valid = idx.to(device), valid.to(device)
+    padded = not bool(valid.all())
+    positions = (valid.cumsum(-1) - 1).clamp(min=0) if padded else None
+    cache = KVCache(config, B, L + max_new_tokens, device, model.transformer.wte.weight.dtype)
+
+    mask = pos = None
+    if padded:  # causal over real keys; a pad row sees itself so that no row is all -inf (NaN)
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        mask = (causal & valid[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
+        pos = positions[:, :L]
+    h = model.hidden_states(idx, pos, cache, mask)
+    cache.length = L
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits = model.lm_head(h[:, -1])
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            token = token.masked_fill(finished, eos_id)
+            finished |= token == eos_id
+        yield token
+        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+            return
+        if padded:
+            mask = valid[:, None, None, : cache.length + 1]
+            pos = positions[:, cache.length : cache.length + 1]
+        h = model.hidden_states(token[:, None], pos, cache, mask)
+        cache.length += 1
+
+
+def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """The new token ids for one prompt, without the end token."""
+    return generate_batch(model, [prompt], max_new_tokens, **kwargs)[0]
+
+
+def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None = EOT_ID, **kwargs) -> list[list[int]]:
+    """The new token ids for each prompt, generated together; each list stops before its end token."""
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for token in generate_steps(model, prompts, max_new_tokens, eos_id=eos_id, **kwargs):
+        for row, t in enumerate(token.tolist()):
+            if not done[row]:
+                if eos_id is not None and t == eos_id:
+                    done[row] = True
+                else:
+                    out[row].append(t)
+    return out
+
+
+def stream_text(model: GPT, tokenizer, prompt: Sequence[int], max_new_tokens: int, **kwargs) -> Iterator[str]:
+    """Yield the response text each time it grows; a multi-byte UTF-8 character is never split."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = ""
+    for token in generate_steps(model, [prompt], max_new_tokens, **kwargs):
+        t = int(token[0])
+        if t == kwargs.get("eos_id", EOT_ID):
+            break
+        piece = decoder.decode(tokenizer.decode_single_token_bytes(t))
+        if piece:
+            text += piece
+            yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield text + tail
+
+
+@torch.inference_mode()
+def generate_text_simple(model: GPT, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None) -> torch.Tensor:
+    """The book's greedy loop: the whole sequence through the model at every step, no cache.
+
+    Kept as the reference that the cached path is tested and benchmarked against.
+    """
+    context_size = context_size or model.config.block_size
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -context_size:])[:, -1, :]
+        idx = torch.cat((idx, logits.argmax(dim=-1, keepdim=True)), dim=1)
+    return idx

@@ -1,0 +1,167 @@
+"""GPT-2 in plain PyTorch: config presets, blocks, the model.
+
+Reads top to bottom like nanoGPT's model.py. Parameter names follow GPT-2's
+checkpoints (``transformer.h.0.attn.c_attn``...), with ``nn.Linear`` weights
+stored (out, in); ``model.weights`` converts to and from the Hub's layout.
+Inference with a KV cache lives in ``model.generation``; here attention only
+takes an optional cache object so that the training path stays plain.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    name: str = "gpt2"
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def num_params(self) -> int:
+        """Parameter count with the LM head tied to the token embedding."""
+        d, layers = self.n_embd, self.n_layer
+        block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+        return self.vocab_size * d + self.block_size * d + layers * block + 2 * d
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+
+    def forward(self, x, cache=None, layer: int = 0, mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # Without an explicit mask: causal over a full sequence, or one new token that sees everything cached.
+        causal = mask is None and T > 1
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer: int = 0, mask=None):
+        x = x + self.drop(self.attn(self.ln_1(x), cache, layer, mask))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx, positions=None, cache=None, mask=None):
+        """Final-LayerNorm hidden states (B, T, C); the LM head is left to the caller."""
+        T = idx.shape[1]
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context window of {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i, mask)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx):
+        """Logits (B, T, vocab) for every position."""
+        return self.lm_head(self.hidden_states(idx))
+
+    def loss(self, idx, targets, ignore_index: int = -100):
+        """Mean cross-entropy over the targets that count.
+
+        The 50,257-wide LM head runs only where a target exists, not on padding
+        or masked prompt tokens: the same value as the book's
+        ``cross_entropy(logits.flatten(0, 1), targets.flatten())``, with less work.
+        """
+        h = self.hidden_states(idx)
+        keep = targets != ignore_index
+        logits = self.lm_head(h[keep])
+        return F.cross_entropy(logits.float(), targets[keep])

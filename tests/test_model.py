@@ -1,0 +1,291 @@
+"""The core model against transformers, the weights in and out, the tokenizer, generation."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model import (
+    GPT,
+    EOT_ID,
+    GPTConfig,
+    WeightsError,
+    generate,
+    generate_batch,
+    generate_text_simple,
+    get_tokenizer,
+    load_pretrained,
+    sample_next,
+    save_pretrained,
+    stream_text,
+)
+from model import generation as generation_module
+from tests.hf_utils import hf_logits, hf_model, save_hub_layout, save_transformers_layout
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return hf_model()
+
+
+@pytest.fixture(scope="module")
+def idx():
+    torch.manual_seed(1)
+    return torch.randint(0, 50257, (2, 17))
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_name("tiny", block_size=64)).eval()
+
+
+# Tokenizer
+
+
+def test_tokenizer_ids():
+    tok = get_tokenizer()
+    assert tok.encode("Hello, world") == [15496, 11, 995]
+    assert tok.encode("<|endoftext|>", allowed_special="all") == [EOT_ID] == [50256]
+    assert tok.n_vocab == 50257
+
+
+def test_tokenizer_round_trip_unicode():
+    tok = get_tokenizer()
+    text = "Größe, naïve café — 東京タワー 🚀🧠 ñandú\n\ttabs  and  spaces Ω≈ç√"
+    assert tok.decode(tok.encode(text)) == text
+
+
+# Architecture and weights
+
+
+def test_presets_have_gpt2_sizes():
+    counts = {name: GPTConfig.from_name(name).num_params() for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+    assert counts == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+    assert 1_000_000 < GPTConfig.from_name("tiny").num_params() < 10_000_000
+    with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
+        GPTConfig.from_name("gpt5")
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+def test_logits_equal_transformers(tmp_path, hf, idx, layout):
+    save = save_hub_layout if layout == "hub" else save_transformers_layout
+    model = load_pretrained(save(hf, tmp_path / layout))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        ours = model(idx)
+    assert ours.shape == (2, 17, 50257)
+    assert (ours - hf_logits(hf, idx)).abs().max().item() <= 1e-4
+
+
+def test_hub_layout_as_a_single_file_without_config(tmp_path):
+    """A bare .safetensors file: the config comes from the tensor shapes, matched to a preset."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=1024)).eval()
+    directory = save_hub_layout(hf, tmp_path / "bare")
+    (directory / "config.json").unlink()
+    model = load_pretrained(directory / "model.safetensors")
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (4, 4, 128)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert (model(ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path, hf, idx):
+    from safetensors import safe_open
+    from transformers import GPT2LMHeadModel
+
+    ours = load_pretrained(save_hub_layout(hf, tmp_path / "in"))
+    out = save_pretrained(ours, tmp_path / "out")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and "transformer.wte.weight" in keys  # tied weights saved once
+    assert not list(out.glob("*.tmp"))
+    back = GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (back(idx).logits - ours(idx)).abs().max().item() <= 1e-4
+    again = load_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(again(idx), ours(idx))
+
+
+def test_wrong_shape_names_tensor_and_expected_shape(tmp_path, hf):
+    directory = save_hub_layout(hf, tmp_path / "bad")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors["h.1.mlp.c_fc.weight"] = torch.zeros(64, 255)
+    save_file(tensors, str(directory / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"'h.1.mlp.c_fc.weight' has shape \(64, 255\), expected \(64, 256\)"):
+        load_pretrained(directory)
+
+
+def test_missing_tensor_is_named(tmp_path, hf):
+    directory = save_hub_layout(hf, tmp_path / "bad")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "model.safetensors"))
+    del tensors["ln_f.bias"]
+    save_file(tensors, str(directory / "model.safetensors"))
+    with pytest.raises(WeightsError, match="lacks 1 tensors .* 'transformer.ln_f.bias'"):
+        load_pretrained(directory)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_file_is_a_clear_error(tmp_path, hf, damage):
+    directory = save_hub_layout(hf, tmp_path / "bad")
+    path = directory / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(b"\x00not a safetensors file" * 10 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        load_pretrained(directory)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(WeightsError, match="no such file or directory"):
+        load_pretrained(tmp_path / "nowhere" / "model.safetensors")
+    with pytest.raises(WeightsError, match="holds no model.safetensors"):
+        load_pretrained(tmp_path)
+    with pytest.raises(WeightsError, match="'tiny' preset has no pretrained weights"):
+        load_pretrained("tiny")
+
+
+def test_offline_hub_load_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as err:
+        load_pretrained("gpt2")
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "openai-community/gpt2" in message
+    assert str(tmp_path / "hub-cache") in message
+    assert "local path" in message and "model.safetensors" in message
+
+
+def test_offline_hub_load_honours_hf_hub_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match="HF_HUB_OFFLINE is set"):
+        load_pretrained("openai-community/gpt2-medium")
+
+
+def test_loading_peak_memory_stays_under_1_5x_the_model(tmp_path):
+    """Read in a fresh process: the peak RSS growth while loading, against the bytes of the model."""
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig(n_layer=2, n_head=6, n_embd=384)), tmp_path / "m")  # 91 MB, the embedding dominates
+    script = f"""
+import psutil, torch, json
+from model import GPT, GPTConfig, load_pretrained
+with torch.device("meta"):
+    GPT(GPTConfig.from_name("tiny"))  # load the lazily imported machinery before measuring
+before = psutil.Process().memory_info().rss
+model = load_pretrained({str(tmp_path / "m")!r})
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024  # ru_maxrss counts the forked parent
+size = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps(dict(growth=peak - before, size=size)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["growth"] < 1.5 * figures["size"], figures
+
+
+# Generation
+
+
+def test_cached_greedy_equals_recomputing_everything(tiny):
+    prompt = [5, 17, 300, 42, 9]
+    ours = generate(tiny, prompt, 30, eos_id=None)
+    textbook = generate_text_simple(tiny, torch.tensor([prompt]), 30)[0, len(prompt) :].tolist()
+    assert ours == textbook and len(ours) == 30
+
+
+def test_generation_crops_to_the_context_window(tiny):
+    prompt = list(range(100, 200))  # longer than the 64-token window
+    ours = generate(tiny, prompt, 10, eos_id=None)
+    assert len(ours) == 10
+    assert ours == generate(tiny, prompt[-54:], 10, eos_id=None)
+
+
+def test_generation_stops_at_end_token(tiny):
+    first = generate(tiny, [1, 2, 3], 1, eos_id=None)[0]
+    assert generate(tiny, [1, 2, 3], 20, eos_id=first) == []
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    prompts = [[5, 17, 300], [8] * 11, [1, 2, 3, 4, 5, 6, 7], [900]]
+    batched = generate_batch(tiny, prompts, 12, eos_id=None)
+    single = [generate(tiny, p, 12, eos_id=None) for p in prompts]
+    assert batched == single
+
+
+def test_top_k_and_top_p_stay_inside_the_allowed_set():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000)
+    top5 = torch.topk(logits, 5).indices
+    probs = torch.softmax(logits, dim=-1)
+    order = torch.argsort(probs, dim=-1, descending=True)
+    nucleus = []
+    for row in range(4):
+        cum = probs[row, order[row]].cumsum(0)
+        nucleus.append(set(order[row, : int((cum < 0.3).sum()) + 1].tolist()))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        picked = sample_next(logits, temperature=1.5, top_k=5, generator=g)
+        assert all(picked[r].item() in top5[r].tolist() for r in range(4))
+        picked = sample_next(logits, temperature=1.0, top_p=0.3, generator=g)
+        assert all(picked[r].item() in nucleus[r] for r in range(4))
+    assert torch.equal(sample_next(logits), logits.argmax(-1))
+
+
+def test_sampling_is_reproducible_with_a_generator(tiny):
+    a = generate(tiny, [1, 2], 15, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(3), eos_id=None)
+    b = generate(tiny, [1, 2], 15, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(3), eos_id=None)
+    assert a == b
+
+
+def test_streaming_never_splits_a_multibyte_character(tiny, monkeypatch):
+    tok = get_tokenizer()
+    text = "Ünïcode: 東京 🚀🧠"
+    ids = tok.encode(text)
+    assert any(not _is_utf8(tok.decode_single_token_bytes(t)) for t in ids), "the test needs split characters"
+
+    def scripted(model, prompts, max_new_tokens, **kwargs):
+        for t in ids + [EOT_ID]:
+            yield torch.tensor([t])
+
+    monkeypatch.setattr(generation_module, "generate_steps", scripted)
+    pieces = list(stream_text(tiny, tok, [1], 50))
+    assert pieces[-1] == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert all(text.startswith(p) for p in pieces)
+
+
+def test_streaming_a_real_model_grows_text(tiny):
+    tok = get_tokenizer()
+    pieces = list(stream_text(tiny, tok, tok.encode("Hello"), 20, eos_id=None))
+    assert pieces and all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
+    assert pieces[-1] == tok.decode(generate(tiny, tok.encode("Hello"), 20, eos_id=None))
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
