@@ -1,0 +1,178 @@
+"""Load instruction records from a file, check them, and split them the book's way.
+
+A record is a dict with string ``instruction``, ``input`` and ``output``.
+Every problem with a user's file becomes a ``DatasetError`` whose message
+says what is wrong and where (record N for a JSON list, line N for JSON Lines).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import NamedTuple
+
+from . import cache
+from .errors import DatasetError
+
+FIELDS = ("instruction", "input", "output")
+MAX_FILE_BYTES = 20 * 1024 * 1024
+MAX_RECORDS = 100_000
+SAMPLE_PATH = Path(__file__).with_name("sample.json")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+class Split(NamedTuple):
+    train: list
+    val: list
+    test: list
+
+
+def load_instructions(source) -> list[dict]:
+    """Records from ``"canonical"`` (the book's 1,100), ``"sample"`` (bundled) or a file path.
+
+    A file is a JSON list of objects or JSON Lines (one object per line).
+    """
+    if isinstance(source, str) and source == "canonical":
+        return read_instruction_file(cache.canonical_path())
+    if isinstance(source, str) and source == "sample":
+        return read_instruction_file(SAMPLE_PATH)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a path, 'canonical' or 'sample', got {type(source).__name__}")
+    return read_instruction_file(Path(source))
+
+
+def read_instruction_file(path: Path) -> list[dict]:
+    """Read, parse and check one file; raise ``DatasetError`` on any problem."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder, not a file")
+    if size > MAX_FILE_BYTES:
+        raise DatasetError(
+            f"{name}: file is {size / 2**20:.1f} MB, larger than the {MAX_FILE_BYTES // 2**20} MB limit"
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    text = decode_utf8(raw, name)
+    items, label = parse_json_or_jsonl(text, name, path.suffix.lower() in JSONL_SUFFIXES)
+    return validate_records(items, name, label)
+
+
+def decode_utf8(raw: bytes, name: str) -> str:
+    """The file's text; a leading byte order mark is dropped."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{name}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte offset {exc.start}, line {line}); "
+            "save the file as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def parse_json_or_jsonl(text: str, name: str, jsonl: bool) -> tuple[list, str]:
+    """Parsed items and the word that locates one of them ("record" or "line").
+
+    Items are ``(number, value)`` pairs: 1-based record index, or line number for JSON Lines.
+    """
+    if not text.strip():
+        raise DatasetError(f"{name}: the file is empty")
+    if jsonl:
+        return parse_jsonl(text, name), "line"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("{"):
+            return parse_jsonl(text, name), "line"
+        raise DatasetError(f"{name}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DatasetError(f"{name}: not valid JSON (nested too deeply)") from None
+    if isinstance(data, dict) and len(text.strip().splitlines()) == 1:
+        return [(1, data)], "line"
+    if not isinstance(data, list):
+        raise DatasetError(
+            f"{name}: expected a JSON list of records (or JSON Lines, one record per line), "
+            f"got {json_type(data)}"
+        )
+    return list(enumerate(data, start=1)), "record"
+
+
+def parse_jsonl(text: str, name: str) -> list:
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{name}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise DatasetError(f"{name}, line {number}: not valid JSON (nested too deeply)") from None
+    return items
+
+
+def json_type(value) -> str:
+    """Python's name for a value's type, with ``null`` for None."""
+    return "null" if value is None else type(value).__name__
+
+
+def validate_records(items: list, name: str = "data", label: str = "record") -> list[dict]:
+    """Check ``(number, value)`` pairs and return clean three-field records.
+
+    ``input`` may be missing or null (it becomes ""); extra keys are dropped.
+    """
+    if not items:
+        raise DatasetError(f"{name}: contains no records")
+    if len(items) > MAX_RECORDS:
+        raise DatasetError(f"{name}: {len(items):,} records, more than the {MAX_RECORDS:,} limit")
+    records = []
+    for number, value in items:
+        where = f"{name}, {label} {number}"
+        if not isinstance(value, dict):
+            raise DatasetError(
+                f'{where}: expected an object with "instruction", "input" and "output", got {json_type(value)}'
+            )
+        record = {}
+        for field in FIELDS:
+            if field not in value and field != "input":
+                raise DatasetError(f'{where}: field "{field}" is missing')
+            text = value.get(field)
+            if text is None and field == "input":
+                text = ""
+            if not isinstance(text, str):
+                raise DatasetError(f'{where}: field "{field}" must be a string, got {json_type(text)}')
+            if field != "input" and not text.strip():
+                raise DatasetError(f'{where}: field "{field}" is empty')
+            record[field] = text
+        records.append(record)
+    return records
+
+
+def split_instructions(records: list, train_frac: float = 0.85, test_frac: float = 0.10, seed=None) -> Split:
+    """The book's split in file order: first 85 % train, next 10 % test, the rest validation.
+
+    With ``seed`` set, a shuffled copy (``random.Random(seed)``) is split instead.
+    """
+    if not (0 < train_frac <= 1 and 0 <= test_frac <= 1 and train_frac + test_frac <= 1):
+        raise ValueError(
+            f"need 0 < train_frac, 0 <= test_frac and train_frac + test_frac <= 1; "
+            f"got train_frac={train_frac}, test_frac={test_frac}"
+        )
+    data = list(records)
+    if seed is not None:
+        random.Random(seed).shuffle(data)
+    train_portion = int(len(data) * train_frac)
+    test_portion = int(len(data) * test_frac)
+    train = data[:train_portion]
+    test = data[train_portion:train_portion + test_portion]
+    val = data[train_portion + test_portion:]
+    return Split(train, val, test)

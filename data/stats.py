@@ -1,0 +1,62 @@
+"""Numbers and views for the UI: split sizes, token counts, padding, and which tokens are trained on."""
+from __future__ import annotations
+
+from model.tokenizer import EOT_ID, get_tokenizer
+
+from .batching import make_loader
+from .prompts import encode_record
+
+
+def split_sizes(split) -> dict:
+    """Record counts of a ``Split``."""
+    return {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
+
+
+def token_stats(records, tokenizer=None, style: str = "alpaca") -> dict:
+    """Per-record token counts (histogram data); the response count includes its end token."""
+    tokenizer = tokenizer or get_tokenizer()
+    prompt_tokens, response_tokens = [], []
+    for record in records:
+        ids, prompt_len = encode_record(record, tokenizer, style)
+        prompt_tokens.append(prompt_len)
+        response_tokens.append(len(ids) - prompt_len + 1)
+    total_tokens = [p + r for p, r in zip(prompt_tokens, response_tokens)]
+    return {"prompt_tokens": prompt_tokens, "response_tokens": response_tokens, "total_tokens": total_tokens}
+
+
+def padding_stats(dataset, batch_size: int = 8, grouped: bool = False, seed: int = 123) -> dict:
+    """How much of one training epoch's batches is padding (first epoch of ``make_loader``).
+
+    ``real_tokens`` counts targets that enter the loss, ``padded_tokens`` all B*T
+    target positions.
+    """
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                         grouped=grouped, seed=seed)
+    real = padded = batches = 0
+    for _, targets in loader:
+        real += int((targets != -100).sum())
+        padded += targets.numel()
+        batches += 1
+    return {
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "batches": batches,
+        "padding_fraction": 1 - real / padded if padded else 0.0,
+    }
+
+
+def token_view(record: dict, mask_prompt: bool = False, style: str = "alpaca",
+               tokenizer=None) -> list[tuple[str, bool]]:
+    """Each token of prompt + output + ``<|endoftext|>`` with its text and whether the loss trains on it.
+
+    The first token is never a target; with ``mask_prompt`` only the response
+    tokens and the end token are.
+    """
+    tokenizer = tokenizer or get_tokenizer()
+    ids, prompt_len = encode_record(record, tokenizer, style)
+    ids.append(EOT_ID)
+    first_trained = prompt_len if mask_prompt else 1
+    return [
+        (tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace"), i >= first_trained)
+        for i, t in enumerate(ids)
+    ]
