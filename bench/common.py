@@ -7,19 +7,7 @@ import time
 
 import torch
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss it ignores a forked parent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from model.device import peak_rss_mb  # noqa: F401  (re-exported for the benchmarks)
 
 
 def timed(fn, *args, **kwargs):

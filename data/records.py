@@ -33,13 +33,18 @@ def load_instructions(source) -> list[dict]:
 
     A file is a JSON list of objects or JSON Lines (one object per line).
     """
+    return read_instruction_file(source_path(source))
+
+
+def source_path(source) -> Path:
+    """The file behind a source: the cached canonical file (downloaded on first use), the sample, or the path."""
     if isinstance(source, str) and source == "canonical":
-        return read_instruction_file(cache.canonical_path())
+        return cache.canonical_path()
     if isinstance(source, str) and source == "sample":
-        return read_instruction_file(SAMPLE_PATH)
+        return SAMPLE_PATH
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path, 'canonical' or 'sample', got {type(source).__name__}")
-    return read_instruction_file(Path(source))
+    return Path(source)
 
 
 def read_instruction_file(path: Path) -> list[dict]:

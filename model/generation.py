@@ -148,6 +148,28 @@ def stream_text(model: GPT, tokenizer, prompt: Sequence[int], max_new_tokens: in
         yield text + tail
 
 
+def stream_side_by_side(models: Sequence[GPT], tokenizer, prompt: Sequence[int], max_new_tokens: int,
+                        seed: int | None = None, **kwargs) -> Iterator[tuple[str, ...]]:
+    """Stream several models' responses to one prompt in step: yields every text each round.
+
+    With sampling, each model draws from its own generator seeded alike, so the
+    comparison is between the models, not between random draws.
+    """
+    streams = []
+    for model in models:
+        generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed) if seed is not None else None
+        streams.append(stream_text(model, tokenizer, prompt, max_new_tokens, generator=generator, **kwargs))
+    texts = [""] * len(streams)
+    active = set(range(len(streams)))
+    while active:
+        for i in sorted(active):
+            try:
+                texts[i] = next(streams[i])
+            except StopIteration:
+                active.discard(i)
+        yield tuple(texts)
+
+
 @torch.inference_mode()
 def generate_text_simple(model: GPT, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None) -> torch.Tensor:
     """The book's greedy loop: the whole sequence through the model at every step, no cache.

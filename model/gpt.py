@@ -8,12 +8,14 @@ takes an optional cache object so that the training path stays plain.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -75,7 +77,10 @@ class CausalSelfAttention(nn.Module):
         # Without an explicit mask: causal over a full sequence, or one new token that sees everything cached.
         causal = mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        # On CPU the flash kernel's backward is ~6x slower than the math path at instruction lengths (bf16).
+        backend = sdpa_kernel(SDPBackend.MATH) if self.training and x.device.type == "cpu" else contextlib.nullcontext()
+        with backend:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -136,15 +141,20 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx, positions=None, cache=None, mask=None):
-        """Final-LayerNorm hidden states (B, T, C); the LM head is left to the caller."""
+    def hidden_states(self, idx, positions=None, cache=None, mask=None, tied_grad=None):
+        """Final-LayerNorm hidden states (B, T, C); the LM head is left to the caller.
+
+        ``tied_grad``: the list through which ``loss`` hands the head's weight gradient to the embedding.
+        """
         T = idx.shape[1]
         if positions is None:
             start = cache.length if cache is not None else 0
             if start + T > self.config.block_size:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the context window of {self.config.block_size}")
             positions = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        wte = self.transformer.wte
+        tok = TiedEmbedding.apply(idx, wte.weight, tied_grad) if tied_grad is not None else wte(idx)
+        x = tok + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, mask)
@@ -157,11 +167,105 @@ class GPT(nn.Module):
     def loss(self, idx, targets, ignore_index: int = -100):
         """Mean cross-entropy over the targets that count.
 
-        The 50,257-wide LM head runs only where a target exists, not on padding
-        or masked prompt tokens: the same value as the book's
-        ``cross_entropy(logits.flatten(0, 1), targets.flatten())``, with less work.
+        The same value as the book's ``cross_entropy(logits.flatten(0, 1), targets.flatten())``,
+        with less work: the 50,257-wide LM head runs only where a target exists,
+        not on padding or masked prompt tokens, and when training the head's
+        gradients are made in the same pass (``TiedHeadCrossEntropy``).
         """
-        h = self.hidden_states(idx)
+        weight = self.lm_head.weight
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        tied_grad = [] if training and weight.requires_grad else None
+        h = self.hidden_states(idx, tied_grad=tied_grad)
         keep = targets != ignore_index
-        logits = self.lm_head(h[keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        h, targets = h[keep], targets[keep]
+        if training:
+            return TiedHeadCrossEntropy.apply(h, weight, targets, tied_grad)
+        return TiedHeadCrossEntropy.run(h, weight, targets, want_grad_h=False, want_grad_w=False)[0]
+
+
+class TiedHeadCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``h @ weight.T``, with both gradients computed in the forward pass.
+
+    The loss is the graph's last node, so its gradient is known up to the
+    incoming scalar. Making the gradients here skips what autograd would do
+    around a (tokens x 50,257) logits tensor: an fp32 copy, its log-softmax, and
+    their three backward buffers. Rows go through in blocks, softmax in fp32,
+    so the largest temporary stays ~25 MB however long the batch.
+    """
+
+    BLOCK_ROWS = 256  # bf16 logits of a block: ~25 MB
+    SOFTMAX_ROWS = 128  # their fp32 log-softmax: ~25 MB
+
+    @staticmethod
+    def run(h, weight, targets, want_grad_h: bool = True, want_grad_w: bool = True):
+        """(mean loss, gradient of h or None, gradient of weight or None)."""
+        n = h.shape[0]
+        grad_h = torch.empty_like(h) if want_grad_h else None
+        grad_w = None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, TiedHeadCrossEntropy.BLOCK_ROWS):
+            hb = h[start : start + TiedHeadCrossEntropy.BLOCK_ROWS]
+            logits = hb @ weight.t()
+            for part, cols in zip(logits.split(TiedHeadCrossEntropy.SOFTMAX_ROWS),
+                                  targets[start : start + len(hb)].split(TiedHeadCrossEntropy.SOFTMAX_ROWS)):
+                rows = torch.arange(len(cols), device=h.device)
+                logp = torch.log_softmax(part, dim=-1, dtype=torch.float32)
+                total -= logp[rows, cols].sum()
+                if want_grad_h or want_grad_w:
+                    torch.exp(logp, out=part)  # softmax - one_hot: the gradient of the summed loss
+                    part[rows, cols] -= 1
+            if want_grad_h:
+                torch.mm(logits, weight, out=grad_h[start : start + len(hb)])
+            if want_grad_w and grad_w is None:
+                grad_w = logits.t() @ hb.div(n)
+            elif want_grad_w:
+                grad_w.addmm_(logits.t(), hb.div(n))
+        if grad_h is not None:
+            grad_h.div_(n)
+        return total / n, grad_h, grad_w
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, tied_grad=None):
+        loss, grad_h, grad_w = TiedHeadCrossEntropy.run(h, weight, targets, h.requires_grad, weight.requires_grad)
+        if tied_grad is not None and grad_w is not None:
+            tied_grad.append(grad_w)  # the embedding's backward adds its rows and returns the sum
+            grad_w = None
+        ctx.grads = (grad_h, grad_w)  # not save_for_backward: autograd may then take them over without a copy
+        ctx.tied_grad = tied_grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        if grad_loss.item() != 1.0:
+            grad_h = None if grad_h is None else grad_h * grad_loss
+            grad_w = None if grad_w is None else grad_w * grad_loss
+            if ctx.tied_grad:
+                ctx.tied_grad[0].mul_(grad_loss)
+        return grad_h, grad_w, None, None
+
+
+class TiedEmbedding(torch.autograd.Function):
+    """Token embedding lookup whose weight gradient joins the tied LM head's, in place.
+
+    Left to autograd, the weight would get two gradients, the head's dense one
+    and the lookup's, summed into a third vocab-sized buffer at the end of
+    backward. Here the lookup adds its rows into the head's gradient and
+    returns it as the one gradient of the shared weight.
+    """
+
+    @staticmethod
+    def forward(ctx, idx, weight, tied_grad):
+        ctx.save_for_backward(idx)
+        ctx.tied_grad, ctx.shape = tied_grad, weight.shape
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (idx,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        grad_w = ctx.tied_grad.pop() if ctx.tied_grad else grad_out.new_zeros(ctx.shape)
+        grad_w.index_add_(0, idx.flatten(), grad_out.reshape(-1, ctx.shape[1]).to(grad_w.dtype))
+        return None, grad_w, None

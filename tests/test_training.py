@@ -1,0 +1,296 @@
+"""The fine-tuning engine: loop, mixed precision, LoRA, the background job, runs on disk, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import InstructionDataset, load_instructions, make_loader, source_path, split_instructions
+from model import GPT, GPTConfig, load_pretrained
+from training import TrainConfig, list_runs, load_run, read_manifest, read_metrics, train
+from training.config import ConfigError
+from training.job import JobError, TrainingJob
+from training.lora import LoRALinear, add_lora, count_trainable, merge_lora
+from training.optim import MasterWeightAdamW
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(model="tiny", random_init=True, data="canonical", max_steps=6, eval_every=3, eval_batches=2,
+                  sample_tokens=8, out=str(tmp_path / "run"), lr=1e-3)
+    return TrainConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def batches():
+    split = split_instructions(load_instructions("canonical"))
+    loader = make_loader(InstructionDataset(split.train[:64]), batch_size=8)
+    return list(loader)
+
+
+def test_fused_head_loss_and_gradients_equal_the_books_loss(batches):
+    """model.loss (LM head only on targets, gradients made in the forward pass) against full logits + cross_entropy."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny"))
+    x, y = batches[0]
+    ours = model.loss(x, y)
+    ours.backward()
+    ours_grads = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    book = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    book.backward()
+    assert abs(ours.item() - book.item()) < 1e-5
+    for name, p in model.named_parameters():
+        assert torch.allclose(ours_grads[name], p.grad.to_dense(), atol=1e-6, rtol=1e-4), name
+    with torch.no_grad():
+        assert abs(model.loss(x, y).item() - book.item()) < 1e-5
+
+
+def test_step_in_backward_matches_plain_adamw(batches):
+    """fp32: AdamW stepping each tensor inside backward gives the weights of torch's AdamW after the backward."""
+    torch.manual_seed(0)
+    a = GPT(GPTConfig.from_name("tiny"))
+    b = GPT(GPTConfig.from_name("tiny"))
+    b.load_state_dict(a.state_dict())
+    ours = MasterWeightAdamW(a, torch.float32, lr=1e-3, weight_decay=0.1)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    for x, y in batches[:3]:
+        a.loss(x, y).backward()
+        assert all(p.grad is None for p in a.parameters())  # freed as soon as used
+        b.loss(x, y).backward()
+        plain.step()
+        plain.zero_grad()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_bf16_compute_keeps_fp32_masters(batches):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny"))
+    optimizer = MasterWeightAdamW(model, torch.bfloat16, lr=1e-3)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    before = {n: p.float().clone() for n, p in model.named_parameters()}
+    for x, y in batches[:2]:
+        model.loss(x, y).backward()
+    finished = optimizer.finish()
+    assert all(p.dtype == torch.float32 for p in finished.parameters())
+    moved = [n for n, p in finished.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before)
+
+
+def test_bf16_and_fp32_losses_agree(tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config = tiny_config(tmp_path, precision=precision, max_steps=20, eval_every=5, out=str(tmp_path / precision))
+        train(config)
+        runs[precision] = read_metrics(tmp_path / precision)
+    for a, b in zip(runs["fp32"], runs["bf16"]):
+        assert a["step"] == b["step"]
+        assert abs(a["train_loss"] - b["train_loss"]) / a["train_loss"] < 0.02
+    final = [r[-1]["val_loss"] for r in runs.values()]
+    assert abs(final[0] - final[1]) / final[0] < 0.02
+
+
+def test_loss_decreases_on_the_tiny_model(tmp_path):
+    summary = train(tiny_config(tmp_path, max_steps=40, eval_every=10, eval_batches=3))
+    metrics = read_metrics(tmp_path / "run")
+    evals = [m["val_loss"] for m in metrics if m["val_loss"] is not None]
+    assert len(evals) == 5  # the baseline, then every 10 steps
+    assert evals[-1] < evals[0] - 1.5
+    assert summary["status"] == "done" and summary["steps"] == 40
+
+
+def test_run_on_disk(tmp_path):
+    config = tiny_config(tmp_path)
+    summary = train(config)
+    run = tmp_path / "run"
+    manifest = read_manifest(run)
+    assert manifest["status"] == "done"
+    assert manifest["config"]["lr"] == config.lr and manifest["seed"] == 123
+    assert manifest["data"]["split"] == {"train": 935, "val": 55, "test": 110}
+    assert manifest["data"]["sha256"] == "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+    assert {"torch", "python", "tiktoken"} <= set(manifest["versions"])
+    for key in ("device", "started", "ended", "wall_time_s", "final_train_loss", "final_val_loss", "peak_rss_mb"):
+        assert manifest[key] is not None, key
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == list(range(0, 7))
+    for m in metrics:
+        assert {"step", "tokens_seen", "train_loss", "val_loss", "lr", "tokens_per_s"} <= set(m)
+    assert metrics[-1]["tokens_seen"] == summary["tokens_seen"] > 0
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*"))
+    assert [r.path for r in list_runs(tmp_path)] == [run]
+
+
+def test_saved_run_loads_in_transformers_with_equal_logits(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    train(tiny_config(tmp_path))
+    ours = load_run(tmp_path / "run")
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "run").eval()
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_lora_trains_only_adapters_and_the_merged_save_gives_its_outputs(tmp_path, batches):
+    torch.manual_seed(0)
+    model = add_lora(GPT(GPTConfig.from_name("tiny")), rank=4, alpha=8)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert count_trainable(model)[0] == 4 * 4 * ((128 + 384) + (128 + 128) + (128 + 512) + (512 + 128))
+    frozen_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = MasterWeightAdamW(model, torch.float32, lr=1e-2)
+    for x, y in batches[:3]:
+        model.loss(x, y).backward()
+    optimizer.finish()
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+    assert any(m.lora_B.abs().sum() > 0 for m in model.modules() if isinstance(m, LoRALinear))
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        adapted = model(idx)
+    from model import save_pretrained
+
+    save_pretrained(merge_lora(model), tmp_path / "merged")
+    merged = load_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert (merged(idx) - adapted).abs().max().item() < 1e-4
+
+
+def test_lora_run_through_the_engine(tmp_path):
+    summary = train(tiny_config(tmp_path, lora_rank=4))
+    assert summary["status"] == "done"
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["model"]["trainable_parameters"] < manifest["model"]["parameters"] / 10
+    assert load_run(tmp_path / "run").num_params() == manifest["model"]["parameters"] - manifest["model"]["trainable_parameters"]
+
+
+def test_clipping_and_accumulation_path(tmp_path):
+    summary = train(tiny_config(tmp_path, grad_clip=1.0, grad_accum=2, batch_size=4, warmup_steps=2, cosine=True))
+    metrics = read_metrics(tmp_path / "run")
+    assert summary["steps"] == 6
+    assert metrics[1]["lr"] == pytest.approx(1e-3 / 2)  # first warmup step
+    assert metrics[-1]["lr"] < 1e-3
+    assert metrics[-1]["tokens_seen"] > 0
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(ConfigError, match="batch_size must be between 1 and 512, got 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="lr must be in"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ConfigError, match="unknown settings: foo"):
+        TrainConfig.from_dict({"foo": 1})
+
+
+# The background job
+
+
+def wait_for(job: TrainingJob, predicate, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = job.snapshot()
+        if predicate(snap):
+            return snap
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last snapshot status {job.snapshot()['status']}")
+
+
+def test_job_stop_mid_run_leaves_a_loadable_model_and_a_complete_manifest(tmp_path):
+    job = TrainingJob()
+    job.start(tiny_config(tmp_path, max_steps=None, eval_every=50), owner="alice")
+    wait_for(job, lambda s: s["step"] >= 3)
+    with pytest.raises(JobError, match="only the browser session that started"):
+        job.stop(owner="bob")
+    assert job.stop(owner="alice")
+    assert job.wait(60)
+    snap = job.snapshot()
+    assert snap["status"] == "stopped" and 3 <= snap["step"] < snap["total_steps"] == 116
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["status"] == "stopped" and manifest["steps"] == snap["step"]
+    assert manifest["final_val_loss"] is not None and manifest["ended"]
+    model = load_run(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_job_refuses_a_second_start_while_running(tmp_path):
+    job = TrainingJob()
+    job.start(tiny_config(tmp_path, max_steps=None, eval_every=50))
+    wait_for(job, lambda s: s["status"] == "training")
+    with pytest.raises(JobError, match="already running"):
+        job.start(tiny_config(tmp_path, out=str(tmp_path / "second")))
+    job.stop()
+    assert job.wait(60)
+    assert not (tmp_path / "second").exists()
+
+
+def test_an_error_inside_the_step_fails_the_job_with_its_message(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = GPT.loss
+
+    def flaky(self, idx, targets, **kwargs):
+        calls["n"] += 1
+        if torch.is_grad_enabled() and calls["n"] > 8:
+            raise RuntimeError("simulated out of memory in step")
+        return original(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(GPT, "loss", flaky)
+    job = TrainingJob()
+    job.start(tiny_config(tmp_path, max_steps=20, eval_every=50))
+    assert job.wait(60)
+    snap = job.snapshot()
+    assert snap["status"] == "failed"
+    assert "simulated out of memory in step" in snap["error"]
+    assert read_manifest(tmp_path / "run")["status"] == "failed"
+    monkeypatch.setattr(GPT, "loss", original)
+    job.start(tiny_config(tmp_path, max_steps=2, out=str(tmp_path / "after")))  # the job is usable again
+    assert job.wait(60) and job.snapshot()["status"] == "done"
+
+
+def test_job_snapshot_tracks_progress(tmp_path):
+    job = TrainingJob()
+    job.start(tiny_config(tmp_path))
+    assert job.wait(60)
+    snap = job.snapshot()
+    assert snap["status"] == "done" and snap["step"] == snap["total_steps"] == 6
+    assert [h["step"] for h in snap["history"]] == list(range(7))
+    assert [r["step"] for r in snap["responses"]] == [0, 3, 6]
+    assert snap["sample_instruction"]["instruction"]
+    assert snap["final"]["run_dir"] == str(tmp_path / "run")
+    assert snap["version"] > 10
+
+
+# The CLI
+
+
+def test_cli_runs_headless(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "--model", "tiny", "--random-init", "--data", "sample", "--max-steps", "3",
+         "--eval-every", "2", "--out", str(tmp_path / "cli")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "done: 3 steps" in out.stdout
+    assert read_manifest(tmp_path / "cli")["data"]["sha256"]
+    assert (tmp_path / "cli" / "model.safetensors").is_file()
+
+
+def test_cli_reports_bad_data_clearly(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "x", "input": "", "output": 3}]')
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "--model", "tiny", "--random-init", "--data", str(bad), "--out", str(tmp_path / "r")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 1
+    assert 'record 1: field "output" must be a string' in out.stderr
+    assert source_path("sample").is_file()

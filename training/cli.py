@@ -1,0 +1,97 @@
+"""``python -m training``: fine-tune headless, with a progress bar, into a run directory."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqdm import tqdm
+
+from data import DatasetError
+from model import WeightsError
+
+from .config import ConfigError, TrainConfig
+from .loop import Hooks, train
+
+
+def parse_args(argv=None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m training", description="Instruction fine-tuning of GPT-2 (chapter 7 of the book), headless.")
+    p.add_argument("--model", default=d.model, help="preset (tiny, gpt2, gpt2-medium, ...), Hub repo id, or local directory / .safetensors file")
+    p.add_argument("--random-init", action="store_true", help="random weights instead of pretrained ones (offline; with --model tiny for a quick demo)")
+    p.add_argument("--data", default=d.data, help="canonical, sample, or a JSON / JSON Lines file")
+    p.add_argument("--style", default=d.style, choices=["alpaca", "phi3"])
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--cosine", action="store_true", help="cosine decay after warmup")
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches per evaluation (0: all)")
+    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
+    p.add_argument("--mask-prompt", action="store_true", help="learn only the response tokens")
+    p.add_argument("--no-grouped", dest="grouped", action="store_false", help="the book's random batches instead of length-grouped ones")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0: full fine-tuning")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>-<model>)")
+    args = vars(p.parse_args(argv))
+    if args["eval_batches"] == 0:
+        args["eval_batches"] = None
+    try:
+        return TrainConfig(**args)
+    except ConfigError as e:
+        p.error(str(e))
+
+
+class ProgressBar:
+    """Turns the engine's events into a tqdm bar and a few printed lines."""
+
+    def __init__(self):
+        self.bar = None
+        self.download = None
+
+    def __call__(self, kind: str, payload: dict) -> None:
+        if kind == "download":
+            if self.download is None:
+                self.download = tqdm(total=payload["total"], unit="B", unit_scale=True, desc=payload["file"])
+            self.download.n = payload["done"]
+            self.download.refresh()
+        elif kind == "started":
+            if self.download is not None:
+                self.download.close()
+            tqdm.write(f"{payload['parameters']:,} parameters ({payload['trainable_parameters']:,} trained) on {payload['device']}; "
+                       f"{payload['train_records']} training records; run: {payload['run_dir']}")
+            self.bar = tqdm(total=payload["total_steps"], unit="step")
+        elif kind in ("step", "eval") and self.bar is not None:
+            self.bar.n = payload["step"]
+            self.bar.set_postfix(loss=f"{payload['train_loss']:.3f}", tok_s=f"{payload['tokens_per_s']:.0f}")
+            if kind == "eval":
+                val = payload["val_loss"]
+                tqdm.write(f"step {payload['step']:>5}: train loss {payload['train_loss']:.3f}, val loss "
+                           f"{'n/a' if val is None else f'{val:.3f}'}; response: {payload['response'][:120]!r}")
+        elif kind == "finished":
+            if self.bar is not None:
+                self.bar.close()
+            print(f"{payload['status']}: {payload['steps']} steps in {payload['wall_time_s']:.0f} s "
+                  f"({payload['train_time_s']:.0f} s training, {payload['eval_time_s']:.0f} s evaluating), "
+                  f"peak memory {payload['peak_rss_mb'] / 1024:.2f} GiB; saved to {payload['run_dir']}")
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    try:
+        train(config, Hooks(on_event=ProgressBar()))
+    except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,121 @@
+"""One fine-tuning run at a time, in a background thread, observed through ``snapshot()``.
+
+The UI never owns training state: it calls ``start`` / ``stop`` and polls
+``snapshot()``, a copy made under a lock, so any number of visitors can watch
+the same run while only the session that started it may stop it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+
+from .config import TrainConfig
+from .loop import Hooks, train
+
+log = logging.getLogger(__name__)
+ACTIVE = ("starting", "loading", "training", "evaluating", "stopping", "saving")
+
+
+class JobError(RuntimeError):
+    """A start or stop that cannot be done now; the message says why."""
+
+
+def _fresh_state() -> dict:
+    return {
+        "version": 0, "status": "idle", "message": "", "owner": None, "config": None, "run_dir": None,
+        "step": 0, "total_steps": 0, "steps_per_epoch": 0, "epoch": 0.0, "epochs": 0, "tokens_seen": 0,
+        "lr": None, "tokens_per_s": 0.0, "elapsed_s": 0.0, "eta_s": None, "history": [], "responses": [],
+        "sample_instruction": None, "download": None, "error": None, "final": None, "device": None,
+        "parameters": None, "trainable_parameters": None, "started_at": None,
+    }
+
+
+class TrainingJob:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state = _fresh_state()
+
+    def start(self, config: TrainConfig, owner: str | None = None) -> None:
+        """Begin a run in the background; ``JobError`` if one is already running."""
+        config.validate()
+        with self._lock:
+            if self._state["status"] in ACTIVE:
+                raise JobError(f"a fine-tuning run is already running ({self._state['status']}, step "
+                               f"{self._state['step']}/{self._state['total_steps']}); wait for it or stop it first")
+            self._stop.clear()
+            self._state = _fresh_state()
+            self._state.update(status="starting", message="Starting", owner=owner, config=config.to_dict(),
+                               epochs=config.epochs, started_at=time.time(), version=1)
+            self._thread = threading.Thread(target=self._run, args=(config,), name="fine-tuning", daemon=True)
+            self._thread.start()
+
+    def stop(self, owner: str | None = None) -> bool:
+        """Ask the run to stop at the next step boundary (it saves what it has). False if nothing runs."""
+        with self._lock:
+            if self._state["status"] not in ACTIVE:
+                return False
+            if self._state["owner"] is not None and owner != self._state["owner"]:
+                raise JobError("only the browser session that started this run can stop it")
+            self._state.update(status="stopping", message="Stopping at the next step", version=self._state["version"] + 1)
+        self._stop.set()
+        return True
+
+    @property
+    def running(self) -> bool:
+        with self._lock:
+            return self._state["status"] in ACTIVE
+
+    def snapshot(self) -> dict:
+        """A consistent copy of the run's state; ``version`` grows with every change."""
+        with self._lock:
+            state = copy.deepcopy(self._state)
+        if state["status"] in ACTIVE and state["started_at"]:
+            state["elapsed_s"] = time.time() - state["started_at"]
+        return state
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run's thread ends; True when it has."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
+    def _run(self, config: TrainConfig) -> None:
+        try:
+            train(config, Hooks(on_event=self._on_event, should_stop=self._stop.is_set))
+        except Exception as e:  # the thread must end in a state the UI can show, whatever happened
+            log.exception("fine-tuning failed")
+            self._update(status="failed", message=f"Failed: {e}", error=f"{type(e).__name__}: {e}")
+
+    def _update(self, **fields) -> None:
+        with self._lock:
+            self._state.update(fields)
+            self._state["version"] += 1
+
+    def _on_event(self, kind: str, payload: dict) -> None:
+        with self._lock:
+            s = self._state
+            if kind == "status":
+                if not (s["status"] == "stopping" and payload["status"] in ("training", "evaluating")):
+                    s.update(status=payload["status"], message=payload["message"])
+            elif kind == "download":
+                s["download"] = dict(payload)
+            elif kind == "started":
+                s.update(run_dir=payload["run_dir"], total_steps=payload["total_steps"], steps_per_epoch=payload["steps_per_epoch"],
+                         device=payload["device"], parameters=payload["parameters"],
+                         trainable_parameters=payload["trainable_parameters"], sample_instruction=payload["sample_instruction"])
+            elif kind in ("step", "eval"):
+                record = {k: v for k, v in payload.items() if k != "response"}
+                s["history"].append(record)
+                s.update(step=record["step"], epoch=record["epoch"], tokens_seen=record["tokens_seen"], lr=record["lr"],
+                         tokens_per_s=record["tokens_per_s"], eta_s=record["eta_s"])
+                if kind == "eval":
+                    s["responses"].append({"step": record["step"], "response": payload["response"]})
+            elif kind == "finished":
+                s.update(status=payload["status"], final=dict(payload), eta_s=0.0, elapsed_s=payload["wall_time_s"],
+                         message=f"{payload['status'].capitalize()} after {payload['steps']} steps; saved to {payload['run_dir']}")
+            s["version"] += 1
