@@ -142,7 +142,7 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
     )
     if constants.HF_HUB_OFFLINE:
         raise WeightsError(offline.format(why="HF_HUB_OFFLINE is set"))
-    reason = _unreachable(constants.ENDPOINT)
+    reason = hub_unreachable()
     if reason:
         raise WeightsError(offline.format(why=reason))
     tqdm_class = _progress_tqdm(progress, f"{repo}/{filename}") if progress else None
@@ -152,9 +152,11 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
         raise WeightsError(offline.format(why=f"{type(e).__name__}: {e}".split("\n")[0])) from e
 
 
-def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hub cannot be reached, or None: one quick connect instead of the client's 20 s of retries."""
-    url = urlparse(endpoint)
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
     except OSError as e:
