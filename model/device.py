@@ -32,8 +32,8 @@ def cpu_has_bf16() -> bool:
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # native bf16 (Ampere and newer); emulated bf16 on older cards is slow
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return cpu_has_bf16()
     return False
