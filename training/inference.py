@@ -29,8 +29,9 @@ def base_model(model: str, random_init: bool = False, seed: int = 123, progress:
 
     def load() -> GPT:
         if random_init:
-            torch.manual_seed(seed)
-            return GPT(GPTConfig.from_name(model)).to(device=device, dtype=dtype)
+            with torch.random.fork_rng(devices=[]):  # leave the global RNG (a training run's) alone
+                torch.manual_seed(seed)
+                return GPT(GPTConfig.from_name(model)).to(device=device, dtype=dtype)
         return load_pretrained(model, device=device, dtype=dtype, progress=progress)
 
     return REGISTRY.get(f"base:{model}:{random_init}:{seed if random_init else ''}", load)
