@@ -294,3 +294,20 @@ def test_cli_reports_bad_data_clearly(tmp_path):
     assert out.returncode == 1
     assert 'record 1: field "output" must be a string' in out.stderr
     assert source_path("sample").is_file()
+
+
+def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
+    from training.inference import base_model_of_run, tuned_model
+    from training.loop import build_model
+
+    config = tiny_config(tmp_path, precision="fp32", max_steps=2)
+    start = build_model(config, torch.device("cpu"))
+    torch.manual_seed(999)
+    train(config)
+    state = torch.random.get_rng_state()
+    base = base_model_of_run(tmp_path / "run")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    for (name, p), q in zip(start.named_parameters(), base.parameters()):
+        assert torch.allclose(p.to(q.dtype), q), name
+    tuned = tuned_model(tmp_path / "run")
+    assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
