@@ -1,0 +1,318 @@
+"""Evaluation and export: NLL and perplexity, ROUGE-L, the LLM judge, eval files, the Hugging Face zip, the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from data import format_prompt, load_instructions, split_instructions
+from model import EOT_ID, GPT, GPTConfig, get_tokenizer
+from training import TrainConfig, load_run, train
+from training.evaluate import (
+    EVAL_ROWS, EVAL_SUMMARY, EvaluationStopped, best_and_worst, evaluate_run, load_eval, response_nll,
+)
+from training.export import ExportError, export_zip, push_to_hub
+from training.inference import tuned_model
+from training.judge import Judge, chat_url, judge_help, judge_prompt, parse_score, summarize_scores
+from training.loop import respond
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "run"
+    train(TrainConfig(model="tiny", random_init=True, data="sample", max_steps=4, eval_every=2, sample_tokens=4, out=str(out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_records():
+    return split_instructions(load_instructions("sample")).test
+
+
+# NLL and perplexity
+
+
+def nll_by_hand(model: GPT, record: dict) -> tuple[float, int]:
+    """One record, unbatched: full forward pass, fp32 log-softmax, summed over the response and its end token."""
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.encode(format_prompt(record), disallowed_special=())
+    ids = prompt + tokenizer.encode(record["output"], disallowed_special=()) + [EOT_ID]
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([ids[:-1]]))
+        logp = torch.log_softmax(h.float() @ model.lm_head.weight.float().t(), dim=-1)[0]
+    targets = torch.tensor(ids[1:])
+    picked = logp[torch.arange(len(targets)), targets][len(prompt) - 1 :]
+    return -picked.sum().item(), len(picked)
+
+
+def test_nll_equals_a_full_forward_pass_per_record(run, test_records):
+    records = test_records[:2]
+    model = load_run(run)  # fp32
+    for batch_size in (1, 2):
+        got = response_nll(model, records, batch_size=batch_size)
+        for (total, count), record in zip(got, records):
+            want_total, want_count = nll_by_hand(model, record)
+            assert count == want_count == len(get_tokenizer().encode(record["output"])) + 1
+            assert total == pytest.approx(want_total, rel=1e-5)
+    bf16 = response_nll(tuned_model(run), records)
+    fp32 = response_nll(model, records)
+    for (a, n), (b, m) in zip(bf16, fp32):
+        assert n == m and a / n == pytest.approx(b / m, abs=0.05)
+
+
+def test_uniform_logits_give_ln_vocab(test_records):
+    """A zero LM head gives every token 1/50257: NLL ln(50257) per token, perplexity 50257."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny")).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    for total, count in response_nll(model, test_records, batch_size=3):
+        assert total / count == pytest.approx(math.log(50257), rel=1e-6)
+        assert math.exp(total / count) == pytest.approx(50257, rel=1e-5)
+
+
+def test_a_record_too_long_for_the_context_has_no_nll(test_records):
+    model = GPT(GPTConfig.from_name("tiny", block_size=64)).eval()
+    long = {"instruction": "word " * 100, "input": "", "output": "yes"}
+    got = response_nll(model, [long, {"instruction": "Hi", "input": "", "output": "Hello."}])
+    assert got[0] is None and got[1][1] == 3
+
+
+# The LLM judge
+
+
+class JudgeServer:
+    """A local OpenAI-compatible endpoint whose reply depends on a marker in the graded response."""
+
+    REPLIES = {"RESP_GOOD": "85", "RESP_WORDS": "great job!", "RESP_BIG": "150", "RESP_CHATTY": "Score: 72/100"}
+
+    def __init__(self):
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+                prompt = body["messages"][0]["content"]
+                if "RESP_500" in prompt:
+                    return self.send(500, b"model crashed")
+                if "RESP_SLOW" in prompt:
+                    time.sleep(1.0)
+                if "RESP_NOTJSON" in prompt:
+                    return self.send(200, b"<html>hi</html>")
+                reply = next((r for marker, r in outer.REPLIES.items() if marker in prompt), "50")
+                self.send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode())
+
+            def send(self, code, data):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def judge_server():
+    server = JudgeServer()
+    yield server
+    server.server.shutdown()
+
+
+ENTRY = {"instruction": "Name a primary colour.", "input": "", "output": "Red."}
+
+
+def test_judge_scores_and_unscored_replies(judge_server):
+    judge = Judge(judge_server.url, model="llama3", api_key="sk-test", timeout=0.4)
+    assert judge.score(ENTRY, "RESP_GOOD") == (85, None)
+    assert judge.score(ENTRY, "RESP_CHATTY") == (72, None)
+    cases = {"RESP_WORDS": "no number", "RESP_BIG": "outside 0..100", "RESP_500": "HTTP 500",
+             "RESP_SLOW": "within 0.4 s", "RESP_NOTJSON": "not an OpenAI chat completion"}
+    for response, reason in cases.items():
+        score, why = judge.score(ENTRY, response)
+        assert score is None and reason in why, (response, why)
+    request = judge_server.requests[0]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["auth"] == "Bearer sk-test"
+    assert request["body"]["temperature"] == 0 and request["body"]["model"] == "llama3"
+    assert request["body"]["messages"][0]["content"] == judge_prompt(ENTRY, "RESP_GOOD") == (
+        "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName a primary colour.` and correct output `Red.`, score the "
+        "model response `RESP_GOOD` on a scale from 0 to 100, where 100 is the best score. "
+        "Respond with the integer number only."
+    )
+
+
+def test_judge_gives_up_on_a_dead_server():
+    judge = Judge("http://127.0.0.1:9", timeout=1, give_up_after=3)
+    t0 = time.perf_counter()
+    reasons = [judge.score(ENTRY, "x")[1] for _ in range(5)]
+    assert time.perf_counter() - t0 < 10
+    assert all("cannot reach http://127.0.0.1:9/v1/chat/completions" in r for r in reasons[:3])
+    assert all(r.startswith("not asked") for r in reasons[3:])
+
+
+def test_judge_helpers():
+    for url in ("localhost:11434", "http://localhost:11434", "http://localhost:11434/", "http://localhost:11434/v1", "http://localhost:11434/v1/chat/completions"):
+        assert chat_url(url) == "http://localhost:11434/v1/chat/completions"
+    assert parse_score("100") == (100, None) and parse_score("0") == (0, None) and parse_score(" 85.6 ") == (86, None)
+    assert parse_score("-3")[0] is None and parse_score("")[0] is None
+    assert summarize_scores([85, None, 40]) == {"judge_avg": 62.5, "judge_scored": 2, "judge_unscored": 1}
+    assert summarize_scores([None]) == {"judge_avg": None, "judge_scored": 0, "judge_unscored": 1}
+    assert "ollama run llama3" in judge_help() and "--judge http://localhost:11434/v1" in judge_help()
+
+
+# evaluate_run
+
+
+def test_evaluate_run_writes_rows_and_summary(run, test_records, judge_server):
+    events = []
+    t0 = time.perf_counter()
+    result = evaluate_run(run, limit=6, max_new_tokens=8, batch_size=4, judge=Judge(judge_server.url), progress=events.append)
+    seconds = time.perf_counter() - t0
+    rows, summary = result["rows"], result["summary"]
+    assert load_eval(run) == json.loads(json.dumps(result))
+    assert len((run / EVAL_ROWS).read_text().splitlines()) == 6 and (run / EVAL_SUMMARY).is_file()
+    assert [r["instruction"] for r in rows] == [r["instruction"] for r in test_records[:6]]
+
+    model = tuned_model(run)
+    nll = response_nll(model, test_records[:6], batch_size=4)
+    for row, record, (total, count) in zip(rows, test_records, nll):
+        assert row["output"] == record["output"]
+        assert row["tuned"]["response"] == respond(model, record, "alpaca", 8)  # batched == one at a time
+        assert row["tuned"]["nll"] == pytest.approx(total / count) and row["tuned"]["target_tokens"] == count
+        assert row["tuned"]["perplexity"] == pytest.approx(math.exp(total / count))
+        for name in ("base", "tuned"):
+            r = row[name]
+            assert 0 <= r["rouge_l"] <= 1 and r["judge"] == 50 and r["judge_error"] is None
+            assert r["ended"] == (r["new_tokens"] < 8)
+
+    for name in ("base", "tuned"):
+        totals = summary[name]
+        tokens = sum(r[name]["target_tokens"] for r in rows)
+        assert totals["target_tokens"] == tokens
+        assert totals["nll"] == pytest.approx(sum(r[name]["nll"] * r[name]["target_tokens"] for r in rows) / tokens)
+        assert totals["perplexity"] == pytest.approx(math.exp(totals["nll"]))
+        assert 9 < totals["nll"] < 12  # a barely trained random model: near ln(50257) = 10.8
+        assert totals["rouge_l"] == pytest.approx(sum(r[name]["rouge_l"] for r in rows) / 6)
+        assert totals["ended_share"] == sum(r[name]["ended"] for r in rows) / 6
+        assert (totals["judge_avg"], totals["judge_scored"], totals["judge_unscored"]) == (50, 6, 0)
+    assert summary["examples"] == 6 and summary["max_new_tokens"] == 8 and summary["judge"]["model"] == "llama3"
+    assert not list(run.glob(".*.tmp"))
+
+    phases = [(e["step"], e["model"], e["phase"]) for e in events]
+    assert sorted(set(phases)) == [(1, "base", "loading"), (2, "base", "generating"), (3, "base", "scoring"),
+                                   (4, "tuned", "loading"), (5, "tuned", "generating"), (6, "tuned", "scoring"),
+                                   (7, "base", "judging"), (8, "tuned", "judging")]
+    assert all(e["steps"] == 8 and 0 <= e["done"] <= e["total"] for e in events)
+    assert events[-1]["done"] == events[-1]["total"] == 6 and events[-1]["eta_s"] == 0
+    print(f"evaluate_run on the tiny run, 6 examples: {seconds:.2f} s")
+
+
+def test_stopping_writes_nothing(run, tmp_path):
+    before = load_eval(run)
+    calls = []
+    with pytest.raises(EvaluationStopped):
+        evaluate_run(run, limit=6, max_new_tokens=8, should_stop=lambda: calls.append(1) or len(calls) > 3)
+    assert load_eval(run) == before
+
+
+def test_best_and_worst():
+    rows = [{"tuned": {"rouge_l": v, "nll": v}} for v in (0.2, None, 0.9, 0.5)]
+    best, worst = best_and_worst(rows, "tuned.rouge_l", 2)
+    assert [r["tuned"]["rouge_l"] for r in best] == [0.9, 0.5] and [r["tuned"]["rouge_l"] for r in worst] == [0.2, 0.5]
+    best, worst = best_and_worst(rows, "tuned.nll", 1)
+    assert best[0]["tuned"]["nll"] == 0.2 and worst[0]["tuned"]["nll"] == 0.9
+    best, _ = best_and_worst(rows, lambda r: r["tuned"]["rouge_l"], 1)
+    assert best[0]["tuned"]["rouge_l"] == 0.9
+    best, _ = best_and_worst(rows, lambda r: r["tuned"]["nll"], 1, lower_is_better=True)
+    assert best[0]["tuned"]["nll"] == 0.2
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        evaluate_run(tmp_path)
+
+
+# Export
+
+
+def test_exported_zip_loads_in_transformers(run, tmp_path):
+    from transformers import GPT2LMHeadModel, GPT2Tokenizer
+
+    path = export_zip(run, tmp_path / "out" / "model.zip")
+    assert path == tmp_path / "out" / "model.zip" and not list(path.parent.glob(".*"))
+    folder = tmp_path / "unzipped"
+    with zipfile.ZipFile(path) as zf:
+        assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(zf.namelist())
+        zf.extractall(folder)
+    theirs = GPT2LMHeadModel.from_pretrained(folder).eval()
+    ours = load_run(run)
+    idx = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-4
+    tokenizer = GPT2Tokenizer.from_pretrained(folder)
+    assert tokenizer.encode("Hello, world") == [15496, 11, 995]
+    assert tokenizer.eos_token_id == EOT_ID
+    assert "### Response:" in (folder / "README.md").read_text()
+
+
+def test_export_of_an_unfinished_run_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="model.safetensors"):
+        export_zip(tmp_path)
+
+
+def test_push_to_hub_offline_fails_fast(run, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    t0 = time.perf_counter()
+    with pytest.raises(ExportError) as error:
+        push_to_hub(run, "someone/gpt2-instruct")
+    assert time.perf_counter() - t0 < 5
+    assert "127.0.0.1" in str(error.value) and "nothing was uploaded" in str(error.value)
+    assert not list(run.glob(".hub-*"))
+
+
+# The CLI
+
+
+def test_cli_prints_the_summary(run, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", str(run), "--limit", "3", "--max-new-tokens", "4",
+         "--export", str(tmp_path / "cli.zip")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "fine-tuned" in out.stdout and "perplexity" in out.stdout and "ROUGE-L" in out.stdout
+    assert "ollama run llama3" in out.stdout
+    assert (tmp_path / "cli.zip").is_file()
+    assert load_eval(run)["summary"]["examples"] == 3
+
+
+def test_cli_reports_a_bad_run_dir(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "training.evaluate", str(tmp_path / "nope")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "is not a run directory" in out.stderr and "Traceback" not in out.stderr

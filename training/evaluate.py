@@ -1,0 +1,361 @@
+"""Chapter 7's third stage: how well does the fine-tuned model answer the test split?
+
+``evaluate_run(run_dir)`` sends each test instruction through the run's base
+model and its fine-tuned model (greedy, batched) and scores both:
+
+- NLL and perplexity of the reference response under each model, teacher-forced:
+  an objective score that needs no judge (lower is better);
+- ROUGE-L F1 of the generated response against the reference;
+- whether the response ended with ``<|endoftext|>`` before the token limit;
+- optionally the book's LLM-judge score from 0 to 100 (``training.judge``).
+
+Results go to ``eval.jsonl`` (one row per example) and ``eval_summary.json`` in
+the run folder. ``python -m training.evaluate RUN_DIR`` does the same headless.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data import DatasetError, InstructionDataset, custom_collate_fn, extract_response, format_prompt, load_instructions, split_instructions
+from model import WeightsError, generate_batch, get_tokenizer
+from model.device import describe
+
+from .export import ExportError, export_zip
+from .inference import base_model_of_run, run_config, tuned_model
+from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
+from .loop import now
+from .runs import write_atomic
+
+EVAL_ROWS = "eval.jsonl"
+EVAL_SUMMARY = "eval_summary.json"
+MODELS = ("base", "tuned")
+SPLITS = ("train", "val", "test")
+LOWER_IS_BETTER = ("nll", "perplexity")
+
+
+class EvaluationStopped(Exception):
+    """``should_stop()`` asked to stop; nothing was written."""
+
+
+def generate_responses(model, records: list[dict], style: str, max_new_tokens: int, batch_size: int,
+                       on_batch: Callable[[int], None] = lambda n: None) -> list[dict]:
+    """Each record's greedy response, generated in batches of similar prompt length.
+
+    ``ended``: the model emitted ``<|endoftext|>`` before ``max_new_tokens``.
+    """
+    tokenizer = get_tokenizer()
+    prompts = [tokenizer.encode(format_prompt(r, style), disallowed_special=()) for r in records]
+    limit = min(max_new_tokens, model.config.block_size - 1)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[dict] = [{} for _ in records]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        for i, ids in zip(batch, generate_batch(model, [prompts[i] for i in batch], max_new_tokens)):
+            out[i] = {"response": extract_response(tokenizer.decode(ids), style), "new_tokens": len(ids), "ended": len(ids) < limit}
+        on_batch(len(batch))
+    return out
+
+
+@torch.inference_mode()
+def response_nll(model, records: list[dict], style: str = "alpaca", batch_size: int = 8,
+                 on_batch: Callable[[int], None] = lambda n: None) -> list[tuple[float, int] | None]:
+    """Per record: (summed negative log-likelihood, token count) of the reference response and its end token.
+
+    Teacher-forced given the prompt: the book's batches with ``mask_prompt=True``,
+    so exactly the response tokens and the end token are targets. None for a
+    record too long for the context window.
+    """
+    dataset = InstructionDataset(records, style=style, max_length=model.config.block_size)
+    device = model.transformer.wte.weight.device
+    order = sorted(range(len(dataset)), key=lambda i: -dataset.lengths[i])
+    out: list[tuple[float, int] | None] = [None] * len(records)
+    for start in range(0, len(order), batch_size):
+        items = [dataset[i] for i in order[start : start + batch_size]]
+        inputs, targets = custom_collate_fn(items, mask_prompt=True)
+        inputs, targets = inputs.to(device), targets.to(device)
+        keep = targets != -100
+        log_probs = target_log_probs(model.hidden_states(inputs)[keep], model.lm_head.weight, targets[keep])
+        rows = keep.nonzero()[:, 0]
+        sums = torch.zeros(len(items), dtype=torch.float64, device=device).index_add_(0, rows, log_probs.double())
+        for item, total, count in zip(items, sums.tolist(), keep.sum(1).tolist()):
+            out[item["index"]] = (-total, count)
+        on_batch(len(items))
+    return out
+
+
+def target_log_probs(h, weight, targets, rows: int = 128, vocab_block: int = 8192):
+    """log p(target) for each hidden state: logits and log-softmax in fp32, a block of rows at a time.
+
+    A bf16 logit near GPT-2's typical -100 is off by up to 0.25, so the head is
+    multiplied in fp32; the weight is upcast a slice at a time (~25 MB), never whole.
+    """
+    out = []
+    for hb, tb in zip(h.split(rows), targets.split(rows)):
+        hb = hb.float()
+        logits = torch.cat([hb @ w.float().t() for w in weight.split(vocab_block)], dim=1)
+        out.append(torch.log_softmax(logits, dim=-1).gather(1, tb[:, None]).squeeze(1))
+    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+
+class Progress:
+    """Reports phase, done, total and the phase's ETA; raises ``EvaluationStopped`` when asked to stop."""
+
+    def __init__(self, report: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None, steps: int):
+        self.report, self.should_stop, self.steps = report, should_stop, steps
+        self.step, self.start, self.times = 0, time.perf_counter(), {}
+
+    def begin(self, phase: str, model: str, total: int) -> None:
+        self.check()
+        self.step += 1
+        self.phase, self.model, self.total, self.done, self.t0 = phase, model, total, 0, time.perf_counter()
+        self.emit()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self.times[f"{self.model}: {self.phase}"] = time.perf_counter() - self.t0
+        self.emit()
+        self.check()
+
+    def emit(self, done: int | None = None, total: int | None = None) -> None:
+        done, total = (self.done, self.total) if done is None else (done, total)
+        elapsed = time.perf_counter() - self.t0
+        if self.report:
+            self.report({"phase": self.phase, "model": self.model, "done": done, "total": total,
+                         "eta_s": elapsed / done * (total - done) if done else None,
+                         "step": self.step, "steps": self.steps, "elapsed_s": time.perf_counter() - self.start})
+
+    def check(self) -> None:
+        if self.should_stop and self.should_stop():
+            raise EvaluationStopped("evaluation stopped; no results were written")
+
+
+def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 128, batch_size: int = 8,
+                 limit: int | None = None, judge=None, progress=None, should_stop=None) -> dict:
+    """Evaluate a run's base and fine-tuned model on a split of its data; returns ``{"summary", "rows"}``.
+
+    ``progress(dict)`` gets ``phase`` (loading, generating, scoring, judging),
+    ``model`` (base or tuned), ``done``, ``total``, ``eta_s`` (this phase's
+    seconds left), ``step``/``steps`` (phase number) and ``elapsed_s``.
+    ``should_stop()`` is asked between batches; stopping raises
+    ``EvaluationStopped`` and leaves earlier results on disk as they were.
+    ``judge``: a ``training.judge.Judge`` or its URL, or None to skip judging.
+    """
+    run_dir = Path(run_dir)
+    judge = Judge(judge) if isinstance(judge, str) else judge
+    config = run_config(run_dir)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
+        raise ValueError("max_new_tokens, batch_size and limit must be at least 1")
+    source = str(data or config.data)
+    records = getattr(split_instructions(load_instructions(source)), split)[:limit]
+    if not records:
+        raise ValueError(f"the {split} split of {source} is empty")
+    started = now()
+    tracker = Progress(progress, should_stop, steps=3 * len(MODELS) + (len(MODELS) if judge else 0))
+    tuned_model(run_dir)  # a run without weights fails now, before the base model downloads
+    scorer = rouge()
+    results: dict[str, list[dict]] = {}
+    for name in MODELS:
+        tracker.begin("loading", name, 1)
+        if name == "base":
+            model = base_model_of_run(run_dir, progress=lambda desc, done, total: tracker.emit(done, total))
+        else:
+            model = tuned_model(run_dir)
+        tracker.advance()
+        device = describe(model.transformer.wte.weight.device, model.transformer.wte.weight.dtype)
+        tracker.begin("generating", name, len(records))
+        results[name] = generate_responses(model, records, config.style, max_new_tokens, batch_size, tracker.advance)
+        tracker.begin("scoring", name, len(records))
+        for record, result, nll in zip(records, results[name], response_nll(model, records, config.style, batch_size, tracker.advance)):
+            mean = nll[0] / nll[1] if nll else None
+            result.update(nll=mean, perplexity=perplexity(mean), target_tokens=nll[1] if nll else 0,
+                          rouge_l=float(scorer.score(record["output"], result["response"])["rougeL"].fmeasure),
+                          judge=None, judge_error=None)
+        del model
+    if judge is not None:
+        judge.failures_in_a_row = 0
+        for name in MODELS:
+            tracker.begin("judging", name, len(records))
+            for record, result in zip(records, results[name]):
+                result["judge"], result["judge_error"] = judge.score(record, result["response"])
+                tracker.advance()
+
+    rows = [{"index": i, "instruction": r["instruction"], "input": r["input"], "output": r["output"],
+             **{name: results[name][i] for name in MODELS}} for i, r in enumerate(records)]
+    summary = {
+        "run": run_dir.name, "model": config.model, "data": source, "style": config.style, "split": split,
+        "examples": len(rows), "limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "judge": judge.describe() if judge is not None else None, "device": device, "started": started,
+        "wall_time_s": time.perf_counter() - tracker.start, "time_s": tracker.times,
+        **{name: totals(results[name], judged=judge is not None) for name in MODELS},
+    }
+    write_atomic(run_dir / EVAL_ROWS, "".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(run_dir / EVAL_SUMMARY, json.dumps(summary, indent=2))
+    return {"summary": summary, "rows": rows}
+
+
+def rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def perplexity(nll: float | None) -> float | None:
+    """exp(mean NLL); None where it has no value or overflows a float."""
+    return math.exp(nll) if nll is not None and nll < 700 else None
+
+
+def totals(results: list[dict], judged: bool) -> dict:
+    """One model's figures over all examples; NLL is token-weighted, so perplexity is the corpus perplexity."""
+    tokens = sum(r["target_tokens"] for r in results)
+    nll = sum(r["nll"] * r["target_tokens"] for r in results if r["nll"] is not None) / tokens if tokens else None
+    ended = sum(r["ended"] for r in results)
+    return {
+        "nll": nll, "perplexity": perplexity(nll), "target_tokens": tokens,
+        "too_long": sum(r["nll"] is None for r in results),
+        "rouge_l": sum(r["rouge_l"] for r in results) / len(results),
+        "ended": ended, "ended_share": ended / len(results),
+        "new_tokens_mean": sum(r["new_tokens"] for r in results) / len(results),
+        **(summarize_scores([r["judge"] for r in results]) if judged else {"judge_avg": None, "judge_scored": 0, "judge_unscored": 0}),
+    }
+
+
+def load_eval(run_dir) -> dict | None:
+    """The saved ``{"summary", "rows"}`` of a run's last evaluation, or None when it has none."""
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / EVAL_SUMMARY).read_text())
+        rows = [json.loads(line) for line in (run_dir / EVAL_ROWS).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    return {"summary": summary, "rows": rows}
+
+
+def best_and_worst(rows: list[dict], key: str | Callable[[dict], float | None], n: int = 3,
+                   lower_is_better: bool | None = None) -> tuple[list[dict], list[dict]]:
+    """The ``n`` best rows (best first) and the ``n`` worst (worst first) by ``key``.
+
+    ``key``: a path such as ``"tuned.rouge_l"`` or a function of a row. Unless
+    told, lower is better for NLL and perplexity, higher for anything else;
+    rows without a value are left out.
+    """
+    if callable(key):
+        value, lower_better = key, bool(lower_is_better)
+    else:
+        parts = key.split(".")
+        value = functools.partial(_dig, parts=parts)
+        lower_better = parts[-1] in LOWER_IS_BETTER if lower_is_better is None else lower_is_better
+    scored = [(v, row) for row in rows if (v := value(row)) is not None]
+    scored.sort(key=lambda pair: pair[0], reverse=not lower_better)
+    ranked = [row for _, row in scored]
+    return ranked[:n], ranked[::-1][:n]
+
+
+def _dig(row: dict, parts: list[str]):
+    for part in parts:
+        row = row.get(part) if isinstance(row, dict) else None
+    return row
+
+
+def format_summary(summary: dict) -> str:
+    """The base vs fine-tuned table that the CLI prints."""
+    base, tuned = summary["base"], summary["tuned"]
+
+    def num(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    def judge(t):
+        if summary.get("judge") is None:
+            return "n/a"
+        avg = num(t["judge_avg"], ".1f")
+        return avg + (f" ({t['judge_unscored']} unscored)" if t["judge_unscored"] else "")
+
+    lines = [
+        ("NLL of the reference", num(base["nll"], ".3f"), num(tuned["nll"], ".3f")),
+        ("perplexity", num(base["perplexity"], ",.1f"), num(tuned["perplexity"], ",.1f")),
+        ("ROUGE-L F1", num(base["rouge_l"], ".3f"), num(tuned["rouge_l"], ".3f")),
+        ("ended with <|endoftext|>", f"{base['ended_share']:.0%}", f"{tuned['ended_share']:.0%}"),
+        ("judge score (0-100)", judge(base), judge(tuned)),
+    ]
+    head = (f"{summary['examples']} {summary['split']} examples of {summary['data']} ({summary['style']}), "
+            f"up to {summary['max_new_tokens']} new tokens, {summary['wall_time_s']:.0f} s on {summary['device']}")
+    width = max(len(label) for label, _, _ in lines)
+    cols = [max(len("base"), *(len(b) for _, b, _ in lines)), max(len("fine-tuned"), *(len(t) for _, _, t in lines))]
+    table = [f"{'':<{width}}  {'base':>{cols[0]}}  {'fine-tuned':>{cols[1]}}"]
+    table += [f"{label:<{width}}  {b:>{cols[0]}}  {t:>{cols[1]}}" for label, b, t in lines]
+    return "\n".join([head, *table])
+
+
+class ProgressBar:
+    """One tqdm bar per phase."""
+
+    def __init__(self):
+        self.bar, self.key = None, None
+
+    def __call__(self, event: dict) -> None:
+        from tqdm import tqdm
+
+        key = (event["step"], event["phase"], event["model"])
+        if key != self.key:
+            self.close()
+            self.key = key
+            self.bar = tqdm(total=event["total"], desc=f"[{event['step']}/{event['steps']}] {event['model']}: {event['phase']}", leave=False)
+        self.bar.total = event["total"]
+        self.bar.n = event["done"]
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate",
+                                description="Evaluate a fine-tuning run: base vs fine-tuned on the test split (chapter 7.7 of the book).")
+    p.add_argument("run_dir", help="a run directory made by python -m training")
+    p.add_argument("--data", default=None, help="canonical, sample or a file (default: the run's data)")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--judge", metavar="URL", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:11434/v1 (Ollama)")
+    p.add_argument("--judge-model", default=DEFAULT_MODEL)
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    p.add_argument("--export", metavar="PATH.zip", default=None, help="also write the model as a Hugging Face zip")
+    args = p.parse_args(argv)
+    judge = Judge(args.judge, args.judge_model, timeout=args.judge_timeout) if args.judge else None
+    bar = ProgressBar()
+    try:
+        result = evaluate_run(args.run_dir, data=args.data, split=args.split, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, limit=args.limit, judge=judge, progress=bar)
+        bar.close()
+        print(format_summary(result["summary"]))
+        print(f"saved {EVAL_ROWS} and {EVAL_SUMMARY} in {args.run_dir}")
+        if judge is None:
+            print(judge_help())
+        if args.export:
+            print(f"exported {export_zip(args.run_dir, args.export)}")
+    except (FileNotFoundError, DatasetError, WeightsError, ExportError, ValueError) as e:
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""A run's fine-tuned model in the Hugging Face GPT-2 layout: a zip to download, or a Hub repo.
+
+The run folder already holds ``model.safetensors`` and ``config.json`` as
+``transformers`` writes them. The export adds GPT-2's tokenizer files (the
+official ``encoder.json`` as ``vocab.json``, ``vocab.bpe`` as ``merges.txt``)
+and a short model card with the prompt format, so that
+``GPT2LMHeadModel.from_pretrained(folder)`` and
+``GPT2Tokenizer.from_pretrained(folder)`` load it as it is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from data import format_prompt
+from model.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
+from model.weights import CONFIG_NAME, HUB_PRESETS, hub_unreachable
+
+from .runs import WEIGHTS, read_manifest
+
+
+class ExportError(RuntimeError):
+    """A run that cannot be exported, or an upload that did not happen."""
+
+
+def export_files(run_dir) -> dict[str, Path | str]:
+    """Name in the export -> the file to copy, or the text to write."""
+    run_dir = Path(run_dir)
+    for name in (WEIGHTS, CONFIG_NAME):
+        if not (run_dir / name).is_file():
+            raise ExportError(f"{run_dir} has no {name}: not a finished run")
+    vocab_bpe, encoder_json = bpe_files()
+    context = json.loads((run_dir / CONFIG_NAME).read_text()).get("n_positions", 1024)
+    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    return {
+        WEIGHTS: run_dir / WEIGHTS,
+        CONFIG_NAME: run_dir / CONFIG_NAME,
+        "vocab.json": Path(encoder_json),
+        "merges.txt": Path(vocab_bpe),
+        "tokenizer_config.json": dumps({**special, "add_prefix_space": False, "model_max_length": context,
+                                        "tokenizer_class": "GPT2Tokenizer"}),
+        "special_tokens_map.json": dumps(special),
+        "generation_config.json": dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}),
+        "README.md": model_card(run_dir),
+    }
+
+
+def dumps(value: dict) -> str:
+    return json.dumps(value, indent=2) + "\n"
+
+
+def model_card(run_dir: Path) -> str:
+    """A short README: where the model comes from and the prompt format it was tuned on."""
+    config = read_manifest(run_dir).get("config", {})
+    model, style = config.get("model", "gpt2"), config.get("style", "alpaca")
+    base = f"base_model: {HUB_PRESETS[model]}\n" if model in HUB_PRESETS else ""
+    template = format_prompt({"instruction": "{instruction}", "input": "{input}"}, style)
+    settings = ", ".join(f"{k} {config[k]}" for k in ("data", "epochs", "lr", "batch_size", "lora_rank", "mask_prompt") if k in config)
+    return (
+        f"---\n{base}library_name: transformers\npipeline_tag: text-generation\ntags: [gpt2, instruction-tuning]\n---\n\n"
+        f"# {run_dir.name}\n\n"
+        f"GPT-2 ({model}) instruction fine-tuned as in chapter 7 of *Build a Large Language Model (From Scratch)*"
+        f"{f'; {settings}' if settings else ''}.\n\n"
+        f"Prompt format ({style}; leave out the input part when there is none), greedy decoding, "
+        f"the response ends at `{EOT_TOKEN}`:\n\n```\n{template}\n```\n\n"
+        "```python\nfrom transformers import GPT2LMHeadModel, GPT2Tokenizer\n\n"
+        "tokenizer = GPT2Tokenizer.from_pretrained(path)\nmodel = GPT2LMHeadModel.from_pretrained(path)\n"
+        "ids = tokenizer(prompt, return_tensors=\"pt\").input_ids\n"
+        "out = model.generate(ids, max_new_tokens=128, do_sample=False)\n"
+        "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```\n"
+    )
+
+
+def export_zip(run_dir, dest=None) -> Path:
+    """Write the run's model as a zip of the Hugging Face files (flat, no folder inside); returns its path.
+
+    Default ``dest``: ``<run>/<run name>-hf.zip``. The weights are stored
+    uncompressed (they barely compress); the zip appears whole or not at all.
+    """
+    run_dir = Path(run_dir)
+    files = export_files(run_dir)
+    dest = Path(dest) if dest else run_dir / f"{run_dir.name}-hf.zip"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, content in files.items():
+                if isinstance(content, Path):
+                    zf.write(content, name, compress_type=zipfile.ZIP_STORED if name == WEIGHTS else zipfile.ZIP_DEFLATED)
+                else:
+                    zf.writestr(name, content)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def push_to_hub(run_dir, repo_id: str, token: str | None = None, private: bool = True) -> str:
+    """Upload the same files to a Hub model repo (created if needed); returns the repo's URL.
+
+    Checks first that the Hub answers at all, so that offline it fails in a
+    few seconds with nothing uploaded, not after the client's long retries.
+    """
+    from huggingface_hub import HfApi, constants
+
+    run_dir = Path(run_dir)
+    files = export_files(run_dir)
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_unreachable()
+    if reason:
+        raise ExportError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({reason}); nothing was uploaded")
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".hub-") as folder:
+        for name, content in files.items():
+            target = Path(folder) / name
+            if isinstance(content, Path):
+                try:
+                    os.link(content, target)
+                except OSError:
+                    shutil.copyfile(content, target)
+            else:
+                target.write_text(content)
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                              commit_message=f"Upload {run_dir.name}, instruction fine-tuned GPT-2")
+        except Exception as e:  # the Hub client raises many kinds: auth, name, network
+            raise ExportError(f"upload of {run_dir.name} to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return str(url)

@@ -1,0 +1,153 @@
+"""The book's LLM judge: another model scores each response from 0 to 100.
+
+Chapter 7 asks Llama 3 (through Ollama) to grade every test response against
+the reference. Here the judge is any OpenAI-compatible chat endpoint: a local
+Ollama at ``http://localhost:11434/v1``, vLLM, llama.cpp's server, or a hosted
+API. A reply that holds no usable score, an HTTP error or a timeout leaves
+that response unscored, with the reason kept; it never stops the evaluation.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from data import format_input
+
+DEFAULT_URL = "http://localhost:11434/v1"
+DEFAULT_MODEL = "llama3"
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def judge_prompt(entry: dict, response: str) -> str:
+    """The book's grading prompt, word for word."""
+    return (
+        f"Given the input `{format_input(entry)}` "
+        f"and correct output `{entry['output']}`, "
+        f"score the model response `{response}`"
+        f" on a scale from 0 to 100, where 100 is the best score. "
+        f"Respond with the integer number only."
+    )
+
+
+def chat_url(url: str) -> str:
+    """``.../v1/chat/completions`` from a server URL given with or without ``/v1``."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    if url.endswith("/chat/completions"):
+        return url
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return url + "/chat/completions"
+
+
+def parse_score(reply: str) -> tuple[int | None, str | None]:
+    """(score, None) from the first number in the reply, or (None, why) when there is no score in 0..100."""
+    match = NUMBER.search(reply)
+    if match is None:
+        return None, f"no number in the reply {short(reply)!r}"
+    value = float(match.group())
+    if not 0 <= value <= 100:
+        return None, f"{match.group()} is outside 0..100 (reply {short(reply)!r})"
+    return round(value), None
+
+
+def error_text(error: urllib.error.HTTPError) -> str:
+    """The start of an HTTP error's body (servers put the real reason there), else its status text."""
+    try:
+        return short(error.read().decode("utf-8", "replace")) or str(error.reason)
+    except (OSError, http.client.HTTPException):
+        return str(error.reason)
+
+
+def short(text: str, limit: int = 80) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class Judge:
+    """An OpenAI-compatible chat endpoint that grades responses.
+
+    After ``give_up_after`` requests in a row fail to get any reply (server
+    down, HTTP errors, timeouts), the rest are left unscored without asking,
+    so a dead server costs a few timeouts, not one per example.
+    """
+
+    url: str = DEFAULT_URL
+    model: str = DEFAULT_MODEL
+    api_key: str | None = None
+    timeout: float = 60.0
+    give_up_after: int = 5
+    failures_in_a_row: int = field(default=0, init=False)
+
+    @property
+    def endpoint(self) -> str:
+        return chat_url(self.url)
+
+    def describe(self) -> dict:
+        """The settings worth saving with the results (never the key)."""
+        return {"url": self.endpoint, "model": self.model, "timeout_s": self.timeout}
+
+    def score(self, entry: dict, response: str) -> tuple[int | None, str | None]:
+        """(score 0..100, None), or (None, the reason it is unscored)."""
+        if self.failures_in_a_row >= self.give_up_after:
+            return None, f"not asked: the judge failed {self.failures_in_a_row} times in a row"
+        try:
+            reply = self.ask(judge_prompt(entry, response))
+        except urllib.error.HTTPError as e:
+            reason = f"HTTP {e.code} from {self.endpoint}: {error_text(e)}"
+        except urllib.error.URLError as e:
+            reason = f"cannot reach {self.endpoint}: {e.reason}"
+        except TimeoutError:
+            reason = f"no reply from {self.endpoint} within {self.timeout:g} s"
+        except (OSError, http.client.HTTPException) as e:
+            reason = f"{type(e).__name__} from {self.endpoint}: {e}"
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            self.failures_in_a_row = 0
+            return None, f"not an OpenAI chat completion: {type(e).__name__}: {short(str(e))}"
+        else:
+            self.failures_in_a_row = 0
+            return parse_score(reply)
+        self.failures_in_a_row += 1
+        return None, reason
+
+    def ask(self, prompt: str) -> str:
+        """The judge's reply text to one user message, at temperature 0."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "stream": False}
+        headers = {"Content-Type": "application/json"}
+        key = self.api_key or os.environ.get("OPENAI_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+            answer = json.loads(reply.read().decode("utf-8"))
+        content = answer["choices"][0]["message"]["content"]
+        if not isinstance(content, str):
+            raise TypeError(f"message content is {type(content).__name__}, not text")
+        return content
+
+
+def summarize_scores(scores: list[int | None]) -> dict:
+    """Average over the scored responses, and how many were left unscored."""
+    scored = [s for s in scores if s is not None]
+    return {
+        "judge_avg": sum(scored) / len(scored) if scored else None,
+        "judge_scored": len(scored),
+        "judge_unscored": len(scores) - len(scored),
+    }
+
+
+def judge_help() -> str:
+    """How to turn the judge on: the book's setup with Ollama and Llama 3."""
+    return (
+        "No LLM judge configured, so responses are not scored 0-100. To score them as the book does: "
+        "install Ollama (https://ollama.com), run `ollama run llama3` once to download the model, keep "
+        f"`ollama serve` running, then pass `--judge {DEFAULT_URL}` (any OpenAI-compatible endpoint works; "
+        "`--judge-model` names its model, OPENAI_API_KEY holds a key if it needs one)."
+    )
