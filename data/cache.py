@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -96,3 +97,18 @@ def canonical_path() -> Path:
         raise DatasetError(f"download from {url} failed the integrity check: {exc}") from None
     except OSError as exc:
         raise DatasetError(f"could not write the canonical dataset to {path}: {exc}") from None
+
+
+def store_upload(path: str | os.PathLike) -> Path:
+    """Copy a user's file to ``<cache>/uploads/<hash>-<name>``: a web upload's temp file may go before a run reads it."""
+    path = Path(path)
+    data = path.read_bytes()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.name) or "data.json"
+    target = cache_dir() / "uploads" / f"{sha256_of(data)[:16]}-{name}"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    return target

@@ -7,6 +7,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 from .config import ConfigError, TrainConfig
 from .loop import Hooks, evaluate, train
-from .runs import list_runs, load_run, read_manifest, read_metrics
+from .runs import find_run, list_runs, load_run, read_manifest, read_metrics
 
-__all__ = ["TrainConfig", "ConfigError", "Hooks", "train", "evaluate", "list_runs", "load_run", "read_manifest", "read_metrics"]
+__all__ = ["TrainConfig", "ConfigError", "Hooks", "train", "evaluate", "find_run", "list_runs", "load_run", "read_manifest", "read_metrics"]

@@ -46,6 +46,11 @@ class TrainConfig:
                 raise ConfigError(message)
 
         need(bool(self.model), "model: name a preset, a Hub repo id or a local path")
+        from model import PRESETS
+
+        need(not self.random_init or self.model in PRESETS,
+             f"random init builds one of the presets ({', '.join(PRESETS)}), not {self.model!r}")
+        need(self.random_init or self.model != "tiny", "the tiny preset has no pretrained weights: use random init")
         need(1 <= self.epochs <= 100, f"epochs must be between 1 and 100, got {self.epochs}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be at least 1, got {self.max_steps}")
         need(1 <= self.batch_size <= 512, f"batch_size must be between 1 and 512, got {self.batch_size}")

@@ -69,6 +69,12 @@ class TrainingJob:
         with self._lock:
             return self._state["status"] in ACTIVE
 
+    @property
+    def version(self) -> int:
+        """Grows with every change: a poller compares it before asking for a whole snapshot."""
+        with self._lock:
+            return self._state["version"]
+
     def snapshot(self) -> dict:
         """A consistent copy of the run's state; ``version`` grows with every change."""
         with self._lock:
@@ -102,6 +108,8 @@ class TrainingJob:
             if kind == "status":
                 if not (s["status"] == "stopping" and payload["status"] in ("training", "evaluating")):
                     s.update(status=payload["status"], message=payload["message"])
+                if "step" in payload:
+                    s["step"] = payload["step"]
             elif kind == "download":
                 s["download"] = dict(payload)
             elif kind == "started":

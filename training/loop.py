@@ -192,7 +192,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
 
     def log_eval(train_loss: float) -> None:
         nonlocal last_val
-        emit("status", {"status": "evaluating", "message": f"Evaluating at step {step}"})
+        emit("status", {"status": "evaluating", "message": f"Evaluating at step {step}", "step": step})
         t0 = time.perf_counter()
         last_val = evaluate(model, val_batches, device)
         sample = respond(model, sample_record, config.style, config.sample_tokens)

@@ -113,6 +113,15 @@ def list_runs(root: Path | None = None) -> list[RunInfo]:
     return sorted(runs, key=lambda r: r.name, reverse=True)
 
 
+def find_run(name: str | Path, root: Path | None = None) -> RunInfo | None:
+    """A run under ``root`` by directory name or path; None for anything else (never an arbitrary folder)."""
+    wanted = Path(name)
+    for run in list_runs(root):
+        if run.name == str(name) or run.path.resolve() == wanted.resolve():
+            return run
+    return None
+
+
 def load_run(path: Path, device=None, dtype=None):
     """The fine-tuned model of a run, through the same loader as any checkpoint."""
     import torch

@@ -1,0 +1,320 @@
+"""The Gradio app through its API (gradio_client), launched in-process on a free port, offline.
+
+Runs and uploads go to temporary folders; training uses the tiny preset with
+random weights on the bundled sample, so nothing is downloaded.
+"""
+import html
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+from data import cache, load_instructions
+from data.browse import matches
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword).*")
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(preset="tiny", custom="", random_init=True, epochs=1, batch_size=8, lr=5e-5, mask_prompt=False, lora=False,
+            rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Runs and the dataset cache in temporary folders; the canonical file is copied over when it is cached."""
+    canonical = cache.cache_dir() / cache.CANONICAL_NAME if cache.is_cached() else None
+    saved = {k: os.environ.get(k) for k in ("GPT2_INSTRUCT_RUNS", "GPT2_INSTRUCT_CACHE")}
+    root = tmp_path_factory.mktemp("app")
+    os.environ["GPT2_INSTRUCT_RUNS"] = str(root / "runs")
+    os.environ["GPT2_INSTRUCT_CACHE"] = str(root / "cache")
+    if canonical:
+        cache.store_canonical(canonical.read_bytes())
+    yield root
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def url(folders):
+    from ui.app import build_app, launch_options
+
+    demo = build_app()
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_options())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def client(url) -> Client:
+    """A fresh API session: its own per-visitor state, like a new browser tab."""
+    return Client(url, verbose=False)
+
+
+def load(c: Client, source: str, upload=None):
+    """``load_dataset`` outputs by name."""
+    out = c.predict(source, handle_file(str(upload)) if upload else None, False, api_name="/load_dataset")
+    names = ["error", "summary", "histogram", "table", "count", "page", "query", "number", "meta", "tokens"]
+    return dict(zip(names, out))
+
+
+def search(c: Client, query: str = "", page: int = 1):
+    table, count, page = c.predict(query, page, api_name="/search")
+    return table["data"], count, page
+
+
+def start(c: Client, owner: str, **overrides) -> str:
+    return c.predict(owner, *{**TINY, **overrides}.values(), api_name="/start_training")
+
+
+def wait_until_idle(c: Client, timeout: float = 90) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = c.predict(api_name="/job_status")
+        if status["status"] in ("idle", "done", "stopped", "failed"):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"the run did not end within {timeout} s: {status['status']}")
+
+
+def text(markup: str) -> str:
+    """What an HTML output says, without tags or entities."""
+    return html.unescape(re.sub(r"<[^>]+>", " ", markup)).replace("  ", " ")
+
+
+def test_sample_loads_and_search_pages_on_the_server(url):
+    c = client(url)
+    out = load(c, "sample")
+    assert "74 records" in text(out["error"])
+    assert out["count"] == "74 records, page 1 / 3"
+    rows = out["table"]["data"]
+    assert len(rows) == 25 and rows[0][:2] == [1, "train"]
+    assert json.loads(out["histogram"]["plot"])["data"][0]["type"] == "histogram"
+    assert "62" in text(out["summary"]) and "validation" in text(out["summary"])  # 74 -> 62 / 5 / 7
+
+    records = load_instructions("sample")
+    expected = matches(records, "PASSIVE")
+    rows, count, page = search(c, "PASSIVE")
+    assert count == f"{len(expected)} records, page 1 / 1" and len(expected) > 1
+    assert [r[0] - 1 for r in rows] == expected
+    rows, count, page = search(c, "", 3)
+    assert count == "74 records, page 3 / 3" and [r[0] for r in rows] == list(range(51, 75))
+    rows, count, page = search(c, "", 9)
+    assert count.endswith("page 3 / 3")
+    rows, count, _ = search(c, "no record says this")
+    assert rows in ([], [[]]) or all(not any(r) for r in rows)
+    assert count == "0 records, page 1 / 1"
+
+
+def test_record_view_shows_masking_and_split(url):
+    c = client(url)
+    load(c, "sample")
+    meta, tokens = c.predict(1, False, api_name="/record")
+    meta_masked, tokens_masked = c.predict(1, True, api_name="/record")
+    trained = int(re.search(r"(\d+) trained on", text(meta)).group(1))
+    trained_masked = int(re.search(r"(\d+) trained on", text(meta_masked)).group(1))
+    total = int(re.search(r"(\d+) tokens", text(meta)).group(1))
+    assert "train split" in text(meta)
+    assert trained == total - 1 and 0 < trained_masked < trained
+    assert tokens.count('class="gi-tok masked') == 1 and tokens_masked.count('class="gi-tok masked') == total - trained_masked
+    meta, _ = c.predict(70, False, api_name="/record")
+    assert "val split" in text(meta)  # 74 records: 62 train, 7 test, then 5 validation
+
+
+def test_canonical_loads_1100_records(url):
+    if not cache.is_cached():
+        pytest.skip("the canonical dataset is not cached here")
+    c = client(url)
+    out = load(c, "canonical")
+    assert out["count"] == "1,100 records, page 1 / 44"
+    summary = text(out["summary"])
+    assert all(n in summary for n in ("1,100", "935", "55", "110"))
+
+
+def test_a_bad_upload_names_the_problem_and_keeps_the_previous_dataset(url, tmp_path):
+    c = client(url)
+    load(c, "sample")
+    bad = tmp_path / "mine.json"
+    bad.write_text('[{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "x", "output": 3}]')
+    out = load(c, "upload", bad)
+    message = text(out["error"])
+    assert 'mine.json, record 2: field "output" must be a string, got int' in message
+    assert "Still loaded: bundled sample (74 records)" in message
+    assert search(c)[1] == "74 records, page 1 / 3"
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    assert "broken.jsonl, line 2: not valid JSON" in text(load(c, "upload", broken)["error"])
+    assert search(c)[1] == "74 records, page 1 / 3"
+
+
+def test_a_good_upload_is_kept_at_a_stable_path(url, folders, tmp_path):
+    c = client(url)
+    good = tmp_path / "twelve.jsonl"
+    good.write_text("".join(json.dumps({"instruction": f"Count to {i}.", "output": str(i)}) + "\n" for i in range(12)))
+    out = load(c, "upload", good)
+    assert out["count"] == "12 records, page 1 / 1"
+    kept = list((folders / "cache" / "uploads").glob("*-twelve.jsonl"))
+    assert len(kept) == 1 and kept[0].read_bytes() == good.read_bytes()
+
+
+def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(url, folders):
+    c = client(url)
+    load(c, "sample")
+    assert "Started fine-tuning tiny on bundled sample" in text(start(c, "owner-a"))
+    again = start(c, "owner-b")
+    assert "already running" in text(again)
+    assert "only the browser session that started this run can stop it" in text(c.predict("owner-b", api_name="/stop_training"))
+
+    lengths, status = [], {}
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        status = c.predict(api_name="/job_status")
+        lengths.append(len(status["history"]))
+        if status["status"] in ("done", "failed", "stopped"):
+            break
+        time.sleep(0.05)
+    assert status["status"] == "done", status.get("error")
+    assert "owner" not in status
+    assert len(set(lengths)) >= 3 and lengths == sorted(lengths)  # seen growing, never shrinking
+    history = status["history"]
+    assert [r["step"] for r in history] == list(range(7))
+    assert history[0]["val_loss"] is not None and history[0]["tokens_seen"] == 0
+    assert [r["step"] for r in status["responses"]] == [0, 2, 4, 6]
+    assert status["final"]["steps"] == 6 and Path(status["final"]["run_dir"]).parent == folders / "runs"
+
+    chart, progress, responses, final = c.predict("owner-a", [], api_name="/poll_status")
+    traces = json.loads(chart["plot"])["data"]
+    assert {t["name"] for t in traces} >= {"train loss", "validation loss", "before training"}
+    assert "step <b>6</b> / 6" in progress and "done" in text(progress)
+    assert "Saved to" in text(final) and "Validation instruction" in text(responses)
+    chart_again = c.predict("owner-a", [], api_name="/poll_status")[0]
+    assert chart_again == {"__type__": "update"}  # nothing new: the chart is skipped, its zoom kept
+
+    run_dir = status["final"]["run_dir"]
+    base, tuned, diff, note = c.predict("Rewrite the sentence in passive voice.", "The cat ate the fish.", run_dir,
+                                        24, 0, 0, 1, 123, api_name="/compare")
+    assert base.strip() and isinstance(tuned, str)  # six steps from random weights: greedy may give blank lines
+    assert "gi-diff" in diff and "greedy, at most 24 new tokens" in text(note)
+
+    sampled = c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")
+    base, tuned = sampled[0], sampled[1]
+    assert base.strip() and tuned.strip() and base != tuned
+    assert "temperature 1, seed 7" in text(sampled[3])
+    assert c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")[:2] == (base, tuned)
+
+
+def test_only_the_owner_can_stop_a_run(url):
+    c = client(url)
+    load(c, "sample")
+    wait_until_idle(c)
+    assert "Started" in text(start(c, "owner-a", epochs=50, max_steps=0, eval_every=100))
+    assert "only the browser session" in text(c.predict("owner-b", api_name="/stop_training"))
+    assert c.predict(api_name="/job_status")["status"] not in ("stopped", "done")
+    assert "Stopping at the next step" in text(c.predict("owner-a", api_name="/stop_training"))
+    status = wait_until_idle(c)
+    assert status["status"] == "stopped" and status["final"]["steps"] < 50 * 7
+    assert (Path(status["final"]["run_dir"]) / "model.safetensors").is_file()
+    assert "No run is going" in text(c.predict("owner-a", api_name="/stop_training"))
+
+
+def test_settings_errors_are_messages(url):
+    c = client(url)
+    wait_until_idle(c)
+    assert "batch_size must be between 1 and 512, got 0" in text(start(c, "x", batch_size=0))
+    assert "tick random init" in text(start(c, "x", random_init=False))
+    assert "untick it" in text(start(c, "x", custom="./my-model"))
+    assert "session id" in text(start(c, ""))
+    assert c.predict(api_name="/job_status")["status"] in ("done", "stopped")
+
+
+def test_playground_reports_models_it_cannot_load(url, folders):
+    c = client(url)
+    runs = sorted((folders / "runs").iterdir())
+    assert runs, "needs the run of the training test"
+    assert "Type an instruction" in text(c.predict("", "", str(runs[0]), 8, 0, 0, 1, 1, api_name="/compare")[3])
+    assert "not a finished run" in text(c.predict("Hi", "", "/etc", 8, 0, 0, 1, 1, api_name="/compare")[3])
+
+    broken = folders / "runs" / "99999999-000000-missing-base"
+    shutil.copytree(runs[0], broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["config"].update(model=str(folders / "no-such-model"), random_init=False)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    base, tuned, _, note = c.predict("Hi", "", str(broken), 8, 0, 0, 1, 1, api_name="/compare")
+    assert (base, tuned) == ("", "")
+    assert "could not be loaded" in text(note) and "no such file or directory" in text(note)
+    shutil.rmtree(broken)
+
+
+def test_server_address_flags_win_then_environment_then_space():
+    from app import server_address
+
+    assert server_address(env={}) == ("127.0.0.1", 7860)
+    assert server_address(env={"SPACE_ID": "me/app"}) == ("0.0.0.0", 7860)
+    env = {"GRADIO_SERVER_NAME": "10.0.0.5", "GRADIO_SERVER_PORT": "9000", "SPACE_ID": "me/app"}
+    assert server_address(env=env) == ("10.0.0.5", 9000)
+    assert server_address("127.0.0.2", 7000, env=env) == ("127.0.0.2", 7000)
+
+
+def test_app_py_serves_quickly_with_no_network(tmp_path):
+    port = free_port()
+    env = {**os.environ, "GPT2_INSTRUCT_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.time() < deadline, "app.py did not serve within 60 s"
+                time.sleep(0.3)
+        assert "Instruction fine-tuning GPT-2" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_form_values_map_to_a_train_config():
+    from ui.train_tab import make_config
+
+    config = make_config("gpt2", "", False, 2, 16, 1e-4, True, False, 8, 32, False, 0, 10, data="sample")
+    assert (config.model, config.random_init, config.epochs, config.batch_size, config.lr) == ("gpt2", False, 2, 16, 1e-4)
+    assert (config.mask_prompt, config.grouped, config.lora_rank, config.max_steps, config.eval_every) == (True, False, 0, None, 10)
+    lora = make_config("gpt2", " ./local-gpt2 ", False, 1, 8, 5e-5, False, True, 8, 32, True, 12, 20, data="canonical")
+    assert (lora.model, lora.lora_rank, lora.lora_alpha, lora.max_steps) == ("./local-gpt2", 8, 32.0, 12)
+
+
+def test_preset_labels_carry_size_and_memory():
+    from training.estimate import estimate
+    from ui.train_tab import preset_label
+
+    assert preset_label(estimate("tiny")) == "tiny · 7.4M params · random weights, offline demo"
+    assert preset_label(estimate("gpt2")) == "gpt2 · 124M params · full fine-tune ≈ 2.4 GB · LoRA ≈ 1.1 GB · inference ≈ 0.25 GB"
+
+
+def test_differences_are_marked_word_by_word():
+    from ui.playground_tab import diff_html
+
+    out = diff_html("The cat sat on the mat.", "The dog sat on the mat.")
+    assert "<del>cat</del>" in out and "<ins>dog</ins>" in out and "sat on the mat." in out
+    assert "&lt;b&gt;" in diff_html("", "<b>")
+    assert diff_html("", "") == ""

@@ -1,0 +1,52 @@
+"""The Gradio app: a header, one tab per module in ``TABS``, a footer.
+
+A tab module has ``TITLE`` and ``build(shared)``; adding a tab is one line in
+``TABS``. ``Shared`` holds what tabs exchange: the visitor's dataset, the
+browser's client id, and the latest finished run (its change refreshes run lists).
+Nothing here loads data or models: that happens on first use.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import gradio as gr
+
+from data import MAX_FILE_BYTES
+
+from . import dataset_tab, playground_tab, train_tab
+from .theme import CSS, FOOTER, HEADER, THEME
+
+TABS = (dataset_tab, train_tab, playground_tab)
+
+
+@dataclass
+class Shared:
+    app: gr.Blocks
+    dataset: gr.State  # per visitor: {"source", "name", "records"}
+    client_id: gr.BrowserState  # random id kept in localStorage: who may stop the run it started
+    runs_changed: gr.State  # path of the latest finished run seen by this visitor
+
+
+def ensure_client_id(current: str | None):
+    return gr.skip() if current else secrets.token_hex(16)
+
+
+def build_app() -> gr.Blocks:
+    with gr.Blocks(title="Instruction fine-tuning GPT-2") as demo:
+        gr.HTML(HEADER)
+        shared = Shared(demo, gr.State(None), gr.BrowserState(None, storage_key="gpt2-instruct-client"), gr.State(None))
+        demo.load(ensure_client_id, shared.client_id, shared.client_id, api_visibility="private",
+                  concurrency_limit=None, show_progress="hidden")
+        with gr.Tabs():
+            for tab in TABS:
+                with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}"):
+                    tab.build(shared)
+        gr.HTML(FOOTER)
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def launch_options() -> dict:
+    """What ``launch()`` needs besides host and port: the look (Gradio 6 takes it here) and the upload cap."""
+    return {"theme": THEME, "css": CSS, "max_file_size": MAX_FILE_BYTES}

@@ -1,0 +1,122 @@
+"""Plotly figures: the live loss chart and the token-length histogram. Plain data in, figures out."""
+from __future__ import annotations
+
+import statistics
+
+import plotly.graph_objects as go
+
+from .theme import PROMPT_COLOR, RESPONSE_COLOR, TRAIN_COLOR, VAL_COLOR
+
+OVERLAY_COLORS = ("#0891b2", "#9333ea", "#65a30d", "#db2777", "#ca8a04", "#475569")
+HOVER = "step %{customdata[0]} · epoch %{customdata[1]:.2f}<br>%{x:,} tokens<br>%{fullData.name}: %{y:.3f}<extra></extra>"
+
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """TensorBoard-style exponential moving average with bias correction, so the first points are not dragged to 0.
+
+    The default weight grows with the number of points: a short run is barely smoothed, a long one up to 0.8.
+    """
+    if weight is None:
+        weight = min(0.8, max(0.0, 1 - 8 / max(1, len(values))))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def base_layout(fig: go.Figure, height: int = 380, **axes) -> go.Figure:
+    fig.update_layout(
+        template="plotly_white",
+        height=height,
+        margin=dict(l=56, r=16, t=36, b=48),
+        legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0, font=dict(size=12)),
+        font=dict(family="Inter, system-ui, sans-serif", size=12, color="#334155"),
+        hoverlabel=dict(font_size=12),
+        uirevision="keep",
+        **axes,
+    )
+    fig.update_xaxes(gridcolor="#eef2f7", zeroline=False)
+    fig.update_yaxes(gridcolor="#eef2f7", zeroline=False)
+    return fig
+
+
+def empty_figure(message: str, height: int = 380) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, font=dict(size=14, color="#94a3b8"), xref="paper", yref="paper", x=0.5, y=0.5)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return base_layout(fig, height)
+
+
+def _points(history: list[dict], key: str) -> tuple[list, list, list]:
+    rows = [r for r in history if r.get(key) is not None]
+    return [r["tokens_seen"] for r in rows], [r[key] for r in rows], [[r["step"], r["epoch"]] for r in rows]
+
+
+def add_run(fig: go.Figure, history: list[dict], name: str | None = None, color: str | None = None) -> None:
+    """One run's curves: raw train loss (light), smoothed train loss, validation loss with markers.
+
+    ``name`` set means an overlaid past run: drawn dashed and quieter, raw line left out.
+    """
+    x, y, custom = _points(history, "train_loss")
+    vx, vy, vcustom = _points(history, "val_loss")
+    prefix = f"{name} · " if name else ""
+    train_color, val_color = (color, color) if color else (TRAIN_COLOR, VAL_COLOR)
+    if not name and len(x) > 8:
+        fig.add_trace(go.Scatter(x=x, y=y, customdata=custom, name="train loss (raw)", mode="lines",
+                                 line=dict(color=train_color, width=1), opacity=0.28, hovertemplate=HOVER))
+    if x:
+        fig.add_trace(go.Scatter(x=x, y=smooth(y), customdata=custom, name=f"{prefix}train loss",
+                                 mode="lines", line=dict(color=train_color, width=2.5 if not name else 1.5,
+                                                         dash="dash" if name else "solid", shape="spline", smoothing=0.6),
+                                 hovertemplate=HOVER))
+    if vx:
+        fig.add_trace(go.Scatter(x=vx, y=vy, customdata=vcustom, name=f"{prefix}validation loss", mode="lines+markers",
+                                 line=dict(color=val_color, width=2 if not name else 1.5, dash="dot" if name else "solid"),
+                                 marker=dict(size=7 if not name else 5, line=dict(width=1.5, color="white")), hovertemplate=HOVER))
+
+
+def mark_baseline(fig: go.Figure, history: list[dict]) -> None:
+    """A marker and a label on the step-0 losses: the model before any training."""
+    first = next((r for r in history if r.get("step") == 0), None)
+    if first is None:
+        return
+    ys = [v for v in (first.get("train_loss"), first.get("val_loss")) if v is not None]
+    if not ys:
+        return
+    fig.add_trace(go.Scatter(x=[0] * len(ys), y=ys, mode="markers", name="before training",
+                             marker=dict(symbol="diamond", size=11, color="#0f172a", line=dict(width=1.5, color="white")),
+                             customdata=[[0, 0.0]] * len(ys), hovertemplate="before training<br>loss %{y:.3f}<extra></extra>"))
+    fig.add_annotation(x=0, y=max(ys), text="before training", showarrow=True, arrowhead=0, ax=48, ay=-22,
+                       font=dict(size=11, color="#0f172a"), bgcolor="rgba(255,255,255,.8)")
+
+
+def loss_figure(history: list[dict], overlays: list[tuple[str, list[dict]]] = (), title: str | None = None) -> go.Figure:
+    """Train and validation loss against tokens seen, with past runs overlaid."""
+    if not history and not overlays:
+        return empty_figure("Press Start to fine-tune: the loss will draw itself here.")
+    fig = go.Figure()
+    for i, (name, past) in enumerate(overlays):
+        add_run(fig, past, name=name, color=OVERLAY_COLORS[i % len(OVERLAY_COLORS)])
+    if history:
+        add_run(fig, history)
+        mark_baseline(fig, history)
+    fig = base_layout(fig, xaxis_title="tokens seen", yaxis_title="loss")
+    if title:
+        fig.update_layout(title=dict(text=title, font=dict(size=13), x=1, xanchor="right", y=0.995))
+    return fig
+
+
+def length_histogram(stats: dict) -> go.Figure:
+    """Token counts per record, prompt against response, overlaid."""
+    prompt, response = stats.get("prompt_tokens", []), stats.get("response_tokens", [])
+    if not prompt:
+        return empty_figure("No records", height=300)
+    fig = go.Figure()
+    for values, name, color in ((prompt, "prompt", PROMPT_COLOR), (response, "response", RESPONSE_COLOR)):
+        fig.add_trace(go.Histogram(x=values, name=f"{name} (median {statistics.median(values):.0f})", marker_color=color,
+                                   opacity=0.65, nbinsx=40, hovertemplate="%{x} tokens: %{y} records<extra></extra>"))
+    fig = base_layout(fig, height=300, barmode="overlay", xaxis_title="tokens per record", yaxis_title="records")
+    fig.update_layout(bargap=0.04, legend=dict(xanchor="right", x=1))
+    return fig

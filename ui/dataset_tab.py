@@ -1,0 +1,197 @@
+"""Dataset tab: pick a source, search and page through it, see its splits, lengths and one record's tokens.
+
+The loaded dataset lives in a per-visitor ``gr.State`` (``{"source", "name",
+"records"}``); ``source`` is what a training run reads: "canonical", "sample",
+or an uploaded file copied to a stable path in the cache.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+
+from data import DatasetError, load_instructions, split_instructions, split_sizes, token_stats, token_view
+from data import cache
+from data.browse import PAGE_SIZE, page_of, split_of
+
+from .charts import length_histogram
+from .theme import notice
+
+TITLE = "Dataset"
+SOURCES = [
+    ("Canonical: the book's 1,100 examples", "canonical"),
+    ("Bundled sample: 74 examples, works offline", "sample"),
+    ("Your file: JSON or JSON Lines", "upload"),
+]
+HEADERS = ["#", "split", "instruction", "input", "output"]
+CELL_CHARS = 160
+
+
+def default_source() -> str:
+    """Canonical when it is already cached (no network needed), else the bundled sample."""
+    return "canonical" if cache.is_cached() else "sample"
+
+
+def open_dataset(source: str, upload: str | None = None) -> dict:
+    """The visitor's dataset state for a source; ``DatasetError`` says why it cannot be loaded."""
+    if source == "upload":
+        if not upload:
+            raise DatasetError("choose a JSON or JSON Lines file to upload")
+        records = load_instructions(Path(upload))
+        return {"source": str(cache.store_upload(upload)), "name": Path(upload).name, "records": records}
+    if source not in ("canonical", "sample"):
+        raise DatasetError(f"unknown source {source!r}; choose canonical, sample or upload")
+    name = "canonical (book, ch. 7)" if source == "canonical" else "bundled sample"
+    return {"source": source, "name": name, "records": load_instructions(source)}
+
+
+def error_notice(source: str, message: str, previous: dict | None) -> str:
+    if source == "canonical" and not cache.is_cached():
+        head = "<b>Offline? The canonical dataset could not be downloaded.</b> The bundled sample works without internet."
+    elif source == "upload":
+        head = "<b>This file cannot be used.</b>"
+    else:
+        head = "<b>The dataset could not be loaded.</b>"
+    kept = f"<br>Still loaded: {html.escape(previous['name'])} ({len(previous['records']):,} records)." if previous else ""
+    return notice(f"{head}<br>{html.escape(message)}{kept}", "error")
+
+
+def summary_html(state: dict) -> str:
+    sizes = split_sizes(split_instructions(state["records"]))
+    cards = [("records", len(state["records"])), ("train", sizes["train"]), ("validation", sizes["val"]), ("test", sizes["test"])]
+    stats = "".join(f'<div class="gi-stat"><div class="value">{v:,}</div><div class="label">{k}</div></div>' for k, v in cards)
+    return (f'<div class="gi-meta"><span class="gi-pill">{html.escape(state["name"])}</span>'
+            f'<span>split 85 % / 5 % / 10 % in file order, as in the book</span></div><div class="gi-stat-row">{stats}</div>')
+
+
+def clip(text: str, limit: int = CELL_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def table_page(state: dict | None, query: str = "", page: int = 1) -> tuple[list[list], str, int]:
+    """Rows of one page, ``"N records, page x / y"``, and the page actually shown."""
+    if not state:
+        return [], "No dataset loaded", 1
+    records = state["records"]
+    result = page_of(records, query, page, PAGE_SIZE)
+    rows = [[i + 1, split_of(i, len(records)), clip(r["instruction"]), clip(r["input"]), clip(r["output"])] for i, r in result.rows]
+    return rows, result.summary(), result.page
+
+
+def tokens_html(view: list[tuple[str, bool]]) -> str:
+    spans = []
+    for i, (text, trained) in enumerate(view):
+        shown = html.escape(text).replace("\n", "↵\n")
+        spans.append(f'<span class="gi-tok {"trained" if trained else "masked"}{" alt" if i % 2 else ""}">{shown}</span>')
+    return f'<div class="gi-tokens">{"".join(spans)}</div>'
+
+
+def record_view(state: dict | None, number: int | float | None, mask_prompt: bool) -> tuple[str, str]:
+    """One record (1-based ``number``) as its training text, each token shaded by whether the loss trains on it."""
+    if not state:
+        return notice("Load a dataset to see its records."), ""
+    records = state["records"]
+    index = min(max(1, int(number or 1)), len(records)) - 1
+    view = token_view(records[index], mask_prompt)
+    trained = sum(t for _, t in view)
+    split = split_of(index, len(records))
+    meta = (f'<div class="gi-meta"><span class="gi-pill">record {index + 1:,} of {len(records):,}</span>'
+            f'<span class="gi-pill {split}">{split} split</span><span class="gi-pill">{len(view)} tokens</span>'
+            f'<span class="gi-pill">{trained} trained on · {len(view) - trained} masked</span>'
+            f'<span><span class="gi-swatch" style="background:rgba(79,70,229,.35)"></span>trained on'
+            f'&nbsp;&nbsp;<span class="gi-swatch" style="background:rgba(100,116,139,.25)"></span>masked (no loss)</span></div>')
+    return meta, tokens_html(view)
+
+
+def render(state: dict, mask_prompt: bool) -> tuple:
+    """Everything the tab shows for a freshly loaded dataset: summary, histogram, page 1, record 1."""
+    rows, count, page = table_page(state)
+    meta, tokens = record_view(state, 1, mask_prompt)
+    return summary_html(state), length_histogram(token_stats(state["records"])), rows, count, page, "", 1, meta, tokens
+
+
+def load(source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
+    """Load a source; on failure the error is shown and the previous dataset stays."""
+    try:
+        state = open_dataset(source, upload)
+    except DatasetError as e:
+        return (gr.skip(), error_notice(source, str(e), previous)) + (gr.skip(),) * 9
+    done = notice(f"Loaded <b>{html.escape(state['name'])}</b>: {len(state['records']):,} records.", "ok")
+    return (state, done) + render(state, mask_prompt)
+
+
+def load_default(mask_prompt: bool):
+    """On page load: the canonical dataset when it is cached, else the sample; never the network."""
+    source = default_source()
+    return (source,) + load(source, None, None, mask_prompt)
+
+
+def pick_source(source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
+    """The source radio: load it at once, except "upload" before a file is chosen."""
+    if source == "upload" and not upload:
+        return (gr.skip(), notice("Choose a file below: a JSON list of records or JSON Lines.")) + (gr.skip(),) * 9
+    return load(source, upload, previous, mask_prompt)
+
+
+def search(query: str, page: int | float | None, state: dict | None):
+    return table_page(state, query, int(page or 1))
+
+
+def build(shared) -> None:
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            source = gr.Radio(SOURCES, value=None, label="Source", elem_id="dataset-source")
+            upload = gr.File(label="Upload instructions (.json list or .jsonl, 20 MB at most)", file_types=[".json", ".jsonl", ".ndjson"],
+                             height=110, elem_id="upload")
+            load_btn = gr.Button("Load", variant="secondary", size="sm", elem_id="load-btn")
+        with gr.Column(scale=4):
+            error = gr.HTML(elem_id="dataset-error")
+            summary = gr.HTML(elem_id="dataset-summary")
+    histogram = gr.Plot(label="Token lengths: prompt vs response", elem_id="length-chart")
+
+    gr.Markdown("### Records")
+    with gr.Row(equal_height=True):
+        query = gr.Textbox(placeholder="Search instruction, input and output…", show_label=False, scale=5, elem_id="dataset-search")
+        prev_btn = gr.Button("‹ Prev", size="sm", scale=0, min_width=70, elem_id="prev-page")
+        page = gr.Number(value=1, precision=0, show_label=False, scale=0, min_width=70, elem_id="page-number")
+        next_btn = gr.Button("Next ›", size="sm", scale=0, min_width=70, elem_id="next-page")
+    count = gr.Markdown(elem_id="record-count")
+    table = gr.Dataframe(headers=HEADERS, datatype=["number", "str", "str", "str", "str"], interactive=False, wrap=True,
+                         max_height=520, column_widths=["7%", "8%", "33%", "20%", "32%"], elem_id="dataset-table")
+
+    gr.Markdown("### One record, as the model is trained on it")
+    with gr.Row(equal_height=True):
+        number = gr.Number(value=1, precision=0, label="Record #", scale=0, min_width=120, elem_id="record-number")
+        mask = gr.Checkbox(value=False, label="Mask the prompt (train on the response only)", elem_id="mask-prompt")
+    meta = gr.HTML(elem_id="record-meta")
+    tokens = gr.HTML(elem_id="record-tokens")
+
+    state = shared.dataset
+    view_outputs = [summary, histogram, table, count, page, query, number, meta, tokens]
+    load_outputs = [state, error] + view_outputs
+    cheap = dict(concurrency_limit=None, show_progress="hidden")
+
+    load_btn.click(load, [source, upload, state, mask], load_outputs, api_name="load_dataset", concurrency_limit=2)
+    source.input(pick_source, [source, upload, state, mask], load_outputs, api_visibility="private", concurrency_limit=2)
+    upload.upload(lambda u, p, m: load("upload", u, p, m), [upload, state, mask], load_outputs,
+                  api_visibility="private", concurrency_limit=2).then(lambda: "upload", None, source, api_visibility="private", **cheap)
+    shared.app.load(load_default, mask, [source] + load_outputs, api_visibility="private", concurrency_limit=2)
+
+    query.change(lambda q, s: search(q, 1, s), [query, state], [table, count, page], api_visibility="private",
+                 trigger_mode="always_last", **cheap)
+    page.submit(search, [query, page, state], [table, count, page], api_name="search", **cheap)
+    for button, step in ((prev_btn, -1), (next_btn, 1)):
+        button.click(lambda q, p, s, step=step: search(q, (p or 1) + step, s), [query, page, state], [table, count, page],
+                     api_visibility="private", **cheap)
+
+    def select_row(state, mask_prompt, evt: gr.SelectData):
+        row = evt.row_value or []
+        if not row or row[0] in (None, ""):
+            return gr.skip(), gr.skip(), gr.skip()
+        return (int(row[0]),) + record_view(state, int(row[0]), mask_prompt)
+
+    table.select(select_row, [state, mask], [number, meta, tokens], api_visibility="private", **cheap)
+    number.submit(record_view, [state, number, mask], [meta, tokens], api_name="record", **cheap)
+    mask.change(record_view, [state, number, mask], [meta, tokens], api_visibility="private", **cheap)

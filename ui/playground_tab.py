@@ -1,0 +1,175 @@
+"""Playground tab: one instruction, the base model and a fine-tuned run answering side by side.
+
+Both models stream in step at the same settings (greedy by default, or the
+same seeded sampling), so what differs is the fine-tuning, not the draw.
+"""
+from __future__ import annotations
+
+import difflib
+import html
+import re
+from pathlib import Path
+
+import gradio as gr
+
+from data import extract_response, format_prompt, split_instructions
+from model import WeightsError, get_tokenizer, stream_side_by_side
+from training import ConfigError, list_runs
+from training.inference import base_model_of_run, run_config, tuned_model
+
+from .theme import notice
+
+TITLE = "Playground"
+MAX_NEW_TOKENS = 256
+EXAMPLES = 30
+NO_RUNS = "No fine-tuned run yet: train one in the <b>Train</b> tab, then compare it here with the model it started from."
+
+
+def finished_runs() -> list[tuple[str, str]]:
+    """Runs with saved weights, newest first, as (label, path) choices."""
+    choices = []
+    for run in list_runs():
+        if not run.has_weights or run.status not in ("done", "stopped"):
+            continue
+        config = run.manifest.get("config") or {}
+        base = config.get("model", "?") + (" (random init)" if config.get("random_init") else "")
+        loss = run.manifest.get("final_val_loss")
+        loss = f" · val loss {loss:.3f}" if isinstance(loss, (int, float)) else ""
+        choices.append((f"{run.name} · {base}{loss}", str(run.path)))
+    return choices
+
+
+def refresh_runs(current: str | None, newest: bool = False):
+    """The run picker, keeping the current choice when it still exists (unless ``newest``), else the newest run."""
+    choices = finished_runs()
+    paths = [p for _, p in choices]
+    value = current if current in paths and not newest else (paths[0] if paths else None)
+    return gr.Dropdown(choices=choices, value=value), run_info(value)
+
+
+def run_info(run_dir: str | None) -> str:
+    if not run_dir:
+        return notice(NO_RUNS)
+    try:
+        config = run_config(run_dir)
+    except (FileNotFoundError, ConfigError, ValueError) as e:
+        return notice(html.escape(str(e)), "error")
+    base = f"{config.model} with random weights (seed {config.seed})" if config.random_init else f"pretrained {config.model}"
+    return notice(f"Base model: <b>{html.escape(base)}</b>. Fine-tuned: the same model after the run, on "
+                  f"<b>{html.escape(Path(str(config.data)).name)}</b> ({config.style} prompts).")
+
+
+def diff_html(base: str, tuned: str) -> str:
+    """Word-level differences from the base answer to the fine-tuned one: removed struck out, added highlighted."""
+    if not base and not tuned:
+        return ""
+    a, b = re.findall(r"\S+|\s+", base), re.findall(r"\S+|\s+", tuned)
+    out = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op in ("delete", "replace"):
+            out.append(f"<del>{html.escape(''.join(a[i1:i2]))}</del>")
+        if op in ("insert", "replace"):
+            out.append(f"<ins>{html.escape(''.join(b[j1:j2]))}</ins>")
+        if op == "equal":
+            out.append(html.escape("".join(a[i1:i2])))
+    legend = '<div class="gi-caption gi-legend"><del>only in the base answer</del> · <ins>only in the fine-tuned answer</ins></div>'
+    return f'{legend}<div class="gi-diff">{"".join(out)}</div>'
+
+
+def sampling(temperature, top_k, top_p, seed) -> dict:
+    temperature = float(temperature or 0)
+    if temperature <= 0:
+        return {"temperature": 0.0}
+    return {"temperature": temperature, "top_k": int(top_k) or None,
+            "top_p": float(top_p) if top_p and float(top_p) < 1 else None, "seed": int(seed or 0)}
+
+
+def compare(instruction: str, input_text: str, run_dir: str | None, max_new_tokens, temperature, top_k, top_p, seed):
+    """Stream (base answer, fine-tuned answer, differences, status)."""
+    if not (instruction or "").strip():
+        yield "", "", "", notice("Type an instruction first.", "error")
+        return
+    if not run_dir:
+        yield "", "", "", notice(NO_RUNS, "error")
+        return
+    if run_dir not in {path for _, path in finished_runs()}:
+        yield "", "", "", notice(f"{html.escape(run_dir)} is not a finished run with saved weights.", "error")
+        return
+    yield "", "", "", notice("Loading the models…")
+    try:
+        config = run_config(run_dir)
+        base, tuned = base_model_of_run(run_dir), tuned_model(run_dir)
+    except (WeightsError, FileNotFoundError, ConfigError, ValueError, OSError) as e:
+        yield "", "", "", notice(f"<b>The models could not be loaded.</b> {html.escape(str(e))}", "error")
+        return
+    tokenizer = get_tokenizer()
+    prompt = format_prompt({"instruction": instruction, "input": input_text or ""}, config.style)
+    ids = tokenizer.encode(prompt, disallowed_special=())
+    limit = max(1, min(int(max_new_tokens or MAX_NEW_TOKENS), MAX_NEW_TOKENS))
+    texts = ("", "")
+    for texts in stream_side_by_side([base, tuned], tokenizer, ids, limit, **sampling(temperature, top_k, top_p, seed)):
+        texts = tuple(extract_response(t, config.style) for t in texts)
+        yield texts[0], texts[1], diff_html(*texts), gr.skip()
+    mode = "greedy" if not float(temperature or 0) else f"sampled at temperature {float(temperature):g}, seed {int(seed or 0)}"
+    silent = [name for name, text in zip(("base", "fine-tuned"), texts) if not text]
+    note = f" The {' and the '.join(silent)} model's answer is empty (it ended at once or wrote only blank lines)." if silent else ""
+    yield texts[0], texts[1], diff_html(*texts), notice(f"Both answers {mode}, at most {limit} new tokens.{note}")
+
+
+def examples_of(dataset: dict | None) -> list[dict]:
+    return split_instructions(dataset["records"]).test[:EXAMPLES] if dataset else []
+
+
+def examples_update(dataset: dict | None):
+    records = examples_of(dataset)
+    return gr.Dataset(samples=[[r["instruction"], r["input"]] for r in records]), records
+
+
+def pick_example(index: int, records: list[dict]):
+    if index is None or not 0 <= index < len(records or []):
+        return gr.skip(), gr.skip(), gr.skip()
+    r = records[index]
+    reference = f'<div class="gi-caption">Reference answer (test split)</div><div class="gi-ref">{html.escape(r["output"])}</div>'
+    return r["instruction"], r["input"], reference
+
+
+def build(shared) -> None:
+    with gr.Row(equal_height=True):
+        run = gr.Dropdown([], value=None, label="Fine-tuned run", allow_custom_value=True, scale=5, elem_id="tuned-run")
+        refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100, elem_id="refresh-tuned-runs")
+    info = gr.HTML(notice(NO_RUNS), elem_id="run-info")
+    with gr.Row():
+        instruction = gr.Textbox(label="Instruction", lines=3, scale=3, placeholder="e.g. Rewrite the sentence in passive voice.",
+                                 elem_id="playground-instruction")
+        input_text = gr.Textbox(label="Input (optional)", lines=3, scale=2, placeholder="e.g. The chef cooked the meal.",
+                                elem_id="playground-input")
+    records = gr.State([])
+    examples = gr.Dataset(components=[instruction, input_text], samples=[], type="index", samples_per_page=5,
+                          headers=["Instruction", "Input"], label="Examples from the test split (click one)",
+                          elem_id="playground-examples")
+    with gr.Accordion("Generation settings: greedy unless the temperature is above 0", open=False):
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, label="Max new tokens", elem_id="max-new-tokens")
+            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)", elem_id="temperature")
+        with gr.Row():
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", elem_id="top-k")
+            top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (1: off)", elem_id="top-p")
+            seed = gr.Number(value=123, precision=0, label="Seed", elem_id="seed")
+    compare_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+    status = gr.HTML(elem_id="playground-status")
+    with gr.Row(equal_height=True):
+        base_out = gr.Textbox(label="Base model", lines=8, max_lines=20, interactive=False, elem_id="base-output")
+        tuned_out = gr.Textbox(label="Fine-tuned model", lines=8, max_lines=20, interactive=False, elem_id="tuned-output")
+    reference = gr.HTML(elem_id="reference-answer")
+    diff = gr.HTML(elem_id="diff-view")
+
+    cheap = dict(concurrency_limit=None, show_progress="hidden")
+    compare_btn.click(compare, [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
+                      [base_out, tuned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
+    for trigger in (shared.app.load, refresh.click):
+        trigger(refresh_runs, run, [run, info], api_visibility="private", **cheap)
+    shared.runs_changed.change(lambda current: refresh_runs(current, newest=True), run, [run, info], api_visibility="private", **cheap)
+    run.input(run_info, run, info, api_visibility="private", **cheap)
+    shared.dataset.change(examples_update, shared.dataset, [examples, records], api_visibility="private", **cheap)
+    examples.click(pick_example, [examples, records], [instruction, input_text, reference], api_visibility="private", **cheap)
+    instruction.input(lambda: "", None, reference, api_visibility="private", **cheap)

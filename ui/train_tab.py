@@ -1,0 +1,310 @@
+"""Train tab: settings, Start / Stop, and the run drawn live for every visitor.
+
+One ``TrainingJob`` per process, shared by all visitors. A ``gr.Timer`` polls
+its snapshot; each visitor keeps what it has already drawn in a ``gr.State``
+so that unchanged parts come back as ``gr.skip()`` (the chart keeps its zoom).
+Only the browser that started a run (its id in ``gr.BrowserState``) may stop it.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+
+from model import PRESETS
+from training import ConfigError, TrainConfig, list_runs, read_metrics
+from training.estimate import Estimate, all_presets
+from training.job import ACTIVE, JobError, TrainingJob
+
+from .charts import loss_figure
+from .dataset_tab import default_source
+from .theme import notice
+
+TITLE = "Train"
+JOB = TrainingJob()
+POLL_SECONDS = 1.0
+RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
+
+
+def preset_label(e: Estimate) -> str:
+    if e.name == "tiny":
+        return f"tiny · {e.params_label()} params · random weights, offline demo"
+    return (f"{e.name} · {e.params_label()} params · full fine-tune ≈ {e.full_gb:.1f} GB · "
+            f"LoRA ≈ {e.lora_gb:.1f} GB · inference ≈ {e.inference_gb:.2g} GB")
+
+
+def as_int(value, name: str, allow_none: bool = False) -> int | None:
+    if value is None or value == "":
+        if allow_none:
+            return None
+        raise ConfigError(f"{name}: enter a number")
+    if float(value) != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {value}")
+    return int(value)
+
+
+def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size, lr, mask_prompt: bool, lora: bool,
+                rank, alpha, grouped: bool, max_steps, eval_every, data: str) -> TrainConfig:
+    """The form's values as a ``TrainConfig``; every problem is a ``ConfigError`` naming the setting."""
+    model = (custom or "").strip() or preset
+    if random_init and model not in PRESETS:
+        raise ConfigError(f"random init builds one of the presets ({', '.join(PRESETS)}); untick it to load {model!r}")
+    if model == "tiny" and not random_init:
+        raise ConfigError("tiny has no pretrained weights: tick random init")
+    if lr is None:
+        raise ConfigError("learning rate: enter a number")
+    return TrainConfig(
+        model=model, random_init=bool(random_init), data=data, epochs=as_int(epochs, "epochs"),
+        batch_size=as_int(batch_size, "batch size"), lr=float(lr), mask_prompt=bool(mask_prompt), grouped=bool(grouped),
+        lora_rank=as_int(rank, "LoRA rank") if lora else 0, lora_alpha=16.0 if alpha is None else float(alpha),
+        max_steps=as_int(max_steps, "max steps", allow_none=True) or None, eval_every=as_int(eval_every, "eval every"),
+    )
+
+
+def start(client_id: str | None, dataset: dict | None, preset: str, custom: str, random_init: bool, epochs, batch_size, lr,
+          mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every):
+    """Start a run owned by this browser; a bad setting or a run already going is reported, not raised."""
+    if not client_id:
+        return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
+    data = dataset["source"] if dataset else default_source()
+    name = dataset["name"] if dataset else data
+    try:
+        config = make_config(preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha,
+                             grouped, max_steps, eval_every, data=data)
+        JOB.start(config, owner=client_id)
+    except (ConfigError, JobError) as e:
+        return notice(html.escape(str(e)), "error"), gr.skip(), gr.skip()
+    text = f"Started fine-tuning <b>{html.escape(config.model)}</b> on <b>{html.escape(name)}</b>."
+    return notice(text, "ok"), gr.Button(interactive=False), gr.Button(interactive=True)
+
+
+def stop(client_id: str | None):
+    try:
+        stopped = JOB.stop(client_id)
+    except JobError as e:
+        return notice(html.escape(str(e)), "error")
+    if not stopped:
+        return notice("No run is going.")
+    return notice("Stopping at the next step; the model trained so far is saved.", "info")
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def bar(fraction: float, extra: str = "") -> str:
+    pct = max(0.0, min(1.0, fraction)) * 100
+    return f'<div class="gi-track"><div class="gi-fill {extra}" style="width:{pct:.1f}%"></div></div>'
+
+
+def settings_line(config: dict) -> str:
+    """The run's settings in one line, so a visitor who reconnects sees what is running."""
+    model = config["model"] + (" (random init)" if config.get("random_init") else "")
+    method = f"LoRA rank {config['lora_rank']}, alpha {config['lora_alpha']:g}" if config.get("lora_rank") else "full fine-tune"
+    parts = [model, Path(str(config["data"])).name, method, f"lr {config['lr']:g}", f"batch {config['batch_size']}",
+             f"{config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}", f"eval every {config['eval_every']}"]
+    parts += ["prompt masked"] if config.get("mask_prompt") else []
+    parts += [f"max {config['max_steps']} steps"] if config.get("max_steps") else []
+    return html.escape(" · ".join(parts))
+
+
+def progress_html(snap: dict) -> str:
+    """Step x / y, tokens/s, elapsed, ETA and status; a second bar while weights download."""
+    status = snap["status"]
+    if status == "idle":
+        return notice("No run yet. Choose a model and press <b>Start</b>; everyone who opens the app sees the run live.")
+    active = status in ACTIVE
+    total, step = snap["total_steps"], snap["step"]
+    meta = [f'<span class="gi-status {status}">{status}</span>',
+            f"step <b>{step:,}</b> / {total:,}" if total else "step –",
+            f"epoch {snap['epoch']:.2f} / {snap['epochs']}",
+            f"<b>{snap['tokens_per_s']:,.0f}</b> tokens/s",
+            f"{clock(snap['elapsed_s'])} elapsed"]
+    if active and snap["eta_s"] is not None and total:
+        meta.append(f"ETA {clock(snap['eta_s'])}")
+    parts = [bar(step / total if total else 0.0), f'<div class="gi-progress-meta">{"".join(f"<span>{m}</span>" for m in meta)}</div>']
+    download = snap.get("download")
+    if download and download.get("total") and download["done"] < download["total"] and active:
+        done, size = download["done"] / 2**20, download["total"] / 2**20
+        line = f'Downloading <b>{html.escape(download["file"])}</b>: {done:,.0f} / {size:,.0f} MB'
+        parts += [f'<div class="gi-progress-meta"><span>{line}</span></div>',
+                  bar(done / size, "download")]
+    info = [settings_line(snap["config"])] if snap.get("config") else []
+    if snap.get("message") and active:
+        info.append(html.escape(snap["message"]))
+    if snap.get("device"):
+        trained = snap["trainable_parameters"]
+        share = "all trained" if trained == snap["parameters"] else f"{trained:,} trained (LoRA)"
+        info.append(f"{html.escape(snap['device'])} · {snap['parameters']:,} parameters, {share}")
+    if info:
+        parts.append(f'<div class="gi-progress-meta">{"".join(f"<span>{i}</span>" for i in info)}</div>')
+    return f'<div class="gi-progress">{"".join(parts)}</div>'
+
+
+def when(response: dict) -> str:
+    return "before training" if response["step"] == 0 else f"step {response['step']}"
+
+
+def answer(response: dict) -> str:
+    return html.escape(response["response"]) or "<i>(empty)</i>"
+
+
+def responses_html(snap: dict) -> str:
+    """The fixed validation instruction, and the model's answer at each evaluation, newest first."""
+    record = snap.get("sample_instruction")
+    if not record:
+        return notice("At every evaluation the model answers one fixed validation instruction; its answers appear here.")
+    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    items = snap.get("responses") or []
+    parts = [f'<div class="gi-caption">Validation instruction</div><div class="instruction">{html.escape(prompt)}</div>']
+    if items:
+        latest = items[-1]
+        parts.append(f'<div class="gi-caption">Model\'s answer, {when(latest)}</div><div class="response">{answer(latest)}</div>')
+        older = "".join(f'<div class="gi-older"><span class="gi-caption">{when(r)}:</span> {answer(r)}</div>' for r in reversed(items[:-1]))
+        if older:
+            parts.append(f'<div class="gi-older-list">{older}</div>')
+    parts.append(f'<div class="gi-caption">Reference answer</div><div class="response">{html.escape(record["output"])}</div>')
+    return f'<div class="gi-sample">{"".join(parts)}</div>'
+
+
+def loss_text(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
+
+
+def final_html(snap: dict) -> str:
+    if snap.get("error"):
+        return notice(f"<b>The run failed.</b> {html.escape(snap['error'])}", "error")
+    final = snap.get("final")
+    if not final:
+        return ""
+    word = "Done" if final["status"] == "done" else "Stopped"
+    return notice(
+        f"<b>{word}</b> after {final['steps']:,} steps and {final['tokens_seen']:,} tokens in {clock(final['wall_time_s'])}: "
+        f"train loss <b>{loss_text(final['final_train_loss'])}</b>, validation loss <b>{loss_text(final['final_val_loss'])}</b>. "
+        f"Saved to <code>{html.escape(final['run_dir'])}</code>. Compare it with its base model in the Playground tab.", "ok")
+
+
+def chart(snap: dict, overlays: list[str] | None):
+    """The live run's loss with the chosen past runs (only folders that ``list_runs`` knows) overlaid."""
+    known = {str(run.path) for run in list_runs()} if overlays else set()
+    past = [(Path(p).name, read_metrics(Path(p))) for p in overlays or [] if p in known]
+    config = snap.get("config") or {}
+    title = f"{config['model']} on {Path(str(config['data'])).name}" if config else None
+    return loss_figure(snap["history"], past, title)
+
+
+def poll(client_id: str | None, seen: dict | None, overlays: list[str] | None):
+    """One timer tick: only what changed since this visitor's last tick is sent."""
+    snap = JOB.snapshot()
+    seen = dict(seen or {})
+    active = snap["status"] in ACTIVE
+    can_stop = active and snap["owner"] is not None and snap["owner"] == client_id
+    changed = seen.get("version") != snap["version"]
+    chart_key = [snap["started_at"], len(snap["history"]), sorted(overlays or [])]
+    responses_key = [snap["started_at"], len(snap["responses"])]
+    finished = (snap.get("final") or {}).get("run_dir")
+    out = (
+        chart(snap, overlays) if seen.get("chart") != chart_key else gr.skip(),
+        progress_html(snap) if changed or active else gr.skip(),
+        responses_html(snap) if seen.get("responses") != responses_key else gr.skip(),
+        final_html(snap) if changed else gr.skip(),
+        gr.Button(interactive=not active) if changed or seen.get("active") != active else gr.skip(),
+        gr.Button(interactive=can_stop) if changed or seen.get("can_stop") != can_stop else gr.skip(),
+    )
+    runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()
+    seen.update(version=snap["version"], chart=chart_key, responses=responses_key, active=active, can_stop=can_stop, finished=finished)
+    return out + (seen, runs_changed)
+
+
+def redraw(overlays: list[str] | None, seen: dict | None):
+    """The chart at once when the overlaid runs change."""
+    snap = JOB.snapshot()
+    seen = dict(seen or {})
+    seen["chart"] = [snap["started_at"], len(snap["history"]), sorted(overlays or [])]
+    return chart(snap, overlays), seen
+
+
+def job_status() -> dict:
+    """The shared run's state as plain data (everything but its owner's id)."""
+    snap = JOB.snapshot()
+    snap.pop("owner", None)
+    return snap
+
+
+def runs_table() -> tuple[list[list], dict]:
+    """Past runs as table rows, and the overlay picker's choices (runs that logged metrics)."""
+    rows, choices = [], []
+    for run in list_runs():
+        m = run.manifest
+        rows.append([run.name, (m.get("config") or {}).get("model", "?"), Path(str((m.get("data") or {}).get("source", "?"))).name,
+                     run.status, m.get("steps", ""), loss_text(m.get("final_val_loss")), clock(m.get("wall_time_s"))])
+        if (run.path / "metrics.jsonl").is_file():
+            choices.append((run.label(), str(run.path)))
+    return rows, gr.Dropdown(choices=choices)
+
+
+def data_line(dataset: dict | None) -> str:
+    if not dataset:
+        return notice(f"Data: <b>{default_source()}</b> (change it in the Dataset tab).")
+    return notice(f"Data: <b>{html.escape(dataset['name'])}</b>, {len(dataset['records']):,} records (change it in the Dataset tab).")
+
+
+def build(shared) -> None:
+    presets = all_presets()
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            preset = gr.Dropdown([(preset_label(e), e.name) for e in presets], value="tiny", label="Model", elem_id="model-preset")
+            custom = gr.Textbox(label="…or a local path / Hugging Face Hub id", placeholder="e.g. ./my-gpt2 or openai-community/gpt2",
+                                elem_id="model-path")
+            random_init = gr.Checkbox(value=True, label="Random init (no download: for the offline demo)", elem_id="random-init")
+            with gr.Row():
+                epochs = gr.Number(value=1, precision=0, label="Epochs", elem_id="epochs")
+                batch_size = gr.Number(value=8, precision=0, label="Batch size", elem_id="batch-size")
+                lr = gr.Number(value=5e-5, step=1e-5, label="Learning rate", elem_id="learning-rate")
+            with gr.Row():
+                max_steps = gr.Number(value=0, precision=0, label="Max steps (0: all)", elem_id="max-steps")
+                eval_every = gr.Number(value=20, precision=0, label="Evaluate every (steps)", elem_id="eval-every")
+            mask_prompt = gr.Checkbox(value=False, label="Mask the prompt (loss on the response only)", elem_id="train-mask-prompt")
+            grouped = gr.Checkbox(value=True, label="Length-grouped batches (less padding, faster)", elem_id="grouped")
+            with gr.Accordion("LoRA", open=False):
+                lora = gr.Checkbox(value=False, label="Train low-rank adapters instead of every weight", elem_id="lora")
+                with gr.Row():
+                    rank = gr.Slider(1, 64, value=16, step=1, label="Rank", elem_id="lora-rank")
+                    alpha = gr.Number(value=16, label="Alpha", elem_id="lora-alpha")
+            data = gr.HTML(data_line(None), elem_id="train-data")
+            with gr.Row():
+                start_btn = gr.Button("Start fine-tuning", variant="primary", elem_id="start-btn")
+                stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-btn")
+            message = gr.HTML(elem_id="train-message")
+        with gr.Column(scale=3):
+            progress = gr.HTML(elem_id="train-progress")
+            loss_chart = gr.Plot(label="Loss", show_label=False, elem_id="loss-chart")
+            overlay = gr.Dropdown([], value=[], multiselect=True, label="Overlay past runs", elem_id="overlay-runs")
+            final = gr.HTML(elem_id="train-final")
+            responses = gr.HTML(elem_id="sample-responses")
+    with gr.Accordion("Past runs", open=False):
+        runs = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, elem_id="runs-table")
+        refresh = gr.Button("Refresh", size="sm", elem_id="refresh-runs")
+
+    seen = gr.State(None)
+    cheap = dict(concurrency_limit=None, show_progress="hidden")
+    settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every]
+    poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, seen, shared.runs_changed]
+
+    preset.input(lambda p: p == "tiny", preset, random_init, api_visibility="private", **cheap)
+    custom.input(lambda c, r: False if (c or "").strip() else r, [custom, random_init], random_init, api_visibility="private", **cheap)
+    start_btn.click(start, [shared.client_id, shared.dataset] + settings, [message, start_btn, stop_btn],
+                    api_name="start_training", concurrency_limit=1)
+    stop_btn.click(stop, shared.client_id, message, api_name="stop_training", **cheap)
+    gr.Timer(POLL_SECONDS).tick(poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", **cheap)
+    shared.app.load(poll, [shared.client_id, seen, overlay], poll_outputs, api_visibility="private", **cheap)
+    overlay.change(redraw, [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
+    for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
+        trigger(runs_table, None, [runs, overlay], api_visibility="private", **cheap)
+    shared.dataset.change(data_line, shared.dataset, data, api_visibility="private", **cheap)
+    gr.api(job_status, api_name="job_status", concurrency_limit=None)
