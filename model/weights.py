@@ -152,6 +152,14 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
         raise WeightsError(offline.format(why=f"{type(e).__name__}: {e}".split("\n")[0])) from e
 
 
+def hub_cached(source: str) -> bool:
+    """True when a preset's or Hub repo's weights are already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(HUB_PRESETS.get(source, source), WEIGHTS_NAME)
+    return isinstance(path, str)
+
+
 def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hub cannot be reached, or None: one quick connect instead of the client's 20 s of retries."""
     from huggingface_hub import constants

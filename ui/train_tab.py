@@ -8,11 +8,13 @@ Only the browser that started a run (its id in ``gr.BrowserState``) may stop it.
 from __future__ import annotations
 
 import html
+import threading
 from pathlib import Path
 
 import gradio as gr
 
 from model import PRESETS
+from model.weights import hub_cached, hub_unreachable
 from training import ConfigError, TrainConfig, list_runs, read_metrics
 from training.estimate import Estimate, all_presets
 from training.job import ACTIVE, JobError, TrainingJob
@@ -23,6 +25,7 @@ from .theme import notice
 
 TITLE = "Train"
 JOB = TrainingJob()
+SUGGESTED: dict[str, str] = {}  # the default model, found once per process without delaying startup
 POLL_SECONDS = 1.0
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
 
@@ -254,7 +257,18 @@ def data_line(dataset: dict | None) -> str:
     return notice(f"Data: <b>{html.escape(dataset['name'])}</b>, {len(dataset['records']):,} records (change it in the Dataset tab).")
 
 
+def find_default_model() -> None:
+    """GPT-2 124M when its weights are cached or the Hub answers; else the offline tiny demo."""
+    SUGGESTED["model"] = "gpt2" if hub_cached("gpt2") or hub_unreachable() is None else "tiny"
+
+
+def suggested_model():
+    model = SUGGESTED.get("model", "tiny")
+    return gr.Dropdown(value=model), gr.Checkbox(value=model == "tiny")
+
+
 def build(shared) -> None:
+    threading.Thread(target=find_default_model, name="find-default-model", daemon=True).start()
     presets = all_presets()
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
@@ -296,6 +310,7 @@ def build(shared) -> None:
     settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every]
     poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, seen, shared.runs_changed]
 
+    shared.app.load(suggested_model, None, [preset, random_init], api_visibility="private", **cheap)
     preset.input(lambda p: p == "tiny", preset, random_init, api_visibility="private", **cheap)
     custom.input(lambda c, r: False if (c or "").strip() else r, [custom, random_init], random_init, api_visibility="private", **cheap)
     start_btn.click(start, [shared.client_id, shared.dataset] + settings, [message, start_btn, stop_btn],
