@@ -2,7 +2,8 @@
 
 A tab module has ``TITLE`` and ``build(shared)``; adding a tab is one line in
 ``TABS``. ``Shared`` holds what tabs exchange: the visitor's dataset, the
-browser's client id, and the latest finished run (its change refreshes run lists).
+browser's client id, the latest finished run (its change refreshes run lists), and
+what lets one tab open something in another: the Tabs and the Playground's inputs.
 Nothing here loads data or models: that happens on first use.
 """
 from __future__ import annotations
@@ -14,10 +15,10 @@ import gradio as gr
 
 from data import MAX_FILE_BYTES
 
-from . import dataset_tab, playground_tab, train_tab
+from . import dataset_tab, evaluate_tab, playground_tab, train_tab
 from .theme import CSS, FOOTER, HEADER, THEME
 
-TABS = (dataset_tab, train_tab, playground_tab)
+TABS = (dataset_tab, train_tab, playground_tab, evaluate_tab)
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Shared:
     dataset: gr.State  # per visitor: {"source", "name", "records"}
     client_id: gr.BrowserState  # random id kept in localStorage: who may stop the run it started
     runs_changed: gr.State  # path of the latest finished run seen by this visitor
+    tabs: gr.Tabs | None = None  # an output of gr.Tabs(selected=<title in lower case>) switches tab
+    playground: tuple = ()  # the Playground's components that playground_tab.open_example fills, set by its build
 
 
 def ensure_client_id(current: str | None):
@@ -38,7 +41,7 @@ def build_app() -> gr.Blocks:
         shared = Shared(demo, gr.State(None), gr.BrowserState(None, storage_key="gpt2-instruct-client"), gr.State(None))
         demo.load(ensure_client_id, shared.client_id, shared.client_id, api_visibility="private",
                   concurrency_limit=None, show_progress="hidden")
-        with gr.Tabs():
+        with gr.Tabs() as shared.tabs:
             for tab in TABS:
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}"):
                     tab.build(shared)

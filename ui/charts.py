@@ -1,11 +1,12 @@
-"""Plotly figures: the live loss chart and the token-length histogram. Plain data in, figures out."""
+"""Plotly figures: the live loss chart, the token-length histogram, base against fine-tuned. Plain data in, figures out."""
 from __future__ import annotations
 
 import statistics
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from .theme import PROMPT_COLOR, RESPONSE_COLOR, TRAIN_COLOR, VAL_COLOR
+from .theme import BASE_COLOR, PROMPT_COLOR, RESPONSE_COLOR, TRAIN_COLOR, TUNED_COLOR, VAL_COLOR
 
 OVERLAY_COLORS = ("#0891b2", "#9333ea", "#65a30d", "#db2777", "#ca8a04", "#475569")
 HOVER = "step %{customdata[0]} · epoch %{customdata[1]:.2f}<br>%{x:,} tokens<br>%{fullData.name}: %{y:.3f}<extra></extra>"
@@ -119,4 +120,33 @@ def length_histogram(stats: dict) -> go.Figure:
                                    opacity=0.65, nbinsx=40, hovertemplate="%{x} tokens: %{y} records<extra></extra>"))
     fig = base_layout(fig, height=300, barmode="overlay", xaxis_title="tokens per record", yaxis_title="records")
     fig.update_layout(bargap=0.04, legend=dict(xanchor="right", x=1))
+    return fig
+
+
+def evaluation_figure(summary: dict) -> go.Figure:
+    """Base against fine-tuned: the higher-is-better scores on one 0-100 axis, perplexity in a panel of its own.
+
+    Perplexity is apart because lower is better and its scale is the
+    vocabulary's (about 50,000 for random weights, ~10 for a tuned GPT-2).
+    """
+    scores = [("ROUGE-L F1 ×100", "rouge_l", 100, "%{y:.1f}"), ("ended on its own (%)", "ended_share", 100, "%{y:.0f}%")]
+    if summary.get("judge"):
+        scores.append(("judge score (0-100)", "judge_avg", 1, "%{y:.1f}"))
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.1,
+                        subplot_titles=("scores · higher is better", "perplexity · lower is better"))
+    for key, name, color in (("base", "base", BASE_COLOR), ("tuned", "fine-tuned", TUNED_COLOR)):
+        totals = summary[key]
+        ys = [None if totals.get(k) is None else totals[k] * scale for _, k, scale, _ in scores]
+        fig.add_trace(go.Bar(x=[label for label, *_ in scores], y=ys, name=name, marker_color=color, legendgroup=key,
+                             texttemplate=[t for *_, t in scores], textposition="outside", cliponaxis=False,
+                             hovertemplate=f"{name}<br>%{{x}}: %{{y:.2f}}<extra></extra>"), row=1, col=1)
+        fig.add_trace(go.Bar(x=["perplexity"], y=[totals.get("perplexity")], name=name, marker_color=color, legendgroup=key,
+                             showlegend=False, texttemplate="%{y:,.1f}", textposition="outside", cliponaxis=False,
+                             hovertemplate=f"{name}<br>perplexity %{{y:,.2f}}<extra></extra>"), row=1, col=2)
+    fig = base_layout(fig, height=340, barmode="group", bargap=0.25)
+    fig.update_yaxes(range=[0, 110], row=1, col=1)
+    top = max((summary[k].get("perplexity") or 0 for k in ("base", "tuned")), default=0)
+    fig.update_yaxes(range=[0, top * 1.15 or 1], row=1, col=2)
+    fig.update_annotations(font=dict(size=12, color="#64748b"))
+    fig.update_layout(legend=dict(xanchor="left", x=0, y=1.1), margin=dict(t=64))
     return fig

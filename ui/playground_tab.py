@@ -125,12 +125,21 @@ def examples_update(dataset: dict | None):
     return gr.Dataset(samples=[[r["instruction"], r["input"]] for r in records]), records
 
 
+def reference_html(output: str) -> str:
+    return f'<div class="gi-caption">Reference answer (test split)</div><div class="gi-ref">{html.escape(output)}</div>'
+
+
 def pick_example(index: int, records: list[dict]):
     if index is None or not 0 <= index < len(records or []):
         return gr.skip(), gr.skip(), gr.skip()
     r = records[index]
-    reference = f'<div class="gi-caption">Reference answer (test split)</div><div class="gi-ref">{html.escape(r["output"])}</div>'
-    return r["instruction"], r["input"], reference
+    return r["instruction"], r["input"], reference_html(r["output"])
+
+
+def open_example(record: dict, run_dir: str, note: str = ""):
+    """Values for ``shared.playground``: a record opened here from another tab, with its run picked, answers cleared."""
+    return (record["instruction"], record.get("input", ""), reference_html(record["output"]),
+            gr.Dropdown(choices=finished_runs(), value=run_dir), run_info(run_dir), "", "", "", note)
 
 
 def build(shared) -> None:
@@ -162,6 +171,7 @@ def build(shared) -> None:
         tuned_out = gr.Textbox(label="Fine-tuned model", lines=8, max_lines=20, interactive=False, elem_id="tuned-output")
     reference = gr.HTML(elem_id="reference-answer")
     diff = gr.HTML(elem_id="diff-view")
+    shared.playground = (instruction, input_text, reference, run, info, base_out, tuned_out, diff, status)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
     compare_btn.click(compare, [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],

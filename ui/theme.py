@@ -7,6 +7,8 @@ TRAIN_COLOR = "#4f46e5"
 VAL_COLOR = "#ea580c"
 PROMPT_COLOR = "#64748b"
 RESPONSE_COLOR = "#4f46e5"
+BASE_COLOR = "#94a3b8"
+TUNED_COLOR = "#4f46e5"
 
 THEME = gr.themes.Soft(
     primary_hue="indigo",
@@ -102,6 +104,14 @@ CSS = """
 .gi-diff ins, .gi-legend ins { background: #dcfce7; color: #166534; text-decoration: none; border-radius: 3px; }
 .gi-ref { border-left: 3px solid #16a34a; padding: 6px 12px; white-space: pre-wrap; }
 #base-output textarea, #tuned-output textarea { font-size: .95rem; line-height: 1.5; }
+
+.gi-eval { width: 100%; border-collapse: collapse; margin: 6px 0 10px; font-variant-numeric: tabular-nums; border: 0 !important; }
+.gi-eval tr { border: 0 !important; }
+.gi-eval th, .gi-eval td { padding: 6px 10px !important; border: 0 !important; text-align: right;
+                           border-bottom: 1px solid var(--border-color-primary) !important; background: none !important; }
+.gi-eval th:first-child, .gi-eval td.gi-caption { text-align: left; font-weight: 400; }
+.gi-eval tr:first-child th { font-weight: 600; }
+#export-file .empty { min-height: 64px !important; height: 64px; }
 
 .dark .gi-notice.error { background: #450a0a; color: #fecaca; border-color: #7f1d1d; }
 .dark .gi-notice.ok { background: #052e16; color: #bbf7d0; border-color: #14532d; }

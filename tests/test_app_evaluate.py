@@ -1,0 +1,216 @@
+"""The Evaluate tab through the app's API (gradio_client), launched in-process on a free port, offline.
+
+One tiny run (random weights, the bundled sample, four steps) in a temporary
+runs folder is evaluated, reloaded, exported and pushed to an unreachable Hub.
+"""
+import html
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from gradio_client import Client
+
+from training import TrainConfig, train
+from training.evaluate import EVAL_ROWS, EVAL_SUMMARY, load_eval
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword).*")
+RUN = "20990101-000000-tiny"
+RANK = "fine-tuned ROUGE-L"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def text(markup: str) -> str:
+    """What an HTML output says, without tags or entities."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", markup)).split())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A finished tiny run in the runs folder the app reads."""
+    saved = os.environ.get("GPT2_INSTRUCT_RUNS")
+    root = tmp_path_factory.mktemp("evaluate") / "runs"
+    os.environ["GPT2_INSTRUCT_RUNS"] = str(root)
+    train(TrainConfig(model="tiny", random_init=True, data="sample", max_steps=4, eval_every=2, sample_tokens=4, out=str(root / RUN)))
+    yield root / RUN
+    if saved is None:
+        os.environ.pop("GPT2_INSTRUCT_RUNS", None)
+    else:
+        os.environ["GPT2_INSTRUCT_RUNS"] = saved
+
+
+@pytest.fixture(scope="module")
+def c(run):
+    from ui.app import build_app, launch_options
+
+    demo = build_app()
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_options())
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    demo.close()
+
+
+def evaluate(c: Client, run_dir, limit=4, max_new_tokens=8, batch_size=4, judge_url="", owner="owner-a") -> dict:
+    """``evaluate`` outputs by name."""
+    out = c.predict(owner, str(run_dir), limit, max_new_tokens, batch_size, judge_url, "llama3", RANK, False, api_name="/evaluate")
+    return dict(zip(["progress", "message", "summary", "chart", "table"], out))
+
+
+def test_evaluation_scores_both_models_saves_them_and_reloads(c, run):
+    out = evaluate(c, run)
+    assert "Evaluated 4 examples" in text(out["progress"]), text(out["progress"])
+    assert (run / EVAL_ROWS).is_file() and (run / EVAL_SUMMARY).is_file()
+    saved = load_eval(run)
+    summary = saved["summary"]
+    assert summary["examples"] == 4 and summary["max_new_tokens"] == 8 and summary["batch_size"] == 4
+    shown = text(out["summary"])
+    for name in ("base", "tuned"):
+        totals = summary[name]
+        assert 9 < totals["nll"] < 12  # a barely trained random model: near ln(50257)
+        assert f"{totals['rouge_l']:.3f}" in shown and f"{totals['perplexity']:,.1f}" in shown and f"{totals['nll']:.3f}" in shown
+    assert "4 test examples of sample" in shown and "ollama run llama3" in shown  # no judge: how to set one up
+
+    traces = json.loads(out["chart"]["plot"])["data"]
+    assert [t["name"] for t in traces] == ["base", "base", "fine-tuned", "fine-tuned"]
+    assert traces[1]["y"] == [pytest.approx(summary["base"]["perplexity"])]
+    assert traces[2]["y"][0] == pytest.approx(100 * summary["tuned"]["rouge_l"])
+
+    table = out["table"]
+    assert table["headers"][:6] == ["rank", "#", "instruction", "reference", "base response", "fine-tuned response"]
+    assert [r[0] for r in table["data"]] == [1, 2, 3, 4] and sorted(r[1] for r in table["data"]) == [1, 2, 3, 4]
+    tuned_rouge = [r[table["headers"].index("ROUGE-L tuned")] for r in table["data"]]
+    assert tuned_rouge == sorted(tuned_rouge, reverse=True)
+    first = saved["rows"][table["data"][0][1] - 1]
+    assert table["data"][0][3] == first["output"] and table["data"][0][5] == first["tuned"]["response"]
+
+    again = c.predict(RUN, RANK, False, api_name="/load_evaluation")  # by folder name this time
+    assert text(again[0]) == shown and again[2]["data"] == table["data"]
+    by_perplexity = c.predict(RUN, "fine-tuned perplexity", False, api_name="/load_evaluation")[2]["data"]
+    perplexities = [r[table["headers"].index("PPL tuned")] for r in by_perplexity]
+    assert perplexities == sorted(perplexities) and len(set(perplexities)) == 4
+
+
+def test_a_run_without_an_evaluation_says_so(c, run):
+    fresh = run.parent / "20990101-000001-tiny"
+    shutil.copytree(run, fresh, ignore=shutil.ignore_patterns("eval*"))
+    try:
+        summary, _, table = c.predict(str(fresh), RANK, False, api_name="/load_evaluation")
+        assert "has no evaluation yet" in text(summary) and not any(table["data"][0] if table["data"] else [])
+    finally:
+        shutil.rmtree(fresh)
+
+
+def test_a_judge_that_is_down_is_named_and_the_scores_still_come(c, run):
+    out = evaluate(c, run, limit=2, judge_url="http://127.0.0.1:9")
+    shown = text(out["summary"])
+    assert "The judge left 4 of 4 responses unscored" in shown and "cannot reach http://127.0.0.1:9/v1/chat/completions" in shown
+    assert "LLM judge score" in shown and load_eval(run)["summary"]["judge"]["model"] == "llama3"
+    assert "judge tuned" in out["table"]["headers"]
+
+
+def test_stop_writes_nothing_and_only_the_owner_may_stop(c, run):
+    assert "No evaluation is going" in text(c.predict("owner-a", api_name="/stop_evaluation"))
+    before = (run / EVAL_SUMMARY).read_bytes(), (run / EVAL_ROWS).read_bytes()
+    job = c.submit("owner-a", str(run), 0, 256, 1, "", "llama3", RANK, False, api_name="/evaluate")
+    deadline = time.time() + 30
+    while not job.outputs() and time.time() < deadline:
+        time.sleep(0.05)
+    assert "Only the browser session" in text(c.predict("owner-b", api_name="/stop_evaluation"))
+    assert "Stopping" in text(c.predict("owner-a", api_name="/stop_evaluation"))
+    progress = job.result(timeout=60)[0]
+    assert "Stopped: nothing was written" in text(progress)
+    assert ((run / EVAL_SUMMARY).read_bytes(), (run / EVAL_ROWS).read_bytes()) == before
+
+
+def test_export_gives_a_zip_of_the_hugging_face_files(c, run):
+    path, message = c.predict(str(run), api_name="/export_zip")
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= names
+        assert zf.read("model.safetensors") == (run / "model.safetensors").read_bytes()
+    assert f"{RUN}-hf.zip" in text(message) and "from_pretrained" in text(message)
+
+
+def test_push_to_hub_offline_is_a_clear_message(c, run, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    t0 = time.perf_counter()
+    message = text(c.predict(str(run), "someone/gpt2-instruct", "hf_not_a_token", api_name="/push_to_hub"))
+    assert time.perf_counter() - t0 < 10
+    assert "cannot reach the Hugging Face Hub at http://127.0.0.1:9" in message and "nothing was uploaded" in message
+    assert "Enter a repo id" in text(c.predict(str(run), " ", "", api_name="/push_to_hub"))
+    assert not list(run.glob(".hub-*"))
+
+
+def test_only_runs_the_app_lists_are_accepted(c, run, tmp_path):
+    outside = tmp_path / RUN  # a real run, but not in the runs folder
+    shutil.copytree(run, outside, ignore=shutil.ignore_patterns("eval*"))
+    for name in (str(outside), "/etc", "../" + RUN, "no-such-run", ""):
+        assert "not a finished run" in text(evaluate(c, name)["progress"]), name
+        assert "not a finished run" in text(c.predict(name, RANK, False, api_name="/load_evaluation")[0]) or not name
+        path, message = c.predict(name, api_name="/export_zip")
+        assert path is None and "not a finished run" in text(message)
+        assert "not a finished run" in text(c.predict(name, "someone/x", "hf_x", api_name="/push_to_hub"))
+    assert not list(outside.glob("eval*")) and not list(outside.glob("*.zip"))
+
+
+def test_bad_settings_and_a_missing_base_model_are_messages(c, run):
+    with pytest.raises(Exception, match="257 is greater than maximum value 256"):
+        evaluate(c, run, max_new_tokens=257)
+    assert "batch size must be a whole number, got None" in text(evaluate(c, run, batch_size=None)["progress"])
+    assert "session id" in text(evaluate(c, run, owner="")["progress"])
+
+    broken = run.parent / "20990101-000002-missing-base"
+    shutil.copytree(run, broken, ignore=shutil.ignore_patterns("eval*"))
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["config"].update(model=str(broken / "no-such-model"), random_init=False)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        progress = text(evaluate(c, broken)["progress"])
+        assert "The evaluation failed" in progress and "no-such-model" in progress
+        assert not (broken / EVAL_SUMMARY).exists()
+    finally:
+        shutil.rmtree(broken)
+
+
+def test_a_clicked_row_opens_the_playground(run):
+    from ui.evaluate_tab import open_in_playground
+
+    row = {"index": 2, "instruction": "Name a colour.", "input": "", "output": "Red."}
+    result = {"run": str(run), "rows": [{**row, "index": i} for i in range(2)] + [row]}
+    event = gr.SelectData(None, {"index": [0, 4], "value": "…", "row_value": [1, 3, "Name a colour.", "Red."]})
+    tabs, instruction, input_text, reference, run_picker, *_ = open_in_playground(result, event)
+    assert tabs.selected == "playground" and (instruction, input_text) == ("Name a colour.", "")
+    assert "Red." in reference and run_picker.value == str(run)
+    missing = gr.SelectData(None, {"index": [0, 0], "value": 9, "row_value": [1, 9]})
+    assert all(isinstance(out, type(gr.skip())) or out == gr.skip() for out in open_in_playground(result, missing))
+
+
+def test_the_table_shows_the_best_and_the_worst_or_everything():
+    from ui.evaluate_tab import SHOWN, table_update
+
+    def scored(i, rouge):
+        return {"response": f"r{i}", "rouge_l": rouge, "perplexity": 10.0 + i, "nll": 2.0, "judge": None}
+
+    rows = [{"index": i, "instruction": f"task {i}", "input": "", "output": "ref", "base": scored(i, 0.5), "tuned": scored(i, i / 20)}
+            for i in range(2 * SHOWN + 2)]
+    result = {"summary": {"judge": None}, "rows": rows}
+    table = table_update(result, "fine-tuned ROUGE-L", False)
+    ranks, examples = [r[0] for r in table["data"]], [r[1] for r in table["data"]]
+    assert ranks == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12] and examples == [12, 11, 10, 9, 8, 5, 4, 3, 2, 1]
+    assert len(table_update(result, "fine-tuned ROUGE-L", True)["data"]) == 2 * SHOWN + 2
+    gains = [r[1] for r in table_update(result, "ROUGE-L gain (fine-tuned − base)", True)["data"]]
+    assert gains == list(range(2 * SHOWN + 2, 0, -1))
+    assert [r[1] for r in table_update(result, "fine-tuned judge score", True)["data"]] == gains  # no judge: by ROUGE-L

@@ -1,0 +1,377 @@
+"""Evaluate tab: score a run's base and fine-tuned model on the test split, see where tuning helped, export the model.
+
+``training.evaluate.evaluate_run`` does the work in a thread; the Evaluate
+handler is a generator that streams its progress from a queue, then the
+results. One evaluation at a time per process (the event is queued with
+``concurrency_limit=1``); only the browser that started it may stop it.
+Results are saved in the run folder, so a run evaluated before shows them as
+soon as it is picked. Only runs that ``list_runs`` knows are accepted.
+"""
+from __future__ import annotations
+
+import html
+import os
+import queue
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from training import find_run
+from training.evaluate import EVAL_ROWS, EVAL_SUMMARY, EvaluationStopped, best_and_worst, evaluate_run, load_eval
+from training.export import ExportError, export_zip, push_to_hub
+from training.judge import DEFAULT_MODEL, DEFAULT_URL, Judge, judge_help
+from training.runs import RunInfo
+
+from . import playground_tab
+from .charts import empty_figure, evaluation_figure
+from .theme import notice
+from .train_tab import bar, clock
+
+TITLE = "Evaluate"
+MAX_NEW_TOKENS = 256
+MAX_BATCH = 64
+SHOWN = 5  # best and worst examples in the table unless every example is asked for
+EXPORT_DIR = Path(tempfile.gettempdir()) / "gpt2-instruct-exports"
+MODEL_NAMES = {"base": "base model", "tuned": "fine-tuned model"}
+
+
+def rouge_gain(row: dict) -> float:
+    return row["tuned"]["rouge_l"] - row["base"]["rouge_l"]
+
+
+def nll_drop(row: dict) -> float | None:
+    base, tuned = row["base"]["nll"], row["tuned"]["nll"]
+    return None if base is None or tuned is None else base - tuned
+
+
+RANKINGS = {  # label -> (key for best_and_worst, lower is better)
+    "fine-tuned ROUGE-L": ("tuned.rouge_l", False),
+    "ROUGE-L gain (fine-tuned − base)": (rouge_gain, False),
+    "fine-tuned perplexity": ("tuned.perplexity", True),
+    "NLL drop (base − fine-tuned)": (nll_drop, False),
+    "fine-tuned judge score": ("tuned.judge", False),
+}
+NO_RUNS = "No finished run yet: fine-tune one in the <b>Train</b> tab, then score it here against its base model."
+NOT_YET = ("This run has no evaluation yet. Press <b>Evaluate</b>: the whole test split (110 examples of the book's data) "
+           "takes 1-2 minutes per model for GPT-2 124M on a CPU; a limit tries it on the first few.")
+LOCK = threading.Lock()
+CURRENT: dict = {}  # while an evaluation runs: {"owner": client id, "stop": threading.Event}
+
+
+def known_run(run_dir) -> RunInfo:
+    """A finished run with weights that ``list_runs`` knows, by path or folder name; ValueError for anything else."""
+    run = find_run(str(run_dir)) if isinstance(run_dir, (str, Path)) and str(run_dir).strip() else None
+    if run is None or not run.has_weights or run.status not in ("done", "stopped"):
+        raise ValueError(f"{run_dir or 'no run'} is not a finished run with saved weights: pick one from the list")
+    return run
+
+
+def refresh_runs(current: str | None):
+    """The run picker with the current choice kept when it still exists, else the newest run."""
+    choices = playground_tab.finished_runs()
+    paths = [p for _, p in choices]
+    return gr.Dropdown(choices=choices, value=current if current in paths else (paths[0] if paths else None))
+
+
+def whole(value, name: str, low: int, high: int) -> int:
+    if value is None or value == "" or float(value) != int(float(value)):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not low <= int(float(value)) <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {int(float(value))}")
+    return int(float(value))
+
+
+def judge_of(url: str | None, model: str | None) -> Judge | None:
+    url = (url or "").strip()
+    return Judge(url, (model or "").strip() or DEFAULT_MODEL, timeout=30) if url else None
+
+
+def num(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def summary_html(summary: dict, rows: list[dict]) -> str:
+    """Base against fine-tuned in a table, what was evaluated, and the judge: its settings, failures, or how to set one up."""
+    base, tuned = summary["base"], summary["tuned"]
+    lines = [
+        ("ROUGE-L F1 against the reference", "rouge_l", ".3f", "higher is better"),
+        ("perplexity of the reference", "perplexity", ",.1f", "lower is better"),
+        ("mean NLL of the reference (nats/token)", "nll", ".3f", "lower is better"),
+        ("ended with &lt;|endoftext|&gt;", "ended_share", ".0%", "before the token limit"),
+    ]
+    if summary.get("judge"):
+        lines.append(("LLM judge score (0-100)", "judge_avg", ".1f", f"{summary['judge']['model']}"))
+    body = "".join(f"<tr><th>{label}</th><td>{num(base[key], spec)}</td><td><b>{num(tuned[key], spec)}</b></td>"
+                   f'<td class="gi-caption">{html.escape(note)}</td></tr>' for label, key, spec, note in lines)
+    head = (f"{summary['examples']} {summary['split']} examples of <b>{html.escape(Path(str(summary['data'])).name)}</b> "
+            f"({summary['style']} prompts), up to {summary['max_new_tokens']} new tokens, greedy · "
+            f"{clock(summary['wall_time_s'])} on {html.escape(str(summary['device']))} · {html.escape(str(summary['started'])[:16])}")
+    parts = [f'<div class="gi-caption">{head}</div>',
+             f'<table class="gi-eval"><tr><th></th><th>base</th><th>fine-tuned</th><th></th></tr>{body}</table>']
+    too_long = max(base["too_long"], tuned["too_long"])
+    if too_long:
+        parts.append(f'<div class="gi-caption">{too_long} reference(s) too long for the context window: left out of the NLL.</div>')
+    parts.append(judge_note(summary, rows))
+    return "".join(parts)
+
+
+def judge_note(summary: dict, rows: list[dict]) -> str:
+    if not summary.get("judge"):
+        return notice(f"{html.escape(judge_help())}<br>Here: enter that URL under <b>LLM judge</b> and evaluate again.")
+    unscored = summary["base"]["judge_unscored"] + summary["tuned"]["judge_unscored"]
+    if not unscored:
+        return ""
+    reasons = list(dict.fromkeys(r[m]["judge_error"] for r in rows for m in ("base", "tuned") if r[m].get("judge_error")))
+    why = "".join(f"<br>{html.escape(reason)}" for reason in reasons[:2])
+    return notice(f"<b>The judge left {unscored} of {2 * len(rows)} responses unscored.</b>{why}", "error")
+
+
+def table_update(result: dict | None, rank_by: str, show_all: bool):
+    """The best and worst examples by ``rank_by`` (or all of them), best first; ``rank`` is the place among all."""
+    if not result:
+        return {"headers": headers(False), "data": []}
+    rows, judged = result["rows"], bool(result["summary"].get("judge"))
+    key, lower = RANKINGS.get(rank_by, RANKINGS["fine-tuned ROUGE-L"])
+    ranked, _ = best_and_worst(rows, key, n=len(rows), lower_is_better=lower)
+    if not ranked:  # e.g. by judge score in an evaluation without a judge
+        ranked, _ = best_and_worst(rows, "tuned.rouge_l", n=len(rows))
+    places = list(enumerate(ranked, start=1))
+    if not show_all and len(places) > 2 * SHOWN:
+        places = places[:SHOWN] + places[-SHOWN:]
+    return {"headers": headers(judged), "data": [table_row(place, row, judged) for place, row in places]}
+
+
+def headers(judged: bool) -> list[str]:
+    scores = ["ROUGE-L base", "ROUGE-L tuned", "PPL base", "PPL tuned"] + (["judge base", "judge tuned"] if judged else [])
+    return ["rank", "#", "instruction", "reference", "base response", "fine-tuned response"] + scores
+
+
+def table_row(place: int, row: dict, judged: bool) -> list:
+    base, tuned = row["base"], row["tuned"]
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    scores = [round(base["rouge_l"], 3), round(tuned["rouge_l"], 3),
+              *(None if m["perplexity"] is None else round(m["perplexity"], 1) for m in (base, tuned))]
+    scores += [base["judge"], tuned["judge"]] if judged else []
+    return [place, row["index"] + 1, prompt, row["output"], base["response"], tuned["response"], *scores]
+
+
+def shown(run: RunInfo, result: dict | None, rank_by: str, show_all: bool) -> tuple:
+    """(summary, chart, table, result state) for a run's results, or the empty state when it has none."""
+    if not result:
+        return notice(NOT_YET), empty_figure("No evaluation of this run yet", height=340), table_update(None, rank_by, show_all), None
+    result = {**result, "run": str(run.path)}
+    return (summary_html(result["summary"], result["rows"]), evaluation_figure(result["summary"]),
+            table_update(result, rank_by, show_all), result)
+
+
+def load_evaluation(run_dir: str | None, rank_by: str, show_all: bool):
+    """The run's saved evaluation (``eval_summary.json`` and ``eval.jsonl``), shown at once."""
+    if not run_dir:
+        return notice(NO_RUNS), empty_figure("No run picked", height=340), table_update(None, rank_by, show_all), None
+    try:
+        run = known_run(run_dir)
+    except ValueError as e:
+        return notice(html.escape(str(e)), "error"), gr.skip(), gr.skip(), None
+    return shown(run, load_eval(run.path), rank_by, show_all)
+
+
+def progress_html(event: dict) -> str:
+    """Phase x / y, which model is doing what, examples done, this phase's ETA, elapsed; downloads in MB."""
+    done, total = event["done"], event["total"]
+    fraction = (event["step"] - 1 + (done / total if total else 0)) / event["steps"]
+    what = f"{MODEL_NAMES[event['model']]}: <b>{event['phase']}</b>"
+    if event["phase"] == "loading" and total > 1:
+        count = f"downloading {done / 2**20:,.0f} / {total / 2**20:,.0f} MB"
+    else:
+        count = f"<b>{done:,}</b> / {total:,}" + (" examples" if event["phase"] != "loading" else "")
+    meta = ['<span class="gi-status evaluating">evaluating</span>', f"phase {event['step']} / {event['steps']}", what, count]
+    if event["eta_s"] is not None and done < total:
+        meta.append(f"ETA {clock(event['eta_s'])} for this phase")
+    meta.append(f"{clock(event['elapsed_s'])} elapsed")
+    spans = "".join(f"<span>{m}</span>" for m in meta)
+    return f'<div class="gi-progress">{bar(fraction)}<div class="gi-progress-meta">{spans}</div></div>'
+
+
+def next_message(messages: queue.Queue) -> tuple[str, object]:
+    """The next message from the worker; progress that a newer message already replaces is skipped."""
+    kind, payload = messages.get()
+    while kind == "progress":
+        try:
+            kind, payload = messages.get_nowait()
+        except queue.Empty:
+            break
+    return kind, payload
+
+
+def failure(error: Exception) -> str:
+    """The reason an evaluation failed: the message of the errors the engine raises on purpose, else the error's type too."""
+    known = isinstance(error, (ValueError, OSError, RuntimeError))  # DatasetError, WeightsError, ExportError among them
+    text = str(error) if known and str(error) else f"{type(error).__name__}: {error}"
+    return notice(f"<b>The evaluation failed.</b> {html.escape(text)}", "error")
+
+
+def evaluate(client_id: str | None, run_dir: str | None, limit, max_new_tokens, batch_size, judge_url: str, judge_model: str,
+             rank_by: str, show_all: bool):
+    """Stream (progress, message, summary, chart, table, result, run picker, Evaluate, Stop) while a run is evaluated."""
+    idle = (gr.Dropdown(interactive=True), gr.Button(interactive=True), gr.Button(interactive=False))
+    unchanged = (gr.skip(),) * 4
+    try:
+        if not client_id:
+            raise ValueError("This browser has no session id yet: reload the page.")
+        run = known_run(run_dir)
+        settings = dict(limit=whole(limit, "limit", 0, 100_000) or None, judge=judge_of(judge_url, judge_model),
+                        max_new_tokens=whole(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
+                        batch_size=whole(batch_size, "batch size", 1, MAX_BATCH))
+    except ValueError as e:
+        yield notice(html.escape(str(e)), "error"), "", *unchanged, *idle
+        return
+    stop, messages = threading.Event(), queue.Queue()
+    with LOCK:
+        CURRENT.update(owner=client_id, stop=stop)
+
+    def work():
+        try:
+            messages.put(("done", evaluate_run(run.path, progress=lambda e: messages.put(("progress", e)),
+                                               should_stop=stop.is_set, **settings)))
+        except EvaluationStopped:
+            messages.put(("stopped", None))
+        except Exception as e:  # any failure is shown in the tab; the app stays up
+            messages.put(("error", e))
+
+    threading.Thread(target=work, name="evaluate", daemon=True).start()
+    busy = (gr.Dropdown(interactive=False), gr.Button(interactive=False), gr.Button(interactive=True))
+    yield notice(f"Starting the evaluation of <b>{html.escape(run.name)}</b>…"), "", *unchanged, *busy
+    try:
+        while (message := next_message(messages))[0] == "progress":
+            yield progress_html(message[1]), gr.skip(), *unchanged, *busy
+    finally:
+        stop.set()  # a no-op after the end; stops the worker when the visitor goes away mid-run
+        with LOCK:
+            if CURRENT.get("stop") is stop:
+                CURRENT.clear()
+    kind, payload = message
+    if kind == "stopped":
+        yield notice("Stopped: nothing was written; the run's previous results, if any, are as they were."), "", *unchanged, *idle
+    elif kind == "error":
+        yield failure(payload), "", *unchanged, *idle
+    else:
+        summary = payload["summary"]
+        done = (f"Evaluated <b>{summary['examples']}</b> examples in {clock(summary['wall_time_s'])}; saved "
+                f"<code>{EVAL_ROWS}</code> and <code>{EVAL_SUMMARY}</code> in <code>{html.escape(str(run.path))}</code>.")
+        yield notice(done, "ok"), "", *shown(run, payload, rank_by, show_all), *idle
+
+
+def stop(client_id: str | None) -> str:
+    with LOCK:
+        current = dict(CURRENT)
+    if not current:
+        return notice("No evaluation is going.")
+    if current["owner"] != client_id:
+        return notice("Only the browser session that started this evaluation can stop it.", "error")
+    current["stop"].set()
+    return notice("Stopping after the current batch…")
+
+
+def open_in_playground(result: dict | None, evt: gr.SelectData):
+    """A clicked table row: the Playground tab opens with its instruction, input and reference, and this run."""
+    rows = {row["index"] + 1: row for row in (result or {}).get("rows", [])}
+    try:
+        row = rows.get(int(evt.row_value[1]))  # the "#" column: sorting the table does not change it
+    except (TypeError, ValueError, IndexError):
+        row = None
+    if row is None:
+        return (gr.skip(),) * 10
+    note = notice(f"Example #{row['index'] + 1} of the test split, opened from the evaluation: press <b>Compare</b>.")
+    return gr.Tabs(selected=playground_tab.TITLE.lower()), *playground_tab.open_example(row, result["run"], note)
+
+
+def export(run_dir: str | None):
+    """The run's model as a zip of the Hugging Face files, built in a temp folder and offered for download."""
+    try:
+        run = known_run(run_dir)
+        path = export_zip(run.path, EXPORT_DIR / f"{run.name}-hf.zip")
+    except (ValueError, ExportError, OSError) as e:
+        return None, notice(f"<b>The export failed.</b> {html.escape(str(e))}", "error")
+    size = path.stat().st_size / 2**20
+    return str(path), notice(f"<b>{html.escape(path.name)}</b>, {size:,.1f} MB: unzip it and load the folder with "
+                             "<code>GPT2LMHeadModel.from_pretrained</code> and <code>GPT2Tokenizer.from_pretrained</code>.", "ok")
+
+
+def push(run_dir: str | None, repo_id: str, token: str) -> str:
+    """Upload the run's model to a private Hub repo; the reason, not a traceback, when it cannot."""
+    repo_id, token = (repo_id or "").strip(), (token or "").strip()
+    if not repo_id:
+        return notice("Enter a repo id, e.g. <code>your-name/gpt2-instruct</code>.", "error")
+    if not token and os.environ.get("SPACE_ID"):
+        return notice("Enter a Hugging Face token with write access: on a Space the app never uses the Space's own.", "error")
+    try:
+        url = push_to_hub(known_run(run_dir).path, repo_id, token or None)
+    except (ValueError, ExportError) as e:
+        return notice(html.escape(str(e)), "error")
+    return notice(f'Uploaded to <a href="{html.escape(url)}" target="_blank">{html.escape(url)}</a> (a private repo).', "ok")
+
+
+def build(shared) -> None:
+    with gr.Row(equal_height=True):
+        run = gr.Dropdown([], value=None, label="Fine-tuned run", allow_custom_value=True, scale=5, elem_id="eval-run")
+        refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100, elem_id="eval-refresh-runs")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            with gr.Row():
+                limit = gr.Number(value=0, precision=0, minimum=0, label="Examples (0 = all)", elem_id="eval-limit")
+                batch_size = gr.Number(value=8, precision=0, minimum=1, maximum=MAX_BATCH, label="Batch size", elem_id="eval-batch-size")
+            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, label="Max new tokens", elem_id="eval-max-new-tokens")
+            with gr.Accordion("LLM judge (optional): any OpenAI-compatible server", open=True):
+                with gr.Row():
+                    judge_url = gr.Textbox(label="Judge URL", placeholder=f"e.g. {DEFAULT_URL}", scale=3, elem_id="eval-judge-url")
+                    judge_model = gr.Textbox(value=DEFAULT_MODEL, label="Judge model", scale=2, min_width=120, elem_id="eval-judge-model")
+            with gr.Row():
+                start_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-start-btn")
+                stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="eval-stop-btn")
+            message = gr.HTML(elem_id="eval-message")
+            progress = gr.HTML(elem_id="eval-progress")
+        with gr.Column(scale=3):
+            summary = gr.HTML(notice(NO_RUNS), elem_id="eval-summary")
+            chart = gr.Plot(empty_figure("No evaluation yet", height=340), show_label=False, elem_id="eval-chart")
+    with gr.Row(equal_height=True):
+        rank_by = gr.Dropdown(list(RANKINGS), value="fine-tuned ROUGE-L", label="Rank examples by", scale=3, elem_id="eval-rank-by")
+        show_all = gr.Checkbox(value=False, label=f"Every example (else the {SHOWN} best and {SHOWN} worst)", scale=2,
+                               elem_id="eval-show-all")
+    gr.HTML('<div class="gi-caption">Click a row to open that example in the Playground; sort by any column from the ⋮ menu '
+            "in its header.</div>")
+    widths = ["56px", "48px", "16%", "12%", "12%", "12%"] + ["76px"] * 4 + ["64px"] * 2  # the last two: judge scores
+    table = gr.Dataframe(value=[], headers=headers(False), interactive=False, wrap=True, max_height=560, max_chars=240,
+                         column_widths=widths, elem_id="eval-table")
+    with gr.Accordion("Export the fine-tuned model", open=True):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=220):
+                export_btn = gr.Button("Build the Hugging Face zip", elem_id="export-btn")
+                gr.HTML('<div class="gi-caption">model.safetensors, config.json, the GPT-2 tokenizer files and a model card; '
+                        "<code>transformers</code> loads the unzipped folder as it is.</div>")
+            export_file = gr.File(label="Zip", interactive=False, height=60, scale=2, elem_id="export-file")
+        export_message = gr.HTML(elem_id="export-message")
+        with gr.Row(equal_height=True):
+            hub_repo = gr.Textbox(label="Hub repo id", placeholder="your-name/gpt2-instruct", scale=3, elem_id="hub-repo")
+            hub_token = gr.Textbox(label="Token with write access", type="password", scale=3, elem_id="hub-token")
+            hub_btn = gr.Button("Push to the Hub", scale=1, elem_id="hub-push-btn")
+        hub_message = gr.HTML(elem_id="hub-message")
+
+    result = gr.State(None)
+    cheap = dict(concurrency_limit=None, show_progress="hidden")
+    shown_outputs = [summary, chart, table, result]
+    start_btn.click(evaluate, [shared.client_id, run, limit, max_new_tokens, batch_size, judge_url, judge_model, rank_by, show_all],
+                    [progress, message, *shown_outputs, run, start_btn, stop_btn], api_name="evaluate",
+                    concurrency_limit=1, concurrency_id="evaluate", show_progress="minimal", show_progress_on=progress)
+    stop_btn.click(stop, shared.client_id, message, api_name="stop_evaluation", **cheap)
+    run.input(load_evaluation, [run, rank_by, show_all], shown_outputs, api_name="load_evaluation", **cheap)
+    for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
+        trigger(refresh_runs, run, run, api_visibility="private", **cheap).then(
+            load_evaluation, [run, rank_by, show_all], shown_outputs, api_visibility="private", **cheap)
+    for control in (rank_by, show_all):
+        control.input(table_update, [result, rank_by, show_all], table, api_visibility="private", **cheap)
+    if shared.tabs is not None and shared.playground:
+        table.select(open_in_playground, result, [shared.tabs, *shared.playground], api_visibility="private", **cheap)
+    export_btn.click(export, run, [export_file, export_message], api_name="export_zip")
+    hub_btn.click(push, [run, hub_repo, hub_token], hub_message, api_name="push_to_hub")
