@@ -140,8 +140,6 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
         f"cache at {constants.HF_HUB_CACHE}. Connect once to fill the cache, or pass a local path instead: a "
         f"directory holding {WEIGHTS_NAME} and {CONFIG_NAME}, or a .safetensors file (--model /path/to/gpt2)."
     )
-    if constants.HF_HUB_OFFLINE:
-        raise WeightsError(offline.format(why="HF_HUB_OFFLINE is set"))
     reason = hub_unreachable()
     if reason:
         raise WeightsError(offline.format(why=reason))
@@ -164,6 +162,8 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hub cannot be reached, or None: one quick connect instead of the client's 20 s of retries."""
     from huggingface_hub import constants
 
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()

@@ -135,6 +135,13 @@ def pick_source(source: str, upload: str | None, previous: dict | None, mask_pro
     return load(source, upload, previous, mask_prompt)
 
 
+def load_upload(upload: str | None, previous: dict | None, mask_prompt: bool):
+    """A file dropped on the upload box: the source radio moves to "upload" only when the file loads."""
+    result = load("upload", upload, previous, mask_prompt)
+    loaded = isinstance(result[0], dict) and "records" in result[0]  # else gr.skip(): the previous dataset stays
+    return ("upload" if loaded else gr.skip(),) + result
+
+
 def search(query: str, page: int | float | None, state: dict | None):
     return table_page(state, query, int(page or 1))
 
@@ -175,8 +182,7 @@ def build(shared) -> None:
 
     load_btn.click(load, [source, upload, state, mask], load_outputs, api_name="load_dataset", concurrency_limit=2)
     source.input(pick_source, [source, upload, state, mask], load_outputs, api_visibility="private", concurrency_limit=2)
-    upload.upload(lambda u, p, m: load("upload", u, p, m), [upload, state, mask], load_outputs,
-                  api_visibility="private", concurrency_limit=2).then(lambda: "upload", None, source, api_visibility="private", **cheap)
+    upload.upload(load_upload, [upload, state, mask], [source] + load_outputs, api_visibility="private", concurrency_limit=2)
     shared.app.load(load_default, mask, [source] + load_outputs, api_visibility="private", concurrency_limit=2)
 
     query.change(lambda q, s: search(q, 1, s), [query, state], [table, count, page], api_visibility="private",

@@ -154,7 +154,7 @@ def table_row(place: int, row: dict, judged: bool) -> list:
     scores = [round(base["rouge_l"], 3), round(tuned["rouge_l"], 3),
               *(None if m["perplexity"] is None else round(m["perplexity"], 1) for m in (base, tuned))]
     scores += [base["judge"], tuned["judge"]] if judged else []
-    return [place, row["index"] + 1, prompt, row["output"], base["response"], tuned["response"], *scores]
+    return [place, row["index"] + 1, prompt, row["output"], base["response"] or "(empty)", tuned["response"] or "(empty)", *scores]
 
 
 def shown(run: RunInfo, result: dict | None, rank_by: str, show_all: bool) -> tuple:

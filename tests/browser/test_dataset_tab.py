@@ -1,0 +1,112 @@
+"""The Dataset tab in the browser: load, search, page, read one record's tokens; a bad upload is explained."""
+import pytest
+
+from data import load_instructions
+from data.browse import PAGE_SIZE, matches
+
+from .conftest import count_text, load_sample, screenshot, text_of, wait_plot, wait_text
+
+pytestmark = pytest.mark.browser
+
+
+def table_rows(page) -> list[list[str]]:
+    """The cells of the rows the table has drawn (it draws the rows on screen: the first ones of a page)."""
+    return page.evaluate("""() => [...document.querySelectorAll('#dataset-table .virtual-row[role=row]')]
+        .sort((a, b) => a.dataset.index - b.dataset.index)
+        .map(r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()))""")
+
+
+def table_size(page) -> int:
+    """Rows in the table's page, as the grid announces them (the header row excluded)."""
+    return int(page.get_attribute("#dataset-table [role=grid]", "aria-rowcount")) - 1
+
+
+def wait_first_row(page, number: int) -> None:
+    page.wait_for_function("n => document.querySelector('#dataset-table [data-testid=\"cell-0-0\"]')?.innerText.trim() === String(n)",
+                           arg=number)
+
+
+def test_browse_search_page_and_read_a_record(page, folders):
+    # On load: the canonical dataset when it is cached (here: copied into the app's cache), else the sample.
+    default = load_instructions("canonical" if (folders["cache"] / "instruction-data.json").is_file() else "sample")
+    assert text_of(page, "#record-count") == count_text(len(default))
+    histograms = wait_plot(page, "#length-chart", 2)  # prompt and response lengths
+    assert histograms == [len(default)] * 2
+
+    load_sample(page)
+    sample = load_instructions("sample")
+    assert [c.inner_text() for c in page.locator("#dataset-summary .gi-stat .value").all()] == ["74", "62", "5", "7"]
+    wait_first_row(page, 1)
+    assert table_size(page) == PAGE_SIZE
+    first = table_rows(page)[0]
+    assert first[:3] == ["1", "train", " ".join(sample[0]["instruction"].split())]
+
+    # Typing narrows the table to the records that say it, in any field, in any case.
+    expected = [i + 1 for i in matches(sample, "passive")]
+    assert 1 < len(expected) < PAGE_SIZE
+    page.locator("#dataset-search textarea").press_sequentially("PASSIVE", delay=30)
+    wait_text(page, "#record-count", count_text(len(expected)))
+    page.wait_for_function("n => document.querySelector('#dataset-table [role=grid]').getAttribute('aria-rowcount') == n",
+                           arg=len(expected) + 1)
+    rows = table_rows(page)
+    assert [int(r[0]) for r in rows] == expected[:len(rows)] and rows
+    assert all("passive" in " ".join(r[2:]).lower() for r in rows)
+
+    page.locator("#dataset-search textarea").fill("no record says this")
+    wait_text(page, "#record-count", count_text(0))
+
+    # Paging through all 74: 25, 25, 24; Prev goes back.
+    page.locator("#dataset-search textarea").fill("")
+    wait_text(page, "#record-count", count_text(74))
+    page.click("#next-page")
+    wait_text(page, "#record-count", count_text(74, 2))
+    wait_first_row(page, 26)
+    assert page.input_value("#page-number input") == "2"
+    page.click("#next-page")
+    wait_text(page, "#record-count", count_text(74, 3))
+    wait_first_row(page, 51)
+    assert table_size(page) == 24
+    page.click("#next-page")  # past the end: stays on the last page
+    wait_first_row(page, 51)
+    assert text_of(page, "#record-count") == count_text(74, 3)
+    page.click("#prev-page")
+    wait_text(page, "#record-count", count_text(74, 2))
+    wait_first_row(page, 26)
+
+    # A record as the model sees it: every token coloured, trained on or masked.
+    wait_text(page, "#record-meta", "record 1 of 74")
+    assert "train split" in text_of(page, "#record-meta")
+    tokens = page.locator("#record-tokens .gi-tok")
+    assert tokens.count() > 20
+    colours = page.evaluate("""() => Object.fromEntries(['trained', 'masked'].map(k =>
+        [k, getComputedStyle(document.querySelector('#record-tokens .gi-tok.' + k)).backgroundColor]))""")
+    assert len(set(colours.values())) == 2 and "rgba(0, 0, 0, 0)" not in colours.values(), colours
+    unmasked = page.locator("#record-tokens .gi-tok.masked").count()
+    page.check("#mask-prompt input")
+    page.wait_for_function("n => document.querySelectorAll('#record-tokens .gi-tok.masked').length > n", arg=unmasked)
+    masked = page.locator("#record-tokens .gi-tok.masked").count()
+    assert f"{masked} masked" in text_of(page, "#record-meta")
+
+    # Clicking a row opens that record: the 4th row of page 2 is record 29.
+    page.click('#dataset-table [data-testid="cell-3-2"]')
+    wait_text(page, "#record-meta", "record 29 of 74")
+    assert page.input_value("#record-number input") == "29"
+    assert " ".join(sample[28]["instruction"].split()[:3]) in text_of(page, "#record-tokens")
+    screenshot(page, "dataset.png")
+
+
+def test_a_malformed_upload_names_the_record_and_field_and_keeps_the_dataset(page, tmp_path):
+    load_sample(page)
+    bad = tmp_path / "mine.json"
+    bad.write_text('[{"instruction": "Say hi", "input": "", "output": "hi"},\n'
+                   ' {"instruction": "Say bye", "input": ""}]')
+    page.set_input_files("#upload input[type=file]", bad)
+    error = wait_text(page, "#dataset-error", "This file cannot be used.")
+    assert 'mine.json, record 2: field "output" is missing' in error
+    assert "Still loaded: bundled sample (74 records)." in error
+    assert page.locator("#dataset-error .gi-notice.error").is_visible()
+    # The table, the summary and the record view still show the sample.
+    assert text_of(page, "#record-count") == count_text(74)
+    assert [c.inner_text() for c in page.locator("#dataset-summary .gi-stat .value").all()][0] == "74"
+    assert table_rows(page)[0][0] == "1" and table_size(page) == PAGE_SIZE
+    assert "record 1 of 74" in text_of(page, "#record-meta")

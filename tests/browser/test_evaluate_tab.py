@@ -1,0 +1,63 @@
+"""The Evaluate tab in the browser: score the finished run against its base model on a few test examples, export it."""
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import choose, open_tab, screenshot, set_slider, wait_plot, wait_text
+
+pytestmark = pytest.mark.browser
+LIMIT, NEW_TOKENS = 4, 8
+
+
+def test_evaluate_a_run_on_a_few_examples_and_export_it(page, finished_run):
+    open_tab(page, "evaluate")
+    choose(page, "#eval-run", f"{finished_run.name} · tiny")
+    wait_text(page, "#eval-summary", "This run has no evaluation yet")
+    assert wait_plot(page, "#eval-chart") == []  # an empty chart until there are results
+
+    page.fill("#eval-limit input", str(LIMIT))
+    set_slider(page, "#eval-max-new-tokens", NEW_TOKENS)
+    start = page.locator("#eval-start-btn")
+    assert start.is_enabled()
+    start.click()
+    done = wait_text(page, "#eval-progress", f"Evaluated {LIMIT} examples", timeout_ms=120_000)
+    assert "eval.jsonl" in done and finished_run.name in done
+    page.wait_for_function("() => !document.querySelector('#eval-start-btn').disabled")
+    assert not page.locator("#eval-stop-btn").is_enabled()
+
+    # Summary: base against fine-tuned on what was asked for.
+    summary = wait_text(page, "#eval-summary", f"{LIMIT} test examples of sample")
+    assert f"up to {NEW_TOKENS} new tokens, greedy" in summary
+    assert page.locator("#eval-summary table.gi-eval th", has_text="base").count() >= 1
+    rows = page.evaluate("() => [...document.querySelectorAll('#eval-summary table.gi-eval tr')].map(r => r.innerText)")
+    assert any(r.startswith("ROUGE-L F1") for r in rows) and any(r.startswith("perplexity") for r in rows), rows
+    perplexity = next(r for r in rows if r.startswith("perplexity")).split("\t")
+    assert all(float(v.replace(",", "")) > 1 for v in perplexity[1:3]), perplexity  # a number for each model
+
+    # Chart: base and fine-tuned bars, drawn in the SVG.
+    traces = wait_plot(page, "#eval-chart", 4)
+    assert traces == [2, 1, 2, 1], traces  # ROUGE-L and "ended on its own", then perplexity, for each model
+    names = page.evaluate("() => [...new Set(document.querySelector('#eval-chart .js-plotly-plot').data.map(t => t.name))]")
+    assert names == ["base", "fine-tuned"]
+    heights = page.evaluate("""() => [...document.querySelectorAll('#eval-chart svg .barlayer .point path')]
+        .map(p => p.getBBox().height)""")
+    assert len(heights) == sum(traces) and sum(h > 0 for h in heights) >= 2, heights  # at least the perplexities show
+
+    # Table: one row per evaluated example, with both models' answers.
+    page.wait_for_function("n => document.querySelector('#eval-table [role=grid]')?.getAttribute('aria-rowcount') == n", arg=LIMIT + 1)
+    headers = page.evaluate("() => [...document.querySelectorAll('#eval-table thead th')].map(h => h.innerText.trim())")
+    assert {"instruction", "reference", "base response", "fine-tuned response"} <= set(headers), headers
+
+    # Export: a zip of the Hugging Face files to download.
+    page.click("#export-btn")
+    message = wait_text(page, "#export-message", "-hf.zip", timeout_ms=60_000)
+    assert f"{finished_run.name}-hf.zip" in message and "unzip it" in message
+    zip_name = f"{finished_run.name}-hf.zip"
+    assert page.locator(f'#export-file td.filename[aria-label="{zip_name}"]').is_visible()
+    with page.expect_download() as download:
+        page.click(f'#export-file a[download="{zip_name}"]')
+    with zipfile.ZipFile(download.value.path()) as archive:
+        files = {Path(name).name for name in archive.namelist()}
+    assert {"config.json", "model.safetensors"} <= files, files
+    screenshot(page, "evaluate.png")
