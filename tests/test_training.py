@@ -17,7 +17,7 @@ from training import TrainConfig, list_runs, load_run, read_manifest, read_metri
 from training.config import ConfigError
 from training.job import JobError, TrainingJob
 from training.lora import LoRALinear, add_lora, count_trainable, merge_lora
-from training.optim import MasterWeightAdamW
+from training.optim import MasterWeightAdamW, join_, split_
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,39 @@ def test_bf16_compute_keeps_fp32_masters(batches):
     assert all(p.dtype == torch.float32 for p in finished.parameters())
     moved = [n for n, p in finished.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) == len(before)
+
+
+def test_split_master_rebuilds_fp32_exactly():
+    """bf16 high half + int16 low half give back every fp32 bit pattern; the high half is the rounded value."""
+    torch.manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 3.4e38, -3.4e38, 0.1, -0.1])
+    ties = (torch.arange(-1000, 1000, dtype=torch.int32) * 0x10000 + 0x8000).view(torch.float32)
+    full = torch.cat([torch.randn(100_000) * 10.0 ** torch.randint(-8, 4, (100_000,)), special, ties])
+    high = torch.empty_like(full, dtype=torch.bfloat16)
+    low = torch.empty_like(full, dtype=torch.int16)
+    split_(full, high, low, torch.empty_like(full, dtype=torch.int32))
+    assert torch.equal(join_(high, low, torch.empty_like(full)).view(torch.int32), full.view(torch.int32))
+    not_tie = (full.view(torch.int32) & 0xFFFF) != 0x8000
+    assert torch.equal(high[not_tie], full[not_tie].to(torch.bfloat16))
+
+
+def test_bf16_compute_steps_like_fp32_adamw():
+    """Given the same gradients, the split fp32 masters end bit for bit where torch's fp32 AdamW does."""
+    torch.manual_seed(0)
+    a = GPT(GPTConfig.from_name("tiny"))
+    b = GPT(GPTConfig.from_name("tiny"))
+    b.load_state_dict(a.state_dict())
+    ours = MasterWeightAdamW(a, torch.bfloat16, lr=1e-3, weight_decay=0.1, step_in_backward=False)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    for _ in range(3):
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.grad = torch.randn_like(p, dtype=torch.float32).to(torch.bfloat16)
+            q.grad = p.grad.float()
+        ours.step()
+        plain.step()
+    ours.finish()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert p.dtype == torch.float32 and torch.equal(p, q), name
 
 
 def test_bf16_and_fp32_losses_agree(tmp_path):

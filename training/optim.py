@@ -1,14 +1,17 @@
-"""AdamW for a model that computes in bf16 while its weights live in fp32.
+"""AdamW for a model that computes in bf16 while its weights stay exact fp32.
 
-``MasterWeightAdamW`` takes over each fp32 parameter's tensor as its master
-copy and gives the parameter a compute copy (bf16 on hardware that runs it
-fast). The optimizer updates the masters; the compute copy is refreshed from
-them. With ``step_in_backward`` a parameter is updated inside ``backward()``
-as soon as its gradient is complete, and the gradient is freed at once, so
-the gradients of the whole model never exist together: at the book's
-settings (no clipping, no accumulation) 124M trains in about 2 GB.
-A large tensor (the 50,257-row embedding) is updated in row pieces, so that
-its fp32 gradient is never made whole either.
+``MasterWeightAdamW`` gives every fp32 parameter a bf16 compute copy and keeps
+the fp32 master weight as two halves: the compute copy is the high half (the
+fp32 value rounded to bf16, in bit space) and an int16 tensor holds the
+remainder. The pair rebuilds the fp32 value bit for bit, for 2 bytes per
+parameter instead of 4, and the forward pass reads a correctly rounded bf16
+weight with no copy. Each step joins the halves of a small piece into an fp32
+scratch buffer, runs torch's fused AdamW on it, and splits it again.
+
+With ``step_in_backward`` a parameter is updated inside ``backward()`` as soon
+as its gradient is complete and the gradient is freed at once, so the whole
+model's gradients never exist together. Pieces are a few hundred thousand
+elements, so a piece's join, step and split run in cache.
 """
 from __future__ import annotations
 
@@ -16,7 +19,32 @@ import math
 
 import torch
 
-PIECE_ELEMENTS = 4 * 2**20
+PIECE_ELEMENTS = 2**18
+
+
+def split_(full: torch.Tensor, high: torch.Tensor, low: torch.Tensor, scratch: torch.Tensor) -> None:
+    """Write fp32 ``full`` as bf16 ``high`` (round to nearest) and int16 ``low``, with ``join_`` its exact inverse."""
+    bits = full.view(torch.int32)
+    torch.add(bits, 0x8000, out=scratch).bitwise_right_shift_(16)
+    high.view(torch.int16).copy_(scratch)
+    torch.sub(bits, scratch, alpha=0x10000, out=scratch)
+    low.copy_(scratch)
+
+
+def join_(high: torch.Tensor, low: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """Rebuild the fp32 values that ``split_`` cut into ``high`` and ``low``, into ``full``."""
+    bits = full.view(torch.int32)
+    bits.copy_(high.view(torch.int16))
+    torch.add(low, bits, alpha=0x10000, out=bits)
+    return full
+
+
+def pieces_of(t: torch.Tensor, mixed: bool) -> list:
+    """Row ranges to step one at a time: one for an fp32 tensor, cache-sized ones for a mixed one."""
+    if not mixed or t.dim() < 2:
+        return [...]
+    rows = max(1, PIECE_ELEMENTS // t[0].numel())
+    return [slice(start, min(start + rows, len(t))) for start in range(0, len(t), rows)]
 
 
 class MasterWeightAdamW:
@@ -30,37 +58,45 @@ class MasterWeightAdamW:
         eps: float = 1e-8,
         step_in_backward: bool = True,
     ):
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"compute dtype must be float32 or bfloat16, not {compute_dtype}")
         self.model = model
-        self.compute_dtype = compute_dtype
         all_params = list(model.parameters())
         if any(p.dtype != torch.float32 for p in all_params):
             raise ValueError("MasterWeightAdamW takes a model whose parameters are fp32")
         self.params = [p for p in all_params if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        # Masters of frozen parameters too (LoRA's base): the final weights are then exact fp32.
-        mixed = compute_dtype != torch.float32
-        self.masters = {p: p.detach() if mixed else p for p in all_params}
-        if mixed:
+        self.mixed = compute_dtype == torch.bfloat16
+        device = self.params[0].device
+        piece_sizes = [t[rows].numel() for p in all_params for t in [p.data] for rows in pieces_of(t, self.mixed)]
+        largest = max(piece_sizes) if self.mixed else 0
+        self.master = torch.empty(largest, dtype=torch.float32, device=device)  # one piece's fp32 master
+        self.grad32 = torch.empty(largest, dtype=torch.float32, device=device)  # ... and its gradient
+        self.bits = torch.empty(largest, dtype=torch.int32, device=device)
+        # Low halves of frozen parameters too (LoRA's base): the final weights are then exact fp32.
+        self.low = {}
+        if self.mixed:
             for p in all_params:
-                p.data = p.data.to(compute_dtype)
-        fused = self.params[0].device.type in ("cpu", "cuda")
-        # One optimizer per tensor, or per row piece of a large mixed-precision tensor:
-        # a step inside backward then touches only that tensor, a few MB at a time.
+                full = p.data
+                p.data = torch.empty_like(full, dtype=torch.bfloat16)
+                self.low[p] = torch.empty_like(full, dtype=torch.int16)
+                for rows in pieces_of(full, True):
+                    n = full[rows].numel()
+                    split_(full[rows], p.data[rows], self.low[p][rows], self.bits[:n].view_as(full[rows]))
+                del full
+        fused = device.type in ("cpu", "cuda")
+        # One optimizer per piece: a step inside backward then touches a few hundred KB at a time.
         self.pieces = {}
         for p in self.params:
-            master = self.masters[p]
-            rows = max(1, PIECE_ELEMENTS // master[0].numel()) if self._mixed(p) and master.dim() > 1 else len(master)
-            views = master.split(rows) if rows < len(master) else [master]
-            self.pieces[p] = [
-                (i * rows, view, torch.optim.AdamW([view], lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused))
-                for i, view in enumerate(views)
-            ]
+            self.pieces[p] = []
+            for rows in pieces_of(p.data, self.mixed):
+                target = self.master[: p.data[rows].numel()].view_as(p.data[rows]) if self.mixed else p
+                optimizer = torch.optim.AdamW([target], lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
+                allocate_state(optimizer, target, fused)
+                self.pieces[p].append((rows, target, optimizer))
         self.step_in_backward = step_in_backward
         self.hooks = [p.register_post_accumulate_grad_hook(self._update) for p in self.params] if step_in_backward else []
-
-    def _mixed(self, p) -> bool:
-        return self.masters[p] is not p
 
     def _optimizers(self):
         return (optimizer for pieces in self.pieces.values() for _, _, optimizer in pieces)
@@ -76,18 +112,20 @@ class MasterWeightAdamW:
 
     @torch.no_grad()
     def _update(self, p: torch.Tensor) -> None:
-        if not self._mixed(p):
+        if not self.mixed:
             self.pieces[p][0][2].step()
             p.grad = None
             return
         grad = p.grad
         p.grad = None
-        for start, master, optimizer in self.pieces[p]:
-            rows = slice(start, start + len(master))
-            master.grad = grad[rows].float()
+        low = self.low[p]
+        for rows, master, optimizer in self.pieces[p]:
+            n = master.numel()
+            join_(p.data[rows], low[rows], master)
+            master.grad = self.grad32[:n].view_as(master).copy_(grad[rows])
             optimizer.step()
             master.grad = None
-            p[rows].copy_(master)
+            split_(master, p.data[rows], low[rows], self.bits[:n].view_as(master))
 
     @torch.no_grad()
     def step(self, clip_norm: float | None = None) -> float | None:
@@ -109,20 +147,33 @@ class MasterWeightAdamW:
         return norm
 
     def state_bytes(self) -> int:
-        """Bytes held for training beyond the compute weights: master copies and Adam moments."""
-        masters = sum(m.numel() * 4 for p, m in self.masters.items() if m is not p)
-        return masters + sum(self.masters[p].numel() * 8 for p in self.params)
+        """Bytes held for training beyond the compute weights: master low halves and Adam moments."""
+        return sum(low.numel() * 2 for low in self.low.values()) + sum(p.numel() * 8 for p in self.params)
 
     @torch.no_grad()
     def finish(self) -> torch.nn.Module:
-        """Stop training: drop hooks and optimizer state, and put the fp32 masters back into the model."""
+        """Stop training: drop hooks and optimizer state, and put the exact fp32 weights back into the model."""
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
         self.pieces.clear()
-        for p, master in self.masters.items():
+        self.master = self.grad32 = self.bits = None
+        for p in self.model.parameters():
             p.grad = None
-            if master is not p:
-                p.data = master
-        self.masters.clear()
+            if p in self.low:
+                p.data = join_(p.data, self.low.pop(p), torch.empty_like(p.data, dtype=torch.float32))
         return self.model
+
+
+def allocate_state(optimizer: torch.optim.AdamW, param: torch.Tensor, fused: bool) -> None:
+    """Give AdamW its moments now, as its first step would (zeros, step 0).
+
+    Allocated lazily they land in the middle of the first step's activations,
+    and the heap stays fragmented for the whole run; up front they sit
+    together, out of the way of every step's short-lived buffers.
+    """
+    optimizer.state[param] = {
+        "step": torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu"),
+        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+    }
