@@ -88,13 +88,21 @@ class MasterWeightAdamW:
                 del full
         fused = device.type in ("cpu", "cuda")
         # One optimizer per piece: a step inside backward then touches a few MB at a time.
+        # Their moments are views into two whole-tensor buffers, allocated before any activation:
+        # one allocation each, out of the way of every step's short-lived buffers, and no
+        # piece-sized blocks that a 2 MB-aligned (huge page) allocator would leave half empty.
         self.pieces = {}
         for p in self.params:
             self.pieces[p] = []
+            moments = [torch.zeros_like(p, dtype=torch.float32) for _ in range(2)]
             for rows in pieces_of(p.data, self.mixed):
                 target = self.master[: p.data[rows].numel()].view_as(p.data[rows]) if self.mixed else p
                 optimizer = torch.optim.AdamW([target], lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
-                allocate_state(optimizer, target, fused)
+                optimizer.state[target] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=device if fused else "cpu"),
+                    "exp_avg": moments[0][rows],
+                    "exp_avg_sq": moments[1][rows],
+                }
                 self.pieces[p].append((rows, target, optimizer))
         self.step_in_backward = step_in_backward
         self.hooks = [p.register_post_accumulate_grad_hook(self._update) for p in self.params] if step_in_backward else []
@@ -165,16 +173,3 @@ class MasterWeightAdamW:
                 p.data = join_(p.data, self.low.pop(p), torch.empty_like(p.data, dtype=torch.float32))
         return self.model
 
-
-def allocate_state(optimizer: torch.optim.AdamW, param: torch.Tensor, fused: bool) -> None:
-    """Give AdamW its moments now, as its first step would (zeros, step 0).
-
-    Allocated lazily they land in the middle of the first step's activations,
-    and the heap stays fragmented for the whole run; up front they sit
-    together, out of the way of every step's short-lived buffers.
-    """
-    optimizer.state[param] = {
-        "step": torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu"),
-        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-    }
