@@ -70,8 +70,7 @@ class MasterWeightAdamW:
             raise ValueError("the model has no trainable parameters")
         self.mixed = compute_dtype == torch.bfloat16
         device = self.params[0].device
-        piece_sizes = [t[rows].numel() for p in all_params for t in [p.data] for rows in pieces_of(t, self.mixed)]
-        largest = max(piece_sizes) if self.mixed else 0
+        largest = max(p.data[rows].numel() for p in all_params for rows in pieces_of(p.data, True)) if self.mixed else 0
         self.master = torch.empty(largest, dtype=torch.float32, device=device)  # one piece's fp32 master
         self.grad32 = torch.empty(largest, dtype=torch.float32, device=device)  # ... and its gradient
         self.bits = torch.empty(largest, dtype=torch.int32, device=device)
@@ -154,10 +153,6 @@ class MasterWeightAdamW:
             if p.grad is not None:
                 self._update(p)
         return norm
-
-    def state_bytes(self) -> int:
-        """Bytes held for training beyond the compute weights: master low halves and Adam moments."""
-        return sum(low.numel() * 2 for low in self.low.values()) + sum(p.numel() * 8 for p in self.params)
 
     @torch.no_grad()
     def finish(self) -> torch.nn.Module:
