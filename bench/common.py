@@ -7,8 +7,6 @@ import time
 
 import torch
 
-from model.device import peak_rss_mb  # noqa: F401  (re-exported for the benchmarks)
-
 
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()

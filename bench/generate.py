@@ -12,9 +12,9 @@ import tempfile
 
 import torch
 
-from bench.common import machine, peak_rss_mb, print_json, timed
+from bench.common import machine, print_json, timed
 from model import GPT, GPTConfig, generate, generate_text_simple, load_pretrained, pick_device, pick_dtype, save_pretrained
-from model.device import describe
+from model.device import describe, peak_rss_mb
 
 
 def main() -> None:

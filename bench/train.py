@@ -19,10 +19,10 @@ from training.optim import MasterWeightAdamW  # first: the training package sets
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine, peak_rss_mb, print_json
+from bench.common import machine, print_json
 from data import InstructionDataset, load_instructions, make_loader, padding_stats, split_instructions
 from model import GPT, GPTConfig, pick_device, pick_dtype, save_pretrained
-from model.device import describe
+from model.device import describe, peak_rss_mb
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
