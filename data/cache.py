@@ -9,10 +9,11 @@ import hashlib
 import http.client
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from model.files import atomic_write
 
 from .errors import DatasetError
 
@@ -54,17 +55,15 @@ def store_canonical(data: bytes) -> Path:
         )
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    target = folder / CANONICAL_NAME
+
+    def write_synced(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        target = folder / CANONICAL_NAME
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(target, write_synced)
     return target
 
 
@@ -107,8 +106,5 @@ def store_upload(path: str | os.PathLike) -> Path:
     target = cache_dir() / "uploads" / f"{sha256_of(data)[:16]}-{name}"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
     return target

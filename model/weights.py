@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -22,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import atomic_write
 from .gpt import GPT, PRESETS, GPTConfig
 
 HUB_PRESETS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -70,9 +70,9 @@ def save_pretrained(model: GPT, directory: str | os.PathLike, dtype: torch.dtype
         tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
         tensors[name] = (tensor.t() if name.endswith(CONV1D) else tensor).contiguous()
     save_dtype = next(iter(tensors.values())).dtype
-    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     config = hf_config(model.config, save_dtype)
-    _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(config, indent=2)))
     return directory
 
 
@@ -265,14 +265,3 @@ def _existing(path: Path) -> Path | None:
 def _display_name(source) -> str:
     source = str(source)
     return source if source in HUB_PRESETS else Path(source).name or source
-
-
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from data import format_prompt
+from model.files import atomic_write
 from model.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 from model.weights import CONFIG_NAME, HUB_PRESETS, hub_unreachable
 
@@ -85,19 +86,16 @@ def export_zip(run_dir, dest=None) -> Path:
     files = export_files(run_dir)
     dest = Path(dest) if dest else run_dir / f"{run_dir.name}-hf.zip"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write_zip(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for name, content in files.items():
                 if isinstance(content, Path):
                     zf.write(content, name, compress_type=zipfile.ZIP_STORED if name == WEIGHTS else zipfile.ZIP_DEFLATED)
                 else:
                     zf.writestr(name, content)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest, write_zip)
     return dest
 
 
