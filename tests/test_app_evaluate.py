@@ -18,7 +18,7 @@ import pytest
 from gradio_client import Client
 
 from training import TrainConfig, train
-from training.evaluate import EVAL_ROWS, EVAL_SUMMARY, load_eval
+from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, load_eval
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword).*")
 RUN = "20990101-000000-tiny"

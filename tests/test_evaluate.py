@@ -16,13 +16,14 @@ import torch
 
 from data import format_prompt, load_instructions, split_instructions
 from model import EOT_ID, GPT, GPTConfig, get_tokenizer
-from training import TrainConfig, load_run, train
-from training.evaluate import (
+from runstore import load_run
+from training import TrainConfig, train
+from evaluation.evaluate import (
     EVAL_ROWS, EVAL_SUMMARY, EvaluationStopped, best_and_worst, evaluate_run, load_eval, response_nll,
 )
-from training.export import ExportError, export_zip, push_to_hub
-from training.inference import tuned_model
-from training.judge import Judge, chat_url, judge_help, judge_prompt, parse_score, summarize_scores
+from runstore.export import ExportError, export_zip, push_to_hub
+from engine.models import tuned_model
+from evaluation.judge import Judge, chat_url, judge_help, judge_prompt, parse_score, summarize_scores
 from training.loop import respond
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,7 +301,7 @@ def test_push_to_hub_offline_fails_fast(run, monkeypatch):
 
 def test_cli_prints_the_summary(run, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "training.evaluate", str(run), "--limit", "3", "--max-new-tokens", "4",
+        [sys.executable, "-m", "evaluation", str(run), "--limit", "3", "--max-new-tokens", "4",
          "--export", str(tmp_path / "cli.zip")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -312,7 +313,7 @@ def test_cli_prints_the_summary(run, tmp_path):
 
 
 def test_cli_reports_a_bad_run_dir(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "training.evaluate", str(tmp_path / "nope")],
+    out = subprocess.run([sys.executable, "-m", "evaluation", str(tmp_path / "nope")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
     assert "is not a run directory" in out.stderr and "Traceback" not in out.stderr

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from data import InstructionDataset, load_instructions, make_loader, source_path, split_instructions
 from model import GPT, GPTConfig, load_pretrained
-from training import TrainConfig, list_runs, load_run, read_manifest, read_metrics, train
+from runstore import list_runs, load_run, read_manifest, read_metrics
+from training import TrainConfig, train
 from training.config import ConfigError
-from training.job import JobError, TrainingJob
+from engine.jobs import JobError, TrainingJob
 from training.lora import LoRALinear, add_lora, count_trainable, merge_lora
 from training.optim import MasterWeightAdamW, join_, split_
 
@@ -330,7 +331,7 @@ def test_cli_reports_bad_data_clearly(tmp_path):
 
 
 def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
-    from training.inference import base_model_of_run, tuned_model
+    from engine.models import base_model_of_run, tuned_model
     from training.loop import build_model
 
     config = tiny_config(tmp_path, precision="fp32", max_steps=2)

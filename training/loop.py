@@ -32,7 +32,7 @@ from model.device import describe, peak_rss_mb, release_free_memory
 from .config import TrainConfig
 from .lora import add_lora, count_trainable, merge_lora
 from .optim import MasterWeightAdamW
-from .runs import RunWriter, new_run_dir
+from runstore import RunWriter, new_run_dir
 
 
 class StopTraining(Exception):

@@ -1,6 +1,6 @@
 """Evaluate tab: score a run's base and fine-tuned model on the test split, see where tuning helped, export the model.
 
-``training.evaluate.evaluate_run`` does the work in a thread; the Evaluate
+``evaluation.evaluate.evaluate_run`` does the work in a thread; the Evaluate
 handler is a generator that streams its progress from a queue, then the
 results. One evaluation at a time per process (the event is queued with
 ``concurrency_limit=1``); only the browser that started it may stop it.
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from training import find_run
-from training.evaluate import EVAL_ROWS, EVAL_SUMMARY, EvaluationStopped, best_and_worst, evaluate_run, load_eval
-from training.export import ExportError, export_zip, push_to_hub
-from training.judge import DEFAULT_MODEL, DEFAULT_URL, Judge, judge_help
-from training.runs import RunInfo
+from runstore import find_run
+from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, EvaluationStopped, best_and_worst, evaluate_run, load_eval
+from runstore.export import ExportError, export_zip, push_to_hub
+from evaluation.judge import DEFAULT_MODEL, DEFAULT_URL, Judge, judge_help
+from runstore import RunInfo
 
 from . import playground_tab
 from .charts import empty_figure, evaluation_figure

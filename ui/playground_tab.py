@@ -14,8 +14,9 @@ import gradio as gr
 
 from data import extract_response, format_prompt, split_instructions
 from model import WeightsError, get_tokenizer, stream_side_by_side
-from training import ConfigError, list_runs
-from training.inference import base_model_of_run, run_config, tuned_model
+from runstore import list_runs
+from training import ConfigError
+from engine.models import base_model_of_run, run_config, tuned_model
 
 from .theme import notice
 

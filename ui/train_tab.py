@@ -15,9 +15,10 @@ import gradio as gr
 
 from model import PRESETS
 from model.weights import hub_cached, hub_unreachable
-from training import ConfigError, TrainConfig, list_runs, read_metrics
+from runstore import list_runs, read_metrics
+from training import ConfigError, TrainConfig
 from training.estimate import Estimate, all_presets
-from training.job import ACTIVE, JobError, TrainingJob
+from engine.jobs import ACTIVE, JobError, TrainingJob
 
 from .charts import loss_figure
 from .dataset_tab import default_source

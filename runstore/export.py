@@ -21,7 +21,7 @@ from model.files import atomic_write
 from model.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 from model.weights import CONFIG_NAME, HUB_PRESETS, hub_unreachable
 
-from .runs import WEIGHTS, read_manifest
+from .store import WEIGHTS, read_manifest
 
 
 class ExportError(RuntimeError):

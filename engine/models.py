@@ -12,8 +12,8 @@ import torch
 from model import GPT, GPTConfig, ModelRegistry, load_pretrained, pick_device, pick_dtype
 from model.weights import ProgressFn
 
-from .config import TrainConfig
-from .runs import WEIGHTS, read_manifest
+from training.config import TrainConfig
+from runstore import WEIGHTS, read_manifest
 
 REGISTRY = ModelRegistry(capacity=3)
 

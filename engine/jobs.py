@@ -11,8 +11,8 @@ import logging
 import threading
 import time
 
-from .config import TrainConfig
-from .loop import Hooks, train
+from training.config import TrainConfig
+from training.loop import Hooks, train
 
 log = logging.getLogger(__name__)
 ACTIVE = ("starting", "loading", "training", "evaluating", "stopping", "saving")

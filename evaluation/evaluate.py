@@ -7,10 +7,10 @@ model and its fine-tuned model (greedy, batched) and scores both:
   an objective score that needs no judge (lower is better);
 - ROUGE-L F1 of the generated response against the reference;
 - whether the response ended with ``<|endoftext|>`` before the token limit;
-- optionally the book's LLM-judge score from 0 to 100 (``training.judge``).
+- optionally the book's LLM-judge score from 0 to 100 (``evaluation.judge``).
 
 Results go to ``eval.jsonl`` (one row per example) and ``eval_summary.json`` in
-the run folder. ``python -m training.evaluate RUN_DIR`` does the same headless.
+the run folder. ``python -m evaluation RUN_DIR`` does the same headless.
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ from data import DatasetError, InstructionDataset, custom_collate_fn, extract_re
 from model import WeightsError, generate_batch, get_tokenizer
 from model.device import describe
 
-from .export import ExportError, export_zip
-from .inference import base_model_of_run, run_config, tuned_model
+from runstore.export import ExportError, export_zip
+from engine.models import base_model_of_run, run_config, tuned_model
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
-from .loop import now
-from .runs import write_atomic
+from training.loop import now
+from runstore import write_atomic
 
 EVAL_ROWS = "eval.jsonl"
 EVAL_SUMMARY = "eval_summary.json"
@@ -147,7 +147,7 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     seconds left), ``step``/``steps`` (phase number) and ``elapsed_s``.
     ``should_stop()`` is asked between batches; stopping raises
     ``EvaluationStopped`` and leaves earlier results on disk as they were.
-    ``judge``: a ``training.judge.Judge`` or its URL, or None to skip judging.
+    ``judge``: a ``evaluation.judge.Judge`` or its URL, or None to skip judging.
     """
     run_dir = Path(run_dir)
     judge = Judge(judge) if isinstance(judge, str) else judge
@@ -321,7 +321,7 @@ class ProgressBar:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate",
+    p = argparse.ArgumentParser(prog="python -m evaluation",
                                 description="Evaluate a fine-tuning run: base vs fine-tuned on the test split (chapter 7.7 of the book).")
     p.add_argument("run_dir", help="a run directory made by python -m training")
     p.add_argument("--data", default=None, help="canonical, sample or a file (default: the run's data)")
