@@ -12,6 +12,7 @@ import threading
 import time
 
 from training.config import TrainConfig
+from training.events import Download, Finished, Logged, Started, Status
 from training.loop import Hooks, train
 
 log = logging.getLogger(__name__)
@@ -102,28 +103,29 @@ class TrainingJob:
             self._state.update(fields)
             self._state["version"] += 1
 
-    def _on_event(self, kind: str, payload: dict) -> None:
+    def _on_event(self, event) -> None:
         with self._lock:
             s = self._state
-            if kind == "status":
-                if not (s["status"] == "stopping" and payload["status"] in ("training", "evaluating")):
-                    s.update(status=payload["status"], message=payload["message"])
-                if "step" in payload:
-                    s["step"] = payload["step"]
-            elif kind == "download":
-                s["download"] = dict(payload)
-            elif kind == "started":
-                s.update(run_dir=payload["run_dir"], total_steps=payload["total_steps"], steps_per_epoch=payload["steps_per_epoch"],
-                         device=payload["device"], parameters=payload["parameters"],
-                         trainable_parameters=payload["trainable_parameters"], sample_instruction=payload["sample_instruction"])
-            elif kind in ("step", "eval"):
-                record = {k: v for k, v in payload.items() if k != "response"}
+            if isinstance(event, Status):
+                if not (s["status"] == "stopping" and event.status in ("training", "evaluating")):
+                    s.update(status=event.status, message=event.message)
+                if event.step is not None:
+                    s["step"] = event.step
+            elif isinstance(event, Download):
+                s["download"] = {"file": event.file, "done": event.done, "total": event.total}
+            elif isinstance(event, Started):
+                s.update(run_dir=event.run_dir, total_steps=event.total_steps, steps_per_epoch=event.steps_per_epoch,
+                         device=event.device, parameters=event.parameters,
+                         trainable_parameters=event.trainable_parameters, sample_instruction=event.sample_instruction)
+            elif isinstance(event, Logged):
+                record = event.record
                 s["history"].append(record)
                 s.update(step=record["step"], epoch=record["epoch"], tokens_seen=record["tokens_seen"], lr=record["lr"],
                          tokens_per_s=record["tokens_per_s"], eta_s=record["eta_s"])
-                if kind == "eval":
-                    s["responses"].append({"step": record["step"], "response": payload["response"]})
-            elif kind == "finished":
-                s.update(status=payload["status"], final=dict(payload), eta_s=0.0, elapsed_s=payload["wall_time_s"],
-                         message=f"{payload['status'].capitalize()} after {payload['steps']} steps; saved to {payload['run_dir']}")
+                if event.response is not None:
+                    s["responses"].append({"step": record["step"], "response": event.response})
+            elif isinstance(event, Finished):
+                summary = event.summary
+                s.update(status=summary["status"], final=dict(summary), eta_s=0.0, elapsed_s=summary["wall_time_s"],
+                         message=f"{summary['status'].capitalize()} after {summary['steps']} steps; saved to {summary['run_dir']}")
             s["version"] += 1

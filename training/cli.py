@@ -10,6 +10,7 @@ from data import DatasetError
 from model import WeightsError
 
 from .config import ConfigError, TrainConfig
+from .events import Download, Finished, Logged, Started
 from .loop import Hooks, train
 
 
@@ -57,31 +58,33 @@ class ProgressBar:
         self.bar = None
         self.download = None
 
-    def __call__(self, kind: str, payload: dict) -> None:
-        if kind == "download":
+    def __call__(self, event) -> None:
+        if isinstance(event, Download):
             if self.download is None:
-                self.download = tqdm(total=payload["total"], unit="B", unit_scale=True, desc=payload["file"])
-            self.download.n = payload["done"]
+                self.download = tqdm(total=event.total, unit="B", unit_scale=True, desc=event.file)
+            self.download.n = event.done
             self.download.refresh()
-        elif kind == "started":
+        elif isinstance(event, Started):
             if self.download is not None:
                 self.download.close()
-            tqdm.write(f"{payload['parameters']:,} parameters ({payload['trainable_parameters']:,} trained) on {payload['device']}; "
-                       f"{payload['train_records']} training records; run: {payload['run_dir']}")
-            self.bar = tqdm(total=payload["total_steps"], unit="step")
-        elif kind in ("step", "eval") and self.bar is not None:
-            self.bar.n = payload["step"]
-            self.bar.set_postfix(loss=f"{payload['train_loss']:.3f}", tok_s=f"{payload['tokens_per_s']:.0f}")
-            if kind == "eval":
-                val = payload["val_loss"]
-                tqdm.write(f"step {payload['step']:>5}: train loss {payload['train_loss']:.3f}, val loss "
-                           f"{'n/a' if val is None else f'{val:.3f}'}; response: {payload['response'][:120]!r}")
-        elif kind == "finished":
+            tqdm.write(f"{event.parameters:,} parameters ({event.trainable_parameters:,} trained) on {event.device}; "
+                       f"{event.train_records} training records; run: {event.run_dir}")
+            self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step")
+        elif isinstance(event, Logged) and self.bar is not None:
+            record = event.record
+            self.bar.n = record["step"]
+            self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if event.response is not None:
+                val = record["val_loss"]
+                tqdm.write(f"step {record['step']:>5}: train loss {record['train_loss']:.3f}, val loss "
+                           f"{'n/a' if val is None else f'{val:.3f}'}; response: {event.response[:120]!r}")
+        elif isinstance(event, Finished):
             if self.bar is not None:
                 self.bar.close()
-            print(f"{payload['status']}: {payload['steps']} steps in {payload['wall_time_s']:.0f} s "
-                  f"({payload['train_time_s']:.0f} s training, {payload['eval_time_s']:.0f} s evaluating), "
-                  f"peak memory {payload['peak_rss_mb'] / 1024:.2f} GiB; saved to {payload['run_dir']}")
+            s = event.summary
+            print(f"{s['status']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
+                  f"({s['train_time_s']:.0f} s training, {s['eval_time_s']:.0f} s evaluating), "
+                  f"peak memory {s['peak_rss_mb'] / 1024:.2f} GiB; saved to {s['run_dir']}")
 
 
 def main(argv=None) -> int:

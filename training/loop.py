@@ -30,6 +30,7 @@ from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, pick
 from model.device import describe, peak_rss_mb, release_free_memory
 
 from .config import TrainConfig
+from .events import Download, Finished, Logged, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
 from .optim import MasterWeightAdamW
 from runstore import RunWriter, new_run_dir
@@ -41,7 +42,7 @@ class StopTraining(Exception):
 
 @dataclass
 class Hooks:
-    on_event: Callable[[str, dict], None] = lambda kind, payload: None
+    on_event: Callable[[object], None] = lambda event: None
     should_stop: Callable[[], bool] = lambda: False
 
 
@@ -113,6 +114,11 @@ def finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def data_label(source: str) -> str:
+    """A data source as a visitor may see it: the preset's name or the file's name, never a server path."""
+    return source if source in ("canonical", "sample") else Path(str(source)).name
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -124,7 +130,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
     config.validate()
     clock = Clock()
 
-    emit("status", {"status": "loading", "message": f"Loading the {config.data} data"})
+    emit(Status("loading", f"Loading the {data_label(config.data)} data"))
     data_file = source_path(config.data)
     records = load_instructions(config.data)
     split = split_instructions(records)
@@ -135,8 +141,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
     if device.type == "cpu" and dtype == torch.bfloat16:
         # Attention's math path on CPU (see CausalSelfAttention) then keeps bf16 instead of fp32 copies: faster, less memory.
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    emit("status", {"status": "loading", "message": f"Loading {config.model}"})
-    model = build_model(config, device, progress=lambda desc, done, total: emit("download", {"file": desc, "done": done, "total": total}))
+    emit(Status("loading", f"Loading {config.model}"))
+    model = build_model(config, device, progress=lambda desc, done, total: emit(Download(desc, done, total)))
     context = model.config.block_size
     train_ds = InstructionDataset(split.train, style=config.style, max_length=context)
     val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
@@ -182,17 +188,16 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
         total_steps=total_steps,
         started=now(),
     )
-    info = {"run_dir": str(run_dir), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": config.epochs,
-            "device": describe(device, dtype), "parameters": total_params, "trainable_parameters": trainable,
-            "sample_instruction": sample_record, "train_records": len(train_ds), "val_records": len(val_ds)}
-    emit("started", info)
+    emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                 epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
+                 sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds)))
 
     step = tokens_seen = 0
     last_val = last_train = float("nan")
 
     def log_eval(train_loss: float) -> None:
         nonlocal last_val
-        emit("status", {"status": "evaluating", "message": f"Evaluating at step {step}", "step": step})
+        emit(Status("evaluating", f"Evaluating at step {step}", step))
         t0 = time.perf_counter()
         last_val = evaluate(model, val_batches, device)
         sample = respond(model, sample_record, config.style, config.sample_tokens)
@@ -200,8 +205,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
         clock.evals += 1
         record = metrics(train_loss, last_val)
         writer.log(record)
-        emit("eval", {**record, "response": sample})
-        emit("status", {"status": "training", "message": ""})
+        emit(Logged(record, response=sample))
+        emit(Status("training"))
 
     def metrics(train_loss: float, val_loss: float | None) -> dict:
         evals_left = max(0, (total_steps - step) // config.eval_every) + 1
@@ -246,17 +251,17 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
                 else:
                     record = metrics(step_loss, None)
                     writer.log(record)
-                    emit("step", record)
+                    emit(Logged(record))
             if step >= total_steps:
                 break
     except StopTraining:
         status = "stopped"
-        emit("status", {"status": "stopping", "message": f"Stopped at step {step}; saving"})
+        emit(Status("stopping", f"Stopped at step {step}; saving"))
     except BaseException as e:
         writer.update_manifest(status="failed", error=f"{type(e).__name__}: {e}", ended=now(), wall_time_s=clock.elapsed)
         raise
 
-    emit("status", {"status": "saving", "message": f"Saving to {run_dir}"})
+    emit(Status("saving", f"Saving {run_dir.name}"))
     model = optimizer.finish()
     if config.lora_rank:
         merge_lora(model)
@@ -267,5 +272,5 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
         "eval_time_s": clock.eval_s, "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
     }
     writer.update_manifest(**summary)
-    emit("finished", summary)
+    emit(Finished(summary))
     return summary

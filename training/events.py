@@ -1,0 +1,74 @@
+"""What a long task tells its watchers: typed events, emitted through ``Hooks.on_event``.
+
+The fine-tuning loop, preference tuning and evaluation emit these; the CLI turns
+them into a progress bar and the engine's jobs into the snapshot that the app polls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Status:
+    """A phase change: loading, training, evaluating, stopping, saving."""
+
+    status: str
+    message: str = ""
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class Download:
+    """Bytes of a weights file fetched so far."""
+
+    file: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """The run exists on disk and its size is known."""
+
+    run_name: str
+    run_dir: str  # on the server: the CLI prints it, the app shows only run_name
+    total_steps: int
+    steps_per_epoch: int
+    epochs: int
+    device: str
+    parameters: int
+    trainable_parameters: int
+    sample_instruction: dict | None = None
+    train_records: int = 0
+    val_records: int = 0
+    start_step: int = 0  # above 0 when a run resumes from a checkpoint
+    method: str = "sft"
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One metrics row (what ``metrics.jsonl`` gets); ``response`` is set at an evaluation."""
+
+    record: dict
+    response: str | None = None
+
+    @property
+    def step(self) -> int:
+        return self.record["step"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Work measured in items rather than steps (evaluation): ``payload`` says which phase and how far."""
+
+    payload: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The task ended (done or stopped) and its result is saved; ``summary`` is what the manifest got."""
+
+    summary: dict
+
+
+Event = Status | Download | Started | Logged | Progress | Finished
