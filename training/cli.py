@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from data import DatasetError
 from model import WeightsError
+from model.device import configure_runtime
 
 from .config import ConfigError, TrainConfig
 from .events import Download, Finished, Logged, Started
@@ -88,6 +89,7 @@ class ProgressBar:
 
 
 def main(argv=None) -> int:
+    configure_runtime()
     config = parse_args(argv)
     try:
         train(config, Hooks(on_event=ProgressBar()))
