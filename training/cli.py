@@ -11,7 +11,7 @@ from model import WeightsError
 
 from .config import ConfigError, TrainConfig, add_arguments
 from .events import Download, Finished, Logged, Started
-from .loop import Hooks, train
+from .loop import Hooks
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -64,9 +64,11 @@ class ProgressBar:
 
 
 def main(argv=None) -> int:
+    from engine import Engine
+
     config = parse_args(argv)
     try:
-        train(config, Hooks(on_event=ProgressBar()))
+        Engine().run_training(config, Hooks(on_event=ProgressBar()))
     except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
