@@ -157,6 +157,11 @@ class ShardedBatchSampler(Sampler):
         self.rank = rank
         self.world_size = world_size
 
+    @property
+    def epoch(self) -> int | None:
+        """The global batches' next epoch (length-grouped batches; None for the book's random order)."""
+        return getattr(self.batches, "epoch", None)
+
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.batches, "set_epoch"):
             self.batches.set_epoch(epoch)

@@ -103,8 +103,8 @@ def test_each_rank_takes_its_share_of_the_global_batches_of_one_process(grouped)
     """2 ranks with batch 3 see exactly the batches of 6 that one process draws, both samplers, two epochs."""
     dataset = InstructionDataset(split_instructions(load_instructions("sample")).train)
 
-    def rows(x):  # each item's tokens without its padding
-        return [tuple(t for t in row.tolist()) for row in x]
+    def rows(x):
+        return [tuple(row.tolist()) for row in x]
 
     def strip(row):
         while row and row[-1] == EOT_ID:
@@ -118,6 +118,13 @@ def test_each_rank_takes_its_share_of_the_global_batches_of_one_process(grouped)
         for (x, _), (x0, _), (x1, _) in zip(whole, *shards, strict=True):
             interleaved = [row for pair in zip(rows(x0), rows(x1)) for row in pair]
             assert [strip(r) for r in rows(x)] == [strip(r) for r in interleaved]
+    if grouped:  # a resumed run puts the shards back at an epoch as it would the whole loader
+        assert shards[0].batch_sampler.epoch == whole.batch_sampler.epoch == 2
+        for loader in (whole, *shards):
+            loader.batch_sampler.set_epoch(0)
+        x, _ = next(iter(whole))
+        x0, _ = next(iter(shards[0]))
+        assert [strip(r) for r in rows(x)[::2]] == [strip(r) for r in rows(x0)]
 
 
 def test_two_processes_train_like_one_with_the_whole_batch(tmp_path):
