@@ -1,7 +1,6 @@
 """Data-parallel training under torchrun (gloo on CPU): the same run as one process, and failures end every rank."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -166,17 +165,15 @@ def test_bf16_with_accumulation_agrees_with_one_process(tmp_path):
     assert_same_weights(tmp_path / "ddp", tmp_path / "one", 0.1, overall=5e-3)
 
 
-def fault_run(tmp_path: Path, fault: str) -> tuple[subprocess.CompletedProcess, float]:
+def fault_run(tmp_path: Path, fault: str) -> subprocess.CompletedProcess:
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    started = time.time()
-    result = torchrun([str(worker), *TINY, "--precision", "fp32", "--batch-size", "2", "--out", str(tmp_path / "run")],
+    return torchrun([str(worker), *TINY, "--precision", "fp32", "--batch-size", "2", "--out", str(tmp_path / "run")],
                       FAULT=fault, FAULT_MARK=str(tmp_path / "fault"))
-    return result, started
 
 
 def test_a_failing_rank_ends_the_others_with_its_error(tmp_path):
-    result, _ = fault_run(tmp_path, "raise")
+    result = fault_run(tmp_path, "raise")
     assert result.returncode != 0
     assert "error: rank 0: rank 1 failed: RuntimeError: injected failure on rank 1" in result.stderr
     manifest = read_manifest(tmp_path / "run")
@@ -185,7 +182,7 @@ def test_a_failing_rank_ends_the_others_with_its_error(tmp_path):
 
 
 def test_a_killed_rank_ends_the_others_within_30_s(tmp_path):
-    result, _ = fault_run(tmp_path, "kill")
+    result = fault_run(tmp_path, "kill")
     ended = time.time()
     assert result.returncode != 0
     assert "Signal 9 (SIGKILL)" in result.stderr  # torchrun names the rank that died and how
@@ -195,7 +192,7 @@ def test_a_killed_rank_ends_the_others_within_30_s(tmp_path):
 
 
 def test_a_stop_request_on_one_rank_stops_every_rank_and_saves(tmp_path):
-    result, _ = fault_run(tmp_path, "stop")
+    result = fault_run(tmp_path, "stop")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(tmp_path / "run")
     assert manifest["status"] == "stopped" and manifest["steps"] == 3
