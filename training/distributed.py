@@ -91,14 +91,17 @@ class Context:
         own = f"{type(error).__name__}: {error}"
         if not self.enabled or not dist.is_initialized():
             return own
-        store = dist.distributed_c10d._get_default_store()
-        for rank in range(self.world_size):
-            key = f"gpt2-instruct/error/{rank}"
-            if rank != self.rank and store.check([key]):
-                return f"rank {rank} failed: {store.get(key).decode()}"
-        if isinstance(error, dist.DistError) or any(word in str(error).lower() for word in ("gloo", "nccl")):
-            return f"another rank ended without an error of its own (killed, or out of memory?); this rank saw {own}"
-        store.set(f"gpt2-instruct/error/{self.rank}", own)
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            for rank in range(self.world_size):
+                key = f"gpt2-instruct/error/{rank}"
+                if rank != self.rank and store.check([key]):
+                    return f"rank {rank} failed: {store.get(key).decode()}"
+            if isinstance(error, dist.DistError) or any(word in str(error).lower() for word in ("gloo", "nccl")):
+                return f"another rank ended without an error of its own (killed, or out of memory?); this rank saw {own}"
+            store.set(f"gpt2-instruct/error/{self.rank}", own)
+        except Exception:  # the store went with its host: this rank's own error is all there is
+            pass
         return own
 
 
