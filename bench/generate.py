@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from bench.common import machine, print_json, timed
+from bench.common import machine, precision_line, print_json, timed
 from model import GPT, GPTConfig, generate, generate_text_simple, load_pretrained, pick_device, pick_dtype, save_pretrained
 from model.device import describe, peak_rss_mb
 
@@ -30,6 +30,7 @@ def main() -> None:
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens)).tolist()[0]
     n = args.tokens
     print(f"machine: {machine()}; ours runs in {describe(device, dtype)}")
+    print(precision_line(device))
 
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(GPT(GPTConfig.from_name("gpt2")), tmp)
