@@ -1,30 +1,62 @@
-"""``python -m training``: fine-tune headless, with a progress bar, into a run directory."""
+"""``python -m training``: fine-tune headless, with a progress bar, into a run directory; ``--resume RUN`` continues one."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
 from data import DatasetError
 from model import WeightsError
+from runstore import find_run
 
+from .checkpoint import ResumeError
 from .config import ConfigError, TrainConfig, add_arguments
 from .events import Download, Finished, Logged, Started
-from .loop import Hooks, train
+from .loop import Hooks, resume_run, train
 
 
-def parse_args(argv=None) -> TrainConfig:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
                                      description="Instruction fine-tuning of GPT-2 (chapter 7 of the book), headless.")
     add_arguments(parser)
+    parser.add_argument("--resume", metavar="RUN", help="continue a stopped or interrupted run from its checkpoint, with its "
+                                                        "own settings: a run name under the runs folder, or a run folder")
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = make_parser()
     args = vars(parser.parse_args(argv))
+    args.pop("resume")
     if args["eval_batches"] == 0:
         args["eval_batches"] = None
     try:
         return TrainConfig(**args)
     except ConfigError as e:
         parser.error(str(e))
+
+
+def settings_given(argv=None) -> dict:
+    """Only the settings typed on the command line (a resumed run keeps the others)."""
+    parser = make_parser()
+    parser.set_defaults(**{action.dest: argparse.SUPPRESS for action in parser._actions})
+    args = vars(parser.parse_args(argv))
+    args.pop("resume", None)
+    if args.get("eval_batches") == 0:
+        args["eval_batches"] = None
+    return args
+
+
+def run_folder(name: str) -> Path:
+    """A run by name under the runs folder, or a run folder's path."""
+    run = find_run(name)
+    if run is not None:
+        return run.path
+    if (Path(name) / "manifest.json").is_file():
+        return Path(name)
+    raise ResumeError(f"no run named {name!r} under the runs folder, and {name!r} is not a run folder")
 
 
 class ProgressBar:
@@ -58,15 +90,20 @@ class ProgressBar:
             if self.bar is not None:
                 self.bar.close()
             s = event.summary
-            print(f"{s['status']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
+            reason = f" ({s['stop_reason']})" if s.get("stop_reason") else ""
+            print(f"{s['status']}{reason}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
                   f"({s['train_time_s']:.0f} s training, {s['eval_time_s']:.0f} s evaluating), "
                   f"peak memory {s['peak_rss_mb'] / 1024:.2f} GiB; saved to {s['run_dir']}")
 
 
 def main(argv=None) -> int:
-    config = parse_args(argv)
+    resume = make_parser().parse_args(argv).resume
+    config = None if resume else parse_args(argv)
     try:
-        train(config, Hooks(on_event=ProgressBar()))
+        if resume:
+            resume_run(run_folder(resume), Hooks(on_event=ProgressBar()), **settings_given(argv))
+        else:
+            train(config, Hooks(on_event=ProgressBar()))
     except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
