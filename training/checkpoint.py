@@ -10,6 +10,7 @@ run that never stopped.
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -42,7 +43,10 @@ def save_checkpoint(run_dir: Path, optimizer, *, step: int, epoch: int, epoch_st
 
 def load_checkpoint(run_dir: Path) -> dict:
     path = Path(run_dir) / CHECKPOINT
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ResumeError(f"{Path(run_dir).name}: its checkpoint cannot be read ({e})") from None
     if state.get("format") != FORMAT:
         raise ResumeError(f"{Path(run_dir).name}: the checkpoint has format {state.get('format')}, this version reads {FORMAT}")
     return state

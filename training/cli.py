@@ -41,7 +41,8 @@ def parse_args(argv=None) -> TrainConfig:
 def settings_given(argv=None) -> dict:
     """Only the settings typed on the command line (a resumed run keeps the others)."""
     parser = make_parser()
-    parser.set_defaults(**{action.dest: argparse.SUPPRESS for action in parser._actions})
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
     args = vars(parser.parse_args(argv))
     args.pop("resume", None)
     if args.get("eval_batches") == 0:

@@ -229,7 +229,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
 
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(checkpoint.pop("optimizer"))
         restore_rng(checkpoint["rng"])
     run_dir = Path(resume) if resume is not None else Path(config.out) if config.out else new_run_dir(config.model, root)
     writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None)
