@@ -1,6 +1,9 @@
-"""The run store: runs on disk (one folder each), listing, loading, recovery and export. Never imports gradio."""
+"""The run store: runs on disk (one folder each), listing, recovery, export, and their models loaded for inference.
+
+Never imports gradio.
+"""
 from .store import (CHECKPOINT, MANIFEST, METRICS, STATUSES, WEIGHTS, RunInfo, RunWriter, find_run, list_runs, load_run, new_run_dir,
                     process_owner, read_manifest, read_metrics, recover_run, recover_runs, runs_root, write_atomic)
 
-__all__ = ["CHECKPOINT", "MANIFEST", "METRICS", "STATUSES", "WEIGHTS", "process_owner", "recover_run", "recover_runs", "RunInfo", "RunWriter", "find_run", "list_runs", "load_run", "new_run_dir",
-           "read_manifest", "read_metrics", "runs_root", "write_atomic"]
+__all__ = ["CHECKPOINT", "MANIFEST", "METRICS", "STATUSES", "WEIGHTS", "RunInfo", "RunWriter", "find_run", "list_runs", "load_run",
+           "new_run_dir", "process_owner", "read_manifest", "read_metrics", "recover_run", "recover_runs", "runs_root", "write_atomic"]

@@ -14,7 +14,7 @@ from runstore import find_run
 from .checkpoint import ResumeError
 from .config import ConfigError, TrainConfig, add_arguments
 from .events import Download, Finished, Logged, Started
-from .loop import Hooks, resume_run, train
+from .loop import Hooks, resume_run
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -98,13 +98,16 @@ class ProgressBar:
 
 
 def main(argv=None) -> int:
+    from engine import Engine
+
     resume = make_parser().parse_args(argv).resume
     config = None if resume else parse_args(argv)
     try:
+        engine = Engine()
         if resume:
             resume_run(run_folder(resume), Hooks(on_event=ProgressBar()), **settings_given(argv))
         else:
-            train(config, Hooks(on_event=ProgressBar()))
+            engine.run_training(config, Hooks(on_event=ProgressBar()))
     except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

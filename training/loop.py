@@ -44,8 +44,10 @@ from runstore import CHECKPOINT, RunWriter, new_run_dir, process_owner, read_man
 
 @dataclass
 class Hooks:
+    """How a run reports (``on_event``) and is asked to stop: ``should_stop`` returns True, or the reason as text."""
+
     on_event: Callable[[object], None] = lambda event: None
-    should_stop: Callable[[], bool] = lambda: False
+    should_stop: Callable[[], bool | str] = lambda: False
 
 
 @dataclass
@@ -150,15 +152,14 @@ def check_data(config: TrainConfig):
     split = split_instructions(records)
     name, n = data_label(config.data), len(records)
     per_step = config.batch_size * config.grad_accum
-    sizes = f"{name} has {n} records, which the book's split (85 % train, 10 % test, 5 % validation, in file order) " \
-            f"makes {len(split.train)} training, {len(split.test)} test and {len(split.val)} validation records"
+    needed = f"the book's split (85 % train, 10 % test, 5 % validation, in file order) needs at least {records_needed(per_step)} records"
     if len(split.train) < per_step:
-        step = f"batch size {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
-        raise DatasetError(f"{sizes}: fewer training records than one step of {step}; "
-                           f"use a smaller batch or at least {records_needed(per_step)} records")
-    for part, label in (("val", "validation"), ("test", "test")):
+        step = f"batch {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
+        raise DatasetError(f"{name} has {n} records: its training split (85 %) has {len(split.train)}, fewer than one step "
+                           f"of {step}; use a smaller batch, or more records: {needed}")
+    for part, label in (("val", "validation (5 %)"), ("test", "test (10 %)")):
         if not getattr(split, part):
-            raise DatasetError(f"{sizes}: the {label} split is empty; use at least {records_needed(per_step)} records")
+            raise DatasetError(f"{name} has {n} records: its {label} split is empty; {needed}")
     return records, split
 
 
@@ -292,8 +293,9 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         }
 
     def stop_reason() -> str | None:
-        if hooks.should_stop():
-            return "stopped by its owner"
+        asked = hooks.should_stop()
+        if asked:
+            return asked if isinstance(asked, str) else "stopped by its owner"
         if config.max_wall_s is not None and clock.session > config.max_wall_s:
             return f"wall time limit ({config.max_wall_s:g} s)"
         return None
