@@ -64,7 +64,10 @@ class RunWriter:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest: dict = read_manifest(self.dir) if resume_step is not None else {}
-        self.metrics: list[dict] = [] if resume_step is None else [r for r in read_metrics(self.dir) if r["step"] <= resume_step]
+        self.metrics: list[dict] = []
+        if resume_step is not None:
+            self.metrics = [r for r in read_metrics(self.dir) if r["step"] <= resume_step]
+            self.write_metrics()
         _WRITING.add(self.dir.resolve())
 
     def close(self) -> None:
@@ -77,6 +80,9 @@ class RunWriter:
     def log(self, record: dict) -> None:
         """Append one step's record; the file is rewritten whole so that no reader sees half a line."""
         self.metrics.append(record)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
         write_atomic(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.metrics))
 
 

@@ -81,7 +81,7 @@ def resume_config(run_dir: Path, **changes) -> TrainConfig:
     recover_run(run_dir)
     status = read_manifest(run_dir).get("status")
     if status == "running":
-        raise ResumeError(f"{name} is still running in another process; stop it before resuming it")
+        raise ResumeError(f"{name} is still running; stop it before resuming it")
     if status == "done":
         raise ResumeError(f"{name} is done ({manifest.get('steps')} steps): there is nothing to resume")
     if not (run_dir / CHECKPOINT).is_file():
