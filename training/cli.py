@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from data import DatasetError
 from model import WeightsError
 from runstore import find_run
 
-from .checkpoint import ResumeError
+from . import distributed
+from .checkpoint import ResumeError, resume_config
 from .config import ConfigError, TrainConfig, add_arguments
 from .events import Download, Finished, Logged, Started
-from .loop import Hooks, resume_run
+from .loop import Hooks, train
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -97,21 +101,55 @@ class ProgressBar:
                   f"peak memory {s['peak_rss_mb'] / 1024:.2f} GiB; saved to {s['run_dir']}")
 
 
+@record
 def main(argv=None) -> int:
+    """Train, or with ``--resume RUN`` continue a run; under torchrun each process runs this, and rank 0 alone prints
+    and writes the run.
+
+    SIGTERM asks for a stop at the next step (the run is saved as stopped); under
+    torchrun a stop on any rank stops them all.
+    """
+    resume = make_parser().parse_args(argv).resume
+    try:
+        run_dir = run_folder(resume) if resume else None
+        config = resume_config(run_dir, **settings_given(argv)) if resume else parse_args(argv)
+    except ValueError as e:  # a run that cannot be resumed, or changed settings
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    ctx = distributed.init(config.device)
+    code = 1
+    try:
+        code = run(config, ctx, stop, resume=run_dir)
+    finally:
+        distributed.shutdown(ok=code == 0)
+    return code
+
+
+def run(config: TrainConfig, ctx: distributed.Context, stop: threading.Event, resume: Path | None = None) -> int:
     from engine import Engine
 
-    resume = make_parser().parse_args(argv).resume
-    config = None if resume else parse_args(argv)
+    if ctx.enabled and ctx.is_main:
+        print(f"{ctx.world_size} processes ({ctx.backend}) x batch {config.batch_size} x {config.grad_accum} accumulation: "
+              f"global batch {ctx.world_size * config.batch_size * config.grad_accum}")
+    hooks = Hooks(on_event=ProgressBar() if ctx.is_main else (lambda event: None), should_stop=stop.is_set)
+    where = f"rank {ctx.rank}: " if ctx.enabled else ""
     try:
         engine = Engine()
         if resume:
-            resume_run(run_folder(resume), Hooks(on_event=ProgressBar()), **settings_given(argv))
+            train(config, hooks, resume=resume)
         else:
-            engine.run_training(config, Hooks(on_event=ProgressBar()))
+            engine.run_training(config, hooks)
     except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {where}{ctx.reason(e) if ctx.enabled else e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if ctx.enabled:
+            print(f"error: {where}{ctx.reason(e)}", file=sys.stderr)
+        raise
     return 0

@@ -34,6 +34,7 @@ from data.batching import loader_state
 from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, pick_device, pick_dtype, save_pretrained
 from model.device import describe, peak_rss_mb, release_free_memory
 
+from . import distributed
 from .checkpoint import ResumeError, check_resume, load_checkpoint, restore_rng, resume_config, save_checkpoint, start_epoch
 from .config import TrainConfig
 from .events import Download, Finished, Logged, Started, Status
@@ -181,7 +182,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     emit = hooks.on_event
     config.validate()
     clock = Clock()
-    if resume is not None:
+    ctx = distributed.context()
+    if resume is not None and ctx.is_main:  # other processes would find the run already marked running by rank 0
         check_resume(Path(resume), config)
 
     emit(Status("loading", f"Loading the {data_label(config.data)} data"))
@@ -192,7 +194,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         raise ResumeError(f"{data_label(config.data)} has changed since the run started: its sha256 differs from the manifest's")
     sample_record = (split.val or split.train)[0]
 
-    device = pick_device(config.device)
+    device = ctx.place(pick_device(config.device))
     dtype = pick_dtype(device, config.precision)
     if device.type == "cpu" and dtype == torch.bfloat16:
         # Attention's math path on CPU (see CausalSelfAttention) then keeps bf16 instead of fp32 copies: faster, less memory.
@@ -204,7 +206,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
     max_length = min(config.max_length or context, context)
     loader = make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed,
-                         mask_prompt=config.mask_prompt, allowed_max_length=max_length)
+                         mask_prompt=config.mask_prompt, allowed_max_length=max_length, rank=ctx.rank, world_size=ctx.world_size)
     steps_per_epoch = len(loader) // config.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(
@@ -214,26 +216,27 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    eval_loader = make_loader(val_ds, config.batch_size, shuffle=False, drop_last=False,
+    eval_loader = make_loader(val_ds, config.batch_size * ctx.world_size, shuffle=False, drop_last=False,
                               mask_prompt=config.mask_prompt, allowed_max_length=max_length)
     val_batches = list(itertools.islice(eval_loader, config.eval_batches))
-    train_eval_loader = make_loader(train_ds, config.batch_size, shuffle=False, drop_last=False,
+    train_eval_loader = make_loader(train_ds, config.batch_size * ctx.world_size, shuffle=False, drop_last=False,
                                     mask_prompt=config.mask_prompt, allowed_max_length=max_length)
     baseline_train_batches = list(itertools.islice(train_eval_loader, config.eval_batches or 3))
 
     if config.lora_rank:
         add_lora(model, config.lora_rank, config.lora_alpha)
     trainable, total_params = count_trainable(model)
-    step_in_backward = config.grad_clip is None and config.grad_accum == 1
+    step_in_backward = config.grad_clip is None and config.grad_accum == 1 and not ctx.enabled  # DDP reduces after backward
     optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=step_in_backward)
+    loss_of = ctx.loss_fn(model, config.grad_accum)
     model.train()
 
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint:
         optimizer.load_state_dict(checkpoint.pop("optimizer"))
         restore_rng(checkpoint["rng"])
-    run_dir = Path(resume) if resume is not None else Path(config.out) if config.out else new_run_dir(config.model, root)
-    writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None)
+    run_dir = Path(resume) if resume is not None else ctx.on_main(lambda: Path(config.out) if config.out else new_run_dir(config.model, root))
+    writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None) if ctx.is_main else distributed.NullWriter()
     run_fields = dict(
         status="running",
         owner=process_owner(),
@@ -247,6 +250,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         versions=versions(),
         device=describe(device, dtype),
         total_steps=total_steps,
+        processes=ctx.world_size,
+        global_batch=config.batch_size * ctx.world_size * config.grad_accum,
     )
     if checkpoint:
         for key in ("error", "stop_reason", "ended", "steps"):
@@ -293,18 +298,21 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         }
 
     def stop_reason() -> str | None:
+        """Why to stop before the next step, the same on every process (a stop on one stops all)."""
         asked = hooks.should_stop()
+        late = config.max_wall_s is not None and clock.session > config.max_wall_s
+        if not ctx.any(asked or late):
+            return None
         if asked:
             return asked if isinstance(asked, str) else "stopped by its owner"
-        if config.max_wall_s is not None and clock.session > config.max_wall_s:
-            return f"wall time limit ({config.max_wall_s:g} s)"
-        return None
+        return f"wall time limit ({config.max_wall_s:g} s)" if late else "stopped by another process"
 
     def save_resumable() -> None:
         nonlocal checkpointed
         emit(Status("saving", f"Checkpoint at step {step}", step))
-        save_checkpoint(run_dir, optimizer, step=step, epoch=epoch, epoch_start=epoch_start, tokens_seen=tokens_seen,
-                        clock=clock, last_train=last_train, last_val=last_val)
+        if ctx.is_main:  # every process holds the same weights and moments
+            save_checkpoint(run_dir, optimizer, step=step, epoch=epoch, epoch_start=epoch_start, tokens_seen=tokens_seen,
+                            clock=clock, last_train=last_train, last_val=last_val)
         writer.update_manifest(checkpoint_step=step)
         checkpointed = step
 
@@ -324,13 +332,15 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
                     break
                 t0 = time.perf_counter()
                 optimizer.lr = lr_at(step, config, total_steps)
-                step_loss = 0.0
+                step_loss = step_tokens = 0.0
                 for x, y in itertools.islice(micro, config.grad_accum):
                     x, y = x.to(device), y.to(device)
-                    loss = model.loss(x, y)
+                    loss = loss_of(x, y)
                     (loss / config.grad_accum).backward()
                     step_loss += loss.item() / config.grad_accum
-                    tokens_seen += x.numel()
+                    step_tokens += x.numel()
+                step_loss, step_tokens = ctx.all_sum(step_loss / ctx.world_size, step_tokens)
+                tokens_seen += int(step_tokens)
                 if not step_in_backward:
                     optimizer.step(config.grad_clip)
                 if device.type == "cpu":
@@ -360,7 +370,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         model = optimizer.finish()
         if config.lora_rank:
             merge_lora(model)
-        save_pretrained(model, run_dir)
+        if ctx.is_main:
+            save_pretrained(model, run_dir)
         summary = {
             "status": status, "stop_reason": reason, "steps": step, "tokens_seen": tokens_seen,
             "final_train_loss": finite(last_train), "final_val_loss": finite(last_val), "ended": now(),
@@ -368,10 +379,10 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
             "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
         }
         writer.update_manifest(**summary)
-        if status == "done":
+        if status == "done" and ctx.is_main:
             (run_dir / CHECKPOINT).unlink(missing_ok=True)
     except BaseException as e:
-        ended = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        ended = {"status": "failed", "error": ctx.reason(e)}
         if isinstance(e, KeyboardInterrupt):
             ended = {"status": "interrupted", "stop_reason": "interrupted from the keyboard"}
         with suppress(OSError):  # the disk may be full: the first error is the one to report
