@@ -137,8 +137,8 @@ def test_export_gives_a_zip_of_the_hugging_face_files(c, run):
     path, message = c.predict(str(run), api_name="/export_zip")
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
-        assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= names
-        assert zf.read("model.safetensors") == (run / "model.safetensors").read_bytes()
+        assert {f"{RUN}/{name}" for name in ("model.safetensors", "config.json", "vocab.json", "merges.txt")} <= names
+        assert zf.read(f"{RUN}/model.safetensors") == (run / "model.safetensors").read_bytes()
     assert f"{RUN}-hf.zip" in text(message) and "from_pretrained" in text(message)
 
 
