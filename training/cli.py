@@ -9,46 +9,22 @@ from tqdm import tqdm
 from data import DatasetError
 from model import WeightsError
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, add_arguments
 from .events import Download, Finished, Logged, Started
-from .loop import Hooks, train
+from .loop import Hooks
 
 
 def parse_args(argv=None) -> TrainConfig:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m training", description="Instruction fine-tuning of GPT-2 (chapter 7 of the book), headless.")
-    p.add_argument("--model", default=d.model, help="preset (tiny, gpt2, gpt2-medium, ...), Hub repo id, or local directory / .safetensors file")
-    p.add_argument("--random-init", action="store_true", help="random weights instead of pretrained ones (offline; with --model tiny for a quick demo)")
-    p.add_argument("--data", default=d.data, help="canonical, sample, or a JSON / JSON Lines file")
-    p.add_argument("--style", default=d.style, choices=["alpaca", "phi3"])
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--cosine", action="store_true", help="cosine decay after warmup")
-    p.add_argument("--grad-clip", type=float, default=None)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches per evaluation (0: all)")
-    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
-    p.add_argument("--mask-prompt", action="store_true", help="learn only the response tokens")
-    p.add_argument("--no-grouped", dest="grouped", action="store_false", help="the book's random batches instead of length-grouped ones")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0: full fine-tuning")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"])
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>-<model>)")
-    args = vars(p.parse_args(argv))
+    parser = argparse.ArgumentParser(prog="python -m training",
+                                     description="Instruction fine-tuning of GPT-2 (chapter 7 of the book), headless.")
+    add_arguments(parser)
+    args = vars(parser.parse_args(argv))
     if args["eval_batches"] == 0:
         args["eval_batches"] = None
     try:
         return TrainConfig(**args)
     except ConfigError as e:
-        p.error(str(e))
+        parser.error(str(e))
 
 
 class ProgressBar:
@@ -88,9 +64,11 @@ class ProgressBar:
 
 
 def main(argv=None) -> int:
+    from engine import Engine
+
     config = parse_args(argv)
     try:
-        train(config, Hooks(on_event=ProgressBar()))
+        Engine().run_training(config, Hooks(on_event=ProgressBar()))
     except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

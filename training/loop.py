@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -123,8 +124,29 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
-    """Fine-tune one model on one dataset; returns the run's summary (also in its manifest)."""
+def check_data(config: TrainConfig):
+    """The run's records and split, or a ``ValueError`` naming the counts when they cannot make a run.
+
+    Called before a job is started, so that such a run fails before "Started" is shown.
+    """
+    records = load_instructions(config.data)
+    split = split_instructions(records)
+    name = data_label(config.data)
+    per_step = config.batch_size * config.grad_accum
+    if len(split.train) < per_step:
+        raise ValueError(f"{name} has {len(records)} records: its training split (85 %) has {len(split.train)}, fewer than "
+                         f"one step of batch {config.batch_size} x {config.grad_accum} accumulation; use a smaller batch "
+                         f"or at least {math.ceil(per_step / 0.85)} records")
+    for part in ("val", "test"):
+        if not getattr(split, part):
+            need = 2 if part == "val" else 10
+            raise ValueError(f"{name} has {len(records)} records: its {'validation (5 %)' if part == 'val' else 'test (10 %)'} "
+                             f"split is empty; the book's 85/10/5 split needs at least {need} records")
+    return records, split
+
+
+def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = None) -> dict:
+    """Fine-tune one model on one dataset into a new run under ``root``; returns its summary (also in its manifest)."""
     hooks = hooks or Hooks()
     emit = hooks.on_event
     config.validate()
@@ -132,8 +154,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
 
     emit(Status("loading", f"Loading the {data_label(config.data)} data"))
     data_file = source_path(config.data)
-    records = load_instructions(config.data)
-    split = split_instructions(records)
+    records, split = check_data(config)
     sample_record = (split.val or split.train)[0]
 
     device = pick_device(config.device)
@@ -172,10 +193,11 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
     optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=step_in_backward)
     model.train()
 
-    run_dir = Path(config.out) if config.out else new_run_dir(config.model)
+    run_dir = Path(config.out) if config.out else new_run_dir(config.model, root)
     writer = RunWriter(run_dir)
     writer.update_manifest(
         status="running",
+        pid=os.getpid(),
         config=config.to_dict(),
         model={"name": config.model, "parameters": total_params, "trainable_parameters": trainable,
                "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "random_init": config.random_init},
