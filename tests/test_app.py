@@ -225,6 +225,22 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
     assert c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")[:2] == (base, tuned)
 
 
+def test_the_playground_status_says_generating_while_tokens_stream(url, folders):
+    c = client(url)
+    runs = sorted(p.name for p in (folders / "runs").iterdir() if (p / "model.safetensors").is_file())
+    assert runs, "needs the run of the training test"
+    job = c.submit("Name a colour.", "", runs[0], 16, 1.0, 0, 1, 7, api_name="/compare")
+    job.result(timeout=90)
+    status, streamed = "", 0
+    for base, tuned, _, note in job.outputs():
+        status = text(note) if isinstance(note, str) else status
+        if any(isinstance(t, str) and t for t in (base, tuned)):
+            streamed += 1
+            assert "Loading the models" not in status, status
+    assert streamed >= 2 and "temperature 1, seed 7" in status
+    assert "started from random weights (tiny, the offline demo)" in status  # what the demo can and cannot show
+
+
 def test_only_the_owner_can_stop_a_run(url):
     c = client(url)
     load(c, "sample")
