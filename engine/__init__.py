@@ -2,8 +2,8 @@
 
 Never imports gradio.
 """
-from .engine import Engine, available_memory_gb
-from .jobs import ACTIVE, ENDED, Job, JobError
+from .engine import Engine, available_memory_gb, public_data
+from .jobs import ACTIVE, ENDED, SCALARS_ONLY, Job, JobError
 from .limits import Limits
 
-__all__ = ["Engine", "Job", "JobError", "Limits", "ACTIVE", "ENDED", "available_memory_gb"]
+__all__ = ["Engine", "Job", "JobError", "Limits", "ACTIVE", "ENDED", "SCALARS_ONLY", "available_memory_gb", "public_data"]

@@ -27,7 +27,7 @@ from training.events import Progress
 from training.loop import check_data, train
 
 from .datasets import Datasets, prune_folder
-from .jobs import Job, JobError, idle_snapshot
+from .jobs import SCALARS_ONLY, Job, JobError, idle_snapshot
 from .limits import Limits
 from runstore.models import Models
 from .public import scrub
@@ -120,7 +120,7 @@ class Engine:
         with self._lock:
             current = self._jobs[lane]
             if current is not None and current.active:
-                snap = current.snapshot(current.snapshot()["history_len"])
+                snap = current.snapshot(since=SCALARS_ONLY)
                 raise JobError(f"a {snap['title']} is already running ({snap['status']}, step {snap['step']}/"
                                f"{snap['total_steps']}); wait for it or stop it first")
             self._jobs[lane] = job

@@ -21,6 +21,7 @@ from .public import scrub
 log = logging.getLogger(__name__)
 ACTIVE = ("starting", "loading", "training", "evaluating", "stopping", "saving")
 ENDED = ("done", "stopped", "failed")
+SCALARS_ONLY = 10**9  # a ``since`` past any history: a snapshot without its rows
 
 
 class JobError(RuntimeError):

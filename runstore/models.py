@@ -25,7 +25,7 @@ def run_config(run_dir: str | Path) -> TrainConfig:
     manifest = read_manifest(Path(run_dir))
     config = manifest.get("config") or {}
     if not config:
-        raise FileNotFoundError(f"{Path(run_dir).name} is not a run (no manifest.json)")
+        raise FileNotFoundError(f"{Path(run_dir).name} is not a run directory (no manifest.json)")
     known = set(TrainConfig.__dataclass_fields__)
     return TrainConfig.from_dict({k: v for k, v in config.items() if k in known})
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine import ENDED, JobError
+from engine import ENDED, SCALARS_ONLY, JobError
 from engine.public import scrub
 from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, best_and_worst, load_eval
 from evaluation.judge import DEFAULT_MODEL, DEFAULT_URL, Judge, judge_help
@@ -210,7 +210,7 @@ def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tok
     busy = (gr.Dropdown(interactive=False), gr.Button(interactive=False), gr.Button(interactive=True))
     yield notice(f"Starting the evaluation of <b>{html.escape(run.name)}</b>…"), "", *unchanged, *busy
     version = None
-    while (snap := job.snapshot(10**9))["status"] not in ENDED:
+    while (snap := job.snapshot(since=SCALARS_ONLY))["status"] not in ENDED:
         if snap["version"] != version and snap["progress"]:
             version = snap["version"]
             yield progress_html(snap["progress"]), gr.skip(), *unchanged, *busy

@@ -13,8 +13,7 @@ from functools import partial
 
 import gradio as gr
 
-from engine import ACTIVE, JobError
-from engine.engine import public_data
+from engine import ACTIVE, SCALARS_ONLY, JobError, public_data
 from engine.public import scrub
 from model import HUB_PRESETS, PRESETS
 from runstore import read_metrics
@@ -200,7 +199,7 @@ def chart_key(snap: dict, overlays: list[str] | None) -> str:
 def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] | None):
     """One timer tick: only what changed since this visitor's last tick is computed and sent."""
     seen = dict(seen or {})
-    latest = engine.snapshot("train", since=10**9)  # scalars only: no history rows
+    latest = engine.snapshot("train", since=SCALARS_ONLY)
     key = chart_key(latest, overlays)
     have = seen.get("rows", 0) if seen.get("chart") == key else 0
     snap = engine.snapshot("train", since=have)
