@@ -78,6 +78,8 @@ def test_the_live_chart_keeps_the_zoom_while_new_points_arrive(page):
     load_sample(page)
     open_tab(page, "train")
     choose(page, "#model-preset", "tiny ·")
+    note = wait_text(page, "#model-note", "The offline demo fine-tunes tiny")
+    assert "openai-community/gpt2" in note and "path box" in note
     page.check("#random-init input")
     page.fill("#max-steps input", "60")
     page.fill("#eval-every input", "10")
