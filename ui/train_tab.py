@@ -305,7 +305,7 @@ def build(shared) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             preset = gr.Dropdown([(preset_label(e), e.name) for e in presets], value="tiny", label="Model", elem_id="model-preset")
-            custom = gr.Textbox(label="…or a local path / Hugging Face Hub id" if engine.limits.local_paths else "…or a Hugging Face Hub id",
+            custom = gr.Textbox(label=PATH_BOX if engine.limits.local_paths else "…or a Hugging Face Hub id",
                                 placeholder="e.g. ./my-gpt2 or openai-community/gpt2" if engine.limits.local_paths
                                 else "e.g. openai-community/gpt2", elem_id="model-path")
             random_init = gr.Checkbox(value=True, label="Random init (no download: for the offline demo)", elem_id="random-init")
