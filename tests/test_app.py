@@ -24,7 +24,7 @@ from data.browse import matches
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword).*")
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(preset="tiny", custom="", random_init=True, epochs=1, batch_size=8, lr=5e-5, mask_prompt=False, lora=False,
-            rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2)
+            rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2, checkpoint_every=0)
 
 
 def free_port() -> int:
