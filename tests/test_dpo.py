@@ -322,10 +322,37 @@ def test_cli(parent, pref_file, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "done: 2 steps" in out.stdout and "val reward margin" in out.stderr
+    assert "done: 2 steps" in out.stdout and "val reward margin" in out.stdout
     assert read_manifest(tmp_path / "cli")["dpo"]["beta"] == 0.2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "x", "input": "", "output": "y", "chosen": "y"}]))
     out = subprocess.run([sys.executable, "-m", "training.dpo", "--from", str(parent), "--data", str(bad)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and 'bad.json, record 1: field "rejected" is missing' in out.stderr
+
+
+# Evaluation: base, fine-tuned and aligned
+
+
+def test_evaluate_scores_the_three_models_and_the_preference(parent, pref_file, tmp_path):
+    from evaluation.evaluate import evaluate_run, format_summary, preference_margins
+    from engine.models import tuned_model
+
+    run = tmp_path / "dpo"
+    train_dpo(dpo_config(parent, pref_file, run, max_steps=2, sample_tokens=0, lr=1e-3))
+    result = evaluate_run(run, limit=3, max_new_tokens=4)
+    summary, rows = result["summary"], result["rows"]
+    assert summary["models"] == ["base", "tuned", "aligned"] and summary["method"] == "dpo"
+    assert summary["parent_run"] == parent.name and summary["data"] == str(pref_file)
+    test_pairs = split_preferences(load_preferences(pref_file)).test[:3]
+    for name, weights in (("tuned", parent), ("aligned", run)):
+        margins = preference_margins(tuned_model(weights), test_pairs)
+        assert [r[name]["preference_margin"] for r in rows] == pytest.approx(margins)
+        assert summary[name]["preference_accuracy"] == sum(m > 0 for m in margins) / 3
+    assert rows[0]["aligned"]["nll"] != rows[0]["tuned"]["nll"]
+    table = format_summary(summary)
+    assert "aligned" in table.splitlines()[1] and "chosen preferred to rejected" in table
+    two = evaluate_run(run, limit=2, max_new_tokens=2, models=["base", "aligned"])["summary"]
+    assert two["models"] == ["base", "aligned"] and "tuned" not in two
+    with pytest.raises(ValueError, match="models must be some of base, tuned"):
+        evaluate_run(parent, models=["aligned"])

@@ -34,7 +34,7 @@ from runstore import RunWriter, find_run, load_run, new_run_dir, read_manifest
 from runstore.store import WEIGHTS
 
 from .config import ConfigError, TrainConfig, check_field, setting
-from .events import Finished, Logged, Started, Status
+from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
 from .loop import Clock, Hooks, StopTraining, finite, now, respond, versions
 from .optim import MasterWeightAdamW
@@ -91,51 +91,49 @@ class DPOConfig:
 
 
 class TokenLogProbs(torch.autograd.Function):
-    """log p(target) of each hidden state under the LM head, with the head's softmax kept for backward.
+    """log p(target) of each hidden state under the LM head, the vocabulary-wide work done a block of rows at a time.
 
-    Rows go through in blocks (logits of a block ~25 MB); the log-softmax is fp32.
-    Backward scales ``one_hot - softmax`` by each token's incoming gradient and
-    makes the head's weight gradient; with ``tied_grad`` it hands that gradient
-    to the tied token embedding (``model.gpt.TiedEmbedding``), as fine-tuning's head does.
+    Nothing vocabulary-sized outlives a block: backward multiplies the block's
+    logits again (one extra matmul over the answers' tokens only) rather than
+    keeping every softmax from the forward pass, which at the longest batch
+    would be ~100 MB. It scales ``one_hot - softmax`` by each token's incoming
+    gradient and makes the head's weight gradient; with ``tied_grad`` it hands
+    that gradient to the tied token embedding (``model.gpt.TiedEmbedding``),
+    as fine-tuning's head does.
     """
 
-    BLOCK_ROWS = 128
+    BLOCK_ROWS = 32  # a block's bf16 logits and their fp32 copies: ~16 MB
 
     @staticmethod
-    def run(h, weight, targets, keep: bool):
-        out, probs = [], []
+    def run(h, weight, targets):
+        out = []
         for hb, tb in zip(h.split(TokenLogProbs.BLOCK_ROWS), targets.split(TokenLogProbs.BLOCK_ROWS)):
             logp = torch.log_softmax(hb @ weight.t(), dim=-1, dtype=torch.float32)
             out.append(logp.gather(1, tb[:, None]).squeeze(1))
-            if keep:
-                probs.append(logp.exp_().to(h.dtype))
-        return (torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)), probs
+        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
     def forward(ctx, h, weight, targets, tied_grad=None):
-        logp, ctx.probs = TokenLogProbs.run(h, weight, targets, keep=True)
         ctx.save_for_backward(h, weight, targets)
         ctx.tied_grad = tied_grad
-        return logp
+        return TokenLogProbs.run(h, weight, targets)
 
     @staticmethod
     def backward(ctx, grad_logp):
         h, weight, targets = ctx.saved_tensors
-        probs, ctx.probs = ctx.probs, None
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
-        start = 0
-        for p in probs:
-            n = len(p)
-            g = grad_logp[start:start + n].to(p.dtype)
-            p.mul_(-g[:, None])  # d log p(t) / d logits = one_hot(t) - softmax
-            p[torch.arange(n, device=p.device), targets[start:start + n]] += g
+        for start in range(0, len(h), TokenLogProbs.BLOCK_ROWS):
+            hb = h[start:start + TokenLogProbs.BLOCK_ROWS]
+            n = len(hb)
+            g = grad_logp[start:start + n]
+            p = torch.softmax(hb @ weight.t(), dim=-1, dtype=torch.float32).mul_(-g[:, None]).to(h.dtype)
+            p[torch.arange(n, device=p.device), targets[start:start + n]] += g.to(p.dtype)  # one_hot - softmax, scaled
             if want_h:
                 torch.mm(p, weight, out=grad_h[start:start + n])
             if want_w:
-                grad_w.addmm_(p.t(), h[start:start + n])
-            start += n
+                grad_w.addmm_(p.t(), hb)
         if ctx.tied_grad is not None and grad_w is not None:
             ctx.tied_grad.append(grad_w)
             grad_w = None
@@ -156,7 +154,7 @@ def sequence_logprobs(model: GPT, batch, average: bool = True) -> torch.Tensor:
     if training:
         logp = TokenLogProbs.apply(h, weight, targets, tied_grad)
     else:
-        logp = TokenLogProbs.run(h, weight, targets, keep=False)[0]
+        logp = TokenLogProbs.run(h, weight, targets)
     n = 2 * batch.pairs
     sums = torch.zeros(n, dtype=torch.float32, device=h.device).index_add(0, sequence, logp)
     if not average:
@@ -175,17 +173,19 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
 
 @torch.no_grad()
 def reference_logprobs(model: GPT, dataset: PreferenceDataset, batches: list[list[int]], device, packed: bool = True,
-                       average: bool = True, reference: torch.Tensor | None = None) -> torch.Tensor:
+                       average: bool = True, on_batch=lambda n: None) -> torch.Tensor:
     """(len(dataset), 2) log-probabilities of each pair's chosen and rejected answer, filled batch by batch.
 
     Run the model in the mode training runs it in (dropout aside, the same kernels),
     so that a pair seen in the same batch gets exactly the policy's step-0 value.
     """
-    if reference is None:
-        reference = torch.full((len(dataset), 2), float("nan"))
+    reference = torch.full((len(dataset), 2), float("nan"))
     for positions in batches:
         batch = collate_preferences([dataset[i] for i in positions], packed=packed).to(device)
         reference[positions] = sequence_logprobs(model, batch, average).view(-1, 2).cpu()
+        if batch.inputs.device.type == "cpu":
+            release_free_memory()
+        on_batch(len(positions))
     return reference
 
 
@@ -302,22 +302,34 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None) -> dict:
         seed=config.seed, versions=versions(), device=describe(device, dtype), total_steps=total_steps, started=now(),
     )
 
+    emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                 epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
+                 sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo"))
+
     status = "done"
     step = tokens_seen = pairs_seen = 0
+    reference_s = 0.0
     last = {"train": {}, "val": {}}
     try:
-        emit(Status("reference", f"Reference log-probabilities of {len(train_ds) + len(val_ds)} pairs"))
         t0 = time.perf_counter()
         first = epoch_batches(train_ds, config.batch_size, 0, config.seed, config.grouped)
         seen = {i for b in first for i in b}
         rest = [i for i in range(len(train_ds)) if i not in seen]
-        ref_train = reference_logprobs(model, train_ds, first + in_order_batches(rest, config.batch_size), device, config.packed, average)
-        ref_train_eval = reference_logprobs(model, train_ds, train_eval_batches, device, config.packed, average)
-        ref_val = reference_logprobs(model, val_ds, val_batches, device, config.packed, average)
+        plans = [(train_ds, first + in_order_batches(rest, config.batch_size)), (train_ds, train_eval_batches), (val_ds, val_batches)]
+        total_pairs = sum(len(b) for _, batches in plans for b in batches)
+        emit(Status("reference", f"Reference log-probabilities of {total_pairs} pairs"))
+        done = 0
+
+        def reference_progress(n: int) -> None:
+            nonlocal done
+            done += n
+            emit(Progress({"phase": "reference", "done": done, "total": total_pairs, "elapsed_s": time.perf_counter() - t0}))
+            if hooks.should_stop():
+                raise StopTraining
+
+        ref_train, ref_train_eval, ref_val = (reference_logprobs(model, ds, batches, device, config.packed, average, reference_progress)
+                                              for ds, batches in plans)
         reference_s = time.perf_counter() - t0
-        emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                     epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
-                     sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo"))
 
         def metrics(step_figures: dict, evaluation: dict | None = None) -> dict:
             evals_left = max(0, (total_steps - step) // config.eval_every) + 1

@@ -12,7 +12,7 @@ from model import WeightsError
 from .cli import ProgressBar
 from .config import ConfigError, add_arguments
 from .dpo import DPOConfig, train_dpo
-from .events import Logged
+from .events import Logged, Progress
 from .loop import Hooks
 
 
@@ -34,7 +34,18 @@ def parse_args(argv=None) -> DPOConfig:
 class DPOProgressBar(ProgressBar):
     """Fine-tuning's bar, with the reward margin beside the loss and the validation rewards at each evaluation."""
 
+    reference = None
+
     def __call__(self, event) -> None:
+        if isinstance(event, Progress) and event.payload.get("phase") == "reference":
+            if self.reference is None:
+                self.reference = tqdm(total=event.payload["total"], unit="pair", desc="reference", leave=False)
+            self.reference.n = event.payload["done"]
+            self.reference.refresh()
+            return
+        if self.reference is not None and not isinstance(event, Progress):
+            self.reference.close()
+            self.reference = None
         if not (isinstance(event, Logged) and self.bar is not None):
             return super().__call__(event)
         r = event.record
