@@ -27,13 +27,12 @@ import subprocess
 import sys
 import time
 
-from training.optim import MasterWeightAdamW  # first: the training package sets the allocator's environment
-
 import torch
 
 from bench.common import machine, print_json
 from model import GPT, GPTConfig, pick_device, pick_dtype
-from model.device import describe, peak_rss_mb, release_free_memory
+from model.device import configure_runtime, describe, peak_rss_mb, release_free_memory
+from training.optim import MasterWeightAdamW
 
 SIDES = ("sft", "dpo", "dpo-stacked")
 
@@ -143,6 +142,7 @@ def main() -> None:
     parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # a child: one side's peak memory
     parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)  # a child: interleaved timing
     args = parser.parse_args()
+    configure_runtime()
     sides = args.sides.split(",")
     if args.peak_of:
         print(json.dumps(peak_of(args.peak_of, args.model)))

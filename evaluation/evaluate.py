@@ -34,7 +34,7 @@ from model import WeightsError, generate_batch, get_tokenizer
 from model.device import describe
 
 from runstore.export import ExportError, export_zip
-from engine.models import base_model_of_run, run_config, tuned_model
+from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.loop import now
 from runstore import read_manifest, write_atomic
@@ -145,7 +145,8 @@ class Progress:
 
 
 def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 128, batch_size: int = 8,
-                 limit: int | None = None, judge=None, progress=None, should_stop=None, models=None) -> dict:
+                 limit: int | None = None, judge=None, progress=None, should_stop=None, registry: Models | None = None,
+                 models=None) -> dict:
     """Evaluate a run's base and fine-tuned model on a split of its data; returns ``{"summary", "rows"}``.
 
     ``progress(dict)`` gets ``phase`` (loading, generating, scoring, judging),
@@ -154,11 +155,13 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     ``should_stop()`` is asked between batches; stopping raises
     ``EvaluationStopped`` and leaves earlier results on disk as they were.
     ``judge``: a ``evaluation.judge.Judge`` or its URL, or None to skip judging.
+    ``registry``: where the models are loaded and kept (the app's shared one); a private one by default.
     ``models``: which of base, tuned and (for a DPO run) aligned to score; default all
     of them. A DPO run is scored on its preference data unless ``data`` says otherwise,
     and preference data adds ``preference_accuracy`` and each row's ``preference_margin``.
     """
     run_dir = Path(run_dir)
+    registry = registry or Models(capacity=1)
     judge = Judge(judge) if isinstance(judge, str) else judge
     config = run_config(run_dir)
     manifest = read_manifest(run_dir)
@@ -181,15 +184,15 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     tracker = Progress(progress, should_stop, steps=(4 if preferences else 3) * len(names) + (len(names) if judge else 0))
     for name in names:
         if name != "base":
-            tuned_model(weights_of[name])  # a run without weights fails now, before the base model downloads
+            registry.tuned(weights_of[name])  # a run without weights fails now, before the base model downloads
     scorer = rouge()
     results: dict[str, list[dict]] = {}
     for name in names:
         tracker.begin("loading", name, 1)
         if name == "base":
-            model = base_model_of_run(run_dir, progress=lambda desc, done, total: tracker.emit(done, total))
+            model = registry.base_of_run(run_dir, progress=lambda desc, done, total: tracker.emit(done, total))
         else:
-            model = tuned_model(weights_of[name])
+            model = registry.tuned(weights_of[name])
         tracker.advance()
         device = describe(model.transformer.wte.weight.device, model.transformer.wte.weight.dtype)
         tracker.begin("generating", name, len(records))

@@ -336,7 +336,7 @@ def test_cli(parent, pref_file, tmp_path):
 
 def test_evaluate_scores_the_three_models_and_the_preference(parent, pref_file, tmp_path):
     from evaluation.evaluate import evaluate_run, format_summary, preference_margins
-    from engine.models import tuned_model
+    from runstore.models import Models
 
     run = tmp_path / "dpo"
     train_dpo(dpo_config(parent, pref_file, run, max_steps=2, sample_tokens=0, lr=1e-3))
@@ -346,7 +346,7 @@ def test_evaluate_scores_the_three_models_and_the_preference(parent, pref_file, 
     assert summary["parent_run"] == parent.name and summary["data"] == str(pref_file)
     test_pairs = split_preferences(load_preferences(pref_file)).test[:3]
     for name, weights in (("tuned", parent), ("aligned", run)):
-        margins = preference_margins(tuned_model(weights), test_pairs)
+        margins = preference_margins(Models().tuned(weights), test_pairs)
         assert [r[name]["preference_margin"] for r in rows] == pytest.approx(margins)
         assert summary[name]["preference_accuracy"] == sum(m > 0 for m in margins) / 3
     assert rows[0]["aligned"]["nll"] != rows[0]["tuned"]["nll"]

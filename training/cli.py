@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from data import DatasetError
 from model import WeightsError
 
+from . import distributed
 from .config import ConfigError, TrainConfig, add_arguments
 from .events import Download, Finished, Logged, Started
-from .loop import Hooks, train
+from .loop import Hooks
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -63,14 +67,44 @@ class ProgressBar:
                   f"peak memory {s['peak_rss_mb'] / 1024:.2f} GiB; saved to {s['run_dir']}")
 
 
+@record
 def main(argv=None) -> int:
+    """Train; under torchrun each process runs this, and rank 0 alone prints and writes the run.
+
+    SIGTERM asks for a stop at the next step (the run is saved as stopped); under
+    torchrun a stop on any rank stops them all.
+    """
     config = parse_args(argv)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    ctx = distributed.init(config.device)
+    code = 1
     try:
-        train(config, Hooks(on_event=ProgressBar()))
+        code = run(config, ctx, stop)
+    finally:
+        distributed.shutdown(ok=code == 0)
+    return code
+
+
+def run(config: TrainConfig, ctx: distributed.Context, stop: threading.Event) -> int:
+    from engine import Engine
+
+    if ctx.enabled and ctx.is_main:
+        print(f"{ctx.world_size} processes ({ctx.backend}) x batch {config.batch_size} x {config.grad_accum} accumulation: "
+              f"global batch {ctx.world_size * config.batch_size * config.grad_accum}")
+    hooks = Hooks(on_event=ProgressBar() if ctx.is_main else (lambda event: None), should_stop=stop.is_set)
+    where = f"rank {ctx.rank}: " if ctx.enabled else ""
+    try:
+        Engine().run_training(config, hooks)
     except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {where}{ctx.reason(e) if ctx.enabled else e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if ctx.enabled:
+            print(f"error: {where}{ctx.reason(e)}", file=sys.stderr)
+        raise
     return 0

@@ -78,6 +78,8 @@ class TrainConfig:
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     max_length: int | None = setting(None, "truncate sequences to this many tokens (none: the model's context window)", 8)
     out: str | None = setting(None, "run directory (default runs/<timestamp>-<model>)")
+    checkpoint_every: int = setting(0, "steps between resumable checkpoints; 0: none", 0)
+    max_wall_s: float | None = setting(None, "stop and save once training has run this many seconds", 0, low_open=True)
 
     def __post_init__(self):
         self.validate()

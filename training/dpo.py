@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -216,11 +217,11 @@ def evaluate_dpo(model: GPT, dataset: PreferenceDataset, batches: list[list[int]
 # The parent run
 
 
-def parent_run(parent: str | Path) -> tuple[Path, dict]:
+def parent_run(parent: str | Path, root: Path | None = None) -> tuple[Path, dict]:
     """The fine-tuned run to align: its folder and manifest; a clear error when it is not a finished run."""
     path = Path(parent)
     if not (path / "manifest.json").is_file():
-        found = find_run(parent)
+        found = find_run(parent, root)
         if found is None:
             raise FileNotFoundError(f"parent run {parent!r} not found: give a run directory or a run's name under runs/")
         path = found.path
@@ -235,29 +236,48 @@ def parent_run(parent: str | Path) -> tuple[Path, dict]:
 
 def base_config(manifest: dict) -> TrainConfig:
     """The fine-tuning settings behind a run (a DPO run keeps its parent's): base model, prompt style, data."""
-    return TrainConfig.from_dict(manifest["config"])
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig.from_dict({k: v for k, v in manifest["config"].items() if k in known})
 
 
 def is_dpo_run(run_dir: str | Path) -> bool:
     return read_manifest(Path(run_dir)).get("method") == "dpo"
 
 
+def check_dpo(config: DPOConfig, root: Path | None = None):
+    """``(parent folder, parent manifest, records, split)``, or an error naming what cannot make a run.
+
+    Cheap (no model is loaded): call it before a job starts, so that a bad parent or
+    bad data fails before "Started" is shown.
+    """
+    config.validate()
+    parent_dir, manifest = parent_run(config.parent, root)
+    records = load_preferences(config.data)
+    split = split_preferences(records)
+    name = Path(str(config.data)).name
+    if len(split.train) < config.batch_size:
+        raise ValueError(f"{name} has {len(records)} pairs: its training split (85 %) has {len(split.train)}, fewer than "
+                         f"one batch of {config.batch_size}; use a smaller batch or at least "
+                         f"{math.ceil(config.batch_size / 0.85)} pairs")
+    if not split.val:
+        raise ValueError(f"{name} has {len(records)} pairs: its validation split (5 %) is empty; "
+                         f"the book's 85/10/5 split needs at least 2 pairs there")
+    return parent_dir, manifest, records, split
+
+
 # The loop
 
 
-def train_dpo(config: DPOConfig, hooks: Hooks | None = None) -> dict:
-    """Align a fine-tuned run with preference data; returns the run's summary (also in its manifest)."""
+def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None = None) -> dict:
+    """Align a fine-tuned run with preference data into a new run under ``root``; returns its summary (also in its manifest)."""
     hooks = hooks or Hooks()
     emit = hooks.on_event
-    config.validate()
     clock = Clock()
 
-    parent_dir, parent_manifest = parent_run(config.parent)
-    sft = base_config(parent_manifest)
     emit(Status("loading", f"Loading the {Path(str(config.data)).name} preference data"))
+    parent_dir, parent_manifest, records, split = check_dpo(config, root)
+    sft = base_config(parent_manifest)
     data_file = preference_path(config.data)
-    records = load_preferences(config.data)
-    split = split_preferences(records)
     sample_record = (split.val or split.train)[0]
 
     device = pick_device(config.device)
@@ -290,10 +310,10 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None) -> dict:
     model.train()
     average = not config.sum_logprobs
 
-    run_dir = Path(config.out) if config.out else new_run_dir(f"{parent_dir.name}-dpo")
+    run_dir = Path(config.out) if config.out else new_run_dir(f"{parent_dir.name}-dpo", root)
     writer = RunWriter(run_dir)
     writer.update_manifest(
-        status="running", method="dpo", parent_run=parent_dir.name, parent_dir=str(parent_dir),
+        status="running", pid=os.getpid(), method="dpo", parent_run=parent_dir.name, parent_dir=str(parent_dir),
         config=sft.to_dict(), dpo=config.to_dict(),
         model={**parent_manifest.get("model", {}), "parameters": total_params, "trainable_parameters": trainable},
         data={"source": config.data, "file": str(data_file), "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest(),

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from tqdm import tqdm
 
 from data import DatasetError
 from model import WeightsError
+from model.device import configure_runtime
+from runstore import recover_runs
 
 from .cli import ProgressBar
 from .config import ConfigError, add_arguments
@@ -62,9 +66,15 @@ def num(value, spec: str = ".3f") -> str:
 
 
 def main(argv=None) -> int:
+    """Align; SIGTERM asks for a stop at the next step (the run is saved as stopped)."""
+    configure_runtime()
     config = parse_args(argv)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    recover_runs()
     try:
-        train_dpo(config, Hooks(on_event=DPOProgressBar()))
+        train_dpo(config, Hooks(on_event=DPOProgressBar(), should_stop=stop.is_set))
     except (DatasetError, WeightsError, ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
