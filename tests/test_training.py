@@ -1,6 +1,7 @@
 """The fine-tuning engine: loop, mixed precision, LoRA, the background job, runs on disk, the CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,15 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
-    values = dict(model="tiny", random_init=True, data="canonical", max_steps=6, eval_every=3, eval_batches=2,
+    values = dict(model="tiny", random_init=True, data="sample", max_steps=6, eval_every=3, eval_batches=2,
                   sample_tokens=8, out=str(tmp_path / "run"), lr=1e-3)
     return TrainConfig(**{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
 def batches():
-    split = split_instructions(load_instructions("canonical"))
-    loader = make_loader(InstructionDataset(split.train[:64]), batch_size=8)
+    split = split_instructions(load_instructions("sample"))
+    loader = make_loader(InstructionDataset(split.train), batch_size=8)
     return list(loader)
 
 
@@ -121,7 +122,7 @@ def test_bf16_compute_steps_like_fp32_adamw():
 def test_bf16_and_fp32_losses_agree(tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
-        config = tiny_config(tmp_path, precision=precision, max_steps=20, eval_every=5, out=str(tmp_path / precision))
+        config = tiny_config(tmp_path, precision=precision, epochs=3, max_steps=20, eval_every=5, out=str(tmp_path / precision))
         train(config)
         runs[precision] = read_metrics(tmp_path / precision)
     for a, b in zip(runs["fp32"], runs["bf16"]):
@@ -132,7 +133,7 @@ def test_bf16_and_fp32_losses_agree(tmp_path):
 
 
 def test_loss_decreases_on_the_tiny_model(tmp_path):
-    summary = train(tiny_config(tmp_path, max_steps=40, eval_every=10, eval_batches=3))
+    summary = train(tiny_config(tmp_path, epochs=6, max_steps=40, eval_every=10, eval_batches=3))
     metrics = read_metrics(tmp_path / "run")
     evals = [m["val_loss"] for m in metrics if m["val_loss"] is not None]
     assert len(evals) == 5  # the baseline, then every 10 steps
@@ -147,8 +148,8 @@ def test_run_on_disk(tmp_path):
     manifest = read_manifest(run)
     assert manifest["status"] == "done"
     assert manifest["config"]["lr"] == config.lr and manifest["seed"] == 123
-    assert manifest["data"]["split"] == {"train": 935, "val": 55, "test": 110}
-    assert manifest["data"]["sha256"] == "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+    assert manifest["data"]["split"] == {"train": 62, "val": 5, "test": 7}
+    assert manifest["data"]["sha256"] == hashlib.sha256(source_path("sample").read_bytes()).hexdigest()
     assert {"torch", "python", "tiktoken"} <= set(manifest["versions"])
     for key in ("device", "started", "ended", "wall_time_s", "final_train_loss", "final_val_loss", "peak_rss_mb"):
         assert manifest[key] is not None, key
