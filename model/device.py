@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 import torch
 
@@ -22,7 +23,13 @@ def pick_device(preferred: str | None = None) -> torch.device:
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 beats fp32 ~2x."""
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 beats fp32 ~2x.
+
+    ``GPT2_INSTRUCT_NATIVE_BF16=0`` or ``1`` overrides /proc/cpuinfo, e.g. to act as an fp32-only CPU.
+    """
+    override = os.environ.get("GPT2_INSTRUCT_NATIVE_BF16")
+    if override in ("0", "1"):
+        return override == "1"
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
