@@ -4,12 +4,13 @@ Serves on 127.0.0.1:7860 by default; ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PO
 are honoured and the flags win over them; on a Hugging Face Space (``SPACE_ID``
 set) it listens on 0.0.0.0.
 """
-import training  # noqa: F401  first: it sets allocator variables that must precede torch
-
 import argparse
 import os
 
+from engine import Engine
 from ui.app import build_app, launch_options
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def server_address(host: str | None = None, port: int | None = None, env=os.environ) -> tuple[str, int]:
@@ -25,7 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, help="port (default 7860)")
     args = parser.parse_args(argv)
     host, port = server_address(args.host, args.port)
-    build_app().launch(server_name=host, server_port=port, **launch_options())
+    engine = Engine(loopback=host in LOOPBACK)
+    build_app(engine).launch(server_name=host, server_port=port, **launch_options())
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import functools
 import random
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from model.tokenizer import EOT_ID, get_tokenizer
 
@@ -141,21 +141,65 @@ class LengthGroupedSampler(Sampler):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
+class ShardedBatchSampler(Sampler):
+    """One process's share of each global batch: its items ``rank, rank + world_size, ...``.
+
+    ``batches`` yields the global batches that one process with the whole batch
+    would train on (same seed, same length grouping); every process takes every
+    ``world_size``-th item, which spreads the long and short items of a
+    length-sorted batch evenly over the processes.
+    """
+
+    def __init__(self, batches, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.batches = batches
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def epoch(self) -> int | None:
+        """The global batches' next epoch (length-grouped batches; None for the book's random order)."""
+        return getattr(self.batches, "epoch", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batches, "set_epoch"):
+            self.batches.set_epoch(epoch)
+
+    def __iter__(self):
+        for batch in self.batches:
+            if len(batch) < self.world_size:
+                raise ValueError(f"a global batch of {len(batch)} items cannot feed {self.world_size} processes")
+            yield batch[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def make_loader(dataset, batch_size: int = 8, shuffle: bool = True, drop_last: bool = True,
                 grouped: bool = False, seed: int = 123, mask_prompt: bool = False,
-                allowed_max_length=None, num_workers: int = 0) -> DataLoader:
+                allowed_max_length=None, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader over an ``InstructionDataset`` using ``custom_collate_fn``.
 
     Training: ``shuffle=True, drop_last=True`` (the book's loader; with ``seed=123``
     its very batches), or ``grouped=True`` for length-grouped batches.
     Validation and test: ``shuffle=False, drop_last=False``.
+
+    Data parallel: with ``world_size`` processes, ``batch_size`` is per process; the
+    loader draws the global batches of ``batch_size * world_size`` that one process
+    would draw and yields process ``rank``'s share of each (``ShardedBatchSampler``).
     """
+    if world_size > 1 and not drop_last:
+        raise ValueError("a sharded loader drops the last partial global batch (drop_last=True), so that every process has a share")
     collate = functools.partial(custom_collate_fn, mask_prompt=mask_prompt,
                                 allowed_max_length=allowed_max_length)
     generator = torch.Generator().manual_seed(seed)
     common = dict(collate_fn=collate, num_workers=num_workers, generator=generator)
     if grouped:
-        sampler = LengthGroupedSampler(dataset.lengths, batch_size, seed=seed, drop_last=drop_last)
-        return DataLoader(dataset, batch_sampler=sampler, **common)
+        sampler = LengthGroupedSampler(dataset.lengths, batch_size * world_size, seed=seed, drop_last=drop_last)
+        return DataLoader(dataset, batch_sampler=sampler if world_size == 1 else ShardedBatchSampler(sampler, rank, world_size), **common)
     sampler = BookRandomSampler(len(dataset), generator) if shuffle else None
+    if world_size > 1:
+        batches = BatchSampler(sampler or SequentialSampler(dataset), batch_size * world_size, drop_last)
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches, rank, world_size), **common)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)

@@ -1,109 +1,131 @@
-"""One fine-tuning run at a time, in a background thread, observed through ``snapshot()``.
+"""One job abstraction for every long task: fine-tuning, preference tuning, evaluation.
 
-The UI never owns training state: it calls ``start`` / ``stop`` and polls
-``snapshot()``, a copy made under a lock, so any number of visitors can watch
-the same run while only the session that started it may stop it.
+A ``Job`` runs ``work(hooks)`` in a background thread. It is started with an
+owner (who alone may stop it), stops cooperatively (``hooks.should_stop()``),
+and folds the typed events of ``training.events`` into a state that any number
+of visitors poll with ``snapshot(since)``: a versioned, shallow view that sends
+only the history rows a poller has not seen yet.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
+from typing import Callable
 
-from training.config import TrainConfig
-from training.events import Download, Finished, Logged, Started, Status
-from training.loop import Hooks, train
+from training.events import Download, Finished, Logged, Progress, Started, Status
+from training.loop import Hooks
+
+from .public import scrub
 
 log = logging.getLogger(__name__)
 ACTIVE = ("starting", "loading", "training", "evaluating", "stopping", "saving")
+ENDED = ("done", "stopped", "failed")
+SCALARS_ONLY = 10**9  # a ``since`` past any history: a snapshot without its rows
 
 
 class JobError(RuntimeError):
     """A start or stop that cannot be done now; the message says why."""
 
 
-def _fresh_state() -> dict:
+def fresh_state(kind: str = "", title: str = "") -> dict:
     return {
-        "version": 0, "status": "idle", "message": "", "owner": None, "config": None, "run_dir": None,
-        "step": 0, "total_steps": 0, "steps_per_epoch": 0, "epoch": 0.0, "epochs": 0, "tokens_seen": 0,
-        "lr": None, "tokens_per_s": 0.0, "elapsed_s": 0.0, "eta_s": None, "history": [], "responses": [],
-        "sample_instruction": None, "download": None, "error": None, "final": None, "device": None,
-        "parameters": None, "trainable_parameters": None, "started_at": None,
+        "version": 0, "kind": kind, "title": title, "status": "idle", "message": "", "owner": None, "config": None,
+        "run": None, "method": None, "step": 0, "start_step": 0, "total_steps": 0, "steps_per_epoch": 0, "epoch": 0.0,
+        "epochs": 0, "tokens_seen": 0, "lr": None, "tokens_per_s": 0.0, "elapsed_s": 0.0, "eta_s": None,
+        "responses": [], "sample_instruction": None, "download": None, "progress": None, "error": None, "final": None,
+        "result": None, "device": None, "parameters": None, "trainable_parameters": None, "started_at": None,
     }
 
 
-class TrainingJob:
-    def __init__(self):
+class Job:
+    """One long task: ``work(hooks)`` returns its result (a dict) or raises; events update the shared state."""
+
+    def __init__(self, kind: str, work: Callable[[Hooks], dict | None], owner: str | None = None, title: str = "",
+                 config: dict | None = None, on_end: Callable[["Job"], None] | None = None):
+        self.kind, self._work, self._on_end = kind, work, on_end
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._state = _fresh_state()
+        self._history: list[dict] = []  # rows are never changed once appended, so a slice can be shared
+        self._state = fresh_state(kind, title)
+        self._state.update(status="starting", message=f"Starting {title or kind}", owner=owner, config=config,
+                           started_at=time.time(), version=1)
+        self._thread = threading.Thread(target=self._run, name=kind, daemon=True)
 
-    def start(self, config: TrainConfig, owner: str | None = None) -> None:
-        """Begin a run in the background; ``JobError`` if one is already running."""
-        config.validate()
-        with self._lock:
-            if self._state["status"] in ACTIVE:
-                raise JobError(f"a fine-tuning run is already running ({self._state['status']}, step "
-                               f"{self._state['step']}/{self._state['total_steps']}); wait for it or stop it first")
-            self._stop.clear()
-            self._state = _fresh_state()
-            self._state.update(status="starting", message="Starting", owner=owner, config=config.to_dict(),
-                               epochs=config.epochs, started_at=time.time(), version=1)
-            self._thread = threading.Thread(target=self._run, args=(config,), name="fine-tuning", daemon=True)
-            self._thread.start()
-
-    def stop(self, owner: str | None = None) -> bool:
-        """Ask the run to stop at the next step boundary (it saves what it has). False if nothing runs."""
-        with self._lock:
-            if self._state["status"] not in ACTIVE:
-                return False
-            if self._state["owner"] is not None and owner != self._state["owner"]:
-                raise JobError("only the browser session that started this run can stop it")
-            self._state.update(status="stopping", message="Stopping at the next step", version=self._state["version"] + 1)
-        self._stop.set()
-        return True
+    def start(self) -> "Job":
+        self._thread.start()
+        return self
 
     @property
-    def running(self) -> bool:
+    def owner(self) -> str | None:
+        return self._state["owner"]
+
+    @property
+    def active(self) -> bool:
         with self._lock:
             return self._state["status"] in ACTIVE
 
     @property
     def version(self) -> int:
-        """Grows with every change: a poller compares it before asking for a whole snapshot."""
         with self._lock:
             return self._state["version"]
 
-    def snapshot(self) -> dict:
-        """A consistent copy of the run's state; ``version`` grows with every change."""
+    def stop(self, owner: str | None = None, reason: str = "stopped by its owner") -> bool:
+        """Ask the task to stop at its next boundary (a run saves what it has). False when it is not running."""
         with self._lock:
-            state = copy.deepcopy(self._state)
+            if self._state["status"] not in ACTIVE:
+                return False
+            if self._state["owner"] is not None and owner != self._state["owner"]:
+                raise JobError(f"Only the browser session that started this {self._state['title'] or self.kind} can stop it.")
+            self._state.update(status="stopping", message=f"Stopping ({reason})", stop_reason=reason,
+                               version=self._state["version"] + 1)
+        self._stop.set()
+        return True
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def snapshot(self, since: int = 0) -> dict:
+        """The state with ``history`` holding rows ``since`` onwards and ``history_len`` all of them; no deep copy."""
+        with self._lock:
+            state = dict(self._state)
+            state["history"] = self._history[since:]
+            state["history_len"] = len(self._history)
+            state["responses"] = list(state["responses"])
         if state["status"] in ACTIVE and state["started_at"]:
             state["elapsed_s"] = time.time() - state["started_at"]
         return state
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the run's thread ends; True when it has."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        return thread is None or not thread.is_alive()
+        """Block until the task's thread ends; True when it has."""
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
-    def _run(self, config: TrainConfig) -> None:
+    def _run(self) -> None:
         try:
-            train(config, Hooks(on_event=self._on_event, should_stop=self._stop.is_set))
+            result = self._work(Hooks(on_event=self.on_event, should_stop=self._stop.is_set))
+            with self._lock:
+                self._state["result"] = result
+                if self._state["status"] not in ENDED:  # a task that emits no Finished (evaluation)
+                    stopped = self._stop.is_set()
+                    self._state.update(status="stopped" if stopped else "done", message="Stopped" if stopped else "Done")
+                self._state["version"] += 1
         except Exception as e:  # the thread must end in a state the UI can show, whatever happened
-            log.exception("fine-tuning failed")
-            self._update(status="failed", message=f"Failed: {e}", error=f"{type(e).__name__}: {e}")
+            log.exception("%s failed", self.kind)
+            stopped = self._stop.is_set() and type(e).__name__.endswith("Stopped")
+            self._update(status="stopped" if stopped else "failed", message=scrub(str(e)),
+                         error=None if stopped else f"{type(e).__name__}: {scrub(str(e))}")
+        finally:
+            if self._on_end is not None:
+                self._on_end(self)
 
     def _update(self, **fields) -> None:
         with self._lock:
             self._state.update(fields)
             self._state["version"] += 1
 
-    def _on_event(self, event) -> None:
+    def on_event(self, event) -> None:
         with self._lock:
             s = self._state
             if isinstance(event, Status):
@@ -114,18 +136,28 @@ class TrainingJob:
             elif isinstance(event, Download):
                 s["download"] = {"file": event.file, "done": event.done, "total": event.total}
             elif isinstance(event, Started):
-                s.update(run_dir=event.run_dir, total_steps=event.total_steps, steps_per_epoch=event.steps_per_epoch,
-                         device=event.device, parameters=event.parameters,
-                         trainable_parameters=event.trainable_parameters, sample_instruction=event.sample_instruction)
+                s.update(run=event.run_name, total_steps=event.total_steps, steps_per_epoch=event.steps_per_epoch,
+                         epochs=event.epochs, device=event.device, parameters=event.parameters, method=event.method,
+                         trainable_parameters=event.trainable_parameters, sample_instruction=event.sample_instruction,
+                         start_step=event.start_step, step=event.start_step)
             elif isinstance(event, Logged):
                 record = event.record
-                s["history"].append(record)
-                s.update(step=record["step"], epoch=record["epoch"], tokens_seen=record["tokens_seen"], lr=record["lr"],
-                         tokens_per_s=record["tokens_per_s"], eta_s=record["eta_s"])
+                self._history.append(record)
+                s.update(step=record["step"], epoch=record.get("epoch", s["epoch"]), tokens_seen=record.get("tokens_seen", 0),
+                         lr=record.get("lr"), tokens_per_s=record.get("tokens_per_s", 0.0), eta_s=record.get("eta_s"))
                 if event.response is not None:
                     s["responses"].append({"step": record["step"], "response": event.response})
+            elif isinstance(event, Progress):
+                s["progress"] = event.payload
             elif isinstance(event, Finished):
-                summary = event.summary
-                s.update(status=summary["status"], final=dict(summary), eta_s=0.0, elapsed_s=summary["wall_time_s"],
-                         message=f"{summary['status'].capitalize()} after {summary['steps']} steps; saved to {summary['run_dir']}")
+                summary = {k: v for k, v in event.summary.items() if k != "run_dir"}
+                s.update(status=summary["status"], final=summary, eta_s=0.0, elapsed_s=summary.get("wall_time_s", s["elapsed_s"]),
+                         message=f"{summary['status'].capitalize()} after {summary.get('steps', 0)} steps; saved as {s['run']}")
             s["version"] += 1
+
+
+def idle_snapshot() -> dict:
+    """What a lane with no job yet shows."""
+    state = fresh_state()
+    state.update(history=[], history_len=0)
+    return state

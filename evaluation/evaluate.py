@@ -30,7 +30,7 @@ from model import WeightsError, generate_batch, get_tokenizer
 from model.device import describe
 
 from runstore.export import ExportError, export_zip
-from engine.models import base_model_of_run, run_config, tuned_model
+from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.loop import now
 from runstore import write_atomic
@@ -139,7 +139,7 @@ class Progress:
 
 
 def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 128, batch_size: int = 8,
-                 limit: int | None = None, judge=None, progress=None, should_stop=None) -> dict:
+                 limit: int | None = None, judge=None, progress=None, should_stop=None, registry: Models | None = None) -> dict:
     """Evaluate a run's base and fine-tuned model on a split of its data; returns ``{"summary", "rows"}``.
 
     ``progress(dict)`` gets ``phase`` (loading, generating, scoring, judging),
@@ -148,8 +148,10 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     ``should_stop()`` is asked between batches; stopping raises
     ``EvaluationStopped`` and leaves earlier results on disk as they were.
     ``judge``: a ``evaluation.judge.Judge`` or its URL, or None to skip judging.
+    ``registry``: where the models are loaded and kept (the app's shared one); a private one by default.
     """
     run_dir = Path(run_dir)
+    registry = registry or Models(capacity=1)
     judge = Judge(judge) if isinstance(judge, str) else judge
     config = run_config(run_dir)
     if split not in SPLITS:
@@ -162,15 +164,15 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
         raise ValueError(f"the {split} split of {source} is empty")
     started = now()
     tracker = Progress(progress, should_stop, steps=3 * len(MODELS) + (len(MODELS) if judge else 0))
-    tuned_model(run_dir)  # a run without weights fails now, before the base model downloads
+    registry.tuned(run_dir)  # a run without weights fails now, before the base model downloads
     scorer = rouge()
     results: dict[str, list[dict]] = {}
     for name in MODELS:
         tracker.begin("loading", name, 1)
         if name == "base":
-            model = base_model_of_run(run_dir, progress=lambda desc, done, total: tracker.emit(done, total))
+            model = registry.base_of_run(run_dir, progress=lambda desc, done, total: tracker.emit(done, total))
         else:
-            model = tuned_model(run_dir)
+            model = registry.tuned(run_dir)
         tracker.advance()
         device = describe(model.transformer.wte.weight.device, model.transformer.wte.weight.dtype)
         tracker.begin("generating", name, len(records))

@@ -11,9 +11,30 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def configure_runtime() -> None:
+    """Allocator and kernel-cache settings, set before the first large allocation; every entry point calls it first.
+
+    Large CPU buffers go on 2 MB pages (fewer page faults per step), and the oneDNN
+    kernel cache is bounded (each new batch length adds ~2 MB of kernels).
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+
+
+def on_zero_gpu() -> bool:
+    """True on a Hugging Face Space with ZeroGPU hardware, which sets ``SPACES_ZERO_GPU`` (as the ``spaces`` package reads it).
+
+    ZeroGPU lends a GPU only for the length of a call to a ``@spaces.GPU`` function, in a
+    forked process; a background training thread never has one.
+    """
+    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true", "yes")
+
+
 def pick_device(preferred: str | None = None) -> torch.device:
     if preferred and preferred != "auto":
         return torch.device(preferred)
+    if on_zero_gpu():
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -58,6 +79,17 @@ def pick_dtype(device: torch.device, preferred: str | None = None) -> torch.dtyp
 def describe(device: torch.device, dtype: torch.dtype) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
     return f"{name}, {str(dtype).removeprefix('torch.')}"
+
+
+def hardware_note() -> str:
+    """One sentence on where fine-tuning runs on this machine, for the app to show before training."""
+    device = pick_device()
+    precision = str(pick_dtype(device)).removeprefix("torch.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    where = f"the CPU ({cores} cores, {precision})" if device.type == "cpu" else describe(device, pick_dtype(device))
+    if on_zero_gpu():
+        return f"This Space's ZeroGPU lends a GPU only inside @spaces.GPU calls, never to a background job: training runs on {where}."
+    return f"Training runs on {where}."
 
 
 def peak_rss_mb() -> float:

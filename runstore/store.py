@@ -116,6 +116,39 @@ def find_run(name: str | Path, root: Path | None = None) -> RunInfo | None:
     return None
 
 
+def process_alive(pid) -> bool:
+    """True when ``pid`` is a live process other than this one."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_runs(root: Path | None = None) -> list[RunInfo]:
+    """Runs left ``running`` by a process that is gone become ``interrupted``, with their last logged step.
+
+    Called when the app or a CLI starts, before it starts runs of its own: a run
+    that this process was writing cannot be going on any more, and a run whose
+    recorded process is alive (a CLI run beside the app) is left alone.
+    """
+    recovered = []
+    for run in list_runs(root):
+        if run.status != "running" or process_alive(run.manifest.get("pid")):
+            continue
+        metrics = read_metrics(run.path)
+        manifest = {**run.manifest, "status": "interrupted", "steps": metrics[-1]["step"] if metrics else 0,
+                    "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "error": "the process running it ended before it finished (killed, crashed or shut down)"}
+        write_atomic(run.path / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        recovered.append(RunInfo(run.path, manifest))
+    return recovered
+
+
 def load_run(path: Path, device=None, dtype=None):
     """The fine-tuned model of a run, through the same loader as any checkpoint."""
     import torch

@@ -53,9 +53,10 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(folders):
+    from engine import Engine
     from ui.app import build_app, launch_options
 
-    demo = build_app()
+    demo = build_app(Engine())
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_options())
     yield f"http://127.0.0.1:{port}/"
@@ -70,7 +71,7 @@ def client(url) -> Client:
 def load(c: Client, source: str, upload=None):
     """``load_dataset`` outputs by name."""
     out = c.predict(source, handle_file(str(upload)) if upload else None, False, api_name="/load_dataset")
-    names = ["error", "summary", "histogram", "table", "count", "page", "query", "number", "meta", "tokens"]
+    names = ["source", "error", "summary", "histogram", "table", "count", "page", "query", "number", "meta", "tokens"]
     return dict(zip(names, out))
 
 
@@ -180,7 +181,7 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
     assert "Started fine-tuning tiny on bundled sample" in text(start(c, "owner-a"))
     again = start(c, "owner-b")
     assert "already running" in text(again)
-    assert "only the browser session that started this run can stop it" in text(c.predict("owner-b", api_name="/stop_training"))
+    assert "Only the browser session that started this fine-tuning run can stop it" in text(c.predict("owner-b", api_name="/stop_training"))
 
     lengths, status = [], {}
     deadline = time.time() + 90
@@ -197,17 +198,20 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
     assert [r["step"] for r in history] == list(range(7))
     assert history[0]["val_loss"] is not None and history[0]["tokens_seen"] == 0
     assert [r["step"] for r in status["responses"]] == [0, 2, 4, 6]
-    assert status["final"]["steps"] == 6 and Path(status["final"]["run_dir"]).parent == folders / "runs"
+    assert status["final"]["steps"] == 6 and (folders / "runs" / status["run"]).is_dir()
+    assert "/" not in json.dumps(status["config"]) and "run_dir" not in status["final"]  # no server paths
 
     chart, progress, responses, final = c.predict("owner-a", [], api_name="/poll_status")
-    traces = json.loads(chart["plot"])["data"]
+    message = json.loads(chart)
+    traces = message["figure"]["data"]
     assert {t["name"] for t in traces} >= {"train loss", "validation loss", "before training"}
+    assert [row[1] for row in message["rows"]] == list(range(7))
     assert "step <b>6</b> / 6" in progress and "done" in text(progress)
-    assert "Saved to" in text(final) and "Validation instruction" in text(responses)
+    assert f"Saved as run {status['run']}" in text(final) and "Validation instruction" in text(responses)
     chart_again = c.predict("owner-a", [], api_name="/poll_status")[0]
-    assert chart_again == {"__type__": "update"}  # nothing new: the chart is skipped, its zoom kept
+    assert chart_again["__type__"] == "update" and "value" not in chart_again  # nothing new: nothing sent
 
-    run_dir = status["final"]["run_dir"]
+    run_dir = status["run"]
     base, tuned, diff, note = c.predict("Rewrite the sentence in passive voice.", "The cat ate the fish.", run_dir,
                                         24, 0, 0, 1, 123, api_name="/compare")
     assert base.strip() and isinstance(tuned, str)  # six steps from random weights: greedy may give blank lines
@@ -225,19 +229,21 @@ def test_only_the_owner_can_stop_a_run(url):
     load(c, "sample")
     wait_until_idle(c)
     assert "Started" in text(start(c, "owner-a", epochs=50, max_steps=0, eval_every=100))
-    assert "only the browser session" in text(c.predict("owner-b", api_name="/stop_training"))
+    assert "Only the browser session" in text(c.predict("owner-b", api_name="/stop_training"))
     assert c.predict(api_name="/job_status")["status"] not in ("stopped", "done")
     assert "Stopping at the next step" in text(c.predict("owner-a", api_name="/stop_training"))
     status = wait_until_idle(c)
     assert status["status"] == "stopped" and status["final"]["steps"] < 50 * 7
-    assert (Path(status["final"]["run_dir"]) / "model.safetensors").is_file()
+    assert (Path(os.environ["GPT2_INSTRUCT_RUNS"]) / status["run"] / "model.safetensors").is_file()
     assert "No run is going" in text(c.predict("owner-a", api_name="/stop_training"))
 
 
 def test_settings_errors_are_messages(url):
     c = client(url)
     wait_until_idle(c)
-    assert "batch_size must be between 1 and 512, got 0" in text(start(c, "x", batch_size=0))
+    with pytest.raises(Exception, match="less than minimum value 1"):  # the form's bounds come from TrainConfig
+        start(c, "x", batch_size=0)
+    assert "lr must be in (0, 1], got -1" in text(start(c, "x", lr=-1))
     assert "tick random init" in text(start(c, "x", random_init=False))
     assert "untick it" in text(start(c, "x", custom="./my-model"))
     assert "session id" in text(start(c, ""))
@@ -248,17 +254,18 @@ def test_playground_reports_models_it_cannot_load(url, folders):
     c = client(url)
     runs = sorted((folders / "runs").iterdir())
     assert runs, "needs the run of the training test"
-    assert "Type an instruction" in text(c.predict("", "", str(runs[0]), 8, 0, 0, 1, 1, api_name="/compare")[3])
-    assert "not a finished run" in text(c.predict("Hi", "", "/etc", 8, 0, 0, 1, 1, api_name="/compare")[3])
+    assert "Type an instruction" in text(c.predict("", "", runs[0].name, 8, 0, 0, 1, 1, api_name="/compare")[3])
+    assert "not a run on this server" in text(c.predict("Hi", "", "/etc", 8, 0, 0, 1, 1, api_name="/compare")[3])
 
     broken = folders / "runs" / "99999999-000000-missing-base"
     shutil.copytree(runs[0], broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["config"].update(model=str(folders / "no-such-model"), random_init=False)
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    base, tuned, _, note = c.predict("Hi", "", str(broken), 8, 0, 0, 1, 1, api_name="/compare")
+    base, tuned, _, note = c.predict("Hi", "", broken.name, 8, 0, 0, 1, 1, api_name="/compare")
     assert (base, tuned) == ("", "")
-    assert "could not be loaded" in text(note) and "no such file or directory" in text(note)
+    assert "could not be loaded" in text(note) and "no such file or directory: no-such-model" in text(note)
+    assert str(folders) not in note
     shutil.rmtree(broken)
 
 

@@ -17,6 +17,7 @@ import gradio as gr
 import pytest
 from gradio_client import Client
 
+from engine import Engine
 from training import TrainConfig, train
 from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, load_eval
 
@@ -52,9 +53,10 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def c(run):
+    from engine import Engine
     from ui.app import build_app, launch_options
 
-    demo = build_app()
+    demo = build_app(Engine())
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_options())
     yield Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -63,7 +65,7 @@ def c(run):
 
 def evaluate(c: Client, run_dir, limit=4, max_new_tokens=8, batch_size=4, judge_url="", owner="owner-a") -> dict:
     """``evaluate`` outputs by name."""
-    out = c.predict(owner, str(run_dir), limit, max_new_tokens, batch_size, judge_url, "llama3", RANK, False, api_name="/evaluate")
+    out = c.predict(owner, Path(run_dir).name if isinstance(run_dir, Path) else run_dir, limit, max_new_tokens, batch_size, judge_url, "llama3", RANK, False, api_name="/evaluate")
     return dict(zip(["progress", "message", "summary", "chart", "table"], out))
 
 
@@ -105,7 +107,7 @@ def test_a_run_without_an_evaluation_says_so(c, run):
     fresh = run.parent / "20990101-000001-tiny"
     shutil.copytree(run, fresh, ignore=shutil.ignore_patterns("eval*"))
     try:
-        summary, _, table = c.predict(str(fresh), RANK, False, api_name="/load_evaluation")
+        summary, _, table = c.predict(fresh.name, RANK, False, api_name="/load_evaluation")
         assert "has no evaluation yet" in text(summary) and not any(table["data"][0] if table["data"] else [])
     finally:
         shutil.rmtree(fresh)
@@ -122,7 +124,7 @@ def test_a_judge_that_is_down_is_named_and_the_scores_still_come(c, run):
 def test_stop_writes_nothing_and_only_the_owner_may_stop(c, run):
     assert "No evaluation is going" in text(c.predict("owner-a", api_name="/stop_evaluation"))
     before = (run / EVAL_SUMMARY).read_bytes(), (run / EVAL_ROWS).read_bytes()
-    job = c.submit("owner-a", str(run), 0, 256, 1, "", "llama3", RANK, False, api_name="/evaluate")
+    job = c.submit("owner-a", RUN, 0, 256, 1, "", "llama3", RANK, False, api_name="/evaluate")
     deadline = time.time() + 30
     while not job.outputs() and time.time() < deadline:
         time.sleep(0.05)
@@ -134,7 +136,11 @@ def test_stop_writes_nothing_and_only_the_owner_may_stop(c, run):
 
 
 def test_export_gives_a_zip_of_the_hugging_face_files(c, run):
-    path, message = c.predict(str(run), api_name="/export_zip")
+    path, message = c.predict(RUN, api_name="/export_zip")
+    again, _ = c.predict(RUN, api_name="/export_zip")
+    assert Path(again).read_bytes() == Path(path).read_bytes()
+    exports = Engine().exports
+    assert [p.name for p in exports.glob(f"{RUN}*")] == [f"{RUN}-hf.zip"]  # built once, reused
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
         assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= names
@@ -147,10 +153,10 @@ def test_push_to_hub_offline_is_a_clear_message(c, run, monkeypatch):
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     t0 = time.perf_counter()
-    message = text(c.predict(str(run), "someone/gpt2-instruct", "hf_not_a_token", api_name="/push_to_hub"))
+    message = text(c.predict(RUN, "someone/gpt2-instruct", "hf_not_a_token", api_name="/push_to_hub"))
     assert time.perf_counter() - t0 < 10
     assert "cannot reach the Hugging Face Hub at http://127.0.0.1:9" in message and "nothing was uploaded" in message
-    assert "Enter a repo id" in text(c.predict(str(run), " ", "", api_name="/push_to_hub"))
+    assert "Enter a repo id" in text(c.predict(RUN, " ", "", api_name="/push_to_hub"))
     assert not list(run.glob(".hub-*"))
 
 
@@ -158,11 +164,11 @@ def test_only_runs_the_app_lists_are_accepted(c, run, tmp_path):
     outside = tmp_path / RUN  # a real run, but not in the runs folder
     shutil.copytree(run, outside, ignore=shutil.ignore_patterns("eval*"))
     for name in (str(outside), "/etc", "../" + RUN, "no-such-run", ""):
-        assert "not a finished run" in text(evaluate(c, name)["progress"]), name
-        assert "not a finished run" in text(c.predict(name, RANK, False, api_name="/load_evaluation")[0]) or not name
+        assert "pick one from the list" in text(evaluate(c, name)["progress"]), name
+        assert "pick one from the list" in text(c.predict(name, RANK, False, api_name="/load_evaluation")[0]) or not name
         path, message = c.predict(name, api_name="/export_zip")
-        assert path is None and "not a finished run" in text(message)
-        assert "not a finished run" in text(c.predict(name, "someone/x", "hf_x", api_name="/push_to_hub"))
+        assert path is None and "pick one from the list" in text(message)
+        assert "pick one from the list" in text(c.predict(name, "someone/x", "hf_x", api_name="/push_to_hub"))
     assert not list(outside.glob("eval*")) and not list(outside.glob("*.zip"))
 
 
@@ -179,23 +185,28 @@ def test_bad_settings_and_a_missing_base_model_are_messages(c, run):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     try:
         progress = text(evaluate(c, broken)["progress"])
-        assert "The evaluation failed" in progress and "no-such-model" in progress
+        assert "The evaluation failed" in progress and "no-such-model" in progress and str(broken) not in progress
         assert not (broken / EVAL_SUMMARY).exists()
     finally:
         shutil.rmtree(broken)
 
 
 def test_a_clicked_row_opens_the_playground(run):
-    from ui.evaluate_tab import open_in_playground
+    from types import SimpleNamespace
 
+    from ui.evaluate_tab import open_in_playground
+    from ui.playground_tab import open_example
+
+    engine = Engine(root=run.parent)
+    shared = SimpleNamespace(open_example=lambda record, name, note="": open_example(engine, record, name, note))
     row = {"index": 2, "instruction": "Name a colour.", "input": "", "output": "Red."}
-    result = {"run": str(run), "rows": [{**row, "index": i} for i in range(2)] + [row]}
+    result = {"run": RUN, "rows": [{**row, "index": i} for i in range(2)] + [row]}
     event = gr.SelectData(None, {"index": [0, 4], "value": "…", "row_value": [1, 3, "Name a colour.", "Red."]})
-    tabs, instruction, input_text, reference, run_picker, *_ = open_in_playground(result, event)
+    tabs, instruction, input_text, reference, run_picker, *_ = open_in_playground(shared, result, event)
     assert tabs.selected == "playground" and (instruction, input_text) == ("Name a colour.", "")
-    assert "Red." in reference and run_picker.value == str(run)
+    assert "Red." in reference and run_picker.value == RUN
     missing = gr.SelectData(None, {"index": [0, 0], "value": 9, "row_value": [1, 9]})
-    assert all(isinstance(out, type(gr.skip())) or out == gr.skip() for out in open_in_playground(result, missing))
+    assert all(isinstance(out, type(gr.skip())) or out == gr.skip() for out in open_in_playground(shared, result, missing))
 
 
 def test_the_table_shows_the_best_and_the_worst_or_everything():

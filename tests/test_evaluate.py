@@ -22,7 +22,7 @@ from evaluation.evaluate import (
     EVAL_ROWS, EVAL_SUMMARY, EvaluationStopped, best_and_worst, evaluate_run, load_eval, response_nll,
 )
 from runstore.export import ExportError, export_zip, push_to_hub
-from engine.models import tuned_model
+from runstore.models import Models
 from evaluation.judge import Judge, chat_url, judge_help, judge_prompt, parse_score, summarize_scores
 from training.loop import respond
 
@@ -66,7 +66,7 @@ def test_nll_equals_a_full_forward_pass_per_record(run, test_records):
             want_total, want_count = nll_by_hand(model, record)
             assert count == want_count == len(get_tokenizer().encode(record["output"])) + 1
             assert total == pytest.approx(want_total, rel=1e-5)
-    bf16 = response_nll(tuned_model(run), records)
+    bf16 = response_nll(Models().tuned(run), records)
     fp32 = response_nll(model, records)
     for (a, n), (b, m) in zip(bf16, fp32):
         assert n == m and a / n == pytest.approx(b / m, abs=0.05)
@@ -197,7 +197,7 @@ def test_evaluate_run_writes_rows_and_summary(run, test_records, judge_server):
     assert len((run / EVAL_ROWS).read_text().splitlines()) == 6 and (run / EVAL_SUMMARY).is_file()
     assert [r["instruction"] for r in rows] == [r["instruction"] for r in test_records[:6]]
 
-    model = tuned_model(run)
+    model = Models().tuned(run)
     nll = response_nll(model, test_records[:6], batch_size=4)
     for row, record, (total, count) in zip(rows, test_records, nll):
         assert row["output"] == record["output"]

@@ -16,7 +16,6 @@ from model import GPT, GPTConfig, load_pretrained
 from runstore import list_runs, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
 from training.config import ConfigError
-from engine.jobs import JobError, TrainingJob
 from training.lora import LoRALinear, add_lora, count_trainable, merge_lora
 from training.optim import MasterWeightAdamW, join_, split_
 
@@ -225,84 +224,6 @@ def test_config_errors_name_the_setting():
         TrainConfig.from_dict({"foo": 1})
 
 
-# The background job
-
-
-def wait_for(job: TrainingJob, predicate, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        snap = job.snapshot()
-        if predicate(snap):
-            return snap
-        time.sleep(0.05)
-    raise AssertionError(f"timed out; last snapshot status {job.snapshot()['status']}")
-
-
-def test_job_stop_mid_run_leaves_a_loadable_model_and_a_complete_manifest(tmp_path):
-    job = TrainingJob()
-    job.start(tiny_config(tmp_path, max_steps=None, eval_every=50), owner="alice")
-    wait_for(job, lambda s: s["step"] >= 3)
-    with pytest.raises(JobError, match="only the browser session that started"):
-        job.stop(owner="bob")
-    assert job.stop(owner="alice")
-    assert job.wait(60)
-    snap = job.snapshot()
-    assert snap["status"] == "stopped" and 3 <= snap["step"] < snap["total_steps"] == 116
-    manifest = read_manifest(tmp_path / "run")
-    assert manifest["status"] == "stopped" and manifest["steps"] == snap["step"]
-    assert manifest["final_val_loss"] is not None and manifest["ended"]
-    model = load_run(tmp_path / "run")
-    with torch.no_grad():
-        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
-
-
-def test_job_refuses_a_second_start_while_running(tmp_path):
-    job = TrainingJob()
-    job.start(tiny_config(tmp_path, max_steps=None, eval_every=50))
-    wait_for(job, lambda s: s["status"] == "training")
-    with pytest.raises(JobError, match="already running"):
-        job.start(tiny_config(tmp_path, out=str(tmp_path / "second")))
-    job.stop()
-    assert job.wait(60)
-    assert not (tmp_path / "second").exists()
-
-
-def test_an_error_inside_the_step_fails_the_job_with_its_message(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = GPT.loss
-
-    def flaky(self, idx, targets, **kwargs):
-        calls["n"] += 1
-        if torch.is_grad_enabled() and calls["n"] > 8:
-            raise RuntimeError("simulated out of memory in step")
-        return original(self, idx, targets, **kwargs)
-
-    monkeypatch.setattr(GPT, "loss", flaky)
-    job = TrainingJob()
-    job.start(tiny_config(tmp_path, max_steps=20, eval_every=50))
-    assert job.wait(60)
-    snap = job.snapshot()
-    assert snap["status"] == "failed"
-    assert "simulated out of memory in step" in snap["error"]
-    assert read_manifest(tmp_path / "run")["status"] == "failed"
-    monkeypatch.setattr(GPT, "loss", original)
-    job.start(tiny_config(tmp_path, max_steps=2, out=str(tmp_path / "after")))  # the job is usable again
-    assert job.wait(60) and job.snapshot()["status"] == "done"
-
-
-def test_job_snapshot_tracks_progress(tmp_path):
-    job = TrainingJob()
-    job.start(tiny_config(tmp_path))
-    assert job.wait(60)
-    snap = job.snapshot()
-    assert snap["status"] == "done" and snap["step"] == snap["total_steps"] == 6
-    assert [h["step"] for h in snap["history"]] == list(range(7))
-    assert [r["step"] for r in snap["responses"]] == [0, 3, 6]
-    assert snap["sample_instruction"]["instruction"]
-    assert snap["final"]["run_dir"] == str(tmp_path / "run")
-    assert snap["version"] > 10
-
-
 # The CLI
 
 
@@ -331,7 +252,7 @@ def test_cli_reports_bad_data_clearly(tmp_path):
 
 
 def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
-    from engine.models import base_model_of_run, tuned_model
+    from runstore.models import Models
     from training.loop import build_model
 
     config = tiny_config(tmp_path, precision="fp32", max_steps=2)
@@ -339,9 +260,10 @@ def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
     torch.manual_seed(999)
     train(config)
     state = torch.random.get_rng_state()
-    base = base_model_of_run(tmp_path / "run")
+    models = Models()
+    base = models.base_of_run(tmp_path / "run")
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
     for (name, p), q in zip(start.named_parameters(), base.parameters()):
         assert torch.allclose(p.to(q.dtype), q), name
-    tuned = tuned_model(tmp_path / "run")
+    tuned = models.tuned(tmp_path / "run")
     assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)

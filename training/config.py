@@ -1,73 +1,100 @@
-"""What one fine-tuning run is: every setting, with the book's defaults, checked before any work starts."""
+"""What one fine-tuning run is: every setting, declared once, with the book's defaults.
+
+Each field carries its help text and its limits (``setting(...)``); from that one
+declaration come the CLI's flags (``add_arguments``), the checks that run
+before any work starts (``validate``), and the app's form defaults and ranges.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
 
 
 class ConfigError(ValueError):
     """A setting out of range; the message names the setting and its limit."""
 
 
+def setting(default, help: str, low=None, high=None, choices=None, low_open: bool = False, flag: str | None = None):
+    """A config field with its help text and limits: ``low``/``high`` bound numbers (``low_open``: ``low`` excluded),
+    ``choices`` bounds strings, ``None`` defaults mean "off"."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices,
+                                             "low_open": low_open, "flag": flag})
+
+
+def check_field(f, value) -> None:
+    """Raise ``ConfigError`` when ``value`` breaks the limits declared on field ``f``."""
+    meta, name = f.metadata, f.name
+    if value is None:
+        if "None" not in str(f.type):
+            raise ConfigError(f"{name}: enter a value")
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name} must be {', '.join(meta['choices'][:-1])} or {meta['choices'][-1]}, got {value!r}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if isinstance(f.default, int) and not isinstance(f.default, bool) and value != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {value}")
+    too_low = low is not None and (value <= low if meta.get("low_open") else value < low)
+    if too_low or (high is not None and value > high):
+        if low is not None and high is not None:
+            bounds = f"in ({low:g}, {high:g}]" if meta.get("low_open") else f"between {low:g} and {high:g}"
+        elif low is not None:
+            bounds = f"> {low:g}" if meta.get("low_open") else f"at least {low:g}"
+        else:
+            bounds = f"at most {high:g}"
+        raise ConfigError(f"{name} must be {bounds}, got {value:g}")
+
+
 @dataclass
 class TrainConfig:
-    model: str = "gpt2"  # preset, Hub repo id, or local directory / .safetensors file
-    random_init: bool = False  # build the preset with random weights: offline demos and tests
-    data: str = "canonical"  # "canonical", "sample" or a path
-    style: str = "alpaca"
-    epochs: int = 1
-    max_steps: int | None = None  # stop early, for quick checks
-    batch_size: int = 8
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    seed: int = 123
-    warmup_steps: int = 0
-    cosine: bool = False  # cosine decay to min_lr_ratio * lr after warmup
-    min_lr_ratio: float = 0.1
-    grad_clip: float | None = None
-    grad_accum: int = 1
-    eval_every: int = 20  # steps between validation evaluations
-    eval_batches: int | None = 3  # validation batches per evaluation (None: all)
-    sample_tokens: int = 40  # new tokens of the validation instruction's response at each evaluation
-    mask_prompt: bool = False  # learn only the response tokens
-    grouped: bool = True  # length-grouped batches: ~3 % padding instead of ~20 %
-    lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    precision: str = "auto"  # auto (bf16 where faster), bf16, fp32
-    device: str = "auto"
-    max_length: int | None = None  # truncate sequences; None: the model's context window
-    out: str | None = None  # run directory; default runs/<timestamp>-<model>
+    model: str = setting("gpt2", "preset (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl), Hub repo id, or local directory / .safetensors file")
+    random_init: bool = setting(False, "random weights instead of pretrained ones: offline demos and tests")
+    data: str = setting("canonical", "canonical (the book's 1,100), sample (bundled, offline), or a JSON / JSON Lines file")
+    style: str = setting("alpaca", "prompt format", choices=("alpaca", "phi3"))
+    epochs: int = setting(1, "passes over the training split", 1, 100)
+    max_steps: int | None = setting(None, "stop after this many steps (quick checks)", 1)
+    batch_size: int = setting(8, "records per batch", 1, 512)
+    lr: float = setting(5e-5, "AdamW learning rate", 0, 1.0, low_open=True)
+    weight_decay: float = setting(0.1, "AdamW weight decay", 0, 1.0)
+    seed: int = setting(123, "seed for the weights of a random init, the batch order and dropout")
+    warmup_steps: int = setting(0, "linear learning-rate warmup steps", 0)
+    cosine: bool = setting(False, "cosine decay to min_lr_ratio x lr after the warmup")
+    min_lr_ratio: float = setting(0.1, "where the cosine decay ends, as a share of lr", 0, 1)
+    grad_clip: float | None = setting(None, "clip the gradient norm to this", 0, low_open=True)
+    grad_accum: int = setting(1, "batches accumulated into one optimizer step", 1, 1024)
+    eval_every: int = setting(20, "steps between validation evaluations", 1)
+    eval_batches: int | None = setting(3, "validation batches per evaluation (none: all)", 1)
+    sample_tokens: int = setting(40, "new tokens of the validation instruction's answer at each evaluation", 0, 512)
+    mask_prompt: bool = setting(False, "learn only the response tokens")
+    grouped: bool = setting(True, "length-grouped batches (~3 %% padding instead of ~20 %%); off: the book's random batches",
+                            flag="--no-grouped")
+    lora_rank: int = setting(0, "LoRA rank; 0: full fine-tuning", 0, 1024)
+    lora_alpha: float = setting(16.0, "LoRA alpha", 0, low_open=True)
+    precision: str = setting("auto", "auto: bf16 where the hardware multiplies it natively, else fp32", choices=("auto", "bf16", "fp32"))
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    max_length: int | None = setting(None, "truncate sequences to this many tokens (none: the model's context window)", 8)
+    out: str | None = setting(None, "run directory (default runs/<timestamp>-<model>)")
+    checkpoint_every: int = setting(0, "steps between resumable checkpoints; 0: none", 0)
+    max_wall_s: float | None = setting(None, "stop and save once training has run this many seconds", 0, low_open=True)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> "TrainConfig":
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ConfigError(message)
-
-        need(bool(self.model), "model: name a preset, a Hub repo id or a local path")
         from model import PRESETS
 
-        need(not self.random_init or self.model in PRESETS,
-             f"random init builds one of the presets ({', '.join(PRESETS)}), not {self.model!r}")
-        need(self.random_init or self.model != "tiny", "the tiny preset has no pretrained weights: use random init")
-        need(1 <= self.epochs <= 100, f"epochs must be between 1 and 100, got {self.epochs}")
-        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be at least 1, got {self.max_steps}")
-        need(1 <= self.batch_size <= 512, f"batch_size must be between 1 and 512, got {self.batch_size}")
-        need(0 < self.lr <= 1.0, f"lr must be in (0, 1], got {self.lr}")
-        need(0 <= self.weight_decay <= 1.0, f"weight_decay must be in [0, 1], got {self.weight_decay}")
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
-        need(1 <= self.grad_accum <= 1024, f"grad_accum must be between 1 and 1024, got {self.grad_accum}")
-        need(self.eval_every >= 1, f"eval_every must be at least 1, got {self.eval_every}")
-        need(self.eval_batches is None or self.eval_batches >= 1, f"eval_batches must be at least 1, got {self.eval_batches}")
-        need(0 <= self.sample_tokens <= 512, f"sample_tokens must be between 0 and 512, got {self.sample_tokens}")
-        need(0 <= self.lora_rank <= 1024, f"lora_rank must be between 0 and 1024, got {self.lora_rank}")
-        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
-        need(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        need(self.style in ("alpaca", "phi3"), f"style must be alpaca or phi3, got {self.style!r}")
-        need(self.max_length is None or self.max_length >= 8, f"max_length must be at least 8, got {self.max_length}")
+        if not self.model:
+            raise ConfigError("model: name a preset, a Hub repo id or a local path")
+        if self.random_init and self.model not in PRESETS:
+            raise ConfigError(f"random init builds one of the presets ({', '.join(PRESETS)}), not {self.model!r}")
+        if not self.random_init and self.model == "tiny":
+            raise ConfigError("the tiny preset has no pretrained weights: use random init")
+        for f in fields(self):
+            check_field(f, getattr(self, f.name))
         return self
 
     def to_dict(self) -> dict:
@@ -80,3 +107,29 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(unknown)}")
         return cls(**values)
+
+
+def defaults(cls=TrainConfig) -> dict[str, Any]:
+    """Each setting's default, for forms."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def limits_of(name: str, cls=TrainConfig) -> tuple:
+    """``(low, high)`` declared for a setting, for a form's number box."""
+    meta = next(f.metadata for f in fields(cls) if f.name == name)
+    return meta.get("low"), meta.get("high")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = ()) -> None:
+    """One flag per setting, from the dataclass: ``--batch-size``, ``--no-grouped`` for a boolean that defaults on."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        meta, flag = f.metadata, f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        help_text = meta.get("help", "") + ("" if f.default in (None, False, True) else f" (default {f.default})")
+        if isinstance(f.default, bool):
+            action = "store_false" if f.default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, help=meta.get("help"))
+            continue
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"), help=help_text)

@@ -38,9 +38,14 @@ class Estimate:
 
 def estimate(name: str) -> Estimate:
     """Parameter count and memory needs of a preset; ``ValueError`` for an unknown name."""
-    params = GPTConfig.from_name(name).num_params()
+    return estimate_for(GPTConfig.from_name(name))
+
+
+def estimate_for(config: GPTConfig) -> Estimate:
+    """Parameter count and memory needs of any GPT-2 shape."""
+    params = config.num_params()
     return Estimate(
-        name=name,
+        name=config.name,
         parameters=params,
         full_gb=params * FULL_BYTES_PER_PARAM / GB + TRAINING_OVERHEAD_GB,
         lora_gb=params * LORA_BYTES_PER_PARAM / GB + TRAINING_OVERHEAD_GB,

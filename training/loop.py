@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from data import InstructionDataset, extract_response, format_prompt, load_instr
 from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, pick_device, pick_dtype, save_pretrained
 from model.device import describe, peak_rss_mb, release_free_memory
 
+from . import distributed
 from .config import TrainConfig
 from .events import Download, Finished, Logged, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
@@ -123,20 +125,41 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
-    """Fine-tune one model on one dataset; returns the run's summary (also in its manifest)."""
+def check_data(config: TrainConfig):
+    """The run's records and split, or a ``ValueError`` naming the counts when they cannot make a run.
+
+    Called before a job is started, so that such a run fails before "Started" is shown.
+    """
+    records = load_instructions(config.data)
+    split = split_instructions(records)
+    name = data_label(config.data)
+    per_step = config.batch_size * config.grad_accum
+    if len(split.train) < per_step:
+        raise ValueError(f"{name} has {len(records)} records: its training split (85 %) has {len(split.train)}, fewer than "
+                         f"one step of batch {config.batch_size} x {config.grad_accum} accumulation; use a smaller batch "
+                         f"or at least {math.ceil(per_step / 0.85)} records")
+    for part in ("val", "test"):
+        if not getattr(split, part):
+            need = 2 if part == "val" else 10
+            raise ValueError(f"{name} has {len(records)} records: its {'validation (5 %)' if part == 'val' else 'test (10 %)'} "
+                             f"split is empty; the book's 85/10/5 split needs at least {need} records")
+    return records, split
+
+
+def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = None) -> dict:
+    """Fine-tune one model on one dataset into a new run under ``root``; returns its summary (also in its manifest)."""
     hooks = hooks or Hooks()
     emit = hooks.on_event
     config.validate()
     clock = Clock()
+    ctx = distributed.context()
 
     emit(Status("loading", f"Loading the {data_label(config.data)} data"))
     data_file = source_path(config.data)
-    records = load_instructions(config.data)
-    split = split_instructions(records)
+    records, split = check_data(config)
     sample_record = (split.val or split.train)[0]
 
-    device = pick_device(config.device)
+    device = ctx.place(pick_device(config.device))
     dtype = pick_dtype(device, config.precision)
     if device.type == "cpu" and dtype == torch.bfloat16:
         # Attention's math path on CPU (see CausalSelfAttention) then keeps bf16 instead of fp32 copies: faster, less memory.
@@ -148,7 +171,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
     val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
     max_length = min(config.max_length or context, context)
     loader = make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed,
-                         mask_prompt=config.mask_prompt, allowed_max_length=max_length)
+                         mask_prompt=config.mask_prompt, allowed_max_length=max_length, rank=ctx.rank, world_size=ctx.world_size)
     steps_per_epoch = len(loader) // config.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(
@@ -158,24 +181,26 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    eval_loader = make_loader(val_ds, config.batch_size, shuffle=False, drop_last=False,
+    eval_loader = make_loader(val_ds, config.batch_size * ctx.world_size, shuffle=False, drop_last=False,
                               mask_prompt=config.mask_prompt, allowed_max_length=max_length)
     val_batches = list(itertools.islice(eval_loader, config.eval_batches))
-    train_eval_loader = make_loader(train_ds, config.batch_size, shuffle=False, drop_last=False,
+    train_eval_loader = make_loader(train_ds, config.batch_size * ctx.world_size, shuffle=False, drop_last=False,
                                     mask_prompt=config.mask_prompt, allowed_max_length=max_length)
     baseline_train_batches = list(itertools.islice(train_eval_loader, config.eval_batches or 3))
 
     if config.lora_rank:
         add_lora(model, config.lora_rank, config.lora_alpha)
     trainable, total_params = count_trainable(model)
-    step_in_backward = config.grad_clip is None and config.grad_accum == 1
+    step_in_backward = config.grad_clip is None and config.grad_accum == 1 and not ctx.enabled  # DDP reduces after backward
     optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=step_in_backward)
+    loss_of = ctx.loss_fn(model, config.grad_accum)
     model.train()
 
-    run_dir = Path(config.out) if config.out else new_run_dir(config.model)
-    writer = RunWriter(run_dir)
+    run_dir = ctx.on_main(lambda: Path(config.out) if config.out else new_run_dir(config.model, root))
+    writer = RunWriter(run_dir) if ctx.is_main else distributed.NullWriter()
     writer.update_manifest(
         status="running",
+        pid=os.getpid(),
         config=config.to_dict(),
         model={"name": config.model, "parameters": total_params, "trainable_parameters": trainable,
                "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "random_init": config.random_init},
@@ -186,6 +211,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
         versions=versions(),
         device=describe(device, dtype),
         total_steps=total_steps,
+        processes=ctx.world_size,
+        global_batch=config.batch_size * ctx.world_size * config.grad_accum,
         started=now(),
     )
     emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
@@ -226,17 +253,19 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
         for epoch in range(config.epochs):
             micro = iter(loader)
             while step < total_steps and step < (epoch + 1) * steps_per_epoch:
-                if hooks.should_stop():
+                if ctx.any(hooks.should_stop()):
                     raise StopTraining
                 t0 = time.perf_counter()
                 optimizer.lr = lr_at(step, config, total_steps)
-                step_loss = 0.0
+                step_loss = step_tokens = 0.0
                 for x, y in itertools.islice(micro, config.grad_accum):
                     x, y = x.to(device), y.to(device)
-                    loss = model.loss(x, y)
+                    loss = loss_of(x, y)
                     (loss / config.grad_accum).backward()
                     step_loss += loss.item() / config.grad_accum
-                    tokens_seen += x.numel()
+                    step_tokens += x.numel()
+                step_loss, step_tokens = ctx.all_sum(step_loss / ctx.world_size, step_tokens)
+                tokens_seen += int(step_tokens)
                 if not step_in_backward:
                     optimizer.step(config.grad_clip)
                 if device.type == "cpu":
@@ -258,14 +287,15 @@ def train(config: TrainConfig, hooks: Hooks | None = None) -> dict:
         status = "stopped"
         emit(Status("stopping", f"Stopped at step {step}; saving"))
     except BaseException as e:
-        writer.update_manifest(status="failed", error=f"{type(e).__name__}: {e}", ended=now(), wall_time_s=clock.elapsed)
+        writer.update_manifest(status="failed", error=ctx.reason(e), ended=now(), wall_time_s=clock.elapsed)
         raise
 
     emit(Status("saving", f"Saving {run_dir.name}"))
     model = optimizer.finish()
     if config.lora_rank:
         merge_lora(model)
-    save_pretrained(model, run_dir)
+    if ctx.is_main:
+        save_pretrained(model, run_dir)
     summary = {
         "status": status, "steps": step, "tokens_seen": tokens_seen, "final_train_loss": finite(last_train),
         "final_val_loss": finite(last_val), "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s,

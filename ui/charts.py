@@ -1,6 +1,7 @@
 """Plotly figures: the live loss chart, the token-length histogram, base against fine-tuned. Plain data in, figures out."""
 from __future__ import annotations
 
+import json
 import statistics
 
 import plotly.graph_objects as go
@@ -64,18 +65,21 @@ def add_run(fig: go.Figure, history: list[dict], name: str | None = None, color:
     vx, vy, vcustom = _points(history, "val_loss")
     prefix = f"{name} · " if name else ""
     train_color, val_color = (color, color) if color else (TRAIN_COLOR, VAL_COLOR)
-    if not name and len(x) > 8:
-        fig.add_trace(go.Scatter(x=x, y=y, customdata=custom, name="train loss (raw)", mode="lines",
-                                 line=dict(color=train_color, width=1), opacity=0.28, hovertemplate=HOVER))
-    if x:
+    live = name is None  # the live run's traces are tagged: the browser adds its new points to them
+    if live:
+        fig.add_trace(go.Scatter(x=x, y=y, customdata=custom, name="train loss (raw)", mode="lines", meta="live-raw",
+                                 line=dict(color=train_color, width=1), opacity=0.28, hovertemplate=HOVER,
+                                 showlegend=False))
+    if x or live:
         fig.add_trace(go.Scatter(x=x, y=smooth(y), customdata=custom, name=f"{prefix}train loss",
                                  mode="lines", line=dict(color=train_color, width=2.5 if not name else 1.5,
                                                          dash="dash" if name else "solid", shape="spline", smoothing=0.6),
-                                 hovertemplate=HOVER))
-    if vx:
+                                 hovertemplate=HOVER, meta="live-train" if live else None))
+    if vx or live:
         fig.add_trace(go.Scatter(x=vx, y=vy, customdata=vcustom, name=f"{prefix}validation loss", mode="lines+markers",
                                  line=dict(color=val_color, width=2 if not name else 1.5, dash="dot" if name else "solid"),
-                                 marker=dict(size=7 if not name else 5, line=dict(width=1.5, color="white")), hovertemplate=HOVER))
+                                 marker=dict(size=7 if not name else 5, line=dict(width=1.5, color="white")), hovertemplate=HOVER,
+                                 meta="live-val" if live else None))
 
 
 def mark_baseline(fig: go.Figure, history: list[dict]) -> None:
@@ -107,6 +111,22 @@ def loss_figure(history: list[dict], overlays: list[tuple[str, list[dict]]] = ()
     if title:
         fig.update_layout(title=dict(text=title, font=dict(size=13), x=1, xanchor="right", y=0.995))
     return fig
+
+
+def live_rows(history: list[dict]) -> list[list]:
+    """The rows the browser needs to extend the live chart: tokens seen, step, epoch, train loss, validation loss."""
+    return [[r.get("tokens_seen"), r.get("step"), r.get("epoch"), r.get("train_loss"), r.get("val_loss")] for r in history]
+
+
+def live_figure_message(key: str, history: list[dict], overlays=(), title: str | None = None) -> str:
+    """The whole live chart, once per run or overlay choice: the figure and the rows drawn in it."""
+    figure = json.loads(loss_figure(history, overlays, title).to_json())
+    return json.dumps({"key": key, "figure": figure, "rows": live_rows(history)})
+
+
+def live_rows_message(key: str, history: list[dict]) -> str:
+    """Only the rows a visitor has not got yet."""
+    return json.dumps({"key": key, "rows": live_rows(history)})
 
 
 def length_histogram(stats: dict) -> go.Figure:

@@ -1,19 +1,20 @@
 """Dataset tab: pick a source, search and page through it, see its splits, lengths and one record's tokens.
 
-The loaded dataset lives in a per-visitor ``gr.State`` (``{"source", "name",
-"records"}``); ``source`` is what a training run reads: "canonical", "sample",
-or an uploaded file copied to a stable path in the cache.
+Each visitor holds only a reference to its dataset (``{"source", "name",
+"sha256", "count"}``) in a ``gr.State`` that expires; the parsed records live
+once in the engine's shared, bounded dataset cache.
 """
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import gradio as gr
 
-from data import DatasetError, load_instructions, split_instructions, split_sizes, token_stats, token_view
+from data import DatasetError, split_instructions, split_sizes, token_stats, token_view
 from data import cache
 from data.browse import PAGE_SIZE, page_of, split_of
+
+from engine.public import scrub
 
 from .charts import length_histogram
 from .theme import notice
@@ -33,19 +34,6 @@ def default_source() -> str:
     return "canonical" if cache.is_cached() else "sample"
 
 
-def open_dataset(source: str, upload: str | None = None) -> dict:
-    """The visitor's dataset state for a source; ``DatasetError`` says why it cannot be loaded."""
-    if source == "upload":
-        if not upload:
-            raise DatasetError("choose a JSON or JSON Lines file to upload")
-        records = load_instructions(Path(upload))
-        return {"source": str(cache.store_upload(upload)), "name": Path(upload).name, "records": records}
-    if source not in ("canonical", "sample"):
-        raise DatasetError(f"unknown source {source!r}; choose canonical, sample or upload")
-    name = "canonical (book, ch. 7)" if source == "canonical" else "bundled sample"
-    return {"source": source, "name": name, "records": load_instructions(source)}
-
-
 def error_notice(source: str, message: str, previous: dict | None) -> str:
     if source == "canonical" and not cache.is_cached():
         head = "<b>Offline? The canonical dataset could not be downloaded.</b> The bundled sample works without internet."
@@ -53,13 +41,13 @@ def error_notice(source: str, message: str, previous: dict | None) -> str:
         head = "<b>This file cannot be used.</b>"
     else:
         head = "<b>The dataset could not be loaded.</b>"
-    kept = f"<br>Still loaded: {html.escape(previous['name'])} ({len(previous['records']):,} records)." if previous else ""
+    kept = f"<br>Still loaded: {html.escape(previous['name'])} ({previous['count']:,} records)." if previous else ""
     return notice(f"{head}<br>{html.escape(message)}{kept}", "error")
 
 
-def summary_html(state: dict) -> str:
-    sizes = split_sizes(split_instructions(state["records"]))
-    cards = [("records", len(state["records"])), ("train", sizes["train"]), ("validation", sizes["val"]), ("test", sizes["test"])]
+def summary_html(state: dict, records: list[dict]) -> str:
+    sizes = split_sizes(split_instructions(records))
+    cards = [("records", len(records)), ("train", sizes["train"]), ("validation", sizes["val"]), ("test", sizes["test"])]
     stats = "".join(f'<div class="gi-stat"><div class="value">{v:,}</div><div class="label">{k}</div></div>' for k, v in cards)
     return (f'<div class="gi-meta"><span class="gi-pill">{html.escape(state["name"])}</span>'
             f'<span>split 85 % / 5 % / 10 % in file order, as in the book</span></div><div class="gi-stat-row">{stats}</div>')
@@ -70,11 +58,10 @@ def clip(text: str, limit: int = CELL_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def table_page(state: dict | None, query: str = "", page: int = 1) -> tuple[list[list], str, int]:
+def table_page(records: list[dict] | None, query: str = "", page: int = 1) -> tuple[list[list], str, int]:
     """Rows of one page, ``"N records, page x / y"``, and the page actually shown."""
-    if not state:
+    if not records:
         return [], "No dataset loaded", 1
-    records = state["records"]
     result = page_of(records, query, page, PAGE_SIZE)
     rows = [[i + 1, split_of(i, len(records)), clip(r["instruction"]), clip(r["input"]), clip(r["output"])] for i, r in result.rows]
     return rows, result.summary(), result.page
@@ -88,11 +75,10 @@ def tokens_html(view: list[tuple[str, bool]]) -> str:
     return f'<div class="gi-tokens">{"".join(spans)}</div>'
 
 
-def record_view(state: dict | None, number: int | float | None, mask_prompt: bool) -> tuple[str, str]:
+def record_view(records: list[dict] | None, number: int | float | None, mask_prompt: bool) -> tuple[str, str]:
     """One record (1-based ``number``) as its training text, each token shaded by whether the loss trains on it."""
-    if not state:
+    if not records:
         return notice("Load a dataset to see its records."), ""
-    records = state["records"]
     index = min(max(1, int(number or 1)), len(records)) - 1
     view = token_view(records[index], mask_prompt)
     trained = sum(t for _, t in view)
@@ -105,45 +91,46 @@ def record_view(state: dict | None, number: int | float | None, mask_prompt: boo
     return meta, tokens_html(view)
 
 
-def render(state: dict, mask_prompt: bool) -> tuple:
+def render(state: dict, records: list[dict], mask_prompt: bool) -> tuple:
     """Everything the tab shows for a freshly loaded dataset: summary, histogram, page 1, record 1."""
-    rows, count, page = table_page(state)
-    meta, tokens = record_view(state, 1, mask_prompt)
-    return summary_html(state), length_histogram(token_stats(state["records"])), rows, count, page, "", 1, meta, tokens
+    rows, count, page = table_page(records)
+    meta, tokens = record_view(records, 1, mask_prompt)
+    return summary_html(state, records), length_histogram(token_stats(records)), rows, count, page, "", 1, meta, tokens
 
 
-def load(source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
-    """Load a source; on failure the error is shown and the previous dataset stays."""
+def load(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
+    """Load a source: (source radio, state, message, view...). On failure the error is shown, the previous dataset
+    stays and the radio goes back to it."""
     try:
-        state = open_dataset(source, upload)
+        state, records = engine.datasets.open(source, upload)
     except DatasetError as e:
-        return (gr.skip(), error_notice(source, str(e), previous)) + (gr.skip(),) * 9
-    done = notice(f"Loaded <b>{html.escape(state['name'])}</b>: {len(state['records']):,} records.", "ok")
-    return (state, done) + render(state, mask_prompt)
+        back = previous["source"] if previous else gr.skip()
+        return (back, gr.skip(), error_notice(source, scrub(str(e)), previous)) + (gr.skip(),) * 9
+    done = notice(f"Loaded <b>{html.escape(state['name'])}</b>: {state['count']:,} records.", "ok")
+    return (source, state, done) + render(state, records, mask_prompt)
 
 
-def load_default(mask_prompt: bool):
+def load_default(engine, mask_prompt: bool):
     """On page load: the canonical dataset when it is cached, else the sample; never the network."""
-    source = default_source()
-    return (source,) + load(source, None, None, mask_prompt)
+    return load(engine, default_source(), None, None, mask_prompt)
 
 
-def pick_source(source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
+def pick_source(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
     """The source radio: load it at once, except "upload" before a file is chosen."""
     if source == "upload" and not upload:
-        return (gr.skip(), notice("Choose a file below: a JSON list of records or JSON Lines.")) + (gr.skip(),) * 9
-    return load(source, upload, previous, mask_prompt)
+        return (gr.skip(), gr.skip(), notice("Choose a file below: a JSON list of records or JSON Lines.")) + (gr.skip(),) * 9
+    return load(engine, source, upload, previous, mask_prompt)
 
 
-def load_upload(upload: str | None, previous: dict | None, mask_prompt: bool):
-    """A file dropped on the upload box: the source radio moves to "upload" only when the file loads."""
-    result = load("upload", upload, previous, mask_prompt)
-    loaded = isinstance(result[0], dict) and "records" in result[0]  # else gr.skip(): the previous dataset stays
-    return ("upload" if loaded else gr.skip(),) + result
+def records_of(engine, state: dict | None) -> list[dict] | None:
+    try:
+        return engine.datasets.records(state) if state else None
+    except DatasetError:
+        return None
 
 
-def search(query: str, page: int | float | None, state: dict | None):
-    return table_page(state, query, int(page or 1))
+def search(engine, query: str, page: int | float | None, state: dict | None):
+    return table_page(records_of(engine, state), query, int(page or 1))
 
 
 def build(shared) -> None:
@@ -175,29 +162,35 @@ def build(shared) -> None:
     meta = gr.HTML(elem_id="record-meta")
     tokens = gr.HTML(elem_id="record-tokens")
 
-    state = shared.dataset
+    engine, state = shared.engine, shared.dataset
     view_outputs = [summary, histogram, table, count, page, query, number, meta, tokens]
-    load_outputs = [state, error] + view_outputs
+    load_outputs = [source, state, error] + view_outputs
     cheap = dict(concurrency_limit=None, show_progress="hidden")
 
-    load_btn.click(load, [source, upload, state, mask], load_outputs, api_name="load_dataset", concurrency_limit=2)
-    source.input(pick_source, [source, upload, state, mask], load_outputs, api_visibility="private", concurrency_limit=2)
-    upload.upload(load_upload, [upload, state, mask], [source] + load_outputs, api_visibility="private", concurrency_limit=2)
-    shared.app.load(load_default, mask, [source] + load_outputs, api_visibility="private", concurrency_limit=2)
+    load_btn.click(lambda *a: load(engine, *a), [source, upload, state, mask], load_outputs, api_name="load_dataset",
+                   concurrency_limit=2)
+    source.input(lambda *a: pick_source(engine, *a), [source, upload, state, mask], load_outputs, api_visibility="private",
+                 concurrency_limit=2)
+    upload.upload(lambda u, s, m: load(engine, "upload", u, s, m), [upload, state, mask], load_outputs,
+                  api_visibility="private", concurrency_limit=2)
+    shared.app.load(lambda m: load_default(engine, m), mask, load_outputs, api_visibility="private", concurrency_limit=2)
 
-    query.change(lambda q, s: search(q, 1, s), [query, state], [table, count, page], api_visibility="private",
+    query.change(lambda q, s: search(engine, q, 1, s), [query, state], [table, count, page], api_visibility="private",
                  trigger_mode="always_last", **cheap)
-    page.submit(search, [query, page, state], [table, count, page], api_name="search", **cheap)
+    page.submit(lambda *a: search(engine, *a), [query, page, state], [table, count, page], api_name="search", **cheap)
     for button, step in ((prev_btn, -1), (next_btn, 1)):
-        button.click(lambda q, p, s, step=step: search(q, (p or 1) + step, s), [query, page, state], [table, count, page],
-                     api_visibility="private", **cheap)
+        button.click(lambda q, p, s, step=step: search(engine, q, (p or 1) + step, s), [query, page, state],
+                     [table, count, page], api_visibility="private", **cheap)
 
     def select_row(state, mask_prompt, evt: gr.SelectData):
         row = evt.row_value or []
         if not row or row[0] in (None, ""):
             return gr.skip(), gr.skip(), gr.skip()
-        return (int(row[0]),) + record_view(state, int(row[0]), mask_prompt)
+        return (int(row[0]),) + record_view(records_of(engine, state), int(row[0]), mask_prompt)
+
+    def view(state, number, mask_prompt):
+        return record_view(records_of(engine, state), number, mask_prompt)
 
     table.select(select_row, [state, mask], [number, meta, tokens], api_visibility="private", **cheap)
-    number.submit(record_view, [state, number, mask], [meta, tokens], api_name="record", **cheap)
-    mask.change(record_view, [state, number, mask], [meta, tokens], api_visibility="private", **cheap)
+    number.submit(view, [state, number, mask], [meta, tokens], api_name="record", **cheap)
+    mask.change(view, [state, number, mask], [meta, tokens], api_visibility="private", **cheap)

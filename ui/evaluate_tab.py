@@ -1,39 +1,34 @@
 """Evaluate tab: score a run's base and fine-tuned model on the test split, see where tuning helped, export the model.
 
-``evaluation.evaluate.evaluate_run`` does the work in a thread; the Evaluate
-handler is a generator that streams its progress from a queue, then the
-results. One evaluation at a time per process (the event is queued with
-``concurrency_limit=1``); only the browser that started it may stop it.
-Results are saved in the run folder, so a run evaluated before shows them as
-soon as it is picked. Only runs that ``list_runs`` knows are accepted.
+The engine runs the evaluation as a job (one at a time); the Evaluate handler
+starts it and streams the job's progress, then the results. Only the browser
+that started it may stop it. Results are saved in the run folder, so a run
+evaluated before shows them as soon as it is picked. Runs are named, never
+given as paths.
 """
 from __future__ import annotations
 
 import html
-import os
-import queue
-import tempfile
-import threading
+import time
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
-from runstore import find_run
-from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, EvaluationStopped, best_and_worst, evaluate_run, load_eval
-from runstore.export import ExportError, export_zip, push_to_hub
+from engine import ENDED, SCALARS_ONLY, JobError
+from engine.public import scrub
+from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, best_and_worst, load_eval
 from evaluation.judge import DEFAULT_MODEL, DEFAULT_URL, Judge, judge_help
 from runstore import RunInfo
+from runstore.export import ExportError, push_to_hub
 
-from . import playground_tab
 from .charts import empty_figure, evaluation_figure
-from .theme import notice
-from .train_tab import bar, clock
+from .widgets import bar, clock, finished_run_choices, notice
 
 TITLE = "Evaluate"
 MAX_NEW_TOKENS = 256
 MAX_BATCH = 64
 SHOWN = 5  # best and worst examples in the table unless every example is asked for
-EXPORT_DIR = Path(tempfile.gettempdir()) / "gpt2-instruct-exports"
 MODEL_NAMES = {"base": "base model", "tuned": "fine-tuned model"}
 
 
@@ -54,25 +49,23 @@ RANKINGS = {  # label -> (key for best_and_worst, lower is better)
     "fine-tuned judge score": ("tuned.judge", False),
 }
 NO_RUNS = "No finished run yet: fine-tune one in the <b>Train</b> tab, then score it here against its base model."
-NOT_YET = ("This run has no evaluation yet. Press <b>Evaluate</b>: the whole test split (110 examples of the book's data) "
-           "takes 1-2 minutes per model for GPT-2 124M on a CPU; a limit tries it on the first few.")
-LOCK = threading.Lock()
-CURRENT: dict = {}  # while an evaluation runs: {"owner": client id, "stop": threading.Event}
+POLL_S = 0.3
 
 
-def known_run(run_dir) -> RunInfo:
-    """A finished run with weights that ``list_runs`` knows, by path or folder name; ValueError for anything else."""
-    run = find_run(str(run_dir)) if isinstance(run_dir, (str, Path)) and str(run_dir).strip() else None
-    if run is None or not run.has_weights or run.status not in ("done", "stopped"):
-        raise ValueError(f"{run_dir or 'no run'} is not a finished run with saved weights: pick one from the list")
-    return run
+def not_yet(run: RunInfo) -> str:
+    """The hint for a run with no evaluation: how many test examples its data has."""
+    split = (run.manifest.get("data") or {}).get("split") or {}
+    size = f"{split['test']} examples" if split.get("test") else "its test split"
+    return (f"This run has no evaluation yet. Press <b>Evaluate</b> to score the base and the fine-tuned model on the whole "
+            f"test split ({size}): about 1-2 minutes per model per 110 examples for GPT-2 124M on a CPU; "
+            "a limit tries it on the first few.")
 
 
-def refresh_runs(current: str | None):
+def refresh_runs(engine, current: str | None):
     """The run picker with the current choice kept when it still exists, else the newest run."""
-    choices = playground_tab.finished_runs()
-    paths = [p for _, p in choices]
-    return gr.Dropdown(choices=choices, value=current if current in paths else (paths[0] if paths else None))
+    choices = finished_run_choices(engine)
+    names = [n for _, n in choices]
+    return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
 
 
 def whole(value, name: str, low: int, high: int) -> int:
@@ -160,18 +153,18 @@ def table_row(place: int, row: dict, judged: bool) -> list:
 def shown(run: RunInfo, result: dict | None, rank_by: str, show_all: bool) -> tuple:
     """(summary, chart, table, result state) for a run's results, or the empty state when it has none."""
     if not result:
-        return notice(NOT_YET), empty_figure("No evaluation of this run yet", height=340), table_update(None, rank_by, show_all), None
-    result = {**result, "run": str(run.path)}
+        return notice(not_yet(run)), empty_figure("No evaluation of this run yet", height=340), table_update(None, rank_by, show_all), None
+    result = {**result, "run": run.name}
     return (summary_html(result["summary"], result["rows"]), evaluation_figure(result["summary"]),
             table_update(result, rank_by, show_all), result)
 
 
-def load_evaluation(run_dir: str | None, rank_by: str, show_all: bool):
+def load_evaluation(engine, name: str | None, rank_by: str, show_all: bool):
     """The run's saved evaluation (``eval_summary.json`` and ``eval.jsonl``), shown at once."""
-    if not run_dir:
+    if not name:
         return notice(NO_RUNS), empty_figure("No run picked", height=340), table_update(None, rank_by, show_all), None
     try:
-        run = known_run(run_dir)
+        run = engine.finished_run(name)
     except ValueError as e:
         return notice(html.escape(str(e)), "error"), gr.skip(), gr.skip(), None
     return shown(run, load_eval(run.path), rank_by, show_all)
@@ -194,87 +187,55 @@ def progress_html(event: dict) -> str:
     return f'<div class="gi-progress">{bar(fraction)}<div class="gi-progress-meta">{spans}</div></div>'
 
 
-def next_message(messages: queue.Queue) -> tuple[str, object]:
-    """The next message from the worker; progress that a newer message already replaces is skipped."""
-    kind, payload = messages.get()
-    while kind == "progress":
-        try:
-            kind, payload = messages.get_nowait()
-        except queue.Empty:
-            break
-    return kind, payload
+def failure(error: str) -> str:
+    return notice(f"<b>The evaluation failed.</b> {html.escape(error)}", "error")
 
 
-def failure(error: Exception) -> str:
-    """The reason an evaluation failed: the message of the errors the engine raises on purpose, else the error's type too."""
-    known = isinstance(error, (ValueError, OSError, RuntimeError))  # DatasetError, WeightsError, ExportError among them
-    text = str(error) if known and str(error) else f"{type(error).__name__}: {error}"
-    return notice(f"<b>The evaluation failed.</b> {html.escape(text)}", "error")
-
-
-def evaluate(client_id: str | None, run_dir: str | None, limit, max_new_tokens, batch_size, judge_url: str, judge_model: str,
-             rank_by: str, show_all: bool):
-    """Stream (progress, message, summary, chart, table, result, run picker, Evaluate, Stop) while a run is evaluated."""
+def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tokens, batch_size, judge_url: str,
+             judge_model: str, rank_by: str, show_all: bool):
+    """Start the evaluation job and stream (progress, message, summary, chart, table, result, run picker, Evaluate, Stop)."""
     idle = (gr.Dropdown(interactive=True), gr.Button(interactive=True), gr.Button(interactive=False))
     unchanged = (gr.skip(),) * 4
     try:
         if not client_id:
             raise ValueError("This browser has no session id yet: reload the page.")
-        run = known_run(run_dir)
+        run = engine.finished_run(name)
         settings = dict(limit=whole(limit, "limit", 0, 100_000) or None, judge=judge_of(judge_url, judge_model),
                         max_new_tokens=whole(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
                         batch_size=whole(batch_size, "batch size", 1, MAX_BATCH))
-    except ValueError as e:
+        job = engine.start_evaluation(run.name, owner=client_id, **settings)
+    except (ValueError, JobError) as e:
         yield notice(html.escape(str(e)), "error"), "", *unchanged, *idle
         return
-    stop, messages = threading.Event(), queue.Queue()
-    with LOCK:
-        CURRENT.update(owner=client_id, stop=stop)
-
-    def work():
-        try:
-            messages.put(("done", evaluate_run(run.path, progress=lambda e: messages.put(("progress", e)),
-                                               should_stop=stop.is_set, **settings)))
-        except EvaluationStopped:
-            messages.put(("stopped", None))
-        except Exception as e:  # any failure is shown in the tab; the app stays up
-            messages.put(("error", e))
-
-    threading.Thread(target=work, name="evaluate", daemon=True).start()
     busy = (gr.Dropdown(interactive=False), gr.Button(interactive=False), gr.Button(interactive=True))
     yield notice(f"Starting the evaluation of <b>{html.escape(run.name)}</b>…"), "", *unchanged, *busy
-    try:
-        while (message := next_message(messages))[0] == "progress":
-            yield progress_html(message[1]), gr.skip(), *unchanged, *busy
-    finally:
-        stop.set()  # a no-op after the end; stops the worker when the visitor goes away mid-run
-        with LOCK:
-            if CURRENT.get("stop") is stop:
-                CURRENT.clear()
-    kind, payload = message
-    if kind == "stopped":
+    version = None
+    while (snap := job.snapshot(since=SCALARS_ONLY))["status"] not in ENDED:
+        if snap["version"] != version and snap["progress"]:
+            version = snap["version"]
+            yield progress_html(snap["progress"]), gr.skip(), *unchanged, *busy
+        time.sleep(POLL_S)
+    if snap["status"] == "stopped":
         yield notice("Stopped: nothing was written; the run's previous results, if any, are as they were."), "", *unchanged, *idle
-    elif kind == "error":
-        yield failure(payload), "", *unchanged, *idle
+    elif snap["status"] == "failed":
+        yield failure(snap["message"] or snap["error"] or "unknown error"), "", *unchanged, *idle
     else:
+        payload = snap["result"]
         summary = payload["summary"]
         done = (f"Evaluated <b>{summary['examples']}</b> examples in {clock(summary['wall_time_s'])}; saved "
-                f"<code>{EVAL_ROWS}</code> and <code>{EVAL_SUMMARY}</code> in <code>{html.escape(str(run.path))}</code>.")
+                f"<code>{EVAL_ROWS}</code> and <code>{EVAL_SUMMARY}</code> with run <code>{html.escape(run.name)}</code>.")
         yield notice(done, "ok"), "", *shown(run, payload, rank_by, show_all), *idle
 
 
-def stop(client_id: str | None) -> str:
-    with LOCK:
-        current = dict(CURRENT)
-    if not current:
-        return notice("No evaluation is going.")
-    if current["owner"] != client_id:
-        return notice("Only the browser session that started this evaluation can stop it.", "error")
-    current["stop"].set()
-    return notice("Stopping after the current batch…")
+def stop(engine, client_id: str | None) -> str:
+    try:
+        stopped = engine.stop("evaluate", client_id)
+    except JobError as e:
+        return notice(html.escape(str(e)), "error")
+    return notice("Stopping after the current batch…") if stopped else notice("No evaluation is going.")
 
 
-def open_in_playground(result: dict | None, evt: gr.SelectData):
+def open_in_playground(shared, result: dict | None, evt: gr.SelectData):
     """A clicked table row: the Playground tab opens with its instruction, input and reference, and this run."""
     rows = {row["index"] + 1: row for row in (result or {}).get("rows", [])}
     try:
@@ -284,32 +245,32 @@ def open_in_playground(result: dict | None, evt: gr.SelectData):
     if row is None:
         return (gr.skip(),) * 10
     note = notice(f"Example #{row['index'] + 1} of the test split, opened from the evaluation: press <b>Compare</b>.")
-    return gr.Tabs(selected=playground_tab.TITLE.lower()), *playground_tab.open_example(row, result["run"], note)
+    return gr.Tabs(selected="playground"), *shared.open_example(row, result["run"], note)
 
 
-def export(run_dir: str | None):
-    """The run's model as a zip of the Hugging Face files, built in a temp folder and offered for download."""
+def export(engine, name: str | None):
+    """The run's model as a zip of the Hugging Face files, built once per saved model and offered for download."""
     try:
-        run = known_run(run_dir)
-        path = export_zip(run.path, EXPORT_DIR / f"{run.name}-hf.zip")
+        path = engine.export(name)
     except (ValueError, ExportError, OSError) as e:
-        return None, notice(f"<b>The export failed.</b> {html.escape(str(e))}", "error")
+        return None, notice(f"<b>The export failed.</b> {html.escape(scrub(str(e)))}", "error")
     size = path.stat().st_size / 2**20
     return str(path), notice(f"<b>{html.escape(path.name)}</b>, {size:,.1f} MB: unzip it and load the folder with "
                              "<code>GPT2LMHeadModel.from_pretrained</code> and <code>GPT2Tokenizer.from_pretrained</code>.", "ok")
 
 
-def push(run_dir: str | None, repo_id: str, token: str) -> str:
+def push(engine, name: str | None, repo_id: str, token: str) -> str:
     """Upload the run's model to a private Hub repo; the reason, not a traceback, when it cannot."""
     repo_id, token = (repo_id or "").strip(), (token or "").strip()
     if not repo_id:
         return notice("Enter a repo id, e.g. <code>your-name/gpt2-instruct</code>.", "error")
-    if not token and os.environ.get("SPACE_ID"):
-        return notice("Enter a Hugging Face token with write access: on a Space the app never uses the Space's own.", "error")
+    if not token and not engine.loopback:
+        return notice("Enter a Hugging Face token with write access: a server that others can reach never uses "
+                      "the credentials stored on it.", "error")
     try:
-        url = push_to_hub(known_run(run_dir).path, repo_id, token or None)
+        url = push_to_hub(engine.finished_run(name).path, repo_id, token or None)
     except (ValueError, ExportError) as e:
-        return notice(html.escape(str(e)), "error")
+        return notice(html.escape(scrub(str(e))), "error")
     return notice(f'Uploaded to <a href="{html.escape(url)}" target="_blank">{html.escape(url)}</a> (a private repo).', "ok")
 
 
@@ -359,19 +320,25 @@ def build(shared) -> None:
         hub_message = gr.HTML(elem_id="hub-message")
 
     result = gr.State(None)
+    engine = shared.engine
     cheap = dict(concurrency_limit=None, show_progress="hidden")
     shown_outputs = [summary, chart, table, result]
-    start_btn.click(evaluate, [shared.client_id, run, limit, max_new_tokens, batch_size, judge_url, judge_model, rank_by, show_all],
+    load_shown = partial(load_evaluation, engine)
+    start_btn.click(partial(evaluate, engine), [shared.client_id, run, limit, max_new_tokens, batch_size, judge_url, judge_model,
+                                               rank_by, show_all],
                     [progress, message, *shown_outputs, run, start_btn, stop_btn], api_name="evaluate",
-                    concurrency_limit=1, concurrency_id="evaluate", show_progress="minimal", show_progress_on=progress)
-    stop_btn.click(stop, shared.client_id, message, api_name="stop_evaluation", **cheap)
-    run.input(load_evaluation, [run, rank_by, show_all], shown_outputs, api_name="load_evaluation", **cheap)
+                    concurrency_limit=2, concurrency_id="evaluate", show_progress="minimal", show_progress_on=progress)
+    stop_btn.click(partial(stop, engine), shared.client_id, message, api_name="stop_evaluation", **cheap)
+    run.input(load_shown, [run, rank_by, show_all], shown_outputs, api_name="load_evaluation", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
-        trigger(refresh_runs, run, run, api_visibility="private", **cheap).then(
-            load_evaluation, [run, rank_by, show_all], shown_outputs, api_visibility="private", **cheap)
+        trigger(partial(refresh_runs, engine), run, run, api_visibility="private", **cheap).then(
+            load_shown, [run, rank_by, show_all], shown_outputs, api_visibility="private", **cheap)
     for control in (rank_by, show_all):
         control.input(table_update, [result, rank_by, show_all], table, api_visibility="private", **cheap)
     if shared.tabs is not None and shared.playground:
-        table.select(open_in_playground, result, [shared.tabs, *shared.playground], api_visibility="private", **cheap)
-    export_btn.click(export, run, [export_file, export_message], api_name="export_zip")
-    hub_btn.click(push, [run, hub_repo, hub_token], hub_message, api_name="push_to_hub")
+        def on_select(result_, evt: gr.SelectData):
+            return open_in_playground(shared, result_, evt)
+
+        table.select(on_select, result, [shared.tabs, *shared.playground], api_visibility="private", **cheap)
+    export_btn.click(partial(export, engine), run, [export_file, export_message], api_name="export_zip")
+    hub_btn.click(partial(push, engine), [run, hub_repo, hub_token], hub_message, api_name="push_to_hub")

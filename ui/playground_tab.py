@@ -8,17 +8,18 @@ from __future__ import annotations
 import difflib
 import html
 import re
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
-from data import extract_response, format_prompt, split_instructions
+from data import DatasetError, extract_response, format_prompt, split_instructions
+from runstore.models import run_config
+from engine.public import scrub
 from model import WeightsError, get_tokenizer, stream_side_by_side
-from runstore import list_runs
 from training import ConfigError
-from engine.models import base_model_of_run, run_config, tuned_model
 
-from .theme import notice
+from .widgets import finished_run_choices, notice
 
 TITLE = "Playground"
 MAX_NEW_TOKENS = 256
@@ -26,35 +27,21 @@ EXAMPLES = 30
 NO_RUNS = "No fine-tuned run yet: train one in the <b>Train</b> tab, then compare it here with the model it started from."
 
 
-def finished_runs() -> list[tuple[str, str]]:
-    """Runs with saved weights, newest first, as (label, path) choices."""
-    choices = []
-    for run in list_runs():
-        if not run.has_weights or run.status not in ("done", "stopped"):
-            continue
-        config = run.manifest.get("config") or {}
-        base = config.get("model", "?") + (" (random init)" if config.get("random_init") else "")
-        loss = run.manifest.get("final_val_loss")
-        loss = f" · val loss {loss:.3f}" if isinstance(loss, (int, float)) else ""
-        choices.append((f"{run.name} · {base}{loss}", str(run.path)))
-    return choices
-
-
-def refresh_runs(current: str | None, newest: bool = False):
+def refresh_runs(engine, current: str | None, newest: bool = False):
     """The run picker, keeping the current choice when it still exists (unless ``newest``), else the newest run."""
-    choices = finished_runs()
-    paths = [p for _, p in choices]
-    value = current if current in paths and not newest else (paths[0] if paths else None)
-    return gr.Dropdown(choices=choices, value=value), run_info(value)
+    choices = finished_run_choices(engine)
+    names = [n for _, n in choices]
+    value = current if current in names and not newest else (names[0] if names else None)
+    return gr.Dropdown(choices=choices, value=value), run_info(engine, value)
 
 
-def run_info(run_dir: str | None) -> str:
-    if not run_dir:
+def run_info(engine, name: str | None) -> str:
+    if not name:
         return notice(NO_RUNS)
     try:
-        config = run_config(run_dir)
+        config = run_config(engine.finished_run(name).path)
     except (FileNotFoundError, ConfigError, ValueError) as e:
-        return notice(html.escape(str(e)), "error")
+        return notice(html.escape(scrub(str(e))), "error")
     base = f"{config.model} with random weights (seed {config.seed})" if config.random_init else f"pretrained {config.model}"
     return notice(f"Base model: <b>{html.escape(base)}</b>. Fine-tuned: the same model after the run, on "
                   f"<b>{html.escape(Path(str(config.data)).name)}</b> ({config.style} prompts).")
@@ -85,24 +72,27 @@ def sampling(temperature, top_k, top_p, seed) -> dict:
             "top_p": float(top_p) if top_p and float(top_p) < 1 else None, "seed": int(seed or 0)}
 
 
-def compare(instruction: str, input_text: str, run_dir: str | None, max_new_tokens, temperature, top_k, top_p, seed):
+def compare(engine, instruction: str, input_text: str, name: str | None, max_new_tokens, temperature, top_k, top_p, seed):
     """Stream (base answer, fine-tuned answer, differences, status)."""
     if not (instruction or "").strip():
         yield "", "", "", notice("Type an instruction first.", "error")
         return
-    if not run_dir:
+    if not name:
         yield "", "", "", notice(NO_RUNS, "error")
         return
-    if run_dir not in {path for _, path in finished_runs()}:
-        yield "", "", "", notice(f"{html.escape(run_dir)} is not a finished run with saved weights.", "error")
+    try:
+        run = engine.finished_run(name)
+    except ValueError as e:
+        yield "", "", "", notice(html.escape(str(e)), "error")
         return
     yield "", "", "", notice("Loading the models…")
     try:
-        config = run_config(run_dir)
-        base, tuned = base_model_of_run(run_dir), tuned_model(run_dir)
+        config = run_config(run.path)
+        base, tuned = engine.models.base_of_run(run.path), engine.models.tuned(run.path)
     except (WeightsError, FileNotFoundError, ConfigError, ValueError, OSError) as e:
-        yield "", "", "", notice(f"<b>The models could not be loaded.</b> {html.escape(str(e))}", "error")
+        yield "", "", "", notice(f"<b>The models could not be loaded.</b> {html.escape(scrub(str(e)))}", "error")
         return
+    yield gr.skip(), gr.skip(), gr.skip(), notice("Generating…")
     tokenizer = get_tokenizer()
     prompt = format_prompt({"instruction": instruction, "input": input_text or ""}, config.style)
     ids = tokenizer.encode(prompt, disallowed_special=())
@@ -117,12 +107,15 @@ def compare(instruction: str, input_text: str, run_dir: str | None, max_new_toke
     yield texts[0], texts[1], diff_html(*texts), notice(f"Both answers {mode}, at most {limit} new tokens.{note}")
 
 
-def examples_of(dataset: dict | None) -> list[dict]:
-    return split_instructions(dataset["records"]).test[:EXAMPLES] if dataset else []
+def examples_of(engine, dataset: dict | None) -> list[dict]:
+    try:
+        return split_instructions(engine.datasets.records(dataset)).test[:EXAMPLES] if dataset else []
+    except DatasetError:
+        return []
 
 
-def examples_update(dataset: dict | None):
-    records = examples_of(dataset)
+def examples_update(engine, dataset: dict | None):
+    records = examples_of(engine, dataset)
     return gr.Dataset(samples=[[r["instruction"], r["input"]] for r in records]), records
 
 
@@ -137,10 +130,10 @@ def pick_example(index: int, records: list[dict]):
     return r["instruction"], r["input"], reference_html(r["output"])
 
 
-def open_example(record: dict, run_dir: str, note: str = ""):
+def open_example(engine, record: dict, name: str, note: str = ""):
     """Values for ``shared.playground``: a record opened here from another tab, with its run picked, answers cleared."""
     return (record["instruction"], record.get("input", ""), reference_html(record["output"]),
-            gr.Dropdown(choices=finished_runs(), value=run_dir), run_info(run_dir), "", "", "", note)
+            gr.Dropdown(choices=finished_run_choices(engine), value=name), run_info(engine, name), "", "", "", note)
 
 
 def build(shared) -> None:
@@ -173,14 +166,17 @@ def build(shared) -> None:
     reference = gr.HTML(elem_id="reference-answer")
     diff = gr.HTML(elem_id="diff-view")
     shared.playground = (instruction, input_text, reference, run, info, base_out, tuned_out, diff, status)
+    engine = shared.engine
+    shared.open_example = lambda record, name, note="": open_example(engine, record, name, note)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    compare_btn.click(compare, [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
+    compare_btn.click(partial(compare, engine), [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
                       [base_out, tuned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
     for trigger in (shared.app.load, refresh.click):
-        trigger(refresh_runs, run, [run, info], api_visibility="private", **cheap)
-    shared.runs_changed.change(lambda current: refresh_runs(current, newest=True), run, [run, info], api_visibility="private", **cheap)
-    run.input(run_info, run, info, api_visibility="private", **cheap)
-    shared.dataset.change(examples_update, shared.dataset, [examples, records], api_visibility="private", **cheap)
+        trigger(lambda current: refresh_runs(engine, current), run, [run, info], api_visibility="private", **cheap)
+    shared.runs_changed.change(lambda current: refresh_runs(engine, current, newest=True), run, [run, info],
+                               api_visibility="private", **cheap)
+    run.input(lambda name: run_info(engine, name), run, info, api_visibility="private", **cheap)
+    shared.dataset.change(lambda d: examples_update(engine, d), shared.dataset, [examples, records], api_visibility="private", **cheap)
     examples.click(pick_example, [examples, records], [instruction, input_text, reference], api_visibility="private", **cheap)
     instruction.input(lambda: "", None, reference, api_visibility="private", **cheap)

@@ -1,34 +1,33 @@
 """Train tab: settings, Start / Stop, and the run drawn live for every visitor.
 
-One ``TrainingJob`` per process, shared by all visitors. A ``gr.Timer`` polls
-its snapshot; each visitor keeps what it has already drawn in a ``gr.State``
-so that unchanged parts come back as ``gr.skip()`` (the chart keeps its zoom).
-Only the browser that started a run (its id in ``gr.BrowserState``) may stop it.
+The engine runs one fine-tuning job at a time, shared by all visitors. A
+``gr.Timer`` polls its snapshot with the number of history rows this visitor
+already has, so only new rows travel; the chart draws them in the browser and
+keeps the visitor's zoom. Only the browser that started a run (its id in
+``gr.BrowserState``) may stop it.
 """
 from __future__ import annotations
 
 import html
-import threading
-from pathlib import Path
+from functools import partial
 
 import gradio as gr
 
+from engine import ACTIVE, SCALARS_ONLY, JobError, public_data
+from engine.public import scrub
 from model import PRESETS
-from model.weights import hub_cached, hub_unreachable
-from runstore import list_runs, read_metrics
+from runstore import read_metrics
 from training import ConfigError, TrainConfig
+from training.config import defaults, limits_of
 from training.estimate import Estimate, all_presets
-from engine.jobs import ACTIVE, JobError, TrainingJob
 
-from .charts import loss_figure
-from .dataset_tab import default_source
-from .theme import notice
+from .charts import live_figure_message, live_rows_message
+from .widgets import bar, clock, live_chart, loss_text, model_label, notice
 
 TITLE = "Train"
-JOB = TrainingJob()
-SUGGESTED: dict[str, str] = {}  # the default model, found once per process without delaying startup
 POLL_SECONDS = 1.0
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
+DEFAULTS = defaults()
 
 
 def preset_label(e: Estimate) -> str:
@@ -66,26 +65,26 @@ def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size,
     )
 
 
-def start(client_id: str | None, dataset: dict | None, preset: str, custom: str, random_init: bool, epochs, batch_size, lr,
-          mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every):
-    """Start a run owned by this browser; a bad setting or a run already going is reported, not raised."""
+def start(engine, client_id: str | None, dataset: dict | None, preset: str, custom: str, random_init: bool, epochs,
+          batch_size, lr, mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every):
+    """Start a run owned by this browser; a bad setting, a limit or a run already going is reported, not raised."""
     if not client_id:
         return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
-    data = dataset["source"] if dataset else default_source()
-    name = dataset["name"] if dataset else data
     try:
+        data = engine.datasets.training_source(dataset) if dataset else "sample"
+        name = dataset["name"] if dataset else "bundled sample"
         config = make_config(preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha,
                              grouped, max_steps, eval_every, data=data)
-        JOB.start(config, owner=client_id)
-    except (ConfigError, JobError) as e:
-        return notice(html.escape(str(e)), "error"), gr.skip(), gr.skip()
+        engine.start_training(config, owner=client_id)
+    except (ConfigError, JobError, ValueError, OSError) as e:
+        return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
     text = f"Started fine-tuning <b>{html.escape(config.model)}</b> on <b>{html.escape(name)}</b>."
     return notice(text, "ok"), gr.Button(interactive=False), gr.Button(interactive=True)
 
 
-def stop(client_id: str | None):
+def stop(engine, client_id: str | None):
     try:
-        stopped = JOB.stop(client_id)
+        stopped = engine.stop("train", client_id)
     except JobError as e:
         return notice(html.escape(str(e)), "error")
     if not stopped:
@@ -93,24 +92,11 @@ def stop(client_id: str | None):
     return notice("Stopping at the next step; the model trained so far is saved.", "info")
 
 
-def clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
-
-
-def bar(fraction: float, extra: str = "") -> str:
-    pct = max(0.0, min(1.0, fraction)) * 100
-    return f'<div class="gi-track"><div class="gi-fill {extra}" style="width:{pct:.1f}%"></div></div>'
-
-
 def settings_line(config: dict) -> str:
     """The run's settings in one line, so a visitor who reconnects sees what is running."""
     model = config["model"] + (" (random init)" if config.get("random_init") else "")
     method = f"LoRA rank {config['lora_rank']}, alpha {config['lora_alpha']:g}" if config.get("lora_rank") else "full fine-tune"
-    parts = [model, Path(str(config["data"])).name, method, f"lr {config['lr']:g}", f"batch {config['batch_size']}",
+    parts = [model, str(config["data"]), method, f"lr {config['lr']:g}", f"batch {config['batch_size']}",
              f"{config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}", f"eval every {config['eval_every']}"]
     parts += ["prompt masked"] if config.get("mask_prompt") else []
     parts += [f"max {config['max_steps']} steps"] if config.get("max_steps") else []
@@ -126,7 +112,7 @@ def progress_html(snap: dict) -> str:
     total, step = snap["total_steps"], snap["step"]
     meta = [f'<span class="gi-status {status}">{status}</span>',
             f"step <b>{step:,}</b> / {total:,}" if total else "step –",
-            f"epoch {snap['epoch']:.2f} / {snap['epochs']}",
+            f"epoch {snap['epoch']:.2f} / {snap['epochs'] or '–'}",
             f"<b>{snap['tokens_per_s']:,.0f}</b> tokens/s",
             f"{clock(snap['elapsed_s'])} elapsed"]
     if active and snap["eta_s"] is not None and total:
@@ -176,10 +162,6 @@ def responses_html(snap: dict) -> str:
     return f'<div class="gi-sample">{"".join(parts)}</div>'
 
 
-def loss_text(value) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
-
-
 def final_html(snap: dict) -> str:
     if snap.get("error"):
         return notice(f"<b>The run failed.</b> {html.escape(snap['error'])}", "error")
@@ -187,33 +169,46 @@ def final_html(snap: dict) -> str:
     if not final:
         return ""
     word = "Done" if final["status"] == "done" else "Stopped"
+    reason = f" ({html.escape(final['stop_reason'])})" if final.get("stop_reason") else ""
     return notice(
-        f"<b>{word}</b> after {final['steps']:,} steps and {final['tokens_seen']:,} tokens in {clock(final['wall_time_s'])}: "
+        f"<b>{word}</b>{reason} after {final['steps']:,} steps and {final['tokens_seen']:,} tokens in {clock(final['wall_time_s'])}: "
         f"train loss <b>{loss_text(final['final_train_loss'])}</b>, validation loss <b>{loss_text(final['final_val_loss'])}</b>. "
-        f"Saved to <code>{html.escape(final['run_dir'])}</code>. Compare it with its base model in the Playground tab.", "ok")
+        f"Saved as run <code>{html.escape(str(snap.get('run')))}</code>. Compare it with its base model in the Playground tab.", "ok")
 
 
-def chart(snap: dict, overlays: list[str] | None):
-    """The live run's loss with the chosen past runs (only folders that ``list_runs`` knows) overlaid."""
-    known = {str(run.path) for run in list_runs()} if overlays else set()
-    past = [(Path(p).name, read_metrics(Path(p))) for p in overlays or [] if p in known]
+def chart_message(engine, snap: dict, overlays: list[str] | None) -> str:
+    """The whole live chart for this run and overlay choice, with the chosen past runs (by name) overlaid."""
+    known = {run.name: run.path for run in engine.runs()} if overlays else {}
+    past = [(name, read_metrics(known[name])) for name in overlays or [] if name in known]
     config = snap.get("config") or {}
-    title = f"{config['model']} on {Path(str(config['data'])).name}" if config else None
-    return loss_figure(snap["history"], past, title)
+    title = f"{config['model']} on {config['data']}" if config else None
+    return live_figure_message(chart_key(snap, overlays), snap["history"], past, title)
 
 
-def poll(client_id: str | None, seen: dict | None, overlays: list[str] | None):
-    """One timer tick: only what changed since this visitor's last tick is sent."""
-    snap = JOB.snapshot()
+def chart_key(snap: dict, overlays: list[str] | None) -> str:
+    return f"{snap['started_at']}|{'|'.join(sorted(overlays or []))}"
+
+
+def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] | None):
+    """One timer tick: only what changed since this visitor's last tick is computed and sent."""
     seen = dict(seen or {})
+    latest = engine.snapshot("train", since=SCALARS_ONLY)
+    key = chart_key(latest, overlays)
+    have = seen.get("rows", 0) if seen.get("chart") == key else 0
+    snap = engine.snapshot("train", since=have)
     active = snap["status"] in ACTIVE
     can_stop = active and snap["owner"] is not None and snap["owner"] == client_id
     changed = seen.get("version") != snap["version"]
-    chart_key = [snap["started_at"], len(snap["history"]), sorted(overlays or [])]
+    if have == 0 and (snap["history"] or seen.get("chart") != key):
+        chart = chart_message(engine, snap, overlays)
+    elif snap["history"]:
+        chart = live_rows_message(key, snap["history"])
+    else:
+        chart = gr.skip()
     responses_key = [snap["started_at"], len(snap["responses"])]
-    finished = (snap.get("final") or {}).get("run_dir")
+    finished = snap.get("run") if snap["status"] in ("done", "stopped") else None
     out = (
-        chart(snap, overlays) if seen.get("chart") != chart_key else gr.skip(),
+        chart,
         progress_html(snap) if changed or active else gr.skip(),
         responses_html(snap) if seen.get("responses") != responses_key else gr.skip(),
         final_html(snap) if changed else gr.skip(),
@@ -221,84 +216,95 @@ def poll(client_id: str | None, seen: dict | None, overlays: list[str] | None):
         gr.Button(interactive=can_stop) if changed or seen.get("can_stop") != can_stop else gr.skip(),
     )
     runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()
-    seen.update(version=snap["version"], chart=chart_key, responses=responses_key, active=active, can_stop=can_stop, finished=finished)
+    seen.update(version=snap["version"], chart=key, rows=snap["history_len"], responses=responses_key, active=active,
+                can_stop=can_stop, finished=finished)
     return out + (seen, runs_changed)
 
 
-def redraw(overlays: list[str] | None, seen: dict | None):
-    """The chart at once when the overlaid runs change."""
-    snap = JOB.snapshot()
+def redraw(engine, overlays: list[str] | None, seen: dict | None):
+    """The whole chart at once when the overlaid runs change."""
+    snap = engine.snapshot("train")
     seen = dict(seen or {})
-    seen["chart"] = [snap["started_at"], len(snap["history"]), sorted(overlays or [])]
-    return chart(snap, overlays), seen
+    seen.update(chart=chart_key(snap, overlays), rows=snap["history_len"])
+    return chart_message(engine, snap, overlays), seen
 
 
-def job_status() -> dict:
+def job_status(engine) -> dict:
     """The shared run's state as plain data (everything but its owner's id)."""
-    snap = JOB.snapshot()
+    snap = engine.snapshot("train")
     snap.pop("owner", None)
     return snap
 
 
-def runs_table() -> tuple[list[list], dict]:
+def runs_table(engine) -> tuple[list[list], dict]:
     """Past runs as table rows, and the overlay picker's choices (runs that logged metrics)."""
     rows, choices = [], []
-    for run in list_runs():
+    for run in engine.runs():
         m = run.manifest
-        rows.append([run.name, (m.get("config") or {}).get("model", "?"), Path(str((m.get("data") or {}).get("source", "?"))).name,
-                     run.status, m.get("steps", ""), loss_text(m.get("final_val_loss")), clock(m.get("wall_time_s"))])
+        data = (m.get("data") or {}).get("source", "?")
+        rows.append([run.name, model_label(m), public_data(str(data)), run.status, m.get("steps", ""),
+                     loss_text(m.get("final_val_loss")), clock(m.get("wall_time_s"))])
         if (run.path / "metrics.jsonl").is_file():
-            choices.append((run.label(), str(run.path)))
+            choices.append((run.label(), run.name))
     return rows, gr.Dropdown(choices=choices)
 
 
-def data_line(dataset: dict | None) -> str:
+def data_line(engine, dataset: dict | None) -> str:
     if not dataset:
-        return notice(f"Data: <b>{default_source()}</b> (change it in the Dataset tab).")
-    return notice(f"Data: <b>{html.escape(dataset['name'])}</b>, {len(dataset['records']):,} records (change it in the Dataset tab).")
+        return notice("Data: <b>bundled sample</b> (change it in the Dataset tab).")
+    return notice(f"Data: <b>{html.escape(dataset['name'])}</b>, {dataset['count']:,} records (change it in the Dataset tab).")
 
 
-def find_default_model() -> None:
-    """GPT-2 124M when its weights are cached or the Hub answers; else the offline tiny demo."""
-    SUGGESTED["model"] = "gpt2" if hub_cached("gpt2") or hub_unreachable() is None else "tiny"
+def limits_html(engine) -> str:
+    rows = "".join(f"<tr><td><code>{html.escape(var)}</code></td><td><b>{html.escape(value)}</b></td><td>{html.escape(text)}</td></tr>"
+                   for var, value, text in engine.limits.rows())
+    return f'<table class="gi-eval">{rows}</table>'
 
 
-def suggested_model():
-    model = SUGGESTED.get("model", "tiny")
+def suggested_model(engine):
+    model = engine.suggested_model()
     return gr.Dropdown(value=model), gr.Checkbox(value=model == "tiny")
 
 
 def build(shared) -> None:
-    threading.Thread(target=find_default_model, name="find-default-model", daemon=True).start()
+    engine = shared.engine
     presets = all_presets()
+    low_epochs, _ = limits_of("epochs")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             preset = gr.Dropdown([(preset_label(e), e.name) for e in presets], value="tiny", label="Model", elem_id="model-preset")
-            custom = gr.Textbox(label="…or a local path / Hugging Face Hub id", placeholder="e.g. ./my-gpt2 or openai-community/gpt2",
-                                elem_id="model-path")
+            custom = gr.Textbox(label="…or a local path / Hugging Face Hub id" if engine.limits.local_paths else "…or a Hugging Face Hub id",
+                                placeholder="e.g. ./my-gpt2 or openai-community/gpt2" if engine.limits.local_paths
+                                else "e.g. openai-community/gpt2", elem_id="model-path")
             random_init = gr.Checkbox(value=True, label="Random init (no download: for the offline demo)", elem_id="random-init")
             with gr.Row():
-                epochs = gr.Number(value=1, precision=0, label="Epochs", elem_id="epochs")
-                batch_size = gr.Number(value=8, precision=0, label="Batch size", elem_id="batch-size")
-                lr = gr.Number(value=5e-5, step=1e-5, label="Learning rate", elem_id="learning-rate")
+                epochs = gr.Number(value=DEFAULTS["epochs"], precision=0, minimum=low_epochs, maximum=engine.limits.max_epochs,
+                                   label="Epochs", elem_id="epochs")
+                batch_size = gr.Number(value=DEFAULTS["batch_size"], precision=0, minimum=1, maximum=limits_of("batch_size")[1],
+                                       label="Batch size", elem_id="batch-size")
+                lr = gr.Number(value=DEFAULTS["lr"], step=1e-5, label="Learning rate", elem_id="learning-rate")
             with gr.Row():
                 max_steps = gr.Number(value=0, precision=0, label="Max steps (0: all)", elem_id="max-steps")
-                eval_every = gr.Number(value=20, precision=0, label="Evaluate every (steps)", elem_id="eval-every")
-            mask_prompt = gr.Checkbox(value=False, label="Mask the prompt (loss on the response only)", elem_id="train-mask-prompt")
-            grouped = gr.Checkbox(value=True, label="Length-grouped batches (less padding, faster)", elem_id="grouped")
+                eval_every = gr.Number(value=DEFAULTS["eval_every"], precision=0, minimum=1, label="Evaluate every (steps)",
+                                       elem_id="eval-every")
+            mask_prompt = gr.Checkbox(value=DEFAULTS["mask_prompt"], label="Mask the prompt (loss on the response only)",
+                                      elem_id="train-mask-prompt")
+            grouped = gr.Checkbox(value=DEFAULTS["grouped"], label="Length-grouped batches (less padding, faster)", elem_id="grouped")
             with gr.Accordion("LoRA", open=False):
                 lora = gr.Checkbox(value=False, label="Train low-rank adapters instead of every weight", elem_id="lora")
                 with gr.Row():
                     rank = gr.Slider(1, 64, value=16, step=1, label="Rank", elem_id="lora-rank")
-                    alpha = gr.Number(value=16, label="Alpha", elem_id="lora-alpha")
-            data = gr.HTML(data_line(None), elem_id="train-data")
+                    alpha = gr.Number(value=DEFAULTS["lora_alpha"], label="Alpha", elem_id="lora-alpha")
+            data = gr.HTML(data_line(engine, None), elem_id="train-data")
             with gr.Row():
                 start_btn = gr.Button("Start fine-tuning", variant="primary", elem_id="start-btn")
                 stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-btn")
             message = gr.HTML(elem_id="train-message")
+            with gr.Accordion("This server's limits", open=False):
+                gr.HTML(limits_html(engine), elem_id="server-limits")
         with gr.Column(scale=3):
             progress = gr.HTML(elem_id="train-progress")
-            loss_chart = gr.Plot(label="Loss", show_label=False, elem_id="loss-chart")
+            loss_chart = live_chart("loss-chart")
             overlay = gr.Dropdown([], value=[], multiselect=True, label="Overlay past runs", elem_id="overlay-runs")
             final = gr.HTML(elem_id="train-final")
             responses = gr.HTML(elem_id="sample-responses")
@@ -311,16 +317,19 @@ def build(shared) -> None:
     settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every]
     poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, seen, shared.runs_changed]
 
-    shared.app.load(suggested_model, None, [preset, random_init], api_visibility="private", **cheap)
+    def on_poll(client_id, seen_, overlays):
+        return poll(engine, client_id, seen_, overlays)
+
+    shared.app.load(lambda: suggested_model(engine), None, [preset, random_init], api_visibility="private", **cheap)
     preset.input(lambda p: p == "tiny", preset, random_init, api_visibility="private", **cheap)
     custom.input(lambda c, r: False if (c or "").strip() else r, [custom, random_init], random_init, api_visibility="private", **cheap)
-    start_btn.click(start, [shared.client_id, shared.dataset] + settings, [message, start_btn, stop_btn],
+    start_btn.click(lambda *a: start(engine, *a), [shared.client_id, shared.dataset] + settings, [message, start_btn, stop_btn],
                     api_name="start_training", concurrency_limit=1)
-    stop_btn.click(stop, shared.client_id, message, api_name="stop_training", **cheap)
-    gr.Timer(POLL_SECONDS).tick(poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", **cheap)
-    shared.app.load(poll, [shared.client_id, seen, overlay], poll_outputs, api_visibility="private", **cheap)
-    overlay.change(redraw, [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
+    stop_btn.click(lambda c: stop(engine, c), shared.client_id, message, api_name="stop_training", **cheap)
+    gr.Timer(POLL_SECONDS).tick(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", **cheap)
+    shared.app.load(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_visibility="private", **cheap)
+    overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
-        trigger(runs_table, None, [runs, overlay], api_visibility="private", **cheap)
-    shared.dataset.change(data_line, shared.dataset, data, api_visibility="private", **cheap)
-    gr.api(job_status, api_name="job_status", concurrency_limit=None)
+        trigger(lambda: runs_table(engine), None, [runs, overlay], api_visibility="private", **cheap)
+    shared.dataset.change(lambda d: data_line(engine, d), shared.dataset, data, api_visibility="private", **cheap)
+    gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)

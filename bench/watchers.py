@@ -1,0 +1,129 @@
+"""Does watching a run slow it down? The app's training throughput with 0, 1 and 5 watchers against the CLI's.
+
+    python -m bench.watchers [--model tiny] [--steps 60] [--watchers 0 1 5]
+
+Starts ``python app.py`` on a free port with its own runs folder, starts the
+same run through the app's API once per watcher count while that many API
+clients poll the Train tab once a second (as open browsers do; the browsers'
+own drawing is left out), and runs it once more with ``python -m training``.
+Throughput is each run's own tokens / training seconds from its manifest.
+The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.common import machine, print_json
+
+REPO = Path(__file__).resolve().parents[1]
+FORM = dict(custom="", random_init=True, epochs=1, batch_size=8, lr=5e-5, mask_prompt=False, lora=False, rank=8, alpha=16,
+            grouped=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def throughput(run_dir: Path) -> float:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return manifest["tokens_seen"] / manifest["train_time_s"]
+
+
+def newest_run(root: Path, before: set[str]) -> Path:
+    fresh = sorted(p for p in root.iterdir() if p.name not in before and (p / "manifest.json").is_file())
+    return fresh[-1]
+
+
+def watch(url: str, stop: threading.Event, polls: list[int]) -> None:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    n = 0
+    while not stop.is_set():
+        client.predict("watcher", [], api_name="/poll_status")
+        n += 1
+        stop.wait(1.0)
+    polls.append(n)
+
+
+def app_run(url: str, root: Path, model: str, steps: int, watchers: int) -> dict:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    client.predict("sample", None, False, api_name="/load_dataset")
+    before = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    stop, polls = threading.Event(), []
+    threads = [threading.Thread(target=watch, args=(url, stop, polls)) for _ in range(watchers)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0 if watchers else 0)  # the watchers are connected and polling before the run starts
+    client.predict("bench", model, *FORM.values(), steps, 1000, api_name="/start_training")
+    while client.predict(api_name="/job_status")["status"] not in ("done", "failed", "stopped"):
+        time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    run = newest_run(root, before)
+    return {"watchers": watchers, "tokens_per_s": throughput(run), "polls": sum(polls)}
+
+
+def cli_run(root: Path, model: str, steps: int, env: dict) -> float:
+    out = root / "cli-run"
+    subprocess.run([sys.executable, "-m", "training", "--model", model, "--random-init", "--data", "sample", "--max-steps",
+                    str(steps), "--eval-every", "1000", "--out", str(out)], cwd=REPO, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return throughput(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--watchers", type=int, nargs="+", default=[0, 1, 5])
+    args = parser.parse_args()
+    print(machine())
+    print(f"about {len(args.watchers) + 1} runs of {args.steps} steps of {args.model}; a minute or two for tiny")
+    work = Path(tempfile.mkdtemp(prefix="bench-watchers-"))
+    root = work / "runs"
+    env = {**os.environ, "GPT2_INSTRUCT_RUNS": str(root), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    cli = cli_run(work, args.model, args.steps, env)
+    port = free_port()
+    app = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline or app.poll() is not None:
+                    sys.exit("error: the app did not start")
+                time.sleep(0.5)
+        results = [app_run(url, root, args.model, args.steps, n) for n in args.watchers]
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+    print(f"{'':<14}{'tokens/s':>10}{'vs CLI':>9}{'polls':>7}")
+    print(f"{'CLI':<14}{cli:>10,.0f}{1.0:>9.2f}{'':>7}")
+    for r in results:
+        r["vs_cli"] = r["tokens_per_s"] / cli
+        print(f"{r['watchers']} watcher(s){'':<3}{r['tokens_per_s']:>10,.0f}{r['vs_cli']:>9.2f}{r['polls']:>7}")
+    print_json({"bench": "watchers", "model": args.model, "steps": args.steps, "cli_tokens_per_s": cli, "app": results})
+
+
+if __name__ == "__main__":
+    main()

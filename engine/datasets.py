@@ -1,0 +1,103 @@
+"""Datasets shared by every visitor: each visitor holds a small reference, the parsed records live here once.
+
+A reference is ``{"source", "name", "sha256", "count"}`` (plus ``"key"`` for an
+upload). Parsed datasets sit in a bounded LRU keyed by content; uploads are
+copied into the cache and dropped by age and total size.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from data import DatasetError, load_instructions
+from data import cache
+from data.records import source_path
+
+BUILT_IN = {"canonical": "canonical (book, ch. 7)", "sample": "bundled sample"}
+
+
+def prune_folder(folder: Path, max_bytes: float, max_age_s: float, keep: Path | None = None) -> list[Path]:
+    """Delete files older than ``max_age_s``, then the oldest until the folder holds at most ``max_bytes``."""
+    if not folder.is_dir():
+        return []
+    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+    now, gone = time.time(), []
+    total = sum(p.stat().st_size for p in files)
+    for p in files:
+        if p == keep:
+            continue
+        if now - p.stat().st_mtime > max_age_s or total > max_bytes:
+            total -= p.stat().st_size
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+class Datasets:
+    def __init__(self, capacity: int = 8, uploads_mb: float = 200, max_age_hours: float = 24):
+        self.capacity, self.uploads_bytes, self.max_age_s = capacity, uploads_mb * 2**20, max_age_hours * 3600
+        self._parsed: OrderedDict[str, list[dict]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def uploads_dir(self) -> Path:
+        return cache.cache_dir() / "uploads"
+
+    def open(self, source: str, upload: str | None = None) -> tuple[dict, list[dict]]:
+        """A visitor's reference to a dataset and its records; ``DatasetError`` says why it cannot be loaded."""
+        if source == "upload":
+            if not upload:
+                raise DatasetError("choose a JSON or JSON Lines file to upload")
+            records = load_instructions(Path(upload))
+            stored = cache.store_upload(upload)
+            stored.touch()
+            self.prune(keep=stored)
+            ref = {"source": "upload", "key": stored.name, "name": Path(upload).name}
+        elif source in BUILT_IN:
+            records = load_instructions(source)
+            ref = {"source": source, "name": BUILT_IN[source]}
+            stored = source_path(source)
+        else:
+            raise DatasetError(f"unknown source {source!r}; choose canonical, sample or upload")
+        digest = hashlib.sha256(stored.read_bytes()).hexdigest()
+        ref.update(sha256=digest, count=len(records))
+        self._keep(digest, records)
+        return ref, records
+
+    def records(self, ref: dict) -> list[dict]:
+        """The records behind a reference, parsed again if they left the shared cache."""
+        with self._lock:
+            if ref["sha256"] in self._parsed:
+                self._parsed.move_to_end(ref["sha256"])
+                return self._parsed[ref["sha256"]]
+        records = load_instructions(self.training_source(ref))
+        self._keep(ref["sha256"], records)
+        return records
+
+    def training_source(self, ref: dict) -> str:
+        """What ``TrainConfig.data`` gets: "canonical", "sample" or the stored upload's path (server side only)."""
+        if ref["source"] != "upload":
+            return ref["source"]
+        path = self.uploads_dir / Path(ref["key"]).name
+        if not path.is_file():
+            hours = self.max_age_s / 3600
+            raise DatasetError(f"{ref['name']} is no longer on the server (uploads are kept {hours:g} hours at most "
+                               "and dropped first when space runs short): upload it again")
+        return str(path)
+
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        return prune_folder(self.uploads_dir, self.uploads_bytes, self.max_age_s, keep)
+
+    def cached(self) -> int:
+        with self._lock:
+            return len(self._parsed)
+
+    def _keep(self, digest: str, records: list[dict]) -> None:
+        with self._lock:
+            self._parsed[digest] = records
+            self._parsed.move_to_end(digest)
+            while len(self._parsed) > self.capacity:
+                self._parsed.popitem(last=False)

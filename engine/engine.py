@@ -1,0 +1,212 @@
+"""The one object behind the app and the CLIs: jobs, the run store, the models kept loaded, shared datasets, limits.
+
+``app.py`` makes one ``Engine`` and hands it to every tab; the tabs start,
+stop and draw, and keep no process-wide state of their own. Long tasks run as
+``Job``s in lanes: ``train`` (fine-tuning and preference tuning, one at a
+time) and ``evaluate`` (one at a time).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import threading
+from pathlib import Path
+
+import psutil
+
+from evaluation.evaluate import evaluate_run
+from model import PRESETS, GPTConfig
+from model.device import configure_runtime
+from model.weights import WeightsError, hub_cached, hub_unreachable, read_config, resolve
+from runstore import RunInfo, find_run, list_runs, runs_root
+from runstore.export import export_zip
+from runstore.store import recover_runs
+from training.config import ConfigError, TrainConfig
+from training.estimate import GB, estimate_for
+from training.events import Progress
+from training.loop import check_data, train
+
+from .datasets import Datasets, prune_folder
+from .jobs import SCALARS_ONLY, Job, JobError, idle_snapshot
+from .limits import Limits
+from runstore.models import Models
+from .public import scrub
+
+LANES = ("train", "evaluate")
+
+
+def available_memory_gb() -> float:
+    """Memory a new run may take now: what the OS has available, capped by this container's cgroup limit."""
+    available = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available / GB
+
+
+class Engine:
+    def __init__(self, limits: Limits | None = None, root: Path | None = None, exports: Path | None = None,
+                 loopback: bool = True):
+        configure_runtime()
+        self.limits = limits or Limits.from_env()
+        self.root = Path(root) if root else runs_root()
+        self.exports = Path(exports) if exports else Path(tempfile.gettempdir()) / "gpt2-instruct-exports"
+        self.loopback = loopback  # a blank Hub token may use the host's credentials only then
+        self.models = Models()
+        self.datasets = Datasets(self.limits.datasets_in_memory, self.limits.uploads_mb, self.limits.files_max_age_hours)
+        self._jobs: dict[str, Job | None] = dict.fromkeys(LANES)
+        self._lock = threading.Lock()
+        self.recovered = recover_runs(self.root)
+        self._suggestion: str | None = None
+
+    def look_for_weights(self) -> None:
+        """Find, in the background, whether GPT-2 124M can be loaded here (cached, or the Hub answers)."""
+        def look():
+            self._suggestion = "gpt2" if hub_cached("gpt2") or hub_unreachable() is None else "tiny"
+
+        threading.Thread(target=look, name="look-for-weights", daemon=True).start()
+
+    def suggested_model(self) -> str:
+        """The model a new visitor's form starts with: GPT-2 124M when its weights can be had, else the offline tiny demo."""
+        return self._suggestion or "tiny"
+
+    # Runs
+
+    def runs(self) -> list[RunInfo]:
+        return list_runs(self.root)
+
+    def run(self, name: str | None) -> RunInfo:
+        """A run of this server by its name; ``ValueError`` for anything else (paths are never accepted)."""
+        run = find_run(Path(str(name or "")).name, self.root) if name and "/" not in str(name) else None
+        if run is None:
+            raise ValueError(f"{name or 'no run'} is not a run on this server: pick one from the list")
+        return run
+
+    def finished_run(self, name: str | None) -> RunInfo:
+        run = self.run(name)
+        if not run.has_weights or run.status not in ("done", "stopped", "interrupted"):
+            raise ValueError(f"{run.name} is not a finished run with saved weights: pick one from the list")
+        return run
+
+    def export(self, name: str) -> Path:
+        """The run's Hugging Face zip: built once per saved model and reused; old exports are dropped."""
+        run = self.finished_run(name)
+        weights = run.path / "model.safetensors"
+        dest = self.exports / f"{run.name}-hf.zip"
+        if not (dest.is_file() and dest.stat().st_mtime >= weights.stat().st_mtime):
+            self.exports.mkdir(parents=True, exist_ok=True)
+            prune_folder(self.exports, self.limits.exports_mb * 2**20, self.limits.files_max_age_hours * 3600)
+            export_zip(run.path, dest)
+        return dest
+
+    # Jobs
+
+    def snapshot(self, lane: str, since: int = 0) -> dict:
+        job = self._jobs[lane]
+        return job.snapshot(since) if job is not None else idle_snapshot()
+
+    def job(self, lane: str) -> Job | None:
+        return self._jobs[lane]
+
+    def stop(self, lane: str, owner: str | None) -> bool:
+        job = self._jobs[lane]
+        return job.stop(owner) if job is not None else False
+
+    def _launch(self, lane: str, job: Job) -> Job:
+        with self._lock:
+            current = self._jobs[lane]
+            if current is not None and current.active:
+                snap = current.snapshot(since=SCALARS_ONLY)
+                raise JobError(f"a {snap['title']} is already running ({snap['status']}, step {snap['step']}/"
+                               f"{snap['total_steps']}); wait for it or stop it first")
+            self._jobs[lane] = job
+            return job.start()
+
+    def check_training(self, config: TrainConfig) -> TrainConfig:
+        """The config within this server's limits, its data checked and its memory admitted; errors say which limit."""
+        limits = self.limits
+        looks_local = config.model not in PRESETS and (config.model.startswith((".", "/", "~")) or "\\" in config.model
+                                                       or config.model.endswith(".safetensors") or config.model.count("/") > 1)
+        if looks_local and not limits.local_paths:
+            raise ConfigError("local paths are turned off on this server: choose a preset or a Hugging Face Hub id "
+                              "(e.g. openai-community/gpt2)")
+        if limits.models is not None and config.model not in limits.models:
+            raise ConfigError(f"this server trains only {', '.join(limits.models)}; {config.model!r} is not allowed")
+        if config.epochs > limits.max_epochs:
+            raise ConfigError(f"epochs: this server allows at most {limits.max_epochs}, got {config.epochs}")
+        changes = {}
+        if limits.max_steps is not None and (config.max_steps or 10**9) > limits.max_steps:
+            changes["max_steps"] = limits.max_steps
+        if limits.max_wall_minutes is not None:
+            cap = limits.max_wall_minutes * 60
+            changes["max_wall_s"] = min(config.max_wall_s or cap, cap)
+        config = dataclasses.replace(config, **changes) if changes else config
+        self.admit(config)
+        check_data(config)
+        return config
+
+    def admit(self, config: TrainConfig) -> None:
+        """Refuse a run whose memory estimate exceeds what is available, before anything is allocated."""
+        needed = self.memory_estimate(config)
+        if needed is None:
+            return
+        available = self.limits.memory_gb if self.limits.memory_gb is not None else available_memory_gb()
+        if needed > available:
+            method = "LoRA" if config.lora_rank else "full fine-tuning"
+            hint = "a smaller model" if config.lora_rank else "LoRA (rank 16 needs far less) or a smaller model"
+            raise ConfigError(f"not enough memory: {config.model} with {method} needs about {needed:.1f} GB, and "
+                              f"{available:.1f} GB is available on this server; try {hint}")
+
+    @staticmethod
+    def memory_estimate(config: TrainConfig) -> float | None:
+        """GB the run is expected to peak at; None when the model's size cannot be known before loading it."""
+        try:
+            name = config.model.rsplit("/", 1)[-1]
+            if config.model in PRESETS:
+                model_config = GPTConfig.from_name(config.model)
+            elif Path(config.model).expanduser().exists():
+                weights, config_file = resolve(config.model)
+                model_config = read_config(config_file, weights)
+            elif name in PRESETS:  # a Hub id such as openai-community/gpt2-medium
+                model_config = GPTConfig.from_name(name)
+            else:
+                return None
+        except (WeightsError, ValueError, OSError):
+            return None
+        e = estimate_for(model_config)
+        return e.lora_gb if config.lora_rank else e.full_gb
+
+    def start_training(self, config: TrainConfig, owner: str | None = None) -> Job:
+        """Check the limits, the data and the memory, then fine-tune in the ``train`` lane."""
+        config = self.check_training(config.validate())
+        if config.out is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+        public = {**config.to_dict(), "data": public_data(config.data), "out": None}
+        def work(hooks) -> None:  # the run's summary reaches watchers through its Finished event, without its path
+            train(config, hooks, root=self.root)
+
+        return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public))
+
+    def run_training(self, config: TrainConfig, hooks=None) -> dict:
+        """Fine-tune in the foreground (the CLI): the same limits and checks as a job, then the loop."""
+        return train(self.check_training(config.validate()), hooks, root=self.root)
+
+    def start_evaluation(self, name: str, owner: str | None = None, **settings) -> Job:
+        """Score a finished run's base and fine-tuned model in the ``evaluate`` lane."""
+        run = self.finished_run(name)
+
+        def work(hooks):
+            return evaluate_run(run.path, progress=lambda p: hooks.on_event(Progress(p)), should_stop=hooks.should_stop,
+                                registry=self.models, **settings)
+
+        job = Job("evaluation", work, owner, "evaluation", {"run": run.name, **{k: str(v) for k, v in settings.items()}})
+        return self._launch("evaluate", job)
+
+
+def public_data(source: str) -> str:
+    """A data source as a visitor may see it."""
+    return scrub(str(source)) if source not in ("canonical", "sample") else source

@@ -1,0 +1,205 @@
+"""The engine: one job abstraction, admission control, server limits, runs that never lie, bounded growth, no paths."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from data import DatasetError, cache
+from engine import Engine, JobError, Limits
+from engine.public import scrub
+from model import GPT
+from runstore import load_run, read_manifest
+from training import TrainConfig
+from training.config import ConfigError
+
+
+def tiny(tmp_path: Path | None = None, **overrides) -> TrainConfig:
+    values = dict(model="tiny", random_init=True, data="sample", max_steps=6, eval_every=3, eval_batches=2, sample_tokens=8,
+                  lr=1e-3)
+    return TrainConfig(**{**values, **overrides})
+
+
+@pytest.fixture
+def engine(tmp_path, monkeypatch) -> Engine:
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    return Engine(root=tmp_path / "runs", exports=tmp_path / "exports")
+
+
+def wait_for(engine: Engine, lane: str, predicate, timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = engine.snapshot(lane)
+        if predicate(snap):
+            return snap
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last snapshot status {engine.snapshot(lane)['status']}")
+
+
+def has_absolute_path(value, roots) -> bool:
+    text = json.dumps(value, default=str)
+    return any(str(root) in text for root in roots)
+
+
+def test_a_run_is_a_job_watched_through_versioned_snapshots_that_send_only_new_rows(engine, tmp_path):
+    job = engine.start_training(tiny(), owner="alice")
+    assert job.wait(90)
+    snap = engine.snapshot("train")
+    assert snap["status"] == "done" and snap["step"] == snap["total_steps"] == 6
+    assert [h["step"] for h in snap["history"]] == list(range(7)) and snap["history_len"] == 7
+    assert [r["step"] for r in snap["responses"]] == [0, 3, 6]
+    assert snap["version"] > 10 and snap["run"] == engine.runs()[0].name
+    later = engine.snapshot("train", since=5)
+    assert [h["step"] for h in later["history"]] == [5, 6] and later["history_len"] == 7
+    assert later["history"][0] is snap["history"][5]  # rows are shared, never copied per poll
+    assert not has_absolute_path(snap, [tmp_path, Path.home()])
+
+
+def test_only_the_owner_stops_and_a_stopped_run_is_saved(engine):
+    engine.start_training(tiny(max_steps=None, eval_every=50), owner="alice")
+    wait_for(engine, "train", lambda s: s["step"] >= 3)
+    with pytest.raises(JobError, match="Only the browser session that started this fine-tuning run"):
+        engine.stop("train", "bob")
+    with pytest.raises(JobError, match="already running"):
+        engine.start_training(tiny(), owner="bob")
+    assert engine.stop("train", "alice")
+    assert engine.job("train").wait(60)
+    snap = engine.snapshot("train")
+    run = engine.runs()[0]
+    assert snap["status"] == "stopped" and run.status == "stopped" and run.manifest["steps"] == snap["step"]
+    model = load_run(run.path)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+    assert not engine.stop("train", "alice")
+
+
+def test_a_failure_inside_a_step_fails_the_job_and_the_run_and_the_lane_is_usable_again(engine, monkeypatch):
+    calls = {"n": 0}
+    original = GPT.loss
+
+    def flaky(self, idx, targets, **kwargs):
+        calls["n"] += 1
+        if torch.is_grad_enabled() and calls["n"] > 8:
+            raise RuntimeError("simulated out of memory in step")
+        return original(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(GPT, "loss", flaky)
+    assert engine.start_training(tiny(max_steps=20, eval_every=50)).wait(60)
+    snap = engine.snapshot("train")
+    assert snap["status"] == "failed" and "simulated out of memory in step" in snap["error"]
+    assert engine.runs()[0].status == "failed"
+    monkeypatch.setattr(GPT, "loss", original)
+    assert engine.start_training(tiny(max_steps=2)).wait(60) and engine.snapshot("train")["status"] == "done"
+
+
+def test_a_start_whose_estimate_exceeds_available_memory_is_refused_before_anything_is_allocated(tmp_path):
+    engine = Engine(limits=Limits(memory_gb=2.0), root=tmp_path / "runs")
+    rss = psutil.Process().memory_info().rss
+    with pytest.raises(ConfigError) as refused:
+        engine.start_training(TrainConfig(model="gpt2-xl", random_init=True, data="sample"), owner="a")
+    message = str(refused.value)
+    assert "needs about 22.6 GB" in message and "2.0 GB is available" in message and "LoRA" in message
+    assert engine.job("train") is None and not (tmp_path / "runs").exists()
+    assert psutil.Process().memory_info().rss - rss < 200 * 2**20  # nothing of the model's size was allocated
+    with pytest.raises(ConfigError, match="gpt2 with LoRA needs about 1.8 GB, and 1.0 GB"):
+        Engine(limits=Limits(memory_gb=1.0), root=tmp_path / "runs").admit(TrainConfig(model="gpt2", lora_rank=16))
+    assert Engine.memory_estimate(TrainConfig(model="someone/unknown-model")) is None  # unknown size: no guess
+
+
+def test_server_limits_come_from_the_environment_and_are_enforced(tmp_path):
+    limits = Limits.from_env({"SPACE_ID": "me/app", "GPT2_INSTRUCT_MODELS": "tiny,gpt2", "GPT2_INSTRUCT_MAX_STEPS": "4"})
+    assert (limits.max_epochs, limits.max_wall_minutes, limits.local_paths, limits.models, limits.max_steps) == \
+        (3, 60.0, False, ("tiny", "gpt2"), 4)
+    assert Limits.from_env({}).local_paths and Limits.from_env({}).max_wall_minutes is None
+    with pytest.raises(ValueError, match="GPT2_INSTRUCT_MAX_EPOCHS must be a whole number, got 'many'"):
+        Limits.from_env({"GPT2_INSTRUCT_MAX_EPOCHS": "many"})
+    engine = Engine(limits=limits, root=tmp_path / "runs")
+    with pytest.raises(ConfigError, match="epochs: this server allows at most 3, got 5"):
+        engine.start_training(tiny(epochs=5))
+    with pytest.raises(ConfigError, match="trains only tiny, gpt2; 'gpt2-medium' is not allowed"):
+        engine.start_training(TrainConfig(model="gpt2-medium", data="sample"))
+    with pytest.raises(ConfigError, match="local paths are turned off"):
+        engine.check_training(TrainConfig(model=str(tmp_path / "exists-or-not"), data="sample"))
+    checked = engine.check_training(tiny(max_steps=100))
+    assert checked.max_steps == 4 and checked.max_wall_s == 3600
+    assert ("GPT2_INSTRUCT_MAX_EPOCHS", "3", "most epochs one run may ask for") in limits.rows()
+
+
+def test_data_that_cannot_make_a_run_fails_before_the_job_starts(engine, tmp_path):
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(2)]))
+    with pytest.raises(ValueError, match="has 2 records: its training split .85 %. has 1, fewer than one step of batch 8"):
+        engine.start_training(tiny(data=str(two)))
+    nine = tmp_path / "nine.json"
+    nine.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(9)]))
+    with pytest.raises(ValueError, match="nine.json has 9 records: its test .10 %. split is empty; .* at least 10 records"):
+        engine.start_training(tiny(data=str(nine), batch_size=2))
+    assert engine.job("train") is None
+
+
+def test_a_run_left_running_by_a_dead_process_becomes_interrupted_on_start_up(engine, tmp_path):
+    assert engine.start_training(tiny()).wait(60)
+    run = engine.runs()[0]
+    manifest = {**run.manifest, "status": "running", "pid": 2**22 + 12345}  # no such process
+    (run.path / "manifest.json").write_text(json.dumps(manifest))
+    recovered = Engine(root=tmp_path / "runs").recovered
+    assert [r.name for r in recovered] == [run.name]
+    assert read_manifest(run.path)["status"] == "interrupted" and read_manifest(run.path)["steps"] == 6
+    alive = {**manifest, "pid": os.getppid()}  # a live process that is not us: a CLI run beside the app
+    (run.path / "manifest.json").write_text(json.dumps(alive))
+    assert Engine(root=tmp_path / "runs").recovered == [] and read_manifest(run.path)["status"] == "running"
+
+
+def test_evaluation_is_a_job_in_its_own_lane(engine):
+    assert engine.start_training(tiny(max_steps=2)).wait(60)
+    name = engine.runs()[0].name
+    job = engine.start_evaluation(name, owner="a", limit=2, max_new_tokens=4, batch_size=2)
+    with pytest.raises(JobError, match="Only the browser session that started this evaluation"):
+        engine.stop("evaluate", "b")
+    assert job.wait(120)
+    snap = engine.snapshot("evaluate")
+    assert snap["status"] == "done" and snap["result"]["summary"]["examples"] == 2
+    assert snap["progress"]["step"] == snap["progress"]["steps"]
+    for bad in ("/etc", "../" + name, "nope"):
+        with pytest.raises(ValueError, match="pick one from the list"):
+            engine.start_evaluation(bad)
+
+
+def test_export_twice_gives_one_file(engine):
+    assert engine.start_training(tiny(max_steps=2)).wait(60)
+    name = engine.runs()[0].name
+    first = engine.export(name)
+    mtime = first.stat().st_mtime_ns
+    again = engine.export(name)
+    assert again == first and again.stat().st_mtime_ns == mtime
+    assert [p.name for p in engine.exports.iterdir()] == [f"{name}-hf.zip"]
+
+
+def test_fifty_sessions_with_uploads_keep_memory_and_disk_bounded(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    engine = Engine(limits=Limits(uploads_mb=0.05, datasets_in_memory=4), root=tmp_path / "runs")
+    refs = []
+    for visitor in range(50):
+        upload = tmp_path / f"visitor-{visitor}.json"
+        upload.write_text(json.dumps([{"instruction": f"Task {visitor}-{i} " + "x" * 200, "input": "", "output": "y"}
+                                      for i in range(20)]))
+        ref, records = engine.datasets.open("upload", str(upload))
+        refs.append(ref)
+        assert len(records) == 20 and "records" not in ref and set(ref) >= {"source", "name", "sha256", "count"}
+    uploads = cache.cache_dir() / "uploads"
+    assert sum(p.stat().st_size for p in uploads.iterdir()) <= 0.05 * 2**20
+    assert engine.datasets.cached() == 4
+    assert engine.datasets.records(refs[-1])[0]["instruction"].startswith("Task 49-0")
+    with pytest.raises(DatasetError, match="visitor-0.json is no longer on the server .* upload it again"):
+        engine.datasets.records(refs[0])
+
+
+def test_texts_a_visitor_sees_carry_no_server_paths():
+    assert scrub("WeightsError: /srv/app/cache/model.safetensors: not found") == "WeightsError: model.safetensors: not found"
+    assert scrub("data: /home/u/.cache/gpt2-instruct/uploads/0123456789abcdef-mine.json") == "data: mine.json"
+    assert scrub("see https://huggingface.co/openai-community/gpt2") == "see https://huggingface.co/openai-community/gpt2"

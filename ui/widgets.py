@@ -1,0 +1,54 @@
+"""What more than one tab shows: progress bars, clocks, run pickers. Tabs import this, never each other."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from .theme import notice
+
+__all__ = ["notice", "bar", "clock", "run_label", "finished_run_choices", "loss_text", "model_label", "live_chart"]
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def bar(fraction: float, extra: str = "") -> str:
+    pct = max(0.0, min(1.0, fraction)) * 100
+    return f'<div class="gi-track"><div class="gi-fill {extra}" style="width:{pct:.1f}%"></div></div>'
+
+
+def loss_text(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
+
+
+def model_label(manifest: dict) -> str:
+    """``gpt2 (random init)`` or ``gpt2``: what a run started from."""
+    config = manifest.get("config") or {}
+    return str(config.get("model", "?")) + (" (random init)" if config.get("random_init") else "")
+
+
+def run_label(run) -> str:
+    loss = run.manifest.get("final_val_loss")
+    loss = f" · val loss {loss:.3f}" if isinstance(loss, (int, float)) else ""
+    return f"{run.name} · {model_label(run.manifest)}{loss}"
+
+
+def finished_run_choices(engine) -> list[tuple[str, str]]:
+    """Runs with saved weights, newest first, as (label, run name) choices."""
+    return [(run_label(run), run.name) for run in engine.runs()
+            if run.has_weights and run.status in ("done", "stopped", "interrupted")]
+
+
+LIVE_CHART_JS = (Path(__file__).with_name("live_chart.js")).read_text()
+
+
+def live_chart(elem_id: str, height: int = 380) -> gr.HTML:
+    """A Plotly chart drawn in the browser from messages (see ``charts.live_figure_message``): new points keep the zoom."""
+    return gr.HTML(value=None, html_template=f'<div class="gi-live-chart" style="min-height:{height}px"></div>',
+                   js_on_load=LIVE_CHART_JS, elem_id=elem_id, padding=False)
