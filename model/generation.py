@@ -78,7 +78,7 @@ def generate_steps(
     the left so that prompt and new tokens fit the context window.
 
     ``mode``: "exact" (default) gives the model's own output. Greedy at batch 1
-    on a frozen model (no parameter requiring grad) on the CPU, it drafts tokens
+    on a frozen fp32 model (no parameter requiring grad) on the CPU, it drafts tokens
     with an int8 copy of the model and keeps those that the model itself, run
     once over all of them, would have picked (``speculative_steps``). "plain"
     runs the model once per token. "int8" is approximate: the prompt goes
@@ -99,7 +99,7 @@ def generate_steps(
     step_model = model
     if mode == "int8":
         step_model = int8_copy(source)
-    elif mode == "exact" and len(prompts) == 1 and temperature <= 0 and _frozen(source) and int8_supported(source):
+    elif mode == "exact" and len(prompts) == 1 and temperature <= 0 and _speculates(source):
         yield from speculative_steps(model, int8_copy(source), prompts[0], max_new_tokens, eos_id)
         return
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -137,8 +137,11 @@ def generate_steps(
         cache.length += 1
 
 
-def _frozen(model: GPT) -> bool:
-    return not any(p.requires_grad for p in model.parameters())
+def _speculates(model: GPT) -> bool:
+    """fp32 (so that a pass over several tokens agrees with one token at a time to fp32 rounding), on the CPU,
+    and frozen: the int8 copy is made once and kept, not remade for a model whose weights change between calls."""
+    return (model.transformer.wte.weight.dtype == torch.float32 and int8_supported(model)
+            and not any(p.requires_grad for p in model.parameters()))
 
 
 def speculative_steps(model: GPT, draft: GPT, prompt: Sequence[int], max_new_tokens: int,

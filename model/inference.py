@@ -12,6 +12,7 @@ the matmuls:
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from typing import Callable
 
@@ -27,8 +28,8 @@ def on_cpu(model: GPT) -> bool:
 
 
 def int8_supported(model: GPT) -> bool:
-    """PyTorch's weight-only int8 kernel exists for the model's device (its CPU kernel is vectorised for AVX2 and AVX-512)."""
-    return hasattr(torch, "_weight_int8pack_mm") and on_cpu(model)
+    """An int8 matmul exists for the model's device: fbgemm or the weight-only kernel, CPU only here."""
+    return on_cpu(model) and (_fbgemm() or hasattr(torch, "_weight_int8pack_mm"))
 
 
 def _onednn_supported(model: GPT) -> bool:
@@ -48,20 +49,39 @@ class OneDNNLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 weights, rounded per output row; the input goes through the kernel in bf16."""
+    """``nn.Linear`` with int8 weights, rounded per output row.
+
+    Through fbgemm where PyTorch has it (x86: its kernels multiply int8 by
+    int8, the input quantised on the fly, about twice as fast as the next
+    option on AVX2), else through the weight-only kernel with a bf16 input.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.packed = None
+        if _fbgemm():
+            with warnings.catch_warnings():  # quantised tensors are deprecated; the packed weight is what stays
+                warnings.simplefilter("ignore")
+                q = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+        else:
+            self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
+            self.register_buffer("scale", scale.to(torch.bfloat16))
         self.bias = bias
 
     def forward(self, x):
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.scale)
+        rows = x.reshape(-1, x.shape[-1])
+        if self.packed is not None:
+            return torch.ops.quantized.linear_dynamic(rows, self.packed, True).view(*x.shape[:-1], -1)
+        y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scale)
         y = y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y.add_(self.bias)
+
+
+def _fbgemm() -> bool:
+    return bool({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines)) and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
 def with_linears(model: GPT, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> GPT:

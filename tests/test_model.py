@@ -395,3 +395,20 @@ def test_native_bf16_override(monkeypatch, value):
     finally:
         monkeypatch.delenv("GPT2_INSTRUCT_NATIVE_BF16")
         cpu_has_bf16.cache_clear()
+
+
+def test_bf16_models_and_sampling_generate_one_token_per_pass(frozen, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("speculative path taken")
+
+    monkeypatch.setattr(generation_module, "speculative_steps", fail)
+    generate(frozen.to(torch.bfloat16), [1, 2, 3], 5)
+    generate(frozen.float(), [1, 2, 3], 5, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    generate_batch(frozen, [[1, 2, 3], [4, 5]], 5)
+
+
+def test_benchmark_json_has_no_nan():
+    from bench.generate import finite
+
+    line = json.dumps(finite({"a": float("nan"), "b": float("inf"), "c": 1.23456, "d": "x"}))
+    assert json.loads(line) == {"a": None, "b": None, "c": 1.235, "d": "x"}
