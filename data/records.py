@@ -6,6 +6,7 @@ says what is wrong and where (record N for a JSON list, line N for JSON Lines).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -49,6 +50,12 @@ def source_path(source) -> Path:
 
 def read_instruction_file(path: Path) -> list[dict]:
     """Read, parse and check one file; raise ``DatasetError`` on any problem."""
+    items, name, label = read_items(path)
+    return validate_records(items, name, label)
+
+
+def read_items(path: Path) -> tuple[list, str, str]:
+    """A file's parsed ``(number, value)`` items, its name and the word that locates an item; not yet checked."""
     name = path.name
     try:
         size = path.stat().st_size
@@ -68,7 +75,7 @@ def read_instruction_file(path: Path) -> list[dict]:
         raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     text = decode_utf8(raw, name)
     items, label = parse_json_or_jsonl(text, name, path.suffix.lower() in JSONL_SUFFIXES)
-    return validate_records(items, name, label)
+    return items, name, label
 
 
 def decode_utf8(raw: bytes, name: str) -> str:
@@ -175,9 +182,33 @@ def split_instructions(records: list, train_frac: float = 0.85, test_frac: float
     data = list(records)
     if seed is not None:
         random.Random(seed).shuffle(data)
-    train_portion = int(len(data) * train_frac)
-    test_portion = int(len(data) * test_frac)
+    train_portion, test_portion, _ = split_counts(len(data), train_frac, test_frac)
     train = data[:train_portion]
     test = data[train_portion:train_portion + test_portion]
     val = data[train_portion + test_portion:]
     return Split(train, val, test)
+
+
+def split_counts(n: int, train_frac: float = 0.85, test_frac: float = 0.10) -> tuple[int, int, int]:
+    """Train, test and validation sizes of ``n`` records as ``split_instructions`` cuts them."""
+    train, test = int(n * train_frac), int(n * test_frac)
+    return train, test, n - train - test
+
+
+def split_warnings(n: int, batch_size: int = 8) -> list[str]:
+    """Why ``n`` records make a poor dataset for the book's split (85 % train, 10 % test, 5 % validation).
+
+    One sentence per problem, naming the counts; [] when there is none. Training
+    needs one full batch of training records and the Evaluate tab test records;
+    validation, the rest after two round-downs, always gets at least one.
+    """
+    train, test, _ = split_counts(n)
+    warnings = []
+    if train < batch_size:
+        enough = next(m for m in itertools.count(n + 1) if split_counts(m)[0] >= batch_size)
+        smaller = f", or a batch size of {train} or less" if train else ""
+        warnings.append(f"Only {train} of the {n:,} records go to training (85 %): fewer than one batch of {batch_size}, "
+                        f"so training cannot start. Use at least {enough} records{smaller}.")
+    if test == 0:
+        warnings.append(f"No test records (10 % of {n:,}): the Evaluate tab has nothing to score.")
+    return warnings

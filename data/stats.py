@@ -46,17 +46,30 @@ def padding_stats(dataset, batch_size: int = 8, grouped: bool = False, seed: int
 
 
 def token_view(record: dict, mask_prompt: bool = False, style: str = "alpaca",
-               tokenizer=None) -> list[tuple[str, bool]]:
+               tokenizer=None, max_length: int = 1024) -> list[tuple[str, bool]]:
     """Each token of prompt + output + ``<|endoftext|>`` with its text and whether the loss trains on it.
 
     The first token is never a target; with ``mask_prompt`` only the response
-    tokens and the end token are.
+    tokens and the end token are. A record longer than ``max_length`` (the
+    model's context window) is skipped by training: none of its tokens is
+    trained on (``skip_reason`` says why).
     """
     tokenizer = tokenizer or get_tokenizer()
     ids, prompt_len = encode_record(record, tokenizer, style)
     ids.append(EOT_ID)
-    first_trained = prompt_len if mask_prompt else 1
+    first_trained = len(ids) if len(ids) > max_length else prompt_len if mask_prompt else 1
     return [
         (tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace"), i >= first_trained)
         for i, t in enumerate(ids)
     ]
+
+
+def skip_reason(record: dict, style: str = "alpaca", tokenizer=None, max_length: int = 1024) -> str | None:
+    """Why training skips this record (as ``InstructionDataset`` does), or None when it trains on it."""
+    tokenizer = tokenizer or get_tokenizer()
+    ids, _ = encode_record(record, tokenizer, style)
+    tokens = len(ids) + 1  # the end token
+    if tokens <= max_length:
+        return None
+    return (f"skipped in training: {tokens:,} tokens with the end token, longer than the model's "
+            f"{max_length:,}-token context window")

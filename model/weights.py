@@ -138,7 +138,7 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
     offline = (
         f"cannot download {filename} of {repo} from the Hugging Face Hub ({{why}}), and it is not in the "
         f"cache at {constants.HF_HUB_CACHE}. Connect once to fill the cache, or pass a local path instead: a "
-        f"directory holding {WEIGHTS_NAME} and {CONFIG_NAME}, or a .safetensors file (--model /path/to/gpt2)."
+        f"directory holding {WEIGHTS_NAME} and {CONFIG_NAME}, or a .safetensors file."
     )
     reason = hub_unreachable()
     if reason:

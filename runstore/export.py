@@ -5,7 +5,9 @@ The run folder already holds ``model.safetensors`` and ``config.json`` as
 official ``encoder.json`` as ``vocab.json``, ``vocab.bpe`` as ``merges.txt``)
 and a short model card with the prompt format, so that
 ``GPT2LMHeadModel.from_pretrained(folder)`` and
-``GPT2Tokenizer.from_pretrained(folder)`` load it as it is.
+``GPT2Tokenizer.from_pretrained(folder)`` load it as it is. The zip holds
+one folder named after the run: plain ``unzip`` makes that folder and
+nothing else.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ def model_card(run_dir: Path) -> str:
         f"Prompt format ({style}; leave out the input part when there is none), greedy decoding, "
         f"the response ends at `{EOT_TOKEN}`:\n\n```\n{template}\n```\n\n"
         "```python\nfrom transformers import GPT2LMHeadModel, GPT2Tokenizer\n\n"
+        f"path = \"{run_dir.name}\"  # the folder that {run_dir.name}-hf.zip unzips into, or the Hub repo id\n"
         "tokenizer = GPT2Tokenizer.from_pretrained(path)\nmodel = GPT2LMHeadModel.from_pretrained(path)\n"
         "ids = tokenizer(prompt, return_tensors=\"pt\").input_ids\n"
         "out = model.generate(ids, max_new_tokens=128, do_sample=False)\n"
@@ -76,13 +79,19 @@ def model_card(run_dir: Path) -> str:
     )
 
 
+def load_hint(run_name: str) -> str:
+    """What to do with the zip, in words: the folder it unzips into and how to load it."""
+    return (f"unzip it and load the folder {run_name} with GPT2LMHeadModel.from_pretrained(\"{run_name}\") "
+            f"and GPT2Tokenizer.from_pretrained(\"{run_name}\")")
+
+
 def export_zip(run_dir, dest=None) -> Path:
-    """Write the run's model as a zip of the Hugging Face files (flat, no folder inside); returns its path.
+    """Write the run's model as a zip of the Hugging Face files inside one folder ``<run name>/``; returns its path.
 
     Default ``dest``: ``<run>/<run name>-hf.zip``. The weights are stored
     uncompressed (they barely compress); the zip appears whole or not at all.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # "." has no name to give the folder
     files = export_files(run_dir)
     dest = Path(dest) if dest else run_dir / f"{run_dir.name}-hf.zip"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -90,10 +99,11 @@ def export_zip(run_dir, dest=None) -> Path:
     def write_zip(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for name, content in files.items():
+                arcname = f"{run_dir.name}/{name}"
                 if isinstance(content, Path):
-                    zf.write(content, name, compress_type=zipfile.ZIP_STORED if name == WEIGHTS else zipfile.ZIP_DEFLATED)
+                    zf.write(content, arcname, compress_type=zipfile.ZIP_STORED if name == WEIGHTS else zipfile.ZIP_DEFLATED)
                 else:
-                    zf.writestr(name, content)
+                    zf.writestr(arcname, content)
 
     atomic_write(dest, write_zip)
     return dest

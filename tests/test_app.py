@@ -24,7 +24,7 @@ from data.browse import matches
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword).*")
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(preset="tiny", custom="", random_init=True, epochs=1, batch_size=8, lr=5e-5, mask_prompt=False, lora=False,
-            rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2)
+            rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2, checkpoint_every=0)
 
 
 def free_port() -> int:
@@ -138,9 +138,9 @@ def test_record_view_shows_masking_and_split(url):
     assert "val split" in text(meta)  # 74 records: 62 train, 7 test, then 5 validation
 
 
-def test_canonical_loads_1100_records(url):
-    if not cache.is_cached():
-        pytest.skip("the canonical dataset is not cached here")
+def test_canonical_loads_1100_records(url, needs_canonical):
+    if not cache.is_cached():  # downloaded into the session's cache after this module's cache was made
+        cache.store_canonical(needs_canonical.read_bytes())
     c = client(url)
     out = load(c, "canonical")
     assert out["count"] == "1,100 records, page 1 / 44"
@@ -201,7 +201,8 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
     assert status["final"]["steps"] == 6 and (folders / "runs" / status["run"]).is_dir()
     assert "/" not in json.dumps(status["config"]) and "run_dir" not in status["final"]  # no server paths
 
-    chart, progress, responses, final = c.predict("owner-a", [], api_name="/poll_status")
+    chart, progress, responses, final, started = c.predict("owner-a", [], api_name="/poll_status")
+    assert started == ""  # the run has ended: "Started fine-tuning…" goes
     message = json.loads(chart)
     traces = message["figure"]["data"]
     assert {t["name"] for t in traces} >= {"train loss", "validation loss", "before training"}
@@ -224,6 +225,22 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
     assert c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")[:2] == (base, tuned)
 
 
+def test_the_playground_status_says_generating_while_tokens_stream(url, folders):
+    c = client(url)
+    runs = sorted(p.name for p in (folders / "runs").iterdir() if (p / "model.safetensors").is_file())
+    assert runs, "needs the run of the training test"
+    job = c.submit("Name a colour.", "", runs[0], 16, 1.0, 0, 1, 7, api_name="/compare")
+    job.result(timeout=90)
+    status, streamed = "", 0
+    for base, tuned, _, note in job.outputs():
+        status = text(note) if isinstance(note, str) else status
+        if any(isinstance(t, str) and t for t in (base, tuned)):
+            streamed += 1
+            assert "Loading the models" not in status, status
+    assert streamed >= 2 and "temperature 1, seed 7" in status
+    assert "started from random weights (tiny, the offline demo)" in status  # what the demo can and cannot show
+
+
 def test_only_the_owner_can_stop_a_run(url):
     c = client(url)
     load(c, "sample")
@@ -236,6 +253,53 @@ def test_only_the_owner_can_stop_a_run(url):
     assert status["status"] == "stopped" and status["final"]["steps"] < 50 * 7
     assert (Path(os.environ["GPT2_INSTRUCT_RUNS"]) / status["run"] / "model.safetensors").is_file()
     assert "No run is going" in text(c.predict("owner-a", api_name="/stop_training"))
+
+
+def test_a_failed_run_takes_the_started_message_away_and_names_the_path_box(url, tmp_path):
+    c = client(url)
+    load(c, "sample")
+    wait_until_idle(c)
+    c.predict("owner-a", [], api_name="/poll_status")  # this visitor has seen the previous run end
+    not_a_model = tmp_path / "my-gpt2"
+    not_a_model.mkdir()
+    assert "Started" in text(start(c, "owner-a", preset="gpt2", custom=str(not_a_model), random_init=False))
+    status = wait_until_idle(c)
+    assert status["status"] == "failed" and status["error"].startswith("WeightsError")
+    _, _, _, final, message = c.predict("owner-a", [], api_name="/poll_status")
+    assert message == ""  # no green "Started…" beside the red failure
+    assert "The run failed" in text(final) and "--model" not in text(final)
+    assert "…or a local path / Hugging Face Hub id box" in text(final)
+
+
+def test_a_tiny_upload_warns_that_it_cannot_be_split_and_a_too_long_record_is_shown_as_skipped(url, tmp_path):
+    c = client(url)
+    two = tmp_path / "two.jsonl"
+    two.write_text('{"instruction": "Say hi.", "output": "Hi."}\n{"instruction": "Say bye.", "output": "Bye."}\n')
+    message = text(load(c, "upload", two)["error"])
+    assert "Loaded two.jsonl : 2 records." in message
+    assert "Only 1 of the 2 records go to training (85 %): fewer than one batch of 8" in message
+    assert "No test records" in message
+    assert "Too few" not in text(load(c, "sample")["error"])
+
+    long_ = tmp_path / "long.jsonl"
+    records = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(11)] + [{"instruction": "Long.", "output": "word " * 2000}]
+    long_.write_text("".join(json.dumps(r) + "\n" for r in records))
+    load(c, "upload", long_)
+    meta, tokens = c.predict(12, False, api_name="/record")
+    assert "skipped in training" in text(meta) and "context window" in text(meta) and "trained on ·" not in text(meta)
+    assert 'class="gi-tok trained' not in tokens
+    meta, _ = c.predict(1, False, api_name="/record")
+    assert "trained on ·" in text(meta) and "skipped" not in text(meta)
+
+
+def test_a_failed_canonical_download_puts_the_source_back(url, tmp_path, monkeypatch):
+    c = client(url)
+    assert load(c, "sample")["source"] == "sample"
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(cache, "CANONICAL_URL", "http://127.0.0.1:9/instruction-data.json")
+    out = load(c, "canonical")
+    assert "could not be downloaded" in text(out["error"]) and "Still loaded: bundled sample (74 records)" in text(out["error"])
+    assert out["source"] == "sample"  # the radio follows what is loaded
 
 
 def test_settings_errors_are_messages(url):
@@ -325,3 +389,30 @@ def test_differences_are_marked_word_by_word():
     assert "<del>cat</del>" in out and "<ins>dog</ins>" in out and "sat on the mat." in out
     assert "&lt;b&gt;" in diff_html("", "<b>")
     assert diff_html("", "") == ""
+
+
+def test_the_train_tab_says_why_tiny_is_chosen_and_what_gpt2_presets_download():
+    from training.config import DEMO, DEMO_TEXT
+    from ui.train_tab import model_note, preset_settings
+
+    tiny = text(model_note("tiny", suggested=True))
+    assert "tiny is preselected" in tiny and DEMO_TEXT in tiny
+    assert "openai-community/gpt2" in DEMO_TEXT and "path box" in DEMO_TEXT and "cannot follow instructions" in DEMO_TEXT
+    assert "preselected" not in text(model_note("tiny"))
+    gpt2 = text(model_note("gpt2"))
+    assert "downloaded once from the Hugging Face Hub" in gpt2 and "openai-community/gpt2" in gpt2 and "Random init" in gpt2
+    assert preset_settings("tiny")[:4] == (True, DEMO["epochs"], DEMO["lr"], DEMO["mask_prompt"])
+    assert preset_settings("tiny", max_epochs=3)[1] == 3  # a server's epoch limit wins
+    assert preset_settings("gpt2")[:4] == (False, 1, 5e-5, False)
+
+
+def test_the_runs_table_names_a_random_init_start(tmp_path):
+    from engine import Engine
+    from ui.train_tab import runs_table
+
+    for name, random_init in (("20990101-000000-gpt2", True), ("20990101-000001-gpt2", False)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        manifest = {"status": "done", "config": {"model": "gpt2", "random_init": random_init}, "data": {"source": "sample"}}
+        (tmp_path / "runs" / name / "manifest.json").write_text(json.dumps(manifest))
+    rows, _ = runs_table(Engine(root=tmp_path / "runs", exports=tmp_path / "exports"))
+    assert {row[0]: row[1] for row in rows} == {"20990101-000000-gpt2": "gpt2 (random init)", "20990101-000001-gpt2": "gpt2"}

@@ -109,8 +109,18 @@ def test_a_run_without_an_evaluation_says_so(c, run):
     try:
         summary, _, table = c.predict(fresh.name, RANK, False, api_name="/load_evaluation")
         assert "has no evaluation yet" in text(summary) and not any(table["data"][0] if table["data"] else [])
+        assert "whole test split (7 examples)" in text(summary) and "110 examples of" not in text(summary)  # 74 -> 7 test
     finally:
         shutil.rmtree(fresh)
+
+
+def test_the_progress_moves_through_the_phases(c, run):
+    job = c.submit("owner-a", RUN, 7, 8, 1, "", "llama3", RANK, False, api_name="/evaluate")
+    job.result(timeout=120)
+    shown = [text(out[0]) for out in job.outputs() if isinstance(out[0], str)]
+    phases = {m.group(0) for m in map(re.compile(r"phase \d+ / 6").search, shown) if m}
+    assert len(phases) >= 2, shown  # not one "0 / 7 examples" from start to done
+    assert "Evaluated 7 examples" in shown[-1]
 
 
 def test_a_judge_that_is_down_is_named_and_the_scores_still_come(c, run):
@@ -143,9 +153,9 @@ def test_export_gives_a_zip_of_the_hugging_face_files(c, run):
     assert [p.name for p in exports.glob(f"{RUN}*")] == [f"{RUN}-hf.zip"]  # built once, reused
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
-        assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= names
-        assert zf.read("model.safetensors") == (run / "model.safetensors").read_bytes()
-    assert f"{RUN}-hf.zip" in text(message) and "from_pretrained" in text(message)
+        assert {f"{RUN}/{name}" for name in ("model.safetensors", "config.json", "vocab.json", "merges.txt")} <= names
+        assert zf.read(f"{RUN}/model.safetensors") == (run / "model.safetensors").read_bytes()
+    assert f"{RUN}-hf.zip" in text(message) and f'unzip it and load the folder {RUN} with GPT2LMHeadModel.from_pretrained("{RUN}")' in text(message)
 
 
 def test_push_to_hub_offline_is_a_clear_message(c, run, monkeypatch):

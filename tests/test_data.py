@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from data import (
     DatasetError, InstructionDataset, LengthGroupedSampler, custom_collate_fn, extract_response,
-    format_prompt, load_instructions, make_loader, padding_stats, split_instructions, split_sizes,
-    token_stats, token_view,
+    format_prompt, load_instructions, make_loader, padding_stats, skip_reason, split_instructions, split_sizes,
+    split_warnings, token_stats, token_view,
 )
 from data import cache
 from data.prompts import encode_record, format_input
-from data.records import MAX_FILE_BYTES, MAX_RECORDS
+from data.records import MAX_FILE_BYTES, MAX_RECORDS, split_counts
 from model.tokenizer import EOT_ID, get_tokenizer
 
 PREAMBLE = ("Below is an instruction that describes a task. "
@@ -24,7 +24,7 @@ PREAMBLE = ("Below is an instruction that describes a task. "
 
 
 @pytest.fixture(scope="module")
-def canonical():
+def canonical(needs_canonical):
     return load_instructions("canonical")
 
 
@@ -55,27 +55,33 @@ def test_canonical_loads_and_splits_like_the_book(canonical):
     assert split.val == canonical[1045:]
 
 
-def test_seeded_split_shuffles_a_copy(canonical):
-    first, again = split_instructions(canonical, seed=1), split_instructions(canonical, seed=1)
+def test_seeded_split_shuffles_a_copy():
+    sample = load_instructions("sample")
+    first, again = split_instructions(sample, seed=1), split_instructions(sample, seed=1)
     assert first == again
-    assert first.train != canonical[:935]
-    assert sorted(map(str, first.train + first.val + first.test)) == sorted(map(str, canonical))
-    assert split_instructions(canonical, seed=2).train != first.train
+    assert first.train != sample[:62]
+    assert sorted(map(str, first.train + first.val + first.test)) == sorted(map(str, sample))
+    assert split_instructions(sample, seed=2).train != first.train
     with pytest.raises(ValueError):
-        split_instructions(canonical, train_frac=0.9, test_frac=0.2)
+        split_instructions(sample, train_frac=0.9, test_frac=0.2)
 
 
-def test_sample_is_valid_fresh_and_splits(canonical):
+def test_sample_is_valid_fresh_and_splits():
     sample = load_instructions("sample")
     assert len(sample) >= 60
     assert any(r["input"] for r in sample) and any(not r["input"] for r in sample)
-    canonical_set = {json.dumps(r, sort_keys=True) for r in canonical}
-    assert not [r for r in sample if json.dumps(r, sort_keys=True) in canonical_set]
+    assert len({json.dumps(r, sort_keys=True) for r in sample}) == len(sample)
     split = split_instructions(sample)
     n = len(sample)
     assert split_sizes(split) == {
         "train": int(n * 0.85), "test": int(n * 0.1), "val": n - int(n * 0.85) - int(n * 0.1)}
     assert min(split_sizes(split).values()) > 0
+
+
+def test_sample_shares_no_record_with_the_book(canonical):
+    canonical_set = {json.dumps(r, sort_keys=True) for r in canonical}
+    sample = load_instructions("sample")
+    assert not [r for r in sample if json.dumps(r, sort_keys=True) in canonical_set]
 
 
 def test_user_file_json_list_and_jsonl(tmp_path):
@@ -175,14 +181,17 @@ def test_offline_without_cache_fails_fast_with_help(tmp_path, monkeypatch):
 
 
 def test_corrupt_cached_copy_is_fetched_again(tmp_path, monkeypatch):
-    good = cache.canonical_path()
-    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path))
+    good = write(tmp_path, json.dumps([rec(), rec("Name a fruit.", "", "Apple.")]), "published.json")
+    monkeypatch.setattr(cache, "CANONICAL_SHA256", cache.sha256_of(good.read_bytes()))
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cache, "CANONICAL_URL", good.as_uri())
-    (tmp_path / "instruction-data.json").write_text("[]")
-    assert cache.canonical_path() == tmp_path / "instruction-data.json"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "instruction-data.json").write_text("[]")
+    assert not cache.is_cached()
+    assert cache.canonical_path() == tmp_path / "cache" / "instruction-data.json"
     assert cache.is_cached()
-    assert len(load_instructions("canonical")) == 1100
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["instruction-data.json"]
+    assert load_instructions("canonical") == [rec(), rec("Name a fruit.", "", "Apple.")]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["instruction-data.json"]
 
 
 def test_download_with_wrong_checksum_is_not_kept(tmp_path, monkeypatch):
@@ -388,6 +397,38 @@ def test_token_view_without_and_with_masking():
     assert masked[-4:] == [("\n", False), ("Hi", True), ("!", True), ("<|endoftext|>", True)]
     assert sum(trained for _, trained in masked) == 3
     assert token_view(record, style="phi3")[:2] == [("<", False), ("|", True)]
+
+
+def test_a_record_training_skips_is_shown_as_skipped_not_trained_on():
+    short, long_ = rec("Short.", "", "Yes."), rec("Long.", "", "word " * 2000)
+    assert skip_reason(short) is None
+    view = token_view(long_)
+    assert len(view) > 1024 and not any(trained for _, trained in view)
+    assert not any(trained for _, trained in token_view(long_, mask_prompt=True))
+    reason = skip_reason(long_)
+    assert reason == f"skipped in training: {len(view):,} tokens with the end token, longer than the model's 1,024-token context window"
+    # The same rule as training's: a record of exactly max_length tokens (end token included) is trained on.
+    n = len(token_view(short))
+    for limit in (n - 1, n, n + 1):
+        skipped = InstructionDataset([short], max_length=limit).skipped == 1
+        assert (skip_reason(short, max_length=limit) is not None) == skipped
+        assert any(trained for _, trained in token_view(short, max_length=limit)) != skipped
+
+
+def test_split_warnings_name_the_counts_of_a_dataset_too_small_to_split():
+    assert split_warnings(74) == [] and split_warnings(10) == []
+    one, two = split_warnings(1), split_warnings(2)
+    assert one == ["Only 0 of the 1 records go to training (85 %): fewer than one batch of 8, so training cannot start. "
+                   "Use at least 10 records.",
+                   "No test records (10 % of 1): the Evaluate tab has nothing to score."]
+    assert two[0].startswith("Only 1 of the 2 records go to training") and "or a batch size of 1 or less" in two[0]
+    assert split_warnings(9) and split_warnings(9)[0].startswith("Only 7 of the 9 records")
+    assert split_warnings(74, batch_size=64)[0].startswith("Only 62 of the 74 records")
+    assert "at least 76 records" in split_warnings(74, batch_size=64)[0]
+    for n in range(1, 200):  # the counts are split_instructions' own
+        sizes = split_sizes(split_instructions(list(range(n))))
+        assert split_counts(n) == (sizes["train"], sizes["test"], sizes["val"])
+        assert bool(split_warnings(n)) == (sizes["train"] < 8 or sizes["test"] == 0)
 
 
 def test_data_package_never_imports_gradio():

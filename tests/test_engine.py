@@ -145,12 +145,13 @@ def test_data_that_cannot_make_a_run_fails_before_the_job_starts(engine, tmp_pat
 def test_a_run_left_running_by_a_dead_process_becomes_interrupted_on_start_up(engine, tmp_path):
     assert engine.start_training(tiny()).wait(60)
     run = engine.runs()[0]
-    manifest = {**run.manifest, "status": "running", "pid": 2**22 + 12345}  # no such process
+    manifest = {**run.manifest, "status": "running", "owner": {**run.manifest["owner"], "pid": 2**22 + 12345}}  # no such process
     (run.path / "manifest.json").write_text(json.dumps(manifest))
     recovered = Engine(root=tmp_path / "runs").recovered
     assert [r.name for r in recovered] == [run.name]
     assert read_manifest(run.path)["status"] == "interrupted" and read_manifest(run.path)["steps"] == 6
-    alive = {**manifest, "pid": os.getppid()}  # a live process that is not us: a CLI run beside the app
+    parent = psutil.Process(os.getppid())  # a live process that is not us: a CLI run beside the app
+    alive = {**manifest, "owner": {**manifest["owner"], "pid": parent.pid, "process_started": parent.create_time()}}
     (run.path / "manifest.json").write_text(json.dumps(alive))
     assert Engine(root=tmp_path / "runs").recovered == [] and read_manifest(run.path)["status"] == "running"
 
@@ -203,3 +204,20 @@ def test_texts_a_visitor_sees_carry_no_server_paths():
     assert scrub("WeightsError: /srv/app/cache/model.safetensors: not found") == "WeightsError: model.safetensors: not found"
     assert scrub("data: /home/u/.cache/gpt2-instruct/uploads/0123456789abcdef-mine.json") == "data: mine.json"
     assert scrub("see https://huggingface.co/openai-community/gpt2") == "see https://huggingface.co/openai-community/gpt2"
+
+
+def test_a_stopped_run_resumes_through_the_engine_and_finishes(engine):
+    engine.start_training(tiny(max_steps=None, epochs=3, eval_every=50), owner="alice")  # 3 x 7 steps
+    wait_for(engine, "train", lambda s: s["step"] >= 3)
+    engine.stop("train", "alice")
+    assert engine.job("train").wait(60)
+    run = engine.runs()[0]
+    assert run.status == "stopped" and run.resumable
+    with pytest.raises(ValueError, match="pick one from the list"):
+        engine.resume_training("../" + run.name)
+    assert engine.resume_training(run.name, owner="bob").wait(90)
+    snap = engine.snapshot("train")
+    assert snap["status"] == "done" and snap["step"] == 21 and snap["start_step"] == run.last_step < 21
+    assert [r["step"] for r in snap["history"]][-1] == 21
+    resumed = engine.runs()[0]
+    assert resumed.name == run.name and resumed.status == "done" and not resumed.resumable

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from data import format_prompt, load_instructions, split_instructions
-from model import EOT_ID, GPT, GPTConfig, get_tokenizer
+from model import EOT_ID, GPT, GPTConfig, get_tokenizer, load_pretrained
 from runstore import load_run
 from training import TrainConfig, train
 from evaluation.evaluate import (
     EVAL_ROWS, EVAL_SUMMARY, EvaluationStopped, best_and_worst, evaluate_run, load_eval, response_nll,
 )
-from runstore.export import ExportError, export_zip, push_to_hub
+from runstore.export import ExportError, export_zip, load_hint, push_to_hub
 from runstore.models import Models
 from evaluation.judge import Judge, chat_url, judge_help, judge_prompt, parse_score, summarize_scores
 from training.loop import respond
@@ -259,20 +259,29 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
 # Export
 
 
-def test_exported_zip_loads_in_transformers(run, tmp_path):
+def test_exported_zip_unpacks_into_one_folder_that_loads_in_transformers(run, tmp_path):
     from transformers import GPT2LMHeadModel, GPT2Tokenizer
 
     path = export_zip(run, tmp_path / "out" / "model.zip")
     assert path == tmp_path / "out" / "model.zip" and not list(path.parent.glob(".*"))
-    folder = tmp_path / "unzipped"
     with zipfile.ZipFile(path) as zf:
-        assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(zf.namelist())
-        zf.extractall(folder)
+        names = zf.namelist()
+    assert {name.partition("/")[0] for name in names} == {run.name}
+    assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= {name.partition("/")[2] for name in names}
+    unzipped = tmp_path / "unzipped"
+    unzipped.mkdir()
+    subprocess.run([sys.executable, "-m", "zipfile", "-e", str(path), str(unzipped)], check=True)  # as `unzip` does
+    assert [p.name for p in unzipped.iterdir()] == [run.name]
+    folder = unzipped / run.name
     theirs = GPT2LMHeadModel.from_pretrained(folder).eval()
     ours = load_run(run)
     idx = torch.randint(0, 50257, (2, 24))
     with torch.no_grad():
         assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-4
+        assert torch.allclose(load_pretrained(folder)(idx), ours(idx), atol=1e-5)
+    hint = load_hint(run.name)
+    assert f"load the folder {run.name} " in hint and f'from_pretrained("{run.name}")' in hint
+    assert f'path = "{run.name}"' in (folder / "README.md").read_text()
     tokenizer = GPT2Tokenizer.from_pretrained(folder)
     assert tokenizer.encode("Hello, world") == [15496, 11, 995]
     assert tokenizer.eos_token_id == EOT_ID

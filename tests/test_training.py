@@ -1,6 +1,7 @@
 """The fine-tuning engine: loop, mixed precision, LoRA, the background job, runs on disk, the CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,15 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
-    values = dict(model="tiny", random_init=True, data="canonical", max_steps=6, eval_every=3, eval_batches=2,
+    values = dict(model="tiny", random_init=True, data="sample", max_steps=6, eval_every=3, eval_batches=2,
                   sample_tokens=8, out=str(tmp_path / "run"), lr=1e-3)
     return TrainConfig(**{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
 def batches():
-    split = split_instructions(load_instructions("canonical"))
-    loader = make_loader(InstructionDataset(split.train[:64]), batch_size=8)
+    split = split_instructions(load_instructions("sample"))
+    loader = make_loader(InstructionDataset(split.train), batch_size=8)
     return list(loader)
 
 
@@ -121,7 +122,7 @@ def test_bf16_compute_steps_like_fp32_adamw():
 def test_bf16_and_fp32_losses_agree(tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
-        config = tiny_config(tmp_path, precision=precision, max_steps=20, eval_every=5, out=str(tmp_path / precision))
+        config = tiny_config(tmp_path, precision=precision, epochs=3, max_steps=20, eval_every=5, out=str(tmp_path / precision))
         train(config)
         runs[precision] = read_metrics(tmp_path / precision)
     for a, b in zip(runs["fp32"], runs["bf16"]):
@@ -132,7 +133,7 @@ def test_bf16_and_fp32_losses_agree(tmp_path):
 
 
 def test_loss_decreases_on_the_tiny_model(tmp_path):
-    summary = train(tiny_config(tmp_path, max_steps=40, eval_every=10, eval_batches=3))
+    summary = train(tiny_config(tmp_path, epochs=6, max_steps=40, eval_every=10, eval_batches=3))
     metrics = read_metrics(tmp_path / "run")
     evals = [m["val_loss"] for m in metrics if m["val_loss"] is not None]
     assert len(evals) == 5  # the baseline, then every 10 steps
@@ -147,8 +148,8 @@ def test_run_on_disk(tmp_path):
     manifest = read_manifest(run)
     assert manifest["status"] == "done"
     assert manifest["config"]["lr"] == config.lr and manifest["seed"] == 123
-    assert manifest["data"]["split"] == {"train": 935, "val": 55, "test": 110}
-    assert manifest["data"]["sha256"] == "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+    assert manifest["data"]["split"] == {"train": 62, "val": 5, "test": 7}
+    assert manifest["data"]["sha256"] == hashlib.sha256(source_path("sample").read_bytes()).hexdigest()
     assert {"torch", "python", "tiktoken"} <= set(manifest["versions"])
     for key in ("device", "started", "ended", "wall_time_s", "final_train_loss", "final_val_loss", "peak_rss_mb"):
         assert manifest[key] is not None, key
@@ -267,3 +268,37 @@ def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
         assert torch.allclose(p.to(q.dtype), q), name
     tuned = models.tuned(tmp_path / "run")
     assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_optimizer_state_round_trip_continues_bit_for_bit(tmp_path, batches):
+    """state_dict -> file -> load_state_dict into a differently initialised model, then both step alike."""
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        a = GPT(GPTConfig.from_name("tiny"))
+        torch.manual_seed(1)
+        b = GPT(GPTConfig.from_name("tiny"))
+        opt_a = MasterWeightAdamW(a, dtype, lr=1e-3)
+        opt_b = MasterWeightAdamW(b, dtype, lr=1e-3)
+        a.loss(*batches[0]).backward()
+        torch.save(opt_a.state_dict(), tmp_path / "state.pt")
+        opt_b.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+        for x, y in batches[1:3]:
+            a.loss(x, y).backward()
+            b.loss(x, y).backward()
+        for (name, p), q in zip(opt_a.finish().named_parameters(), opt_b.finish().parameters()):
+            assert torch.equal(p, q), (dtype, name)
+    with pytest.raises(ValueError, match="another precision"):  # the file holds the bf16 run's state
+        MasterWeightAdamW(GPT(GPTConfig.from_name("tiny")), torch.float32).load_state_dict(
+            torch.load(tmp_path / "state.pt", weights_only=True))
+
+
+def test_cli_flags_for_checkpoints_wall_time_and_resume():
+    from training.cli import parse_args, settings_given
+
+    config = parse_args(["--model", "tiny", "--random-init", "--checkpoint-every", "5", "--max-wall-s", "90"])
+    assert config.checkpoint_every == 5 and config.max_wall_s == 90
+    assert TrainConfig().checkpoint_every == 0 and TrainConfig().max_wall_s is None
+    assert settings_given(["--resume", "run"]) == {}
+    assert settings_given(["--resume", "run", "--checkpoint-every", "3", "--no-grouped"]) == {"checkpoint_every": 3, "grouped": False}
+    with pytest.raises(ConfigError, match="max_wall_s must be > 0"):
+        TrainConfig(max_wall_s=0)

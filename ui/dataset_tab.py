@@ -10,7 +10,7 @@ import html
 
 import gradio as gr
 
-from data import DatasetError, split_instructions, split_sizes, token_stats, token_view
+from data import DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_stats, token_view
 from data import cache
 from data.browse import PAGE_SIZE, page_of, split_of
 
@@ -83,9 +83,11 @@ def record_view(records: list[dict] | None, number: int | float | None, mask_pro
     view = token_view(records[index], mask_prompt)
     trained = sum(t for _, t in view)
     split = split_of(index, len(records))
+    skipped = skip_reason(records[index])
+    use = f"{html.escape(skipped)}" if skipped else f"{trained} trained on · {len(view) - trained} masked"
     meta = (f'<div class="gi-meta"><span class="gi-pill">record {index + 1:,} of {len(records):,}</span>'
             f'<span class="gi-pill {split}">{split} split</span><span class="gi-pill">{len(view)} tokens</span>'
-            f'<span class="gi-pill">{trained} trained on · {len(view) - trained} masked</span>'
+            f'<span class="gi-pill">{use}</span>'
             f'<span><span class="gi-swatch" style="background:rgba(79,70,229,.35)"></span>trained on'
             f'&nbsp;&nbsp;<span class="gi-swatch" style="background:rgba(100,116,139,.25)"></span>masked (no loss)</span></div>')
     return meta, tokens_html(view)
@@ -107,6 +109,9 @@ def load(engine, source: str, upload: str | None, previous: dict | None, mask_pr
         back = previous["source"] if previous else gr.skip()
         return (back, gr.skip(), error_notice(source, scrub(str(e)), previous)) + (gr.skip(),) * 9
     done = notice(f"Loaded <b>{html.escape(state['name'])}</b>: {state['count']:,} records.", "ok")
+    warnings = split_warnings(state["count"])
+    if warnings:
+        done += notice("<b>Too few records to split.</b> " + " ".join(html.escape(w) for w in warnings), "error")
     return (source, state, done) + render(state, records, mask_prompt)
 
 

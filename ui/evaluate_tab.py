@@ -20,7 +20,7 @@ from engine.public import scrub
 from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, best_and_worst, load_eval
 from evaluation.judge import DEFAULT_MODEL, DEFAULT_URL, Judge, judge_help
 from runstore import RunInfo
-from runstore.export import ExportError, push_to_hub
+from runstore.export import ExportError, load_hint, push_to_hub
 
 from .charts import empty_figure, evaluation_figure
 from .widgets import bar, clock, finished_run_choices, notice
@@ -255,8 +255,7 @@ def export(engine, name: str | None):
     except (ValueError, ExportError, OSError) as e:
         return None, notice(f"<b>The export failed.</b> {html.escape(scrub(str(e)))}", "error")
     size = path.stat().st_size / 2**20
-    return str(path), notice(f"<b>{html.escape(path.name)}</b>, {size:,.1f} MB: unzip it and load the folder with "
-                             "<code>GPT2LMHeadModel.from_pretrained</code> and <code>GPT2Tokenizer.from_pretrained</code>.", "ok")
+    return str(path), notice(f"<b>{html.escape(path.name)}</b>, {size:,.1f} MB: {html.escape(load_hint(path.name.removesuffix('-hf.zip')))}.", "ok")
 
 
 def push(engine, name: str | None, repo_id: str, token: str) -> str:

@@ -104,6 +104,10 @@ def compare(engine, instruction: str, input_text: str, name: str | None, max_new
     mode = "greedy" if not float(temperature or 0) else f"sampled at temperature {float(temperature):g}, seed {int(seed or 0)}"
     silent = [name for name, text in zip(("base", "fine-tuned"), texts) if not text]
     note = f" The {' and the '.join(silent)} model's answer is empty (it ended at once or wrote only blank lines)." if silent else ""
+    if config.random_init:
+        note += (f" This run started from random weights ({html.escape(config.model)}, the offline demo): it learns the "
+                 "words and shape of its training answers, not to follow instructions. For that, fine-tune a GPT-2 preset "
+                 "from its pretrained weights (see the Train tab).")
     yield texts[0], texts[1], diff_html(*texts), notice(f"Both answers {mode}, at most {limit} new tokens.{note}")
 
 

@@ -26,9 +26,9 @@ def notice(text: str, kind: str = "info") -> str:
 HEADER = """
 <div class="gi-header">
   <h1>Instruction fine-tuning GPT-2</h1>
-  <p>Browse the 1,100 instruction–response pairs of the book's chapter 7, fine-tune GPT-2 on them
-  while the loss draws itself, then ask the base model and the fine-tuned one the same question
-  and compare their answers side by side.</p>
+  <p>Browse instruction–response pairs (the book's chapter 7 dataset, a bundled sample, or your own file),
+  fine-tune GPT-2 on them while the loss draws itself, then ask the base model and the fine-tuned one
+  the same question and compare their answers side by side.</p>
 </div>
 """
 

@@ -15,10 +15,10 @@ import gradio as gr
 
 from engine import ACTIVE, SCALARS_ONLY, JobError, public_data
 from engine.public import scrub
-from model import PRESETS
+from model import HUB_PRESETS, PRESETS
 from runstore import read_metrics
 from training import ConfigError, TrainConfig
-from training.config import defaults, limits_of
+from training.config import DEMO, DEMO_TEXT, defaults, limits_of
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
@@ -48,7 +48,7 @@ def as_int(value, name: str, allow_none: bool = False) -> int | None:
 
 
 def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size, lr, mask_prompt: bool, lora: bool,
-                rank, alpha, grouped: bool, max_steps, eval_every, data: str) -> TrainConfig:
+                rank, alpha, grouped: bool, max_steps, eval_every, data: str, checkpoint_every=0) -> TrainConfig:
     """The form's values as a ``TrainConfig``; every problem is a ``ConfigError`` naming the setting."""
     model = (custom or "").strip() or preset
     if random_init and model not in PRESETS:
@@ -62,11 +62,12 @@ def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size,
         batch_size=as_int(batch_size, "batch size"), lr=float(lr), mask_prompt=bool(mask_prompt), grouped=bool(grouped),
         lora_rank=as_int(rank, "LoRA rank") if lora else 0, lora_alpha=16.0 if alpha is None else float(alpha),
         max_steps=as_int(max_steps, "max steps", allow_none=True) or None, eval_every=as_int(eval_every, "eval every"),
+        checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0,
     )
 
 
 def start(engine, client_id: str | None, dataset: dict | None, preset: str, custom: str, random_init: bool, epochs,
-          batch_size, lr, mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every):
+          batch_size, lr, mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every, checkpoint_every=0):
     """Start a run owned by this browser; a bad setting, a limit or a run already going is reported, not raised."""
     if not client_id:
         return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
@@ -74,7 +75,7 @@ def start(engine, client_id: str | None, dataset: dict | None, preset: str, cust
         data = engine.datasets.training_source(dataset) if dataset else "sample"
         name = dataset["name"] if dataset else "bundled sample"
         config = make_config(preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha,
-                             grouped, max_steps, eval_every, data=data)
+                             grouped, max_steps, eval_every, data=data, checkpoint_every=checkpoint_every)
         engine.start_training(config, owner=client_id)
     except (ConfigError, JobError, ValueError, OSError) as e:
         return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
@@ -162,9 +163,16 @@ def responses_html(snap: dict) -> str:
     return f'<div class="gi-sample">{"".join(parts)}</div>'
 
 
+PATH_BOX = "…or a local path / Hugging Face Hub id"
+
+
 def final_html(snap: dict) -> str:
     if snap.get("error"):
-        return notice(f"<b>The run failed.</b> {html.escape(snap['error'])}", "error")
+        hint = ""
+        if snap["error"].startswith("WeightsError"):
+            hint = (f"<br>Type a local folder holding model.safetensors and config.json in the <b>{PATH_BOX}</b> box, "
+                    "or tick <b>Random init</b> for the offline demo.")
+        return notice(f"<b>The run failed.</b> {html.escape(snap['error'])}{hint}", "error")
     final = snap.get("final")
     if not final:
         return ""
@@ -216,9 +224,12 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
         gr.Button(interactive=can_stop) if changed or seen.get("can_stop") != can_stop else gr.skip(),
     )
     runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()
+    # A run that ended takes the Start / Stop message with it: "Started…" or "only the browser…" is stale by then.
+    ended = None if active or snap["status"] == "idle" else snap["started_at"]
+    message = "" if ended and seen.get("ended") != ended else gr.skip()
     seen.update(version=snap["version"], chart=key, rows=snap["history_len"], responses=responses_key, active=active,
-                can_stop=can_stop, finished=finished)
-    return out + (seen, runs_changed)
+                can_stop=can_stop, finished=finished, ended=ended)
+    return out + (message, seen, runs_changed)
 
 
 def redraw(engine, overlays: list[str] | None, seen: dict | None):
@@ -236,9 +247,23 @@ def job_status(engine) -> dict:
     return snap
 
 
-def runs_table(engine) -> tuple[list[list], dict]:
-    """Past runs as table rows, and the overlay picker's choices (runs that logged metrics)."""
-    rows, choices = [], []
+def resume(engine, client_id: str | None, name: str | None):
+    """Continue a stopped or interrupted run, owned by this browser from now on."""
+    if not client_id:
+        return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
+    if not name:
+        return notice("Pick a stopped or interrupted run to resume.", "error"), gr.skip(), gr.skip()
+    try:
+        engine.resume_training(name, owner=client_id)
+    except (ConfigError, JobError, ValueError, OSError) as e:
+        return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
+    return notice(f"Resuming <b>{html.escape(name)}</b> from its checkpoint.", "ok"), gr.Button(interactive=False), \
+        gr.Button(interactive=True)
+
+
+def runs_table(engine) -> tuple[list[list], dict, dict]:
+    """Past runs as table rows, the overlay picker's choices (runs that logged metrics), and the resumable runs."""
+    rows, choices, resumable = [], [], []
     for run in engine.runs():
         m = run.manifest
         data = (m.get("data") or {}).get("source", "?")
@@ -246,7 +271,9 @@ def runs_table(engine) -> tuple[list[list], dict]:
                      loss_text(m.get("final_val_loss")), clock(m.get("wall_time_s"))])
         if (run.path / "metrics.jsonl").is_file():
             choices.append((run.label(), run.name))
-    return rows, gr.Dropdown(choices=choices)
+        if run.resumable:
+            resumable.append((f"{run.name} · {run.status} at step {run.last_step}", run.name))
+    return rows, gr.Dropdown(choices=choices), gr.Dropdown(choices=resumable, value=resumable[0][1] if resumable else None)
 
 
 def data_line(engine, dataset: dict | None) -> str:
@@ -261,9 +288,31 @@ def limits_html(engine) -> str:
     return f'<table class="gi-eval">{rows}</table>'
 
 
+def model_note(preset: str, suggested: bool = False) -> str:
+    """Why this preset (tiny: the offline demo and what it can show; GPT-2: a download on first use)."""
+    if preset == "tiny":
+        why = ("<b>tiny is preselected</b>: GPT-2's weights are not on this server and the Hugging Face Hub cannot be "
+               "reached, so the demo trains offline. " if suggested else "")
+        return notice(f"{why}{html.escape(DEMO_TEXT)} The form holds the demo's settings: {DEMO['epochs']} epochs, "
+                      f"learning rate {DEMO['lr']:g}, prompt masked.")
+    repo = HUB_PRESETS.get(preset)
+    if not repo:
+        return ""
+    return notice(f"{html.escape(preset)} starts from OpenAI's pretrained weights: untick <b>Random init</b> and they are "
+                  f"downloaded once from the Hugging Face Hub (<code>{repo}</code>) and cached. The form holds the book's "
+                  "settings.")
+
+
+def preset_settings(preset: str, max_epochs: int = 100, suggested: bool = False) -> tuple:
+    """(random init, epochs, learning rate, mask prompt, note) for a chosen preset: the demo's for tiny, else the book's."""
+    values = DEMO if preset == "tiny" else DEFAULTS
+    return (preset == "tiny", min(values["epochs"], max_epochs), values["lr"], values["mask_prompt"],
+            model_note(preset, suggested))
+
+
 def suggested_model(engine):
     model = engine.suggested_model()
-    return gr.Dropdown(value=model), gr.Checkbox(value=model == "tiny")
+    return (gr.Dropdown(value=model),) + preset_settings(model, engine.limits.max_epochs, suggested=model == "tiny")
 
 
 def build(shared) -> None:
@@ -273,23 +322,26 @@ def build(shared) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             preset = gr.Dropdown([(preset_label(e), e.name) for e in presets], value="tiny", label="Model", elem_id="model-preset")
-            custom = gr.Textbox(label="…or a local path / Hugging Face Hub id" if engine.limits.local_paths else "…or a Hugging Face Hub id",
+            custom = gr.Textbox(label=PATH_BOX if engine.limits.local_paths else "…or a Hugging Face Hub id",
                                 placeholder="e.g. ./my-gpt2 or openai-community/gpt2" if engine.limits.local_paths
                                 else "e.g. openai-community/gpt2", elem_id="model-path")
             random_init = gr.Checkbox(value=True, label="Random init (no download: for the offline demo)", elem_id="random-init")
+            note = gr.HTML(model_note("tiny"), elem_id="model-note")
             with gr.Row():
-                epochs = gr.Number(value=DEFAULTS["epochs"], precision=0, minimum=low_epochs, maximum=engine.limits.max_epochs,
+                epochs = gr.Number(value=min(DEMO["epochs"], engine.limits.max_epochs), precision=0, minimum=low_epochs, maximum=engine.limits.max_epochs,
                                    label="Epochs", elem_id="epochs")
                 batch_size = gr.Number(value=DEFAULTS["batch_size"], precision=0, minimum=1, maximum=limits_of("batch_size")[1],
                                        label="Batch size", elem_id="batch-size")
-                lr = gr.Number(value=DEFAULTS["lr"], step=1e-5, label="Learning rate", elem_id="learning-rate")
+                lr = gr.Number(value=DEMO["lr"], step=1e-5, label="Learning rate", elem_id="learning-rate")
             with gr.Row():
                 max_steps = gr.Number(value=0, precision=0, label="Max steps (0: all)", elem_id="max-steps")
                 eval_every = gr.Number(value=DEFAULTS["eval_every"], precision=0, minimum=1, label="Evaluate every (steps)",
                                        elem_id="eval-every")
-            mask_prompt = gr.Checkbox(value=DEFAULTS["mask_prompt"], label="Mask the prompt (loss on the response only)",
+            mask_prompt = gr.Checkbox(value=DEMO["mask_prompt"], label="Mask the prompt (loss on the response only)",
                                       elem_id="train-mask-prompt")
             grouped = gr.Checkbox(value=DEFAULTS["grouped"], label="Length-grouped batches (less padding, faster)", elem_id="grouped")
+            checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"], precision=0, minimum=0,
+                                         label="Checkpoint every (steps; 0: only when stopped)", elem_id="checkpoint-every")
             with gr.Accordion("LoRA", open=False):
                 lora = gr.Checkbox(value=False, label="Train low-rank adapters instead of every weight", elem_id="lora")
                 with gr.Row():
@@ -310,18 +362,24 @@ def build(shared) -> None:
             responses = gr.HTML(elem_id="sample-responses")
     with gr.Accordion("Past runs", open=False):
         runs = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, elem_id="runs-table")
-        refresh = gr.Button("Refresh", size="sm", elem_id="refresh-runs")
+        with gr.Row(equal_height=True):
+            resumable = gr.Dropdown([], value=None, label="Resume a stopped or interrupted run from its checkpoint", scale=4,
+                                    elem_id="resume-run")
+            resume_btn = gr.Button("Resume", scale=1, elem_id="resume-btn")
+            refresh = gr.Button("Refresh", size="sm", scale=1, elem_id="refresh-runs")
 
     seen = gr.State(None)
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every]
-    poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, seen, shared.runs_changed]
+    settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every,
+                checkpoint_every]
+    poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, message, seen, shared.runs_changed]
 
     def on_poll(client_id, seen_, overlays):
         return poll(engine, client_id, seen_, overlays)
 
-    shared.app.load(lambda: suggested_model(engine), None, [preset, random_init], api_visibility="private", **cheap)
-    preset.input(lambda p: p == "tiny", preset, random_init, api_visibility="private", **cheap)
+    preset_outputs = [random_init, epochs, lr, mask_prompt, note]
+    shared.app.load(lambda: suggested_model(engine), None, [preset] + preset_outputs, api_visibility="private", **cheap)
+    preset.input(lambda p: preset_settings(p, engine.limits.max_epochs), preset, preset_outputs, api_visibility="private", **cheap)
     custom.input(lambda c, r: False if (c or "").strip() else r, [custom, random_init], random_init, api_visibility="private", **cheap)
     start_btn.click(lambda *a: start(engine, *a), [shared.client_id, shared.dataset] + settings, [message, start_btn, stop_btn],
                     api_name="start_training", concurrency_limit=1)
@@ -330,6 +388,8 @@ def build(shared) -> None:
     shared.app.load(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_visibility="private", **cheap)
     overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
-        trigger(lambda: runs_table(engine), None, [runs, overlay], api_visibility="private", **cheap)
+        trigger(lambda: runs_table(engine), None, [runs, overlay, resumable], api_visibility="private", **cheap)
+    resume_btn.click(partial(resume, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
+                     api_name="resume_training", concurrency_limit=1)
     shared.dataset.change(lambda d: data_line(engine, d), shared.dataset, data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)

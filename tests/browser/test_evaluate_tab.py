@@ -52,12 +52,13 @@ def test_evaluate_a_run_on_a_few_examples_and_export_it(page, finished_run):
     # Export: a zip of the Hugging Face files to download.
     page.click("#export-btn")
     message = wait_text(page, "#export-message", "-hf.zip", timeout_ms=60_000)
-    assert f"{finished_run.name}-hf.zip" in message and "unzip it" in message
+    assert f"{finished_run.name}-hf.zip" in message and f"unzip it and load the folder {finished_run.name} " in message
     zip_name = f"{finished_run.name}-hf.zip"
     assert page.locator(f'#export-file td.filename[aria-label="{zip_name}"]').is_visible()
     with page.expect_download() as download:
         page.click(f'#export-file a[download="{zip_name}"]')
     with zipfile.ZipFile(download.value.path()) as archive:
-        files = {Path(name).name for name in archive.namelist()}
-    assert {"config.json", "model.safetensors"} <= files, files
+        names = archive.namelist()
+    assert {Path(name).parts[0] for name in names} == {finished_run.name}, names  # one folder, named after the run
+    assert {"config.json", "model.safetensors"} <= {Path(name).name for name in names}, names
     screenshot(page, "evaluate.png")

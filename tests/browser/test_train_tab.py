@@ -45,24 +45,61 @@ def test_a_tiny_fine_tune_draws_its_loss_live_and_finishes(page):
     assert not any(enabled for _, enabled, _, _ in running), "Start could be pressed while the run was going"
     assert any(can_stop for _, _, can_stop, _ in running), "Stop never became available to the browser that started the run"
 
-    # The chart grew while the run went: raw train loss at steps 0..6, validation loss at 0, 2, 4, 6, two "before" markers.
+    # The chart grew while the run went: raw and smoothed train loss at steps 0..6, validation loss at 0, 2, 4, 6, two "before" markers.
     counts = [points for points, *_ in seen]
     drawn = [c for c in counts if c]
     assert counts == sorted(counts), f"the chart lost points: {counts}"
     assert len(set(drawn)) >= 2, f"the chart was drawn once, not growing: {counts}"
     page.wait_for_function("() => document.querySelector('#start-btn').disabled === false")
     traces = page.evaluate("() => document.querySelector('#loss-chart .js-plotly-plot').data.map(t => [t.name, t.x.length])")
-    assert dict(traces) == {"train loss": STEPS + 1, "validation loss": STEPS // EVAL_EVERY + 1, "before training": 2}
+    assert dict(traces) == {"train loss (raw)": STEPS + 1, "train loss": STEPS + 1, "validation loss": STEPS // EVAL_EVERY + 1,
+                            "before training": 2}
     markers = page.locator("#loss-chart svg .scatterlayer path.point").count()
     assert markers == STEPS // EVAL_EVERY + 1 + 2, "the validation and baseline markers are not all drawn in the SVG"
     assert page.locator("#loss-chart svg .scatterlayer path.js-line").count() >= 2
 
     progress = wait_text(page, "#train-progress", "Done")  # "done", capitalised by CSS
     assert f"step {STEPS} / {STEPS}" in progress and "tiny (random init) · sample · full fine-tune" in progress
-    assert "validation loss" in final and "Saved to" in final
+    assert "validation loss" in final and "Saved as run" in final
+    assert text_of(page, "#train-message") == ""  # "Started fine-tuning…" went with the run
     assert "Validation instruction" in text_of(page, "#sample-responses")
     assert not stop.is_enabled()
     # The progress bar fills up (its width eases in over 0.6 s).
     page.wait_for_function("""() => { const fill = document.querySelector('#train-progress .gi-fill');
         return fill && fill.getBoundingClientRect().width >= fill.parentElement.clientWidth - 1 }""", timeout=5_000)
     screenshot(page, "train.png")
+
+
+CHART = "document.querySelector('#loss-chart .gi-live-chart')"
+TRAIN_POINTS = f"() => (({CHART}?.data || []).find(t => t.meta === 'live-train')?.x || []).length"
+
+
+def test_the_live_chart_keeps_the_zoom_while_new_points_arrive(page):
+    load_sample(page)
+    open_tab(page, "train")
+    choose(page, "#model-preset", "tiny ·")
+    note = wait_text(page, "#model-note", "The offline demo fine-tunes tiny")
+    assert "openai-community/gpt2" in note and "path box" in note
+    page.check("#random-init input")
+    page.fill("#max-steps input", "60")
+    page.fill("#eval-every input", "10")
+    page.locator("#start-btn").click()
+    wait_text(page, "#train-message", "Started fine-tuning tiny on bundled sample.")
+    page.wait_for_function(f"({TRAIN_POINTS})() >= 3", timeout=RUN_TIMEOUT_S * 1000)
+
+    # Zoom onto the points drawn so far as a person's drag does (Plotly.relayout), and mark the element:
+    # an element drawn anew would lose the mark.
+    before, zoom = page.evaluate(f"""async () => {{ const div = {CHART}; div.dataset.zoomedByTest = 'yes';
+        const xs = div.data.find(t => t.meta === 'live-train').x;
+        const zoom = {{'xaxis.range': [xs[1], xs[xs.length - 1]], 'yaxis.range': [1, 9]}};
+        await window.Plotly.relayout(div, zoom); return [xs.length, zoom] }}""")
+    page.wait_for_function(f"({TRAIN_POINTS})() >= {before + 3}", timeout=RUN_TIMEOUT_S * 1000)
+    after = page.evaluate(f"""() => {{ const div = {CHART};
+        return [div.dataset.zoomedByTest, div.layout.xaxis.range, div.layout.yaxis.range, ({TRAIN_POINTS})()] }}""")
+    assert after[:3] == ["yes", zoom["xaxis.range"], zoom["yaxis.range"]], f"the zoom was lost while points arrived: {after}"
+    assert after[3] >= before + 3
+    screenshot(page, "train-zoomed.png")
+
+    page.locator("#stop-btn").click()
+    wait_text(page, "#train-final", "Stopped", timeout_ms=RUN_TIMEOUT_S * 1000)
+    assert text_of(page, "#train-message") == ""  # "Stopping at the next step…" went with the run
