@@ -129,7 +129,8 @@ def measure(config: TrainConfig) -> Calibration:
             release_free_memory()
         return time.perf_counter() - t0
 
-    step(median[0][:, :16], median[1][:, :16])  # warm-up: first allocations and kernels
+    for x, y in (median, long):  # warm-up: each shape's first step creates its kernels and allocations
+        step(x, y)
     samples = [(x.numel(), step(x, y)) for x, y in (median, long)]
     per_token, fixed = fit(samples)
 
@@ -159,19 +160,27 @@ def measure(config: TrainConfig) -> Calibration:
     )
 
 
-def calibrate(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto", refresh: bool = False) -> Calibration:
-    """The expected epoch on the canonical data for a preset and method: cached, else measured (seconds) and cached."""
+def cached(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto") -> Calibration | None:
+    """The cached expected epoch for a preset and method on this machine, or None when it was never measured here."""
     config = TrainConfig(model=model, random_init=True, lora_rank=lora_rank, precision=precision)
     device = pick_device(config.device)
-    key = cache_key(config, device, pick_dtype(device, precision))
-    entries = _read_cache()
-    if not refresh and key in entries:
-        try:
-            return Calibration(**{**entries[key], "cached": True})
-        except TypeError:
-            pass
+    entry = _read_cache().get(cache_key(config, device, pick_dtype(device, precision)))
+    try:
+        return Calibration(**{**entry, "cached": True}) if entry else None
+    except TypeError:
+        return None
+
+
+def calibrate(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto", refresh: bool = False) -> Calibration:
+    """The expected epoch on the canonical data for a preset and method: cached, else measured (seconds) and cached."""
+    found = None if refresh else cached(model, lora_rank, precision)
+    if found is not None:
+        return found
+    config = TrainConfig(model=model, random_init=True, lora_rank=lora_rank, precision=precision)
     result = measure(config)
-    entries[key] = {k: v for k, v in asdict(result).items() if k != "cached"}
+    entries = _read_cache()
+    device = pick_device(config.device)
+    entries[cache_key(config, device, pick_dtype(device, precision))] = {k: v for k, v in asdict(result).items() if k != "cached"}
     _write_cache(entries)
     return result
 
