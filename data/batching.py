@@ -203,3 +203,17 @@ def make_loader(dataset, batch_size: int = 8, shuffle: bool = True, drop_last: b
         batches = BatchSampler(sampler or SequentialSampler(dataset), batch_size * world_size, drop_last)
         return DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches, rank, world_size), **common)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
+
+
+def loader_state(loader: DataLoader) -> dict:
+    """Where a ``make_loader`` loader stands between passes: its next pass yields the same batches after ``restore_loader``.
+
+    The random order comes from the loader's generator, the length-grouped one from the sampler's epoch.
+    """
+    return {"generator": loader.generator.get_state(), "epoch": getattr(loader.batch_sampler, "epoch", None)}
+
+
+def restore_loader(loader: DataLoader, state: dict) -> None:
+    loader.generator.set_state(state["generator"])
+    if state["epoch"] is not None:
+        loader.batch_sampler.set_epoch(state["epoch"])

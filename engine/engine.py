@@ -24,7 +24,8 @@ from runstore.store import recover_runs
 from training.config import ConfigError, TrainConfig
 from training.estimate import GB, estimate_for
 from training.events import Progress
-from training.loop import check_data, train
+from training.checkpoint import resume_config
+from training.loop import check_data, resume_run, train
 
 from .datasets import Datasets, prune_folder
 from .jobs import SCALARS_ONLY, Job, JobError, idle_snapshot
@@ -189,6 +190,21 @@ class Engine:
         def work(hooks) -> None:  # the run's summary reaches watchers through its Finished event, without its path
             train(config, hooks, root=self.root)
 
+        return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public))
+
+    def resume_training(self, name: str, owner: str | None = None) -> Job:
+        """Continue a stopped or interrupted run from its checkpoint, in the ``train`` lane, under today's limits."""
+        run = self.run(name)
+        changes = {}
+        if self.limits.max_wall_minutes is not None:
+            changes["max_wall_s"] = self.limits.max_wall_minutes * 60
+        config = resume_config(run.path, **changes)
+        self.admit(config)
+
+        def work(hooks) -> None:
+            resume_run(run.path, hooks, **changes)
+
+        public = {**config.to_dict(), "data": public_data(config.data), "out": None}
         return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public))
 
     def run_training(self, config: TrainConfig, hooks=None) -> dict:

@@ -4,21 +4,33 @@
         config.json, model.safetensors   the fine-tuned GPT-2 (save_pretrained)
         manifest.json                    settings, data, versions, device, times, final losses, status
         metrics.jsonl                    one JSON object per logged step
+        checkpoint.pt                    what a stopped or interrupted run needs to resume (training/checkpoint.py)
+
+A manifest's ``status`` is running, done, stopped, failed or interrupted; ``owner``
+names the process that writes a running run, so that ``recover_runs`` can tell a
+live run from one whose process died.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+
+import psutil
 
 from model.files import atomic_write
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.pt"
+STATUSES = ("running", "done", "stopped", "failed", "interrupted")
+_WRITING: set[Path] = set()  # runs that this process is writing now
 
 
 def runs_root() -> Path:
@@ -42,13 +54,24 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class RunWriter:
-    """Writes a run's manifest and metrics as training goes."""
+    """Writes a run's manifest and metrics as training goes; ``close()`` when the run has ended.
 
-    def __init__(self, directory: Path):
+    With ``resume_step`` it reopens an existing run: the manifest is kept and the metrics
+    up to that step (later rows belong to steps that will be trained again).
+    """
+
+    def __init__(self, directory: Path, resume_step: int | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.manifest: dict = {}
+        self.manifest: dict = read_manifest(self.dir) if resume_step is not None else {}
         self.metrics: list[dict] = []
+        if resume_step is not None:
+            self.metrics = [r for r in read_metrics(self.dir) if r["step"] <= resume_step]
+            self.write_metrics()
+        _WRITING.add(self.dir.resolve())
+
+    def close(self) -> None:
+        _WRITING.discard(self.dir.resolve())
 
     def update_manifest(self, **fields) -> None:
         self.manifest.update(fields)
@@ -57,6 +80,9 @@ class RunWriter:
     def log(self, record: dict) -> None:
         """Append one step's record; the file is rewritten whole so that no reader sees half a line."""
         self.metrics.append(record)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
         write_atomic(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.metrics))
 
 
@@ -76,6 +102,19 @@ class RunInfo:
     @property
     def has_weights(self) -> bool:
         return (self.path / WEIGHTS).is_file()
+
+    @property
+    def last_step(self) -> int:
+        """The last step trained: the manifest's once the run has ended, else the last metrics row's."""
+        if self.status != "running" and "steps" in self.manifest:
+            return int(self.manifest["steps"])
+        rows = read_metrics(self.path)
+        return rows[-1]["step"] if rows else 0
+
+    @property
+    def resumable(self) -> bool:
+        """Has a checkpoint and is neither done nor still running."""
+        return self.status not in ("done", "running") and (self.path / CHECKPOINT).is_file()
 
     def label(self) -> str:
         final = self.manifest.get("final_val_loss")
@@ -98,6 +137,68 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def process_owner() -> dict:
+    """Who writes a run: this process's id, host, the host's boot time and the process's start time.
+
+    A pid alone is not enough: after a restart (of the app, its container or the machine)
+    the same pid names another process. The start time tells them apart.
+    """
+    return {"pid": os.getpid(), "host": socket.gethostname(), "boot_time": psutil.boot_time(),
+            "process_started": psutil.Process().create_time()}
+
+
+def owner_alive(owner: dict | None, run_dir: Path) -> bool:
+    """Whether the process recorded as a running run's owner may still be writing it.
+
+    - This very process: alive only while it has the run open (a ``RunWriter`` not yet closed),
+      so a run left behind by a crashed thread is recovered, the one being trained is not.
+    - Another process on this host, since the same boot: alive if a process with that pid exists
+      and started at the recorded time; a pid now used by another process does not count.
+    - Another boot or another host, or no owner recorded (older runs): dead. A runs folder belongs
+      to the machine that trains into it; the host name changes when the app's container restarts,
+      so a run from another host is one whose process is gone.
+    """
+    if not owner:
+        return False
+    me = process_owner()
+    if owner.get("host") != me["host"] or abs(owner.get("boot_time", 0) - me["boot_time"]) > 1:
+        return False
+    if owner.get("pid") == me["pid"] and abs(owner.get("process_started", 0) - me["process_started"]) < 0.01:
+        return Path(run_dir).resolve() in _WRITING
+    try:
+        return abs(psutil.Process(owner["pid"]).create_time() - owner.get("process_started", 0)) < 0.01
+    except (psutil.Error, KeyError, TypeError):
+        return False
+
+
+def recover_run(path: Path) -> RunInfo | None:
+    """Mark one run ``interrupted`` if its manifest says running but its process is dead (see ``owner_alive``).
+
+    Its ``steps`` become the last step in metrics.jsonl and ``ended`` the time its files last changed.
+    Returns the run when it was changed, else None.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.get("status") != "running" or owner_alive(manifest.get("owner"), path):
+        return None
+    rows = read_metrics(path)
+    last_change = max((f.stat().st_mtime for f in (path / MANIFEST, path / METRICS) if f.exists()), default=time.time())
+    manifest.update(status="interrupted", steps=rows[-1]["step"] if rows else 0,
+                    ended=datetime.fromtimestamp(last_change, timezone.utc).isoformat(timespec="seconds"),
+                    stop_reason="its process ended before the run finished")
+    write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    return RunInfo(path, manifest)
+
+
+def recover_runs(root: Path | None = None) -> list[RunInfo]:
+    """Turn every run left ``running`` by a dead process into ``interrupted``; the runs changed.
+
+    Called when the app starts (and safe at any time): runs that this process or another live
+    one is writing are left alone.
+    """
+    return [run for info in list_runs(root) if info.status == "running" and (run := recover_run(info.path))]
+
+
 def list_runs(root: Path | None = None) -> list[RunInfo]:
     """Past runs, newest first; directories without a manifest are not runs."""
     root = root or runs_root()
@@ -114,39 +215,6 @@ def find_run(name: str | Path, root: Path | None = None) -> RunInfo | None:
         if run.name == str(name) or run.path.resolve() == wanted.resolve():
             return run
     return None
-
-
-def process_alive(pid) -> bool:
-    """True when ``pid`` is a live process other than this one."""
-    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def recover_runs(root: Path | None = None) -> list[RunInfo]:
-    """Runs left ``running`` by a process that is gone become ``interrupted``, with their last logged step.
-
-    Called when the app or a CLI starts, before it starts runs of its own: a run
-    that this process was writing cannot be going on any more, and a run whose
-    recorded process is alive (a CLI run beside the app) is left alone.
-    """
-    recovered = []
-    for run in list_runs(root):
-        if run.status != "running" or process_alive(run.manifest.get("pid")):
-            continue
-        metrics = read_metrics(run.path)
-        manifest = {**run.manifest, "status": "interrupted", "steps": metrics[-1]["step"] if metrics else 0,
-                    "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "error": "the process running it ended before it finished (killed, crashed or shut down)"}
-        write_atomic(run.path / MANIFEST, json.dumps(manifest, indent=2, default=str))
-        recovered.append(RunInfo(run.path, manifest))
-    return recovered
 
 
 def load_run(path: Path, device=None, dtype=None):

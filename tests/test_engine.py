@@ -145,12 +145,13 @@ def test_data_that_cannot_make_a_run_fails_before_the_job_starts(engine, tmp_pat
 def test_a_run_left_running_by_a_dead_process_becomes_interrupted_on_start_up(engine, tmp_path):
     assert engine.start_training(tiny()).wait(60)
     run = engine.runs()[0]
-    manifest = {**run.manifest, "status": "running", "pid": 2**22 + 12345}  # no such process
+    manifest = {**run.manifest, "status": "running", "owner": {**run.manifest["owner"], "pid": 2**22 + 12345}}  # no such process
     (run.path / "manifest.json").write_text(json.dumps(manifest))
     recovered = Engine(root=tmp_path / "runs").recovered
     assert [r.name for r in recovered] == [run.name]
     assert read_manifest(run.path)["status"] == "interrupted" and read_manifest(run.path)["steps"] == 6
-    alive = {**manifest, "pid": os.getppid()}  # a live process that is not us: a CLI run beside the app
+    parent = psutil.Process(os.getppid())  # a live process that is not us: a CLI run beside the app
+    alive = {**manifest, "owner": {**manifest["owner"], "pid": parent.pid, "process_started": parent.create_time()}}
     (run.path / "manifest.json").write_text(json.dumps(alive))
     assert Engine(root=tmp_path / "runs").recovered == [] and read_manifest(run.path)["status"] == "running"
 

@@ -276,3 +276,37 @@ def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
         assert torch.allclose(p.to(q.dtype), q), name
     tuned = models.tuned(tmp_path / "run")
     assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_optimizer_state_round_trip_continues_bit_for_bit(tmp_path, batches):
+    """state_dict -> file -> load_state_dict into a differently initialised model, then both step alike."""
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        a = GPT(GPTConfig.from_name("tiny"))
+        torch.manual_seed(1)
+        b = GPT(GPTConfig.from_name("tiny"))
+        opt_a = MasterWeightAdamW(a, dtype, lr=1e-3)
+        opt_b = MasterWeightAdamW(b, dtype, lr=1e-3)
+        a.loss(*batches[0]).backward()
+        torch.save(opt_a.state_dict(), tmp_path / "state.pt")
+        opt_b.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+        for x, y in batches[1:3]:
+            a.loss(x, y).backward()
+            b.loss(x, y).backward()
+        for (name, p), q in zip(opt_a.finish().named_parameters(), opt_b.finish().parameters()):
+            assert torch.equal(p, q), (dtype, name)
+    with pytest.raises(ValueError, match="another precision"):  # the file holds the bf16 run's state
+        MasterWeightAdamW(GPT(GPTConfig.from_name("tiny")), torch.float32).load_state_dict(
+            torch.load(tmp_path / "state.pt", weights_only=True))
+
+
+def test_cli_flags_for_checkpoints_wall_time_and_resume():
+    from training.cli import parse_args, settings_given
+
+    config = parse_args(["--model", "tiny", "--random-init", "--checkpoint-every", "5", "--max-wall-s", "90"])
+    assert config.checkpoint_every == 5 and config.max_wall_s == 90
+    assert TrainConfig().checkpoint_every == 0 and TrainConfig().max_wall_s is None
+    assert settings_given(["--resume", "run"]) == {}
+    assert settings_given(["--resume", "run", "--checkpoint-every", "3", "--no-grouped"]) == {"checkpoint_every": 3, "grouped": False}
+    with pytest.raises(ConfigError, match="max_wall_s must be > 0"):
+        TrainConfig(max_wall_s=0)

@@ -1,34 +1,67 @@
-"""``python -m training``: fine-tune headless, with a progress bar, into a run directory."""
+"""``python -m training``: fine-tune headless, with a progress bar, into a run directory; ``--resume RUN`` continues one."""
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from data import DatasetError
 from model import WeightsError
+from runstore import find_run
 
 from . import distributed
+from .checkpoint import ResumeError, resume_config
 from .config import ConfigError, TrainConfig, add_arguments
 from .events import Download, Finished, Logged, Started
-from .loop import Hooks
+from .loop import Hooks, train
 
 
-def parse_args(argv=None) -> TrainConfig:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
                                      description="Instruction fine-tuning of GPT-2 (chapter 7 of the book), headless.")
     add_arguments(parser)
+    parser.add_argument("--resume", metavar="RUN", help="continue a stopped or interrupted run from its checkpoint, with its "
+                                                        "own settings: a run name under the runs folder, or a run folder")
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = make_parser()
     args = vars(parser.parse_args(argv))
+    args.pop("resume")
     if args["eval_batches"] == 0:
         args["eval_batches"] = None
     try:
         return TrainConfig(**args)
     except ConfigError as e:
         parser.error(str(e))
+
+
+def settings_given(argv=None) -> dict:
+    """Only the settings typed on the command line (a resumed run keeps the others)."""
+    parser = make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    args = vars(parser.parse_args(argv))
+    args.pop("resume", None)
+    if args.get("eval_batches") == 0:
+        args["eval_batches"] = None
+    return args
+
+
+def run_folder(name: str) -> Path:
+    """A run by name under the runs folder, or a run folder's path."""
+    run = find_run(name)
+    if run is not None:
+        return run.path
+    if (Path(name) / "manifest.json").is_file():
+        return Path(name)
+    raise ResumeError(f"no run named {name!r} under the runs folder, and {name!r} is not a run folder")
 
 
 class ProgressBar:
@@ -62,32 +95,40 @@ class ProgressBar:
             if self.bar is not None:
                 self.bar.close()
             s = event.summary
-            print(f"{s['status']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
+            reason = f" ({s['stop_reason']})" if s.get("stop_reason") else ""
+            print(f"{s['status']}{reason}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
                   f"({s['train_time_s']:.0f} s training, {s['eval_time_s']:.0f} s evaluating), "
                   f"peak memory {s['peak_rss_mb'] / 1024:.2f} GiB; saved to {s['run_dir']}")
 
 
 @record
 def main(argv=None) -> int:
-    """Train; under torchrun each process runs this, and rank 0 alone prints and writes the run.
+    """Train, or with ``--resume RUN`` continue a run; under torchrun each process runs this, and rank 0 alone prints
+    and writes the run.
 
     SIGTERM asks for a stop at the next step (the run is saved as stopped); under
     torchrun a stop on any rank stops them all.
     """
-    config = parse_args(argv)
+    resume = make_parser().parse_args(argv).resume
+    try:
+        run_dir = run_folder(resume) if resume else None
+        config = resume_config(run_dir, **settings_given(argv)) if resume else parse_args(argv)
+    except ValueError as e:  # a run that cannot be resumed, or changed settings
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     ctx = distributed.init(config.device)
     code = 1
     try:
-        code = run(config, ctx, stop)
+        code = run(config, ctx, stop, resume=run_dir)
     finally:
         distributed.shutdown(ok=code == 0)
     return code
 
 
-def run(config: TrainConfig, ctx: distributed.Context, stop: threading.Event) -> int:
+def run(config: TrainConfig, ctx: distributed.Context, stop: threading.Event, resume: Path | None = None) -> int:
     from engine import Engine
 
     if ctx.enabled and ctx.is_main:
@@ -96,7 +137,11 @@ def run(config: TrainConfig, ctx: distributed.Context, stop: threading.Event) ->
     hooks = Hooks(on_event=ProgressBar() if ctx.is_main else (lambda event: None), should_stop=stop.is_set)
     where = f"rank {ctx.rank}: " if ctx.enabled else ""
     try:
-        Engine().run_training(config, hooks)
+        engine = Engine()
+        if resume:
+            train(config, hooks, resume=resume)
+        else:
+            engine.run_training(config, hooks)
     except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
         print(f"error: {where}{ctx.reason(e) if ctx.enabled else e}", file=sys.stderr)
         return 1

@@ -187,6 +187,12 @@ class DataParallelLoss:
 class NullWriter:
     """What ranks other than 0 write: nothing."""
 
+    manifest: dict = {}
+    metrics: list = []
+
+    def close(self) -> None:
+        pass
+
     def update_manifest(self, **fields) -> None:
         pass
 

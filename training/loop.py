@@ -1,8 +1,11 @@
 """The fine-tuning loop: data, model, AdamW, evaluation, and the run on disk.
 
 ``train(config, hooks)`` is the one engine behind the CLI, the background job
-and the tests. It reports through ``hooks.on_event(kind, payload)`` and asks
+and the tests. It reports through ``hooks.on_event(event)`` and asks
 ``hooks.should_stop()`` at every step boundary; it never touches the UI.
+``resume_run(run_dir, hooks)`` continues a stopped or interrupted run from its
+checkpoint (training/checkpoint.py). Every way a run can end leaves its manifest
+saying so: done, stopped (with the reason), failed (with the error).
 
 Where the speed comes from (see bench/train.py for the figures): the model
 computes in bf16 where the CPU or GPU multiplies it natively, with fp32 master
@@ -15,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import os
 import platform
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -26,26 +29,26 @@ from typing import Callable
 
 import torch
 
-from data import InstructionDataset, extract_response, format_prompt, load_instructions, make_loader, source_path, split_instructions
+from data import DatasetError, InstructionDataset, extract_response, format_prompt, load_instructions, make_loader, source_path, split_instructions
+from data.batching import loader_state
 from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, pick_device, pick_dtype, save_pretrained
 from model.device import describe, peak_rss_mb, release_free_memory
 
 from . import distributed
+from .checkpoint import ResumeError, check_resume, load_checkpoint, restore_rng, resume_config, save_checkpoint, start_epoch
 from .config import TrainConfig
 from .events import Download, Finished, Logged, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
 from .optim import MasterWeightAdamW
-from runstore import RunWriter, new_run_dir
-
-
-class StopTraining(Exception):
-    """Raised inside the loop when a stop was requested; the run is still saved."""
+from runstore import CHECKPOINT, RunWriter, new_run_dir, process_owner, read_manifest
 
 
 @dataclass
 class Hooks:
+    """How a run reports (``on_event``) and is asked to stop: ``should_stop`` returns True, or the reason as text."""
+
     on_event: Callable[[object], None] = lambda event: None
-    should_stop: Callable[[], bool] = lambda: False
+    should_stop: Callable[[], bool | str] = lambda: False
 
 
 @dataclass
@@ -56,10 +59,16 @@ class Clock:
     train_s: float = 0.0
     eval_s: float = 0.0
     evals: int = 0
+    before_s: float = 0.0  # wall time of the run before it was resumed
+
+    @property
+    def session(self) -> float:
+        """Seconds since this ``train()`` call began: what a wall-time limit bounds."""
+        return time.perf_counter() - self.start
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return self.before_s + self.session
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -125,38 +134,64 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def check_data(config: TrainConfig):
-    """The run's records and split, or a ``ValueError`` naming the counts when they cannot make a run.
+def records_needed(per_step: int) -> int:
+    """The fewest records whose 85/10/5 split has a step's worth of training records and a validation and test record."""
+    n = per_step
+    while True:
+        split = split_instructions([{}] * n)
+        if len(split.train) >= per_step and split.val and split.test:
+            return n
+        n += 1
 
-    Called before a job is started, so that such a run fails before "Started" is shown.
+
+def check_data(config: TrainConfig):
+    """The run's records and split; ``DatasetError`` naming the counts when they cannot make a run.
+
+    The engine calls it before it starts a job, and ``train`` again, so such a run fails before "Started".
     """
     records = load_instructions(config.data)
     split = split_instructions(records)
-    name = data_label(config.data)
+    name, n = data_label(config.data), len(records)
     per_step = config.batch_size * config.grad_accum
+    needed = f"the book's split (85 % train, 10 % test, 5 % validation, in file order) needs at least {records_needed(per_step)} records"
     if len(split.train) < per_step:
-        raise ValueError(f"{name} has {len(records)} records: its training split (85 %) has {len(split.train)}, fewer than "
-                         f"one step of batch {config.batch_size} x {config.grad_accum} accumulation; use a smaller batch "
-                         f"or at least {math.ceil(per_step / 0.85)} records")
-    for part in ("val", "test"):
+        step = f"batch {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
+        raise DatasetError(f"{name} has {n} records: its training split (85 %) has {len(split.train)}, fewer than one step "
+                           f"of {step}; use a smaller batch, or more records: {needed}")
+    for part, label in (("val", "validation (5 %)"), ("test", "test (10 %)")):
         if not getattr(split, part):
-            need = 2 if part == "val" else 10
-            raise ValueError(f"{name} has {len(records)} records: its {'validation (5 %)' if part == 'val' else 'test (10 %)'} "
-                             f"split is empty; the book's 85/10/5 split needs at least {need} records")
+            raise DatasetError(f"{name} has {n} records: its {label} split is empty; {needed}")
     return records, split
 
 
-def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = None) -> dict:
-    """Fine-tune one model on one dataset into a new run under ``root``; returns its summary (also in its manifest)."""
+def resume_run(run_dir: str | Path, hooks: Hooks | None = None, **changes) -> dict:
+    """Continue a stopped, interrupted or failed run from its checkpoint, with its own settings; its summary.
+
+    ``changes`` may set only what does not change the training (``checkpoint.CHANGEABLE``);
+    ``ResumeError`` says why a run cannot be resumed.
+    """
+    return train(resume_config(run_dir, **changes), hooks, resume=run_dir)
+
+
+def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = None, resume: str | Path | None = None) -> dict:
+    """Fine-tune one model on one dataset into a new run under ``root`` (or ``config.out``); returns its summary.
+
+    With ``resume`` (a run folder), continue that run from its checkpoint instead; see ``resume_run``.
+    """
     hooks = hooks or Hooks()
     emit = hooks.on_event
     config.validate()
     clock = Clock()
     ctx = distributed.context()
+    if resume is not None and ctx.is_main:  # other processes would find the run already marked running by rank 0
+        check_resume(Path(resume), config)
 
     emit(Status("loading", f"Loading the {data_label(config.data)} data"))
     data_file = source_path(config.data)
     records, split = check_data(config)
+    sha256 = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    if resume is not None and read_manifest(resume).get("data", {}).get("sha256") != sha256:
+        raise ResumeError(f"{data_label(config.data)} has changed since the run started: its sha256 differs from the manifest's")
     sample_record = (split.val or split.train)[0]
 
     device = ctx.place(pick_device(config.device))
@@ -196,15 +231,19 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     loss_of = ctx.loss_fn(model, config.grad_accum)
     model.train()
 
-    run_dir = ctx.on_main(lambda: Path(config.out) if config.out else new_run_dir(config.model, root))
-    writer = RunWriter(run_dir) if ctx.is_main else distributed.NullWriter()
-    writer.update_manifest(
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint.pop("optimizer"))
+        restore_rng(checkpoint["rng"])
+    run_dir = Path(resume) if resume is not None else ctx.on_main(lambda: Path(config.out) if config.out else new_run_dir(config.model, root))
+    writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None) if ctx.is_main else distributed.NullWriter()
+    run_fields = dict(
         status="running",
-        pid=os.getpid(),
+        owner=process_owner(),
         config=config.to_dict(),
         model={"name": config.model, "parameters": total_params, "trainable_parameters": trainable,
                "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "random_init": config.random_init},
-        data={"source": config.data, "file": str(data_file), "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest(),
+        data={"source": config.data, "file": str(data_file), "sha256": sha256,
               "records": len(records), "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
               "skipped_too_long": train_ds.skipped + val_ds.skipped},
         seed=config.seed,
@@ -213,15 +252,27 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         total_steps=total_steps,
         processes=ctx.world_size,
         global_batch=config.batch_size * ctx.world_size * config.grad_accum,
-        started=now(),
     )
+    if checkpoint:
+        for key in ("error", "stop_reason", "ended", "steps"):
+            writer.manifest.pop(key, None)
+        writer.update_manifest(**run_fields, resumed_from_step=writer.manifest.get("resumed_from_step", []) + [checkpoint["step"]])
+    else:
+        writer.update_manifest(**run_fields, started=now())
     emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                  epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
-                 sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds)))
+                 sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
+                 start_step=checkpoint["step"] if checkpoint else 0))
+    for record in writer.metrics:  # a resumed run's history so far, for watchers that draw it
+        emit(Logged(record))
 
-    step = tokens_seen = 0
+    step = tokens_seen = first_epoch = 0
     last_val = last_train = float("nan")
-
+    if checkpoint:
+        step, tokens_seen, last_train, last_val = (checkpoint[k] for k in ("step", "tokens_seen", "last_train", "last_val"))
+        clock.before_s, clock.train_s, clock.eval_s, clock.evals = (checkpoint["clock"][k] for k in ("elapsed_s", "train_s", "eval_s", "evals"))
+        first_epoch = start_epoch(loader, checkpoint)
+    checkpointed = step if checkpoint else None
     def log_eval(train_loss: float) -> None:
         nonlocal last_val
         emit(Status("evaluating", f"Evaluating at step {step}", step))
@@ -246,15 +297,39 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
             "elapsed_s": clock.elapsed, "eta_s": (total_steps - step) * per_step + evals_left * per_eval,
         }
 
-    status = "done"
+    def stop_reason() -> str | None:
+        """Why to stop before the next step, the same on every process (a stop on one stops all)."""
+        asked = hooks.should_stop()
+        late = config.max_wall_s is not None and clock.session > config.max_wall_s
+        if not ctx.any(asked or late):
+            return None
+        if asked:
+            return asked if isinstance(asked, str) else "stopped by its owner"
+        return f"wall time limit ({config.max_wall_s:g} s)" if late else "stopped by another process"
+
+    def save_resumable() -> None:
+        nonlocal checkpointed
+        emit(Status("saving", f"Checkpoint at step {step}", step))
+        if ctx.is_main:  # every process holds the same weights and moments
+            save_checkpoint(run_dir, optimizer, step=step, epoch=epoch, epoch_start=epoch_start, tokens_seen=tokens_seen,
+                            clock=clock, last_train=last_train, last_val=last_val)
+        writer.update_manifest(checkpoint_step=step)
+        checkpointed = step
+
+    status, reason = "done", None
     try:
-        last_train = evaluate(model, baseline_train_batches, device)
-        log_eval(last_train)
-        for epoch in range(config.epochs):
+        if not checkpoint:
+            last_train = evaluate(model, baseline_train_batches, device)
+            log_eval(last_train)
+        for epoch in range(first_epoch, config.epochs):
+            epoch_start = loader_state(loader)
             micro = iter(loader)
+            for _ in itertools.islice(micro, (step - epoch * steps_per_epoch) * config.grad_accum):
+                pass  # batches a resumed run has trained already
             while step < total_steps and step < (epoch + 1) * steps_per_epoch:
-                if ctx.any(hooks.should_stop()):
-                    raise StopTraining
+                reason = stop_reason()
+                if reason:
+                    break
                 t0 = time.perf_counter()
                 optimizer.lr = lr_at(step, config, total_steps)
                 step_loss = step_tokens = 0.0
@@ -281,26 +356,39 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
                     record = metrics(step_loss, None)
                     writer.log(record)
                     emit(Logged(record))
-            if step >= total_steps:
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                    save_resumable()
+            if step >= total_steps or reason:
                 break
-    except StopTraining:
-        status = "stopped"
-        emit(Status("stopping", f"Stopped at step {step}; saving"))
-    except BaseException as e:
-        writer.update_manifest(status="failed", error=ctx.reason(e), ended=now(), wall_time_s=clock.elapsed)
-        raise
+        if reason:
+            status = "stopped"
+            emit(Status("stopping", f"Stopped at step {step} ({reason}); saving"))
+            if checkpointed != step:
+                save_resumable()
 
-    emit(Status("saving", f"Saving {run_dir.name}"))
-    model = optimizer.finish()
-    if config.lora_rank:
-        merge_lora(model)
-    if ctx.is_main:
-        save_pretrained(model, run_dir)
-    summary = {
-        "status": status, "steps": step, "tokens_seen": tokens_seen, "final_train_loss": finite(last_train),
-        "final_val_loss": finite(last_val), "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s,
-        "eval_time_s": clock.eval_s, "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
-    }
-    writer.update_manifest(**summary)
+        emit(Status("saving", f"Saving {run_dir.name}"))
+        model = optimizer.finish()
+        if config.lora_rank:
+            merge_lora(model)
+        if ctx.is_main:
+            save_pretrained(model, run_dir)
+        summary = {
+            "status": status, "stop_reason": reason, "steps": step, "tokens_seen": tokens_seen,
+            "final_train_loss": finite(last_train), "final_val_loss": finite(last_val), "ended": now(),
+            "wall_time_s": clock.elapsed, "train_time_s": clock.train_s, "eval_time_s": clock.eval_s,
+            "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
+        }
+        writer.update_manifest(**summary)
+        if status == "done" and ctx.is_main:
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    except BaseException as e:
+        ended = {"status": "failed", "error": ctx.reason(e)}
+        if isinstance(e, KeyboardInterrupt):
+            ended = {"status": "interrupted", "stop_reason": "interrupted from the keyboard"}
+        with suppress(OSError):  # the disk may be full: the first error is the one to report
+            writer.update_manifest(**ended, ended=now(), steps=step, wall_time_s=clock.elapsed)
+        raise
+    finally:
+        writer.close()
     emit(Finished(summary))
     return summary

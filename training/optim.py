@@ -168,3 +168,43 @@ class MasterWeightAdamW:
                 p.data = join_(p.data, self.low.pop(p), torch.empty_like(p.data, dtype=torch.float32))
         return self.model
 
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue bit for bit, by parameter name: each trained parameter's
+        master weight (``weight`` in fp32, or its bf16 high half with ``low`` its int16 low half), its
+        AdamW moments and step count (one entry per piece).
+
+        The tensors are the optimizer's own, not copies, so saving costs no memory; frozen parameters
+        are left out because the model they come from rebuilds them.
+        """
+        names = {p: name for name, p in self.model.named_parameters()}
+        state = {}
+        for p, pieces in self.pieces.items():
+            moments = [optimizer.state[target] for _, target, optimizer in pieces]
+            state[names[p]] = {
+                "weight": p.data, "low": self.low.get(p),
+                "exp_avg": [m["exp_avg"] for m in moments], "exp_avg_sq": [m["exp_avg_sq"] for m in moments],
+                "step": [m["step"] for m in moments],
+            }
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what ``state_dict`` returned, for the same model and compute dtype."""
+        names = {p: name for name, p in self.model.named_parameters()}
+        wanted = {names[p] for p in self.pieces}
+        if set(state) != wanted:
+            raise ValueError(f"the checkpoint trains other parameters: {sorted(set(state) ^ wanted)[:5]}")
+        for p, pieces in self.pieces.items():
+            saved = state[names[p]]
+            if (saved["low"] is not None) != self.mixed or saved["weight"].shape != p.shape:
+                raise ValueError(f"{names[p]}: the checkpoint was saved with another precision or shape")
+            p.data.copy_(saved["weight"])
+            if self.mixed:
+                self.low[p].copy_(saved["low"])
+            exp_avg, exp_avg_sq = (torch.cat(saved[key]) if len(saved[key]) > 1 else saved[key][0] for key in ("exp_avg", "exp_avg_sq"))
+            for rows, target, optimizer in pieces:
+                moments = optimizer.state[target]
+                moments["exp_avg"].copy_(exp_avg[rows])
+                moments["exp_avg_sq"].copy_(exp_avg_sq[rows])
+                moments["step"].copy_(saved["step"][0])

@@ -1,0 +1,240 @@
+"""Runs never lie: failures, stops, wall-time limits, dead processes and resumes all leave the manifest telling the truth."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from data import DatasetError
+from runstore import CHECKPOINT, RunInfo, RunWriter, find_run, list_runs, process_owner, read_manifest, read_metrics, recover_runs
+from training import TrainConfig
+from training.checkpoint import ResumeError, resume_config
+from training.events import Finished, Logged, Started
+from training.loop import Clock, Hooks, check_data, records_needed, resume_run, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_data(tmp_path: Path, n: int = 10) -> str:
+    """The first ``n`` records of the bundled sample; at n=10, 8 training records: 4 steps of 2 per epoch."""
+    path = tmp_path / f"data-{n}.json"
+    path.write_text(json.dumps(json.loads((REPO / "data" / "sample.json").read_text())[:n]))
+    return str(path)
+
+
+def tiny(tmp_path: Path, out: str, **overrides) -> TrainConfig:
+    values = dict(model="tiny", random_init=True, data=small_data(tmp_path), epochs=2, batch_size=2, eval_every=3,
+                  eval_batches=1, sample_tokens=0, lr=1e-3, out=str(tmp_path / out))
+    return TrainConfig(**{**values, **overrides})
+
+
+def stop_after(step: int, events: list | None = None) -> Hooks:
+    """Hooks that ask for a stop once ``step`` has been logged."""
+    seen = {"step": 0}
+
+    def on_event(event):
+        if events is not None:
+            events.append(event)
+        if isinstance(event, Logged):
+            seen["step"] = event.step
+
+    return Hooks(on_event=on_event, should_stop=lambda: seen["step"] >= step)
+
+
+# Resume
+
+
+@pytest.mark.parametrize("precision, grouped, stop, extra", [
+    ("fp32", True, 5, {}),  # resumes inside the second epoch
+    ("fp32", False, 4, {}),  # stops at the epoch boundary
+    ("auto", True, 4, {}),
+    ("auto", False, 3, {}),
+    ("auto", True, 5, dict(grad_accum=2, batch_size=1, grad_clip=1.0, warmup_steps=2, cosine=True, lora_rank=4)),
+])
+def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, precision, grouped, stop, extra):
+    """8 steps over two epochs straight, against `stop` steps + stop + resume: equal losses and equal final weights."""
+    settings = dict(precision=precision, grouped=grouped, **extra)
+    straight = train(tiny(tmp_path, "straight", **settings))
+    events = []
+    stopped = train(tiny(tmp_path, "resumed", **settings), stop_after(stop))
+    assert stopped["status"] == "stopped" and stopped["steps"] == stop and stopped["stop_reason"] == "stopped by its owner"
+    run = tmp_path / "resumed"
+    assert RunInfo(run, read_manifest(run)).resumable and (run / "model.safetensors").is_file()
+
+    resumed = resume_run(run, Hooks(on_event=events.append))
+    assert resumed["status"] == straight["status"] == "done" and resumed["steps"] == straight["steps"] == 8
+    started = next(e for e in events if isinstance(e, Started))
+    assert started.start_step == stop
+    manifest = read_manifest(run)
+    assert manifest["resumed_from_step"] == [stop] and manifest["status"] == "done" and manifest["stop_reason"] is None
+    assert not (run / CHECKPOINT).exists()  # a done run keeps no checkpoint
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [r["step"] for r in b] == list(range(9))  # the earlier rows kept, each step once
+    assert [(r["train_loss"], r["val_loss"], r["lr"], r["tokens_seen"]) for r in a] == \
+        [(r["train_loss"], r["val_loss"], r["lr"], r["tokens_seen"]) for r in b]
+    wa, wb = load_file(tmp_path / "straight" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_resume_refuses_done_runs_runs_without_checkpoint_and_changed_settings(tmp_path):
+    train(tiny(tmp_path, "done", max_steps=2))
+    with pytest.raises(ResumeError, match="done .* nothing to resume"):
+        resume_run(tmp_path / "done")
+    train(tiny(tmp_path, "stopped", max_steps=4), stop_after(1))
+    with pytest.raises(ResumeError, match="lr cannot change"):
+        resume_run(tmp_path / "stopped", lr=0.5)
+    with pytest.raises(ResumeError, match="seed was 123, not 7"):
+        train(TrainConfig(**{**resume_config(tmp_path / "stopped").to_dict(), "seed": 7}), resume=tmp_path / "stopped")
+    assert resume_config(tmp_path / "stopped", checkpoint_every=1).checkpoint_every == 1
+    (tmp_path / "stopped" / CHECKPOINT).unlink()
+    with pytest.raises(ResumeError, match="has no checkpoint"):
+        resume_run(tmp_path / "stopped")
+    with pytest.raises(ResumeError, match="not a run"):
+        resume_run(tmp_path)
+
+
+# Failures and limits
+
+
+@pytest.mark.parametrize("what", ["weights", "checkpoint"])
+def test_a_failed_save_marks_the_run_failed_and_raises(tmp_path, monkeypatch, what):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("training.loop.save_pretrained" if what == "weights" else "training.checkpoint.torch.save", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(tiny(tmp_path, "run", max_steps=3, checkpoint_every=2))
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["status"] == "failed" and "No space left on device" in manifest["error"]
+    assert manifest["steps"] == (3 if what == "weights" else 2) and manifest["ended"]
+    assert not list((tmp_path / "run").glob(".*tmp"))
+    run = RunInfo(tmp_path / "run", manifest)
+    assert run.resumable == (what == "weights")  # the step-2 checkpoint was written before the failed final save
+
+
+def test_wall_time_limit_stops_saves_and_leaves_a_resumable_run(tmp_path, monkeypatch):
+    late = {"now": 0.0}
+    monkeypatch.setattr(Clock, "session", property(lambda self: late["now"]))
+
+    def on_event(event):
+        if isinstance(event, Logged) and event.step == 3:
+            late["now"] = 61.0
+
+    events = []
+    summary = train(tiny(tmp_path, "run", max_wall_s=60), Hooks(on_event=lambda e: (events.append(e), on_event(e))))
+    assert summary["status"] == "stopped" and summary["steps"] == 3
+    assert summary["stop_reason"] == "wall time limit (60 s)"
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["status"] == "stopped" and manifest["stop_reason"] == "wall time limit (60 s)"
+    assert manifest["checkpoint_step"] == 3 and (tmp_path / "run" / "model.safetensors").is_file()
+    assert RunInfo(tmp_path / "run", manifest).resumable
+    assert isinstance(events[-1], Finished)
+
+
+def test_data_too_small_fails_before_the_run_starts(tmp_path):
+    assert records_needed(8) == 10 and records_needed(16) == 19
+    with pytest.raises(DatasetError, match=r"has 5 records: its training split \(85 %\) has 4, fewer than one step of batch 8; "
+                                           r"use a smaller batch, or more records: .* needs at least 10 records"):
+        check_data(tiny(tmp_path, "x", data=small_data(tmp_path, 5), batch_size=8))
+    with pytest.raises(DatasetError, match=r"data-9.json has 9 records: its test \(10 %\) split is empty; .* at least 10 records"):
+        check_data(tiny(tmp_path, "x", data=small_data(tmp_path, 9), batch_size=2))
+    records, split = check_data(tiny(tmp_path, "x", data=small_data(tmp_path, 10), batch_size=8))
+    assert len(records) == 10 and (len(split.train), len(split.test), len(split.val)) == (8, 1, 1)
+    events = []
+    with pytest.raises(DatasetError, match="test split is empty"):
+        train(tiny(tmp_path, "never", data=small_data(tmp_path, 9), batch_size=2), Hooks(on_event=events.append))
+    assert not any(isinstance(e, Started) for e in events) and not (tmp_path / "never").exists()
+
+
+# Recovery
+
+
+def write_running(path: Path, owner: dict | None) -> None:
+    path.mkdir(parents=True)
+    writer = RunWriter(path)
+    writer.update_manifest(status="running", owner=owner, config={})
+    for step in range(4):
+        writer.log({"step": step, "train_loss": 1.0})
+    writer.close()
+
+
+def test_recovery_marks_only_runs_whose_process_is_gone(tmp_path):
+    me = process_owner()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = {**me, "pid": sleeper.pid, "process_started": psutil.Process(sleeper.pid).create_time()}
+        write_running(tmp_path / "other-live-process", alive)
+        write_running(tmp_path / "pid-reused", {**alive, "process_started": alive["process_started"] - 100})
+        write_running(tmp_path / "other-host", {**alive, "host": socket.gethostname() + "-old"})
+        write_running(tmp_path / "no-owner", None)
+        write_running(tmp_path / "this-process-not-writing", me)
+        write_running(tmp_path / "this-process-writing", me)
+        writer = RunWriter(tmp_path / "this-process-writing", resume_step=3)  # open: a run this process is training
+        done = tmp_path / "done"
+        done.mkdir()
+        done_writer = RunWriter(done)
+        done_writer.update_manifest(status="done", steps=9)
+        done_writer.close()
+
+        recovered = recover_runs(tmp_path)
+        assert sorted(r.name for r in recovered) == ["no-owner", "other-host", "pid-reused", "this-process-not-writing"]
+        for run in recovered:
+            manifest = read_manifest(run.path)
+            assert manifest["status"] == "interrupted" and manifest["steps"] == 3 and manifest["ended"]
+            assert run.last_step == 3 and not run.resumable  # no checkpoint
+        statuses = {r.name: r.status for r in list_runs(tmp_path)}
+        assert statuses["other-live-process"] == statuses["this-process-writing"] == "running"
+        assert statuses["done"] == "done" and find_run("done", tmp_path).last_step == 9
+        writer.close()
+        assert [r.name for r in recover_runs(tmp_path)] == ["this-process-writing"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert [r.name for r in recover_runs(tmp_path)] == ["other-live-process"]
+    assert recover_runs(tmp_path) == []
+
+
+def test_kill_9_mid_run_then_recover_gives_an_interrupted_run_that_resumes(tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "GPT2_INSTRUCT_RUNS": str(runs)}
+    cli = [sys.executable, "-m", "training", "--model", "tiny", "--random-init", "--data", "sample", "--batch-size", "2",
+           "--max-steps", "6", "--checkpoint-every", "2", "--eval-every", "100", "--eval-batches", "1", "--sample-tokens", "0",
+           "--out", str(runs / "killed")]
+    proc = subprocess.Popen(cli, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (runs / "killed" / CHECKPOINT).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_manifest(runs / "killed")["status"] == "running"  # what a killed process leaves
+
+    recovered = recover_runs(runs)
+    assert [r.name for r in recovered] == ["killed"]
+    run = recovered[0]
+    last = read_metrics(runs / "killed")[-1]["step"]
+    assert run.status == "interrupted" and run.last_step == last >= 2 and run.resumable
+    assert read_manifest(runs / "killed")["steps"] == last
+
+    out = subprocess.run([sys.executable, "-m", "training", "--resume", "killed"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "done: 6 steps" in out.stdout
+    manifest = read_manifest(runs / "killed")
+    assert manifest["status"] == "done" and manifest["steps"] == 6 and len(manifest["resumed_from_step"]) == 1
+    assert manifest["resumed_from_step"][0] % 2 == 0 and manifest["resumed_from_step"][0] <= last
+    assert [r["step"] for r in read_metrics(runs / "killed")] == list(range(7))
+
+    again = subprocess.run([sys.executable, "-m", "training", "--resume", str(runs / "killed")], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "killed is done (6 steps): there is nothing to resume" in again.stderr
