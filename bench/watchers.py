@@ -69,7 +69,7 @@ def app_run(url: str, root: Path, model: str, steps: int, watchers: int) -> dict
     for t in threads:
         t.start()
     time.sleep(2.0 if watchers else 0)  # the watchers are connected and polling before the run starts
-    client.predict("bench", model, *FORM.values(), steps, 1000, api_name="/start_training")
+    client.predict("bench", model, *FORM.values(), steps, 1000, 0, api_name="/start_training")
     while client.predict(api_name="/job_status")["status"] not in ("done", "failed", "stopped"):
         time.sleep(1.0)
     stop.set()

@@ -1,7 +1,9 @@
-"""Local cache of the book's canonical ``instruction-data.json``.
+"""Local cache of the book's data files: ``instruction-data.json`` and its preference twin.
 
-The file is never shipped with the project: it is downloaded once from its
-public URL, checked against its sha256 and kept in ``cache_dir()``.
+Neither file ships with the project: each is downloaded once from its public
+URL, checked against its sha256 and kept in ``cache_dir()``. One mechanism
+(``is_cached_file``, ``store_file``, ``cached_file``) serves both; the
+canonical file's functions keep their names.
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ CANONICAL_URL = (
 )
 CANONICAL_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 CANONICAL_NAME = "instruction-data.json"
+PREFERENCE_URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+    "ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json"
+)
+PREFERENCE_SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
+PREFERENCE_NAME = "instruction-data-with-preference.json"
 DOWNLOAD_TIMEOUT_S = 10
 MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
 
@@ -37,25 +45,22 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def is_cached() -> bool:
-    """True when the cache holds the canonical file with the right sha256."""
-    path = cache_dir() / CANONICAL_NAME
+def is_cached_file(name: str, sha256: str) -> bool:
+    """True when the cache holds ``name`` with the right sha256."""
     try:
-        return sha256_of(path.read_bytes()) == CANONICAL_SHA256
+        return sha256_of((cache_dir() / name).read_bytes()) == sha256
     except OSError:
         return False
 
 
-def store_canonical(data: bytes) -> Path:
-    """Write the canonical file's bytes into the cache atomically (temp file + ``os.replace``)."""
+def store_file(name: str, sha256: str, data: bytes, what: str) -> Path:
+    """Write a file's bytes into the cache atomically (temp file + ``os.replace``), after checking the sha256."""
     digest = sha256_of(data)
-    if digest != CANONICAL_SHA256:
-        raise DatasetError(
-            f"the canonical dataset has sha256 {digest}, expected {CANONICAL_SHA256}; not cached"
-        )
+    if digest != sha256:
+        raise DatasetError(f"{what} has sha256 {digest}, expected {sha256}; not cached")
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / CANONICAL_NAME
+    target = folder / name
 
     def write_synced(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -67,35 +72,65 @@ def store_canonical(data: bytes) -> Path:
     return target
 
 
-def canonical_path() -> Path:
-    """Path of the cached canonical file, downloading it on first use.
+def cached_file(name: str, url: str, sha256: str, what: str, alternative: str) -> Path:
+    """Path of a cached file, downloading it on first use; a cached copy with the wrong sha256 is fetched again.
 
-    A cached copy with the wrong sha256 is deleted and fetched again.
+    ``what`` names the file in messages ("the canonical dataset"); ``alternative`` ends the offline hint.
     """
-    path = cache_dir() / CANONICAL_NAME
-    if is_cached():
+    path = cache_dir() / name
+    if is_cached_file(name, sha256):
         return path
     try:
         path.unlink(missing_ok=True)
     except OSError:
         pass
-    url = CANONICAL_URL
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DatasetError(
-            f"could not download the canonical dataset from {url} ({reason}). "
-            f"Without internet, place {CANONICAL_NAME} (sha256 {CANONICAL_SHA256}) "
-            f"by hand at {path}, or use the bundled 'sample' dataset."
+            f"could not download {what} from {url} ({reason}). "
+            f"Without internet, place {name} (sha256 {sha256}) by hand at {path}, {alternative}."
         ) from None
     try:
-        return store_canonical(data)
+        return store_file(name, sha256, data, what)
     except DatasetError as exc:
         raise DatasetError(f"download from {url} failed the integrity check: {exc}") from None
     except OSError as exc:
-        raise DatasetError(f"could not write the canonical dataset to {path}: {exc}") from None
+        raise DatasetError(f"could not write {what} to {path}: {exc}") from None
+
+
+def is_cached() -> bool:
+    """True when the cache holds the canonical file with the right sha256."""
+    return is_cached_file(CANONICAL_NAME, CANONICAL_SHA256)
+
+
+def store_canonical(data: bytes) -> Path:
+    """Write the canonical file's bytes into the cache atomically."""
+    return store_file(CANONICAL_NAME, CANONICAL_SHA256, data, "the canonical dataset")
+
+
+def canonical_path() -> Path:
+    """Path of the cached canonical file, downloading it on first use."""
+    return cached_file(CANONICAL_NAME, CANONICAL_URL, CANONICAL_SHA256, "the canonical dataset",
+                       "or use the bundled 'sample' dataset")
+
+
+def is_preference_cached() -> bool:
+    """True when the cache holds the book's preference file with the right sha256."""
+    return is_cached_file(PREFERENCE_NAME, PREFERENCE_SHA256)
+
+
+def store_preference(data: bytes) -> Path:
+    """Write the preference file's bytes into the cache atomically."""
+    return store_file(PREFERENCE_NAME, PREFERENCE_SHA256, data, "the preference dataset")
+
+
+def preference_path() -> Path:
+    """Path of the cached preference file (the book's 1,100 records with chosen and rejected), downloading it on first use."""
+    return cached_file(PREFERENCE_NAME, PREFERENCE_URL, PREFERENCE_SHA256, "the preference dataset",
+                       "or pass your own preference file")
 
 
 def store_upload(path: str | os.PathLike) -> Path:

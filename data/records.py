@@ -50,6 +50,12 @@ def source_path(source) -> Path:
 
 def read_instruction_file(path: Path) -> list[dict]:
     """Read, parse and check one file; raise ``DatasetError`` on any problem."""
+    items, name, label = read_items(path)
+    return validate_records(items, name, label)
+
+
+def read_items(path: Path) -> tuple[list, str, str]:
+    """A file's parsed ``(number, value)`` items, its name and the word that locates an item; not yet checked."""
     name = path.name
     try:
         size = path.stat().st_size
@@ -69,7 +75,7 @@ def read_instruction_file(path: Path) -> list[dict]:
         raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     text = decode_utf8(raw, name)
     items, label = parse_json_or_jsonl(text, name, path.suffix.lower() in JSONL_SUFFIXES)
-    return validate_records(items, name, label)
+    return items, name, label
 
 
 def decode_utf8(raw: bytes, name: str) -> str:

@@ -1,13 +1,17 @@
 """Chapter 7's third stage: how well does the fine-tuned model answer the test split?
 
 ``evaluate_run(run_dir)`` sends each test instruction through the run's base
-model and its fine-tuned model (greedy, batched) and scores both:
+model and its fine-tuned model (greedy, batched) and scores both; for a
+preference-tuned (DPO) run, through three: base, fine-tuned (the parent run)
+and aligned (``models=`` picks):
 
 - NLL and perplexity of the reference response under each model, teacher-forced:
   an objective score that needs no judge (lower is better);
 - ROUGE-L F1 of the generated response against the reference;
 - whether the response ended with ``<|endoftext|>`` before the token limit;
-- optionally the book's LLM-judge score from 0 to 100 (``evaluation.judge``).
+- optionally the book's LLM-judge score from 0 to 100 (``evaluation.judge``);
+- on preference data, how often the model gives the chosen answer a higher
+  mean log-probability than the rejected one (``preference_accuracy``).
 
 Results go to ``eval.jsonl`` (one row per example) and ``eval_summary.json`` in
 the run folder. ``python -m evaluation RUN_DIR`` does the same headless.
@@ -33,11 +37,13 @@ from runstore.export import ExportError, export_zip
 from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.loop import now
-from runstore import write_atomic
+from runstore import read_manifest, write_atomic
+from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences
 
 EVAL_ROWS = "eval.jsonl"
 EVAL_SUMMARY = "eval_summary.json"
 MODELS = ("base", "tuned")
+DPO_MODELS = ("base", "tuned", "aligned")  # aligned: the DPO run itself; tuned: the run it started from
 SPLITS = ("train", "val", "test")
 LOWER_IS_BETTER = ("nll", "perplexity")
 
@@ -139,7 +145,8 @@ class Progress:
 
 
 def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 128, batch_size: int = 8,
-                 limit: int | None = None, judge=None, progress=None, should_stop=None, registry: Models | None = None) -> dict:
+                 limit: int | None = None, judge=None, progress=None, should_stop=None, registry: Models | None = None,
+                 models=None) -> dict:
     """Evaluate a run's base and fine-tuned model on a split of its data; returns ``{"summary", "rows"}``.
 
     ``progress(dict)`` gets ``phase`` (loading, generating, scoring, judging),
@@ -149,30 +156,43 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     ``EvaluationStopped`` and leaves earlier results on disk as they were.
     ``judge``: a ``evaluation.judge.Judge`` or its URL, or None to skip judging.
     ``registry``: where the models are loaded and kept (the app's shared one); a private one by default.
+    ``models``: which of base, tuned and (for a DPO run) aligned to score; default all
+    of them. A DPO run is scored on its preference data unless ``data`` says otherwise,
+    and preference data adds ``preference_accuracy`` and each row's ``preference_margin``.
     """
     run_dir = Path(run_dir)
     registry = registry or Models(capacity=1)
     judge = Judge(judge) if isinstance(judge, str) else judge
     config = run_config(run_dir)
+    manifest = read_manifest(run_dir)
+    dpo = manifest.get("method") == "dpo"
+    names = tuple(models or (DPO_MODELS if dpo else ("base", "tuned")))
+    allowed = DPO_MODELS if dpo else ("base", "tuned")
+    if not names or any(m not in allowed for m in names) or len(set(names)) != len(names):
+        raise ValueError(f"models must be some of {', '.join(allowed)} for this run, got {', '.join(names) or 'none'}")
+    weights_of = {"tuned": Path(manifest["parent_dir"]) if dpo else run_dir, "aligned": run_dir}
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError("max_new_tokens, batch_size and limit must be at least 1")
-    source = str(data or config.data)
-    records = getattr(split_instructions(load_instructions(source)), split)[:limit]
+    source = str(data or (manifest["dpo"]["data"] if dpo else config.data))
+    preferences = load_preferences_if_any(source)
+    records = getattr(split_instructions(preferences or load_instructions(source)), split)[:limit]
     if not records:
         raise ValueError(f"the {split} split of {source} is empty")
     started = now()
-    tracker = Progress(progress, should_stop, steps=3 * len(MODELS) + (len(MODELS) if judge else 0))
-    registry.tuned(run_dir)  # a run without weights fails now, before the base model downloads
+    tracker = Progress(progress, should_stop, steps=(4 if preferences else 3) * len(names) + (len(names) if judge else 0))
+    for name in names:
+        if name != "base":
+            registry.tuned(weights_of[name])  # a run without weights fails now, before the base model downloads
     scorer = rouge()
     results: dict[str, list[dict]] = {}
-    for name in MODELS:
+    for name in names:
         tracker.begin("loading", name, 1)
         if name == "base":
             model = registry.base_of_run(run_dir, progress=lambda desc, done, total: tracker.emit(done, total))
         else:
-            model = registry.tuned(run_dir)
+            model = registry.tuned(weights_of[name])
         tracker.advance()
         device = describe(model.transformer.wte.weight.device, model.transformer.wte.weight.dtype)
         tracker.begin("generating", name, len(records))
@@ -183,27 +203,62 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
             result.update(nll=mean, perplexity=perplexity(mean), target_tokens=nll[1] if nll else 0,
                           rouge_l=float(scorer.score(record["output"], result["response"])["rougeL"].fmeasure),
                           judge=None, judge_error=None)
+        if preferences:
+            tracker.begin("preferring", name, len(records))
+            for result, margin in zip(results[name], preference_margins(model, records, config.style, batch_size, tracker.advance)):
+                result["preference_margin"] = margin
         del model
     if judge is not None:
         judge.failures_in_a_row = 0
-        for name in MODELS:
+        for name in names:
             tracker.begin("judging", name, len(records))
             for record, result in zip(records, results[name]):
                 result["judge"], result["judge_error"] = judge.score(record, result["response"])
                 tracker.advance()
 
     rows = [{"index": i, "instruction": r["instruction"], "input": r["input"], "output": r["output"],
-             **{name: results[name][i] for name in MODELS}} for i, r in enumerate(records)]
+             **{name: results[name][i] for name in names}} for i, r in enumerate(records)]
     summary = {
+        "models": list(names), "method": manifest.get("method", "sft"), "parent_run": manifest.get("parent_run"),
         "run": run_dir.name, "model": config.model, "data": source, "style": config.style, "split": split,
         "examples": len(rows), "limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "judge": judge.describe() if judge is not None else None, "device": device, "started": started,
         "wall_time_s": time.perf_counter() - tracker.start, "time_s": tracker.times,
-        **{name: totals(results[name], judged=judge is not None) for name in MODELS},
+        **{name: totals(results[name], judged=judge is not None) for name in names},
     }
     write_atomic(run_dir / EVAL_ROWS, "".join(json.dumps(row) + "\n" for row in rows))
     write_atomic(run_dir / EVAL_SUMMARY, json.dumps(summary, indent=2))
     return {"summary": summary, "rows": rows}
+
+
+def load_preferences_if_any(source: str) -> list[dict] | None:
+    """The records with their chosen and rejected answers when ``source`` is preference data, else None."""
+    if source == "preference":
+        return load_preferences(source)
+    if source in ("canonical", "sample"):
+        return None
+    try:
+        return load_preferences(source)
+    except DatasetError:
+        return None
+
+
+@torch.inference_mode()
+def preference_margins(model, records: list[dict], style: str = "alpaca", batch_size: int = 8,
+                       on_batch: Callable[[int], None] = lambda n: None) -> list[float | None]:
+    """Per record: mean log-probability of the chosen answer minus that of the rejected one (None: too long)."""
+    from training.dpo import sequence_logprobs
+
+    dataset = PreferenceDataset(records, style=style, max_length=model.config.block_size)
+    device = model.transformer.wte.weight.device
+    out: list[float | None] = [None] * len(records)
+    for positions in in_order_batches(range(len(dataset)), batch_size):
+        items = [dataset[i] for i in positions]
+        logp = sequence_logprobs(model, collate_preferences(items).to(device)).view(-1, 2)
+        for item, (chosen, rejected) in zip(items, logp.tolist()):
+            out[item["index"]] = chosen - rejected
+        on_batch(len(items))
+    return out
 
 
 def rouge():
@@ -222,7 +277,10 @@ def totals(results: list[dict], judged: bool) -> dict:
     tokens = sum(r["target_tokens"] for r in results)
     nll = sum(r["nll"] * r["target_tokens"] for r in results if r["nll"] is not None) / tokens if tokens else None
     ended = sum(r["ended"] for r in results)
+    margins = [r["preference_margin"] for r in results if r.get("preference_margin") is not None]
+    preference = {"preference_accuracy": sum(m > 0 for m in margins) / len(margins)} if margins else {}
     return {
+        **preference,
         "nll": nll, "perplexity": perplexity(nll), "target_tokens": tokens,
         "too_long": sum(r["nll"] is None for r in results),
         "rouge_l": sum(r["rouge_l"] for r in results) / len(results),
@@ -269,9 +327,13 @@ def _dig(row: dict, parts: list[str]):
     return row
 
 
+COLUMN_TITLES = {"base": "base", "tuned": "fine-tuned", "aligned": "aligned"}
+
+
 def format_summary(summary: dict) -> str:
-    """The base vs fine-tuned table that the CLI prints."""
-    base, tuned = summary["base"], summary["tuned"]
+    """The table that the CLI prints: base vs fine-tuned, and aligned for a DPO run."""
+    names = summary.get("models") or list(MODELS)
+    totals_of = [summary[name] for name in names]
 
     def num(v, spec):
         return "n/a" if v is None else format(v, spec)
@@ -283,18 +345,21 @@ def format_summary(summary: dict) -> str:
         return avg + (f" ({t['judge_unscored']} unscored)" if t["judge_unscored"] else "")
 
     lines = [
-        ("NLL of the reference", num(base["nll"], ".3f"), num(tuned["nll"], ".3f")),
-        ("perplexity", num(base["perplexity"], ",.1f"), num(tuned["perplexity"], ",.1f")),
-        ("ROUGE-L F1", num(base["rouge_l"], ".3f"), num(tuned["rouge_l"], ".3f")),
-        ("ended with <|endoftext|>", f"{base['ended_share']:.0%}", f"{tuned['ended_share']:.0%}"),
-        ("judge score (0-100)", judge(base), judge(tuned)),
+        ("NLL of the reference", [num(t["nll"], ".3f") for t in totals_of]),
+        ("perplexity", [num(t["perplexity"], ",.1f") for t in totals_of]),
+        ("ROUGE-L F1", [num(t["rouge_l"], ".3f") for t in totals_of]),
+        ("ended with <|endoftext|>", [f"{t['ended_share']:.0%}" for t in totals_of]),
+        ("judge score (0-100)", [judge(t) for t in totals_of]),
     ]
+    if all("preference_accuracy" in t for t in totals_of):
+        lines.append(("chosen preferred to rejected", [f"{t['preference_accuracy']:.0%}" for t in totals_of]))
     head = (f"{summary['examples']} {summary['split']} examples of {summary['data']} ({summary['style']}), "
             f"up to {summary['max_new_tokens']} new tokens, {summary['wall_time_s']:.0f} s on {summary['device']}")
-    width = max(len(label) for label, _, _ in lines)
-    cols = [max(len("base"), *(len(b) for _, b, _ in lines)), max(len("fine-tuned"), *(len(t) for _, _, t in lines))]
-    table = [f"{'':<{width}}  {'base':>{cols[0]}}  {'fine-tuned':>{cols[1]}}"]
-    table += [f"{label:<{width}}  {b:>{cols[0]}}  {t:>{cols[1]}}" for label, b, t in lines]
+    width = max(len(label) for label, _ in lines)
+    titles = [COLUMN_TITLES[name] for name in names]
+    cols = [max(len(title), *(len(values[i]) for _, values in lines)) for i, title in enumerate(titles)]
+    table = [f"{'':<{width}}  " + "  ".join(f"{t:>{c}}" for t, c in zip(titles, cols))]
+    table += [f"{label:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(values, cols)) for label, values in lines]
     return "\n".join([head, *table])
 
 
@@ -334,13 +399,15 @@ def main(argv=None) -> int:
     p.add_argument("--judge", metavar="URL", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:11434/v1 (Ollama)")
     p.add_argument("--judge-model", default=DEFAULT_MODEL)
     p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    p.add_argument("--models", default=None, help="comma-separated, of base, tuned and (for a DPO run) aligned; default all")
     p.add_argument("--export", metavar="PATH.zip", default=None, help="also write the model as a Hugging Face zip")
     args = p.parse_args(argv)
     judge = Judge(args.judge, args.judge_model, timeout=args.judge_timeout) if args.judge else None
     bar = ProgressBar()
     try:
         result = evaluate_run(args.run_dir, data=args.data, split=args.split, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, limit=args.limit, judge=judge, progress=bar)
+                              batch_size=args.batch_size, limit=args.limit, judge=judge, progress=bar,
+                              models=args.models.split(",") if args.models else None)
         bar.close()
         print(format_summary(result["summary"]))
         print(f"saved {EVAL_ROWS} and {EVAL_SUMMARY} in {args.run_dir}")

@@ -24,7 +24,7 @@ from data.browse import matches
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword).*")
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(preset="tiny", custom="", random_init=True, epochs=1, batch_size=8, lr=5e-5, mask_prompt=False, lora=False,
-            rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2)
+            rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2, checkpoint_every=0)
 
 
 def free_port() -> int:
@@ -379,7 +379,7 @@ def test_preset_labels_carry_size_and_memory():
     from ui.train_tab import preset_label
 
     assert preset_label(estimate("tiny")) == "tiny · 7.4M params · random weights, offline demo"
-    assert preset_label(estimate("gpt2")) == "gpt2 · 124M params · full fine-tune ≈ 2.5 GB · LoRA ≈ 1.8 GB · inference ≈ 0.25 GB"
+    assert preset_label(estimate("gpt2")) == "gpt2 · 124M params · full fine-tune ≈ 2.5 GB · LoRA ≈ 1.8 GB · inference ≈ 0.5 GB"
 
 
 def test_differences_are_marked_word_by_word():

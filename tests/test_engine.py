@@ -204,3 +204,20 @@ def test_texts_a_visitor_sees_carry_no_server_paths():
     assert scrub("WeightsError: /srv/app/cache/model.safetensors: not found") == "WeightsError: model.safetensors: not found"
     assert scrub("data: /home/u/.cache/gpt2-instruct/uploads/0123456789abcdef-mine.json") == "data: mine.json"
     assert scrub("see https://huggingface.co/openai-community/gpt2") == "see https://huggingface.co/openai-community/gpt2"
+
+
+def test_a_stopped_run_resumes_through_the_engine_and_finishes(engine):
+    engine.start_training(tiny(max_steps=None, epochs=3, eval_every=50), owner="alice")  # 3 x 7 steps
+    wait_for(engine, "train", lambda s: s["step"] >= 3)
+    engine.stop("train", "alice")
+    assert engine.job("train").wait(60)
+    run = engine.runs()[0]
+    assert run.status == "stopped" and run.resumable
+    with pytest.raises(ValueError, match="pick one from the list"):
+        engine.resume_training("../" + run.name)
+    assert engine.resume_training(run.name, owner="bob").wait(90)
+    snap = engine.snapshot("train")
+    assert snap["status"] == "done" and snap["step"] == 21 and snap["start_step"] == run.last_step < 21
+    assert [r["step"] for r in snap["history"]][-1] == 21
+    resumed = engine.runs()[0]
+    assert resumed.name == run.name and resumed.status == "done" and not resumed.resumable

@@ -48,7 +48,7 @@ def as_int(value, name: str, allow_none: bool = False) -> int | None:
 
 
 def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size, lr, mask_prompt: bool, lora: bool,
-                rank, alpha, grouped: bool, max_steps, eval_every, data: str) -> TrainConfig:
+                rank, alpha, grouped: bool, max_steps, eval_every, data: str, checkpoint_every=0) -> TrainConfig:
     """The form's values as a ``TrainConfig``; every problem is a ``ConfigError`` naming the setting."""
     model = (custom or "").strip() or preset
     if random_init and model not in PRESETS:
@@ -62,11 +62,12 @@ def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size,
         batch_size=as_int(batch_size, "batch size"), lr=float(lr), mask_prompt=bool(mask_prompt), grouped=bool(grouped),
         lora_rank=as_int(rank, "LoRA rank") if lora else 0, lora_alpha=16.0 if alpha is None else float(alpha),
         max_steps=as_int(max_steps, "max steps", allow_none=True) or None, eval_every=as_int(eval_every, "eval every"),
+        checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0,
     )
 
 
 def start(engine, client_id: str | None, dataset: dict | None, preset: str, custom: str, random_init: bool, epochs,
-          batch_size, lr, mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every):
+          batch_size, lr, mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every, checkpoint_every=0):
     """Start a run owned by this browser; a bad setting, a limit or a run already going is reported, not raised."""
     if not client_id:
         return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
@@ -74,7 +75,7 @@ def start(engine, client_id: str | None, dataset: dict | None, preset: str, cust
         data = engine.datasets.training_source(dataset) if dataset else "sample"
         name = dataset["name"] if dataset else "bundled sample"
         config = make_config(preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha,
-                             grouped, max_steps, eval_every, data=data)
+                             grouped, max_steps, eval_every, data=data, checkpoint_every=checkpoint_every)
         engine.start_training(config, owner=client_id)
     except (ConfigError, JobError, ValueError, OSError) as e:
         return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
@@ -246,9 +247,53 @@ def job_status(engine) -> dict:
     return snap
 
 
-def runs_table(engine) -> tuple[list[list], dict]:
-    """Past runs as table rows, and the overlay picker's choices (runs that logged metrics)."""
-    rows, choices = [], []
+def expected_html(preset: str, lora: bool, rank, result=None) -> str:
+    """The precision path with its reason, and the expected epoch of the book's data measured on this machine."""
+    from model import pick_device
+    from model.device import precision_reason
+    from training.calibrate import cached
+
+    reason = html.escape(precision_reason(pick_device()))
+    lora_rank = int(rank or 16) if lora else 0
+    found = result or (cached(preset, lora_rank) if preset in PRESETS else None)
+    method = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
+    if found is None:
+        when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}: not measured on this machine yet "
+                "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
+    else:
+        when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}, on this machine: "
+                f"<b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s, evaluations included).")
+    return notice(f"{when}<br>Precision: {reason}.")
+
+
+def measure(engine, preset: str, lora: bool, rank) -> str:
+    """Time a few real training steps of the chosen preset and method (refused while a run trains: it would skew both)."""
+    from training.calibrate import calibrate
+
+    if engine.snapshot("train", since=SCALARS_ONLY)["status"] in ACTIVE:
+        return notice("A run is training: measure once it has ended, so that neither slows the other.", "error")
+    if preset not in PRESETS:
+        return notice("Only the presets can be measured.", "error")
+    return expected_html(preset, lora, rank, calibrate(preset, int(rank or 16) if lora else 0, refresh=True))
+
+
+def resume(engine, client_id: str | None, name: str | None):
+    """Continue a stopped or interrupted run, owned by this browser from now on."""
+    if not client_id:
+        return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
+    if not name:
+        return notice("Pick a stopped or interrupted run to resume.", "error"), gr.skip(), gr.skip()
+    try:
+        engine.resume_training(name, owner=client_id)
+    except (ConfigError, JobError, ValueError, OSError) as e:
+        return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
+    return notice(f"Resuming <b>{html.escape(name)}</b> from its checkpoint.", "ok"), gr.Button(interactive=False), \
+        gr.Button(interactive=True)
+
+
+def runs_table(engine) -> tuple[list[list], dict, dict]:
+    """Past runs as table rows, the overlay picker's choices (runs that logged metrics), and the resumable runs."""
+    rows, choices, resumable = [], [], []
     for run in engine.runs():
         m = run.manifest
         data = (m.get("data") or {}).get("source", "?")
@@ -256,7 +301,9 @@ def runs_table(engine) -> tuple[list[list], dict]:
                      loss_text(m.get("final_val_loss")), clock(m.get("wall_time_s"))])
         if (run.path / "metrics.jsonl").is_file():
             choices.append((run.label(), run.name))
-    return rows, gr.Dropdown(choices=choices)
+        if run.resumable:
+            resumable.append((f"{run.name} · {run.status} at step {run.last_step}", run.name))
+    return rows, gr.Dropdown(choices=choices), gr.Dropdown(choices=resumable, value=resumable[0][1] if resumable else None)
 
 
 def data_line(engine, dataset: dict | None) -> str:
@@ -323,11 +370,16 @@ def build(shared) -> None:
             mask_prompt = gr.Checkbox(value=DEMO["mask_prompt"], label="Mask the prompt (loss on the response only)",
                                       elem_id="train-mask-prompt")
             grouped = gr.Checkbox(value=DEFAULTS["grouped"], label="Length-grouped batches (less padding, faster)", elem_id="grouped")
+            checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"], precision=0, minimum=0,
+                                         label="Checkpoint every (steps; 0: only when stopped)", elem_id="checkpoint-every")
             with gr.Accordion("LoRA", open=False):
                 lora = gr.Checkbox(value=False, label="Train low-rank adapters instead of every weight", elem_id="lora")
                 with gr.Row():
                     rank = gr.Slider(1, 64, value=16, step=1, label="Rank", elem_id="lora-rank")
                     alpha = gr.Number(value=DEFAULTS["lora_alpha"], label="Alpha", elem_id="lora-alpha")
+            with gr.Row(equal_height=True):
+                expected = gr.HTML(expected_html("tiny", False, 16), elem_id="expected-epoch")
+                measure_btn = gr.Button("Measure", size="sm", scale=0, min_width=90, elem_id="measure-btn")
             data = gr.HTML(data_line(engine, None), elem_id="train-data")
             with gr.Row():
                 start_btn = gr.Button("Start fine-tuning", variant="primary", elem_id="start-btn")
@@ -343,11 +395,16 @@ def build(shared) -> None:
             responses = gr.HTML(elem_id="sample-responses")
     with gr.Accordion("Past runs", open=False):
         runs = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, elem_id="runs-table")
-        refresh = gr.Button("Refresh", size="sm", elem_id="refresh-runs")
+        with gr.Row(equal_height=True):
+            resumable = gr.Dropdown([], value=None, label="Resume a stopped or interrupted run from its checkpoint", scale=4,
+                                    elem_id="resume-run")
+            resume_btn = gr.Button("Resume", scale=1, elem_id="resume-btn")
+            refresh = gr.Button("Refresh", size="sm", scale=1, elem_id="refresh-runs")
 
     seen = gr.State(None)
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every]
+    settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every,
+                checkpoint_every]
     poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, message, seen, shared.runs_changed]
 
     def on_poll(client_id, seen_, overlays):
@@ -364,6 +421,12 @@ def build(shared) -> None:
     shared.app.load(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_visibility="private", **cheap)
     overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
-        trigger(lambda: runs_table(engine), None, [runs, overlay], api_visibility="private", **cheap)
+        trigger(lambda: runs_table(engine), None, [runs, overlay, resumable], api_visibility="private", **cheap)
+    resume_btn.click(partial(resume, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
+                     api_name="resume_training", concurrency_limit=1)
     shared.dataset.change(lambda d: data_line(engine, d), shared.dataset, data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)
+    for control in (preset, lora, rank):
+        control.change(expected_html, [preset, lora, rank], expected, api_visibility="private", **cheap)
+    measure_btn.click(partial(measure, engine), [preset, lora, rank], expected, api_name="measure_epoch", concurrency_limit=1,
+                      show_progress="minimal")

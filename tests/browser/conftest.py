@@ -35,7 +35,7 @@ SERVE_TIMEOUT_S = 90
 # that runs alone trains its own run through the API, see ``finished_run``).
 STAGES = ("test_dataset_tab", "test_train_tab", "test_playground_tab", "test_evaluate_tab")
 TINY_RUN = dict(preset="tiny", custom="", random_init=True, epochs=1, batch_size=8, lr=5e-5, mask_prompt=False, lora=False,
-                rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2)
+                rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2, checkpoint_every=0)
 
 
 def pytest_collection_modifyitems(items):

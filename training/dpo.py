@@ -1,0 +1,445 @@
+"""Direct Preference Optimization (Rafailov et al., 2023) after instruction fine-tuning: the book's next stage.
+
+``train_dpo(config, hooks)`` takes a finished fine-tuned run as the policy and
+the same model, frozen, as the reference. The reference's log-probabilities of
+every pair are computed once, before training, in the very batches training
+and evaluation will use, so no second model is resident and the first step's
+loss is ln 2 exactly. Each step is then one forward and backward pass of the
+policy over the chosen and rejected answers together (see
+``data.preference.collate_preferences``), with the fine-tuning machinery:
+bf16 compute with exact fp32 masters, AdamW inside backward, LoRA.
+
+Loss: ``-log sigmoid(beta * ((log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))))``
+over the answers' tokens and their end token, averaged per answer (the
+book's notebook) or summed (the paper, ``sum_logprobs``).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data.preference import (
+    PreferenceDataset, collate_preferences, epoch_batches, in_order_batches, load_preferences, preference_path, split_preferences,
+)
+from model import GPT, pick_device, pick_dtype, save_pretrained
+from model.device import describe, peak_rss_mb, release_free_memory
+from runstore import RunWriter, find_run, load_run, new_run_dir, read_manifest
+from runstore.store import WEIGHTS
+
+from .config import ConfigError, TrainConfig, check_field, setting
+from .events import Finished, Logged, Progress, Started, Status
+from .lora import add_lora, count_trainable, merge_lora
+from .loop import Clock, Hooks, StopTraining, finite, now, respond, versions
+from .optim import MasterWeightAdamW
+
+
+@dataclass
+class DPOConfig:
+    parent: str | None = setting(None, "the fine-tuned run to align: its directory, or its name under runs/", flag="--from")
+    data: str = setting("preference", "preference (the book's 1,100 pairs) or a JSON / JSON Lines file with chosen and rejected")
+    beta: float = setting(0.1, "DPO beta: how far the policy may move from the reference", 0, 100, low_open=True)
+    sum_logprobs: bool = setting(False, "sum the answers' token log-probabilities (the paper) instead of averaging them (the book)")
+    epochs: int = setting(1, "passes over the training pairs", 1, 100)
+    max_steps: int | None = setting(None, "stop after this many steps (quick checks)", 1)
+    batch_size: int = setting(8, "pairs per batch", 1, 512)
+    lr: float = setting(5e-6, "AdamW learning rate", 0, 1.0, low_open=True)
+    weight_decay: float = setting(0.01, "AdamW weight decay", 0, 1.0)
+    seed: int = setting(123, "seed for the batch order")
+    grad_clip: float | None = setting(None, "clip the gradient norm to this", 0, low_open=True)
+    eval_every: int = setting(20, "steps between evaluations on train and validation pairs", 1)
+    eval_batches: int | None = setting(3, "batches per evaluation, of train and of validation (none: all)", 1)
+    sample_tokens: int = setting(40, "new tokens of the validation instruction's answer at each evaluation", 0, 512)
+    grouped: bool = setting(True, "length-grouped batches; off: plainly shuffled", flag="--no-grouped")
+    packed: bool = setting(True, "one row per pair, the prompt computed once; off: chosen and rejected as 2B rows",
+                           flag="--no-packed")
+    lora_rank: int = setting(0, "LoRA rank; 0: full fine-tuning", 0, 1024)
+    lora_alpha: float = setting(16.0, "LoRA alpha", 0, low_open=True)
+    precision: str = setting("auto", "auto: bf16 where the hardware multiplies it natively, else fp32", choices=("auto", "bf16", "fp32"))
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    max_length: int | None = setting(None, "skip pairs longer than this many tokens (none: the model's context window)", 8)
+    out: str | None = setting(None, "run directory (default runs/<timestamp>-<parent>-dpo)")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "DPOConfig":
+        if not self.parent:
+            raise ConfigError("parent: name the fine-tuned run to align (--from RUN)")
+        for f in fields(self):
+            check_field(f, getattr(self, f.name))
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DPOConfig":
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(unknown)}")
+        return cls(**values)
+
+
+# The loss
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log p(target) of each hidden state under the LM head, the vocabulary-wide work done a block of rows at a time.
+
+    Nothing vocabulary-sized outlives a block: backward multiplies the block's
+    logits again (one extra matmul over the answers' tokens only) rather than
+    keeping every softmax from the forward pass, which at the longest batch
+    would be ~100 MB. It scales ``one_hot - softmax`` by each token's incoming
+    gradient and makes the head's weight gradient; with ``tied_grad`` it hands
+    that gradient to the tied token embedding (``model.gpt.TiedEmbedding``),
+    as fine-tuning's head does.
+    """
+
+    BLOCK_ROWS = 32  # a block's bf16 logits and their fp32 copies: ~16 MB
+
+    @staticmethod
+    def run(h, weight, targets):
+        out = []
+        for hb, tb in zip(h.split(TokenLogProbs.BLOCK_ROWS), targets.split(TokenLogProbs.BLOCK_ROWS)):
+            logp = torch.log_softmax(hb @ weight.t(), dim=-1, dtype=torch.float32)
+            out.append(logp.gather(1, tb[:, None]).squeeze(1))
+        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, tied_grad=None):
+        ctx.save_for_backward(h, weight, targets)
+        ctx.tied_grad = tied_grad
+        return TokenLogProbs.run(h, weight, targets)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        h, weight, targets = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        for start in range(0, len(h), TokenLogProbs.BLOCK_ROWS):
+            hb = h[start:start + TokenLogProbs.BLOCK_ROWS]
+            n = len(hb)
+            g = grad_logp[start:start + n]
+            p = torch.softmax(hb @ weight.t(), dim=-1, dtype=torch.float32).mul_(-g[:, None]).to(h.dtype)
+            p[torch.arange(n, device=p.device), targets[start:start + n]] += g.to(p.dtype)  # one_hot - softmax, scaled
+            if want_h:
+                torch.mm(p, weight, out=grad_h[start:start + n])
+            if want_w:
+                grad_w.addmm_(p.t(), hb)
+        if ctx.tied_grad is not None and grad_w is not None:
+            ctx.tied_grad.append(grad_w)
+            grad_w = None
+        return grad_h, grad_w, None, None
+
+
+def sequence_logprobs(model: GPT, batch, average: bool = True) -> torch.Tensor:
+    """Log-probability of each answer given its prompt, (2 * pairs,): chosen at even, rejected at odd indices.
+
+    Only the answer's tokens and its end token count; ``average`` divides by their number.
+    """
+    weight = model.lm_head.weight
+    training = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    tied_grad = [] if training and weight.requires_grad else None
+    h = model.hidden_states(batch.inputs, batch.positions, mask=batch.mask, tied_grad=tied_grad)
+    keep = batch.targets != -100
+    h, targets, sequence = h[keep], batch.targets[keep], batch.sequence[keep]
+    if training:
+        logp = TokenLogProbs.apply(h, weight, targets, tied_grad)
+    else:
+        logp = TokenLogProbs.run(h, weight, targets)
+    n = 2 * batch.pairs
+    sums = torch.zeros(n, dtype=torch.float32, device=h.device).index_add(0, sequence, logp)
+    if not average:
+        return sums
+    return sums / torch.bincount(sequence, minlength=n).to(sums.dtype)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float = 0.1):
+    """(mean loss, per-pair chosen rewards, per-pair rejected rewards), as the book's ``compute_dpo_loss``."""
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    loss = -F.logsigmoid(beta * logits).mean()
+    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
+    return loss, chosen_rewards, rejected_rewards
+
+
+@torch.no_grad()
+def reference_logprobs(model: GPT, dataset: PreferenceDataset, batches: list[list[int]], device, packed: bool = True,
+                       average: bool = True, on_batch=lambda n: None) -> torch.Tensor:
+    """(len(dataset), 2) log-probabilities of each pair's chosen and rejected answer, filled batch by batch.
+
+    Run the model in the mode training runs it in (dropout aside, the same kernels),
+    so that a pair seen in the same batch gets exactly the policy's step-0 value.
+    """
+    reference = torch.full((len(dataset), 2), float("nan"))
+    for positions in batches:
+        batch = collate_preferences([dataset[i] for i in positions], packed=packed).to(device)
+        reference[positions] = sequence_logprobs(model, batch, average).view(-1, 2).cpu()
+        if batch.inputs.device.type == "cpu":
+            release_free_memory()
+        on_batch(len(positions))
+    return reference
+
+
+def figures(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """The logged numbers of one batch or evaluation."""
+    return {"loss": float(loss), "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
+            "reward_margin": float((chosen - rejected).mean()), "reward_accuracy": float((chosen > rejected).float().mean())}
+
+
+@torch.no_grad()
+def evaluate_dpo(model: GPT, dataset: PreferenceDataset, batches: list[list[int]], reference: torch.Tensor, device,
+                 beta: float = 0.1, packed: bool = True, average: bool = True) -> dict:
+    """Loss, rewards, margin and accuracy over the pairs of ``batches`` (each pair weighs the same)."""
+    losses, chosen, rejected = [], [], []
+    for positions in batches:
+        batch = collate_preferences([dataset[i] for i in positions], packed=packed).to(device)
+        logp = sequence_logprobs(model, batch, average).view(-1, 2)
+        ref = reference[positions].to(device)
+        c, r = logp[:, 0], logp[:, 1]
+        losses.append(-F.logsigmoid(beta * ((c - r) - (ref[:, 0] - ref[:, 1]))))
+        chosen.append(beta * (c - ref[:, 0]))
+        rejected.append(beta * (r - ref[:, 1]))
+    if not losses:
+        return {k: float("nan") for k in ("loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy")}
+    return figures(torch.cat(losses).mean(), torch.cat(chosen), torch.cat(rejected))
+
+
+# The parent run
+
+
+def parent_run(parent: str | Path, root: Path | None = None) -> tuple[Path, dict]:
+    """The fine-tuned run to align: its folder and manifest; a clear error when it is not a finished run."""
+    path = Path(parent)
+    if not (path / "manifest.json").is_file():
+        found = find_run(parent, root)
+        if found is None:
+            raise FileNotFoundError(f"parent run {parent!r} not found: give a run directory or a run's name under runs/")
+        path = found.path
+    manifest = read_manifest(path)
+    if not manifest.get("config"):
+        raise FileNotFoundError(f"{path} is not a run directory (its manifest has no config)")
+    if manifest.get("status") not in ("done", "stopped") or not (path / WEIGHTS).is_file():
+        raise ValueError(f"parent run {path.name} is {manifest.get('status', 'unfinished')}, not finished: "
+                         f"preference tuning starts from a run's saved weights")
+    return path, manifest
+
+
+def base_config(manifest: dict) -> TrainConfig:
+    """The fine-tuning settings behind a run (a DPO run keeps its parent's): base model, prompt style, data."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig.from_dict({k: v for k, v in manifest["config"].items() if k in known})
+
+
+def is_dpo_run(run_dir: str | Path) -> bool:
+    return read_manifest(Path(run_dir)).get("method") == "dpo"
+
+
+def check_dpo(config: DPOConfig, root: Path | None = None):
+    """``(parent folder, parent manifest, records, split)``, or an error naming what cannot make a run.
+
+    Cheap (no model is loaded): call it before a job starts, so that a bad parent or
+    bad data fails before "Started" is shown.
+    """
+    config.validate()
+    parent_dir, manifest = parent_run(config.parent, root)
+    records = load_preferences(config.data)
+    split = split_preferences(records)
+    name = Path(str(config.data)).name
+    if len(split.train) < config.batch_size:
+        raise ValueError(f"{name} has {len(records)} pairs: its training split (85 %) has {len(split.train)}, fewer than "
+                         f"one batch of {config.batch_size}; use a smaller batch or at least "
+                         f"{math.ceil(config.batch_size / 0.85)} pairs")
+    if not split.val:
+        raise ValueError(f"{name} has {len(records)} pairs: its validation split (5 %) is empty; "
+                         f"the book's 85/10/5 split needs at least 2 pairs there")
+    return parent_dir, manifest, records, split
+
+
+# The loop
+
+
+def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None = None) -> dict:
+    """Align a fine-tuned run with preference data into a new run under ``root``; returns its summary (also in its manifest)."""
+    hooks = hooks or Hooks()
+    emit = hooks.on_event
+    clock = Clock()
+
+    emit(Status("loading", f"Loading the {Path(str(config.data)).name} preference data"))
+    parent_dir, parent_manifest, records, split = check_dpo(config, root)
+    sft = base_config(parent_manifest)
+    data_file = preference_path(config.data)
+    sample_record = (split.val or split.train)[0]
+
+    device = pick_device(config.device)
+    dtype = pick_dtype(device, config.precision)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    emit(Status("loading", f"Loading {parent_dir.name}"))
+    torch.manual_seed(config.seed)
+    model = load_run(parent_dir, device=device)
+    context = model.config.block_size
+    max_length = min(config.max_length or context, context)
+    train_ds = PreferenceDataset(split.train, style=sft.style, max_length=max_length)
+    val_ds = PreferenceDataset(split.val, style=sft.style, max_length=max_length)
+    steps_per_epoch = len(epoch_batches(train_ds, config.batch_size, 0, config.seed, config.grouped))
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training split has {len(train_ds)} usable pairs: fewer than one batch of "
+                         f"{config.batch_size}; use a smaller batch or more data")
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    n_eval = config.eval_batches
+    val_batches = in_order_batches(range(len(val_ds)), config.batch_size)[:n_eval]
+    train_eval_batches = in_order_batches(range(len(train_ds)), config.batch_size)[:n_eval or 3]
+
+    if config.lora_rank:
+        add_lora(model, config.lora_rank, config.lora_alpha)
+    trainable, total_params = count_trainable(model)
+    step_in_backward = config.grad_clip is None
+    optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=step_in_backward)
+    model.train()
+    average = not config.sum_logprobs
+
+    run_dir = Path(config.out) if config.out else new_run_dir(f"{parent_dir.name}-dpo", root)
+    writer = RunWriter(run_dir)
+    writer.update_manifest(
+        status="running", pid=os.getpid(), method="dpo", parent_run=parent_dir.name, parent_dir=str(parent_dir),
+        config=sft.to_dict(), dpo=config.to_dict(),
+        model={**parent_manifest.get("model", {}), "parameters": total_params, "trainable_parameters": trainable},
+        data={"source": config.data, "file": str(data_file), "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest(),
+              "records": len(records), "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+              "skipped_too_long": train_ds.skipped + val_ds.skipped},
+        seed=config.seed, versions=versions(), device=describe(device, dtype), total_steps=total_steps, started=now(),
+    )
+
+    emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                 epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
+                 sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo"))
+
+    status = "done"
+    step = tokens_seen = pairs_seen = 0
+    reference_s = 0.0
+    last = {"train": {}, "val": {}}
+    try:
+        t0 = time.perf_counter()
+        first = epoch_batches(train_ds, config.batch_size, 0, config.seed, config.grouped)
+        seen = {i for b in first for i in b}
+        rest = [i for i in range(len(train_ds)) if i not in seen]
+        plans = [(train_ds, first + in_order_batches(rest, config.batch_size)), (train_ds, train_eval_batches), (val_ds, val_batches)]
+        total_pairs = sum(len(b) for _, batches in plans for b in batches)
+        emit(Status("reference", f"Reference log-probabilities of {total_pairs} pairs"))
+        done = 0
+
+        def reference_progress(n: int) -> None:
+            nonlocal done
+            done += n
+            emit(Progress({"phase": "reference", "done": done, "total": total_pairs, "elapsed_s": time.perf_counter() - t0}))
+            if hooks.should_stop():
+                raise StopTraining
+
+        ref_train, ref_train_eval, ref_val = (reference_logprobs(model, ds, batches, device, config.packed, average, reference_progress)
+                                              for ds, batches in plans)
+        reference_s = time.perf_counter() - t0
+
+        def metrics(step_figures: dict, evaluation: dict | None = None) -> dict:
+            evals_left = max(0, (total_steps - step) // config.eval_every) + 1
+            per_step = clock.train_s / step if step else 0.0
+            per_eval = clock.eval_s / clock.evals if clock.evals else 0.0
+            record = {
+                "step": step, "epoch": round(step / steps_per_epoch, 4), "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
+                "train_loss": finite(step_figures.get("loss")), "val_loss": None,
+                **{k: finite(step_figures.get(k)) for k in ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")},
+                "lr": optimizer.lr, "tokens_per_s": tokens_seen / clock.train_s if clock.train_s else 0.0,
+                "elapsed_s": clock.elapsed, "eta_s": (total_steps - step) * per_step + evals_left * per_eval,
+            }
+            for prefix, values in (evaluation or {}).items():
+                for k, v in values.items():
+                    record[f"{prefix}_{k}"] = finite(v)
+            return record
+
+        def log_eval(step_figures: dict | None = None) -> None:
+            emit(Status("evaluating", f"Evaluating at step {step}", step))
+            t0 = time.perf_counter()
+            last["train"] = evaluate_dpo(model, train_ds, train_eval_batches, ref_train_eval, device, config.beta, config.packed, average)
+            last["val"] = evaluate_dpo(model, val_ds, val_batches, ref_val, device, config.beta, config.packed, average)
+            sample = respond(model, sample_record, sft.style, config.sample_tokens)
+            clock.eval_s += time.perf_counter() - t0
+            clock.evals += 1
+            record = metrics(step_figures or last["train"], {"val": last["val"], "eval_train": last["train"]})
+            writer.log(record)
+            emit(Logged(record, response=sample))
+            emit(Status("training"))
+
+        log_eval()
+        for epoch in range(config.epochs):
+            batches = first if epoch == 0 else epoch_batches(train_ds, config.batch_size, epoch, config.seed, config.grouped)
+            for positions in batches:
+                if step >= total_steps:
+                    break
+                if hooks.should_stop():
+                    raise StopTraining
+                t0 = time.perf_counter()
+                batch = collate_preferences([train_ds[i] for i in positions], packed=config.packed).to(device)
+                ref = ref_train[positions].to(device)
+                logp = sequence_logprobs(model, batch, average)
+                loss, chosen, rejected = dpo_loss(logp[0::2], logp[1::2], ref[:, 0], ref[:, 1], config.beta)
+                loss.backward()
+                if not step_in_backward:
+                    optimizer.step(config.grad_clip)
+                if device.type == "cpu":
+                    release_free_memory()
+                step_figures = figures(loss.detach(), chosen, rejected)
+                if not math.isfinite(step_figures["loss"]):
+                    raise FloatingPointError(f"the DPO loss became {step_figures['loss']} at step {step + 1}; lower the learning rate")
+                step += 1
+                tokens_seen += batch.inputs.numel()
+                pairs_seen += batch.pairs
+                clock.train_s += time.perf_counter() - t0
+                last["step"] = step_figures
+                if step % config.eval_every == 0 or step == total_steps:
+                    log_eval(step_figures)
+                else:
+                    record = metrics(step_figures)
+                    writer.log(record)
+                    emit(Logged(record))
+            if step >= total_steps:
+                break
+    except StopTraining:
+        status = "stopped"
+        emit(Status("stopping", f"Stopped at step {step}; saving"))
+    except BaseException as e:
+        writer.update_manifest(status="failed", error=f"{type(e).__name__}: {e}", ended=now(), wall_time_s=clock.elapsed)
+        raise
+
+    emit(Status("saving", f"Saving {run_dir.name}"))
+    model = optimizer.finish()
+    if config.lora_rank:
+        merge_lora(model)
+    save_pretrained(model, run_dir)
+    val = last["val"]
+    summary = {
+        "status": status, "steps": step, "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
+        "final_train_loss": finite(last.get("step", last["train"]).get("loss")), "final_val_loss": finite(val.get("loss")),
+        "final_val_reward_margin": finite(val.get("reward_margin")), "final_val_reward_accuracy": finite(val.get("reward_accuracy")),
+        "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s, "eval_time_s": clock.eval_s,
+        "reference_time_s": reference_s, "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
+    }
+    writer.update_manifest(**summary)
+    emit(Finished(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    from training.dpo_cli import main
+
+    sys.exit(main())

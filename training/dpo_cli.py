@@ -1,0 +1,84 @@
+"""``python -m training.dpo``: align a fine-tuned run with preference data (DPO), headless, with a progress bar."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from tqdm import tqdm
+
+from data import DatasetError
+from model import WeightsError
+from model.device import configure_runtime
+from runstore import recover_runs
+
+from .cli import ProgressBar
+from .config import ConfigError, add_arguments
+from .dpo import DPOConfig, train_dpo
+from .events import Logged, Progress
+from .loop import Hooks
+
+
+def parse_args(argv=None) -> DPOConfig:
+    parser = argparse.ArgumentParser(prog="python -m training.dpo",
+                                     description="Direct Preference Optimization of a fine-tuned run (the book's next stage), headless.")
+    add_arguments(parser, DPOConfig)
+    args = vars(parser.parse_args(argv))
+    if args["eval_batches"] == 0:
+        args["eval_batches"] = None
+    if not args["parent"]:
+        parser.error("--from RUN is required: the fine-tuned run to align")
+    try:
+        return DPOConfig(**args)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
+class DPOProgressBar(ProgressBar):
+    """Fine-tuning's bar, with the reward margin beside the loss and the validation rewards at each evaluation."""
+
+    reference = None
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Progress) and event.payload.get("phase") == "reference":
+            if self.reference is None:
+                self.reference = tqdm(total=event.payload["total"], unit="pair", desc="reference", leave=False)
+            self.reference.n = event.payload["done"]
+            self.reference.refresh()
+            return
+        if self.reference is not None and not isinstance(event, Progress):
+            self.reference.close()
+            self.reference = None
+        if not (isinstance(event, Logged) and self.bar is not None):
+            return super().__call__(event)
+        r = event.record
+        self.bar.n = r["step"]
+        self.bar.set_postfix(loss=f"{r['train_loss']:.3f}", margin=f"{r['reward_margin']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}")
+        if event.response is not None:
+            tqdm.write(f"step {r['step']:>5}: train loss {r['eval_train_loss']:.3f}, val loss {num(r['val_loss'])}, "
+                       f"val reward margin {num(r['val_reward_margin'])}, accuracy {num(r['val_reward_accuracy'], '.0%')}; "
+                       f"response: {event.response[:120]!r}")
+
+
+def num(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def main(argv=None) -> int:
+    """Align; SIGTERM asks for a stop at the next step (the run is saved as stopped)."""
+    configure_runtime()
+    config = parse_args(argv)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    recover_runs()
+    try:
+        train_dpo(config, Hooks(on_event=DPOProgressBar(), should_stop=stop.is_set))
+    except (DatasetError, WeightsError, ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
