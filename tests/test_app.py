@@ -414,5 +414,5 @@ def test_the_runs_table_names_a_random_init_start(tmp_path):
         (tmp_path / "runs" / name).mkdir(parents=True)
         manifest = {"status": "done", "config": {"model": "gpt2", "random_init": random_init}, "data": {"source": "sample"}}
         (tmp_path / "runs" / name / "manifest.json").write_text(json.dumps(manifest))
-    rows, _ = runs_table(Engine(root=tmp_path / "runs", exports=tmp_path / "exports"))
+    rows = runs_table(Engine(root=tmp_path / "runs", exports=tmp_path / "exports"))[0]
     assert {row[0]: row[1] for row in rows} == {"20990101-000000-gpt2": "gpt2 (random init)", "20990101-000001-gpt2": "gpt2"}
