@@ -276,6 +276,7 @@ def test_a_stopped_run_saves_complete_weights_and_manifest(parent, pref_file, tm
     run = tmp_path / "dpo"
     manifest = read_manifest(run)
     assert summary["status"] == manifest["status"] == "stopped" and manifest["steps"] == 2
+    assert manifest["stop_reason"] == "stopped by its owner"
     assert manifest["method"] == "dpo" and manifest["ended"] and manifest["wall_time_s"] > 0
     ours = load_run(run)
     theirs = GPT2LMHeadModel.from_pretrained(run).eval()

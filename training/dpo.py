@@ -92,6 +92,18 @@ class DPOConfig:
         return cls(**values)
 
 
+class StopTraining(Exception):
+    """Raised inside the loop when a stop was requested; the run is still saved. ``args[0]``: the reason."""
+
+
+def stop_reason(hooks: Hooks) -> str | None:
+    """Why to stop before the next step: ``should_stop()`` returns True or the reason as text."""
+    asked = hooks.should_stop()
+    if asked:
+        return asked if isinstance(asked, str) else "stopped by its owner"
+    return None
+
+
 # The loss
 
 
@@ -330,7 +342,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
                  epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
                  sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo"))
 
-    status = "done"
+    status, reason = "done", None
     step = tokens_seen = pairs_seen = 0
     reference_s = 0.0
     last = {"train": {}, "val": {}}
@@ -348,8 +360,8 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
             nonlocal done
             done += n
             emit(Progress({"phase": "reference", "done": done, "total": total_pairs, "elapsed_s": time.perf_counter() - t0}))
-            if hooks.should_stop():
-                raise StopTraining
+            if reason := stop_reason(hooks):
+                raise StopTraining(reason)
 
         ref_train, ref_train_eval, ref_val = (reference_logprobs(model, ds, batches, device, config.packed, average, reference_progress)
                                               for ds, batches in plans)
@@ -390,8 +402,8 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
             for positions in batches:
                 if step >= total_steps:
                     break
-                if hooks.should_stop():
-                    raise StopTraining
+                if reason := stop_reason(hooks):
+                    raise StopTraining(reason)
                 t0 = time.perf_counter()
                 batch = collate_preferences([train_ds[i] for i in positions], packed=config.packed).to(device)
                 ref = ref_train[positions].to(device)
@@ -418,9 +430,9 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
                     emit(Logged(record))
             if step >= total_steps:
                 break
-    except StopTraining:
-        status = "stopped"
-        emit(Status("stopping", f"Stopped at step {step}; saving"))
+    except StopTraining as stopped:
+        status, reason = "stopped", stopped.args[0]
+        emit(Status("stopping", f"Stopped at step {step} ({reason}); saving"))
     except BaseException as e:
         writer.update_manifest(status="failed", error=f"{type(e).__name__}: {e}", ended=now(), wall_time_s=clock.elapsed)
         raise
@@ -432,7 +444,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     save_pretrained(model, run_dir)
     val = last["val"]
     summary = {
-        "status": status, "steps": step, "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
+        "status": status, "stop_reason": reason, "steps": step, "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
         "final_train_loss": finite(last.get("step", last["train"]).get("loss")), "final_val_loss": finite(val.get("loss")),
         "final_val_reward_margin": finite(val.get("reward_margin")), "final_val_reward_accuracy": finite(val.get("reward_accuracy")),
         "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s, "eval_time_s": clock.eval_s,
