@@ -41,10 +41,6 @@ from .loop import Clock, Hooks, finite, now, respond, versions
 from .optim import MasterWeightAdamW
 
 
-class StopTraining(Exception):
-    """Raised inside the loop when a stop was requested; the run is still saved."""
-
-
 @dataclass
 class DPOConfig:
     parent: str | None = setting(None, "the fine-tuned run to align: its directory, or its name under runs/", flag="--from")
