@@ -37,8 +37,12 @@ from runstore.store import WEIGHTS
 from .config import ConfigError, TrainConfig, check_field, setting
 from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
-from .loop import Clock, Hooks, StopTraining, finite, now, respond, versions
+from .loop import Clock, Hooks, finite, now, respond, versions
 from .optim import MasterWeightAdamW
+
+
+class StopTraining(Exception):
+    """Raised inside the loop when ``hooks.should_stop()`` asks for a stop: the run saves what it has."""
 
 
 @dataclass
