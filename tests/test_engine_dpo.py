@@ -59,6 +59,20 @@ def test_a_finished_run_is_aligned_by_name_into_a_dpo_run_watched_like_any_job(e
         engine.start_preference(run.name, owner="alice", **settings(engine, tmp_path))
 
 
+    from ui import align_tab, train_tab  # what the Align and Train tabs draw from this job
+
+    chart, progress, responses, final, start_btn, stop_btn, message, seen, finished = align_tab.poll(engine, "alice", None)
+    message = json.loads(chart)
+    margin = [t for t in message["figure"]["data"] if t.get("meta") == "live-margin"]
+    assert len(margin) == 1 and margin[0]["yaxis"] == "y2" and len(margin[0]["x"]) == 3
+    assert [row[1] for row in message["rows"]] == [0, 1, 2, 3, 4] and message["rows"][2][5] is not None
+    assert "pairs/s" in progress and "step <b>4</b> / 4" in progress and "from " + parent in progress
+    assert "Chosen answer" in responses and "Rejected answer" in responses and "reward margin" in final
+    assert finished == snap["run"] and seen["rows"] == 5
+    assert align_tab.poll(engine, "alice", seen)[0] == {"__type__": "update"}  # nothing new: no chart sent
+    assert "see the <b>Align</b> tab" in train_tab.poll(engine, "alice", None, [])[1]
+
+
 def test_refused_before_start_for_unfinished_or_unknown_parents_paths_and_limits(engine, parent, tmp_path):
     running = read_manifest(engine.run(parent).path)
     unfinished = engine.root / "20000101-000000-unfinished"

@@ -7,7 +7,7 @@ import statistics
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .theme import BASE_COLOR, PROMPT_COLOR, RESPONSE_COLOR, TRAIN_COLOR, TUNED_COLOR, VAL_COLOR
+from .theme import ALIGNED_COLOR, BASE_COLOR, MARGIN_COLOR, PROMPT_COLOR, RESPONSE_COLOR, TRAIN_COLOR, TUNED_COLOR, VAL_COLOR
 
 OVERLAY_COLORS = ("#0891b2", "#9333ea", "#65a30d", "#db2777", "#ca8a04", "#475569")
 HOVER = "step %{customdata[0]} · epoch %{customdata[1]:.2f}<br>%{x:,} tokens<br>%{fullData.name}: %{y:.3f}<extra></extra>"
@@ -114,13 +114,36 @@ def loss_figure(history: list[dict], overlays: list[tuple[str, list[dict]]] = ()
 
 
 def live_rows(history: list[dict]) -> list[list]:
-    """The rows the browser needs to extend the live chart: tokens seen, step, epoch, train loss, validation loss."""
-    return [[r.get("tokens_seen"), r.get("step"), r.get("epoch"), r.get("train_loss"), r.get("val_loss")] for r in history]
+    """The rows the browser needs to extend the live chart: tokens seen, step, epoch, train loss, validation loss,
+    validation reward margin (preference tuning; None otherwise)."""
+    return [[r.get("tokens_seen"), r.get("step"), r.get("epoch"), r.get("train_loss"), r.get("val_loss"),
+             r.get("val_reward_margin")] for r in history]
 
 
-def live_figure_message(key: str, history: list[dict], overlays=(), title: str | None = None) -> str:
-    """The whole live chart, once per run or overlay choice: the figure and the rows drawn in it."""
-    figure = json.loads(loss_figure(history, overlays, title).to_json())
+def preference_figure(history: list[dict], title: str | None = None) -> go.Figure:
+    """DPO loss on train and validation pairs (left axis) and the validation reward margin (right axis)."""
+    if not history:
+        return empty_figure("Press Start to align: the DPO loss and the reward margin will draw themselves here.")
+    fig = go.Figure()
+    add_run(fig, history)
+    for trace in fig.data:
+        trace.name = trace.name.replace("loss", "DPO loss")
+    mx, my, mcustom = _points(history, "val_reward_margin")
+    fig.add_trace(go.Scatter(x=mx, y=my, customdata=mcustom, name="validation reward margin", mode="lines+markers",
+                             yaxis="y2", line=dict(color=MARGIN_COLOR, width=2, dash="dash"), marker=dict(size=6),
+                             hovertemplate=HOVER, meta="live-margin"))
+    fig = base_layout(fig, xaxis_title="tokens seen", yaxis_title="DPO loss (ln 2 = 0.693 at the start)",
+                      yaxis2=dict(title="reward margin", overlaying="y", side="right", showgrid=False, zeroline=True))
+    fig.update_layout(margin=dict(l=56, r=56, t=36, b=48))
+    if title:
+        fig.update_layout(title=dict(text=title, font=dict(size=13), x=1, xanchor="right", y=0.995))
+    return fig
+
+
+def live_figure_message(key: str, history: list[dict], overlays=(), title: str | None = None,
+                        figure: go.Figure | None = None) -> str:
+    """The whole live chart, once per run or overlay choice: the figure (the loss chart unless given) and its rows."""
+    figure = json.loads((figure or loss_figure(history, overlays, title)).to_json())
     return json.dumps({"key": key, "figure": figure, "rows": live_rows(history)})
 
 

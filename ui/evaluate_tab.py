@@ -243,7 +243,7 @@ def open_in_playground(shared, result: dict | None, evt: gr.SelectData):
     except (TypeError, ValueError, IndexError):
         row = None
     if row is None:
-        return (gr.skip(),) * 10
+        return (gr.skip(),) * (1 + len(shared.playground))
     note = notice(f"Example #{row['index'] + 1} of the test split, opened from the evaluation: press <b>Compare</b>.")
     return gr.Tabs(selected="playground"), *shared.open_example(row, result["run"], note)
 

@@ -9,6 +9,8 @@ PROMPT_COLOR = "#64748b"
 RESPONSE_COLOR = "#4f46e5"
 BASE_COLOR = "#94a3b8"
 TUNED_COLOR = "#4f46e5"
+ALIGNED_COLOR = "#059669"
+MARGIN_COLOR = "#059669"
 
 THEME = gr.themes.Soft(
     primary_hue="indigo",
