@@ -465,3 +465,13 @@ def test_preference_tuning_from_a_run_then_three_columns_in_the_playground(url, 
     assert "All three answers sampled at temperature 1, seed 7" in text(note)
     assert "only in the aligned answer" in text(diff)
     assert (base, tuned) == c.predict("Name a colour.", "", parent, 12, 1.0, 0, 1, 7, api_name="/compare")[:2]
+
+    out = c.predict("owner-a", aligned_run, 3, 4, 2, "", "llama3", "fine-tuned ROUGE-L", True, api_name="/evaluate")
+    progress, summary, chart, table = out[0], out[2], out[3], out[4]
+    assert "Evaluated 3 examples" in text(progress), text(progress)
+    shown = text(summary)
+    assert "base fine-tuned aligned" in shown and "chosen answer more likely than rejected" in shown
+    names = [t["name"] for t in json.loads(chart["plot"])["data"]]
+    assert names == ["base", "base", "fine-tuned", "fine-tuned", "aligned", "aligned"]
+    assert table["headers"][4:7] == ["base response", "fine-tuned response", "aligned response"]
+    assert "ROUGE-L aligned" in table["headers"] and len(table["data"]) == 3

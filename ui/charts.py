@@ -167,7 +167,7 @@ def length_histogram(stats: dict) -> go.Figure:
 
 
 def evaluation_figure(summary: dict) -> go.Figure:
-    """Base against fine-tuned: the higher-is-better scores on one 0-100 axis, perplexity in a panel of its own.
+    """Base against fine-tuned (and aligned, for a preference-tuned run): the higher-is-better scores on one 0-100 axis, perplexity in a panel of its own.
 
     Perplexity is apart because lower is better and its scale is the
     vocabulary's (about 50,000 for random weights, ~10 for a tuned GPT-2).
@@ -177,7 +177,11 @@ def evaluation_figure(summary: dict) -> go.Figure:
         scores.append(("judge score (0-100)", "judge_avg", 1, "%{y:.1f}"))
     fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.1,
                         subplot_titles=("scores · higher is better", "perplexity · lower is better"))
-    for key, name, color in (("base", "base", BASE_COLOR), ("tuned", "fine-tuned", TUNED_COLOR)):
+    if all("preference_accuracy" in summary[k] for k in summary.get("models") or ("base", "tuned")):
+        scores.append(("chosen preferred (%)", "preference_accuracy", 100, "%{y:.0f}%"))
+    models = {"base": ("base", BASE_COLOR), "tuned": ("fine-tuned", TUNED_COLOR), "aligned": ("aligned", ALIGNED_COLOR)}
+    keys = list(summary.get("models") or ("base", "tuned"))
+    for key, (name, color) in ((k, models[k]) for k in keys):
         totals = summary[key]
         ys = [None if totals.get(k) is None else totals[k] * scale for _, k, scale, _ in scores]
         fig.add_trace(go.Bar(x=[label for label, *_ in scores], y=ys, name=name, marker_color=color, legendgroup=key,
@@ -188,7 +192,7 @@ def evaluation_figure(summary: dict) -> go.Figure:
                              hovertemplate=f"{name}<br>perplexity %{{y:,.2f}}<extra></extra>"), row=1, col=2)
     fig = base_layout(fig, height=340, barmode="group", bargap=0.25)
     fig.update_yaxes(range=[0, 110], row=1, col=1)
-    top = max((summary[k].get("perplexity") or 0 for k in ("base", "tuned")), default=0)
+    top = max((summary[k].get("perplexity") or 0 for k in keys), default=0)
     fig.update_yaxes(range=[0, top * 1.15 or 1], row=1, col=2)
     fig.update_annotations(font=dict(size=12, color="#64748b"))
     fig.update_layout(legend=dict(xanchor="left", x=0, y=1.1), margin=dict(t=64))
