@@ -220,6 +220,11 @@ class Engine:
         self.datasets.prune(keep=stored)
         return str(stored)
 
+    def preference_records(self) -> list[dict]:
+        """The book's preference pairs, from the cache (downloaded once), parsed once and shared by every visitor."""
+        path = cache.preference_path()
+        return self.datasets.shared(f"preference:{path.stat().st_mtime_ns}", lambda: load_preferences(path))
+
     def preference_config(self, parent_name: str, **settings) -> tuple[DPOConfig, RunInfo]:
         """The DPO settings for a finished fine-tuned run of this server, within its limits; errors say which limit."""
         run = self.finished_run(parent_name)

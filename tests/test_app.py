@@ -475,3 +475,23 @@ def test_preference_tuning_from_a_run_then_three_columns_in_the_playground(url, 
     assert names == ["base", "base", "fine-tuned", "fine-tuned", "aligned", "aligned"]
     assert table["headers"][4:7] == ["base response", "fine-tuned response", "aligned response"]
     assert "ROUGE-L aligned" in table["headers"] and len(table["data"]) == 3
+
+
+def test_preference_pairs_are_browsed_with_chosen_and_rejected_side_by_side(url, monkeypatch):
+    from tests.conftest import SHARED_PREFERENCE
+
+    c = client(url)
+    if not cache.is_preference_cached():
+        monkeypatch.setattr(cache, "PREFERENCE_URL", "http://127.0.0.1:9/instruction-data-with-preference.json")
+        message, rows, count, _ = c.predict("", 1, api_name="/browse_preferences")
+        assert "Offline? The book's preference pairs could not be downloaded" in text(message) and rows["data"] == []
+        if not SHARED_PREFERENCE.exists():
+            pytest.skip(f"needs {SHARED_PREFERENCE}")
+        cache.store_preference(SHARED_PREFERENCE.read_bytes())
+    message, rows, count, page = c.predict("", 2, api_name="/browse_preferences")
+    assert "1,100 pairs" in text(message) and count.startswith("1,100 pairs, page 2 / ") and page == 2
+    assert rows["headers"] == ["#", "split", "instruction", "input", "chosen", "rejected"]
+    first = rows["data"][0]
+    assert first[1] == "train" and first[4] != first[5]
+    message, rows, count, page = c.predict("passive", 1, api_name="/browse_preferences")
+    assert count == "29 pairs, page 1 / 2" and len(rows["data"]) == 25  # found in the instruction or either answer
