@@ -1,35 +1,52 @@
-"""Fine-tuning throughput: our engine against Hugging Face transformers on the same batches.
+"""Fine-tuning throughput: ours, trained as ``python -m training`` trains, against transformers on the same batches.
 
-One run, the canonical train split at the book's settings (batch 8, AdamW lr 5e-5,
-weight decay 0.1), random weights of the chosen size (the same compute as the
-pretrained ones). Each side does ``--steps`` optimizer steps after two warm-up
-steps on the book's random batches; ours also on length-grouped batches.
+Random weights of the chosen size (the same compute as the pretrained ones),
+the book's settings (batch 8, AdamW lr 5e-5, weight decay 0.1). Ours is built,
+stepped and cleaned up after each step by the same functions as the training
+loop (``build_model``, ``MasterWeightAdamW`` stepping inside backward,
+``release_free_memory``), after the same runtime settings
+(``configure_runtime``).
 
-    python -m bench.train --model gpt2 --steps 10 [--skip-autocast]
+1. Ours alone: two warm-up steps, the second on the epoch's longest batch, so
+   that the peak memory printed is the epoch's peak for ours alone.
+2. Then, batch by batch, interleaved so that a busy machine slows every side
+   alike: ours on the book's random batch, transformers (fp32) on the same
+   batch, ours on a length-grouped batch, a short fp32/bf16 matmul to measure
+   the peak, and with ``--lora-rank`` ours with LoRA on the random batch.
+
+Figures per padded token (B x T, padding included), ratios per batch with
+min / median / max, and an epoch projected from the measured seconds per token.
+
+    python -m bench.train --model gpt2 --steps 10 [--data canonical] [--lora-rank 16] [--skip-autocast]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
+import sys
 import tempfile
 import time
 
-from training.optim import MasterWeightAdamW  # first: the training package sets the allocator's environment
+from model.device import configure_runtime
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine, print_json
-from data import InstructionDataset, load_instructions, make_loader, padding_stats, split_instructions
-from model import GPT, GPTConfig, pick_device, pick_dtype, save_pretrained
-from model.device import describe, peak_rss_mb
+from bench.common import machine, precision_line, print_json, spread
+from data import DatasetError, InstructionDataset, load_instructions, make_loader, padding_stats, split_instructions
+from model import GPTConfig, pick_device, pick_dtype, save_pretrained
+from model.device import cpu_class, describe, peak_rss_mb, release_free_memory
+from training.config import ConfigError, TrainConfig
+from training.loop import build_model
+from training.lora import add_lora
+from training.optim import MasterWeightAdamW
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
     """Measured FLOP/s of a large square matmul: the ceiling for MFU."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    a @ b
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
@@ -45,101 +62,193 @@ def step_flops(config: GPTConfig, x: torch.Tensor, y: torch.Tensor) -> float:
     return 6 * block_params * B * T + 6 * config.vocab_size * d * targets + 12 * config.n_layer * B * T * T * d
 
 
-def run(step_fn, batches, warmup: int = 2) -> tuple[float, float, float]:
-    """(tokens/s, seconds/step, mean loss) over ``batches`` after ``warmup`` untimed steps."""
-    for x, y in batches[:warmup]:
-        step_fn(x, y)
-    tokens, losses = 0, []
-    start = time.perf_counter()
-    for x, y in batches[warmup:]:
-        losses.append(step_fn(x, y))
-        tokens += x.numel()
-    seconds = time.perf_counter() - start
-    return tokens / seconds, seconds / (len(batches) - warmup), sum(losses) / len(losses)
+class Ours:
+    """Our model and optimizer as ``training.loop.train`` makes them, and its step."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, save_to: str | None = None):
+        self.device = device
+        self.model = build_model(config, device)
+        if save_to:
+            save_pretrained(self.model, save_to)  # the same initial weights for transformers
+        if config.lora_rank:
+            add_lora(self.model, config.lora_rank, config.lora_alpha)
+        self.optimizer = MasterWeightAdamW(self.model, dtype, lr=config.lr, weight_decay=config.weight_decay,
+                                           step_in_backward=True)
+        self.model.train()
+
+    def __call__(self, x, y) -> float:
+        x, y = x.to(self.device), y.to(self.device)
+        loss = self.model.loss(x, y)
+        loss.backward()  # AdamW steps inside backward at the book's settings
+        value = loss.item()
+        if self.device.type == "cpu":
+            release_free_memory()
+        return value
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gpt2", help="preset: tiny, gpt2, gpt2-medium, ...")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--skip-autocast", action="store_true", help="skip transformers with bf16 autocast")
-    args = parser.parse_args()
+class Transformers:
+    """Hugging Face GPT2LMHeadModel with torch AdamW, the book's loss on full logits."""
 
-    device = pick_device()
-    dtype = pick_dtype(device)
-    split = split_instructions(load_instructions("canonical"))
-    train_ds = InstructionDataset(split.train)
-    n = args.steps + 2
-    random_batches = list(itertools.islice(make_loader(train_ds, 8), n))
-    grouped_batches = list(itertools.islice(make_loader(train_ds, 8, grouped=True), n))
-    epoch = {kind: padding_stats(train_ds, 8, grouped=kind == "grouped") for kind in ("random", "grouped")}
-    config = GPTConfig.from_name(args.model)
-    print(f"machine: {machine()}; {args.model}: {config.num_params() / 1e6:.0f}M parameters; ours in {describe(device, dtype)}")
-    print(f"epoch: {epoch['random']['batches']} batches; padded tokens {epoch['random']['padded_tokens']:,} random, "
-          f"{epoch['grouped']['padded_tokens']:,} grouped")
+    def __init__(self, path: str, device: torch.device):
+        from transformers import GPT2LMHeadModel
 
-    torch.manual_seed(123)
-    model = GPT(config)
-    tmp = tempfile.TemporaryDirectory()
-    save_pretrained(model, tmp.name)  # the same initial weights for transformers
-    model.to(device).train()
-    optimizer = MasterWeightAdamW(model, dtype, lr=5e-5, weight_decay=0.1)
+        self.device = device
+        self.model = GPT2LMHeadModel.from_pretrained(path).to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-5, weight_decay=0.1)
 
-    def ours(x, y):
-        loss = model.loss(x.to(device), y.to(device))
-        loss.backward()  # AdamW steps inside backward at these settings
+    def step(self, x, y, autocast: bool = False) -> float:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = self.model(input_ids=x.to(self.device)).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    ours_tps, ours_sps, ours_loss = run(ours, random_batches)
-    grouped_tps, _, _ = run(ours, grouped_batches)
-    flops = sum(step_flops(config, x, y) for x, y in random_batches[2:]) / args.steps
+
+def timed_step(fn, x, y) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = fn(x, y)
+    return time.perf_counter() - start, loss
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="gpt2", help="preset: tiny, gpt2, gpt2-medium, ...")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each side")
+    parser.add_argument("--data", default="canonical", help="canonical, sample, or a JSON / JSON Lines file")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="ours (auto: bf16 where native)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="also time ours with LoRA of this rank on the same batches")
+    parser.add_argument("--skip-autocast", action="store_true", help="skip transformers with bf16 autocast")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    configure_runtime()
+    args = parse_args(argv)
+    if args.steps < 1:
+        print("error: --steps must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        config = TrainConfig(model=args.model, random_init=True, data=args.data, precision=args.precision)
+        lora_config = TrainConfig(**{**config.to_dict(), "lora_rank": args.lora_rank}) if args.lora_rank else None
+        split = split_instructions(load_instructions(args.data))
+    except (DatasetError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    device = pick_device()
+    dtype = pick_dtype(device, args.precision)
+    gpt_config = GPTConfig.from_name(args.model)
+    train_ds = InstructionDataset(split.train, max_length=gpt_config.block_size)
+    n = args.steps
+    random_all = list(make_loader(train_ds, config.batch_size, seed=config.seed))
+    grouped_all = list(make_loader(train_ds, config.batch_size, grouped=True, seed=config.seed))
+    if len(random_all) < n + 1:
+        print(f"error: the training split of {args.data!r} has {len(random_all)} batches of {config.batch_size}; "
+              f"--steps {n} needs {n + 1}", file=sys.stderr)
+        return 1
+    random_batches, grouped_batches = random_all[1 : n + 1], grouped_all[1 : n + 1]
+    longest = max(random_all, key=lambda b: b[0].shape[1])
+    epoch = {kind: padding_stats(train_ds, config.batch_size, grouped=kind == "grouped", seed=config.seed)
+             for kind in ("random", "grouped")}
+    print(f"machine: {machine()}; {args.model}: {gpt_config.num_params() / 1e6:.0f}M parameters; ours in {describe(device, dtype)}")
+    print(precision_line(device, args.precision))
+    print(f"epoch: {epoch['random']['batches']} batches; padded tokens {epoch['random']['padded_tokens']:,} random, "
+          f"{epoch['grouped']['padded_tokens']:,} grouped; longest batch {tuple(longest[0].shape)}")
+
+    tmp = tempfile.TemporaryDirectory()
+    ours = Ours(config, device, dtype, save_to=tmp.name)
+    for x, y in (random_all[0], longest):  # warm-up, and the epoch's peak memory for ours alone
+        ours(x, y)
     ours_peak = peak_rss_mb()
-    optimizer.finish()
-    del model, optimizer
+    lora = None
+    if lora_config:
+        lora = Ours(lora_config, device, dtype)
+        for x, y in (random_all[0], longest):
+            lora(x, y)
+    hf = Transformers(tmp.name, device)
+    autocast = dtype == torch.bfloat16 and not args.skip_autocast
+    for x, y in random_all[:2]:
+        hf.step(x, y)
+        if autocast:
+            hf.step(x, y, autocast=True)
 
-    from transformers import GPT2LMHeadModel
-
-    def hf_step(hf, opt, autocast):
-        def step(x, y):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = hf(input_ids=x.to(device)).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.item()
-        return step
-
-    results = {}
-    for name, autocast in (("fp32", False), ("bf16 autocast", True)):
-        if autocast and (args.skip_autocast or dtype != torch.bfloat16):
-            continue
-        hf = GPT2LMHeadModel.from_pretrained(tmp.name).to(device).train()
-        opt = torch.optim.AdamW(hf.parameters(), lr=5e-5, weight_decay=0.1)
-        results[name] = run(hf_step(hf, opt, autocast), random_batches)
-        del hf, opt
+    times = {"ours": [], "ours_grouped": [], "transformers": [], "transformers_autocast": [], "ours_lora": []}
+    losses = {"ours": [], "transformers": []}
+    peaks = []
+    for (x, y), (gx, gy) in zip(random_batches, grouped_batches):
+        seconds, loss = timed_step(ours, x, y)
+        times["ours"].append(seconds)
+        losses["ours"].append(loss)
+        seconds, loss = timed_step(hf.step, x, y)
+        times["transformers"].append(seconds)
+        losses["transformers"].append(loss)
+        times["ours_grouped"].append(timed_step(ours, gx, gy)[0])
+        if lora is not None:
+            times["ours_lora"].append(timed_step(lora, x, y)[0])
+        if autocast:
+            times["transformers_autocast"].append(timed_step(lambda a, b: hf.step(a, b, autocast=True), x, y)[0])
+        peaks.append(matmul_peak(dtype))
     tmp.cleanup()
 
-    peak = matmul_peak(dtype)
-    hf_tps, hf_sps, hf_loss = results["fp32"]
-    print(f"ours:         {ours_tps:7.0f} tokens/s, {ours_sps:.2f} s/step, loss {ours_loss:.3f} (random batches)")
-    print(f"ours:         {grouped_tps:7.0f} tokens/s on length-grouped batches")
-    for name, (tps, sps, loss) in results.items():
-        print(f"transformers: {tps:7.0f} tokens/s, {sps:.2f} s/step, loss {loss:.3f} ({name}); ours is {ours_tps / tps:.2f}x")
-    mfu = flops / ours_sps / peak
-    print(f"MFU: {mfu:.0%} of the measured {str(dtype).removeprefix('torch.')} matmul peak ({peak / 1e9:.0f} GFLOP/s)")
-    projected_random = epoch["random"]["padded_tokens"] / ours_tps
-    projected_grouped = epoch["grouped"]["padded_tokens"] / grouped_tps
-    print(f"projected epoch (training steps only): {projected_random / 60:.1f} min random, {projected_grouped / 60:.1f} min grouped; "
-          f"transformers {epoch['random']['padded_tokens'] / hf_tps / 60:.1f} min")
-    print(f"peak RSS of our part: {ours_peak:.0f} MB")
+    tokens = [x.numel() for x, _ in random_batches]
+    grouped_tokens = sum(x.numel() for x, _ in grouped_batches)
+
+    def tps(name: str, count=sum(tokens)) -> float | None:
+        return count / sum(times[name]) if times[name] else None
+
+    def ratios(slow: str, fast: str) -> dict:
+        return spread(s / f for s, f in zip(times[slow], times[fast]))
+
+    ours_tps, hf_tps, grouped_tps = tps("ours"), tps("transformers"), tps("ours_grouped", grouped_tokens)
+    vs_hf = ratios("transformers", "ours")
+    mfus = [step_flops(gpt_config, x, y) / s / p for (x, y), s, p in zip(random_batches, times["ours"], peaks)]
+    mfu = spread(mfus)
+    peak = statistics.median(peaks)
+    projected = {
+        "ours_grouped_s": epoch["grouped"]["padded_tokens"] / grouped_tps,
+        "ours_random_s": epoch["random"]["padded_tokens"] / ours_tps,
+        "transformers_random_s": epoch["random"]["padded_tokens"] / hf_tps,
+    }
+    if lora is not None:
+        projected["ours_lora_random_s"] = epoch["random"]["padded_tokens"] / tps("ours_lora")
+    name = str(dtype).removeprefix("torch.")
+    print(f"ours:         {ours_tps:7.1f} tokens/s, {statistics.mean(times['ours']):.2f} s/step, loss {statistics.mean(losses['ours']):.3f} (random batches)")
+    print(f"ours:         {grouped_tps:7.1f} tokens/s on length-grouped batches")
+    print(f"transformers: {hf_tps:7.1f} tokens/s, {statistics.mean(times['transformers']):.2f} s/step, "
+          f"loss {statistics.mean(losses['transformers']):.3f} (fp32)")
+    print(f"ours / transformers fp32, per padded token on the same batch: {ours_tps / hf_tps:.2f}x overall; "
+          f"per batch min {vs_hf['min']:.2f}x, median {vs_hf['median']:.2f}x, max {vs_hf['max']:.2f}x")
+    autocast_ratio = None
+    if times["transformers_autocast"]:
+        autocast_ratio = ratios("transformers_autocast", "ours")
+        print(f"transformers: {tps('transformers_autocast'):7.1f} tokens/s (bf16 autocast); ours is {autocast_ratio['median']:.2f}x (median per batch)")
+    lora_ratio = None
+    if lora is not None:
+        lora_ratio = ratios("ours", "ours_lora")
+        print(f"ours LoRA r={args.lora_rank}: {tps('ours_lora'):7.1f} tokens/s; full fine-tuning takes {lora_ratio['median']:.2f}x "
+              f"LoRA's time per batch (median; min {lora_ratio['min']:.2f}x, max {lora_ratio['max']:.2f}x)")
+    print(f"MFU: median {mfu['median']:.0%} (min {mfu['min']:.0%}, max {mfu['max']:.0%}) of the {name} matmul peak "
+          f"measured between the steps (median {peak / 1e9:.0f} GFLOP/s)")
+    print(f"projected epoch (training steps only): ours {projected['ours_grouped_s'] / 60:.1f} min grouped, "
+          f"{projected['ours_random_s'] / 60:.1f} min random; transformers {projected['transformers_random_s'] / 60:.1f} min random: "
+          f"ours grouped is {projected['transformers_random_s'] / projected['ours_grouped_s']:.2f}x")
+    print(f"peak RSS of ours alone (the epoch's longest batch): {ours_peak:.0f} MB")
     print_json(dict(
-        ours_tokens_per_s=ours_tps, ours_grouped_tokens_per_s=grouped_tps, transformers_tokens_per_s=hf_tps,
-        transformers_autocast_tokens_per_s=results.get("bf16 autocast", (float("nan"),))[0],
-        ratio=ours_tps / hf_tps, mfu=mfu, projected_epoch_s=projected_grouped, projected_epoch_random_s=projected_random,
-        peak_rss_mb=ours_peak,
+        model=args.model, cpu_class=cpu_class() if device.type == "cpu" else device.type,
+        precision=name, ours_tokens_per_s=ours_tps, ours_grouped_tokens_per_s=grouped_tps, transformers_tokens_per_s=hf_tps,
+        transformers_autocast_tokens_per_s=tps("transformers_autocast"), ratio=ours_tps / hf_tps, ratio_per_batch=vs_hf,
+        ratio_vs_autocast_per_batch=autocast_ratio, lora_rank=args.lora_rank or None,
+        ours_lora_tokens_per_s=tps("ours_lora"), full_over_lora_time_per_batch=lora_ratio,
+        mfu=mfu["median"], mfu_per_batch=mfu, matmul_peak_gflops=peak / 1e9,
+        projected_epoch_s=projected["ours_grouped_s"], projected_epoch_random_s=projected["ours_random_s"],
+        transformers_projected_epoch_s=projected["transformers_random_s"],
+        epoch_ratio=projected["transformers_random_s"] / projected["ours_grouped_s"],
+        ours_lora_projected_epoch_random_s=projected.get("ours_lora_random_s"), peak_rss_mb=ours_peak,
     ))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -91,7 +91,35 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        h = self.c_fc(x)
+        if torch.is_grad_enabled() and type(self.c_proj) is nn.Linear and self.c_proj.weight.requires_grad:
+            return GeluLinear.apply(h, self.c_proj.weight, self.c_proj.bias)
+        return self.c_proj(F.gelu(h, approximate="tanh"))
+
+
+class GeluLinear(torch.autograd.Function):
+    """``linear(gelu(h), weight, bias)`` that keeps ``h`` alone for backward and recomputes the GELU there.
+
+    Left to autograd, both ``h`` (for GELU's backward) and ``gelu(h)`` (for the
+    weight's gradient) stay alive until backward: two (tokens x 4 d) tensors a
+    layer. Recomputing the GELU costs one elementwise pass and saves one of them.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h, approximate="tanh"), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        g = F.gelu(h, approximate="tanh")
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_w = grad_2d.t() @ g.reshape(-1, g.shape[-1]) if ctx.needs_input_grad[1] else None
+        del g
+        grad_b = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
+        grad_h = torch.ops.aten.gelu_backward(grad_out @ weight, h, approximate="tanh") if ctx.needs_input_grad[0] else None
+        return grad_h, grad_w, grad_b
 
 
 class Block(nn.Module):

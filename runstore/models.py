@@ -16,8 +16,10 @@ from training.config import TrainConfig
 
 
 def inference_setup() -> tuple[torch.device, torch.dtype]:
+    """fp32 on the CPU, where exact greedy decoding runs fastest (an int8 draft checked by one fp32 pass); else the
+    device's fast precision."""
     device = pick_device()
-    return device, pick_dtype(device)
+    return device, torch.float32 if device.type == "cpu" else pick_dtype(device)
 
 
 def run_config(run_dir: str | Path) -> TrainConfig:

@@ -380,7 +380,7 @@ def test_preset_labels_carry_size_and_memory():
     from ui.train_tab import preset_label
 
     assert preset_label(estimate("tiny")) == "tiny · 7.4M params · random weights, offline demo"
-    assert preset_label(estimate("gpt2")) == "gpt2 · 124M params · full fine-tune ≈ 2.5 GB · LoRA ≈ 1.8 GB · inference ≈ 0.25 GB"
+    assert preset_label(estimate("gpt2")) == "gpt2 · 124M params · full fine-tune ≈ 2.5 GB · LoRA ≈ 1.8 GB · inference ≈ 0.5 GB"
 
 
 def test_differences_are_marked_word_by_word():

@@ -1,6 +1,7 @@
 """The core model against transformers, the weights in and out, the tokenizer, generation."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from model import (
     load_pretrained,
     sample_next,
     save_pretrained,
+    stream_side_by_side,
     stream_text,
 )
 from model import generation as generation_module
@@ -289,3 +291,124 @@ def _is_utf8(data: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+# Exact generation (int8 draft, checked by the model) and the opt-in int8 mode
+
+
+@pytest.fixture
+def frozen(tiny):
+    return tiny.requires_grad_(False)
+
+
+def _other_tiny(seed: int):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.from_name("tiny", block_size=64)).eval().requires_grad_(False)
+
+
+def test_exact_mode_equals_plain_and_recompute(frozen):
+    for seed in range(4):
+        torch.manual_seed(seed)
+        prompt = torch.randint(0, 50257, (1 + 3 * seed,)).tolist()
+        exact = generate(frozen, prompt, 40, eos_id=None)
+        assert exact == generate(frozen, prompt, 40, eos_id=None, mode="plain")
+        assert exact == generate_text_simple(frozen, torch.tensor([prompt]), 40)[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("draft", ["itself", "another model"])
+def test_speculative_output_is_the_models_whatever_the_draft(frozen, draft):
+    """A perfect draft is accepted whole (few passes); a wrong one changes the speed, never the tokens."""
+    other = copy.deepcopy(frozen) if draft == "itself" else _other_tiny(7)
+    calls = []
+    original = frozen.hidden_states
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    frozen.hidden_states = counted
+    prompt = [5, 17, 300, 42, 9]
+    tokens = [int(t) for t in generation_module.speculative_steps(frozen, other, prompt, 50, eos_id=None)]
+    del frozen.hidden_states
+    assert tokens == generate(frozen, prompt, 50, eos_id=None, mode="plain")
+    if draft == "itself":
+        assert len(calls) < 50 / 4
+
+
+def test_speculative_stops_at_the_end_token_and_the_limit(frozen):
+    prompt = [5, 17, 300, 42, 9]
+    out = generate(frozen, prompt, 30, eos_id=None, mode="plain")
+    first_new = next((i for i in range(1, len(out)) if out[i] not in out[:i]), 0)  # an end token met only there
+    assert generate(frozen, prompt, 30, eos_id=out[first_new]) == out[:first_new]
+    for n in (1, 2, 9):
+        assert generate(frozen, [1, 2, 3], n, eos_id=None) == generate(frozen, [1, 2, 3], n, eos_id=None, mode="plain")
+
+
+def test_side_by_side_streams_each_models_exact_output(frozen):
+    tok = get_tokenizer()
+    other = _other_tiny(3)
+    prompt = tok.encode("Hello")
+    final = list(stream_side_by_side([frozen, other], tok, prompt, 20, eos_id=None))[-1]
+    assert final == tuple(tok.decode(generate(m, prompt, 20, eos_id=None, mode="plain")) for m in (frozen, other))
+
+
+def test_int8_mode_is_close_and_its_agreement_is_measured(frozen):
+    from bench.generate import agreement
+    from model.inference import int8_copy
+
+    idx = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        exact, approx = frozen(idx), int8_copy(frozen)(idx)
+    assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
+    prompts = [[5, 17, 300], [8] * 11, [1, 2, 3, 4, 5, 6, 7]]
+    reference = [generate(frozen, p, 12, mode="plain") for p in prompts]
+    assert agreement(frozen, prompts, 12, "exact", reference) == 1.0
+    assert 0.0 <= agreement(frozen, prompts, 12, "int8", reference) <= 1.0
+
+
+def test_int8_copy_follows_weight_changes_and_skips_models_in_training(tiny):
+    from model.inference import _COPIES, int8_copy
+
+    generate(tiny, [1, 2, 3], 5)  # parameters require grad: generated plainly, no int8 copy kept
+    assert "int8" not in _COPIES.get(tiny, {})
+    tiny.requires_grad_(False)
+    first = int8_copy(tiny)
+    assert int8_copy(tiny) is first
+    with torch.no_grad():
+        tiny.transformer.h[0].mlp.c_fc.weight.mul_(2)
+    assert int8_copy(tiny) is not first
+
+
+def test_unknown_generation_mode_is_an_error(tiny):
+    with pytest.raises(ValueError, match="unknown generation mode 'fast'; choose one of exact, plain, int8"):
+        generate(tiny, [1, 2], 3, mode="fast")
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_native_bf16_override(monkeypatch, value):
+    from model.device import cpu_has_bf16
+
+    monkeypatch.setenv("GPT2_INSTRUCT_NATIVE_BF16", value)
+    cpu_has_bf16.cache_clear()
+    try:
+        assert cpu_has_bf16() is (value == "1")
+    finally:
+        monkeypatch.delenv("GPT2_INSTRUCT_NATIVE_BF16")
+        cpu_has_bf16.cache_clear()
+
+
+def test_bf16_models_and_sampling_generate_one_token_per_pass(frozen, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("speculative path taken")
+
+    monkeypatch.setattr(generation_module, "speculative_steps", fail)
+    generate(frozen.to(torch.bfloat16), [1, 2, 3], 5)
+    generate(frozen.float(), [1, 2, 3], 5, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    generate_batch(frozen, [[1, 2, 3], [4, 5]], 5)
+
+
+def test_benchmark_json_has_no_nan():
+    from bench.generate import finite
+
+    line = json.dumps(finite({"a": float("nan"), "b": float("inf"), "c": 1.23456, "d": "x"}))
+    assert json.loads(line) == {"a": None, "b": None, "c": 1.235, "d": "x"}

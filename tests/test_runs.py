@@ -150,7 +150,7 @@ def test_data_too_small_fails_before_the_run_starts(tmp_path):
     records, split = check_data(tiny(tmp_path, "x", data=small_data(tmp_path, 10), batch_size=8))
     assert len(records) == 10 and (len(split.train), len(split.test), len(split.val)) == (8, 1, 1)
     events = []
-    with pytest.raises(DatasetError, match="test split is empty"):
+    with pytest.raises(DatasetError, match=r"test \(10 %\) split is empty"):
         train(tiny(tmp_path, "never", data=small_data(tmp_path, 9), batch_size=2), Hooks(on_event=events.append))
     assert not any(isinstance(e, Started) for e in events) and not (tmp_path / "never").exists()
 

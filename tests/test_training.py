@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -268,6 +269,116 @@ def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
         assert torch.allclose(p.to(q.dtype), q), name
     tuned = models.tuned(tmp_path / "run")
     assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_native_bf16_override_wins_over_cpuinfo(monkeypatch):
+    """GPT2_INSTRUCT_NATIVE_BF16 picks the CPU class, and the precision path names it as the reason."""
+    from model.device import NATIVE_BF16_ENV, cpu_class, cpu_has_bf16, pick_dtype, precision_reason
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    assert not cpu_has_bf16() and cpu_class() == "fp32-only" and pick_dtype(cpu) == torch.float32
+    assert precision_reason(cpu) == f"fp32: forced by {NATIVE_BF16_ENV}=0"
+    monkeypatch.setenv(NATIVE_BF16_ENV, "1")
+    assert cpu_has_bf16() and pick_dtype(cpu) == torch.bfloat16
+    assert precision_reason(cpu).startswith("bf16: forced")
+    assert precision_reason(cpu, "fp32") == "fp32: chosen explicitly"
+    monkeypatch.setenv(NATIVE_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=NATIVE_BF16_ENV):
+        cpu_has_bf16()
+
+
+def test_precision_reason_follows_the_cpu_flags(monkeypatch):
+    import model.device as device
+
+    monkeypatch.delenv(device.NATIVE_BF16_ENV, raising=False)
+    monkeypatch.setattr(device, "cpu_bf16_flag", lambda: None)
+    assert device.precision_reason(torch.device("cpu")) == "fp32: this CPU has no native bf16 matmul (no AVX512-BF16/AMX)"
+    assert device.pick_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(device, "cpu_bf16_flag", lambda: "avx512_bf16")
+    assert device.precision_reason(torch.device("cpu")).startswith("bf16: AVX512-BF16 found")
+    assert device.pick_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def test_configure_runtime_sets_defaults_once_and_keeps_the_users(monkeypatch):
+    from model.device import RUNTIME_ENV, configure_runtime
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    configure_runtime()
+    configure_runtime()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == RUNTIME_ENV["THP_MEM_ALLOC_ENABLE"]
+
+
+def test_importing_training_leaves_the_environment_alone():
+    code = "import os, training, model; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+
+
+def test_calibration_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
+    from training import calibrate as cal
+
+    monkeypatch.setattr(cal, "cache_file", lambda: tmp_path / "calibration.json")
+    first = cal.calibrate("tiny", precision="fp32")
+    assert not first.cached and first.method == "full" and first.precision == "fp32"
+    assert first.steps == 116 and first.epoch_s == pytest.approx(first.train_s + first.eval_s) and first.train_s > 0
+    assert first.reason.startswith("fp32: chosen explicitly")
+    again = cal.calibrate("tiny", precision="fp32")
+    assert again.cached and again.epoch_s == first.epoch_s
+    lora = cal.calibrate("tiny", lora_rank=4, precision="fp32")
+    assert not lora.cached and lora.method == "lora-4"
+    assert len(json.loads((tmp_path / "calibration.json").read_text())) == 2
+    assert not cal.calibrate("tiny", precision="fp32", refresh=True).cached
+    with pytest.raises(ConfigError):
+        cal.calibrate("not-a-preset")
+
+
+def test_calibration_fit_separates_the_fixed_cost_per_step():
+    from training.calibrate import fit
+
+    per_token, fixed = fit([(400, 0.5 + 400e-3), (800, 0.5 + 800e-3)])
+    assert per_token == pytest.approx(1e-3) and fixed == pytest.approx(0.5)
+    assert fit([(400, 2.0), (800, 1.0)]) == (pytest.approx(3.0 / 1200), 0.0)
+
+
+def test_bench_train_reports_missing_data_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "bench.train", "--data", "/nonexistent/records.json"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "/nonexistent/records.json" in out.stderr
+
+
+def test_bench_train_ends_with_one_json_object_without_nan(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "bench.train", "--model", "tiny", "--steps", "1", "--data", "sample",
+                          "--lora-rank", "2"], cwd=REPO, capture_output=True, text=True, env={**os.environ, "GPT2_INSTRUCT_NATIVE_BF16": "0"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[1] == "CPU class: fp32-only; precision fp32: forced by GPT2_INSTRUCT_NATIVE_BF16=0"
+    figures = json.loads(lines[-1], parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert figures["cpu_class"] == "fp32-only" and figures["precision"] == "float32"
+    assert figures["transformers_autocast_tokens_per_s"] is None and figures["ours_lora_tokens_per_s"] > 0
+
+
+def test_mlp_recomputing_gelu_gives_autograds_gradients():
+    """The training MLP (GELU recomputed in backward) against plain autograd, forward and every gradient."""
+    from model.gpt import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig.from_name("tiny"))
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    out = mlp(x)
+    out.square().sum().backward()
+    fused = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    x.grad = None
+    mlp.zero_grad()
+    plain = mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
+    torch.testing.assert_close(out, plain)
+    plain.square().sum().backward()
+    for a, b in zip(fused, [x.grad] + [p.grad for p in mlp.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_optimizer_state_round_trip_continues_bit_for_bit(tmp_path, batches):

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from data import DatasetError
 from model import WeightsError
+from model.device import configure_runtime
 from runstore import find_run
 
 from . import distributed
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
     SIGTERM asks for a stop at the next step (the run is saved as stopped); under
     torchrun a stop on any rank stops them all.
     """
+    configure_runtime()
     resume = make_parser().parse_args(argv).resume
     try:
         run_dir = run_folder(resume) if resume else None

@@ -7,7 +7,7 @@ head's blocks, which grow with the model (~2 bytes a parameter at the
 book's batch of 8), plus ~0.8 GB of runtime (measured peak: 2.50 GB for
 124M, 5.76 GB for 355M). LoRA keeps the frozen weights the same way
 (4 bytes) and trains adapters only; with activations and the fp32 merge at
-the end, 124M measured 1.87 GB. Inference holds the bf16 weights.
+the end, 124M measured 1.87 GB. Inference holds fp32 weights on the CPU.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from model import PRESETS, GPTConfig
 GB = 1e9
 FULL_BYTES_PER_PARAM = 14
 LORA_BYTES_PER_PARAM = 8
-INFERENCE_BYTES_PER_PARAM = 2
+INFERENCE_BYTES_PER_PARAM = 4
 TRAINING_OVERHEAD_GB = 0.8
 
 
@@ -28,7 +28,7 @@ class Estimate:
     parameters: int
     full_gb: float  # full fine-tuning
     lora_gb: float  # LoRA fine-tuning
-    inference_gb: float  # bf16 weights for generation
+    inference_gb: float  # fp32 weights for generation (CPU)
 
     def params_label(self) -> str:
         """``7.4M`` or ``1.56B``."""

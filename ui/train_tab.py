@@ -264,6 +264,36 @@ def job_status(engine) -> dict:
     return snap
 
 
+def expected_html(preset: str, lora: bool, rank, result=None) -> str:
+    """The precision path with its reason, and the expected epoch of the book's data measured on this machine."""
+    from model import pick_device
+    from model.device import precision_reason
+    from training.calibrate import cached
+
+    reason = html.escape(precision_reason(pick_device()))
+    lora_rank = int(rank or 16) if lora else 0
+    found = result or (cached(preset, lora_rank) if preset in PRESETS else None)
+    method = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
+    if found is None:
+        when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}: not measured on this machine yet "
+                "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
+    else:
+        when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}, on this machine: "
+                f"<b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s, evaluations included).")
+    return notice(f"{when}<br>Precision: {reason}.")
+
+
+def measure(engine, preset: str, lora: bool, rank) -> str:
+    """Time a few real training steps of the chosen preset and method (refused while a run trains: it would skew both)."""
+    from training.calibrate import calibrate
+
+    if engine.snapshot("train", since=SCALARS_ONLY)["status"] in ACTIVE:
+        return notice("A run is training: measure once it has ended, so that neither slows the other.", "error")
+    if preset not in PRESETS:
+        return notice("Only the presets can be measured.", "error")
+    return expected_html(preset, lora, rank, calibrate(preset, int(rank or 16) if lora else 0, refresh=True))
+
+
 def resume(engine, client_id: str | None, name: str | None):
     """Continue a stopped or interrupted run, owned by this browser from now on."""
     if not client_id:
@@ -364,6 +394,9 @@ def build(shared) -> None:
                 with gr.Row():
                     rank = gr.Slider(1, 64, value=16, step=1, label="Rank", elem_id="lora-rank")
                     alpha = gr.Number(value=DEFAULTS["lora_alpha"], label="Alpha", elem_id="lora-alpha")
+            with gr.Row(equal_height=True):
+                expected = gr.HTML(expected_html("tiny", False, 16), elem_id="expected-epoch")
+                measure_btn = gr.Button("Measure", size="sm", scale=0, min_width=90, elem_id="measure-btn")
             data = gr.HTML(data_line(engine, None), elem_id="train-data")
             with gr.Row():
                 start_btn = gr.Button("Start fine-tuning", variant="primary", elem_id="start-btn")
@@ -410,3 +443,7 @@ def build(shared) -> None:
                      api_name="resume_training", concurrency_limit=1)
     shared.dataset.change(lambda d: data_line(engine, d), shared.dataset, data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)
+    for control in (preset, lora, rank):
+        control.change(expected_html, [preset, lora, rank], expected, api_visibility="private", **cheap)
+    measure_btn.click(partial(measure, engine), [preset, lora, rank], expected, api_name="measure_epoch", concurrency_limit=1,
+                      show_progress="minimal")

@@ -1,0 +1,210 @@
+"""How long one epoch of the book's data will take on this machine, measured before training starts.
+
+``calibrate(model, lora_rank)`` builds the preset with random weights (the
+same compute as the pretrained ones), times the real training step (the
+loop's optimizer, stepping inside backward, and its memory clean-up) on two
+batches of the canonical data, one of median and one of long length, and
+fits seconds = per-token cost x tokens + a fixed cost per step (the optimizer).
+Summed over the epoch's length-grouped batches, plus the evaluations the loop
+runs at its default settings, that is the expected epoch. The result is cached
+in the app's cache directory, keyed by everything that changes it (preset,
+method, precision, CPU, threads, torch), so the measurement runs once.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from data import InstructionDataset, cache, load_instructions, make_loader, split_instructions
+from model import GPT, GPTConfig, generate, pick_device, pick_dtype
+from model.device import DTYPES, cpu_class, precision_reason, release_free_memory
+from model.files import atomic_write
+
+from .config import TrainConfig
+from .lora import add_lora
+from .optim import MasterWeightAdamW
+
+CACHE_NAME = "calibration.json"
+PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+VERSION = 1
+
+
+@dataclass
+class Calibration:
+    model: str
+    method: str  # "full" or "lora-<rank>"
+    epoch_s: float  # expected wall time of one epoch of the canonical data, evaluations included
+    train_s: float  # ... of which training steps
+    eval_s: float  # ... and evaluations
+    steps: int  # optimizer steps in the epoch
+    tokens_per_s: float  # padded tokens per second over the epoch's batches
+    precision: str  # "bf16" or "fp32"
+    reason: str  # why that precision, e.g. "fp32: this CPU has no native bf16 matmul (no AVX512-BF16/AMX)"
+    cpu_class: str
+    measured_s: float  # how long the measurement took
+    measured_at: float  # time.time() of the measurement
+    cached: bool = False
+
+
+def cache_file() -> Path:
+    return cache.cache_dir() / CACHE_NAME
+
+
+def cache_key(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """Everything the measured time depends on, as one string."""
+    method = f"lora-{config.lora_rank}" if config.lora_rank else "full"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return "|".join([
+        f"v{VERSION}", config.model, method, str(dtype).removeprefix("torch."), str(device), cpu, cpu_class(),
+        f"{torch.get_num_threads()} threads", f"torch {torch.__version__}", f"batch {config.batch_size}",
+    ])
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(entries: dict) -> None:
+    path = cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(entries, indent=1)))
+
+
+def epoch_batches(config: TrainConfig, context: int) -> tuple[list, list]:
+    """The canonical data's first-epoch training batches (as the loop makes them) and its evaluation batches."""
+    split = split_instructions(load_instructions("canonical"))
+    train_ds = InstructionDataset(split.train, style=config.style, max_length=context)
+    val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
+    train = list(make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed))
+    val = list(make_loader(val_ds, config.batch_size, shuffle=False, drop_last=False))[: config.eval_batches or None]
+    return train, val
+
+
+def fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    """(seconds per token, fixed seconds per step) through (tokens, seconds) samples; proportional if the line is odd."""
+    (n1, t1), (n2, t2) = min(samples), max(samples)
+    if n2 > n1:
+        per_token = (t2 - t1) / (n2 - n1)
+        fixed = t1 - per_token * n1
+        if per_token > 0 and fixed >= 0:
+            return per_token, fixed
+    return sum(t for _, t in samples) / sum(n for n, _ in samples), 0.0
+
+
+def measure(config: TrainConfig) -> Calibration:
+    """Time the training step of ``config.model`` (random weights) on this machine; see the module docstring."""
+    started = time.perf_counter()
+    device = pick_device(config.device)
+    dtype = pick_dtype(device, config.precision)
+    gpt_config = GPTConfig.from_name(config.model)
+    train, val = epoch_batches(config, gpt_config.block_size)
+    by_length = sorted(train, key=lambda b: b[0].shape[1])
+    median, long = by_length[len(by_length) // 2], by_length[(len(by_length) * 9) // 10]
+
+    torch.manual_seed(config.seed)
+    model = GPT(gpt_config).to(device)
+    if config.lora_rank:
+        add_lora(model, config.lora_rank, config.lora_alpha)
+    optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=True)
+    model.train()
+
+    def step(x, y) -> float:
+        t0 = time.perf_counter()
+        x, y = x.to(device), y.to(device)
+        model.loss(x, y).backward()
+        if device.type == "cpu":
+            release_free_memory()
+        return time.perf_counter() - t0
+
+    for x, y in (median, long):  # warm-up: each shape's first step creates its kernels and allocations
+        step(x, y)
+    samples = [(x.numel(), step(x, y)) for x, y in (median, long)]
+    per_token, fixed = fit(samples)
+
+    model.eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        x, y = val[0]
+        model.loss(x.to(device), y.to(device))
+        forward_per_token = (time.perf_counter() - t0) / x.numel()
+        t0 = time.perf_counter()
+        generate(model, x[0, :32].tolist(), 4, eos_id=None)
+        per_new_token = (time.perf_counter() - t0) / 4
+    optimizer.finish()
+
+    steps = len(train) // config.grad_accum
+    train_s = sum(per_token * x.numel() for x, _ in train) + fixed * steps
+    evals = steps // config.eval_every + 1 + (steps % config.eval_every != 0)
+    baseline = sum(x.numel() for x, _ in train[: config.eval_batches or 3]) * forward_per_token
+    per_eval = sum(x.numel() for x, _ in val) * forward_per_token + config.sample_tokens * per_new_token
+    eval_s = baseline + evals * per_eval
+    return Calibration(
+        model=config.model, method=f"lora-{config.lora_rank}" if config.lora_rank else "full",
+        epoch_s=train_s + eval_s, train_s=train_s, eval_s=eval_s, steps=steps,
+        tokens_per_s=sum(x.numel() for x, _ in train) / train_s, precision=PRECISION_NAMES[dtype],
+        reason=precision_reason(device, config.precision), cpu_class=cpu_class(),
+        measured_s=time.perf_counter() - started, measured_at=time.time(),
+    )
+
+
+def cached(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto") -> Calibration | None:
+    """The cached expected epoch for a preset and method on this machine, or None when it was never measured here."""
+    config = TrainConfig(model=model, random_init=True, lora_rank=lora_rank, precision=precision)
+    device = pick_device(config.device)
+    entry = _read_cache().get(cache_key(config, device, pick_dtype(device, precision)))
+    try:
+        return Calibration(**{**entry, "cached": True}) if entry else None
+    except TypeError:
+        return None
+
+
+def calibrate(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto", refresh: bool = False) -> Calibration:
+    """The expected epoch on the canonical data for a preset and method: cached, else measured (seconds) and cached."""
+    found = None if refresh else cached(model, lora_rank, precision)
+    if found is not None:
+        return found
+    config = TrainConfig(model=model, random_init=True, lora_rank=lora_rank, precision=precision)
+    result = measure(config)
+    entries = _read_cache()
+    device = pick_device(config.device)
+    entries[cache_key(config, device, pick_dtype(device, precision))] = {k: v for k, v in asdict(result).items() if k != "cached"}
+    _write_cache(entries)
+    return result
+
+
+def main(argv=None) -> int:
+    """``python -m training.calibrate [--model gpt2] [--lora-rank 0] [--refresh]``: print the expected epoch."""
+    import argparse
+
+    from model.device import configure_runtime
+
+    configure_runtime()
+    p = argparse.ArgumentParser(prog="python -m training.calibrate", description=main.__doc__)
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--refresh", action="store_true", help="measure again even if a cached result exists")
+    args = p.parse_args(argv)
+    c = calibrate(args.model, args.lora_rank, args.precision, refresh=args.refresh)
+    print(f"{c.model} ({c.method}), {c.reason}: one epoch of the book's data ~{c.epoch_s / 60:.1f} min "
+          f"({c.train_s:.0f} s training at {c.tokens_per_s:.0f} tokens/s, {c.eval_s:.0f} s evaluating); "
+          f"{'cached' if c.cached else f'measured in {c.measured_s:.1f} s'}")
+    print(json.dumps({k: v for k, v in asdict(c).items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
