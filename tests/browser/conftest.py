@@ -58,7 +58,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    """Temporary runs and cache folders; the cache holds the canonical file when the real cache does."""
+    """Temporary runs and cache folders; the cache holds the book's files when the real cache does."""
     from data import cache
 
     root = tmp_path_factory.mktemp("browser-app")
@@ -68,6 +68,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     if cache.is_cached():
         canonical = cache.cache_dir() / cache.CANONICAL_NAME
         (paths["cache"] / cache.CANONICAL_NAME).write_bytes(canonical.read_bytes())
+    if cache.is_preference_cached():
+        preference = cache.cache_dir() / cache.PREFERENCE_NAME
+        (paths["cache"] / cache.PREFERENCE_NAME).write_bytes(preference.read_bytes())
     return paths
 
 

@@ -64,3 +64,21 @@ def test_the_playground_streams_base_fine_tuned_and_aligned_together(page, align
     choose(page, "#tuned-run", finished_run.name)  # an ordinary run: two columns again
     wait_text(page, "#run-info", "Fine-tuned: the same model after the run")
     page.wait_for_selector("#aligned-output", state="hidden")
+
+
+def test_the_dataset_tab_shows_preference_pairs_side_by_side(page):
+    from data import cache
+
+    if not cache.is_preference_cached():
+        pytest.skip(f"needs the book's {cache.PREFERENCE_NAME} in the dataset cache")
+    page.get_by_text("Preference pairs: chosen and rejected answers side by side").click()
+    page.click("#pref-load-btn")
+    wait_text(page, "#pref-count", "1,100 pairs, page 1 / 44")
+    headers = page.locator("#pref-table thead th").all_inner_texts()
+    assert any("chosen" in h for h in headers) and any("rejected" in h for h in headers)
+    page.fill("#pref-search textarea, #pref-search input", "passive")
+    page.press("#pref-search textarea, #pref-search input", "Enter")
+    wait_text(page, "#pref-count", "29 pairs, page 1 / 2")
+    page.click("#pref-next-page")
+    wait_text(page, "#pref-count", "29 pairs, page 2 / 2")
+    screenshot(page, "dataset-preference-pairs.png")
