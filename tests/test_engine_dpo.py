@@ -71,6 +71,7 @@ def test_a_finished_run_is_aligned_by_name_into_a_dpo_run_watched_like_any_job(e
     assert finished == snap["run"] and seen["rows"] == 5
     assert align_tab.poll(engine, "alice", seen)[0] == {"__type__": "update"}  # nothing new: no chart sent
     assert "see the <b>Align</b> tab" in train_tab.poll(engine, "alice", None, [])[1]
+    assert json.loads(train_tab.redraw(engine, [], None)[0])["rows"] == []  # the Train chart leaves DPO curves to Align
 
 
 def test_refused_before_start_for_unfinished_or_unknown_parents_paths_and_limits(engine, parent, tmp_path):

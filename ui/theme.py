@@ -87,7 +87,7 @@ CSS = """
                  color: var(--body-text-color-subdued); font-variant-numeric: tabular-nums; }
 .gi-progress-meta b { color: var(--body-text-color); font-weight: 600; }
 .gi-status { font-weight: 600; text-transform: capitalize; }
-.gi-status.training, .gi-status.evaluating { color: #4f46e5; }
+.gi-status.training, .gi-status.evaluating, .gi-status.reference { color: #4f46e5; }
 .gi-status.done { color: #15803d; }
 .gi-status.failed { color: #b91c1c; }
 .gi-status.stopped, .gi-status.stopping { color: #c2410c; }

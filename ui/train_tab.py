@@ -252,6 +252,8 @@ def preference_poll(snap: dict, seen: dict):
 def redraw(engine, overlays: list[str] | None, seen: dict | None):
     """The whole chart at once when the overlaid runs change."""
     snap = engine.snapshot("train")
+    if snap["kind"] == PREFERENCE:  # its curves are drawn in the Align tab
+        snap.update(history=[], history_len=0, config=None)
     seen = dict(seen or {})
     seen.update(chart=chart_key(snap, overlays), rows=snap["history_len"])
     return chart_message(engine, snap, overlays), seen
