@@ -256,22 +256,6 @@ def test_only_the_owner_can_stop_a_run(url):
     assert "No run is going" in text(c.predict("owner-a", api_name="/stop_training"))
 
 
-def test_a_failed_run_takes_the_started_message_away_and_names_the_path_box(url, tmp_path):
-    c = client(url)
-    load(c, "sample")
-    wait_until_idle(c)
-    c.predict("owner-a", [], api_name="/poll_status")  # this visitor has seen the previous run end
-    not_a_model = tmp_path / "my-gpt2"
-    not_a_model.mkdir()
-    assert "Started" in text(start(c, "owner-a", preset="gpt2", custom=str(not_a_model), random_init=False))
-    status = wait_until_idle(c)
-    assert status["status"] == "failed" and status["error"].startswith("WeightsError")
-    _, _, _, final, message = c.predict("owner-a", [], api_name="/poll_status")
-    assert message == ""  # no green "Started…" beside the red failure
-    assert "The run failed" in text(final) and "--model" not in text(final)
-    assert "…or a local path / Hugging Face Hub id box" in text(final)
-
-
 def test_a_tiny_upload_warns_that_it_cannot_be_split_and_a_too_long_record_is_shown_as_skipped(url, tmp_path):
     c = client(url)
     two = tmp_path / "two.jsonl"
@@ -314,6 +298,22 @@ def test_settings_errors_are_messages(url):
     assert "session id" in text(start(c, ""))
     after = c.predict(api_name="/job_status")
     assert (after["status"], after["started_at"]) == (before["status"], before["started_at"])  # nothing started
+
+
+def test_a_failed_run_takes_the_started_message_away_and_names_the_path_box(url, tmp_path):
+    c = client(url)
+    load(c, "sample")
+    wait_until_idle(c)
+    c.predict("owner-a", [], api_name="/poll_status")  # this visitor has seen the previous run end
+    not_a_model = tmp_path / "my-gpt2"
+    not_a_model.mkdir()
+    assert "Started" in text(start(c, "owner-a", preset="gpt2", custom=str(not_a_model), random_init=False))
+    status = wait_until_idle(c)
+    assert status["status"] == "failed" and status["error"].startswith("WeightsError")
+    _, _, _, final, message = c.predict("owner-a", [], api_name="/poll_status")
+    assert message == ""  # no green "Started…" beside the red failure
+    assert "The run failed" in text(final) and "--model" not in text(final)
+    assert "…or a local path / Hugging Face Hub id box" in text(final)
 
 
 def test_playground_reports_models_it_cannot_load(url, folders):
@@ -416,7 +416,7 @@ def test_the_runs_table_names_a_random_init_start(tmp_path):
         (tmp_path / "runs" / name).mkdir(parents=True)
         manifest = {"status": "done", "config": {"model": "gpt2", "random_init": random_init}, "data": {"source": "sample"}}
         (tmp_path / "runs" / name / "manifest.json").write_text(json.dumps(manifest))
-    rows, _, _ = runs_table(Engine(root=tmp_path / "runs", exports=tmp_path / "exports"))
+    rows = runs_table(Engine(root=tmp_path / "runs", exports=tmp_path / "exports"))[0]
     assert {row[0]: row[1] for row in rows} == {"20990101-000000-gpt2": "gpt2 (random init)", "20990101-000001-gpt2": "gpt2"}
 
 

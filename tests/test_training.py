@@ -217,6 +217,14 @@ def test_clipping_and_accumulation_path(tmp_path):
     assert metrics[-1]["tokens_seen"] > 0
 
 
+def test_the_offline_demo_settings_are_a_run_on_the_sample_with_the_prompt_masked():
+    from training.config import DEMO
+
+    config = TrainConfig(**DEMO)
+    assert (config.model, config.random_init, config.data, config.mask_prompt) == ("tiny", True, "sample", True)
+    assert config.lr > TrainConfig().lr and config.epochs > 1
+
+
 def test_config_errors_name_the_setting():
     with pytest.raises(ConfigError, match="batch_size must be between 1 and 512, got 0"):
         TrainConfig(batch_size=0)

@@ -104,6 +104,22 @@ def fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
     return sum(t for _, t in samples) / sum(n for n, _ in samples), 0.0
 
 
+@torch.no_grad()
+def time_evaluation(model: GPT, val: list, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+    """(seconds per token of a validation forward pass, seconds per generated token), in the compute dtype."""
+    model.eval().to(dtype)
+    x, y = val[0]
+    model.loss(x[:, :8].to(device), y[:, :8].to(device))  # warm-up
+    t0 = time.perf_counter()
+    model.loss(x.to(device), y.to(device))
+    forward_per_token = (time.perf_counter() - t0) / x.numel()
+    t0 = time.perf_counter()
+    generate(model, x[0, :32].tolist(), 4, eos_id=None)
+    per_new_token = (time.perf_counter() - t0) / 4
+    model.float()
+    return forward_per_token, per_new_token
+
+
 def measure(config: TrainConfig) -> Calibration:
     """Time the training step of ``config.model`` (random weights) on this machine; see the module docstring."""
     started = time.perf_counter()
@@ -116,6 +132,7 @@ def measure(config: TrainConfig) -> Calibration:
 
     torch.manual_seed(config.seed)
     model = GPT(gpt_config).to(device)
+    forward_per_token, per_new_token = time_evaluation(model, val, dtype, device)
     if config.lora_rank:
         add_lora(model, config.lora_rank, config.lora_alpha)
     optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=True)
@@ -134,15 +151,6 @@ def measure(config: TrainConfig) -> Calibration:
     samples = [(x.numel(), step(x, y)) for x, y in (median, long)]
     per_token, fixed = fit(samples)
 
-    model.eval()
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        x, y = val[0]
-        model.loss(x.to(device), y.to(device))
-        forward_per_token = (time.perf_counter() - t0) / x.numel()
-        t0 = time.perf_counter()
-        generate(model, x[0, :32].tolist(), 4, eos_id=None)
-        per_new_token = (time.perf_counter() - t0) / 4
     optimizer.finish()
 
     steps = len(train) // config.grad_accum

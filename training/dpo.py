@@ -42,7 +42,7 @@ from .optim import MasterWeightAdamW
 
 
 class StopTraining(Exception):
-    """Raised inside the loop when ``hooks.should_stop()`` asks for a stop: the run saves what it has."""
+    """Raised inside the loop when a stop was requested; the run is still saved."""
 
 
 @dataclass

@@ -161,7 +161,7 @@ def page(browser, app_url, request):
 
 @pytest.fixture(scope="session")
 def finished_run(app_url, folders) -> Path:
-    """The newest finished run: the one the Train tab's test made, else a tiny one trained through the API."""
+    """The newest finished run: the last one the Train tab's tests made, else a tiny one trained through the API."""
     runs = finished_runs(folders["runs"])
     if runs:
         return runs[0]
@@ -179,10 +179,10 @@ def finished_run(app_url, folders) -> Path:
 
 
 def finished_runs(root: Path) -> list[Path]:
-    """Runs with status done and saved weights, newest first."""
+    """Finished runs (done, or stopped with its weights saved) newest first: the order of the app's run pickers."""
     runs = []
     for manifest in root.glob("*/manifest.json"):
-        if json.loads(manifest.read_text()).get("status") == "done" and (manifest.parent / "model.safetensors").is_file():
+        if json.loads(manifest.read_text()).get("status") in ("done", "stopped") and (manifest.parent / "model.safetensors").is_file():
             runs.append(manifest.parent)
     return sorted(runs, reverse=True)
 
