@@ -88,6 +88,16 @@ class Datasets:
                                "and dropped first when space runs short): upload it again")
         return str(path)
 
+    def shared(self, key: str, load) -> list[dict]:
+        """Records parsed once by ``load()`` and kept under ``key`` with the other parsed datasets."""
+        with self._lock:
+            if key in self._parsed:
+                self._parsed.move_to_end(key)
+                return self._parsed[key]
+        records = load()
+        self._keep(key, records)
+        return records
+
     def prune(self, keep: Path | None = None) -> list[Path]:
         return prune_folder(self.uploads_dir, self.uploads_bytes, self.max_age_s, keep)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -25,7 +26,10 @@ from training.config import ConfigError, TrainConfig
 from training.estimate import GB, estimate_for
 from training.events import Progress
 from training.checkpoint import resume_config
-from training.loop import check_data, resume_run, train
+from training.loop import Hooks, check_data, resume_run, train
+from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, train_dpo
+from data.preference import load_preferences
+from data import cache
 
 from .datasets import Datasets, prune_folder
 from .jobs import SCALARS_ONLY, Job, JobError, idle_snapshot
@@ -34,6 +38,7 @@ from runstore.models import Models
 from .public import scrub
 
 LANES = ("train", "evaluate")
+PREFERENCE = "preference tuning"  # the kind of a DPO job in the ``train`` lane
 
 
 def available_memory_gb() -> float:
@@ -206,6 +211,56 @@ class Engine:
 
         public = {**config.to_dict(), "data": public_data(config.data), "out": None}
         return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public))
+
+    def store_preference_upload(self, upload: str | Path) -> str:
+        """A visitor's preference file checked (``DatasetError`` names a bad record) and kept with the uploads."""
+        load_preferences(Path(upload))
+        stored = cache.store_upload(upload)
+        stored.touch()
+        self.datasets.prune(keep=stored)
+        return str(stored)
+
+    def preference_records(self) -> list[dict]:
+        """The book's preference pairs, from the cache (downloaded once), parsed once and shared by every visitor."""
+        path = cache.preference_path()
+        return self.datasets.shared(f"preference:{path.stat().st_mtime_ns}", lambda: load_preferences(path))
+
+    def preference_config(self, parent_name: str, **settings) -> tuple[DPOConfig, RunInfo]:
+        """The DPO settings for a finished fine-tuned run of this server, within its limits; errors say which limit."""
+        run = self.finished_run(parent_name)
+        if is_dpo_run(run.path):
+            raise ValueError(f"{run.name} is already preference-tuned: pick the fine-tuned run it started from")
+        given = sorted({"parent", "out", "device"} & set(settings))
+        if given:
+            raise ConfigError(f"{', '.join(given)}: set by the server, not by a visitor")
+        data = str(settings.get("data", "preference"))
+        uploads = self.datasets.uploads_dir.resolve()
+        if data != "preference" and Path(data).resolve().parent != uploads:
+            raise ConfigError("data: the book's preference pairs (\"preference\") or a file uploaded here")
+        config = DPOConfig(parent=str(run.path), **settings)
+        if config.epochs > self.limits.max_epochs:
+            raise ConfigError(f"epochs: this server allows at most {self.limits.max_epochs}, got {config.epochs}")
+        if self.limits.max_steps is not None and (config.max_steps or 10**9) > self.limits.max_steps:
+            config = dataclasses.replace(config, max_steps=self.limits.max_steps)
+        check_dpo(config, self.root)
+        self.admit(dataclasses.replace(base_config(run.manifest), lora_rank=config.lora_rank))
+        return config, run
+
+    def start_preference(self, parent_name: str, owner: str | None = None, **settings) -> Job:
+        """Align a finished fine-tuned run with preference data (DPO) in the ``train`` lane: the parent by name only."""
+        config, run = self.preference_config(parent_name, **settings)
+        wall = self.limits.max_wall_minutes * 60 if self.limits.max_wall_minutes is not None else None
+        parent_config = run.manifest.get("config") or {}
+        public = {**config.to_dict(), "parent": run.name, "data": public_data(config.data), "out": None,
+                  "model": parent_config.get("model"), "random_init": parent_config.get("random_init", False)}
+
+        def work(hooks) -> None:  # the summary reaches watchers through its Finished event, without its path
+            if wall is not None:
+                deadline = time.monotonic() + wall
+                hooks = Hooks(on_event=hooks.on_event, should_stop=lambda: hooks.should_stop() or time.monotonic() > deadline)
+            train_dpo(config, hooks, root=self.root)
+
+        return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public))
 
     def run_training(self, config: TrainConfig, hooks=None) -> dict:
         """Fine-tune in the foreground (the CLI): the same limits and checks as a job, then the loop."""

@@ -19,7 +19,7 @@ from training.loop import Hooks
 from .public import scrub
 
 log = logging.getLogger(__name__)
-ACTIVE = ("starting", "loading", "training", "evaluating", "stopping", "saving")
+ACTIVE = ("starting", "loading", "reference", "training", "evaluating", "stopping", "saving")
 ENDED = ("done", "stopped", "failed")
 SCALARS_ONLY = 10**9  # a ``since`` past any history: a snapshot without its rows
 

@@ -213,15 +213,16 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
     assert chart_again["__type__"] == "update" and "value" not in chart_again  # nothing new: nothing sent
 
     run_dir = status["run"]
-    base, tuned, diff, note = c.predict("Rewrite the sentence in passive voice.", "The cat ate the fish.", run_dir,
+    base, tuned, aligned, diff, note = c.predict("Rewrite the sentence in passive voice.", "The cat ate the fish.", run_dir,
                                         24, 0, 0, 1, 123, api_name="/compare")
+    assert aligned == ""  # an ordinary run: two columns
     assert base.strip() and isinstance(tuned, str)  # six steps from random weights: greedy may give blank lines
     assert "gi-diff" in diff and "greedy, at most 24 new tokens" in text(note)
 
     sampled = c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")
     base, tuned = sampled[0], sampled[1]
     assert base.strip() and tuned.strip() and base != tuned
-    assert "temperature 1, seed 7" in text(sampled[3])
+    assert "temperature 1, seed 7" in text(sampled[4])
     assert c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")[:2] == (base, tuned)
 
 
@@ -232,7 +233,7 @@ def test_the_playground_status_says_generating_while_tokens_stream(url, folders)
     job = c.submit("Name a colour.", "", runs[0], 16, 1.0, 0, 1, 7, api_name="/compare")
     job.result(timeout=90)
     status, streamed = "", 0
-    for base, tuned, _, note in job.outputs():
+    for base, tuned, _, _, note in job.outputs():
         status = text(note) if isinstance(note, str) else status
         if any(isinstance(t, str) and t for t in (base, tuned)):
             streamed += 1
@@ -288,14 +289,15 @@ def test_a_failed_canonical_download_puts_the_source_back(url, tmp_path, monkeyp
 
 def test_settings_errors_are_messages(url):
     c = client(url)
-    wait_until_idle(c)
+    before = wait_until_idle(c)
     with pytest.raises(Exception, match="less than minimum value 1"):  # the form's bounds come from TrainConfig
         start(c, "x", batch_size=0)
     assert "lr must be in (0, 1], got -1" in text(start(c, "x", lr=-1))
     assert "tick random init" in text(start(c, "x", random_init=False))
     assert "untick it" in text(start(c, "x", custom="./my-model"))
     assert "session id" in text(start(c, ""))
-    assert c.predict(api_name="/job_status")["status"] in ("done", "stopped")
+    after = c.predict(api_name="/job_status")
+    assert (after["status"], after["started_at"]) == (before["status"], before["started_at"])  # nothing started
 
 
 def test_a_failed_run_takes_the_started_message_away_and_names_the_path_box(url, tmp_path):
@@ -318,15 +320,15 @@ def test_playground_reports_models_it_cannot_load(url, folders):
     c = client(url)
     runs = sorted((folders / "runs").iterdir())
     assert runs, "needs the run of the training test"
-    assert "Type an instruction" in text(c.predict("", "", runs[0].name, 8, 0, 0, 1, 1, api_name="/compare")[3])
-    assert "not a run on this server" in text(c.predict("Hi", "", "/etc", 8, 0, 0, 1, 1, api_name="/compare")[3])
+    assert "Type an instruction" in text(c.predict("", "", runs[0].name, 8, 0, 0, 1, 1, api_name="/compare")[4])
+    assert "not a run on this server" in text(c.predict("Hi", "", "/etc", 8, 0, 0, 1, 1, api_name="/compare")[4])
 
     broken = folders / "runs" / "99999999-000000-missing-base"
     shutil.copytree(runs[0], broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["config"].update(model=str(folders / "no-such-model"), random_init=False)
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    base, tuned, _, note = c.predict("Hi", "", broken.name, 8, 0, 0, 1, 1, api_name="/compare")
+    base, tuned, _, _, note = c.predict("Hi", "", broken.name, 8, 0, 0, 1, 1, api_name="/compare")
     assert (base, tuned) == ("", "")
     assert "could not be loaded" in text(note) and "no such file or directory: no-such-model" in text(note)
     assert str(folders) not in note
@@ -416,3 +418,81 @@ def test_the_runs_table_names_a_random_init_start(tmp_path):
         (tmp_path / "runs" / name / "manifest.json").write_text(json.dumps(manifest))
     rows = runs_table(Engine(root=tmp_path / "runs", exports=tmp_path / "exports"))[0]
     assert {row[0]: row[1] for row in rows} == {"20990101-000000-gpt2": "gpt2 (random init)", "20990101-000001-gpt2": "gpt2"}
+
+
+def preference_pairs(folder: Path, n: int | None = None) -> Path:
+    pairs = [{**r, "chosen": r["output"], "rejected": f"Ugh: {r['output'].lower()} Figure it out."}
+             for r in load_instructions("sample")[:n]]
+    path = folder / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    return path
+
+
+def align(c: Client, owner: str, parent: str, upload, **overrides) -> str:
+    settings = dict(source="upload", upload=handle_file(str(upload)), beta=0.1, lr=1e-4, epochs=1, max_steps=4,
+                    batch_size=4, eval_every=2, lora=False, rank=8)
+    return c.predict(owner, parent, *{**settings, **overrides}.values(), api_name="/start_preference")
+
+
+def test_preference_tuning_from_a_run_then_three_columns_in_the_playground(url, folders, tmp_path):
+    c = client(url)
+    wait_until_idle(c)
+    load(c, "sample")
+    assert "Started fine-tuning" in text(start(c, "owner-a", max_steps=2))
+    parent = wait_until_idle(c)["run"]
+    pairs = preference_pairs(tmp_path)
+
+    assert "not a run on this server" in text(align(c, "owner-a", str(folders / "runs" / parent), pairs))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "Hi", "chosen": "Hi"}]))
+    assert 'field "rejected" is missing' in text(align(c, "owner-a", parent, bad))
+    assert "Started preference tuning" in text(align(c, "owner-a", parent, pairs))
+    assert "already running" in text(start(c, "owner-b"))
+    assert "Only the browser session that started this preference-tuning run" in \
+        text(c.predict("owner-b", api_name="/stop_preference"))
+    status = wait_until_idle(c, timeout=120)
+    assert status["status"] == "done" and status["kind"] == "preference tuning", status.get("error")
+    assert status["config"]["parent"] == parent and "/" not in json.dumps(status["config"])
+    assert [r["step"] for r in status["history"]] == [0, 1, 2, 3, 4]
+    aligned_run = status["run"]
+    manifest = json.loads((folders / "runs" / aligned_run / "manifest.json").read_text())
+    assert manifest["method"] == "dpo" and manifest["parent_run"] == parent
+
+    progress = c.predict("owner-a", [], api_name="/poll_status")[1]
+    assert "Preference tuning of " + parent in text(progress) and "Align" in text(progress)
+
+    base, tuned, aligned, diff, note = c.predict("Name a colour.", "", aligned_run, 12, 1.0, 0, 1, 7, api_name="/compare")
+    assert base.strip() and tuned.strip() and aligned.strip()
+    assert "All three answers sampled at temperature 1, seed 7" in text(note)
+    assert "only in the aligned answer" in text(diff)
+    assert (base, tuned) == c.predict("Name a colour.", "", parent, 12, 1.0, 0, 1, 7, api_name="/compare")[:2]
+
+    out = c.predict("owner-a", aligned_run, 3, 4, 2, "", "llama3", "fine-tuned ROUGE-L", True, api_name="/evaluate")
+    progress, summary, chart, table = out[0], out[2], out[3], out[4]
+    assert "Evaluated 3 examples" in text(progress), text(progress)
+    shown = text(summary)
+    assert "base fine-tuned aligned" in shown and "chosen answer more likely than rejected" in shown
+    names = [t["name"] for t in json.loads(chart["plot"])["data"]]
+    assert names == ["base", "base", "fine-tuned", "fine-tuned", "aligned", "aligned"]
+    assert table["headers"][4:7] == ["base response", "fine-tuned response", "aligned response"]
+    assert "ROUGE-L aligned" in table["headers"] and len(table["data"]) == 3
+
+
+def test_preference_pairs_are_browsed_with_chosen_and_rejected_side_by_side(url, monkeypatch):
+    from tests.conftest import SHARED_PREFERENCE
+
+    c = client(url)
+    if not cache.is_preference_cached():
+        monkeypatch.setattr(cache, "PREFERENCE_URL", "http://127.0.0.1:9/instruction-data-with-preference.json")
+        message, rows, count, _ = c.predict("", 1, api_name="/browse_preferences")
+        assert "Offline? The book's preference pairs could not be downloaded" in text(message) and rows["data"] == []
+        if not SHARED_PREFERENCE.exists():
+            pytest.skip(f"needs {SHARED_PREFERENCE}")
+        cache.store_preference(SHARED_PREFERENCE.read_bytes())
+    message, rows, count, page = c.predict("", 2, api_name="/browse_preferences")
+    assert "1,100 pairs" in text(message) and count.startswith("1,100 pairs, page 2 / ") and page == 2
+    assert rows["headers"] == ["#", "split", "instruction", "input", "chosen", "rejected"]
+    first = rows["data"][0]
+    assert first[1] == "train" and first[4] != first[5]
+    message, rows, count, page = c.predict("passive", 1, api_name="/browse_preferences")
+    assert count == "29 pairs, page 1 / 2" and len(rows["data"]) == 25  # found in the instruction or either answer

@@ -18,10 +18,10 @@ import gradio as gr
 from data import MAX_FILE_BYTES
 from engine import Engine
 
-from . import dataset_tab, evaluate_tab, playground_tab, train_tab
+from . import align_tab, dataset_tab, evaluate_tab, playground_tab, train_tab
 from .theme import CSS, FOOTER, HEADER, THEME
 
-TABS = (dataset_tab, train_tab, playground_tab, evaluate_tab)
+TABS = (dataset_tab, train_tab, align_tab, playground_tab, evaluate_tab)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import statistics
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .theme import BASE_COLOR, PROMPT_COLOR, RESPONSE_COLOR, TRAIN_COLOR, TUNED_COLOR, VAL_COLOR
+from .theme import ALIGNED_COLOR, BASE_COLOR, MARGIN_COLOR, PROMPT_COLOR, RESPONSE_COLOR, TRAIN_COLOR, TUNED_COLOR, VAL_COLOR
 
 OVERLAY_COLORS = ("#0891b2", "#9333ea", "#65a30d", "#db2777", "#ca8a04", "#475569")
 HOVER = "step %{customdata[0]} · epoch %{customdata[1]:.2f}<br>%{x:,} tokens<br>%{fullData.name}: %{y:.3f}<extra></extra>"
@@ -114,13 +114,36 @@ def loss_figure(history: list[dict], overlays: list[tuple[str, list[dict]]] = ()
 
 
 def live_rows(history: list[dict]) -> list[list]:
-    """The rows the browser needs to extend the live chart: tokens seen, step, epoch, train loss, validation loss."""
-    return [[r.get("tokens_seen"), r.get("step"), r.get("epoch"), r.get("train_loss"), r.get("val_loss")] for r in history]
+    """The rows the browser needs to extend the live chart: tokens seen, step, epoch, train loss, validation loss,
+    validation reward margin (preference tuning; None otherwise)."""
+    return [[r.get("tokens_seen"), r.get("step"), r.get("epoch"), r.get("train_loss"), r.get("val_loss"),
+             r.get("val_reward_margin")] for r in history]
 
 
-def live_figure_message(key: str, history: list[dict], overlays=(), title: str | None = None) -> str:
-    """The whole live chart, once per run or overlay choice: the figure and the rows drawn in it."""
-    figure = json.loads(loss_figure(history, overlays, title).to_json())
+def preference_figure(history: list[dict], title: str | None = None) -> go.Figure:
+    """DPO loss on train and validation pairs (left axis) and the validation reward margin (right axis)."""
+    if not history:
+        return empty_figure("Press Start to align: the DPO loss and the reward margin will draw themselves here.")
+    fig = go.Figure()
+    add_run(fig, history)
+    for trace in fig.data:
+        trace.name = trace.name.replace("loss", "DPO loss")
+    mx, my, mcustom = _points(history, "val_reward_margin")
+    fig.add_trace(go.Scatter(x=mx, y=my, customdata=mcustom, name="validation reward margin", mode="lines+markers",
+                             yaxis="y2", line=dict(color=MARGIN_COLOR, width=2, dash="dash"), marker=dict(size=6),
+                             hovertemplate=HOVER, meta="live-margin"))
+    fig = base_layout(fig, xaxis_title="tokens seen", yaxis_title="DPO loss (ln 2 = 0.693 at the start)",
+                      yaxis2=dict(title="reward margin", overlaying="y", side="right", showgrid=False, zeroline=True))
+    fig.update_layout(margin=dict(l=56, r=56, t=36, b=48))
+    if title:
+        fig.update_layout(title=dict(text=title, font=dict(size=13), x=1, xanchor="right", y=0.995))
+    return fig
+
+
+def live_figure_message(key: str, history: list[dict], overlays=(), title: str | None = None,
+                        figure: go.Figure | None = None) -> str:
+    """The whole live chart, once per run or overlay choice: the figure (the loss chart unless given) and its rows."""
+    figure = json.loads((figure or loss_figure(history, overlays, title)).to_json())
     return json.dumps({"key": key, "figure": figure, "rows": live_rows(history)})
 
 
@@ -144,7 +167,7 @@ def length_histogram(stats: dict) -> go.Figure:
 
 
 def evaluation_figure(summary: dict) -> go.Figure:
-    """Base against fine-tuned: the higher-is-better scores on one 0-100 axis, perplexity in a panel of its own.
+    """Base against fine-tuned (and aligned, for a preference-tuned run): the higher-is-better scores on one 0-100 axis, perplexity in a panel of its own.
 
     Perplexity is apart because lower is better and its scale is the
     vocabulary's (about 50,000 for random weights, ~10 for a tuned GPT-2).
@@ -154,7 +177,11 @@ def evaluation_figure(summary: dict) -> go.Figure:
         scores.append(("judge score (0-100)", "judge_avg", 1, "%{y:.1f}"))
     fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.1,
                         subplot_titles=("scores · higher is better", "perplexity · lower is better"))
-    for key, name, color in (("base", "base", BASE_COLOR), ("tuned", "fine-tuned", TUNED_COLOR)):
+    if all("preference_accuracy" in summary[k] for k in summary.get("models") or ("base", "tuned")):
+        scores.append(("chosen preferred (%)", "preference_accuracy", 100, "%{y:.0f}%"))
+    models = {"base": ("base", BASE_COLOR), "tuned": ("fine-tuned", TUNED_COLOR), "aligned": ("aligned", ALIGNED_COLOR)}
+    keys = list(summary.get("models") or ("base", "tuned"))
+    for key, (name, color) in ((k, models[k]) for k in keys):
         totals = summary[key]
         ys = [None if totals.get(k) is None else totals[k] * scale for _, k, scale, _ in scores]
         fig.add_trace(go.Bar(x=[label for label, *_ in scores], y=ys, name=name, marker_color=color, legendgroup=key,
@@ -165,7 +192,7 @@ def evaluation_figure(summary: dict) -> go.Figure:
                              hovertemplate=f"{name}<br>perplexity %{{y:,.2f}}<extra></extra>"), row=1, col=2)
     fig = base_layout(fig, height=340, barmode="group", bargap=0.25)
     fig.update_yaxes(range=[0, 110], row=1, col=1)
-    top = max((summary[k].get("perplexity") or 0 for k in ("base", "tuned")), default=0)
+    top = max((summary[k].get("perplexity") or 0 for k in keys), default=0)
     fig.update_yaxes(range=[0, top * 1.15 or 1], row=1, col=2)
     fig.update_annotations(font=dict(size=12, color="#64748b"))
     fig.update_layout(legend=dict(xanchor="left", x=0, y=1.1), margin=dict(t=64))

@@ -13,6 +13,7 @@ import gradio as gr
 from data import DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_stats, token_view
 from data import cache
 from data.browse import PAGE_SIZE, page_of, split_of
+from data.preference import browse_preferences
 
 from engine.public import scrub
 
@@ -138,6 +139,26 @@ def search(engine, query: str, page: int | float | None, state: dict | None):
     return table_page(records_of(engine, state), query, int(page or 1))
 
 
+PREFERENCE_HEADERS = ["#", "split", "instruction", "input", "chosen", "rejected"]
+
+
+def preference_page(engine, query: str = "", page: int | float | None = 1):
+    """One page of the book's preference pairs, chosen and rejected side by side: (message, rows, count, page)."""
+    try:
+        records = engine.preference_records()
+    except DatasetError as e:
+        head = ("<b>Offline? The book's preference pairs could not be downloaded.</b> Preference tuning still works with "
+                "your own file of pairs (upload it in the Align tab)." if not cache.is_preference_cached()
+                else "<b>The preference pairs could not be loaded.</b>")
+        return notice(f"{head}<br>{html.escape(scrub(str(e)))}", "error"), [], "No preference pairs loaded", 1
+    rows, found = browse_preferences(records, query, int(page or 1))
+    table = [[r["index"] + 1, r["split"], clip(r["instruction"]), clip(r["input"]), clip(r["chosen"]), clip(r["rejected"])]
+             for r in rows]
+    loaded = notice(f"<b>{cache.PREFERENCE_NAME}</b>: {len(records):,} pairs, each with a chosen (polite) and a rejected "
+                    "(impolite) answer; the Align tab tunes a fine-tuned run towards the chosen ones.", "ok")
+    return loaded, table, found.summary().replace("record", "pair"), found.page
+
+
 def build(shared) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -167,6 +188,19 @@ def build(shared) -> None:
     meta = gr.HTML(elem_id="record-meta")
     tokens = gr.HTML(elem_id="record-tokens")
 
+    with gr.Accordion("Preference pairs: chosen and rejected answers side by side", open=False, elem_id="preference-pairs"):
+        with gr.Row(equal_height=True):
+            pref_load = gr.Button("Load the book's preference pairs", size="sm", scale=0, min_width=260, elem_id="pref-load-btn")
+            pref_query = gr.Textbox(placeholder="Search instruction, chosen and rejected answers…", show_label=False, scale=5,
+                                    elem_id="pref-search")
+            pref_prev = gr.Button("‹ Prev", size="sm", scale=0, min_width=70, elem_id="pref-prev-page")
+            pref_page = gr.Number(value=1, precision=0, show_label=False, scale=0, min_width=70, elem_id="pref-page-number")
+            pref_next = gr.Button("Next ›", size="sm", scale=0, min_width=70, elem_id="pref-next-page")
+        pref_message = gr.HTML(elem_id="pref-message")
+        pref_count = gr.Markdown(elem_id="pref-count")
+        pref_table = gr.Dataframe(headers=PREFERENCE_HEADERS, interactive=False, wrap=True, max_height=520,
+                                  column_widths=["6%", "7%", "22%", "13%", "26%", "26%"], elem_id="pref-table")
+
     engine, state = shared.engine, shared.dataset
     view_outputs = [summary, histogram, table, count, page, query, number, meta, tokens]
     load_outputs = [source, state, error] + view_outputs
@@ -195,6 +229,15 @@ def build(shared) -> None:
 
     def view(state, number, mask_prompt):
         return record_view(records_of(engine, state), number, mask_prompt)
+
+    pref_outputs = [pref_message, pref_table, pref_count, pref_page]
+    pref_load.click(lambda: preference_page(engine), None, pref_outputs, api_visibility="private", concurrency_limit=2)
+    pref_page.submit(lambda q, p: preference_page(engine, q, p), [pref_query, pref_page], pref_outputs,
+                     api_name="browse_preferences", **cheap)
+    pref_query.submit(lambda q: preference_page(engine, q, 1), pref_query, pref_outputs, api_visibility="private", **cheap)
+    for button, step in ((pref_prev, -1), (pref_next, 1)):
+        button.click(lambda q, p, step=step: preference_page(engine, q, (p or 1) + step), [pref_query, pref_page],
+                     pref_outputs, api_visibility="private", **cheap)
 
     table.select(select_row, [state, mask], [number, meta, tokens], api_visibility="private", **cheap)
     number.submit(view, [state, number, mask], [meta, tokens], api_name="record", **cheap)

@@ -29,7 +29,14 @@ TITLE = "Evaluate"
 MAX_NEW_TOKENS = 256
 MAX_BATCH = 64
 SHOWN = 5  # best and worst examples in the table unless every example is asked for
-MODEL_NAMES = {"base": "base model", "tuned": "fine-tuned model"}
+MODEL_NAMES = {"base": "base model", "tuned": "fine-tuned model", "aligned": "aligned model"}
+COLUMNS = {"base": "base", "tuned": "fine-tuned", "aligned": "aligned"}
+SHORT = {"base": "base", "tuned": "tuned", "aligned": "aligned"}
+
+
+def models_of(summary: dict) -> list[str]:
+    """The models an evaluation scored: base and fine-tuned, and aligned for a preference-tuned run."""
+    return list(summary.get("models") or ("base", "tuned"))
 
 
 def rouge_gain(row: dict) -> float:
@@ -56,7 +63,9 @@ def not_yet(run: RunInfo) -> str:
     """The hint for a run with no evaluation: how many test examples its data has."""
     split = (run.manifest.get("data") or {}).get("split") or {}
     size = f"{split['test']} examples" if split.get("test") else "its test split"
-    return (f"This run has no evaluation yet. Press <b>Evaluate</b> to score the base and the fine-tuned model on the whole "
+    models = "the base, the fine-tuned and the aligned model" if run.manifest.get("method") == "dpo" else \
+        "the base and the fine-tuned model"
+    return (f"This run has no evaluation yet. Press <b>Evaluate</b> to score {models} on the whole "
             f"test split ({size}): about 1-2 minutes per model per 110 examples for GPT-2 124M on a CPU; "
             "a limit tries it on the first few.")
 
@@ -87,7 +96,7 @@ def num(value, spec: str) -> str:
 
 def summary_html(summary: dict, rows: list[dict]) -> str:
     """Base against fine-tuned in a table, what was evaluated, and the judge: its settings, failures, or how to set one up."""
-    base, tuned = summary["base"], summary["tuned"]
+    names = models_of(summary)
     lines = [
         ("ROUGE-L F1 against the reference", "rouge_l", ".3f", "higher is better"),
         ("perplexity of the reference", "perplexity", ",.1f", "lower is better"),
@@ -96,14 +105,22 @@ def summary_html(summary: dict, rows: list[dict]) -> str:
     ]
     if summary.get("judge"):
         lines.append(("LLM judge score (0-100)", "judge_avg", ".1f", f"{summary['judge']['model']}"))
-    body = "".join(f"<tr><th>{label}</th><td>{num(base[key], spec)}</td><td><b>{num(tuned[key], spec)}</b></td>"
+    if all("preference_accuracy" in summary[n] for n in names):
+        lines.append(("chosen answer more likely than rejected", "preference_accuracy", ".0%", "preference score, higher is better"))
+
+    def cells(key: str, spec: str) -> str:
+        return "".join(f"<td>{'<b>' if n == names[-1] else ''}{num(summary[n].get(key), spec)}{'</b>' if n == names[-1] else ''}</td>"
+                       for n in names)
+
+    body = "".join(f"<tr><th>{label}</th>{cells(key, spec)}"
                    f'<td class="gi-caption">{html.escape(note)}</td></tr>' for label, key, spec, note in lines)
+    columns = "".join(f"<th>{COLUMNS[n]}</th>" for n in names)
     head = (f"{summary['examples']} {summary['split']} examples of <b>{html.escape(Path(str(summary['data'])).name)}</b> "
             f"({summary['style']} prompts), up to {summary['max_new_tokens']} new tokens, greedy · "
             f"{clock(summary['wall_time_s'])} on {html.escape(str(summary['device']))} · {html.escape(str(summary['started'])[:16])}")
     parts = [f'<div class="gi-caption">{head}</div>',
-             f'<table class="gi-eval"><tr><th></th><th>base</th><th>fine-tuned</th><th></th></tr>{body}</table>']
-    too_long = max(base["too_long"], tuned["too_long"])
+             f'<table class="gi-eval"><tr><th></th>{columns}<th></th></tr>{body}</table>']
+    too_long = max(summary[n]["too_long"] for n in names)
     if too_long:
         parts.append(f'<div class="gi-caption">{too_long} reference(s) too long for the context window: left out of the NLL.</div>')
     parts.append(judge_note(summary, rows))
@@ -113,19 +130,20 @@ def summary_html(summary: dict, rows: list[dict]) -> str:
 def judge_note(summary: dict, rows: list[dict]) -> str:
     if not summary.get("judge"):
         return notice(f"{html.escape(judge_help())}<br>Here: enter that URL under <b>LLM judge</b> and evaluate again.")
-    unscored = summary["base"]["judge_unscored"] + summary["tuned"]["judge_unscored"]
+    names = models_of(summary)
+    unscored = sum(summary[n]["judge_unscored"] for n in names)
     if not unscored:
         return ""
-    reasons = list(dict.fromkeys(r[m]["judge_error"] for r in rows for m in ("base", "tuned") if r[m].get("judge_error")))
+    reasons = list(dict.fromkeys(r[m]["judge_error"] for r in rows for m in names if r[m].get("judge_error")))
     why = "".join(f"<br>{html.escape(reason)}" for reason in reasons[:2])
-    return notice(f"<b>The judge left {unscored} of {2 * len(rows)} responses unscored.</b>{why}", "error")
+    return notice(f"<b>The judge left {unscored} of {len(names) * len(rows)} responses unscored.</b>{why}", "error")
 
 
 def table_update(result: dict | None, rank_by: str, show_all: bool):
     """The best and worst examples by ``rank_by`` (or all of them), best first; ``rank`` is the place among all."""
     if not result:
         return {"headers": headers(False), "data": []}
-    rows, judged = result["rows"], bool(result["summary"].get("judge"))
+    rows, judged, names = result["rows"], bool(result["summary"].get("judge")), models_of(result["summary"])
     key, lower = RANKINGS.get(rank_by, RANKINGS["fine-tuned ROUGE-L"])
     ranked, _ = best_and_worst(rows, key, n=len(rows), lower_is_better=lower)
     if not ranked:  # e.g. by judge score in an evaluation without a judge
@@ -133,21 +151,22 @@ def table_update(result: dict | None, rank_by: str, show_all: bool):
     places = list(enumerate(ranked, start=1))
     if not show_all and len(places) > 2 * SHOWN:
         places = places[:SHOWN] + places[-SHOWN:]
-    return {"headers": headers(judged), "data": [table_row(place, row, judged) for place, row in places]}
+    return {"headers": headers(judged, names), "data": [table_row(place, row, judged, names) for place, row in places]}
 
 
-def headers(judged: bool) -> list[str]:
-    scores = ["ROUGE-L base", "ROUGE-L tuned", "PPL base", "PPL tuned"] + (["judge base", "judge tuned"] if judged else [])
-    return ["rank", "#", "instruction", "reference", "base response", "fine-tuned response"] + scores
+def headers(judged: bool, names=("base", "tuned")) -> list[str]:
+    scores = [f"ROUGE-L {SHORT[n]}" for n in names] + [f"PPL {SHORT[n]}" for n in names]
+    scores += [f"judge {SHORT[n]}" for n in names] if judged else []
+    return ["rank", "#", "instruction", "reference"] + [f"{COLUMNS[n]} response" for n in names] + scores
 
 
-def table_row(place: int, row: dict, judged: bool) -> list:
-    base, tuned = row["base"], row["tuned"]
+def table_row(place: int, row: dict, judged: bool, names=("base", "tuned")) -> list:
+    models = [row[n] for n in names]
     prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    scores = [round(base["rouge_l"], 3), round(tuned["rouge_l"], 3),
-              *(None if m["perplexity"] is None else round(m["perplexity"], 1) for m in (base, tuned))]
-    scores += [base["judge"], tuned["judge"]] if judged else []
-    return [place, row["index"] + 1, prompt, row["output"], base["response"] or "(empty)", tuned["response"] or "(empty)", *scores]
+    scores = [round(m["rouge_l"], 3) for m in models] + [None if m["perplexity"] is None else round(m["perplexity"], 1)
+                                                         for m in models]
+    scores += [m["judge"] for m in models] if judged else []
+    return [place, row["index"] + 1, prompt, row["output"], *(m["response"] or "(empty)" for m in models), *scores]
 
 
 def shown(run: RunInfo, result: dict | None, rank_by: str, show_all: bool) -> tuple:
@@ -243,7 +262,7 @@ def open_in_playground(shared, result: dict | None, evt: gr.SelectData):
     except (TypeError, ValueError, IndexError):
         row = None
     if row is None:
-        return (gr.skip(),) * 10
+        return (gr.skip(),) * (1 + len(shared.playground))
     note = notice(f"Example #{row['index'] + 1} of the test split, opened from the evaluation: press <b>Compare</b>.")
     return gr.Tabs(selected="playground"), *shared.open_example(row, result["run"], note)
 

@@ -11,12 +11,15 @@ function smooth(values) {
 
 function fill() {
   const train = rows.filter(r => r[3] !== null), val = rows.filter(r => r[4] !== null);
+  const margin = rows.filter(r => r[5] !== null && r[5] !== undefined);
+  const column = {'live-val': 4, 'live-margin': 5};
   for (const trace of figure.data) {
-    const part = trace.meta === 'live-val' ? val : trace.meta && trace.meta.startsWith('live-') ? train : null;
+    const part = trace.meta === 'live-val' ? val : trace.meta === 'live-margin' ? margin
+      : trace.meta && trace.meta.startsWith('live-') ? train : null;
     if (!part) continue;
     trace.x = part.map(r => r[0]);
     trace.customdata = part.map(r => [r[1], r[2]]);
-    const ys = part.map(r => trace.meta === 'live-val' ? r[4] : r[3]);
+    const ys = part.map(r => r[column[trace.meta] || 3]);
     trace.y = trace.meta === 'live-train' ? smooth(ys) : ys;
   }
 }

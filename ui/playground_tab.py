@@ -1,7 +1,9 @@
 """Playground tab: one instruction, the base model and a fine-tuned run answering side by side.
 
-Both models stream in step at the same settings (greedy by default, or the
-same seeded sampling), so what differs is the fine-tuning, not the draw.
+The models stream in step at the same settings (greedy by default, or the
+same seeded sampling), so what differs is the training, not the draw. A
+preference-tuned (DPO) run adds a third column: base, fine-tuned (the run it
+started from) and aligned.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from data import DatasetError, extract_response, format_prompt, split_instructions
+from runstore import read_manifest
 from runstore.models import run_config
 from engine.public import scrub
 from model import WeightsError, get_tokenizer, stream_side_by_side
@@ -32,23 +35,55 @@ def refresh_runs(engine, current: str | None, newest: bool = False):
     choices = finished_run_choices(engine)
     names = [n for _, n in choices]
     value = current if current in names and not newest else (names[0] if names else None)
-    return gr.Dropdown(choices=choices, value=value), run_info(engine, value)
+    return (gr.Dropdown(choices=choices, value=value), run_info(engine, value)) + columns(engine, value)
+
+
+def parent_of(engine, run):
+    """The fine-tuned run a DPO run started from (by its name on this server), or None for an ordinary run."""
+    manifest = read_manifest(run.path)
+    if manifest.get("method") != "dpo":
+        return None
+    try:
+        return engine.run(manifest.get("parent_run"))
+    except ValueError:
+        raise ValueError(f"{run.name} was aligned from {manifest.get('parent_run')}, which is no longer on this server") from None
+
+
+def is_aligned(engine, name: str | None) -> bool:
+    try:
+        return bool(name) and read_manifest(engine.finished_run(name).path).get("method") == "dpo"
+    except (ValueError, OSError):
+        return False
+
+
+def columns(engine, name: str | None) -> tuple:
+    """The answer boxes' labels, cleared: a third box only for a preference-tuned run."""
+    aligned = is_aligned(engine, name)
+    tuned = "Fine-tuned model (the run it was aligned from)" if aligned else "Fine-tuned model"
+    return (gr.Textbox(label="Base model", value=""), gr.Textbox(label=tuned, value=""),
+            gr.Textbox(label="Aligned model (preference-tuned)", value="", visible=aligned), "")
 
 
 def run_info(engine, name: str | None) -> str:
     if not name:
         return notice(NO_RUNS)
     try:
-        config = run_config(engine.finished_run(name).path)
+        run = engine.finished_run(name)
+        config = run_config(run.path)
+        parent = parent_of(engine, run)
     except (FileNotFoundError, ConfigError, ValueError) as e:
         return notice(html.escape(scrub(str(e))), "error")
     base = f"{config.model} with random weights (seed {config.seed})" if config.random_init else f"pretrained {config.model}"
+    if parent is not None:
+        return notice(f"Base model: <b>{html.escape(base)}</b>. Fine-tuned: run <b>{html.escape(parent.name)}</b> on "
+                      f"<b>{html.escape(Path(str(config.data)).name)}</b>. Aligned: that run after preference tuning (DPO). "
+                      "The three answer together.")
     return notice(f"Base model: <b>{html.escape(base)}</b>. Fine-tuned: the same model after the run, on "
                   f"<b>{html.escape(Path(str(config.data)).name)}</b> ({config.style} prompts).")
 
 
-def diff_html(base: str, tuned: str) -> str:
-    """Word-level differences from the base answer to the fine-tuned one: removed struck out, added highlighted."""
+def diff_html(base: str, tuned: str, names: tuple[str, str] = ("base", "fine-tuned")) -> str:
+    """Word-level differences from the base answer to the fine-tuned one (or any two): removed struck out, added highlighted."""
     if not base and not tuned:
         return ""
     a, b = re.findall(r"\S+|\s+", base), re.findall(r"\S+|\s+", tuned)
@@ -60,7 +95,8 @@ def diff_html(base: str, tuned: str) -> str:
             out.append(f"<ins>{html.escape(''.join(b[j1:j2]))}</ins>")
         if op == "equal":
             out.append(html.escape("".join(a[i1:i2])))
-    legend = '<div class="gi-caption gi-legend"><del>only in the base answer</del> · <ins>only in the fine-tuned answer</ins></div>'
+    legend = (f'<div class="gi-caption gi-legend"><del>only in the {names[0]} answer</del> · '
+              f'<ins>only in the {names[1]} answer</ins></div>')
     return f'{legend}<div class="gi-diff">{"".join(out)}</div>'
 
 
@@ -73,42 +109,52 @@ def sampling(temperature, top_k, top_p, seed) -> dict:
 
 
 def compare(engine, instruction: str, input_text: str, name: str | None, max_new_tokens, temperature, top_k, top_p, seed):
-    """Stream (base answer, fine-tuned answer, differences, status)."""
+    """Stream (base answer, fine-tuned answer, aligned answer, differences, status); aligned only for a DPO run."""
     if not (instruction or "").strip():
-        yield "", "", "", notice("Type an instruction first.", "error")
+        yield "", "", "", "", notice("Type an instruction first.", "error")
         return
     if not name:
-        yield "", "", "", notice(NO_RUNS, "error")
+        yield "", "", "", "", notice(NO_RUNS, "error")
         return
     try:
         run = engine.finished_run(name)
+        parent = parent_of(engine, run)
     except ValueError as e:
-        yield "", "", "", notice(html.escape(str(e)), "error")
+        yield "", "", "", "", notice(html.escape(str(e)), "error")
         return
-    yield "", "", "", notice("Loading the models…")
+    yield "", "", "", "", notice("Loading the models…")
     try:
         config = run_config(run.path)
-        base, tuned = engine.models.base_of_run(run.path), engine.models.tuned(run.path)
+        models = [engine.models.base_of_run(run.path), engine.models.tuned(parent.path if parent else run.path)]
+        if parent is not None:
+            models.append(engine.models.tuned(run.path))
     except (WeightsError, FileNotFoundError, ConfigError, ValueError, OSError) as e:
-        yield "", "", "", notice(f"<b>The models could not be loaded.</b> {html.escape(scrub(str(e)))}", "error")
+        yield "", "", "", "", notice(f"<b>The models could not be loaded.</b> {html.escape(scrub(str(e)))}", "error")
         return
-    yield gr.skip(), gr.skip(), gr.skip(), notice("Generating…")
+    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), notice("Generating…")
     tokenizer = get_tokenizer()
     prompt = format_prompt({"instruction": instruction, "input": input_text or ""}, config.style)
     ids = tokenizer.encode(prompt, disallowed_special=())
     limit = max(1, min(int(max_new_tokens or MAX_NEW_TOKENS), MAX_NEW_TOKENS))
-    texts = ("", "")
-    for texts in stream_side_by_side([base, tuned], tokenizer, ids, limit, **sampling(temperature, top_k, top_p, seed)):
+    names = ("base", "fine-tuned", "aligned")[:len(models)]
+    texts = ("",) * len(models)
+
+    def shown(texts):
+        diff = diff_html(texts[1], texts[2], ("fine-tuned", "aligned")) if parent else diff_html(*texts)
+        return texts[0], texts[1], texts[2] if parent else "", diff
+
+    for texts in stream_side_by_side(models, tokenizer, ids, limit, **sampling(temperature, top_k, top_p, seed)):
         texts = tuple(extract_response(t, config.style) for t in texts)
-        yield texts[0], texts[1], diff_html(*texts), gr.skip()
+        yield *shown(texts), gr.skip()
     mode = "greedy" if not float(temperature or 0) else f"sampled at temperature {float(temperature):g}, seed {int(seed or 0)}"
-    silent = [name for name, text in zip(("base", "fine-tuned"), texts) if not text]
+    silent = [name for name, text in zip(names, texts) if not text]
     note = f" The {' and the '.join(silent)} model's answer is empty (it ended at once or wrote only blank lines)." if silent else ""
     if config.random_init:
         note += (f" This run started from random weights ({html.escape(config.model)}, the offline demo): it learns the "
                  "words and shape of its training answers, not to follow instructions. For that, fine-tune a GPT-2 preset "
                  "from its pretrained weights (see the Train tab).")
-    yield texts[0], texts[1], diff_html(*texts), notice(f"Both answers {mode}, at most {limit} new tokens.{note}")
+    which = "All three answers" if parent else "Both answers"
+    yield *shown(texts), notice(f"{which} {mode}, at most {limit} new tokens.{note}")
 
 
 def examples_of(engine, dataset: dict | None) -> list[dict]:
@@ -136,8 +182,10 @@ def pick_example(index: int, records: list[dict]):
 
 def open_example(engine, record: dict, name: str, note: str = ""):
     """Values for ``shared.playground``: a record opened here from another tab, with its run picked, answers cleared."""
+    base, tuned, aligned, diff = columns(engine, name)
     return (record["instruction"], record.get("input", ""), reference_html(record["output"]),
-            gr.Dropdown(choices=finished_run_choices(engine), value=name), run_info(engine, name), "", "", "", note)
+            gr.Dropdown(choices=finished_run_choices(engine), value=name), run_info(engine, name), base, tuned, aligned,
+            diff, note)
 
 
 def build(shared) -> None:
@@ -167,20 +215,23 @@ def build(shared) -> None:
     with gr.Row(equal_height=True):
         base_out = gr.Textbox(label="Base model", lines=8, max_lines=20, interactive=False, elem_id="base-output")
         tuned_out = gr.Textbox(label="Fine-tuned model", lines=8, max_lines=20, interactive=False, elem_id="tuned-output")
+        aligned_out = gr.Textbox(label="Aligned model (preference-tuned)", lines=8, max_lines=20, interactive=False,
+                                 visible=False, elem_id="aligned-output")
     reference = gr.HTML(elem_id="reference-answer")
     diff = gr.HTML(elem_id="diff-view")
-    shared.playground = (instruction, input_text, reference, run, info, base_out, tuned_out, diff, status)
+    shared.playground = (instruction, input_text, reference, run, info, base_out, tuned_out, aligned_out, diff, status)
     engine = shared.engine
     shared.open_example = lambda record, name, note="": open_example(engine, record, name, note)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
     compare_btn.click(partial(compare, engine), [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
-                      [base_out, tuned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
+                      [base_out, tuned_out, aligned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
+    picked = [run, info, base_out, tuned_out, aligned_out, diff]
     for trigger in (shared.app.load, refresh.click):
-        trigger(lambda current: refresh_runs(engine, current), run, [run, info], api_visibility="private", **cheap)
-    shared.runs_changed.change(lambda current: refresh_runs(engine, current, newest=True), run, [run, info],
+        trigger(lambda current: refresh_runs(engine, current), run, picked, api_visibility="private", **cheap)
+    shared.runs_changed.change(lambda current: refresh_runs(engine, current, newest=True), run, picked,
                                api_visibility="private", **cheap)
-    run.input(lambda name: run_info(engine, name), run, info, api_visibility="private", **cheap)
+    run.input(lambda name: (run_info(engine, name),) + columns(engine, name), run, picked[1:], api_visibility="private", **cheap)
     shared.dataset.change(lambda d: examples_update(engine, d), shared.dataset, [examples, records], api_visibility="private", **cheap)
     examples.click(pick_example, [examples, records], [instruction, input_text, reference], api_visibility="private", **cheap)
     instruction.input(lambda: "", None, reference, api_visibility="private", **cheap)

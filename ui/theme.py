@@ -9,6 +9,8 @@ PROMPT_COLOR = "#64748b"
 RESPONSE_COLOR = "#4f46e5"
 BASE_COLOR = "#94a3b8"
 TUNED_COLOR = "#4f46e5"
+ALIGNED_COLOR = "#059669"
+MARGIN_COLOR = "#059669"
 
 THEME = gr.themes.Soft(
     primary_hue="indigo",
@@ -85,7 +87,7 @@ CSS = """
                  color: var(--body-text-color-subdued); font-variant-numeric: tabular-nums; }
 .gi-progress-meta b { color: var(--body-text-color); font-weight: 600; }
 .gi-status { font-weight: 600; text-transform: capitalize; }
-.gi-status.training, .gi-status.evaluating { color: #4f46e5; }
+.gi-status.training, .gi-status.evaluating, .gi-status.reference { color: #4f46e5; }
 .gi-status.done { color: #15803d; }
 .gi-status.failed { color: #b91c1c; }
 .gi-status.stopped, .gi-status.stopping { color: #c2410c; }

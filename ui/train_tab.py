@@ -14,6 +14,7 @@ from functools import partial
 import gradio as gr
 
 from engine import ACTIVE, SCALARS_ONLY, JobError, public_data
+from engine.engine import PREFERENCE
 from engine.public import scrub
 from model import HUB_PRESETS, PRESETS
 from runstore import read_metrics
@@ -201,6 +202,8 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
     """One timer tick: only what changed since this visitor's last tick is computed and sent."""
     seen = dict(seen or {})
     latest = engine.snapshot("train", since=SCALARS_ONLY)
+    if latest["kind"] == PREFERENCE:
+        return preference_poll(latest, seen)
     key = chart_key(latest, overlays)
     have = seen.get("rows", 0) if seen.get("chart") == key else 0
     snap = engine.snapshot("train", since=have)
@@ -232,9 +235,25 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
     return out + (message, seen, runs_changed)
 
 
+def preference_poll(snap: dict, seen: dict):
+    """While the shared lane holds preference tuning: a pointer to the Align tab, Start off until it ends."""
+    active = snap["status"] in ACTIVE
+    changed = seen.get("version") != snap["version"]
+    what = "is going" if active else "was the last job here"
+    text = notice(f"Preference tuning of <b>{html.escape(str((snap.get('config') or {}).get('parent')))}</b> {what} "
+                  f"({html.escape(snap['status'])}, step {snap['step']:,} / {snap['total_steps']:,}): see the <b>Align</b> tab."
+                  + (" One training job runs at a time: fine-tuning can start when it ends." if active else ""))
+    seen.update(version=snap["version"], chart=None, rows=0, active=active, can_stop=False)
+    skip = gr.skip()
+    return (skip, text if changed else skip, skip, skip, gr.Button(interactive=not active) if changed else skip,
+            gr.Button(interactive=False) if changed else skip, skip, seen, skip)
+
+
 def redraw(engine, overlays: list[str] | None, seen: dict | None):
     """The whole chart at once when the overlaid runs change."""
     snap = engine.snapshot("train")
+    if snap["kind"] == PREFERENCE:  # its curves are drawn in the Align tab
+        snap.update(history=[], history_len=0, config=None)
     seen = dict(seen or {})
     seen.update(chart=chart_key(snap, overlays), rows=snap["history_len"])
     return chart_message(engine, snap, overlays), seen

@@ -33,7 +33,7 @@ TIMEOUT_MS = 30_000  # one UI step: a click answered, a text shown
 SERVE_TIMEOUT_S = 90
 # The browser tests share one app, hence one training job: the stages run in this order (a later stage
 # that runs alone trains its own run through the API, see ``finished_run``).
-STAGES = ("test_dataset_tab", "test_train_tab", "test_playground_tab", "test_evaluate_tab")
+STAGES = ("test_dataset_tab", "test_train_tab", "test_playground_tab", "test_evaluate_tab", "test_align_tab")
 TINY_RUN = dict(preset="tiny", custom="", random_init=True, epochs=1, batch_size=8, lr=5e-5, mask_prompt=False, lora=False,
                 rank=8, alpha=16, grouped=True, max_steps=6, eval_every=2, checkpoint_every=0)
 
@@ -58,7 +58,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    """Temporary runs and cache folders; the cache holds the canonical file when the real cache does."""
+    """Temporary runs and cache folders; the cache holds the book's files when the real cache does."""
     from data import cache
 
     root = tmp_path_factory.mktemp("browser-app")
@@ -68,6 +68,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     if cache.is_cached():
         canonical = cache.cache_dir() / cache.CANONICAL_NAME
         (paths["cache"] / cache.CANONICAL_NAME).write_bytes(canonical.read_bytes())
+    if cache.is_preference_cached():
+        preference = cache.cache_dir() / cache.PREFERENCE_NAME
+        (paths["cache"] / cache.PREFERENCE_NAME).write_bytes(preference.read_bytes())
     return paths
 
 
@@ -172,7 +175,7 @@ def finished_run(app_url, folders) -> Path:
         assert time.time() < deadline, f"the run did not end within 120 s: {status['status']}"
         time.sleep(0.5)
     assert status["status"] == "done", status.get("error")
-    return Path(status["final"]["run_dir"])
+    return folders["runs"] / status["run"]  # the job shows the run by name only
 
 
 def finished_runs(root: Path) -> list[Path]:

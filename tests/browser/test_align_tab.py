@@ -1,0 +1,84 @@
+"""Preference tuning in the browser: a DPO run of the finished run, drawn in the Align tab, then three columns in the Playground."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from data import load_instructions
+
+from .conftest import choose, open_tab, screenshot, set_slider, wait_plot, wait_text
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def aligned_run(app_url, folders, finished_run, tmp_path_factory) -> Path:
+    """A tiny DPO run of ``finished_run``, started through the app's API with an uploaded pairs file."""
+    from gradio_client import Client, handle_file
+
+    pairs = tmp_path_factory.mktemp("pairs") / "pairs.json"
+    pairs.write_text(json.dumps([{**r, "chosen": r["output"], "rejected": f"Ugh: {r['output'].lower()}"}
+                                 for r in load_instructions("sample")]))
+    client = Client(app_url, verbose=False)
+    started = client.predict("browser-tests", finished_run.name, "upload", handle_file(str(pairs)), 0.1, 1e-4, 1, 4, 4, 2,
+                             False, 8, api_name="/start_preference")
+    assert "Started preference tuning" in started, started
+    deadline = time.time() + 120
+    while (status := client.predict(api_name="/job_status"))["status"] not in ("done", "failed", "stopped"):
+        assert time.time() < deadline, f"preference tuning did not end within 120 s: {status['status']}"
+        time.sleep(0.5)
+    assert status["status"] == "done", status.get("error")
+    return folders["runs"] / status["run"]
+
+
+def test_the_align_tab_draws_loss_and_reward_margin(page, aligned_run, finished_run):
+    open_tab(page, "align")
+    wait_text(page, "#align-final", f"Saved as run {aligned_run.name}")
+    traces = page.evaluate("() => document.querySelector('#align-chart .js-plotly-plot').data.map(t => [t.name, t.x.length])")
+    assert ["validation reward margin", 3] in traces and ["validation DPO loss", 3] in traces
+    assert "Chosen answer" in wait_text(page, "#align-responses", "Rejected answer")
+    assert page.locator("#align-start-btn").is_enabled() and page.locator("#align-stop-btn").is_disabled()
+    screenshot(page, "align.png")
+
+
+def test_the_playground_streams_base_fine_tuned_and_aligned_together(page, aligned_run, finished_run):
+    open_tab(page, "playground")
+    page.locator("#refresh-tuned-runs").click()
+    choose(page, "#tuned-run", aligned_run.name)
+    wait_text(page, "#run-info", f"Fine-tuned: run {finished_run.name}")
+    assert page.locator("#aligned-output").is_visible()
+    page.get_by_text("Generation settings").click()
+    set_slider(page, "#temperature", 1)
+    set_slider(page, "#max-new-tokens", 12)
+    page.fill("#seed input", "7")
+    page.fill("#playground-instruction textarea", "Name a colour.")
+    page.click("#compare-btn")
+    status = wait_text(page, "#playground-status", "All three answers", timeout_ms=60_000)
+    assert "sampled at temperature 1, seed 7, at most 12 new tokens" in status
+    answers = [page.input_value(f"#{box}-output textarea") for box in ("base", "tuned", "aligned")]
+    assert all(a.strip() for a in answers), answers
+    assert "only in the aligned answer" in wait_text(page, "#diff-view", "only in the")
+    screenshot(page, "playground-three.png")
+
+    choose(page, "#tuned-run", finished_run.name)  # an ordinary run: two columns again
+    wait_text(page, "#run-info", "Fine-tuned: the same model after the run")
+    page.wait_for_selector("#aligned-output", state="hidden")
+
+
+def test_the_dataset_tab_shows_preference_pairs_side_by_side(page):
+    from data import cache
+
+    if not cache.is_preference_cached():
+        pytest.skip(f"needs the book's {cache.PREFERENCE_NAME} in the dataset cache")
+    page.get_by_text("Preference pairs: chosen and rejected answers side by side").click()
+    page.click("#pref-load-btn")
+    wait_text(page, "#pref-count", "1,100 pairs, page 1 / 44")
+    headers = page.locator("#pref-table thead th").all_inner_texts()
+    assert any("chosen" in h for h in headers) and any("rejected" in h for h in headers)
+    page.fill("#pref-search textarea, #pref-search input", "passive")
+    page.press("#pref-search textarea, #pref-search input", "Enter")
+    wait_text(page, "#pref-count", "29 pairs, page 1 / 2")
+    page.click("#pref-next-page")
+    wait_text(page, "#pref-count", "29 pairs, page 2 / 2")
+    screenshot(page, "dataset-preference-pairs.png")

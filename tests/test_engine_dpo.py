@@ -1,0 +1,135 @@
+"""Preference tuning through the engine: a finished fine-tuned run, named, aligned in the shared ``train`` lane."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from data import DatasetError, load_instructions
+from engine import Engine, JobError, Limits
+from runstore import read_manifest
+from training import TrainConfig
+from training.config import ConfigError
+
+
+def pairs_file(folder, n: int | None = None):
+    records = load_instructions("sample")[:n]
+    pairs = [{**r, "chosen": r["output"], "rejected": f"Ugh: {r['output'].lower()} Figure it out."} for r in records]
+    path = folder / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    return path
+
+
+@pytest.fixture
+def engine(tmp_path, monkeypatch) -> Engine:
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    return Engine(root=tmp_path / "runs", exports=tmp_path / "exports")
+
+
+@pytest.fixture
+def parent(engine) -> str:
+    config = TrainConfig(model="tiny", random_init=True, data="sample", max_steps=2, eval_every=2, eval_batches=1,
+                         sample_tokens=0, lr=1e-3)
+    assert engine.start_training(config, owner="alice").wait(90)
+    assert engine.snapshot("train")["status"] == "done"
+    return engine.runs()[0].name
+
+
+def settings(engine, tmp_path, **overrides) -> dict:
+    data = engine.store_preference_upload(pairs_file(tmp_path))
+    return {**dict(data=data, batch_size=4, max_steps=4, eval_every=2, eval_batches=1, sample_tokens=4, lr=1e-4), **overrides}
+
+
+def test_a_finished_run_is_aligned_by_name_into_a_dpo_run_watched_like_any_job(engine, parent, tmp_path):
+    job = engine.start_preference(parent, owner="alice", **settings(engine, tmp_path))
+    assert job.wait(120)
+    snap = engine.snapshot("train")
+    assert snap["status"] == "done", snap["error"]
+    assert snap["kind"] == "preference tuning" and snap["method"] == "dpo" and snap["step"] == snap["total_steps"] == 4
+    assert [h["step"] for h in snap["history"]] == [0, 1, 2, 3, 4]
+    assert all(h["val_reward_margin"] is not None for h in snap["history"] if h["step"] in (0, 2, 4))
+    assert [r["step"] for r in snap["responses"]] == [0, 2, 4]
+    assert snap["config"]["parent"] == parent and snap["config"]["model"] == "tiny"
+    assert str(tmp_path) not in json.dumps(snap, default=str)  # no server path reaches a visitor
+    run = next(r for r in engine.runs() if r.name == snap["run"])
+    manifest = read_manifest(run.path)
+    assert run.status == "done" and manifest["method"] == "dpo" and manifest["parent_run"] == parent
+    with pytest.raises(ValueError, match="already preference-tuned"):
+        engine.start_preference(run.name, owner="alice", **settings(engine, tmp_path))
+
+
+    from ui import align_tab, train_tab  # what the Align and Train tabs draw from this job
+
+    chart, progress, responses, final, start_btn, stop_btn, message, seen, finished = align_tab.poll(engine, "alice", None)
+    message = json.loads(chart)
+    margin = [t for t in message["figure"]["data"] if t.get("meta") == "live-margin"]
+    assert len(margin) == 1 and margin[0]["yaxis"] == "y2" and len(margin[0]["x"]) == 3
+    assert [row[1] for row in message["rows"]] == [0, 1, 2, 3, 4] and message["rows"][2][5] is not None
+    assert "pairs/s" in progress and "step <b>4</b> / 4" in progress and "from " + parent in progress
+    assert "Chosen answer" in responses and "Rejected answer" in responses and "reward margin" in final
+    assert finished == snap["run"] and seen["rows"] == 5
+    assert align_tab.poll(engine, "alice", seen)[0] == {"__type__": "update"}  # nothing new: no chart sent
+    assert "see the <b>Align</b> tab" in train_tab.poll(engine, "alice", None, [])[1]
+    assert json.loads(train_tab.redraw(engine, [], None)[0])["rows"] == []  # the Train chart leaves DPO curves to Align
+
+
+def test_refused_before_start_for_unfinished_or_unknown_parents_paths_and_limits(engine, parent, tmp_path):
+    running = read_manifest(engine.run(parent).path)
+    unfinished = engine.root / "20000101-000000-unfinished"
+    unfinished.mkdir()
+    (unfinished / "manifest.json").write_text(json.dumps({**running, "status": "running"}))
+    with pytest.raises(ValueError, match="not a finished run"):
+        engine.start_preference(unfinished.name, owner="alice", **settings(engine, tmp_path))
+    with pytest.raises(ValueError, match="not a run on this server"):
+        engine.start_preference(str(engine.run(parent).path), owner="alice")
+    with pytest.raises(ConfigError, match="set by the server"):
+        engine.start_preference(parent, owner="alice", out=str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match="uploaded here"):
+        engine.start_preference(parent, owner="alice", data=str(pairs_file(tmp_path)))
+    with pytest.raises(ConfigError, match="beta"):
+        engine.start_preference(parent, owner="alice", **settings(engine, tmp_path, beta=0))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "Hi", "chosen": "Hi"}]))
+    with pytest.raises(DatasetError, match='record 1: field "rejected" is missing'):
+        engine.store_preference_upload(bad)
+    few = engine.store_preference_upload(pairs_file(tmp_path, n=4))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        engine.start_preference(parent, owner="alice", **{**settings(engine, tmp_path), "data": few})
+    limited = Engine(limits=Limits(max_epochs=1, memory_gb=0.001), root=engine.root)
+    with pytest.raises(ConfigError, match="epochs: this server allows at most 1"):
+        limited.start_preference(parent, owner="alice", **settings(limited, tmp_path, epochs=2))
+    with pytest.raises(ConfigError, match="not enough memory"):
+        limited.start_preference(parent, owner="alice", **settings(limited, tmp_path))
+    assert engine.snapshot("train")["kind"] == "fine-tuning"  # nothing started
+
+
+def test_only_the_owner_stops_it_the_lane_is_shared_and_a_stopped_run_is_saved(engine, parent, tmp_path):
+    engine.start_preference(parent, owner="alice", **settings(engine, tmp_path, max_steps=None, epochs=50, eval_every=500))
+    deadline = time.monotonic() + 90
+    while engine.snapshot("train")["step"] < 2:
+        assert time.monotonic() < deadline and engine.snapshot("train")["status"] != "failed"
+        time.sleep(0.05)
+    with pytest.raises(JobError, match="Only the browser session that started this preference-tuning run"):
+        engine.stop("train", "bob")
+    with pytest.raises(JobError, match="already running"):
+        engine.start_training(TrainConfig(model="tiny", random_init=True, data="sample", max_steps=2), owner="bob")
+    assert engine.stop("train", "alice")
+    assert engine.job("train").wait(60)
+    snap = engine.snapshot("train")
+    run = next(r for r in engine.runs() if r.name == snap["run"])
+    assert snap["status"] == "stopped" and run.status == "stopped" and run.has_weights
+
+
+def test_the_reference_pass_counts_as_running(engine, parent, tmp_path, monkeypatch):
+    import training.dpo as dpo
+
+    original, seen = dpo.reference_logprobs, []
+
+    def slow(*args, **kwargs):
+        seen.append(engine.job("train").active)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "reference_logprobs", slow)
+    assert engine.start_preference(parent, owner="alice", **settings(engine, tmp_path, max_steps=1)).wait(120)
+    assert seen and all(seen)

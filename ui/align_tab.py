@@ -1,0 +1,294 @@
+"""Align tab: preference tuning (DPO) of a finished fine-tuned run, drawn live for every visitor.
+
+The job shares the engine's ``train`` lane with fine-tuning (one at a time).
+The tab polls that lane and draws it only while its job is preference tuning;
+the chart has the DPO loss on train and validation pairs and the validation
+reward margin on a second axis, extended in the browser with new rows only.
+"""
+from __future__ import annotations
+
+import html
+from functools import partial
+
+import gradio as gr
+
+from data import DatasetError, cache
+from engine import ACTIVE, SCALARS_ONLY, JobError
+from engine.engine import PREFERENCE
+from engine.public import scrub
+from training import ConfigError
+from training.dpo import DPOConfig
+
+from .charts import live_figure_message, live_rows_message, preference_figure
+from .widgets import bar, clock, live_chart, loss_text, notice, run_label
+
+TITLE = "Align"
+POLL_SECONDS = 1.0
+DEFAULTS = DPOConfig(parent="-").to_dict()
+DATA_CHOICES = [("The book's preference pairs: 1,100 polite (chosen) and impolite (rejected) answers", "preference"),
+                ("Your file: JSON or JSON Lines with chosen and rejected", "upload")]
+NO_RUNS = ("No fine-tuned run yet: fine-tune one in the <b>Train</b> tab; preference tuning starts from its saved "
+           "weights and aligns it with pairs of a chosen and a rejected answer.")
+
+
+def parent_choices(engine) -> list[tuple[str, str]]:
+    """Finished fine-tuned runs with saved weights (not themselves preference-tuned), newest first."""
+    return [(run_label(run), run.name) for run in engine.runs()
+            if run.has_weights and run.status in ("done", "stopped") and run.manifest.get("method") != "dpo"]
+
+
+def refresh_parents(engine, current: str | None):
+    names = [n for _, n in parent_choices(engine)]
+    value = current if current in names else (names[0] if names else None)
+    return gr.Dropdown(choices=parent_choices(engine), value=value), parent_note(value)
+
+
+def parent_note(name: str | None) -> str:
+    if not name:
+        return notice(NO_RUNS)
+    return notice(f"Policy: <b>{html.escape(name)}</b>, trained further. Reference: the same model, frozen; its "
+                  "log-probabilities of every pair are computed once before the first step, so the loss starts at ln 2.")
+
+
+def data_note() -> str:
+    """Where the book's file comes from here; offline without a cached copy only an upload works."""
+    if cache.is_preference_cached():
+        return notice(f"The book's <b>{cache.PREFERENCE_NAME}</b> is cached on this server (split 85 / 10 / 5 % in file order).")
+    return notice(f"The book's <b>{cache.PREFERENCE_NAME}</b> is downloaded once on first use (about 1 MB) and checked. "
+                  "There is no bundled offline sample of preference pairs: offline, upload your own file "
+                  "(records with instruction, input, chosen and rejected).")
+
+
+def as_int(value, name: str, allow_none: bool = False) -> int | None:
+    if value is None or value == "":
+        if allow_none:
+            return None
+        raise ConfigError(f"{name}: enter a number")
+    if float(value) != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {value}")
+    return int(value)
+
+
+def start(engine, client_id: str | None, parent: str | None, source: str, upload: str | None, beta, lr, epochs,
+          max_steps, batch_size, eval_every, lora: bool, rank):
+    """Start preference tuning owned by this browser; every problem is a message naming it, nothing raised."""
+    if not client_id:
+        return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
+    try:
+        if not parent:
+            raise ValueError("pick a finished fine-tuned run to align")
+        if source == "upload":
+            if not upload:
+                raise ValueError("choose a JSON or JSON Lines file of preference pairs to upload")
+            data = engine.store_preference_upload(upload)
+        else:
+            data = "preference"
+        if beta is None or lr is None:
+            raise ConfigError("beta and learning rate: enter a number")
+        settings = dict(data=data, beta=float(beta), lr=float(lr), epochs=as_int(epochs, "epochs"),
+                        max_steps=as_int(max_steps, "max steps", allow_none=True) or None,
+                        batch_size=as_int(batch_size, "batch size"), eval_every=as_int(eval_every, "eval every"),
+                        lora_rank=as_int(rank, "LoRA rank") if lora else 0)
+        engine.start_preference(parent, owner=client_id, **settings)
+    except (ConfigError, JobError, DatasetError, ValueError, OSError) as e:
+        return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
+    return notice(f"Started preference tuning of <b>{html.escape(parent)}</b>.", "ok"), gr.Button(interactive=False), \
+        gr.Button(interactive=True)
+
+
+def stop(engine, client_id: str | None) -> str:
+    snap = engine.snapshot("train", since=SCALARS_ONLY)
+    if snap["kind"] != PREFERENCE:
+        return notice("No preference tuning is going.")
+    try:
+        stopped = engine.stop("train", client_id)
+    except JobError as e:
+        return notice(html.escape(str(e)), "error")
+    if not stopped:
+        return notice("No preference tuning is going.")
+    return notice("Stopping at the next step; the model aligned so far is saved.", "info")
+
+
+def settings_line(config: dict) -> str:
+    method = f"LoRA rank {config['lora_rank']}" if config.get("lora_rank") else "all weights"
+    parts = [f"from {config['parent']}", str(config["data"]), f"beta {config['beta']:g}", f"lr {config['lr']:g}",
+             f"batch {config['batch_size']}", f"{config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}",
+             f"eval every {config['eval_every']}", method]
+    parts += [f"max {config['max_steps']} steps"] if config.get("max_steps") else []
+    return html.escape(" · ".join(parts))
+
+
+def progress_html(snap: dict, last: dict | None) -> str:
+    """Step x / y, pairs/s and tokens/s, elapsed, ETA; a bar for the reference pass before the first step."""
+    status = snap["status"]
+    active = status in ACTIVE
+    total, step = snap["total_steps"], snap["step"]
+    pairs, tokens = (last or {}).get("pairs_seen"), (last or {}).get("tokens_seen")
+    meta = [f'<span class="gi-status {status}">{status}</span>',
+            f"step <b>{step:,}</b> / {total:,}" if total else "step –",
+            f"<b>{snap['tokens_per_s']:,.0f}</b> tokens/s"]
+    if pairs and tokens:
+        meta.append(f"<b>{snap['tokens_per_s'] * pairs / tokens:,.1f}</b> pairs/s")
+    meta.append(f"{clock(snap['elapsed_s'])} elapsed")
+    if active and snap["eta_s"] is not None and total:
+        meta.append(f"ETA {clock(snap['eta_s'])}")
+    parts = [bar(step / total if total else 0.0), f'<div class="gi-progress-meta">{"".join(f"<span>{m}</span>" for m in meta)}</div>']
+    reference = snap.get("progress") or {}
+    if active and reference.get("phase") == "reference" and reference["done"] < reference["total"]:
+        line = f"Reference log-probabilities: <b>{reference['done']:,}</b> / {reference['total']:,} pairs"
+        parts += [f'<div class="gi-progress-meta"><span>{line}</span></div>', bar(reference["done"] / reference["total"], "download")]
+    info = [settings_line(snap["config"])] if snap.get("config") else []
+    if snap.get("message") and active:
+        info.append(html.escape(snap["message"]))
+    if snap.get("device"):
+        info.append(f"{html.escape(snap['device'])} · {snap['trainable_parameters']:,} of {snap['parameters']:,} parameters trained")
+    if info:
+        parts.append(f'<div class="gi-progress-meta">{"".join(f"<span>{i}</span>" for i in info)}</div>')
+    return f'<div class="gi-progress">{"".join(parts)}</div>'
+
+
+def responses_html(snap: dict) -> str:
+    """The fixed validation instruction, its chosen and rejected answers, and the policy's answer at each evaluation."""
+    record = snap.get("sample_instruction")
+    if not record:
+        return notice("At every evaluation the model answers one fixed validation instruction; its answers appear here.")
+    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    parts = [f'<div class="gi-caption">Validation instruction</div><div class="instruction">{html.escape(prompt)}</div>']
+    items = snap.get("responses") or []
+    if items:
+        latest = items[-1]
+        when = "before aligning" if latest["step"] == 0 else f"step {latest['step']}"
+        parts.append(f'<div class="gi-caption">Model\'s answer, {when}</div>'
+                     f'<div class="response">{html.escape(latest["response"]) or "<i>(empty)</i>"}</div>')
+        older = "".join(f'<div class="gi-older"><span class="gi-caption">{"before" if r["step"] == 0 else "step " + str(r["step"])}:'
+                        f'</span> {html.escape(r["response"]) or "<i>(empty)</i>"}</div>' for r in reversed(items[:-1]))
+        if older:
+            parts.append(f'<div class="gi-older-list">{older}</div>')
+    for key, label in (("chosen", "Chosen answer"), ("rejected", "Rejected answer")):
+        if record.get(key):
+            parts.append(f'<div class="gi-caption">{label}</div><div class="response">{html.escape(record[key])}</div>')
+    return f'<div class="gi-sample">{"".join(parts)}</div>'
+
+
+def final_html(snap: dict) -> str:
+    if snap.get("error"):
+        return notice(f"<b>Preference tuning failed.</b> {html.escape(snap['error'])}", "error")
+    final = snap.get("final")
+    if not final:
+        return ""
+    word = "Done" if final["status"] == "done" else "Stopped"
+    accuracy = final.get("final_val_reward_accuracy")
+    accuracy = f"{accuracy:.0%}" if isinstance(accuracy, (int, float)) else "–"
+    return notice(
+        f"<b>{word}</b> after {final['steps']:,} steps and {final.get('pairs_seen', 0):,} pairs in {clock(final['wall_time_s'])}: "
+        f"validation DPO loss <b>{loss_text(final['final_val_loss'])}</b>, reward margin "
+        f"<b>{loss_text(final.get('final_val_reward_margin'))}</b>, reward accuracy <b>{accuracy}</b>. Saved as run "
+        f"<code>{html.escape(str(snap.get('run')))}</code>: the Playground shows base, fine-tuned and aligned side by side.", "ok")
+
+
+def other_job_html(snap: dict) -> str:
+    """What the tab says while the shared lane holds no preference tuning."""
+    if snap["status"] in ACTIVE:
+        return notice("A fine-tuning run is going (see the <b>Train</b> tab): one training job runs at a time, so "
+                      "preference tuning can start when it ends.")
+    return notice("No preference tuning yet. Pick a fine-tuned run and press <b>Start</b>; everyone who opens the app "
+                  "sees it live.")
+
+
+def chart_key(snap: dict) -> str:
+    return f"dpo|{snap['started_at']}"
+
+
+def poll(engine, client_id: str | None, seen: dict | None):
+    """One timer tick: this visitor gets only what changed, and new chart rows only."""
+    seen = dict(seen or {})
+    latest = engine.snapshot("train", since=SCALARS_ONLY)
+    active = latest["status"] in ACTIVE
+    if latest["kind"] != PREFERENCE:
+        changed = seen.get("version") != ("other", latest["version"])
+        seen.update(version=("other", latest["version"]), chart=None, rows=0, active=active, can_stop=False)
+        return (gr.skip(), other_job_html(latest) if changed else gr.skip(), gr.skip(), gr.skip(),
+                gr.Button(interactive=not active) if changed else gr.skip(), gr.Button(interactive=False) if changed else gr.skip(),
+                gr.skip(), seen, gr.skip())
+    key = chart_key(latest)
+    have = seen.get("rows", 0) if seen.get("chart") == key else 0
+    snap = engine.snapshot("train", since=have)
+    can_stop = active and snap["owner"] is not None and snap["owner"] == client_id
+    changed = seen.get("version") != snap["version"]
+    last = snap["history"][-1] if snap["history"] else seen.get("last")
+    if have == 0:
+        config = snap.get("config") or {}
+        title = f"{config.get('parent')}: DPO on {config.get('data')}" if config else None
+        chart = live_figure_message(key, snap["history"], figure=preference_figure(snap["history"], title))
+    elif snap["history"]:
+        chart = live_rows_message(key, snap["history"])
+    else:
+        chart = gr.skip()
+    responses_key = [snap["started_at"], len(snap["responses"])]
+    finished = snap.get("run") if snap["status"] in ("done", "stopped") else None
+    ended = None if active else snap["started_at"]
+    out = (
+        chart,
+        progress_html(snap, last) if changed or active else gr.skip(),
+        responses_html(snap) if seen.get("responses") != responses_key else gr.skip(),
+        final_html(snap) if changed else gr.skip(),
+        gr.Button(interactive=not active) if changed or seen.get("active") != active else gr.skip(),
+        gr.Button(interactive=can_stop) if changed or seen.get("can_stop") != can_stop else gr.skip(),
+        "" if ended and seen.get("ended") != ended else gr.skip(),
+    )
+    runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()
+    seen.update(version=snap["version"], chart=key, rows=snap["history_len"], responses=responses_key, active=active,
+                can_stop=can_stop, finished=finished, ended=ended,
+                last={k: (last or {}).get(k) for k in ("tokens_seen", "pairs_seen")})
+    return out + (seen, runs_changed)
+
+
+def build(shared) -> None:
+    engine = shared.engine
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            with gr.Row(equal_height=True):
+                parent = gr.Dropdown([], value=None, label="Fine-tuned run to align", allow_custom_value=True, scale=5, elem_id="align-run")
+                refresh = gr.Button("↻", size="sm", scale=0, min_width=48, elem_id="align-refresh-runs")
+            parent_info = gr.HTML(notice(NO_RUNS), elem_id="align-run-info")
+            source = gr.Radio(DATA_CHOICES, value="preference", label="Preference data", elem_id="align-data")
+            upload = gr.File(label="Preference pairs (.json list or .jsonl)", file_types=[".json", ".jsonl", ".ndjson"],
+                             height=90, elem_id="align-upload")
+            gr.HTML(data_note(), elem_id="align-data-note")
+            with gr.Row():
+                beta = gr.Number(value=DEFAULTS["beta"], label="Beta", step=0.05, elem_id="align-beta")
+                lr = gr.Number(value=DEFAULTS["lr"], label="Learning rate", step=1e-6, elem_id="align-lr")
+                batch_size = gr.Number(value=DEFAULTS["batch_size"], precision=0, minimum=1, label="Batch size (pairs)",
+                                       elem_id="align-batch-size")
+            with gr.Row():
+                epochs = gr.Number(value=DEFAULTS["epochs"], precision=0, minimum=1, maximum=engine.limits.max_epochs,
+                                   label="Epochs", elem_id="align-epochs")
+                max_steps = gr.Number(value=0, precision=0, minimum=0, label="Max steps (0: all)", elem_id="align-max-steps")
+                eval_every = gr.Number(value=DEFAULTS["eval_every"], precision=0, minimum=1, label="Evaluate every (steps)",
+                                       elem_id="align-eval-every")
+            with gr.Accordion("LoRA", open=False):
+                lora = gr.Checkbox(value=False, label="Train low-rank adapters instead of every weight", elem_id="align-lora")
+                rank = gr.Slider(1, 64, value=16, step=1, label="Rank", elem_id="align-lora-rank")
+            with gr.Row():
+                start_btn = gr.Button("Start preference tuning", variant="primary", elem_id="align-start-btn")
+                stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="align-stop-btn")
+            message = gr.HTML(elem_id="align-message")
+        with gr.Column(scale=3):
+            progress = gr.HTML(elem_id="align-progress")
+            chart = live_chart("align-chart")
+            final = gr.HTML(elem_id="align-final")
+            responses = gr.HTML(elem_id="align-responses")
+
+    seen = gr.State(None)
+    cheap = dict(concurrency_limit=None, show_progress="hidden")
+    poll_outputs = [chart, progress, responses, final, start_btn, stop_btn, message, seen, shared.runs_changed]
+    settings = [parent, source, upload, beta, lr, epochs, max_steps, batch_size, eval_every, lora, rank]
+    start_btn.click(partial(start, engine), [shared.client_id] + settings, [message, start_btn, stop_btn],
+                    api_name="start_preference", concurrency_limit=1)
+    stop_btn.click(partial(stop, engine), shared.client_id, message, api_name="stop_preference", **cheap)
+    on_poll = partial(poll, engine)
+    gr.Timer(POLL_SECONDS).tick(on_poll, [shared.client_id, seen], poll_outputs, api_visibility="private", **cheap)
+    shared.app.load(on_poll, [shared.client_id, seen], poll_outputs, api_visibility="private", **cheap)
+    for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
+        trigger(partial(refresh_parents, engine), parent, [parent, parent_info], api_visibility="private", **cheap)
+    parent.input(parent_note, parent, parent_info, api_visibility="private", **cheap)
