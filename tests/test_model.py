@@ -384,19 +384,6 @@ def test_unknown_generation_mode_is_an_error(tiny):
         generate(tiny, [1, 2], 3, mode="fast")
 
 
-@pytest.mark.parametrize("value", ["0", "1"])
-def test_native_bf16_override(monkeypatch, value):
-    from model.device import cpu_has_bf16
-
-    monkeypatch.setenv("GPT2_INSTRUCT_NATIVE_BF16", value)
-    cpu_has_bf16.cache_clear()
-    try:
-        assert cpu_has_bf16() is (value == "1")
-    finally:
-        monkeypatch.delenv("GPT2_INSTRUCT_NATIVE_BF16")
-        cpu_has_bf16.cache_clear()
-
-
 def test_bf16_models_and_sampling_generate_one_token_per_pass(frozen, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("speculative path taken")
