@@ -115,7 +115,7 @@ def test_a_run_without_an_evaluation_says_so(c, run):
 
 
 def test_the_progress_moves_through_the_phases(c, run):
-    job = c.submit("owner-a", RUN, 7, 8, 1, "", "llama3", RANK, False, api_name="/evaluate")
+    job = c.submit("owner-a", RUN, 7, 64, 1, "", "llama3", RANK, False, api_name="/evaluate")
     job.result(timeout=120)
     shown = [text(out[0]) for out in job.outputs() if isinstance(out[0], str)]
     phases = {m.group(0) for m in map(re.compile(r"phase \d+ / 6").search, shown) if m}
@@ -208,8 +208,9 @@ def test_a_clicked_row_opens_the_playground(run):
     from ui.playground_tab import open_example
 
     engine = Engine(root=run.parent)
-    shared = SimpleNamespace(open_example=lambda record, name, note="": open_example(engine, record, name, note))
     row = {"index": 2, "instruction": "Name a colour.", "input": "", "output": "Red."}
+    shared = SimpleNamespace(open_example=lambda record, name, note="": open_example(engine, record, name, note),
+                             playground=(None,) * len(open_example(engine, row, RUN)))
     result = {"run": RUN, "rows": [{**row, "index": i} for i in range(2)] + [row]}
     event = gr.SelectData(None, {"index": [0, 4], "value": "…", "row_value": [1, 3, "Name a colour.", "Red."]})
     tabs, instruction, input_text, reference, run_picker, *_ = open_in_playground(shared, result, event)

@@ -56,7 +56,7 @@ RANKINGS = {  # label -> (key for best_and_worst, lower is better)
     "fine-tuned judge score": ("tuned.judge", False),
 }
 NO_RUNS = "No finished run yet: fine-tune one in the <b>Train</b> tab, then score it here against its base model."
-POLL_S = 0.3
+POLL_S = 0.1
 
 
 def not_yet(run: RunInfo) -> str:
