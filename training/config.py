@@ -49,8 +49,26 @@ def check_field(f, value) -> None:
         raise ConfigError(f"{name} must be {bounds}, got {value:g}")
 
 
+class Settings:
+    """What every settings dataclass shares: its declared limits checked, and plain dicts in and out."""
+
+    def check_fields(self) -> None:
+        for f in fields(self):
+            check_field(f, getattr(self, f.name))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(unknown)}")
+        return cls(**values)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     model: str = setting("gpt2", "preset (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl), Hub repo id, or local directory / .safetensors file")
     random_init: bool = setting(False, "random weights instead of pretrained ones: offline demos and tests")
     data: str = setting("canonical", "canonical (the book's 1,100), sample (bundled, offline), or a JSON / JSON Lines file")
@@ -93,20 +111,8 @@ class TrainConfig:
             raise ConfigError(f"random init builds one of the presets ({', '.join(PRESETS)}), not {self.model!r}")
         if not self.random_init and self.model == "tiny":
             raise ConfigError("the tiny preset has no pretrained weights: use random init")
-        for f in fields(self):
-            check_field(f, getattr(self, f.name))
+        self.check_fields()
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown settings: {', '.join(unknown)}")
-        return cls(**values)
 
 
 def defaults(cls=TrainConfig) -> dict[str, Any]:

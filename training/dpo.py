@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from model.device import describe, peak_rss_mb, release_free_memory
 from runstore import RunWriter, find_run, load_run, new_run_dir, read_manifest
 from runstore.store import WEIGHTS
 
-from .config import ConfigError, TrainConfig, check_field, setting
+from .config import ConfigError, Settings, TrainConfig, setting
 from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
 from .loop import Clock, Hooks, finite, now, respond, versions
@@ -42,7 +42,7 @@ from .optim import MasterWeightAdamW
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(Settings):
     parent: str | None = setting(None, "the fine-tuned run to align: its directory, or its name under runs/", flag="--from")
     data: str = setting("preference", "preference (the book's 1,100 pairs) or a JSON / JSON Lines file with chosen and rejected")
     beta: float = setting(0.1, "DPO beta: how far the policy may move from the reference", 0, 100, low_open=True)
@@ -73,19 +73,8 @@ class DPOConfig:
     def validate(self) -> "DPOConfig":
         if not self.parent:
             raise ConfigError("parent: name the fine-tuned run to align (--from RUN)")
-        for f in fields(self):
-            check_field(f, getattr(self, f.name))
+        self.check_fields()
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "DPOConfig":
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown settings: {', '.join(unknown)}")
-        return cls(**values)
 
 
 class StopTraining(Exception):
