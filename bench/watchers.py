@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.common import machine, print_json
 
 REPO = Path(__file__).resolve().parents[1]
-FORM = dict(custom="", random_init=True, epochs=1, batch_size=8, lr=5e-5, mask_prompt=False, lora=False, rank=8, alpha=16,
+FORM = dict(custom="", random_init=True, epochs=100, batch_size=8, lr=5e-5, mask_prompt=False, lora=False, rank=8, alpha=16,
             grouped=True)
 
 
@@ -81,7 +81,7 @@ def app_run(url: str, root: Path, model: str, steps: int, watchers: int) -> dict
 
 def cli_run(root: Path, model: str, steps: int, env: dict) -> float:
     out = root / "cli-run"
-    subprocess.run([sys.executable, "-m", "training", "--model", model, "--random-init", "--data", "sample", "--max-steps",
+    subprocess.run([sys.executable, "-m", "training", "--model", model, "--random-init", "--data", "sample", "--epochs", "100", "--max-steps",
                     str(steps), "--eval-every", "1000", "--out", str(out)], cwd=REPO, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return throughput(out)

@@ -217,21 +217,22 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
     else:
         chart = gr.skip()
     responses_key = [snap["started_at"], len(snap["responses"])]
+    final_key = [snap["started_at"], snap["status"], snap.get("error")]
     finished = snap.get("run") if snap["status"] in ("done", "stopped") else None
     out = (
         chart,
         progress_html(snap) if changed or active else gr.skip(),
         responses_html(snap) if seen.get("responses") != responses_key else gr.skip(),
-        final_html(snap) if changed else gr.skip(),
-        gr.Button(interactive=not active) if changed or seen.get("active") != active else gr.skip(),
-        gr.Button(interactive=can_stop) if changed or seen.get("can_stop") != can_stop else gr.skip(),
+        final_html(snap) if seen.get("final") != final_key else gr.skip(),
+        gr.Button(interactive=not active) if seen.get("active") != active else gr.skip(),
+        gr.Button(interactive=can_stop) if seen.get("can_stop") != can_stop else gr.skip(),
     )
     runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()
     # A run that ended takes the Start / Stop message with it: "Started…" or "only the browser…" is stale by then.
     ended = None if active or snap["status"] == "idle" else snap["started_at"]
     message = "" if ended and seen.get("ended") != ended else gr.skip()
     seen.update(version=snap["version"], chart=key, rows=snap["history_len"], responses=responses_key, active=active,
-                can_stop=can_stop, finished=finished, ended=ended)
+                can_stop=can_stop, finished=finished, ended=ended, final=final_key)
     return out + (message, seen, runs_changed)
 
 
