@@ -326,7 +326,7 @@ def test_importing_training_leaves_the_environment_alone():
     assert out.stdout.strip() == "None"
 
 
-def test_calibration_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
+def test_calibration_measures_once_then_reads_the_cache(tmp_path, monkeypatch, needs_canonical):
     from training import calibrate as cal
 
     monkeypatch.setattr(cal, "cache_file", lambda: tmp_path / "calibration.json")

@@ -13,6 +13,7 @@ from functools import partial
 
 import gradio as gr
 
+from data import DatasetError
 from engine import ACTIVE, SCALARS_ONLY, JobError, public_data
 from engine.engine import PREFERENCE
 from engine.public import scrub
@@ -294,7 +295,11 @@ def measure(engine, preset: str, lora: bool, rank) -> str:
         return notice("A run is training: measure once it has ended, so that neither slows the other.", "error")
     if preset not in PRESETS:
         return notice("Only the presets can be measured.", "error")
-    return expected_html(preset, lora, rank, calibrate(preset, int(rank or 16) if lora else 0, refresh=True))
+    try:
+        result = calibrate(preset, int(rank or 16) if lora else 0, refresh=True)
+    except DatasetError as e:
+        return notice(f"The expected epoch is measured on the book's data: {html.escape(scrub(str(e)))}", "error")
+    return expected_html(preset, lora, rank, result)
 
 
 def resume(engine, client_id: str | None, name: str | None):
@@ -397,7 +402,7 @@ def build(shared) -> None:
                 with gr.Row():
                     rank = gr.Slider(1, 64, value=16, step=1, label="Rank", elem_id="lora-rank")
                     alpha = gr.Number(value=DEFAULTS["lora_alpha"], label="Alpha", elem_id="lora-alpha")
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=False):
                 expected = gr.HTML(expected_html("tiny", False, 16), elem_id="expected-epoch")
                 measure_btn = gr.Button("Measure", size="sm", scale=0, min_width=90, elem_id="measure-btn")
             data = gr.HTML(data_line(engine, None), elem_id="train-data")
