@@ -20,7 +20,7 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import bar, clock, live_chart, loss_text, notice, run_label
+from .widgets import bar, clock, live_chart, loss_text, notice, run_label, stop_job
 
 TITLE = "Align"
 POLL_SECONDS = 1.0
@@ -100,13 +100,8 @@ def stop(engine, client_id: str | None) -> str:
     snap = engine.snapshot("train", since=SCALARS_ONLY)
     if snap["kind"] != PREFERENCE:
         return notice("No preference tuning is going.")
-    try:
-        stopped = engine.stop("train", client_id)
-    except JobError as e:
-        return notice(html.escape(str(e)), "error")
-    if not stopped:
-        return notice("No preference tuning is going.")
-    return notice("Stopping at the next step; the model aligned so far is saved.", "info")
+    return stop_job(engine, "train", client_id, "No preference tuning is going.",
+                    "Stopping at the next step; the model aligned so far is saved.")
 
 
 def settings_line(config: dict) -> str:

@@ -24,7 +24,7 @@ from training.config import DEMO, DEMO_TEXT, defaults, limits_of
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import bar, clock, live_chart, loss_text, model_label, notice
+from .widgets import bar, clock, live_chart, loss_text, model_label, notice, stop_job
 
 TITLE = "Train"
 POLL_SECONDS = 1.0
@@ -86,13 +86,7 @@ def start(engine, client_id: str | None, dataset: dict | None, preset: str, cust
 
 
 def stop(engine, client_id: str | None):
-    try:
-        stopped = engine.stop("train", client_id)
-    except JobError as e:
-        return notice(html.escape(str(e)), "error")
-    if not stopped:
-        return notice("No run is going.")
-    return notice("Stopping at the next step; the model trained so far is saved.", "info")
+    return stop_job(engine, "train", client_id, "No run is going.", "Stopping at the next step; the model trained so far is saved.")
 
 
 def settings_line(config: dict) -> str:

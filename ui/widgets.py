@@ -1,13 +1,25 @@
 """What more than one tab shows: progress bars, clocks, run pickers. Tabs import this, never each other."""
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import gradio as gr
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "run_label", "finished_run_choices", "loss_text", "model_label", "live_chart"]
+__all__ = ["notice", "bar", "clock", "run_label", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job"]
+
+
+def stop_job(engine, lane: str, client_id: str | None, nothing: str, stopping: str) -> str:
+    """Ask the lane's job to stop for this browser: ``stopping`` when it will, ``nothing`` when no job runs, else why not."""
+    from engine import JobError
+
+    try:
+        stopped = engine.stop(lane, client_id)
+    except JobError as e:
+        return notice(html.escape(str(e)), "error")
+    return notice(stopping, "info") if stopped else notice(nothing)
 
 
 def clock(seconds: float | None) -> str:
