@@ -20,7 +20,7 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import bar, clock, live_chart, loss_text, notice, run_label, stop_job
+from .widgets import as_int, bar, clock, live_chart, loss_text, notice, run_label, stop_job
 
 TITLE = "Align"
 POLL_SECONDS = 1.0
@@ -57,16 +57,6 @@ def data_note() -> str:
     return notice(f"The book's <b>{cache.PREFERENCE_NAME}</b> is downloaded once on first use (about 1 MB) and checked. "
                   "There is no bundled offline sample of preference pairs: offline, upload your own file "
                   "(records with instruction, input, chosen and rejected).")
-
-
-def as_int(value, name: str, allow_none: bool = False) -> int | None:
-    if value is None or value == "":
-        if allow_none:
-            return None
-        raise ConfigError(f"{name}: enter a number")
-    if float(value) != int(value):
-        raise ConfigError(f"{name} must be a whole number, got {value}")
-    return int(value)
 
 
 def start(engine, client_id: str | None, parent: str | None, source: str, upload: str | None, beta, lr, epochs,

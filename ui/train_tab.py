@@ -24,7 +24,7 @@ from training.config import DEMO, DEMO_TEXT, defaults, limits_of
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import bar, clock, live_chart, loss_text, model_label, notice, stop_job
+from .widgets import as_int, bar, clock, live_chart, loss_text, model_label, notice, stop_job
 
 TITLE = "Train"
 POLL_SECONDS = 1.0
@@ -37,16 +37,6 @@ def preset_label(e: Estimate) -> str:
         return f"tiny · {e.params_label()} params · random weights, offline demo"
     return (f"{e.name} · {e.params_label()} params · full fine-tune ≈ {e.full_gb:.1f} GB · "
             f"LoRA ≈ {e.lora_gb:.1f} GB · inference ≈ {e.inference_gb:.2g} GB")
-
-
-def as_int(value, name: str, allow_none: bool = False) -> int | None:
-    if value is None or value == "":
-        if allow_none:
-            return None
-        raise ConfigError(f"{name}: enter a number")
-    if float(value) != int(value):
-        raise ConfigError(f"{name} must be a whole number, got {value}")
-    return int(value)
 
 
 def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size, lr, mask_prompt: bool, lora: bool,

@@ -8,7 +8,7 @@ import gradio as gr
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "run_label", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job"]
+__all__ = ["notice", "bar", "clock", "run_label", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int"]
 
 
 def stop_job(engine, lane: str, client_id: str | None, nothing: str, stopping: str) -> str:
@@ -20,6 +20,19 @@ def stop_job(engine, lane: str, client_id: str | None, nothing: str, stopping: s
     except JobError as e:
         return notice(html.escape(str(e)), "error")
     return notice(stopping, "info") if stopped else notice(nothing)
+
+
+def as_int(value, name: str, allow_none: bool = False) -> int | None:
+    """A form's number as a whole number; a ``ConfigError`` naming the field otherwise."""
+    from training.config import ConfigError
+
+    if value is None or value == "":
+        if allow_none:
+            return None
+        raise ConfigError(f"{name}: enter a number")
+    if float(value) != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {value}")
+    return int(value)
 
 
 def clock(seconds: float | None) -> str:
