@@ -22,7 +22,6 @@ min / median / max, and an epoch projected from the measured seconds per token.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import tempfile

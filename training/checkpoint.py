@@ -99,6 +99,6 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
     saved = resume_config(run_dir).to_dict()
     changed = [key for key, value in config.to_dict().items() if key not in CHANGEABLE + ("out",) and saved.get(key) != value]
     if changed:
-        raise ResumeError(f"a resumed run keeps its settings, so that it trains as if it had never stopped; "
+        raise ResumeError("a resumed run keeps its settings, so that it trains as if it had never stopped; "
                           + ", ".join(f"{key} was {saved.get(key)!r}, not {getattr(config, key)!r}" for key in changed))
 
