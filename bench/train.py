@@ -36,6 +36,7 @@ from bench.common import machine, precision_line, print_json, spread
 from data import DatasetError, InstructionDataset, load_instructions, make_loader, padding_stats, split_instructions
 from model import GPTConfig, pick_device, pick_dtype, save_pretrained
 from model.device import cpu_class, describe, peak_rss_mb, release_free_memory
+from model.gpt import Packing
 from training.config import ConfigError, TrainConfig
 from training.loop import build_model
 from training.lora import add_lora
@@ -53,12 +54,15 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
 
 
 def step_flops(config: GPTConfig, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Forward + backward FLOPs of one batch: 6 x params x tokens, the LM head only where targets are, attention."""
+    """Forward + backward FLOPs that ours computes for one batch: 6 x params x the tokens the blocks run on
+    (each row up to its last target, ``Packing``), the LM head only where targets are, attention over (B, T)."""
     B, T = x.shape
     d = config.n_embd
     block_params = config.n_layer * 12 * d * d
+    packing = Packing.of(y)
+    tokens = len(packing.index) if packing is not None else B * T
     targets = int((y != -100).sum())
-    return 6 * block_params * B * T + 6 * config.vocab_size * d * targets + 12 * config.n_layer * B * T * T * d
+    return 6 * block_params * tokens + 6 * config.vocab_size * d * targets + 12 * config.n_layer * B * T * T * d
 
 
 class Ours:

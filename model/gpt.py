@@ -66,9 +66,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
 
-    def forward(self, x, cache=None, layer: int = 0, mask=None):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+    def forward(self, x, cache=None, layer: int = 0, mask=None, packing=None):
+        qkv = self.c_attn(x)
+        if packing is not None:
+            qkv = packing.unpack(qkv)
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -81,7 +84,8 @@ class CausalSelfAttention(nn.Module):
         backend = sdpa_kernel(SDPBackend.MATH) if self.training and x.device.type == "cpu" else contextlib.nullcontext()
         with backend:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(packing.pack(y) if packing is not None else y)
 
 
 class MLP(nn.Module):
@@ -122,6 +126,42 @@ class GeluLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b
 
 
+@dataclass
+class Packing:
+    """The positions of a (B, T) batch that can change the loss, packed into one (N, C) matrix.
+
+    Attention is causal, so positions after a row's last target change nothing
+    that is scored: padding at the end of a row only costs time. Training runs
+    the per-token layers (LayerNorms, projections, MLPs: nearly all the FLOPs)
+    on each row's prefix up to its last target, and goes back to (B, T) only
+    around attention, where the dropped positions are zeros that no kept
+    position can see.
+    """
+
+    index: torch.Tensor  # (N,) kept positions, flat in B * T
+    B: int
+    T: int
+
+    @classmethod
+    def of(cls, targets: torch.Tensor, ignore_index: int = -100) -> "Packing | None":
+        """The packing for ``targets``, or None when every position counts."""
+        B, T = targets.shape
+        scored = targets != ignore_index
+        lengths = torch.where(scored.any(1), T - scored.flip(1).int().argmax(1), 0)
+        kept = torch.arange(T, device=targets.device) < lengths[:, None]
+        if kept.all() or not kept.any():
+            return None
+        return cls(kept.flatten().nonzero().squeeze(1), B, T)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)"""
+        return x.reshape(self.B * self.T, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (B, T, C), zeros at the dropped positions."""
+        return x.new_zeros(self.B * self.T, x.shape[-1]).index_copy_(0, self.index, x).view(self.B, self.T, -1)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -131,8 +171,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, layer: int = 0, mask=None):
-        x = x + self.drop(self.attn(self.ln_1(x), cache, layer, mask))
+    def forward(self, x, cache=None, layer: int = 0, mask=None, packing=None):
+        x = x + self.drop(self.attn(self.ln_1(x), cache, layer, mask, packing))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -169,13 +209,14 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx, positions=None, cache=None, mask=None, tied_grad=None):
+    def hidden_states(self, idx, positions=None, cache=None, mask=None, tied_grad=None, packing=None):
         """Final-LayerNorm hidden states (B, T, C); the LM head is left to the caller.
 
         ``tied_grad``: the list through which ``loss`` hands the head's weight gradient to the embedding.
+        With ``packing``, ``idx`` and ``positions`` are the packed (N,) tokens and the result is (N, C).
         """
-        T = idx.shape[1]
         if positions is None:
+            T = idx.shape[1]
             start = cache.length if cache is not None else 0
             if start + T > self.config.block_size:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the context window of {self.config.block_size}")
@@ -185,7 +226,7 @@ class GPT(nn.Module):
         x = tok + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, mask)
+            x = block(x, cache, i, mask, packing)
         return self.transformer.ln_f(x)
 
     def forward(self, idx):
@@ -198,12 +239,18 @@ class GPT(nn.Module):
         The same value as the book's ``cross_entropy(logits.flatten(0, 1), targets.flatten())``,
         with less work: the 50,257-wide LM head runs only where a target exists,
         not on padding or masked prompt tokens, and when training the head's
-        gradients are made in the same pass (``TiedHeadCrossEntropy``).
+        gradients are made in the same pass (``TiedHeadCrossEntropy``). The
+        blocks skip each row's end after its last target (``Packing``).
         """
         weight = self.lm_head.weight
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         tied_grad = [] if training and weight.requires_grad else None
-        h = self.hidden_states(idx, tied_grad=tied_grad)
+        packing = Packing.of(targets, ignore_index)
+        if packing is None:
+            h = self.hidden_states(idx, tied_grad=tied_grad)
+        else:
+            idx, targets = packing.pack(idx), packing.pack(targets)
+            h = self.hidden_states(idx, packing.index % packing.T, tied_grad=tied_grad, packing=packing)
         keep = targets != ignore_index
         h, targets = h[keep], targets[keep]
         if training:

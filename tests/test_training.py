@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from data import InstructionDataset, load_instructions, make_loader, source_path, split_instructions
 from model import GPT, GPTConfig, load_pretrained
+from model.gpt import Packing
 from runstore import list_runs, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
 from training.config import ConfigError
@@ -37,11 +38,31 @@ def batches():
     return list(loader)
 
 
-def test_fused_head_loss_and_gradients_equal_the_books_loss(batches):
-    """model.loss (LM head only on targets, gradients made in the forward pass) against full logits + cross_entropy."""
+def unpadded(x, y):
+    """The batch with every row's last position scored: nothing for ``Packing`` to drop."""
+    y = y.clone()
+    y[:, -1] = x[:, -1]
+    return x, y
+
+
+def one_row_unscored(x, y):
+    y = y.clone()
+    y[1] = -100
+    return x, y
+
+
+@pytest.mark.parametrize("variant", [None, unpadded, one_row_unscored])
+def test_fused_head_loss_and_gradients_equal_the_books_loss(batches, variant):
+    """model.loss (LM head only on targets, gradients made in the forward pass, rows cut after their last
+    target) against full logits + cross_entropy."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny"))
-    x, y = batches[0]
+    x, y = variant(*batches[0]) if variant else batches[0]
+    packing = Packing.of(y)
+    assert (packing is None) == (variant is unpadded)
+    if packing is not None:
+        prefixes = [int(row.nonzero().max()) + 1 if row.any() else 0 for row in y != -100]
+        assert len(packing.index) == sum(prefixes) < y.numel()
     ours = model.loss(x, y)
     ours.backward()
     ours_grads = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()}
