@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -26,8 +25,8 @@ from training.config import ConfigError, TrainConfig
 from training.estimate import GB, estimate_for
 from training.events import Progress
 from training.checkpoint import resume_config
-from training.loop import Hooks, check_data, resume_run, train
-from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, train_dpo
+from training.loop import check_data, resume_run, train
+from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, resume_dpo, resume_dpo_config, train_dpo
 from data.preference import load_preferences
 from data import cache
 
@@ -198,11 +197,16 @@ class Engine:
         return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public))
 
     def resume_training(self, name: str, owner: str | None = None) -> Job:
-        """Continue a stopped or interrupted run from its checkpoint, in the ``train`` lane, under today's limits."""
+        """Continue a stopped or interrupted run from its checkpoint, in the ``train`` lane, under today's limits.
+
+        A preference-tuning run resumes as one (its trainer, its job kind).
+        """
         run = self.run(name)
         changes = {}
         if self.limits.max_wall_minutes is not None:
             changes["max_wall_s"] = self.limits.max_wall_minutes * 60
+        if is_dpo_run(run.path):
+            return self.resume_preference(run, owner, changes)
         config = resume_config(run.path, **changes)
         self.admit(config)
 
@@ -240,8 +244,13 @@ class Engine:
         config = DPOConfig(parent=str(run.path), **settings)
         if config.epochs > self.limits.max_epochs:
             raise ConfigError(f"epochs: this server allows at most {self.limits.max_epochs}, got {config.epochs}")
+        changes = {}
         if self.limits.max_steps is not None and (config.max_steps or 10**9) > self.limits.max_steps:
-            config = dataclasses.replace(config, max_steps=self.limits.max_steps)
+            changes["max_steps"] = self.limits.max_steps
+        if self.limits.max_wall_minutes is not None:
+            cap = self.limits.max_wall_minutes * 60
+            changes["max_wall_s"] = min(config.max_wall_s or cap, cap)
+        config = dataclasses.replace(config, **changes) if changes else config
         check_dpo(config, self.root)
         self.admit(dataclasses.replace(base_config(run.manifest), lora_rank=config.lora_rank))
         return config, run
@@ -249,16 +258,21 @@ class Engine:
     def start_preference(self, parent_name: str, owner: str | None = None, **settings) -> Job:
         """Align a finished fine-tuned run with preference data (DPO) in the ``train`` lane: the parent by name only."""
         config, run = self.preference_config(parent_name, **settings)
-        wall = self.limits.max_wall_minutes * 60 if self.limits.max_wall_minutes is not None else None
-        parent_config = run.manifest.get("config") or {}
-        public = {**config.to_dict(), "parent": run.name, "data": public_data(config.data), "out": None,
-                  "model": parent_config.get("model"), "random_init": parent_config.get("random_init", False)}
+        public = preference_public(config, run.name, run.manifest.get("config") or {})
 
         def work(hooks) -> None:  # the summary reaches watchers through its Finished event, without its path
-            if wall is not None:
-                deadline = time.monotonic() + wall
-                hooks = Hooks(on_event=hooks.on_event, should_stop=lambda: hooks.should_stop() or time.monotonic() > deadline)
             train_dpo(config, hooks, root=self.root)
+
+        return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public))
+
+    def resume_preference(self, run: RunInfo, owner: str | None, changes: dict) -> Job:
+        """Continue a stopped or interrupted DPO run from its checkpoint, in the ``train`` lane."""
+        config = resume_dpo_config(run.path, **changes)
+        self.admit(dataclasses.replace(base_config(run.manifest), lora_rank=config.lora_rank))
+        public = preference_public(config, run.manifest["parent_run"], run.manifest.get("config") or {})
+
+        def work(hooks) -> None:
+            resume_dpo(run.path, hooks, **changes)
 
         return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public))
 
@@ -276,6 +290,12 @@ class Engine:
 
         job = Job("evaluation", work, owner, "evaluation", {"run": run.name, **{k: str(v) for k, v in settings.items()}})
         return self._launch("evaluate", job)
+
+
+def preference_public(config: DPOConfig, parent_name: str, parent_config: dict) -> dict:
+    """A DPO job's settings as a visitor may see them: the parent by name, no server path."""
+    return {**config.to_dict(), "parent": parent_name, "data": public_data(config.data), "out": None,
+            "model": parent_config.get("model"), "random_init": parent_config.get("random_init", False)}
 
 
 def public_data(source: str) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,12 @@ from data.preference import (
 )
 from model import EOT_ID, GPT, GPTConfig, get_tokenizer
 from data.prompts import format_prompt
-from runstore import load_run, read_manifest, read_metrics
+from runstore import CHECKPOINT, RunInfo, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
+from training.checkpoint import ResumeError
 from training.config import ConfigError
-from training.dpo import DPOConfig, dpo_loss, reference_logprobs, sequence_logprobs, train_dpo
+from training.dpo import DPOConfig, dpo_loss, reference_logprobs, resume_dpo, resume_dpo_config, sequence_logprobs, train_dpo
+from training.loop import resume_run
 from training.events import Finished, Logged, Started, Status
 from training.loop import Hooks
 from training.optim import MasterWeightAdamW
@@ -330,6 +333,134 @@ def test_cli(parent, pref_file, tmp_path):
     out = subprocess.run([sys.executable, "-m", "training.dpo", "--from", str(parent), "--data", str(bad)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and 'bad.json, record 1: field "rejected" is missing' in out.stderr
+
+
+# Resume
+
+TIMINGS = ("elapsed_s", "eta_s", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def few_pairs(tmp_path_factory) -> Path:
+    """12 pairs: 10 for training, 2 steps of 4 an epoch."""
+    path = tmp_path_factory.mktemp("few") / "pairs.json"
+    path.write_text(json.dumps(pairs_from_sample(12)))
+    return path
+
+
+def stop_after(step: int | None, events: list | None = None) -> Hooks:
+    """Hooks that ask for a stop once ``step`` has been logged; None: at once (inside the reference pass)."""
+    seen = {"step": -1}
+
+    def on_event(event):
+        if events is not None:
+            events.append(event)
+        if isinstance(event, Logged):
+            seen["step"] = event.step
+
+    return Hooks(on_event=on_event, should_stop=lambda: step is None or seen["step"] >= step)
+
+
+def figures_of(run: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in read_metrics(run)]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("stop, extra", [
+    (3, dict(precision="fp32")),  # inside the second epoch
+    (2, dict(grouped=False)),  # at the epoch boundary
+    (3, dict(lora_rank=2, grad_clip=1.0, sum_logprobs=True, packed=False)),  # AdamW after backward, frozen weights
+    (None, {}),  # inside the reference pass: nothing trained yet, the resume computes the reference
+])
+def test_a_resumed_dpo_run_trains_exactly_as_an_uninterrupted_one(parent, few_pairs, tmp_path, stop, extra):
+    """6 steps over three epochs straight, against a stop + resume: the same figures, bit for bit, and the same weights."""
+    settings = dict(epochs=3, max_steps=None, eval_every=2, eval_batches=1, sample_tokens=2, lr=1e-3, **extra)
+    straight = train_dpo(dpo_config(parent, few_pairs, tmp_path / "straight", **settings))
+    run = tmp_path / "resumed"
+    stopped = train_dpo(dpo_config(parent, few_pairs, run, **settings), stop_after(stop))
+    assert stopped["status"] == "stopped" and stopped["steps"] == (stop or 0) and stopped["stop_reason"] == "stopped by its owner"
+    assert RunInfo(run, read_manifest(run)).resumable and (run / "model.safetensors").is_file()
+
+    events = []
+    resumed = resume_dpo(run, Hooks(on_event=events.append))
+    assert resumed["status"] == straight["status"] == "done" and resumed["steps"] == straight["steps"] == 6
+    assert next(e for e in events if isinstance(e, Started)).start_step == (stop or 0)
+    assert any(isinstance(e, Status) and e.status == "reference" for e in events) == (stop is None)  # kept in the checkpoint
+    manifest = read_manifest(run)
+    assert manifest["resumed_from_step"] == [stop or 0] and manifest["status"] == "done" and manifest["stop_reason"] is None
+    assert not (run / CHECKPOINT).exists()  # a done run keeps no checkpoint
+    assert [r["step"] for r in read_metrics(run)] == list(range(7))  # the earlier rows kept, each step once
+    assert figures_of(run) == figures_of(tmp_path / "straight")
+    for key in ("final_train_loss", "final_val_loss", "final_val_reward_margin", "pairs_seen", "tokens_seen"):
+        assert resumed[key] == straight[key], key
+    assert same_weights(run, tmp_path / "straight")
+
+
+def test_checkpoints_every_n_steps_and_a_resume_may_change_only_what_trains_the_same(parent, few_pairs, tmp_path):
+    run = tmp_path / "dpo"
+    train_dpo(dpo_config(parent, few_pairs, run, epochs=3, max_steps=None, checkpoint_every=2), stop_after(3))
+    assert read_manifest(run)["checkpoint_step"] == 3  # 2 by the setting, then 3 when stopped
+    assert resume_dpo_config(run, checkpoint_every=1, max_wall_s=60, eval_every=1, sample_tokens=0).eval_every == 1
+    with pytest.raises(ResumeError, match="lr cannot change"):
+        resume_dpo(run, lr=0.5)
+    with pytest.raises(ResumeError, match="beta was 0.1, not 0.2"):
+        train_dpo(DPOConfig(**{**resume_dpo_config(run).to_dict(), "beta": 0.2}), resume=run)
+    with pytest.raises(ResumeError, match="is a preference-tuning \\(DPO\\) run: resume it with python -m training.dpo --resume dpo"):
+        resume_run(run)
+    stopped_sft = tmp_path / "sft"
+    stopped_sft.mkdir()
+    (stopped_sft / "manifest.json").write_text(json.dumps({**read_manifest(parent), "status": "stopped"}))
+    (stopped_sft / CHECKPOINT).touch()
+    with pytest.raises(ResumeError, match="sft is a fine-tuning run, not a preference-tuning one"):
+        resume_dpo(stopped_sft)
+
+    resume_dpo(run, eval_every=1)
+    assert [r["step"] for r in read_metrics(run) if r["val_loss"] is not None] == [0, 2, 4, 5, 6]
+    with pytest.raises(ResumeError, match="dpo is done .* nothing to resume"):
+        resume_dpo(run)
+
+
+def test_a_resume_is_refused_when_the_data_or_the_parent_changed_or_nothing_was_saved(parent, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(pairs_from_sample(12)))
+    copy = tmp_path / "parent"
+    shutil.copytree(parent, copy)
+    run = tmp_path / "dpo"
+    train_dpo(dpo_config(copy, data, run, epochs=3, max_steps=None), stop_after(1))
+
+    data.write_text(json.dumps(pairs_from_sample(13)))
+    with pytest.raises(ResumeError, match="pairs.json has changed since the run started"):
+        resume_dpo(run)
+    data.write_text(json.dumps(pairs_from_sample(12)))
+    weights = load_file(copy / "model.safetensors")
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1  # the parent trained further
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ResumeError, match="the weights of parent have changed since the run started"):
+        resume_dpo(run)
+    (run / CHECKPOINT).unlink()
+    with pytest.raises(ResumeError, match="stopped at step 1\\) has no checkpoint"):
+        resume_dpo(run)
+
+
+def test_cli_resume(parent, few_pairs, tmp_path):
+    run = tmp_path / "dpo"
+    train_dpo(dpo_config(parent, few_pairs, run, epochs=2, max_steps=None, sample_tokens=0), stop_after(1))
+    out = subprocess.run([sys.executable, "-m", "training.dpo", "--resume", str(run), "--eval-every", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "done: 4 steps" in out.stdout and read_manifest(run)["resumed_from_step"] == [1]
+    out = subprocess.run([sys.executable, "-m", "training.dpo", "--resume", str(run), "--beta", "0.5"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "error: dpo is done (4 steps): there is nothing to resume" in out.stderr
 
 
 # Evaluation: base, fine-tuned and aligned

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from data import DatasetError, load_instructions
 from engine import Engine, JobError, Limits
-from runstore import read_manifest
-from training import TrainConfig
+from runstore import read_manifest, read_metrics
+from training import Hooks, TrainConfig
 from training.config import ConfigError
+from training.dpo import DPOConfig, train_dpo
+from training.events import Logged
 
 
 def pairs_file(folder, n: int | None = None):
@@ -133,3 +138,49 @@ def test_the_reference_pass_counts_as_running(engine, parent, tmp_path, monkeypa
     monkeypatch.setattr(dpo, "reference_logprobs", slow)
     assert engine.start_preference(parent, owner="alice", **settings(engine, tmp_path, max_steps=1)).wait(120)
     assert seen and all(seen)
+
+
+def test_an_interrupted_dpo_run_resumes_through_the_engine_as_if_it_had_never_stopped(engine, parent, tmp_path):
+    values = dict(parent=str(engine.run(parent).path), **settings(engine, tmp_path, max_steps=6, checkpoint_every=2))
+    train_dpo(DPOConfig(**values, out=str(engine.root / "straight")))
+    killed = engine.root / "killed"
+
+    def kill_at_step_3(event):  # a copy taken now is what a process killed now leaves: running, the checkpoint of step 2
+        if isinstance(event, Logged) and event.step == 3:
+            shutil.copytree(engine.root / "running", killed)
+
+    train_dpo(DPOConfig(**values, out=str(engine.root / "running")), Hooks(on_event=kill_at_step_3))
+    restarted = Engine(root=engine.root, exports=tmp_path / "exports", limits=Limits(max_wall_minutes=30))
+    assert [run.name for run in restarted.recovered] == ["killed"] and restarted.run("killed").status == "interrupted"
+
+    from ui import align_tab, train_tab  # the Align tab offers it; the Train tab, whose trainer it is not, does not
+
+    assert align_tab.refresh_parents(restarted, None)[2].choices == [("killed · interrupted at step 3", "killed")]
+    assert train_tab.runs_table(restarted)[2].choices == []
+    message, start_btn, stop_btn = align_tab.resume_job(restarted, "bob", "killed")
+    assert "Resuming <b>killed</b>" in message
+    assert restarted.job("train").wait(120)
+    snap = restarted.snapshot("train")
+    assert snap["status"] == "done", snap["error"]
+    assert snap["kind"] == "preference tuning" and snap["start_step"] == 2 and snap["step"] == 6
+    assert [h["step"] for h in snap["history"]] == list(range(7)) and snap["config"]["parent"] == parent
+    assert str(tmp_path) not in json.dumps(snap, default=str)
+    manifest = read_manifest(killed)
+    assert manifest["status"] == "done" and manifest["resumed_from_step"] == [2] and manifest["dpo"]["max_wall_s"] == 1800
+    timings = ("elapsed_s", "eta_s", "tokens_per_s")
+    figures = [[{k: v for k, v in r.items() if k not in timings} for r in read_metrics(engine.root / run)] for run in ("straight", "killed")]
+    assert figures[0] == figures[1]
+    a, b = load_file(engine.root / "straight" / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="killed is done .* nothing to resume"):
+        restarted.resume_training("killed", owner="bob")
+
+
+def test_the_server_wall_time_limit_stops_preference_tuning_and_saves_it_resumable(engine, parent, tmp_path):
+    limited = Engine(root=engine.root, exports=tmp_path / "exports", limits=Limits(max_wall_minutes=1e-9))
+    config, _ = limited.preference_config(parent, **settings(limited, tmp_path, max_wall_s=3600))
+    assert config.max_wall_s == pytest.approx(6e-8)
+    assert limited.start_preference(parent, owner="alice", **settings(limited, tmp_path)).wait(120)
+    snap = limited.snapshot("train")
+    run = limited.run(snap["run"])
+    assert snap["status"] == "stopped" and run.manifest["stop_reason"].startswith("wall time limit") and run.resumable

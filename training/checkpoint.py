@@ -20,6 +20,7 @@ from model.files import atomic_write
 from runstore import CHECKPOINT, read_manifest, recover_run
 
 from .config import TrainConfig
+from .events import Status
 
 FORMAT = 1
 # Settings a resumed run may change: none of them changes what is trained.
@@ -30,15 +31,27 @@ class ResumeError(ValueError):
     """A run that cannot be resumed as asked; the message says why."""
 
 
-def save_checkpoint(run_dir: Path, optimizer, *, step: int, epoch: int, epoch_start: dict, tokens_seen: int,
-                    clock, last_train: float, last_val: float) -> None:
-    """Write the checkpoint at ``step``; ``epoch_start`` is ``loader_state(loader)`` as it was when ``epoch`` began."""
+def save_checkpoint(run_dir: Path, optimizer, *, step: int, epoch: int, tokens_seen: int, clock, epoch_start: dict | None = None,
+                    last_train: float | None = None, last_val: float | None = None, **extra) -> None:
+    """Write the checkpoint at ``step``; ``epoch_start`` is ``loader_state(loader)`` as it was when ``epoch`` began.
+
+    ``extra``: what else a trainer needs back (tensors, numbers, strings, lists and dicts of them).
+    """
     state = {
         "format": FORMAT, "step": step, "epoch": epoch, "data": epoch_start, "tokens_seen": tokens_seen,
         "clock": {"elapsed_s": clock.elapsed, "train_s": clock.train_s, "eval_s": clock.eval_s, "evals": clock.evals},
-        "last_train": last_train, "last_val": last_val, "rng": rng_state(), "optimizer": optimizer.state_dict(),
+        "last_train": last_train, "last_val": last_val, "rng": rng_state(), "optimizer": optimizer.state_dict(), **extra,
     }
     atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+
+def checkpoint_run(writer, emit, optimizer, *, step: int, write: bool = True, **state) -> int:
+    """Save a checkpoint of the run ``writer`` writes (``write``: this process writes files) and say so; the step."""
+    emit(Status("saving", f"Checkpoint at step {step}", step))
+    if write:
+        save_checkpoint(writer.dir, optimizer, step=step, **state)
+    writer.update_manifest(checkpoint_step=step)
+    return step
 
 
 def load_checkpoint(run_dir: Path) -> dict:
@@ -62,14 +75,29 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore(checkpoint: dict, optimizer, clock) -> None:
+    """Put the trained weights with their AdamW state, the RNG and the clock back where the checkpoint left them."""
+    optimizer.load_state_dict(checkpoint.pop("optimizer"))
+    restore_rng(checkpoint["rng"])
+    saved = checkpoint["clock"]
+    clock.before_s, clock.train_s, clock.eval_s, clock.evals = (saved[k] for k in ("elapsed_s", "train_s", "eval_s", "evals"))
+
+
+def mark_resumed(writer, step: int, **fields) -> None:
+    """Reopen a run's manifest as running again from ``step``: its end (reason, error, steps) cleared, the resume listed."""
+    for key in ("error", "stop_reason", "ended", "steps"):
+        writer.manifest.pop(key, None)
+    writer.update_manifest(**fields, resumed_from_step=writer.manifest.get("resumed_from_step", []) + [step])
+
+
 def start_epoch(loader, state: dict) -> int:
     """Put the loader where it stood when the checkpoint's epoch began; that epoch."""
     restore_loader(loader, state["data"])
     return state["epoch"]
 
 
-def resume_config(run_dir: Path, **changes) -> TrainConfig:
-    """The settings of the run in ``run_dir`` (with ``changes`` to those in ``CHANGEABLE``), if it can be resumed.
+def resumable(run_dir: Path) -> dict:
+    """The manifest of the run in ``run_dir`` if it can be resumed; else ``ResumeError`` saying why.
 
     A run that its manifest says is running but whose process is gone is marked interrupted first.
     """
@@ -79,7 +107,8 @@ def resume_config(run_dir: Path, **changes) -> TrainConfig:
     if not manifest:
         raise ResumeError(f"{name}: not a run (no manifest.json)")
     recover_run(run_dir)
-    status = read_manifest(run_dir).get("status")
+    manifest = read_manifest(run_dir)
+    status = manifest.get("status")
     if status == "running":
         raise ResumeError(f"{name} is still running; stop it before resuming it")
     if status == "done":
@@ -87,18 +116,34 @@ def resume_config(run_dir: Path, **changes) -> TrainConfig:
     if not (run_dir / CHECKPOINT).is_file():
         raise ResumeError(f"{name} ({status} at step {manifest.get('steps', 0)}) has no checkpoint to resume from; "
                           "runs save one when stopped, and every N steps with --checkpoint-every N")
-    refused = sorted(set(changes) - set(CHANGEABLE))
+    return manifest
+
+
+def refuse_changes(changes: dict, changeable: tuple[str, ...] = CHANGEABLE) -> None:
+    refused = sorted(set(changes) - set(changeable))
     if refused:
         raise ResumeError(f"a resumed run keeps its settings, so that it trains as if it had never stopped; "
-                          f"{', '.join(refused)} cannot change (only {', '.join(CHANGEABLE)} can)")
+                          f"{', '.join(refused)} cannot change (only {', '.join(changeable)} can)")
+
+
+def resume_config(run_dir: Path, **changes) -> TrainConfig:
+    """The settings of the fine-tuning run in ``run_dir`` (with ``changes`` to those in ``CHANGEABLE``), if it can be resumed."""
+    manifest = resumable(run_dir)
+    if manifest.get("method") == "dpo":
+        raise ResumeError(f"{Path(run_dir).name} is a preference-tuning (DPO) run: resume it with "
+                          f"python -m training.dpo --resume {Path(run_dir).name}")
+    refuse_changes(changes)
     return TrainConfig.from_dict({**manifest["config"], **changes, "out": str(run_dir)})
 
 
-def check_resume(run_dir: Path, config: TrainConfig) -> None:
-    """Refuse a resume whose settings differ from the run's, apart from ``CHANGEABLE`` ones and the folder."""
-    saved = resume_config(run_dir).to_dict()
-    changed = [key for key, value in config.to_dict().items() if key not in CHANGEABLE + ("out",) and saved.get(key) != value]
+def check_unchanged(saved: dict, config, changeable: tuple[str, ...] = CHANGEABLE) -> None:
+    """Refuse a resume whose settings differ from the run's (``saved``), apart from ``changeable`` ones and the folder."""
+    changed = [key for key, value in config.to_dict().items() if key not in changeable + ("out",) and saved.get(key) != value]
     if changed:
         raise ResumeError("a resumed run keeps its settings, so that it trains as if it had never stopped; "
                           + ", ".join(f"{key} was {saved.get(key)!r}, not {getattr(config, key)!r}" for key in changed))
 
+
+def check_resume(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse a resume whose settings differ from the run's, apart from ``CHANGEABLE`` ones and the folder."""
+    check_unchanged(resume_config(run_dir).to_dict(), config)

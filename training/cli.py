@@ -43,9 +43,9 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error(str(e))
 
 
-def settings_given(argv=None) -> dict:
-    """Only the settings typed on the command line (a resumed run keeps the others)."""
-    parser = make_parser()
+def settings_given(argv=None, make=None) -> dict:
+    """Only the settings typed on the command line (a resumed run keeps the others); ``make``: the CLI's parser factory."""
+    parser = (make or make_parser)()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     args = vars(parser.parse_args(argv))

@@ -7,7 +7,9 @@ and evaluation will use, so no second model is resident and the first step's
 loss is ln 2 exactly. Each step is then one forward and backward pass of the
 policy over the chosen and rejected answers together (see
 ``data.preference.collate_preferences``), with the fine-tuning machinery:
-bf16 compute with exact fp32 masters, AdamW inside backward, LoRA.
+bf16 compute with exact fp32 masters, AdamW inside backward, LoRA. Runs
+checkpoint (every ``checkpoint_every`` steps, and when stopped) and resume
+exactly, as fine-tuning runs do (``resume_dpo``).
 
 Loss: ``-log sigmoid(beta * ((log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))))``
 over the answers' tokens and their end token, averaged per answer (the
@@ -17,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -31,9 +33,12 @@ from data.preference import (
 )
 from model import GPT, pick_device, pick_dtype, save_pretrained
 from model.device import describe, peak_rss_mb, release_free_memory
-from runstore import RunWriter, find_run, load_run, new_run_dir, read_manifest
+from runstore import CHECKPOINT, RunWriter, find_run, load_run, new_run_dir, process_owner, read_manifest
 from runstore.store import WEIGHTS
 
+from .checkpoint import (
+    ResumeError, check_unchanged, checkpoint_run, load_checkpoint, mark_resumed, refuse_changes, restore, resumable,
+)
 from .config import ConfigError, Settings, TrainConfig, setting
 from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
@@ -66,6 +71,8 @@ class DPOConfig(Settings):
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     max_length: int | None = setting(None, "skip pairs longer than this many tokens (none: the model's context window)", 8)
     out: str | None = setting(None, "run directory (default runs/<timestamp>-<parent>-dpo)")
+    checkpoint_every: int = setting(0, "steps between resumable checkpoints (a stopped run always saves one); 0: none", 0)
+    max_wall_s: float | None = setting(None, "stop and save once the run has gone on this many seconds", 0, low_open=True)
 
     def __post_init__(self):
         self.validate()
@@ -81,11 +88,13 @@ class StopTraining(Exception):
     """Raised inside the loop when a stop was requested; the run is still saved. ``args[0]``: the reason."""
 
 
-def stop_reason(hooks: Hooks) -> str | None:
-    """Why to stop before the next step: ``should_stop()`` returns True or the reason as text."""
+def stop_reason(hooks: Hooks, max_wall_s: float | None = None, clock: Clock | None = None) -> str | None:
+    """Why to stop before the next step: ``should_stop()`` returns True or the reason as text, or the wall time is up."""
     asked = hooks.should_stop()
     if asked:
         return asked if isinstance(asked, str) else "stopped by its owner"
+    if max_wall_s is not None and clock.session > max_wall_s:
+        return f"wall time limit ({max_wall_s:g} s)"
     return None
 
 
@@ -266,20 +275,93 @@ def check_dpo(config: DPOConfig, root: Path | None = None):
     return parent_dir, manifest, records, split
 
 
+# Resume
+
+# Settings a resumed run may change: none of them changes what is trained or the cached reference.
+RESUME_CHANGEABLE = ("checkpoint_every", "max_wall_s", "eval_every", "sample_tokens")
+
+
+def resume_dpo_config(run_dir: str | Path, **changes) -> DPOConfig:
+    """The settings of the DPO run in ``run_dir`` (``changes`` only to those in ``RESUME_CHANGEABLE``), if it can be resumed.
+
+    Its parent is looked for beside it first (a runs folder moved whole), then where it was.
+    """
+    run_dir = Path(run_dir)
+    manifest = resumable(run_dir)
+    if manifest.get("method") != "dpo":
+        raise ResumeError(f"{run_dir.name} is a fine-tuning run, not a preference-tuning one: "
+                          f"resume it with python -m training --resume {run_dir.name}")
+    refuse_changes(changes, RESUME_CHANGEABLE)
+    beside = run_dir.parent / manifest["parent_run"]
+    parent = beside if (beside / "manifest.json").is_file() else Path(manifest["parent_dir"])
+    return DPOConfig.from_dict({**manifest["dpo"], **changes, "parent": str(parent), "out": str(run_dir)})
+
+
+def resume_dpo(run_dir: str | Path, hooks: Hooks | None = None, **changes) -> dict:
+    """Continue a stopped or interrupted DPO run from its checkpoint, with its own settings; its summary.
+
+    ``ResumeError`` says why a run cannot be resumed (done, no checkpoint, changed settings, data or parent).
+    """
+    return train_dpo(resume_dpo_config(run_dir, **changes), hooks, resume=run_dir)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 # The loop
 
 
-def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None = None) -> dict:
-    """Align a fine-tuned run with preference data into a new run under ``root``; returns its summary (also in its manifest)."""
+def reference_pass(model: GPT, plans, device, packed: bool, average: bool, emit, stop) -> list[torch.Tensor]:
+    """The reference log-probabilities of the pairs of each ``(dataset, batches)`` plan, with progress events.
+
+    ``stop()`` is asked after each batch; a reason raises ``StopTraining``.
+    """
+    t0 = time.perf_counter()
+    total = sum(len(b) for _, batches in plans for b in batches)
+    emit(Status("reference", f"Reference log-probabilities of {total} pairs"))
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        emit(Progress({"phase": "reference", "done": done, "total": total, "elapsed_s": time.perf_counter() - t0}))
+        if reason := stop():
+            raise StopTraining(reason)
+
+    return [reference_logprobs(model, ds, batches, device, packed, average, progress) for ds, batches in plans]
+
+
+def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None = None, resume: str | Path | None = None) -> dict:
+    """Align a fine-tuned run with preference data into a new run under ``root``; returns its summary (also in its manifest).
+
+    With ``resume`` (a DPO run folder), continue that run from its checkpoint instead; see ``resume_dpo``.
+    The checkpoint keeps the reference log-probabilities too (a few bytes a pair): a resumed run skips the
+    reference pass, and its figures do not depend on the kernels of the machine it resumes on.
+    """
     hooks = hooks or Hooks()
     emit = hooks.on_event
     clock = Clock()
+    if resume is not None:
+        check_unchanged(resume_dpo_config(resume).to_dict(), config, RESUME_CHANGEABLE + ("parent",))
 
     emit(Status("loading", f"Loading the {Path(str(config.data)).name} preference data"))
     parent_dir, parent_manifest, records, split = check_dpo(config, root)
     sft = base_config(parent_manifest)
     data_file = preference_path(config.data)
+    data_sha256, parent_sha256 = file_sha256(data_file), file_sha256(parent_dir / WEIGHTS)
+    if resume is not None:
+        saved = read_manifest(resume)
+        if saved["data"]["sha256"] != data_sha256:
+            raise ResumeError(f"{data_file.name} has changed since the run started: its sha256 differs from the manifest's")
+        if saved.get("parent_sha256") != parent_sha256:
+            raise ResumeError(f"the weights of {parent_dir.name} have changed since the run started (was it trained further?): "
+                              "the policy's frozen weights and the reference would not be the same")
     sample_record = (split.val or split.train)[0]
+
+    def stop() -> str | None:
+        return stop_reason(hooks, config.max_wall_s, clock)
 
     device = pick_device(config.device)
     dtype = pick_dtype(device, config.precision)
@@ -311,131 +393,157 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     model.train()
     average = not config.sum_logprobs
 
-    run_dir = Path(config.out) if config.out else new_run_dir(f"{parent_dir.name}-dpo", root)
-    writer = RunWriter(run_dir)
-    writer.update_manifest(
-        status="running", pid=os.getpid(), method="dpo", parent_run=parent_dir.name, parent_dir=str(parent_dir),
-        config=sft.to_dict(), dpo=config.to_dict(),
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    if checkpoint:
+        restore(checkpoint, optimizer, clock)
+    run_dir = Path(resume) if resume is not None else Path(config.out) if config.out else new_run_dir(f"{parent_dir.name}-dpo", root)
+    writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None)
+    run_fields = dict(
+        status="running", owner=process_owner(), method="dpo", parent_run=parent_dir.name, parent_dir=str(parent_dir),
+        parent_sha256=parent_sha256, config=sft.to_dict(), dpo=config.to_dict(),
         model={**parent_manifest.get("model", {}), "parameters": total_params, "trainable_parameters": trainable},
-        data={"source": config.data, "file": str(data_file), "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest(),
+        data={"source": config.data, "file": str(data_file), "sha256": data_sha256,
               "records": len(records), "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
               "skipped_too_long": train_ds.skipped + val_ds.skipped},
-        seed=config.seed, versions=versions(), device=describe(device, dtype), total_steps=total_steps, started=now(),
+        seed=config.seed, versions=versions(), device=describe(device, dtype), total_steps=total_steps,
     )
+    if checkpoint:
+        mark_resumed(writer, checkpoint["step"], **run_fields)
+    else:
+        writer.update_manifest(**run_fields, started=now())
 
     emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                  epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
-                 sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo"))
+                 sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo",
+                 start_step=checkpoint["step"] if checkpoint else 0))
+    for record in writer.metrics:  # a resumed run's history so far, for watchers that draw it
+        emit(Logged(record))
 
     status, reason = "done", None
     step = tokens_seen = pairs_seen = 0
     reference_s = 0.0
     last = {"train": {}, "val": {}}
-    try:
+    reference = None
+    if checkpoint:
+        step, tokens_seen, pairs_seen, reference_s, last = (checkpoint[k] for k in ("step", "tokens_seen", "pairs_seen", "reference_s", "last"))
+        if checkpoint["reference"] is not None:  # None: stopped before the reference pass ended
+            reference = [r.clone() for r in checkpoint["reference"]]
+    checkpointed = step if checkpoint else None
+
+    def metrics(step_figures: dict, evaluation: dict | None = None) -> dict:
+        evals_left = max(0, (total_steps - step) // config.eval_every) + 1
+        per_step = clock.train_s / step if step else 0.0
+        per_eval = clock.eval_s / clock.evals if clock.evals else 0.0
+        record = {
+            "step": step, "epoch": round(step / steps_per_epoch, 4), "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
+            "train_loss": finite(step_figures.get("loss")), "val_loss": None,
+            **{k: finite(step_figures.get(k)) for k in ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")},
+            "lr": optimizer.lr, "tokens_per_s": tokens_seen / clock.train_s if clock.train_s else 0.0,
+            "elapsed_s": clock.elapsed, "eta_s": (total_steps - step) * per_step + evals_left * per_eval,
+        }
+        for prefix, values in (evaluation or {}).items():
+            for k, v in values.items():
+                record[f"{prefix}_{k}"] = finite(v)
+        return record
+
+    def log_eval(step_figures: dict | None = None) -> None:
+        emit(Status("evaluating", f"Evaluating at step {step}", step))
         t0 = time.perf_counter()
-        first = epoch_batches(train_ds, config.batch_size, 0, config.seed, config.grouped)
-        seen = {i for b in first for i in b}
-        rest = [i for i in range(len(train_ds)) if i not in seen]
-        plans = [(train_ds, first + in_order_batches(rest, config.batch_size)), (train_ds, train_eval_batches), (val_ds, val_batches)]
-        total_pairs = sum(len(b) for _, batches in plans for b in batches)
-        emit(Status("reference", f"Reference log-probabilities of {total_pairs} pairs"))
-        done = 0
+        last["train"] = evaluate_dpo(model, train_ds, train_eval_batches, ref_train_eval, device, config.beta, config.packed, average)
+        last["val"] = evaluate_dpo(model, val_ds, val_batches, ref_val, device, config.beta, config.packed, average)
+        sample = respond(model, sample_record, sft.style, config.sample_tokens)
+        clock.eval_s += time.perf_counter() - t0
+        clock.evals += 1
+        record = metrics(step_figures or last["train"], {"val": last["val"], "eval_train": last["train"]})
+        writer.log(record)
+        emit(Logged(record, response=sample))
+        emit(Status("training"))
 
-        def reference_progress(n: int) -> None:
-            nonlocal done
-            done += n
-            emit(Progress({"phase": "reference", "done": done, "total": total_pairs, "elapsed_s": time.perf_counter() - t0}))
-            if reason := stop_reason(hooks):
-                raise StopTraining(reason)
+    def save_resumable() -> None:
+        nonlocal checkpointed
+        checkpointed = checkpoint_run(writer, emit, optimizer, step=step, epoch=step // steps_per_epoch, tokens_seen=tokens_seen,
+                                      clock=clock, pairs_seen=pairs_seen, last=last, reference=reference, reference_s=reference_s)
 
-        ref_train, ref_train_eval, ref_val = (reference_logprobs(model, ds, batches, device, config.packed, average, reference_progress)
-                                              for ds, batches in plans)
-        reference_s = time.perf_counter() - t0
-
-        def metrics(step_figures: dict, evaluation: dict | None = None) -> dict:
-            evals_left = max(0, (total_steps - step) // config.eval_every) + 1
-            per_step = clock.train_s / step if step else 0.0
-            per_eval = clock.eval_s / clock.evals if clock.evals else 0.0
-            record = {
-                "step": step, "epoch": round(step / steps_per_epoch, 4), "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
-                "train_loss": finite(step_figures.get("loss")), "val_loss": None,
-                **{k: finite(step_figures.get(k)) for k in ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")},
-                "lr": optimizer.lr, "tokens_per_s": tokens_seen / clock.train_s if clock.train_s else 0.0,
-                "elapsed_s": clock.elapsed, "eta_s": (total_steps - step) * per_step + evals_left * per_eval,
-            }
-            for prefix, values in (evaluation or {}).items():
-                for k, v in values.items():
-                    record[f"{prefix}_{k}"] = finite(v)
-            return record
-
-        def log_eval(step_figures: dict | None = None) -> None:
-            emit(Status("evaluating", f"Evaluating at step {step}", step))
-            t0 = time.perf_counter()
-            last["train"] = evaluate_dpo(model, train_ds, train_eval_batches, ref_train_eval, device, config.beta, config.packed, average)
-            last["val"] = evaluate_dpo(model, val_ds, val_batches, ref_val, device, config.beta, config.packed, average)
-            sample = respond(model, sample_record, sft.style, config.sample_tokens)
-            clock.eval_s += time.perf_counter() - t0
-            clock.evals += 1
-            record = metrics(step_figures or last["train"], {"val": last["val"], "eval_train": last["train"]})
-            writer.log(record)
-            emit(Logged(record, response=sample))
-            emit(Status("training"))
-
-        log_eval()
-        for epoch in range(config.epochs):
-            batches = first if epoch == 0 else epoch_batches(train_ds, config.batch_size, epoch, config.seed, config.grouped)
-            for positions in batches:
+    try:
+        try:
+            if reference is None:
+                t0 = time.perf_counter()
+                first = epoch_batches(train_ds, config.batch_size, 0, config.seed, config.grouped)
+                seen = {i for b in first for i in b}
+                rest = [i for i in range(len(train_ds)) if i not in seen]
+                plans = [(train_ds, first + in_order_batches(rest, config.batch_size)), (train_ds, train_eval_batches),
+                         (val_ds, val_batches)]
+                reference = reference_pass(model, plans, device, config.packed, average, emit, stop)
+                reference_s = time.perf_counter() - t0
+            ref_train, ref_train_eval, ref_val = reference
+            if not writer.metrics:
+                log_eval()
+            for epoch in range(step // steps_per_epoch, config.epochs):
+                batches = epoch_batches(train_ds, config.batch_size, epoch, config.seed, config.grouped)
+                for positions in batches[step - epoch * steps_per_epoch:]:  # a resumed run skips the batches it has trained
+                    if step >= total_steps:
+                        break
+                    if reason := stop():
+                        raise StopTraining(reason)
+                    t0 = time.perf_counter()
+                    batch = collate_preferences([train_ds[i] for i in positions], packed=config.packed).to(device)
+                    ref = ref_train[positions].to(device)
+                    logp = sequence_logprobs(model, batch, average)
+                    loss, chosen, rejected = dpo_loss(logp[0::2], logp[1::2], ref[:, 0], ref[:, 1], config.beta)
+                    loss.backward()
+                    if not step_in_backward:
+                        optimizer.step(config.grad_clip)
+                    if device.type == "cpu":
+                        release_free_memory()
+                    step_figures = figures(loss.detach(), chosen, rejected)
+                    if not math.isfinite(step_figures["loss"]):
+                        raise FloatingPointError(f"the DPO loss became {step_figures['loss']} at step {step + 1}; lower the learning rate")
+                    step += 1
+                    tokens_seen += batch.inputs.numel()
+                    pairs_seen += batch.pairs
+                    clock.train_s += time.perf_counter() - t0
+                    last["step"] = step_figures
+                    if step % config.eval_every == 0 or step == total_steps:
+                        log_eval(step_figures)
+                    else:
+                        record = metrics(step_figures)
+                        writer.log(record)
+                        emit(Logged(record))
+                    if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                        save_resumable()
                 if step >= total_steps:
                     break
-                if reason := stop_reason(hooks):
-                    raise StopTraining(reason)
-                t0 = time.perf_counter()
-                batch = collate_preferences([train_ds[i] for i in positions], packed=config.packed).to(device)
-                ref = ref_train[positions].to(device)
-                logp = sequence_logprobs(model, batch, average)
-                loss, chosen, rejected = dpo_loss(logp[0::2], logp[1::2], ref[:, 0], ref[:, 1], config.beta)
-                loss.backward()
-                if not step_in_backward:
-                    optimizer.step(config.grad_clip)
-                if device.type == "cpu":
-                    release_free_memory()
-                step_figures = figures(loss.detach(), chosen, rejected)
-                if not math.isfinite(step_figures["loss"]):
-                    raise FloatingPointError(f"the DPO loss became {step_figures['loss']} at step {step + 1}; lower the learning rate")
-                step += 1
-                tokens_seen += batch.inputs.numel()
-                pairs_seen += batch.pairs
-                clock.train_s += time.perf_counter() - t0
-                last["step"] = step_figures
-                if step % config.eval_every == 0 or step == total_steps:
-                    log_eval(step_figures)
-                else:
-                    record = metrics(step_figures)
-                    writer.log(record)
-                    emit(Logged(record))
-            if step >= total_steps:
-                break
-    except StopTraining as stopped:
-        status, reason = "stopped", stopped.args[0]
-        emit(Status("stopping", f"Stopped at step {step} ({reason}); saving"))
-    except BaseException as e:
-        writer.update_manifest(status="failed", error=f"{type(e).__name__}: {e}", ended=now(), wall_time_s=clock.elapsed)
-        raise
+        except StopTraining as stopped:
+            status, reason = "stopped", stopped.args[0]
+            emit(Status("stopping", f"Stopped at step {step} ({reason}); saving"))
+            if checkpointed != step:
+                save_resumable()
 
-    emit(Status("saving", f"Saving {run_dir.name}"))
-    model = optimizer.finish()
-    if config.lora_rank:
-        merge_lora(model)
-    save_pretrained(model, run_dir)
-    val = last["val"]
-    summary = {
-        "status": status, "stop_reason": reason, "steps": step, "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
-        "final_train_loss": finite(last.get("step", last["train"]).get("loss")), "final_val_loss": finite(val.get("loss")),
-        "final_val_reward_margin": finite(val.get("reward_margin")), "final_val_reward_accuracy": finite(val.get("reward_accuracy")),
-        "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s, "eval_time_s": clock.eval_s,
-        "reference_time_s": reference_s, "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
-    }
-    writer.update_manifest(**summary)
+        emit(Status("saving", f"Saving {run_dir.name}"))
+        model = optimizer.finish()
+        if config.lora_rank:
+            merge_lora(model)
+        save_pretrained(model, run_dir)
+        val = last["val"]
+        summary = {
+            "status": status, "stop_reason": reason, "steps": step, "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
+            "final_train_loss": finite(last.get("step", last["train"]).get("loss")), "final_val_loss": finite(val.get("loss")),
+            "final_val_reward_margin": finite(val.get("reward_margin")), "final_val_reward_accuracy": finite(val.get("reward_accuracy")),
+            "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s, "eval_time_s": clock.eval_s,
+            "reference_time_s": reference_s, "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
+        }
+        writer.update_manifest(**summary)
+        if status == "done":
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    except BaseException as e:
+        ended = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        if isinstance(e, KeyboardInterrupt):
+            ended = {"status": "interrupted", "stop_reason": "interrupted from the keyboard"}
+        with suppress(OSError):  # the disk may be full: the first error is the one to report
+            writer.update_manifest(**ended, ended=now(), steps=step, wall_time_s=clock.elapsed)
+        raise
+    finally:
+        writer.close()
     emit(Finished(summary))
     return summary
 

@@ -1,4 +1,5 @@
-"""``python -m training.dpo``: align a fine-tuned run with preference data (DPO), headless, with a progress bar."""
+"""``python -m training.dpo``: align a fine-tuned run with preference data (DPO), headless, with a progress bar;
+``--resume RUN`` continues a stopped or interrupted one."""
 from __future__ import annotations
 
 import argparse
@@ -13,18 +14,26 @@ from model import WeightsError
 from model.device import configure_runtime
 from runstore import recover_runs
 
-from .cli import ProgressBar
+from .cli import ProgressBar, run_folder, settings_given
 from .config import ConfigError, add_arguments
-from .dpo import DPOConfig, train_dpo
+from .dpo import DPOConfig, resume_dpo_config, train_dpo
 from .events import Logged, Progress
 from .loop import Hooks
 
 
-def parse_args(argv=None) -> DPOConfig:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.dpo",
                                      description="Direct Preference Optimization of a fine-tuned run (the book's next stage), headless.")
     add_arguments(parser, DPOConfig)
+    parser.add_argument("--resume", metavar="RUN", help="continue a stopped or interrupted DPO run from its checkpoint, with "
+                                                        "its own settings: a run name under the runs folder, or a run folder")
+    return parser
+
+
+def parse_args(argv=None) -> DPOConfig:
+    parser = make_parser()
     args = vars(parser.parse_args(argv))
+    args.pop("resume")
     if args["eval_batches"] == 0:
         args["eval_batches"] = None
     if not args["parent"]:
@@ -66,15 +75,21 @@ def num(value, spec: str = ".3f") -> str:
 
 
 def main(argv=None) -> int:
-    """Align; SIGTERM asks for a stop at the next step (the run is saved as stopped)."""
+    """Align, or with ``--resume RUN`` continue a DPO run; SIGTERM asks for a stop at the next step (the run is saved as stopped)."""
     configure_runtime()
-    config = parse_args(argv)
+    resume = make_parser().parse_args(argv).resume
+    try:
+        run_dir = run_folder(resume) if resume else None
+        config = resume_dpo_config(run_dir, **settings_given(argv, make_parser)) if resume else parse_args(argv)
+    except ValueError as e:  # a run that cannot be resumed, or changed settings
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     recover_runs()
     try:
-        train_dpo(config, Hooks(on_event=DPOProgressBar(), should_stop=stop.is_set))
+        train_dpo(config, Hooks(on_event=DPOProgressBar(), should_stop=stop.is_set), resume=run_dir)
     except (DatasetError, WeightsError, ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

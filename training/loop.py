@@ -35,7 +35,7 @@ from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, pick
 from model.device import describe, peak_rss_mb, release_free_memory
 
 from . import distributed
-from .checkpoint import ResumeError, check_resume, load_checkpoint, restore_rng, resume_config, save_checkpoint, start_epoch
+from .checkpoint import ResumeError, check_resume, checkpoint_run, load_checkpoint, mark_resumed, restore, resume_config, start_epoch
 from .config import TrainConfig
 from .events import Download, Finished, Logged, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
@@ -233,8 +233,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
 
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint:
-        optimizer.load_state_dict(checkpoint.pop("optimizer"))
-        restore_rng(checkpoint["rng"])
+        restore(checkpoint, optimizer, clock)
     run_dir = Path(resume) if resume is not None else ctx.on_main(lambda: Path(config.out) if config.out else new_run_dir(config.model, root))
     writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None) if ctx.is_main else distributed.NullWriter()
     run_fields = dict(
@@ -254,9 +253,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         global_batch=config.batch_size * ctx.world_size * config.grad_accum,
     )
     if checkpoint:
-        for key in ("error", "stop_reason", "ended", "steps"):
-            writer.manifest.pop(key, None)
-        writer.update_manifest(**run_fields, resumed_from_step=writer.manifest.get("resumed_from_step", []) + [checkpoint["step"]])
+        mark_resumed(writer, checkpoint["step"], **run_fields)
     else:
         writer.update_manifest(**run_fields, started=now())
     emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
@@ -270,7 +267,6 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     last_val = last_train = float("nan")
     if checkpoint:
         step, tokens_seen, last_train, last_val = (checkpoint[k] for k in ("step", "tokens_seen", "last_train", "last_val"))
-        clock.before_s, clock.train_s, clock.eval_s, clock.evals = (checkpoint["clock"][k] for k in ("elapsed_s", "train_s", "eval_s", "evals"))
         first_epoch = start_epoch(loader, checkpoint)
     checkpointed = step if checkpoint else None
     def log_eval(train_loss: float) -> None:
@@ -309,12 +305,9 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
 
     def save_resumable() -> None:
         nonlocal checkpointed
-        emit(Status("saving", f"Checkpoint at step {step}", step))
-        if ctx.is_main:  # every process holds the same weights and moments
-            save_checkpoint(run_dir, optimizer, step=step, epoch=epoch, epoch_start=epoch_start, tokens_seen=tokens_seen,
-                            clock=clock, last_train=last_train, last_val=last_val)
-        writer.update_manifest(checkpoint_step=step)
-        checkpointed = step
+        # every process holds the same weights and moments: the main one writes them
+        checkpointed = checkpoint_run(writer, emit, optimizer, step=step, write=ctx.is_main, epoch=epoch, epoch_start=epoch_start,
+                                      tokens_seen=tokens_seen, clock=clock, last_train=last_train, last_val=last_val)
 
     status, reason = "done", None
     try:

@@ -4,6 +4,7 @@ The job shares the engine's ``train`` lane with fine-tuning (one at a time).
 The tab polls that lane and draws it only while its job is preference tuning;
 the chart has the DPO loss on train and validation pairs and the validation
 reward margin on a second axis, extended in the browser with new rows only.
+A stopped or interrupted preference-tuning run resumes here from its checkpoint.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import as_int, bar, clock, live_chart, loss_text, notice, run_label, stop_job
+from .widgets import as_int, bar, clock, live_chart, loss_text, notice, resumable_runs, resume_job, run_label, stop_job
 
 TITLE = "Align"
 POLL_SECONDS = 1.0
@@ -38,9 +39,11 @@ def parent_choices(engine) -> list[tuple[str, str]]:
 
 
 def refresh_parents(engine, current: str | None):
-    names = [n for _, n in parent_choices(engine)]
+    """The parent picker (keeping its choice while it is offered), its note, and the resumable preference-tuning runs."""
+    choices = parent_choices(engine)
+    names = [n for _, n in choices]
     value = current if current in names else (names[0] if names else None)
-    return gr.Dropdown(choices=parent_choices(engine), value=value), parent_note(value)
+    return gr.Dropdown(choices=choices, value=value), parent_note(value), resumable_runs(engine.runs(), dpo=True)
 
 
 def parent_note(name: str | None) -> str:
@@ -60,7 +63,7 @@ def data_note() -> str:
 
 
 def start(engine, client_id: str | None, parent: str | None, source: str, upload: str | None, beta, lr, epochs,
-          max_steps, batch_size, eval_every, lora: bool, rank):
+          max_steps, batch_size, eval_every, lora: bool, rank, checkpoint_every=0):
     """Start preference tuning owned by this browser; every problem is a message naming it, nothing raised."""
     if not client_id:
         return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
@@ -78,7 +81,8 @@ def start(engine, client_id: str | None, parent: str | None, source: str, upload
         settings = dict(data=data, beta=float(beta), lr=float(lr), epochs=as_int(epochs, "epochs"),
                         max_steps=as_int(max_steps, "max steps", allow_none=True) or None,
                         batch_size=as_int(batch_size, "batch size"), eval_every=as_int(eval_every, "eval every"),
-                        lora_rank=as_int(rank, "LoRA rank") if lora else 0)
+                        lora_rank=as_int(rank, "LoRA rank") if lora else 0,
+                        checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0)
         engine.start_preference(parent, owner=client_id, **settings)
     except (ConfigError, JobError, DatasetError, ValueError, OSError) as e:
         return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
@@ -251,6 +255,8 @@ def build(shared) -> None:
                 max_steps = gr.Number(value=0, precision=0, minimum=0, label="Max steps (0: all)", elem_id="align-max-steps")
                 eval_every = gr.Number(value=DEFAULTS["eval_every"], precision=0, minimum=1, label="Evaluate every (steps)",
                                        elem_id="align-eval-every")
+            checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"], precision=0, minimum=0,
+                                         label="Checkpoint every (steps; 0: only when stopped)", elem_id="align-checkpoint-every")
             with gr.Accordion("LoRA", open=False):
                 lora = gr.Checkbox(value=False, label="Train low-rank adapters instead of every weight", elem_id="align-lora")
                 rank = gr.Slider(1, 64, value=16, step=1, label="Rank", elem_id="align-lora-rank")
@@ -258,6 +264,10 @@ def build(shared) -> None:
                 start_btn = gr.Button("Start preference tuning", variant="primary", elem_id="align-start-btn")
                 stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="align-stop-btn")
             message = gr.HTML(elem_id="align-message")
+            with gr.Row(equal_height=True):
+                resumable = gr.Dropdown([], value=None, label="Resume a stopped or interrupted DPO run from its checkpoint",
+                                        scale=4, elem_id="align-resume-run")
+                resume_btn = gr.Button("Resume", scale=1, elem_id="align-resume-btn")
         with gr.Column(scale=3):
             progress = gr.HTML(elem_id="align-progress")
             chart = live_chart("align-chart")
@@ -267,13 +277,15 @@ def build(shared) -> None:
     seen = gr.State(None)
     cheap = dict(concurrency_limit=None, show_progress="hidden")
     poll_outputs = [chart, progress, responses, final, start_btn, stop_btn, message, seen, shared.runs_changed]
-    settings = [parent, source, upload, beta, lr, epochs, max_steps, batch_size, eval_every, lora, rank]
+    settings = [parent, source, upload, beta, lr, epochs, max_steps, batch_size, eval_every, lora, rank, checkpoint_every]
     start_btn.click(partial(start, engine), [shared.client_id] + settings, [message, start_btn, stop_btn],
                     api_name="start_preference", concurrency_limit=1)
     stop_btn.click(partial(stop, engine), shared.client_id, message, api_name="stop_preference", **cheap)
+    resume_btn.click(partial(resume_job, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
+                     api_name="resume_preference", concurrency_limit=1)
     on_poll = partial(poll, engine)
     gr.Timer(POLL_SECONDS).tick(on_poll, [shared.client_id, seen], poll_outputs, api_visibility="private", **cheap)
     shared.app.load(on_poll, [shared.client_id, seen], poll_outputs, api_visibility="private", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
-        trigger(partial(refresh_parents, engine), parent, [parent, parent_info], api_visibility="private", **cheap)
+        trigger(partial(refresh_parents, engine), parent, [parent, parent_info, resumable], api_visibility="private", **cheap)
     parent.input(parent_note, parent, parent_info, api_visibility="private", **cheap)

@@ -24,7 +24,7 @@ from training.config import DEMO, DEMO_TEXT, defaults, limits_of
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import as_int, bar, clock, live_chart, loss_text, model_label, notice, stop_job
+from .widgets import as_int, bar, clock, live_chart, loss_text, model_label, notice, resumable_runs, resume_job, stop_job
 
 TITLE = "Train"
 POLL_SECONDS = 1.0
@@ -286,33 +286,19 @@ def measure(engine, preset: str, lora: bool, rank) -> str:
     return expected_html(preset, lora, rank, result)
 
 
-def resume(engine, client_id: str | None, name: str | None):
-    """Continue a stopped or interrupted run, owned by this browser from now on."""
-    if not client_id:
-        return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
-    if not name:
-        return notice("Pick a stopped or interrupted run to resume.", "error"), gr.skip(), gr.skip()
-    try:
-        engine.resume_training(name, owner=client_id)
-    except (ConfigError, JobError, ValueError, OSError) as e:
-        return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
-    return notice(f"Resuming <b>{html.escape(name)}</b> from its checkpoint.", "ok"), gr.Button(interactive=False), \
-        gr.Button(interactive=True)
-
-
 def runs_table(engine) -> tuple[list[list], dict, dict]:
-    """Past runs as table rows, the overlay picker's choices (runs that logged metrics), and the resumable runs."""
-    rows, choices, resumable = [], [], []
-    for run in engine.runs():
+    """Past runs as table rows, the overlay picker's choices (runs that logged metrics), and the resumable fine-tuning runs
+    (a preference-tuning run resumes in the Align tab)."""
+    rows, choices = [], []
+    runs = engine.runs()
+    for run in runs:
         m = run.manifest
         data = (m.get("data") or {}).get("source", "?")
         rows.append([run.name, model_label(m), public_data(str(data)), run.status, m.get("steps", ""),
                      loss_text(m.get("final_val_loss")), clock(m.get("wall_time_s"))])
         if (run.path / "metrics.jsonl").is_file():
             choices.append((run.label(), run.name))
-        if run.resumable:
-            resumable.append((f"{run.name} · {run.status} at step {run.last_step}", run.name))
-    return rows, gr.Dropdown(choices=choices), gr.Dropdown(choices=resumable, value=resumable[0][1] if resumable else None)
+    return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False)
 
 
 def data_line(engine, dataset: dict | None) -> str:
@@ -431,7 +417,7 @@ def build(shared) -> None:
     overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
         trigger(lambda: runs_table(engine), None, [runs, overlay, resumable], api_visibility="private", **cheap)
-    resume_btn.click(partial(resume, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
+    resume_btn.click(partial(resume_job, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
                      api_name="resume_training", concurrency_limit=1)
     shared.dataset.change(lambda d: data_line(engine, d), shared.dataset, data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)

@@ -8,7 +8,8 @@ import gradio as gr
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "run_label", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int"]
+__all__ = ["notice", "bar", "clock", "run_label", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
+           "resumable_runs", "resume_job"]
 
 
 def stop_job(engine, lane: str, client_id: str | None, nothing: str, stopping: str) -> str:
@@ -68,6 +69,32 @@ def finished_run_choices(engine) -> list[tuple[str, str]]:
     """Runs with saved weights, newest first, as (label, run name) choices."""
     return [(run_label(run), run.name) for run in engine.runs()
             if run.has_weights and run.status in ("done", "stopped", "interrupted")]
+
+
+def resumable_runs(runs, dpo: bool):
+    """A run picker for the Resume button: the stopped or interrupted runs with a checkpoint, preference-tuned ones
+    (``dpo``) or fine-tuned ones, newest first, the newest picked."""
+    choices = [(f"{run.name} · {run.status} at step {run.last_step}", run.name) for run in runs
+               if run.resumable and (run.manifest.get("method") == "dpo") == dpo]
+    return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+
+
+def resume_job(engine, client_id: str | None, name: str | None):
+    """Continue a stopped or interrupted run, owned by this browser from now on: (message, Start button, Stop button)."""
+    from engine import JobError
+    from engine.public import scrub
+    from training.config import ConfigError
+
+    if not client_id:
+        return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
+    if not name:
+        return notice("Pick a stopped or interrupted run to resume.", "error"), gr.skip(), gr.skip()
+    try:
+        engine.resume_training(name, owner=client_id)
+    except (ConfigError, JobError, ValueError, OSError) as e:
+        return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
+    return notice(f"Resuming <b>{html.escape(name)}</b> from its checkpoint.", "ok"), gr.Button(interactive=False), \
+        gr.Button(interactive=True)
 
 
 LIVE_CHART_JS = (Path(__file__).with_name("live_chart.js")).read_text()

@@ -13,21 +13,34 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def aligned_run(app_url, folders, finished_run, tmp_path_factory) -> Path:
-    """A tiny DPO run of ``finished_run``, started through the app's API with an uploaded pairs file."""
+def pairs(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pairs") / "pairs.json"
+    path.write_text(json.dumps([{**r, "chosen": r["output"], "rejected": f"Ugh: {r['output'].lower()}"}
+                                for r in load_instructions("sample")]))
+    return path
+
+
+def align_through_the_api(app_url, parent: Path, pairs: Path, epochs: int = 1, max_steps: int = 4, stop: bool = False) -> dict:
+    """Start preference tuning of ``parent`` with the uploaded ``pairs`` (stopped at once with ``stop``); its last status."""
     from gradio_client import Client, handle_file
 
-    pairs = tmp_path_factory.mktemp("pairs") / "pairs.json"
-    pairs.write_text(json.dumps([{**r, "chosen": r["output"], "rejected": f"Ugh: {r['output'].lower()}"}
-                                 for r in load_instructions("sample")]))
     client = Client(app_url, verbose=False)
-    started = client.predict("browser-tests", finished_run.name, "upload", handle_file(str(pairs)), 0.1, 1e-4, 1, 4, 4, 2,
-                             False, 8, api_name="/start_preference")
+    started = client.predict("browser-tests", parent.name, "upload", handle_file(str(pairs)), 0.1, 1e-4, epochs, max_steps, 4, 2,
+                             False, 8, 0, api_name="/start_preference")
     assert "Started preference tuning" in started, started
+    if stop:
+        assert "Stopping" in client.predict("browser-tests", api_name="/stop_preference")
     deadline = time.time() + 120
     while (status := client.predict(api_name="/job_status"))["status"] not in ("done", "failed", "stopped"):
         assert time.time() < deadline, f"preference tuning did not end within 120 s: {status['status']}"
         time.sleep(0.5)
+    return status
+
+
+@pytest.fixture(scope="module")
+def aligned_run(app_url, folders, finished_run, pairs) -> Path:
+    """A tiny DPO run of ``finished_run``, started through the app's API with an uploaded pairs file."""
+    status = align_through_the_api(app_url, finished_run, pairs)
     assert status["status"] == "done", status.get("error")
     return folders["runs"] / status["run"]
 
@@ -82,3 +95,20 @@ def test_the_dataset_tab_shows_preference_pairs_side_by_side(page):
     page.click("#pref-next-page")
     wait_text(page, "#pref-count", "29 pairs, page 2 / 2")
     screenshot(page, "dataset-preference-pairs.png")
+
+
+def test_a_stopped_preference_tuning_run_resumes_from_the_align_tab(page, app_url, folders, finished_run, pairs):
+    status = align_through_the_api(app_url, finished_run, pairs, epochs=2, max_steps=0, stop=True)
+    assert status["status"] == "stopped", status.get("error")
+    name = status["run"]
+    open_tab(page, "align")
+    page.locator("#align-refresh-runs").click()
+    choose(page, "#align-resume-run", name)
+    page.click("#align-resume-btn")
+    wait_text(page, "#align-message", f"Resuming {name} from its checkpoint")
+    final = wait_text(page, "#align-final", f"Saved as run {name}", timeout_ms=120_000)
+    assert final.startswith("Done after 30 steps"), final
+    manifest = json.loads((folders["runs"] / name / "manifest.json").read_text())
+    assert manifest["status"] == "done" and len(manifest["resumed_from_step"]) == 1
+    assert page.locator("#align-stop-btn").is_disabled()
+    screenshot(page, "align-resumed.png")
