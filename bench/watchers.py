@@ -6,8 +6,11 @@ Starts ``python app.py`` on a free port with its own runs folder, starts the
 same run through the app's API once per watcher count while that many API
 clients poll the Train tab once a second (as open browsers do; the browsers'
 own drawing is left out), and runs it once more with ``python -m training``.
-Throughput is each run's own tokens / training seconds from its manifest.
-The last line is one JSON object.
+Throughput is each run's own tokens / training seconds from its manifest;
+the end of a run is read from that manifest too, so that only the watchers
+call the app. The watchers run on this machine: their own CPU time per poll is
+printed, since it is taken from the cores that train. The last line is one
+JSON object.
 """
 from __future__ import annotations
 
@@ -41,9 +44,16 @@ def throughput(run_dir: Path) -> float:
     return manifest["tokens_seen"] / manifest["train_time_s"]
 
 
-def newest_run(root: Path, before: set[str]) -> Path:
-    fresh = sorted(p for p in root.iterdir() if p.name not in before and (p / "manifest.json").is_file())
-    return fresh[-1]
+def finished_run(root: Path, before: set[str]) -> Path:
+    """Wait for the run started after ``before`` to end, reading its manifest: no API call that would load the app."""
+    while True:
+        fresh = sorted(p for p in root.iterdir() if p.name not in before and (p / "manifest.json").is_file()) if root.is_dir() else []
+        try:
+            if fresh and json.loads((fresh[-1] / "manifest.json").read_text())["status"] in ("done", "failed", "stopped"):
+                return fresh[-1]
+        except (ValueError, KeyError, OSError):
+            pass  # caught between writes
+        time.sleep(1.0)
 
 
 def watch(url: str, stop: threading.Event, polls: list[int]) -> None:
@@ -69,14 +79,15 @@ def app_run(url: str, root: Path, model: str, steps: int, watchers: int) -> dict
     for t in threads:
         t.start()
     time.sleep(2.0 if watchers else 0)  # the watchers are connected and polling before the run starts
+    client_cpu = time.process_time()
     client.predict("bench", model, *FORM.values(), steps, 1000, 0, api_name="/start_training")
-    while client.predict(api_name="/job_status")["status"] not in ("done", "failed", "stopped"):
-        time.sleep(1.0)
+    run = finished_run(root, before)
     stop.set()
     for t in threads:
         t.join()
-    run = newest_run(root, before)
-    return {"watchers": watchers, "tokens_per_s": throughput(run), "polls": sum(polls)}
+    client_cpu = time.process_time() - client_cpu  # the watchers' own share of this machine's cores
+    return {"watchers": watchers, "tokens_per_s": throughput(run), "polls": sum(polls),
+            "client_cpu_ms_per_poll": 1000 * client_cpu / sum(polls) if polls and sum(polls) else None}
 
 
 def cli_run(root: Path, model: str, steps: int, env: dict) -> float:
@@ -117,11 +128,12 @@ def main() -> None:
     finally:
         app.terminate()
         app.wait(timeout=30)
-    print(f"{'':<14}{'tokens/s':>10}{'vs CLI':>9}{'polls':>7}")
-    print(f"{'CLI':<14}{cli:>10,.0f}{1.0:>9.2f}{'':>7}")
+    print(f"{'':<14}{'tokens/s':>10}{'vs CLI':>9}{'polls':>7}{'client CPU ms/poll':>20}")
+    print(f"{'CLI':<14}{cli:>10,.0f}{1.0:>9.2f}")
     for r in results:
         r["vs_cli"] = r["tokens_per_s"] / cli
-        print(f"{r['watchers']} watcher(s){'':<3}{r['tokens_per_s']:>10,.0f}{r['vs_cli']:>9.2f}{r['polls']:>7}")
+        cpu = f"{r['client_cpu_ms_per_poll']:.1f}" if r["client_cpu_ms_per_poll"] is not None else ""
+        print(f"{r['watchers']} watcher(s){'':<3}{r['tokens_per_s']:>10,.0f}{r['vs_cli']:>9.2f}{r['polls']:>7}{cpu:>20}")
     print_json({"bench": "watchers", "model": args.model, "steps": args.steps, "cli_tokens_per_s": cli, "app": results})
 
 

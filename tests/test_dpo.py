@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import DatasetError, load_instructions, split_instructions
+from data import DatasetError, load_instructions
 from data import cache
 from data.preference import (
     PreferenceDataset, browse_preferences, collate_preferences, epoch_batches, in_order_batches, load_preferences,

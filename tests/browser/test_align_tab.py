@@ -7,7 +7,7 @@ import pytest
 
 from data import load_instructions
 
-from .conftest import choose, open_tab, screenshot, set_slider, wait_plot, wait_text
+from .conftest import choose, open_tab, screenshot, set_slider, wait_text
 
 pytestmark = pytest.mark.browser
 
