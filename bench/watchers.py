@@ -30,7 +30,7 @@ from bench.common import machine, print_json
 
 REPO = Path(__file__).resolve().parents[1]
 FORM = dict(custom="", random_init=True, epochs=100, batch_size=8, lr=5e-5, mask_prompt=False, lora=False, rank=8, alpha=16,
-            grouped=True)
+            grouped=False)
 
 
 def free_port() -> int:

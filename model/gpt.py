@@ -153,6 +153,12 @@ class Packing:
             return None
         return cls(kept.flatten().nonzero().squeeze(1), B, T)
 
+    @classmethod
+    def tokens(cls, targets: torch.Tensor, ignore_index: int = -100) -> int:
+        """How many positions of the batch the blocks run on."""
+        packing = cls.of(targets, ignore_index)
+        return targets.numel() if packing is None else len(packing.index)
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...)"""
         return x.reshape(self.B * self.T, *x.shape[2:]).index_select(0, self.index)

@@ -438,6 +438,6 @@ def test_cli_flags_for_checkpoints_wall_time_and_resume():
     assert config.checkpoint_every == 5 and config.max_wall_s == 90
     assert TrainConfig().checkpoint_every == 0 and TrainConfig().max_wall_s is None
     assert settings_given(["--resume", "run"]) == {}
-    assert settings_given(["--resume", "run", "--checkpoint-every", "3", "--no-grouped"]) == {"checkpoint_every": 3, "grouped": False}
+    assert settings_given(["--resume", "run", "--checkpoint-every", "3", "--grouped"]) == {"checkpoint_every": 3, "grouped": True}
     with pytest.raises(ConfigError, match="max_wall_s must be > 0"):
         TrainConfig(max_wall_s=0)

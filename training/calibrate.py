@@ -4,8 +4,9 @@
 same compute as the pretrained ones), times the real training step (the
 loop's optimizer, stepping inside backward, and its memory clean-up) on two
 batches of the canonical data, one of median and one of long length, and
-fits seconds = per-token cost x tokens + a fixed cost per step (the optimizer).
-Summed over the epoch's length-grouped batches, plus the evaluations the loop
+fits seconds = per-token cost x tokens + a fixed cost per step (the optimizer),
+counting the tokens the blocks run on (``Packing``: padding after each row's
+last target is skipped). Summed over the epoch's batches, plus the evaluations the loop
 runs at its default settings, that is the expected epoch. The result is cached
 in the app's cache directory, keyed by everything that changes it (preset,
 method, precision, CPU, threads, torch), so the measurement runs once.
@@ -23,6 +24,7 @@ import torch
 from data import InstructionDataset, cache, load_instructions, make_loader, split_instructions
 from model import GPT, GPTConfig, generate, pick_device, pick_dtype
 from model.device import DTYPES, cpu_class, precision_reason, release_free_memory
+from model.gpt import Packing
 from model.files import atomic_write
 
 from .config import TrainConfig
@@ -31,7 +33,7 @@ from .optim import MasterWeightAdamW
 
 CACHE_NAME = "calibration.json"
 PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -112,7 +114,7 @@ def time_evaluation(model: GPT, val: list, dtype: torch.dtype, device: torch.dev
     model.loss(x[:, :8].to(device), y[:, :8].to(device))  # warm-up
     t0 = time.perf_counter()
     model.loss(x.to(device), y.to(device))
-    forward_per_token = (time.perf_counter() - t0) / x.numel()
+    forward_per_token = (time.perf_counter() - t0) / Packing.tokens(y)
     t0 = time.perf_counter()
     generate(model, x[0, :32].tolist(), 4, eos_id=None)
     per_new_token = (time.perf_counter() - t0) / 4
@@ -127,7 +129,7 @@ def measure(config: TrainConfig) -> Calibration:
     dtype = pick_dtype(device, config.precision)
     gpt_config = GPTConfig.from_name(config.model)
     train, val = epoch_batches(config, gpt_config.block_size)
-    by_length = sorted(train, key=lambda b: b[0].shape[1])
+    by_length = sorted(train, key=lambda b: Packing.tokens(b[1]))
     median, long = by_length[len(by_length) // 2], by_length[(len(by_length) * 9) // 10]
 
     torch.manual_seed(config.seed)
@@ -148,16 +150,16 @@ def measure(config: TrainConfig) -> Calibration:
 
     for x, y in (median, long):  # warm-up: each shape's first step creates its kernels and allocations
         step(x, y)
-    samples = [(x.numel(), step(x, y)) for x, y in (median, long)]
+    samples = [(Packing.tokens(y), step(x, y)) for x, y in (median, long)]
     per_token, fixed = fit(samples)
 
     optimizer.finish()
 
     steps = len(train) // config.grad_accum
-    train_s = sum(per_token * x.numel() for x, _ in train) + fixed * steps
+    train_s = sum(per_token * Packing.tokens(y) for _, y in train) + fixed * steps
     evals = steps // config.eval_every + 1 + (steps % config.eval_every != 0)
-    baseline = sum(x.numel() for x, _ in train[: config.eval_batches or 3]) * forward_per_token
-    per_eval = sum(x.numel() for x, _ in val) * forward_per_token + config.sample_tokens * per_new_token
+    baseline = sum(Packing.tokens(y) for _, y in train[: config.eval_batches or 3]) * forward_per_token
+    per_eval = sum(Packing.tokens(y) for _, y in val) * forward_per_token + config.sample_tokens * per_new_token
     eval_s = baseline + evals * per_eval
     return Calibration(
         model=config.model, method=f"lora-{config.lora_rank}" if config.lora_rank else "full",

@@ -88,8 +88,7 @@ class TrainConfig(Settings):
     eval_batches: int | None = setting(3, "validation batches per evaluation (none: all)", 1)
     sample_tokens: int = setting(40, "new tokens of the validation instruction's answer at each evaluation", 0, 512)
     mask_prompt: bool = setting(False, "learn only the response tokens")
-    grouped: bool = setting(True, "length-grouped batches (~3 %% padding instead of ~20 %%); off: the book's random batches",
-                            flag="--no-grouped")
+    grouped: bool = setting(False, "length-grouped batches instead of the book's random ones (padding is skipped either way)")
     lora_rank: int = setting(0, "LoRA rank; 0: full fine-tuning", 0, 1024)
     lora_alpha: float = setting(16.0, "LoRA alpha", 0, low_open=True)
     precision: str = setting("auto", "auto: bf16 where the hardware multiplies it natively, else fp32", choices=("auto", "bf16", "fp32"))

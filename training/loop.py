@@ -11,7 +11,8 @@ Where the speed comes from (see bench/train.py for the figures): the model
 computes in bf16 where the CPU or GPU multiplies it natively, with fp32 master
 weights; the LM head runs only on positions that have a target and makes its
 own gradients; AdamW is fused and, at the book's settings, steps each tensor
-inside backward; batches are grouped by length so that little is padding.
+inside backward; the blocks skip each row's padding after its last target, so
+the book's random batches train as fast as length-grouped ones.
 """
 from __future__ import annotations
 

@@ -364,7 +364,7 @@ def build(shared) -> None:
                                        elem_id="eval-every")
             mask_prompt = gr.Checkbox(value=DEMO["mask_prompt"], label="Mask the prompt (loss on the response only)",
                                       elem_id="train-mask-prompt")
-            grouped = gr.Checkbox(value=DEFAULTS["grouped"], label="Length-grouped batches (less padding, faster)", elem_id="grouped")
+            grouped = gr.Checkbox(value=DEFAULTS["grouped"], label="Length-grouped batches (the book shuffles; padding is skipped either way)", elem_id="grouped")
             checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"], precision=0, minimum=0,
                                          label="Checkpoint every (steps; 0: only when stopped)", elem_id="checkpoint-every")
             with gr.Accordion("LoRA", open=False):
