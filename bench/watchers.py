@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 from bench.common import machine, print_json
@@ -56,13 +57,25 @@ def finished_run(root: Path, before: set[str]) -> Path:
         time.sleep(1.0)
 
 
-def watch(url: str, stop: threading.Event, polls: list[int]) -> None:
-    from gradio_client import Client
+def poll_once(url: str, session: str) -> None:
+    """One call of the Train tab's timer as a browser makes it: same session each time, so the app
+    sends only what changed since this watcher's last poll. Plain HTTP: a few ms of this machine's CPU."""
+    body = json.dumps({"data": ["watcher", []], "session_hash": session}).encode()
+    request = urllib.request.Request(url + "gradio_api/call/poll_status", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/poll_status/{event_id}", timeout=60) as stream:
+        for line in stream:
+            if line.startswith(b"event: error"):
+                raise RuntimeError(f"poll_status failed: {stream.readline().decode().strip()}")
+            if line.startswith(b"event: complete"):
+                return
 
-    client = Client(url, verbose=False)
-    n = 0
+
+def watch(url: str, stop: threading.Event, polls: list[int]) -> None:
+    session, n = uuid.uuid4().hex, 0
     while not stop.is_set():
-        client.predict("watcher", [], api_name="/poll_status")
+        poll_once(url, session)
         n += 1
         stop.wait(1.0)
     polls.append(n)

@@ -496,3 +496,23 @@ def test_preference_pairs_are_browsed_with_chosen_and_rejected_side_by_side(url,
     assert first[1] == "train" and first[4] != first[5]
     message, rows, count, page = c.predict("passive", 1, api_name="/browse_preferences")
     assert count == "29 pairs, page 1 / 2" and len(rows["data"]) == 25  # found in the instruction or either answer
+
+
+def test_a_tab_polls_only_while_it_is_shown():
+    """An open browser costs one poll a second on the Train or Align tab and none on the others."""
+    import gradio as gr
+
+    from engine import Engine
+    from ui.app import build_app
+
+    demo = build_app(Engine())
+    timers = {b._id: b for b in demo.blocks.values() if isinstance(b, gr.Timer)}
+    assert len(timers) == 2 and not any(t.active for t in timers.values())
+    tabs = {b._id: b.id for b in demo.blocks.values() if isinstance(b, gr.Tab)}
+    shown = {}
+    for fn in demo.fns.values():
+        tab = next((tabs[t[0]] for t in fn.targets if t[1] == "select" and t[0] in tabs), None)
+        if tab is not None and [o._id for o in fn.outputs] == list(timers):
+            shown[tab] = [update.active for update in fn.fn()]
+    assert shown == {"dataset": [False, False], "train": [True, False], "align": [False, True],
+                     "playground": [False, False], "evaluate": [False, False]}

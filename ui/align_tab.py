@@ -24,7 +24,6 @@ from .charts import live_figure_message, live_rows_message, preference_figure
 from .widgets import as_int, bar, clock, live_chart, loss_text, notice, resumable_runs, resume_job, run_label, stop_job
 
 TITLE = "Align"
-POLL_SECONDS = 1.0
 DEFAULTS = DPOConfig(parent="-").to_dict()
 DATA_CHOICES = [("The book's preference pairs: 1,100 polite (chosen) and impolite (rejected) answers", "preference"),
                 ("Your file: JSON or JSON Lines with chosen and rejected", "upload")]
@@ -284,8 +283,7 @@ def build(shared) -> None:
     resume_btn.click(partial(resume_job, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
                      api_name="resume_preference", concurrency_limit=1)
     on_poll = partial(poll, engine)
-    gr.Timer(POLL_SECONDS).tick(on_poll, [shared.client_id, seen], poll_outputs, api_visibility="private", **cheap)
-    shared.app.load(on_poll, [shared.client_id, seen], poll_outputs, api_visibility="private", **cheap)
+    shared.poll_while_shown(on_poll, [shared.client_id, seen], poll_outputs)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
         trigger(partial(refresh_parents, engine), parent, [parent, parent_info, resumable], api_visibility="private", **cheap)
     parent.input(parent_note, parent, parent_info, api_visibility="private", **cheap)

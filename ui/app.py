@@ -5,12 +5,15 @@ A tab module has ``TITLE`` and ``build(shared)``; adding a tab is one line in
 what tabs exchange: the visitor's dataset reference, the browser's client id,
 the latest finished run (its change refreshes run lists), and what lets one tab
 open something in another: the Tabs and the Playground's ``open_example``.
+A tab that follows a job polls only while it is shown (``Shared.poll_while_shown``):
+an open browser costs the server one poll a second at most, none on the other tabs.
 Nothing here loads data or models: that happens on first use.
 """
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import gradio as gr
@@ -34,6 +37,24 @@ class Shared:
     tabs: gr.Tabs | None = None  # an output of gr.Tabs(selected=<title in lower case>) switches tab
     playground: tuple = ()  # the Playground's components that ``open_example`` fills, set by its build
     open_example: Callable | None = None  # (record, run name, note) -> values for ``playground``, set by its build
+    tab: gr.Tab | None = None  # the tab being built
+    timers: dict = field(default_factory=dict)  # tab id -> its polling gr.Timer, active while the tab is shown
+
+    def poll_while_shown(self, fn: Callable, inputs: list, outputs: list, **options) -> None:
+        """Run ``fn`` on page load, when the tab being built is opened, and every ``POLL_SECONDS`` while it is shown."""
+        timer = gr.Timer(POLL_SECONDS, active=False)
+        self.timers[self.tab.id] = timer
+        quiet = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+        timer.tick(fn, inputs, outputs, **{**quiet, **options})
+        for trigger in (self.app.load, self.tab.select):
+            trigger(fn, inputs, outputs, **quiet)
+
+
+POLL_SECONDS = 1.0
+
+
+def shown_timers(shown: str, ids: list[str]) -> tuple:
+    return tuple(gr.Timer(active=tab_id == shown) for tab_id in ids)
 
 
 def ensure_client_id(current: str | None):
@@ -51,9 +72,15 @@ def build_app(engine: Engine) -> gr.Blocks:
         demo.load(ensure_client_id, shared.client_id, shared.client_id, api_visibility="private",
                   concurrency_limit=None, show_progress="hidden")
         with gr.Tabs() as shared.tabs:
+            tabs = []
             for tab in TABS:
-                with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}"):
+                with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}") as shared.tab:
                     tab.build(shared)
+                tabs.append(shared.tab)
+        ids = list(shared.timers)
+        for tab in tabs:
+            tab.select(partial(shown_timers, tab.id, ids), None, [shared.timers[i] for i in ids], api_visibility="private",
+                       concurrency_limit=None, show_progress="hidden")
         gr.HTML(FOOTER)
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -27,7 +27,6 @@ from .charts import live_figure_message, live_rows_message
 from .widgets import as_int, bar, clock, live_chart, loss_text, model_label, notice, resumable_runs, resume_job, stop_job
 
 TITLE = "Train"
-POLL_SECONDS = 1.0
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
 DEFAULTS = defaults()
 
@@ -412,8 +411,7 @@ def build(shared) -> None:
     start_btn.click(lambda *a: start(engine, *a), [shared.client_id, shared.dataset] + settings, [message, start_btn, stop_btn],
                     api_name="start_training", concurrency_limit=1)
     stop_btn.click(lambda c: stop(engine, c), shared.client_id, message, api_name="stop_training", **cheap)
-    gr.Timer(POLL_SECONDS).tick(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", **cheap)
-    shared.app.load(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_visibility="private", **cheap)
+    shared.poll_while_shown(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", api_visibility="public")
     overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
         trigger(lambda: runs_table(engine), None, [runs, overlay, resumable], api_visibility="private", **cheap)
