@@ -236,3 +236,21 @@ def test_the_table_shows_the_best_and_the_worst_or_everything():
     gains = [r[1] for r in table_update(result, "ROUGE-L gain (fine-tuned − base)", True)["data"]]
     assert gains == list(range(2 * SHOWN + 2, 0, -1))
     assert [r[1] for r in table_update(result, "fine-tuned judge score", True)["data"]] == gains  # no judge: by ROUGE-L
+
+
+def test_a_dpo_evaluation_ranks_by_the_aligned_model():
+    from ui.evaluate_tab import table_update
+
+    def scored(rouge):
+        return {"response": "r", "rouge_l": rouge, "perplexity": 10.0, "nll": 2.0, "judge": None}
+
+    rows = [{"index": i, "instruction": f"task {i}", "input": "", "output": "ref", "base": scored(0.1), "tuned": scored(i / 10),
+             "aligned": scored(1 - i / 10)} for i in range(5)]
+    result = {"summary": {"judge": None, "models": ["base", "tuned", "aligned"]}, "rows": rows}
+    assert [r[1] for r in table_update(result, "aligned ROUGE-L", True)["data"]] == [1, 2, 3, 4, 5]
+    assert [r[1] for r in table_update(result, "ROUGE-L gain (aligned − fine-tuned)", True)["data"]] == [1, 2, 3, 4, 5]
+    assert [r[1] for r in table_update(result, "fine-tuned ROUGE-L", True)["data"]] == [5, 4, 3, 2, 1]
+    for row in rows:
+        del row["aligned"]  # a fine-tuning run's evaluation: by the fine-tuned ROUGE-L
+    result["summary"]["models"] = ["base", "tuned"]
+    assert [r[1] for r in table_update(result, "aligned ROUGE-L", True)["data"]] == [5, 4, 3, 2, 1]

@@ -43,6 +43,11 @@ def rouge_gain(row: dict) -> float:
     return row["tuned"]["rouge_l"] - row["base"]["rouge_l"]
 
 
+def aligned_gain(row: dict) -> float | None:
+    aligned = row.get("aligned")
+    return None if aligned is None else aligned["rouge_l"] - row["tuned"]["rouge_l"]
+
+
 def nll_drop(row: dict) -> float | None:
     base, tuned = row["base"]["nll"], row["tuned"]["nll"]
     return None if base is None or tuned is None else base - tuned
@@ -54,6 +59,11 @@ RANKINGS = {  # label -> (key for best_and_worst, lower is better)
     "fine-tuned perplexity": ("tuned.perplexity", True),
     "NLL drop (base − fine-tuned)": (nll_drop, False),
     "fine-tuned judge score": ("tuned.judge", False),
+    # a DPO run's evaluation; others fall back to the fine-tuned ROUGE-L
+    "aligned ROUGE-L": ("aligned.rouge_l", False),
+    "ROUGE-L gain (aligned − fine-tuned)": (aligned_gain, False),
+    "aligned perplexity": ("aligned.perplexity", True),
+    "aligned judge score": ("aligned.judge", False),
 }
 NO_RUNS = "No finished run yet: fine-tune one in the <b>Train</b> tab, then score it here against its base model."
 POLL_S = 0.1
