@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from data.preference import (
     PreferenceDataset, collate_preferences, epoch_batches, in_order_batches, load_preferences, preference_path, split_preferences,
 )
-from model import GPT, pick_device, pick_dtype, save_pretrained
+from model import GPT, pick_device, pick_dtype
 from model.device import describe, peak_rss_mb, release_free_memory
 from runstore import CHECKPOINT, RunWriter, find_run, load_run, new_run_dir, process_owner, read_manifest
 from runstore.store import WEIGHTS
@@ -41,8 +41,8 @@ from .checkpoint import (
 )
 from .config import ConfigError, Settings, TrainConfig, setting
 from .events import Finished, Logged, Progress, Started, Status
-from .lora import add_lora, count_trainable, merge_lora
-from .loop import Clock, Hooks, finite, now, respond, versions
+from .lora import add_lora, count_trainable
+from .loop import Clock, Hooks, finite, now, respond, save_weights, versions
 from .optim import MasterWeightAdamW
 
 
@@ -519,11 +519,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
             if checkpointed != step:
                 save_resumable()
 
-        emit(Status("saving", f"Saving {run_dir.name}"))
-        model = optimizer.finish()
-        if config.lora_rank:
-            merge_lora(model)
-        save_pretrained(model, run_dir)
+        save_weights(optimizer, config.lora_rank, run_dir, emit)
         val = last["val"]
         summary = {
             "status": status, "stop_reason": reason, "steps": step, "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,

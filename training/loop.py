@@ -165,6 +165,16 @@ def check_data(config: TrainConfig):
     return records, split
 
 
+def save_weights(optimizer: MasterWeightAdamW, lora_rank: int, run_dir: Path, emit, write: bool = True) -> None:
+    """The trained model's exact fp32 weights (LoRA merged in) into the run folder, where ``transformers`` loads them."""
+    emit(Status("saving", f"Saving {run_dir.name}"))
+    model = optimizer.finish()
+    if lora_rank:
+        merge_lora(model)
+    if write:
+        save_pretrained(model, run_dir)
+
+
 def resume_run(run_dir: str | Path, hooks: Hooks | None = None, **changes) -> dict:
     """Continue a stopped, interrupted or failed run from its checkpoint, with its own settings; its summary.
 
@@ -360,12 +370,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
             if checkpointed != step:
                 save_resumable()
 
-        emit(Status("saving", f"Saving {run_dir.name}"))
-        model = optimizer.finish()
-        if config.lora_rank:
-            merge_lora(model)
-        if ctx.is_main:
-            save_pretrained(model, run_dir)
+        save_weights(optimizer, config.lora_rank, run_dir, emit, write=ctx.is_main)
         summary = {
             "status": status, "stop_reason": reason, "steps": step, "tokens_seen": tokens_seen,
             "final_train_loss": finite(last_train), "final_val_loss": finite(last_val), "ended": now(),
