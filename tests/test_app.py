@@ -516,3 +516,5 @@ def test_a_tab_polls_only_while_it_is_shown():
             shown[tab] = [update.active for update in fn.fn()]
     assert shown == {"dataset": [False, False], "train": [True, False], "align": [False, True],
                      "playground": [False, False], "evaluate": [False, False]}
+    # and Gradio's per-event pandas summary of its event log runs once per 1,000 events, not after each poll
+    assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == 1000 and demo._queue.ANALYTICS_MAX_EVENTS == 1000

@@ -11,6 +11,7 @@ Nothing here loads data or models: that happens on first use.
 """
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass, field
 from functools import partial
@@ -51,6 +52,9 @@ class Shared:
 
 
 POLL_SECONDS = 1.0
+# Gradio summarises its log of events with pandas after every event, by default over the last 10,000:
+# ~2 ms of every poll on a fresh server and more as the log fills. Once per 1,000 events is enough.
+GRADIO_ENV = {"GRADIO_ANALYTICS_CACHE_FREQUENCY": "1000", "GRADIO_ANALYTICS_MAX_EVENTS": "1000"}
 
 
 def shown_timers(shown: str, ids: list[str]) -> tuple:
@@ -63,6 +67,8 @@ def ensure_client_id(current: str | None):
 
 def build_app(engine: Engine) -> gr.Blocks:
     """The app's page, every tab driving ``engine``."""
+    for name, value in GRADIO_ENV.items():
+        os.environ.setdefault(name, value)  # read when the queue is made, below
     engine.look_for_weights()
     hours = engine.limits.files_max_age_hours
     with gr.Blocks(title="Instruction fine-tuning GPT-2", delete_cache=(3600, int(hours * 3600))) as demo:
