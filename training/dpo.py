@@ -21,7 +21,6 @@ import hashlib
 import math
 import sys
 import time
-from contextlib import suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from .checkpoint import (
 from .config import ConfigError, Settings, TrainConfig, setting
 from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable
-from .loop import Clock, Hooks, finite, now, respond, save_weights, versions
+from .loop import Clock, Hooks, finite, now, record_failure, respond, save_weights, versions
 from .optim import MasterWeightAdamW
 
 
@@ -532,11 +531,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         if status == "done":
             (run_dir / CHECKPOINT).unlink(missing_ok=True)
     except BaseException as e:
-        ended = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-        if isinstance(e, KeyboardInterrupt):
-            ended = {"status": "interrupted", "stop_reason": "interrupted from the keyboard"}
-        with suppress(OSError):  # the disk may be full: the first error is the one to report
-            writer.update_manifest(**ended, ended=now(), steps=step, wall_time_s=clock.elapsed)
+        record_failure(writer, e, f"{type(e).__name__}: {e}", step, clock)
         raise
     finally:
         writer.close()

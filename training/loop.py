@@ -165,6 +165,15 @@ def check_data(config: TrainConfig):
     return records, split
 
 
+def record_failure(writer: RunWriter, error: BaseException, reason: str, step: int, clock: Clock) -> None:
+    """Mark the run failed with ``reason``, or interrupted for Ctrl-C, so that it never stays "running"."""
+    ended = {"status": "failed", "error": reason}
+    if isinstance(error, KeyboardInterrupt):
+        ended = {"status": "interrupted", "stop_reason": "interrupted from the keyboard"}
+    with suppress(OSError):  # the disk may be full: the first error is the one to report
+        writer.update_manifest(**ended, ended=now(), steps=step, wall_time_s=clock.elapsed)
+
+
 def save_weights(optimizer: MasterWeightAdamW, lora_rank: int, run_dir: Path, emit, write: bool = True) -> None:
     """The trained model's exact fp32 weights (LoRA merged in) into the run folder, where ``transformers`` loads them."""
     emit(Status("saving", f"Saving {run_dir.name}"))
@@ -381,11 +390,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         if status == "done" and ctx.is_main:
             (run_dir / CHECKPOINT).unlink(missing_ok=True)
     except BaseException as e:
-        ended = {"status": "failed", "error": ctx.reason(e)}
-        if isinstance(e, KeyboardInterrupt):
-            ended = {"status": "interrupted", "stop_reason": "interrupted from the keyboard"}
-        with suppress(OSError):  # the disk may be full: the first error is the one to report
-            writer.update_manifest(**ended, ended=now(), steps=step, wall_time_s=clock.elapsed)
+        record_failure(writer, e, ctx.reason(e), step, clock)
         raise
     finally:
         writer.close()
