@@ -1,8 +1,7 @@
 """Preference tuning against fine-tuning: epoch time and peak memory of the same model on the same machine.
 
 Each side takes the steps of its loop (bf16 compute + fp32 masters where
-native, AdamW inside backward, length-grouped batches of 8, random init of
-``--model``):
+native, AdamW inside backward, batches of 8, random init of ``--model``):
 
 - fine-tuning: the canonical train split, ``model.loss`` per batch (the defaults of ``python -m training``);
 - DPO: the preference train split, one forward/backward over chosen + rejected per batch, the
@@ -40,7 +39,7 @@ SIDES = ("sft", "dpo", "dpo-stacked")
 def build_side(side: str, model_name: str):
     """(step, reference_step or None, the epoch's batches, pair/record count, device label) of one side."""
     from data import InstructionDataset, load_instructions, split_instructions
-    from data.batching import LengthGroupedSampler, custom_collate_fn
+    from data.batching import custom_collate_fn
     from data.preference import PreferenceDataset, collate_preferences, epoch_batches, load_preferences, split_preferences
     from training.dpo import dpo_loss, sequence_logprobs
 
@@ -52,7 +51,8 @@ def build_side(side: str, model_name: str):
     model = GPT(GPTConfig.from_name(model_name)).to(device)
     if side == "sft":
         ds = InstructionDataset(split_instructions(load_instructions("canonical")).train)
-        epoch = LengthGroupedSampler(ds.lengths, 8, seed=123).batches(0)
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(123)).tolist()
+        epoch = [order[i : i + 8] for i in range(0, len(order) - 7, 8)]  # the book's random batches, as the loop trains
         make = lambda positions: custom_collate_fn([ds[i] for i in positions])
         size = lambda positions: max(ds.lengths[i] for i in positions) * len(positions)
         lr, wd = 5e-5, 0.1
