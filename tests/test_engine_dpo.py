@@ -75,8 +75,18 @@ def test_a_finished_run_is_aligned_by_name_into_a_dpo_run_watched_like_any_job(e
     assert "Chosen answer" in responses and "Rejected answer" in responses and "reward margin" in final
     assert finished == snap["run"] and seen["rows"] == 5
     assert align_tab.poll(engine, "alice", seen)[0] == {"__type__": "update"}  # nothing new: no chart sent
-    assert "see the <b>Align</b> tab" in train_tab.poll(engine, "alice", None, [])[1]
+    on_train = train_tab.poll(engine, "alice", None, [])
+    assert "see the <b>Align</b> tab" in on_train[1]
+    assert on_train[-1] == snap["run"]  # shown on any other tab, the Train poll still refreshes every run list
     assert json.loads(train_tab.redraw(engine, [], None)[0])["rows"] == []  # the Train chart leaves DPO curves to Align
+
+
+def test_the_align_tab_tells_every_tab_once_when_a_fine_tuning_run_has_finished(engine, parent):
+    from ui import align_tab
+
+    *_, seen, finished = align_tab.poll(engine, "alice", None)
+    assert finished == parent
+    assert align_tab.poll(engine, "alice", seen)[-1] == {"__type__": "update"}
 
 
 def test_refused_before_start_for_unfinished_or_unknown_parents_paths_and_limits(engine, parent, tmp_path):

@@ -192,12 +192,14 @@ def poll(engine, client_id: str | None, seen: dict | None):
     seen = dict(seen or {})
     latest = engine.snapshot("train", since=SCALARS_ONLY)
     active = latest["status"] in ACTIVE
+    finished = latest.get("run") if latest["status"] in ("done", "stopped") else None
+    runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()  # every tab's run list
     if latest["kind"] != PREFERENCE:
         changed = seen.get("version") != ("other", latest["version"])
-        seen.update(version=("other", latest["version"]), chart=None, rows=0, active=active, can_stop=False)
+        seen.update(version=("other", latest["version"]), chart=None, rows=0, active=active, can_stop=False, finished=finished)
         return (gr.skip(), other_job_html(latest) if changed else gr.skip(), gr.skip(), gr.skip(),
                 gr.Button(interactive=not active) if changed else gr.skip(), gr.Button(interactive=False) if changed else gr.skip(),
-                gr.skip(), seen, gr.skip())
+                gr.skip(), seen, runs_changed)
     key = chart_key(latest)
     have = seen.get("rows", 0) if seen.get("chart") == key else 0
     snap = engine.snapshot("train", since=have)
@@ -213,7 +215,6 @@ def poll(engine, client_id: str | None, seen: dict | None):
     else:
         chart = gr.skip()
     responses_key = [snap["started_at"], len(snap["responses"])]
-    finished = snap.get("run") if snap["status"] in ("done", "stopped") else None
     ended = None if active else snap["started_at"]
     out = (
         chart,
@@ -224,7 +225,6 @@ def poll(engine, client_id: str | None, seen: dict | None):
         gr.Button(interactive=can_stop) if changed or seen.get("can_stop") != can_stop else gr.skip(),
         "" if ended and seen.get("ended") != ended else gr.skip(),
     )
-    runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()
     seen.update(version=snap["version"], chart=key, rows=snap["history_len"], responses=responses_key, active=active,
                 can_stop=can_stop, finished=finished, ended=ended,
                 last={k: (last or {}).get(k) for k in ("tokens_seen", "pairs_seen")})

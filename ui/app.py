@@ -5,8 +5,10 @@ A tab module has ``TITLE`` and ``build(shared)``; adding a tab is one line in
 what tabs exchange: the visitor's dataset reference, the browser's client id,
 the latest finished run (its change refreshes run lists), and what lets one tab
 open something in another: the Tabs and the Playground's ``open_example``.
-A tab that follows a job polls only while it is shown (``Shared.poll_while_shown``):
-an open browser costs the server one poll a second at most, none on the other tabs.
+A tab that follows a job polls while it is shown (``Shared.poll_while_shown``);
+the first such tab (Train) polls while a tab without its own poll is shown, since
+its poll tells every tab when a run has finished: an open browser costs the
+server one poll a second, whichever tab it shows.
 Nothing here loads data or models: that happens on first use.
 """
 from __future__ import annotations
@@ -39,11 +41,12 @@ class Shared:
     playground: tuple = ()  # the Playground's components that ``open_example`` fills, set by its build
     open_example: Callable | None = None  # (record, run name, note) -> values for ``playground``, set by its build
     tab: gr.Tab | None = None  # the tab being built
-    timers: dict = field(default_factory=dict)  # tab id -> its polling gr.Timer, active while the tab is shown
+    timers: dict = field(default_factory=dict)  # tab id -> its polling gr.Timer; one is active at a time
 
     def poll_while_shown(self, fn: Callable, inputs: list, outputs: list, **options) -> None:
-        """Run ``fn`` on page load, when the tab being built is opened, and every ``POLL_SECONDS`` while it is shown."""
-        timer = gr.Timer(POLL_SECONDS, active=False)
+        """Run ``fn`` on page load, when the tab being built is opened, and every ``POLL_SECONDS`` while it is
+        shown (the first tab to ask: also while a tab that does not poll is shown, as the page opens on one)."""
+        timer = gr.Timer(POLL_SECONDS, active=not self.timers)
         self.timers[self.tab.id] = timer
         quiet = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
         timer.tick(fn, inputs, outputs, **{**quiet, **options})
@@ -58,7 +61,8 @@ GRADIO_ENV = {"GRADIO_ANALYTICS_CACHE_FREQUENCY": "1000", "GRADIO_ANALYTICS_MAX_
 
 
 def shown_timers(shown: str, ids: list[str]) -> tuple:
-    return tuple(gr.Timer(active=tab_id == shown) for tab_id in ids)
+    polling = shown if shown in ids else ids[0]
+    return tuple(gr.Timer(active=tab_id == polling) for tab_id in ids)
 
 
 def ensure_client_id(current: str | None):

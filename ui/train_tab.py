@@ -228,10 +228,12 @@ def preference_poll(snap: dict, seen: dict):
     text = notice(f"Preference tuning of <b>{html.escape(str((snap.get('config') or {}).get('parent')))}</b> {what} "
                   f"({html.escape(snap['status'])}, step {snap['step']:,} / {snap['total_steps']:,}): see the <b>Align</b> tab."
                   + (" One training job runs at a time: fine-tuning can start when it ends." if active else ""))
-    seen.update(version=snap["version"], chart=None, rows=0, active=active, can_stop=False)
+    finished = snap.get("run") if snap["status"] in ("done", "stopped") else None
+    runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()  # every tab's run list
+    seen.update(version=snap["version"], chart=None, rows=0, active=active, can_stop=False, finished=finished)
     skip = gr.skip()
     return (skip, text if changed else skip, skip, skip, gr.Button(interactive=not active) if changed else skip,
-            gr.Button(interactive=False) if changed else skip, skip, seen, skip)
+            gr.Button(interactive=False) if changed else skip, skip, seen, runs_changed)
 
 
 def redraw(engine, overlays: list[str] | None, seen: dict | None):
