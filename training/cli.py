@@ -31,14 +31,21 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> TrainConfig:
-    parser = make_parser()
+def parse_args(argv=None, make=None, settings=TrainConfig, check=None):
+    """The settings the flags give (``--eval-batches 0``: all), or the parser's one-line error.
+
+    ``make``: the parser factory (fine-tuning's by default); ``check(args)`` returns an error text or None.
+    """
+    parser = (make or make_parser)()
     args = vars(parser.parse_args(argv))
     args.pop("resume")
     if args["eval_batches"] == 0:
         args["eval_batches"] = None
+    problem = check(args) if check else None
+    if problem:
+        parser.error(problem)
     try:
-        return TrainConfig(**args)
+        return settings(**args)
     except ConfigError as e:
         parser.error(str(e))
 

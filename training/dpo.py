@@ -36,12 +36,12 @@ from runstore import CHECKPOINT, RunWriter, find_run, load_run, new_run_dir, pro
 from runstore.store import WEIGHTS
 
 from .checkpoint import (
-    ResumeError, check_unchanged, checkpoint_run, load_checkpoint, mark_resumed, refuse_changes, restore, resumable,
+    ResumeError, check_unchanged, checkpoint_run, load_checkpoint, refuse_changes, restore, resumable,
 )
 from .config import ConfigError, Settings, TrainConfig, setting
 from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable
-from .loop import Clock, Hooks, finite, now, record_failure, respond, save_weights, versions
+from .loop import Clock, Hooks, finite, now, open_run, record_failure, respond, save_weights, versions
 from .optim import MasterWeightAdamW
 
 
@@ -406,17 +406,11 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
               "skipped_too_long": train_ds.skipped + val_ds.skipped},
         seed=config.seed, versions=versions(), device=describe(device, dtype), total_steps=total_steps,
     )
-    if checkpoint:
-        mark_resumed(writer, checkpoint["step"], **run_fields)
-    else:
-        writer.update_manifest(**run_fields, started=now())
-
-    emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                 epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
-                 sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo",
-                 start_step=checkpoint["step"] if checkpoint else 0))
-    for record in writer.metrics:  # a resumed run's history so far, for watchers that draw it
-        emit(Logged(record))
+    open_run(writer, checkpoint, emit, Started(
+        run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
+        sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo",
+        start_step=checkpoint["step"] if checkpoint else 0), **run_fields)
 
     status, reason = "done", None
     step = tokens_seen = pairs_seen = 0

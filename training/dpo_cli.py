@@ -14,7 +14,7 @@ from model import WeightsError
 from model.device import configure_runtime
 from runstore import recover_runs
 
-from .cli import ProgressBar, run_folder, settings_given
+from .cli import ProgressBar, run_folder, settings_given, parse_args as parse_settings
 from .config import ConfigError, add_arguments
 from .dpo import DPOConfig, resume_dpo_config, train_dpo
 from .events import Logged, Progress
@@ -31,17 +31,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> DPOConfig:
-    parser = make_parser()
-    args = vars(parser.parse_args(argv))
-    args.pop("resume")
-    if args["eval_batches"] == 0:
-        args["eval_batches"] = None
-    if not args["parent"]:
-        parser.error("--from RUN is required: the fine-tuned run to align")
-    try:
-        return DPOConfig(**args)
-    except ConfigError as e:
-        parser.error(str(e))
+    return parse_settings(argv, make_parser, DPOConfig,
+                          check=lambda args: None if args["parent"] else "--from RUN is required: the fine-tuned run to align")
 
 
 class DPOProgressBar(ProgressBar):

@@ -165,6 +165,18 @@ def check_data(config: TrainConfig):
     return records, split
 
 
+def open_run(writer: RunWriter, checkpoint: dict | None, emit, started: Started, **fields) -> None:
+    """Write the manifest as running (a resumed run reopened at its checkpoint's step), announce ``started``,
+    and replay the history a resumed run has so far, for watchers that draw it."""
+    if checkpoint:
+        mark_resumed(writer, checkpoint["step"], **fields)
+    else:
+        writer.update_manifest(**fields, started=now())
+    emit(started)
+    for record in writer.metrics:
+        emit(Logged(record))
+
+
 def record_failure(writer: RunWriter, error: BaseException, reason: str, step: int, clock: Clock) -> None:
     """Mark the run failed with ``reason``, or interrupted for Ctrl-C, so that it never stays "running"."""
     ended = {"status": "failed", "error": reason}
@@ -272,16 +284,11 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         processes=ctx.world_size,
         global_batch=config.batch_size * ctx.world_size * config.grad_accum,
     )
-    if checkpoint:
-        mark_resumed(writer, checkpoint["step"], **run_fields)
-    else:
-        writer.update_manifest(**run_fields, started=now())
-    emit(Started(run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                 epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
-                 sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
-                 start_step=checkpoint["step"] if checkpoint else 0))
-    for record in writer.metrics:  # a resumed run's history so far, for watchers that draw it
-        emit(Logged(record))
+    open_run(writer, checkpoint, emit, Started(
+        run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
+        sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
+        start_step=checkpoint["step"] if checkpoint else 0), **run_fields)
 
     step = tokens_seen = first_epoch = 0
     last_val = last_train = float("nan")
