@@ -197,6 +197,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
+        self.tied_grad_buffer: TiedGradBuffer | None = None  # lent by the optimizer while the model trains
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
             for name, p in self.named_parameters():
@@ -260,7 +261,7 @@ class GPT(nn.Module):
         keep = targets != ignore_index
         h, targets = h[keep], targets[keep]
         if training:
-            return TiedHeadCrossEntropy.apply(h, weight, targets, tied_grad)
+            return TiedHeadCrossEntropy.apply(h, weight, targets, tied_grad, self.tied_grad_buffer)
         return TiedHeadCrossEntropy.run(h, weight, targets, want_grad_h=False, want_grad_w=False)[0]
 
 
@@ -270,48 +271,50 @@ class TiedHeadCrossEntropy(torch.autograd.Function):
     The loss is the graph's last node, so its gradient is known up to the
     incoming scalar. Making the gradients here skips what autograd would do
     around a (tokens x 50,257) logits tensor: an fp32 copy, its log-softmax, and
-    their three backward buffers. Rows go through in blocks, softmax in fp32,
-    so the largest temporary stays ~25 MB however long the batch.
+    their three backward buffers. Rows go through in blocks, softmax in place (fp32 inside), so the
+    largest temporary stays ~50 MB in fp32 however long the batch.
     """
 
-    BLOCK_ROWS = 256  # bf16 logits of a block: ~25 MB
-    SOFTMAX_ROWS = 128  # their fp32 log-softmax, for a loss alone: ~25 MB
+    BLOCK_ROWS = 256  # logits of a block: ~50 MB in fp32, ~25 MB in bf16; softmax overwrites them
+    LOSS_ROWS = 128  # for a loss alone (evaluation, while training's memory is held): its fp32 log-softmax ~25 MB
 
     @staticmethod
-    def run(h, weight, targets, want_grad_h: bool = True, want_grad_w: bool = True):
+    def run(h, weight, targets, want_grad_h: bool = True, want_grad_w: bool = True,
+            grad_buffer: "TiedGradBuffer | None" = None):
         """(mean loss, gradient of h or None, gradient of weight or None)."""
         n = h.shape[0]
         grad_h = torch.empty_like(h) if want_grad_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, n, TiedHeadCrossEntropy.BLOCK_ROWS):
-            hb = h[start : start + TiedHeadCrossEntropy.BLOCK_ROWS]
+        block = TiedHeadCrossEntropy.BLOCK_ROWS if want_grad_h or want_grad_w else TiedHeadCrossEntropy.LOSS_ROWS
+        for start in range(0, n, block):
+            hb = h[start : start + block]
             cols = targets[start : start + len(hb)]
             logits = hb @ weight.t()
             if not (want_grad_h or want_grad_w):
-                for part, part_cols in zip(logits.split(TiedHeadCrossEntropy.SOFTMAX_ROWS), cols.split(TiedHeadCrossEntropy.SOFTMAX_ROWS)):
-                    logp = torch.log_softmax(part, dim=-1, dtype=torch.float32)
-                    total -= logp[torch.arange(len(part_cols), device=h.device), part_cols].sum()
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+                total -= logp[torch.arange(len(cols), device=h.device), cols].sum()
                 continue
-            # softmax - one_hot is the gradient of the summed loss. One softmax pass (fp32 inside)
+            # softmax - one_hot is the gradient of the summed loss. One softmax pass (fp32 inside), in place,
             # gives it and the loss; the loss's rounding to the logits' dtype is ~0.002 per token.
             rows = torch.arange(len(cols), device=h.device)
-            logits = torch.softmax(logits, dim=-1)
-            total -= logits[rows, cols].float().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
-            logits[rows, cols] -= 1
+            probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+            total -= probs[rows, cols].float().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+            probs[rows, cols] -= 1
             if want_grad_h:
-                torch.mm(logits, weight, out=grad_h[start : start + len(hb)])
+                torch.mm(probs, weight, out=grad_h[start : start + len(hb)])
             if want_grad_w and grad_w is None:
-                grad_w = logits.t() @ hb.div(n)
+                grad_w = torch.mm(probs.t(), hb.div(n), out=grad_buffer.take() if grad_buffer else None)
             elif want_grad_w:
-                grad_w.addmm_(logits.t(), hb.div(n))
+                grad_w.addmm_(probs.t(), hb.div(n))
+            del logits, probs
         if grad_h is not None:
             grad_h.div_(n)
         return total / n, grad_h, grad_w
 
     @staticmethod
-    def forward(ctx, h, weight, targets, tied_grad=None):
-        loss, grad_h, grad_w = TiedHeadCrossEntropy.run(h, weight, targets, h.requires_grad, weight.requires_grad)
+    def forward(ctx, h, weight, targets, tied_grad=None, grad_buffer=None):
+        loss, grad_h, grad_w = TiedHeadCrossEntropy.run(h, weight, targets, h.requires_grad, weight.requires_grad, grad_buffer)
         if tied_grad is not None and grad_w is not None:
             tied_grad.append(grad_w)  # the embedding's backward adds its rows and returns the sum
             grad_w = None
@@ -328,7 +331,36 @@ class TiedHeadCrossEntropy(torch.autograd.Function):
             grad_w = None if grad_w is None else grad_w * grad_loss
             if ctx.tied_grad:
                 ctx.tied_grad[0].mul_(grad_loss)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
+
+
+class TiedGradBuffer:
+    """The tied weight's gradient buffer, kept from one training step to the next.
+
+    glibc takes a block this large (150 MB in fp32 for GPT-2) straight from the
+    OS and gives it back when it is freed, so a fresh one faults in every page
+    again each step: the head's weight-gradient matmul wrote into it at ~100-180
+    GFLOP/s instead of ~200, slower on some steps than others. The optimizer
+    lends a model one of these while it steps inside backward, and hands the
+    gradient back once it has been applied and nothing else holds it.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.grad = None
+        self.lent = False
+
+    def take(self) -> torch.Tensor | None:
+        """The last gradient, to overwrite, or None (the first step, or none came back)."""
+        grad, self.grad = self.grad, None
+        self.lent = True
+        ok = grad is not None and grad.shape == self.weight.shape and grad.dtype == self.weight.dtype
+        return grad if ok else None
+
+    def give_back(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Called by the optimizer once ``grad`` is applied; kept only when the head took the last one."""
+        if param is self.weight and self.lent:
+            self.grad, self.lent = grad, False
 
 
 class TiedEmbedding(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from data import InstructionDataset, load_instructions, make_loader, source_path, split_instructions
 from model import GPT, GPTConfig, load_pretrained
-from model.gpt import Packing
+from model.gpt import Packing, TiedHeadCrossEntropy
 from runstore import list_runs, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
 from training.config import ConfigError
@@ -50,10 +50,11 @@ def one_row_unscored(x, y):
     return x, y
 
 
-@pytest.mark.parametrize("variant", [None, unpadded, one_row_unscored])
-def test_fused_head_loss_and_gradients_equal_the_books_loss(batches, variant):
+@pytest.mark.parametrize("variant,block_rows", [(None, 512), (unpadded, 512), (one_row_unscored, 512), (None, 48)])
+def test_fused_head_loss_and_gradients_equal_the_books_loss(batches, variant, block_rows, monkeypatch):
     """model.loss (LM head only on targets, gradients made in the forward pass, rows cut after their last
-    target) against full logits + cross_entropy."""
+    target) against full logits + cross_entropy; with 48-row blocks the head takes several."""
+    monkeypatch.setattr(TiedHeadCrossEntropy, "BLOCK_ROWS", block_rows)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny"))
     x, y = variant(*batches[0]) if variant else batches[0]
@@ -76,21 +77,28 @@ def test_fused_head_loss_and_gradients_equal_the_books_loss(batches, variant):
 
 
 def test_step_in_backward_matches_plain_adamw(batches):
-    """fp32: AdamW stepping each tensor inside backward gives the weights of torch's AdamW after the backward."""
+    """fp32: AdamW stepping each tensor inside backward gives the weights of torch's AdamW after the backward,
+    while the tied weight's gradient buffer goes back to the head and is overwritten at every step."""
     torch.manual_seed(0)
     a = GPT(GPTConfig.from_name("tiny"))
     b = GPT(GPTConfig.from_name("tiny"))
     b.load_state_dict(a.state_dict())
     ours = MasterWeightAdamW(a, torch.float32, lr=1e-3, weight_decay=0.1)
     plain = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    assert b.tied_grad_buffer is None
+    reused = []
     for x, y in batches[:3]:
         a.loss(x, y).backward()
         assert all(p.grad is None for p in a.parameters())  # freed as soon as used
+        reused.append(a.tied_grad_buffer.grad.data_ptr())
         b.loss(x, y).backward()
         plain.step()
         plain.zero_grad()
+    assert len(set(reused)) == 1
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
+    ours.finish()
+    assert a.tied_grad_buffer is None
 
 
 def test_bf16_compute_keeps_fp32_masters(batches):
@@ -339,9 +347,42 @@ def test_configure_runtime_sets_defaults_once_and_keeps_the_users(monkeypatch):
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == RUNTIME_ENV["THP_MEM_ALLOC_ENABLE"]
 
 
+KERNEL_CACHE_GROWTH = """
+import ctypes
+from model.device import configure_runtime
+configure_runtime()
+import torch
+class MallInfo(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo
+w = torch.randn(768, 768, dtype=torch.bfloat16)
+for m in range(100, 110):
+    torch.nn.functional.linear(torch.randn(m, 768, dtype=torch.bfloat16), w)
+start = libc.mallinfo2().uordblks
+for m in range(200, 500):  # a new shape each time, as packed batches are
+    torch.nn.functional.linear(torch.randn(m, 768, dtype=torch.bfloat16), w)
+print((libc.mallinfo2().uordblks - start) / 2**20)
+"""
+
+
+def test_bf16_kernel_caches_stay_bounded_over_new_shapes():
+    """ideep's kernel cache by shape (1,024 by default) grew ~160 MB over an epoch; configure_runtime caps it."""
+    def growth(env: dict) -> float:
+        out = subprocess.run([sys.executable, "-c", KERNEL_CACHE_GROWTH], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        return float(out.stdout.strip())
+
+    ours = {k: v for k, v in os.environ.items() if k != "LRU_CACHE_CAPACITY"}
+    unbounded = growth({**ours, "LRU_CACHE_CAPACITY": "1024"})
+    if unbounded < 20:
+        pytest.skip(f"bf16 matmuls on this CPU do not go through oneDNN's cached kernels ({unbounded:.0f} MB growth)")
+    bounded = growth(ours)
+    assert bounded < unbounded / 2, (bounded, unbounded)
+
+
 def test_importing_training_leaves_the_environment_alone():
     code = "import os, training, model; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
-    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"
 

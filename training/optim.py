@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from model.gpt import TiedGradBuffer
+
 PIECE_ELEMENTS = 2**19
 
 
@@ -105,6 +107,10 @@ class MasterWeightAdamW:
                 self.pieces[p].append((rows, target, optimizer))
         self.step_in_backward = step_in_backward
         self.hooks = [p.register_post_accumulate_grad_hook(self._update) for p in self.params] if step_in_backward else []
+        # Stepping inside backward, a gradient is dropped as soon as it is applied: the head may reuse its buffer.
+        self.grad_buffer = None
+        if step_in_backward and getattr(model, "tied_grad_buffer", False) is None:
+            self.grad_buffer = model.tied_grad_buffer = TiedGradBuffer(model.lm_head.weight)
 
     def _optimizers(self):
         return (optimizer for pieces in self.pieces.values() for _, _, optimizer in pieces)
@@ -120,20 +126,21 @@ class MasterWeightAdamW:
 
     @torch.no_grad()
     def _update(self, p: torch.Tensor) -> None:
+        grad = p.grad
         if not self.mixed:
             self.pieces[p][0][2].step()
-            p.grad = None
-            return
-        grad = p.grad
+        else:
+            low = self.low[p]
+            for rows, master, optimizer in self.pieces[p]:
+                n = master.numel()
+                join_(p.data[rows], low[rows], master)
+                master.grad = self.grad32[:n].view_as(master).copy_(grad[rows])
+                optimizer.step()
+                master.grad = None
+                split_(master, p.data[rows], low[rows], self.bits[:n].view_as(master))
         p.grad = None
-        low = self.low[p]
-        for rows, master, optimizer in self.pieces[p]:
-            n = master.numel()
-            join_(p.data[rows], low[rows], master)
-            master.grad = self.grad32[:n].view_as(master).copy_(grad[rows])
-            optimizer.step()
-            master.grad = None
-            split_(master, p.data[rows], low[rows], self.bits[:n].view_as(master))
+        if self.grad_buffer is not None:
+            self.grad_buffer.give_back(p, grad)
 
     @torch.no_grad()
     def step(self, clip_norm: float | None = None) -> float | None:
@@ -161,6 +168,9 @@ class MasterWeightAdamW:
             h.remove()
         self.hooks.clear()
         self.pieces.clear()
+        if self.grad_buffer is not None and getattr(self.model, "tied_grad_buffer", None) is self.grad_buffer:
+            self.model.tied_grad_buffer = None
+        self.grad_buffer = None
         self.master = self.grad32 = self.bits = None
         for p in self.model.parameters():
             p.grad = None
