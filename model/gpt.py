@@ -271,8 +271,9 @@ class TiedHeadCrossEntropy(torch.autograd.Function):
     The loss is the graph's last node, so its gradient is known up to the
     incoming scalar. Making the gradients here skips what autograd would do
     around a (tokens x 50,257) logits tensor: an fp32 copy, its log-softmax, and
-    their three backward buffers. Rows go through in blocks, softmax in place (fp32 inside), so the
-    largest temporary stays ~50 MB in fp32 however long the batch.
+    their three backward buffers. Rows go through in blocks, softmax in place
+    (fp32 inside), so the largest temporary stays ~50 MB in fp32 however long
+    the batch.
     """
 
     BLOCK_ROWS = 256  # logits of a block: ~50 MB in fp32, ~25 MB in bf16; softmax overwrites them
