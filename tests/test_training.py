@@ -450,6 +450,30 @@ def test_mlp_recomputing_gelu_gives_autograds_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_sigmoid_form_gelu_equals_atens_tanh_gelu():
+    """The fp32 CPU GELU (x * sigmoid(2z)) and its backward against ATen's tanh GELU in fp64, over -30..30,
+    the same to the bit with and without autograd."""
+    from model.gpt import gelu_tanh, gelu_tanh_and_backward
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.linspace(-30, 30, 20_001), torch.randn(20_000) * 3])
+    grad = torch.randn_like(x)
+    want = F.gelu(x.double(), approximate="tanh")
+    want_grad = torch.ops.aten.gelu_backward(grad.double(), x.double(), approximate="tanh")
+    g, grad_x = gelu_tanh_and_backward(x, grad)
+    assert g.dtype == grad_x.dtype == torch.float32
+    torch.testing.assert_close(g.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gelu_tanh(x), g, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x.double(), want_grad, rtol=1e-5, atol=2e-5)
+    tracked = x.clone().requires_grad_()
+    torch.testing.assert_close(gelu_tanh(tracked), g, rtol=0, atol=0)
+    gelu_tanh(tracked).backward(grad)  # as a LoRA model's MLP, through autograd
+    torch.testing.assert_close(tracked.grad, grad_x, rtol=0, atol=0)
+    # bf16 keeps ATen's fused kernel, which rounds once
+    low = x.bfloat16()
+    assert torch.equal(gelu_tanh(low), F.gelu(low, approximate="tanh"))
+
+
 def test_optimizer_state_round_trip_continues_bit_for_bit(tmp_path, batches):
     """state_dict -> file -> load_state_dict into a differently initialised model, then both step alike."""
     for dtype in (torch.float32, torch.bfloat16):
