@@ -317,7 +317,7 @@ class GPT(nn.Module):
         h, targets = h[keep], targets[keep]
         if training:
             return TiedHeadCrossEntropy.apply(h, weight, targets, tied_grad, self.tied_grad_buffer)
-        return TiedHeadCrossEntropy.run(h, weight, targets, want_grad_h=False, want_grad_w=False)[0]
+        return TiedHeadCrossEntropy.run(h, weight, targets, False, False, self.tied_grad_buffer)[0]
 
 
 class TiedHeadCrossEntropy(torch.autograd.Function):
@@ -346,7 +346,7 @@ class TiedHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, n, block):
             hb = h[start : start + block]
             cols = targets[start : start + len(hb)]
-            logits = hb @ weight.t()
+            logits = torch.mm(hb, weight.t(), out=grad_buffer.logits(len(hb)) if grad_buffer else None)
             if not (want_grad_h or want_grad_w):
                 logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
                 total -= logp[torch.arange(len(cols), device=h.device), cols].sum()
@@ -391,20 +391,22 @@ class TiedHeadCrossEntropy(torch.autograd.Function):
 
 
 class TiedGradBuffer:
-    """The tied weight's gradient buffer, kept from one training step to the next.
+    """The tied weight's gradient buffer and the head's logits block, kept from one training step to the next.
 
-    glibc takes a block this large (150 MB in fp32 for GPT-2) straight from the
-    OS and gives it back when it is freed, so a fresh one faults in every page
-    again each step: the head's weight-gradient matmul wrote into it at ~100-180
-    GFLOP/s instead of ~200, slower on some steps than others. The optimizer
-    lends a model one of these while it steps inside backward, and hands the
-    gradient back once it has been applied and nothing else holds it.
+    glibc takes a block this large (150 MB in fp32 for GPT-2, ~50 MB for 256
+    rows of logits) straight from the OS and gives it back when it is freed, so
+    a fresh one faults in every page again each step: the head's matmuls wrote
+    into them at ~100-180 GFLOP/s instead of ~200, slower on some steps than
+    others. The optimizer lends a model one of these while it steps inside
+    backward, and hands the gradient back once it has been applied and nothing
+    else holds it.
     """
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.grad = None
         self.lent = False
+        self.block = None
 
     def take(self) -> torch.Tensor | None:
         """The last gradient, to overwrite, or None (the first step, or none came back)."""
@@ -417,6 +419,14 @@ class TiedGradBuffer:
         """Called by the optimizer once ``grad`` is applied; kept only when the head took the last one."""
         if param is self.weight and self.lent:
             self.grad, self.lent = grad, False
+
+    def logits(self, rows: int) -> torch.Tensor:
+        """A (rows x vocab) buffer for one block of the head's logits, in the weight's dtype."""
+        need = rows * self.weight.shape[0]
+        if self.block is None or self.block.numel() < need or self.block.dtype != self.weight.dtype:
+            self.block = None
+            self.block = torch.empty(need, dtype=self.weight.dtype, device=self.weight.device)
+        return self.block[:need].view(rows, -1)
 
 
 class TiedEmbedding(torch.autograd.Function):

@@ -78,7 +78,7 @@ def test_fused_head_loss_and_gradients_equal_the_books_loss(batches, variant, bl
 
 def test_step_in_backward_matches_plain_adamw(batches):
     """fp32: AdamW stepping each tensor inside backward gives the weights of torch's AdamW after the backward,
-    while the tied weight's gradient buffer goes back to the head and is overwritten at every step."""
+    while the tied weight's gradient buffer and the head's logits block are kept and overwritten at every step."""
     torch.manual_seed(0)
     a = GPT(GPTConfig.from_name("tiny"))
     b = GPT(GPTConfig.from_name("tiny"))
@@ -90,7 +90,7 @@ def test_step_in_backward_matches_plain_adamw(batches):
     for x, y in batches[:3]:
         a.loss(x, y).backward()
         assert all(p.grad is None for p in a.parameters())  # freed as soon as used
-        reused.append(a.tied_grad_buffer.grad.data_ptr())
+        reused.append((a.tied_grad_buffer.grad.data_ptr(), a.tied_grad_buffer.block.data_ptr()))
         b.loss(x, y).backward()
         plain.step()
         plain.zero_grad()
