@@ -131,7 +131,8 @@ def gelu_tanh_and_backward(h: torch.Tensor, grad: torch.Tensor) -> tuple[torch.T
     s.mul_(GELU_A * GELU_K).add_(GELU_K).mul_(h).sigmoid_()
     d.mul_(h).mul_(s)
     d.addcmul_(d, s, value=-1).add_(s)  # h z' s (1 - s) + s
-    return h * s, d.mul_(grad)
+    d.mul_(grad)
+    return s.mul_(h), d
 
 
 def _sigmoid_form(h: torch.Tensor) -> bool:
