@@ -21,7 +21,7 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import as_int, bar, clock, live_chart, loss_text, notice, resumable_runs, resume_job, run_label, stop_job
+from .widgets import as_int, bar, clock, live_chart, loss_text, notice, resumable_runs, resume_job, run_finished, run_label, stop_job
 
 TITLE = "Align"
 DEFAULTS = DPOConfig(parent="-").to_dict()
@@ -192,8 +192,7 @@ def poll(engine, client_id: str | None, seen: dict | None):
     seen = dict(seen or {})
     latest = engine.snapshot("train", since=SCALARS_ONLY)
     active = latest["status"] in ACTIVE
-    finished = latest.get("run") if latest["status"] in ("done", "stopped") else None
-    runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()  # every tab's run list
+    finished, runs_changed = run_finished(latest, seen)
     if latest["kind"] != PREFERENCE:
         changed = seen.get("version") != ("other", latest["version"])
         seen.update(version=("other", latest["version"]), chart=None, rows=0, active=active, can_stop=False, finished=finished)

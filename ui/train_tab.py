@@ -24,7 +24,7 @@ from training.config import DEMO, DEMO_TEXT, defaults, limits_of
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import as_int, bar, clock, live_chart, loss_text, model_label, notice, resumable_runs, resume_job, stop_job
+from .widgets import as_int, bar, clock, live_chart, loss_text, model_label, notice, resumable_runs, resume_job, run_finished, stop_job
 
 TITLE = "Train"
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
@@ -202,7 +202,7 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
         chart = gr.skip()
     responses_key = [snap["started_at"], len(snap["responses"])]
     final_key = [snap["started_at"], snap["status"], snap.get("error")]
-    finished = snap.get("run") if snap["status"] in ("done", "stopped") else None
+    finished, runs_changed = run_finished(snap, seen)
     out = (
         chart,
         progress_html(snap) if changed or active else gr.skip(),
@@ -211,7 +211,6 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
         gr.Button(interactive=not active) if seen.get("active") != active else gr.skip(),
         gr.Button(interactive=can_stop) if seen.get("can_stop") != can_stop else gr.skip(),
     )
-    runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()
     # A run that ended takes the Start / Stop message with it: "Started…" or "only the browser…" is stale by then.
     ended = None if active or snap["status"] == "idle" else snap["started_at"]
     message = "" if ended and seen.get("ended") != ended else gr.skip()
@@ -228,8 +227,7 @@ def preference_poll(snap: dict, seen: dict):
     text = notice(f"Preference tuning of <b>{html.escape(str((snap.get('config') or {}).get('parent')))}</b> {what} "
                   f"({html.escape(snap['status'])}, step {snap['step']:,} / {snap['total_steps']:,}): see the <b>Align</b> tab."
                   + (" One training job runs at a time: fine-tuning can start when it ends." if active else ""))
-    finished = snap.get("run") if snap["status"] in ("done", "stopped") else None
-    runs_changed = finished if finished and seen.get("finished") != finished else gr.skip()  # every tab's run list
+    finished, runs_changed = run_finished(snap, seen)
     seen.update(version=snap["version"], chart=None, rows=0, active=active, can_stop=False, finished=finished)
     skip = gr.skip()
     return (skip, text if changed else skip, skip, skip, gr.Button(interactive=not active) if changed else skip,

@@ -9,7 +9,14 @@ import gradio as gr
 from .theme import notice
 
 __all__ = ["notice", "bar", "clock", "run_label", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
-           "resumable_runs", "resume_job"]
+           "resumable_runs", "resume_job", "run_finished"]
+
+
+def run_finished(snap: dict, seen: dict) -> tuple:
+    """(the run a job's snapshot says has finished, or None; the shared "latest finished run" update: the run the
+    first time this browser sees it finish, which refreshes every tab's run list, else ``gr.skip()``)."""
+    finished = snap.get("run") if snap["status"] in ("done", "stopped") else None
+    return finished, finished if finished and seen.get("finished") != finished else gr.skip()
 
 
 def stop_job(engine, lane: str, client_id: str | None, nothing: str, stopping: str) -> str:
