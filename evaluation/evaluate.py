@@ -32,6 +32,7 @@ import torch
 from data import DatasetError, InstructionDataset, custom_collate_fn, extract_response, format_prompt, load_instructions, split_instructions
 from model import WeightsError, generate_batch, get_tokenizer
 from model.device import describe
+from model.gpt import linear
 
 from runstore.export import ExportError, export_zip
 from runstore.models import Models, run_config
@@ -107,7 +108,7 @@ def target_log_probs(h, weight, targets, rows: int = 128, vocab_block: int = 819
     out = []
     for hb, tb in zip(h.split(rows), targets.split(rows)):
         hb = hb.float()
-        logits = torch.cat([hb @ w.float().t() for w in weight.split(vocab_block)], dim=1)
+        logits = torch.cat([linear(hb, w.float()) for w in weight.split(vocab_block)], dim=1)
         out.append(torch.log_softmax(logits, dim=-1).gather(1, tb[:, None]).squeeze(1))
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .gpt import GPT, GPTConfig
-from .inference import exact_copy, int8_copy, int8_supported
+from .inference import int8_copy, int8_supported
 from .tokenizer import EOT_ID
 
 
@@ -95,12 +95,11 @@ def generate_steps(
     if not prompts or max_new_tokens == 0:
         return
     prompts = [list(p)[-keep:] for p in prompts]
-    source, model = model, (model if mode == "plain" else exact_copy(model))
     step_model = model
     if mode == "int8":
-        step_model = int8_copy(source)
-    elif mode == "exact" and len(prompts) == 1 and temperature <= 0 and _speculates(source):
-        yield from speculative_steps(model, int8_copy(source), prompts[0], max_new_tokens, eos_id)
+        step_model = int8_copy(model)
+    elif mode == "exact" and len(prompts) == 1 and temperature <= 0 and _speculates(model):
+        yield from speculative_steps(model, int8_copy(model), prompts[0], max_new_tokens, eos_id)
         return
     B, L = len(prompts), max(len(p) for p in prompts)
     idx = torch.full((B, L), EOT_ID, dtype=torch.long)

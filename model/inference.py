@@ -1,13 +1,8 @@
-"""Copies of a GPT for fast generation on the CPU, sharing its embeddings, LayerNorms and biases.
+"""Weight-only int8 copies of a GPT for fast drafting on the CPU, sharing its embeddings, LayerNorms and biases.
 
-At batch 1 a step's time is mostly reading the weights. Two copies change only
-the matmuls:
-
-- ``exact_copy``: the same fp32 weights (no new memory) through oneDNN's
-  matmul, which takes a few positions at once for little more than the time of
-  one, where the default BLAS takes about twice as long for two as for one.
-- ``int8_copy``: weight-only int8, one scale per output row, a quarter of
-  fp32's bytes; approximate, it drafts the tokens that the exact copy checks.
+At batch 1 a step's time is mostly reading the weights: ``int8_copy`` reads a
+quarter of fp32's bytes, one scale per output row. It is approximate; it drafts
+the tokens that the model itself checks (``generation.speculative_steps``).
 """
 from __future__ import annotations
 
@@ -29,22 +24,6 @@ def on_cpu(model: GPT) -> bool:
 def int8_supported(model: GPT) -> bool:
     """An int8 matmul exists for the model's device: fbgemm or the weight-only kernel, CPU only here."""
     return on_cpu(model) and (_fbgemm() or hasattr(torch, "_weight_int8pack_mm"))
-
-
-def _onednn_supported(model: GPT) -> bool:
-    return (on_cpu(model) and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and model.transformer.wte.weight.dtype == torch.float32)
-
-
-class OneDNNLinear(nn.Module):
-    """``nn.Linear`` on the same weight tensor, through oneDNN's matmul."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight, self.bias = weight, bias
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 class Int8Linear(nn.Module):
@@ -105,11 +84,6 @@ def quantize_int8(model: GPT) -> GPT:
     return with_linears(model, Int8Linear)
 
 
-def exact_fast(model: GPT) -> GPT:
-    """The model with its matmuls through oneDNN (fp32 on the CPU)."""
-    return with_linears(model, OneDNNLinear)
-
-
 _COPIES: "weakref.WeakKeyDictionary[GPT, dict]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -127,6 +101,3 @@ def _cached(model: GPT, kind: str, make: Callable[[GPT], GPT]) -> GPT:
 def int8_copy(model: GPT) -> GPT:
     return _cached(model, "int8", quantize_int8)
 
-
-def exact_copy(model: GPT) -> GPT:
-    return _cached(model, "exact", exact_fast) if _onednn_supported(model) else model

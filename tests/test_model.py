@@ -28,6 +28,7 @@ from model import (
     stream_text,
 )
 from model import generation as generation_module
+from model import gpt as gpt_module
 from tests.hf_utils import hf_logits, hf_model, save_hub_layout, save_transformers_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,3 +400,26 @@ def test_benchmark_json_has_no_nan():
 
     line = json.dumps(finite({"a": float("nan"), "b": float("inf"), "c": 1.23456, "d": "x"}))
     assert json.loads(line) == {"a": None, "b": None, "c": 1.235, "d": "x"}
+
+
+@pytest.mark.skipif(not gpt_module.ONEDNN, reason="this PyTorch has no oneDNN")
+def test_fp32_linear_runs_onednn_and_matches_f_linear():
+    """On the CPU in fp32 the forward is oneDNN's matmul, the gradients autograd's; both agree with ``F.linear``."""
+    torch.manual_seed(0)
+    layer = gpt_module.Linear(48, 80)
+    w, b = (t.detach().clone().requires_grad_() for t in (layer.weight, layer.bias))
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.profiler.profile() as prof:
+        y = layer(x)
+    assert "mkldnn::_linear_pointwise" in {e.key for e in prof.key_averages()}
+    y_ref = torch.nn.functional.linear(x_ref, w, b)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    for ours, ref in ((x.grad, x_ref.grad), (layer.weight.grad, w.grad), (layer.bias.grad, b.grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
+    assert not gpt_module.uses_onednn(x.bfloat16(), layer.weight.bfloat16())

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from data import InstructionDataset, load_instructions, make_loader, source_path, split_instructions
 from model import GPT, GPTConfig, load_pretrained
+from model import gpt as gpt_module
 from model.gpt import Packing, TiedHeadCrossEntropy
 from runstore import list_runs, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
@@ -76,9 +77,12 @@ def test_fused_head_loss_and_gradients_equal_the_books_loss(batches, variant, bl
         assert abs(model.loss(x, y).item() - book.item()) < 1e-5
 
 
-def test_step_in_backward_matches_plain_adamw(batches):
+@pytest.mark.parametrize("onednn", [True, False] if gpt_module.ONEDNN else [False])
+def test_step_in_backward_matches_plain_adamw(batches, monkeypatch, onednn):
     """fp32: AdamW stepping each tensor inside backward gives the weights of torch's AdamW after the backward,
-    while the tied weight's gradient buffer and the head's logits block are kept and overwritten at every step."""
+    while the tied weight's gradient buffer is kept and overwritten at every step; so is the head's logits block
+    where ``torch.mm`` makes the logits (oneDNN's matmul makes its own)."""
+    monkeypatch.setattr(gpt_module, "ONEDNN", onednn)
     torch.manual_seed(0)
     a = GPT(GPTConfig.from_name("tiny"))
     b = GPT(GPTConfig.from_name("tiny"))
@@ -90,7 +94,9 @@ def test_step_in_backward_matches_plain_adamw(batches):
     for x, y in batches[:3]:
         a.loss(x, y).backward()
         assert all(p.grad is None for p in a.parameters())  # freed as soon as used
-        reused.append((a.tied_grad_buffer.grad.data_ptr(), a.tied_grad_buffer.block.data_ptr()))
+        block = a.tied_grad_buffer.block
+        assert (block is None) == onednn
+        reused.append((a.tied_grad_buffer.grad.data_ptr(), None if onednn else block.data_ptr()))
         b.loss(x, y).backward()
         plain.step()
         plain.zero_grad()

@@ -32,6 +32,7 @@ from data.preference import (
 )
 from model import GPT, pick_device, pick_dtype
 from model.device import describe, peak_rss_mb, release_free_memory
+from model.gpt import linear
 from runstore import CHECKPOINT, RunWriter, find_run, load_run, new_run_dir, process_owner, read_manifest
 from runstore.store import WEIGHTS
 
@@ -118,7 +119,7 @@ class TokenLogProbs(torch.autograd.Function):
     def run(h, weight, targets):
         out = []
         for hb, tb in zip(h.split(TokenLogProbs.BLOCK_ROWS), targets.split(TokenLogProbs.BLOCK_ROWS)):
-            logp = torch.log_softmax(hb @ weight.t(), dim=-1, dtype=torch.float32)
+            logp = torch.log_softmax(linear(hb, weight), dim=-1, dtype=torch.float32)
             out.append(logp.gather(1, tb[:, None]).squeeze(1))
         return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
@@ -138,7 +139,7 @@ class TokenLogProbs(torch.autograd.Function):
             hb = h[start:start + TokenLogProbs.BLOCK_ROWS]
             n = len(hb)
             g = grad_logp[start:start + n]
-            p = torch.softmax(hb @ weight.t(), dim=-1, dtype=torch.float32).mul_(-g[:, None]).to(h.dtype)
+            p = torch.softmax(linear(hb, weight), dim=-1, dtype=torch.float32).mul_(-g[:, None]).to(h.dtype)
             p[torch.arange(n, device=p.device), targets[start:start + n]] += g.to(p.dtype)  # one_hot - softmax, scaled
             if want_h:
                 torch.mm(p, weight, out=grad_h[start:start + n])
