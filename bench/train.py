@@ -39,24 +39,25 @@ from data import DatasetError, InstructionDataset, load_instructions, make_loade
 from model import GPTConfig, pick_device, pick_dtype, save_pretrained
 from model.device import cpu_class, describe, peak_rss_mb, release_free_memory
 from model.gpt import Packing, linear
+from training.calibrate import fit
 from training.config import ConfigError, TrainConfig
 from training.loop import build_model
 from training.lora import add_lora
 from training.optim import MasterWeightAdamW
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
-    """Measured FLOP/s of a large square matmul, the faster of ``torch.mm`` and the model's ``linear``
-    (oneDNN in fp32 on the CPU, ~10 % faster than MKL's at 2048 here): the ceiling for MFU."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> dict:
+    """Measured FLOP/s of a large square matmul by ``torch.mm`` and by the model's ``linear`` (oneDNN in fp32 on
+    x86 CPUs, ~10 % faster than ``torch.mm``'s MKL at 2048 here); the faster is the ceiling for MFU."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = 0.0
-    for matmul in (torch.mm, linear):
+    peaks = {}
+    for name, matmul in (("torch.mm", torch.mm), ("linear", linear)):
         matmul(a, b)
         start = time.perf_counter()
         for _ in range(reps):
             matmul(a, b)
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
-    return best
+        peaks[name] = 2 * n**3 * reps / (time.perf_counter() - start)
+    return peaks
 
 
 def step_flops(config: GPTConfig, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -79,15 +80,8 @@ def project_epoch(config: GPTConfig, measured, batches) -> float:
     same time (217 and 216 s, fp32). The fixed part is what every step does
     whatever its length (AdamW over every weight).
     """
-    flops = [step_flops(config, x, y) for (x, y), _ in measured]
-    seconds = [s for _, s in measured]
-    try:
-        slope, fixed = statistics.linear_regression(flops, seconds)
-    except statistics.StatisticsError:  # every measured step the same size
-        slope, fixed = 0.0, -1.0
-    if fixed < 0 or slope <= 0:
-        slope, fixed = sum(seconds) / sum(flops), 0.0
-    return sum(fixed + slope * step_flops(config, x, y) for x, y in batches)
+    per_flop, fixed = fit([(step_flops(config, x, y), seconds) for (x, y), seconds in measured])
+    return sum(fixed + per_flop * step_flops(config, x, y) for x, y in batches)
 
 
 class Ours:
@@ -231,6 +225,8 @@ def main(argv=None) -> int:
 
     ours_tps, hf_tps, grouped_tps = tps("ours"), tps("transformers"), tps("ours_grouped", grouped_tokens)
     vs_hf = ratios("transformers", "ours")
+    mm_peak = max(p["torch.mm"] for p in peaks)
+    peaks = [max(p.values()) for p in peaks]
     peak = max(peaks)  # the ceiling: the best this machine showed, not a moment when something else ran
     mfus = [step_flops(gpt_config, x, y) / s / peak for (x, y), s in zip(random_batches, times["ours"])]
     mfu = spread(mfus)
@@ -259,7 +255,8 @@ def main(argv=None) -> int:
         print(f"ours LoRA r={args.lora_rank}: {tps('ours_lora'):7.1f} tokens/s; full fine-tuning takes {lora_ratio['median']:.2f}x "
               f"LoRA's time per batch (median; min {lora_ratio['min']:.2f}x, max {lora_ratio['max']:.2f}x)")
     print(f"MFU: median {mfu['median']:.0%} (min {mfu['min']:.0%}, max {mfu['max']:.0%}) of the {name} matmul peak "
-          f"measured between the steps (best {peak / 1e9:.0f} GFLOP/s, median {statistics.median(peaks) / 1e9:.0f})")
+          f"measured between the steps (best {peak / 1e9:.0f} GFLOP/s, median {statistics.median(peaks) / 1e9:.0f}; "
+          f"torch.mm alone: best {mm_peak / 1e9:.0f})")
     print(f"projected epoch (training steps only): ours {projected['ours_random_s'] / 60:.1f} min on the book's random batches "
           f"(the default), {projected['ours_grouped_s'] / 60:.1f} min length-grouped; transformers {projected['transformers_random_s'] / 60:.1f} min "
           f"random: ours is {projected['transformers_random_s'] / projected['ours_random_s']:.2f}x "
@@ -271,7 +268,7 @@ def main(argv=None) -> int:
         transformers_autocast_tokens_per_s=tps("transformers_autocast"), ratio=ours_tps / hf_tps, ratio_per_batch=vs_hf,
         ratio_vs_autocast_per_batch=autocast_ratio, lora_rank=args.lora_rank or None,
         ours_lora_tokens_per_s=tps("ours_lora"), full_over_lora_time_per_batch=lora_ratio,
-        mfu=mfu["median"], mfu_per_batch=mfu, matmul_peak_gflops=peak / 1e9,
+        mfu=mfu["median"], mfu_per_batch=mfu, matmul_peak_gflops=peak / 1e9, torch_mm_peak_gflops=mm_peak / 1e9,
         projected_epoch_s=projected["ours_random_s"], projected_epoch_grouped_s=projected["ours_grouped_s"],
         transformers_projected_epoch_s=projected["transformers_random_s"],
         epoch_ratio=projected["transformers_random_s"] / projected["ours_random_s"],

@@ -416,7 +416,11 @@ def test_calibration_fit_separates_the_fixed_cost_per_step():
 
     per_token, fixed = fit([(400, 0.5 + 400e-3), (800, 0.5 + 800e-3)])
     assert per_token == pytest.approx(1e-3) and fixed == pytest.approx(0.5)
+    per_token, fixed = fit([(100, 0.6), (400, 0.85), (800, 1.35)])  # least squares, not the end points alone
+    assert per_token == pytest.approx(266.67 / 246667, rel=1e-4) and fixed == pytest.approx(0.46486, rel=1e-4)
     assert fit([(400, 2.0), (800, 1.0)]) == (pytest.approx(3.0 / 1200), 0.0)
+    assert fit([(400, 2.0), (400, 1.0)]) == (pytest.approx(3.0 / 800), 0.0)
+    assert fit([(400, 2.0)]) == (pytest.approx(2.0 / 400), 0.0)
 
 
 def test_bench_train_reports_missing_data_in_one_line():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,15 +96,17 @@ def epoch_batches(config: TrainConfig, context: int) -> tuple[list, list]:
     return train, val
 
 
-def fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
-    """(seconds per token, fixed seconds per step) through (tokens, seconds) samples; proportional if the line is odd."""
-    (n1, t1), (n2, t2) = min(samples), max(samples)
-    if n2 > n1:
-        per_token = (t2 - t1) / (n2 - n1)
-        fixed = t1 - per_token * n1
-        if per_token > 0 and fixed >= 0:
-            return per_token, fixed
-    return sum(t for _, t in samples) / sum(n for n, _ in samples), 0.0
+def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """(seconds per unit, fixed seconds per step): the least-squares line through (units, seconds) samples,
+    proportional instead if that line is odd (falling, or below zero at no units)."""
+    units, seconds = zip(*samples)
+    try:
+        per_unit, fixed = statistics.linear_regression(units, seconds)
+    except statistics.StatisticsError:  # fewer than two samples, or all of one size
+        per_unit, fixed = 0.0, -1.0
+    if per_unit > 0 and fixed >= 0:
+        return per_unit, fixed
+    return sum(seconds) / sum(units), 0.0
 
 
 @torch.no_grad()
