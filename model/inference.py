@@ -100,4 +100,3 @@ def _cached(model: GPT, kind: str, make: Callable[[GPT], GPT]) -> GPT:
 
 def int8_copy(model: GPT) -> GPT:
     return _cached(model, "int8", quantize_int8)
-
