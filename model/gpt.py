@@ -88,9 +88,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose forward is ``linear``: training, evaluation and generation take the same matmul."""
 
     def forward(self, x):
-        if not uses_onednn(x, self.weight):
-            return F.linear(x, self.weight, self.bias)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
+        needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias))
+        if needs_graph and uses_onednn(x, self.weight):
             return OneDNNLinear.apply(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
