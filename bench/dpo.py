@@ -30,7 +30,7 @@ import torch
 
 from bench.common import machine, print_json
 from model import GPT, GPTConfig, pick_device, pick_dtype
-from model.device import configure_runtime, describe, peak_rss_mb, release_free_memory
+from model.device import configure_precision, configure_runtime, describe, peak_rss_mb, release_free_memory
 from training.optim import MasterWeightAdamW
 
 SIDES = ("sft", "dpo", "dpo-stacked")
@@ -45,8 +45,7 @@ def build_side(side: str, model_name: str):
 
     device = pick_device()
     dtype = pick_dtype(device)
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    configure_precision(device, dtype)
     torch.manual_seed(123)
     model = GPT(GPTConfig.from_name(model_name)).to(device)
     if side == "sft":

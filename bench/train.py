@@ -4,8 +4,8 @@ Random weights of the chosen size (the same compute as the pretrained ones),
 the book's settings (batch 8, AdamW lr 5e-5, weight decay 0.1). Ours is built,
 stepped and cleaned up after each step by the same functions as the training
 loop (``build_model``, ``MasterWeightAdamW`` stepping inside backward,
-``release_free_memory``), after the same runtime settings
-(``configure_runtime``).
+``release_free_memory``), after the same runtime and precision settings
+(``configure_runtime``, ``configure_precision``).
 
 1. Ours alone: two warm-up steps, the second on the epoch's longest batch, so
    that the peak memory printed is the epoch's peak for ours alone.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from bench.common import machine, precision_line, print_json, spread
 from data import DatasetError, InstructionDataset, load_instructions, make_loader, padding_stats, split_instructions
 from model import GPTConfig, pick_device, pick_dtype, save_pretrained
-from model.device import cpu_class, describe, peak_rss_mb, release_free_memory
+from model.device import configure_precision, cpu_class, describe, peak_rss_mb, release_free_memory
 from model.gpt import Packing, linear
 from training.calibrate import fit
 from training.config import ConfigError, TrainConfig
@@ -161,6 +161,7 @@ def main(argv=None) -> int:
 
     device = pick_device()
     dtype = pick_dtype(device, args.precision)
+    configure_precision(device, dtype)
     gpt_config = GPTConfig.from_name(args.model)
     train_ds = InstructionDataset(split.train, max_length=gpt_config.block_size)
     n = args.steps

@@ -24,7 +24,7 @@ import torch
 
 from data import InstructionDataset, cache, load_instructions, make_loader, split_instructions
 from model import GPT, GPTConfig, generate, pick_device, pick_dtype
-from model.device import DTYPES, cpu_class, precision_reason, release_free_memory
+from model.device import DTYPES, configure_precision, cpu_class, precision_reason, release_free_memory
 from model.gpt import Packing
 from model.files import atomic_write
 
@@ -34,7 +34,7 @@ from .optim import MasterWeightAdamW
 
 CACHE_NAME = "calibration.json"
 PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-VERSION = 5  # bumped when training gets faster, so that cached estimates are measured again
+VERSION = 6  # bumped when training gets faster, so that cached estimates are measured again
 
 
 @dataclass
@@ -130,6 +130,7 @@ def measure(config: TrainConfig) -> Calibration:
     started = time.perf_counter()
     device = pick_device(config.device)
     dtype = pick_dtype(device, config.precision)
+    configure_precision(device, dtype)
     gpt_config = GPTConfig.from_name(config.model)
     train, val = epoch_batches(config, gpt_config.block_size)
     by_length = sorted(train, key=lambda b: Packing.tokens(b[1]))

@@ -31,7 +31,7 @@ from data.preference import (
     PreferenceDataset, collate_preferences, epoch_batches, in_order_batches, load_preferences, preference_path, split_preferences,
 )
 from model import GPT, pick_device, pick_dtype
-from model.device import describe, peak_rss_mb, release_free_memory
+from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
 from model.gpt import linear
 from runstore import CHECKPOINT, RunWriter, find_run, load_run, new_run_dir, process_owner, read_manifest
 from runstore.store import WEIGHTS
@@ -365,8 +365,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
 
     device = pick_device(config.device)
     dtype = pick_dtype(device, config.precision)
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    configure_precision(device, dtype)
     emit(Status("loading", f"Loading {parent_dir.name}"))
     torch.manual_seed(config.seed)
     model = load_run(parent_dir, device=device)

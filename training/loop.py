@@ -33,7 +33,7 @@ import torch
 from data import DatasetError, InstructionDataset, extract_response, format_prompt, load_instructions, make_loader, source_path, split_instructions
 from data.batching import loader_state
 from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, pick_device, pick_dtype, save_pretrained
-from model.device import describe, peak_rss_mb, release_free_memory
+from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
 
 from . import distributed
 from .checkpoint import ResumeError, check_resume, checkpoint_run, load_checkpoint, mark_resumed, restore, resume_config, start_epoch
@@ -228,9 +228,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
 
     device = ctx.place(pick_device(config.device))
     dtype = pick_dtype(device, config.precision)
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        # Attention's math path on CPU (see CausalSelfAttention) then keeps bf16 instead of fp32 copies: faster, less memory.
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    configure_precision(device, dtype)
     emit(Status("loading", f"Loading {config.model}"))
     model = build_model(config, device, progress=lambda desc, done, total: emit(Download(desc, done, total)))
     context = model.config.block_size
