@@ -113,6 +113,61 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def norm_linear(norm: nn.LayerNorm | None, lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``lin(norm(x))``; when it trains a plain ``Linear`` in fp32, through ``LayerNormLinear``, which keeps less for
+    backward. In bf16 (CPU) the recomputed LayerNorm cost ~3 % of a step for half the saving, so autograd keeps both."""
+    if norm is None:
+        return lin(x)
+    if (type(lin) is Linear and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (x, norm.weight, lin.weight))):
+        return LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, lin.weight, lin.bias)
+    return lin(norm(x))
+
+
+class LayerNormLinear(torch.autograd.Function):
+    """``linear(layer_norm(x), weight, bias)`` that keeps ``x`` (with its mean and 1/std) alone for backward.
+
+    Left to autograd, both ``x`` (for the LayerNorm's backward) and its output
+    (for the weight's gradient) stay alive until backward: two (tokens x d)
+    tensors for each of a block's two LayerNorms. Recomputing the LayerNorm in
+    backward costs one pass over ``x`` and saves one of them; the gradients are
+    the same to the bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, eps, weight, bias):
+        y, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], ln_weight, ln_bias, eps)
+        ctx.save_for_backward(x, mean, rstd, ln_weight, ln_bias, weight)
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        return linear(y, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, ln_weight, ln_bias, weight = ctx.saved_tensors
+        need_x, need_ln_w, need_ln_b, _, need_w, need_b = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_w = grad_b = None
+        if need_w:
+            y = torch.native_layer_norm(x, [x.shape[-1]], ln_weight, ln_bias, ctx.eps)[0]
+            grad_w = g.t() @ y.reshape(-1, y.shape[-1])
+            del y
+        if ctx.has_bias and need_b:
+            grad_b = g.sum(0)
+        grad_x = grad_ln_w = grad_ln_b = None
+        if need_x or need_ln_w or need_ln_b:
+            grad_y = (g @ weight).view(x.shape)
+            grad_x, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+                grad_y, x, [x.shape[-1]], mean, rstd, ln_weight, ln_bias, [need_x, need_ln_w, need_ln_b])
+        return grad_x, grad_ln_w, grad_ln_b, None, grad_w, grad_b
+
+
+# Training on the CPU, SDPA's flash kernel is the default; in bf16 its backward is slower than the math path's
+# at instruction lengths (a GPT-2 step of 8 x 96 tokens took ~7 % longer, 8 x 192 ~5 %; even at 320; 6-12 % faster at
+# 512), so shorter bf16 batches take the math path. In fp32 flash was as fast at instruction lengths and 16 % faster
+# at 8 x 512, where the math path's T x T attention weights added 1.2 GB to the step's peak.
+MATH_ATTENTION_BELOW = 384
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -121,8 +176,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
 
-    def forward(self, x, cache=None, layer: int = 0, mask=None, packing=None):
-        qkv = self.c_attn(x)
+    def forward(self, x, cache=None, layer: int = 0, mask=None, packing=None, norm=None):
+        """``x``: the block's input, normalized here by ``norm`` (the block's ``ln_1``) on the way into ``c_attn``."""
+        qkv = norm_linear(norm, self.c_attn, x)
         if packing is not None:
             qkv = packing.unpack(qkv)
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
@@ -135,8 +191,8 @@ class CausalSelfAttention(nn.Module):
         # Without an explicit mask: causal over a full sequence, or one new token that sees everything cached.
         causal = mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
-        # On CPU the flash kernel's backward is ~6x slower than the math path at instruction lengths (bf16).
-        backend = sdpa_kernel(SDPBackend.MATH) if self.training and x.device.type == "cpu" else contextlib.nullcontext()
+        math = self.training and x.device.type == "cpu" and q.dtype == torch.bfloat16 and T < MATH_ATTENTION_BELOW
+        backend = sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()
         with backend:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -149,8 +205,9 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
-    def forward(self, x):
-        h = self.c_fc(x)
+    def forward(self, x, norm=None):
+        """``x``: the residual stream, normalized here by ``norm`` (the block's ``ln_2``) on the way into ``c_fc``."""
+        h = norm_linear(norm, self.c_fc, x)
         if torch.is_grad_enabled() and type(self.c_proj) is Linear and self.c_proj.weight.requires_grad:
             return GeluLinear.apply(h, self.c_proj.weight, self.c_proj.bias)
         return self.c_proj(gelu_tanh(h))
@@ -289,8 +346,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer: int = 0, mask=None, packing=None):
-        x = x + self.drop(self.attn(self.ln_1(x), cache, layer, mask, packing))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+        x = x + self.drop(self.attn(x, cache, layer, mask, packing, norm=self.ln_1))  # attn(ln_1(x))
+        return x + self.drop(self.mlp(x, norm=self.ln_2))  # mlp(ln_2(x))
 
 
 class GPT(nn.Module):

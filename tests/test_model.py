@@ -423,3 +423,54 @@ def test_fp32_linear_runs_onednn_and_matches_f_linear():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
     assert not gpt_module.uses_onednn(x.bfloat16(), layer.weight.bfloat16())
+
+
+def _loss_and_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes() if not isinstance(t, torch.nn.Parameter) and not t._is_view() else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch.mm"])
+def test_training_layernorm_linear_keeps_less_and_gives_the_same_gradients(onednn, monkeypatch):
+    """Each block's ln_1 -> c_attn and ln_2 -> c_fc train through ``LayerNormLinear``: the same loss and gradients to
+    the bit as LayerNorm then Linear under autograd, with one (tokens x d) tensor fewer kept per LayerNorm."""
+    if onednn and not gpt_module.ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(gpt_module, "ONEDNN", onednn)
+    torch.manual_seed(0)
+    config = GPTConfig.from_name("tiny")
+    model = GPT(config).train()
+    x = torch.randint(0, config.vocab_size, (3, 16))
+    y = torch.randint(0, config.vocab_size, (3, 16))
+    y[1, 10:] = -100  # packing on
+    fused = _loss_and_grads(model, x, y)
+    monkeypatch.setattr(gpt_module, "norm_linear", lambda norm, lin, h: lin(norm(h)))
+    plain = _loss_and_grads(model, x, y)
+    assert torch.equal(fused[0], plain[0])
+    for name, grad in plain[1].items():
+        assert torch.equal(fused[1][name], grad), name
+    tokens = gpt_module.Packing.tokens(y)
+    assert plain[2] - fused[2] >= 2 * config.n_layer * tokens * config.n_embd * 4, (plain[2], fused[2])
+
+
+@pytest.mark.parametrize("dtype, length, flash", [(torch.float32, 16, True), (torch.bfloat16, 16, False),
+                                                  (torch.bfloat16, gpt_module.MATH_ATTENTION_BELOW, True)],
+                         ids=["fp32", "bf16-short", "bf16-long"])
+def test_cpu_training_attention_takes_the_faster_kernel(dtype, length, flash):
+    """Training on the CPU: SDPA's flash kernel in fp32 (as fast, far less memory), the math path for short bf16 batches."""
+    model = GPT(GPTConfig.from_name("tiny")).to(dtype).train()
+    x = torch.randint(0, 1000, (1, length))
+    with torch.profiler.profile() as prof:
+        model.loss(x, x).backward()
+    kernels = {e.key for e in prof.key_averages()}
+    assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in kernels) == flash, kernels
+    assert ("aten::_scaled_dot_product_attention_math" in kernels) == (not flash)
