@@ -34,7 +34,7 @@ from .optim import MasterWeightAdamW
 
 CACHE_NAME = "calibration.json"
 PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-VERSION = 6  # bumped when training gets faster, so that cached estimates are measured again
+VERSION = 7  # bumped when training gets faster, so that cached estimates are measured again
 
 
 @dataclass
