@@ -518,24 +518,26 @@ def test_cli_flags_for_checkpoints_wall_time_and_resume():
         TrainConfig(max_wall_s=0)
 
 
-def _run_cli(tmp_path):
+def _run_cli(tmp_path, request):
     train(TrainConfig(model="tiny", random_init=True, data="sample", precision="bf16", max_steps=1, out=str(tmp_path / "run")))
 
 
-def _run_calibration(tmp_path):
+def _run_calibration(tmp_path, request):
     from training.calibrate import measure
+
+    request.getfixturevalue("needs_canonical")  # the calibration times the book's data
 
     measure(TrainConfig(model="tiny", random_init=True, data="sample", precision="bf16"))
 
 
-def _run_bench(tmp_path):
+def _run_bench(tmp_path, request):
     from bench.train import main
 
     assert main(["--model", "tiny", "--steps", "1", "--data", "sample", "--precision", "bf16", "--skip-autocast"]) == 0
 
 
 @pytest.mark.parametrize("run", [_run_cli, _run_calibration, _run_bench], ids=["cli", "calibration", "bench"])
-def test_every_trainer_takes_bf16_attention_as_the_cli_does(run, tmp_path, monkeypatch):
+def test_every_trainer_takes_bf16_attention_as_the_cli_does(run, tmp_path, monkeypatch, request):
     """The benchmark and the calibration once trained bf16 without the CLI's attention setting: ~20 % slower steps."""
     allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed
     seen = []
@@ -549,7 +551,7 @@ def test_every_trainer_takes_bf16_attention_as_the_cli_does(run, tmp_path, monke
     before = allowed()
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
     try:
-        run(tmp_path)
+        run(tmp_path, request)
     finally:
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(before)
     assert seen and all(seen)
