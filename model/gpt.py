@@ -163,8 +163,8 @@ class LayerNormLinear(torch.autograd.Function):
 
 # Training on the CPU, SDPA's flash kernel is the default; in bf16 its backward is slower than the math path's
 # at instruction lengths (a GPT-2 step of 8 x 96 tokens took ~7 % longer on flash, 8 x 192 ~5 %; about even at 320;
-# 6-12 % faster at 512), so shorter bf16 batches take the math path. In fp32 flash was as fast at instruction lengths and 16 % faster
-# at 8 x 512, where the math path's T x T attention weights added 1.2 GB to the step's peak.
+# 6-12 % faster at 512), so shorter bf16 batches take the math path. In fp32 flash was as fast at instruction
+# lengths and 16 % faster at 8 x 512, where the math path's T x T attention weights added 1.2 GB to the peak.
 MATH_ATTENTION_BELOW = 384
 
 
