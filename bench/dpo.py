@@ -41,7 +41,7 @@ def build_side(side: str, model_name: str):
     from data import InstructionDataset, load_instructions, split_instructions
     from data.batching import custom_collate_fn
     from data.preference import PreferenceDataset, collate_preferences, epoch_batches, load_preferences, split_preferences
-    from training.dpo import dpo_loss, sequence_logprobs
+    from training.dpo_loss import dpo_loss, sequence_logprobs
 
     device = pick_device()
     dtype = pick_dtype(device)

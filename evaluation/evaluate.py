@@ -248,7 +248,7 @@ def load_preferences_if_any(source: str) -> list[dict] | None:
 def preference_margins(model, records: list[dict], style: str = "alpaca", batch_size: int = 8,
                        on_batch: Callable[[int], None] = lambda n: None) -> list[float | None]:
     """Per record: mean log-probability of the chosen answer minus that of the rejected one (None: too long)."""
-    from training.dpo import sequence_logprobs
+    from training.dpo_loss import sequence_logprobs
 
     dataset = PreferenceDataset(records, style=style, max_length=model.config.block_size)
     device = model.transformer.wte.weight.device

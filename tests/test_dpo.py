@@ -24,7 +24,8 @@ from runstore import CHECKPOINT, RunInfo, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
 from training.checkpoint import ResumeError
 from training.config import ConfigError
-from training.dpo import DPOConfig, dpo_loss, reference_logprobs, resume_dpo, resume_dpo_config, sequence_logprobs, train_dpo
+from training.dpo import DPOConfig, resume_dpo, resume_dpo_config, train_dpo
+from training.dpo_loss import dpo_loss, reference_logprobs, sequence_logprobs
 from training.loop import resume_run
 from training.events import Finished, Logged, Started, Status
 from training.loop import Hooks
