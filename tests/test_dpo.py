@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -334,6 +336,30 @@ def test_cli(parent, pref_file, tmp_path):
     out = subprocess.run([sys.executable, "-m", "training.dpo", "--from", str(parent), "--data", str(bad)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and 'bad.json, record 1: field "rejected" is missing' in out.stderr
+
+
+
+def test_cli_stops_at_sigterm_and_saves_the_run(parent, pref_file, tmp_path):
+    """SIGTERM (a scheduler's or a container's stop) ends the run at its next step, saved as stopped and resumable."""
+    out = tmp_path / "sigterm"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.dpo", "--from", str(parent), "--data", str(pref_file), "--epochs", "50",
+         "--batch-size", "2", "--eval-every", "1000", "--sample-tokens", "0", "--out", str(out)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_metrics(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    manifest = read_manifest(out)
+    assert manifest["status"] == "stopped" and manifest["stop_reason"] == "stopped by its owner"
+    assert 2 <= manifest["steps"] < 50 and (out / CHECKPOINT).exists()
 
 
 # Resume

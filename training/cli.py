@@ -72,6 +72,15 @@ def run_folder(name: str) -> Path:
     raise ResumeError(f"no run named {name!r} under the runs folder, and {name!r} is not a run folder")
 
 
+def stop_on_sigterm() -> threading.Event:
+    """An event that SIGTERM sets: the run stops at its next step and is saved as stopped. Python lets only
+    the main thread install a handler; elsewhere (a test calling ``main``) the event is set by nothing."""
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    return stop
+
+
 class ProgressBar:
     """Turns the engine's events into a tqdm bar and a few printed lines."""
 
@@ -125,9 +134,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # a run that cannot be resumed, or changed settings
         print(f"error: {e}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop = stop_on_sigterm()
     ctx = distributed.init(config.device)
     code = 1
     try:

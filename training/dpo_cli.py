@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 from tqdm import tqdm
 
@@ -14,7 +12,7 @@ from model import WeightsError
 from model.device import configure_runtime
 from runstore import recover_runs
 
-from .cli import ProgressBar, run_folder, settings_given, parse_args as parse_settings
+from .cli import ProgressBar, run_folder, settings_given, stop_on_sigterm, parse_args as parse_settings
 from .config import ConfigError, add_arguments
 from .dpo import DPOConfig, resume_dpo_config, train_dpo
 from .events import Logged, Progress
@@ -75,9 +73,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # a run that cannot be resumed, or changed settings
         print(f"error: {e}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop = stop_on_sigterm()
     recover_runs()
     try:
         train_dpo(config, Hooks(on_event=DPOProgressBar(), should_stop=stop.is_set), resume=run_dir)
