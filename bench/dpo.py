@@ -133,6 +133,21 @@ def child(args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def data_error(sides: list[str]) -> str | None:
+    """Why the sides' data cannot be loaded (not cached, and no network), before any child starts; None when it can."""
+    from data import DatasetError, load_instructions
+    from data.preference import load_preferences
+
+    try:
+        if "sft" in sides:
+            load_instructions("canonical")
+        if any(side != "sft" for side in sides):
+            load_preferences("preference")
+    except DatasetError as e:
+        return str(e)
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt2", help="preset: tiny, gpt2, gpt2-medium, ...")
@@ -150,6 +165,9 @@ def main() -> None:
         print(json.dumps(timing(sides, args.model, args.steps)))
         return
 
+    missing = data_error(sides)
+    if missing:
+        sys.exit(f"error: {missing}")
     print(f"machine: {machine()}; {args.model} random init; {args.steps} timed steps per side, interleaved")
     peaks = {side: child(["--peak-of", side, "--model", args.model])["peak_rss_mb"] for side in sides}
     t = child(["--timing", "--sides", args.sides, "--model", args.model, "--steps", str(args.steps)])

@@ -430,6 +430,21 @@ def test_bench_train_reports_missing_data_in_one_line():
     assert out.stderr.strip().count("\n") == 0 and "/nonexistent/records.json" in out.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["training.calibrate", "--model", "tiny"], "instruction-data.json"),
+    (["training.calibrate", "--model", "gpt9"], "gpt9"),
+    (["bench.dpo", "--model", "tiny", "--steps", "1"], "instruction-data.json"),
+    (["bench.dpo", "--model", "tiny", "--sides", "dpo"], "instruction-data-with-preference.json"),
+])
+def test_clis_report_missing_data_and_unknown_presets_in_one_line(tmp_path, args, says):
+    nowhere = "http://127.0.0.1:9"  # downloads go through a proxy on the discard port: offline on any machine
+    env = {**os.environ, "GPT2_INSTRUCT_CACHE": str(tmp_path / "empty-cache"), "https_proxy": nowhere, "HTTPS_PROXY": nowhere,
+           "no_proxy": "", "NO_PROXY": ""}
+    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: ") and says in out.stderr
+
+
 def test_bench_train_ends_with_one_json_object_without_nan(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.train", "--model", "tiny", "--steps", "1", "--data", "sample",
                           "--lora-rank", "2"], cwd=REPO, capture_output=True, text=True, env={**os.environ, "GPT2_INSTRUCT_NATIVE_BF16": "0"})

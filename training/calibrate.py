@@ -16,19 +16,20 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from data import InstructionDataset, cache, load_instructions, make_loader, split_instructions
+from data import DatasetError, InstructionDataset, cache, load_instructions, make_loader, split_instructions
 from model import GPT, GPTConfig, generate, pick_device, pick_dtype
 from model.device import DTYPES, configure_precision, cpu_class, precision_reason, release_free_memory
 from model.gpt import Packing
 from model.files import atomic_write
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .lora import add_lora
 from .optim import MasterWeightAdamW
 
@@ -214,7 +215,11 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--refresh", action="store_true", help="measure again even if a cached result exists")
     args = p.parse_args(argv)
-    c = calibrate(args.model, args.lora_rank, args.precision, refresh=args.refresh)
+    try:
+        c = calibrate(args.model, args.lora_rank, args.precision, refresh=args.refresh)
+    except (DatasetError, ConfigError) as e:  # the book's data not cached and no network; an unknown preset
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"{c.model} ({c.method}), {c.reason}: one epoch of the book's data ~{c.epoch_s / 60:.1f} min "
           f"({c.train_s:.0f} s training at {c.tokens_per_s:.0f} tokens/s, {c.eval_s:.0f} s evaluating); "
           f"{'cached' if c.cached else f'measured in {c.measured_s:.1f} s'}")
