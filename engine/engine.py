@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import psutil
@@ -21,6 +22,7 @@ from model.weights import WeightsError, hub_cached, hub_unreachable, read_config
 from runstore import RunInfo, find_run, list_runs, runs_root
 from runstore.export import export_zip
 from runstore.store import recover_runs
+from training.calibrate import Calibration, EpochShape, EpochTime, data_shape, epoch_for
 from training.config import ConfigError, TrainConfig
 from training.estimate import GB, estimate_for
 from training.events import Progress
@@ -28,7 +30,7 @@ from training.checkpoint import resume_config
 from training.loop import check_data, resume_run, train
 from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, resume_dpo, resume_dpo_config, train_dpo
 from data.preference import load_preferences
-from data import cache
+from data import DatasetError, cache, load_instructions
 
 from .datasets import Datasets, prune_folder
 from .jobs import SCALARS_ONLY, Job, JobError, idle_snapshot
@@ -67,6 +69,7 @@ class Engine:
         self._lock = threading.Lock()
         self.recovered = recover_runs(self.root)
         self._suggestion: str | None = None
+        self._shapes: OrderedDict[tuple, EpochShape | None] = OrderedDict()  # data_epoch's, the latest few
 
     def look_for_weights(self) -> None:
         """Find, in the background, whether GPT-2 124M can be loaded here (cached, or the Hub answers)."""
@@ -78,6 +81,27 @@ class Engine:
     def suggested_model(self) -> str:
         """The model a new visitor's form starts with: GPT-2 124M when its weights can be had, else the offline tiny demo."""
         return self._suggestion or "tiny"
+
+    # Estimates
+
+    def data_epoch(self, calibration: Calibration, ref: dict | None) -> EpochTime | None:
+        """One epoch of a visitor's data (the bundled sample when none is chosen) at a calibration's measured costs;
+        None when the data makes no batch or has left the server. Each data's batches are counted once per context."""
+        key = (ref["sha256"] if ref else "sample", GPTConfig.from_name(calibration.model).block_size)
+        with self._lock:
+            known = key in self._shapes
+            shape = self._shapes.get(key)
+        if not known:
+            try:
+                records = self.datasets.records(ref) if ref else self.datasets.shared("sample", lambda: load_instructions("sample"))
+                shape = data_shape(records, calibration.model)
+            except (DatasetError, ValueError):
+                shape = None
+            with self._lock:
+                self._shapes[key] = shape
+                while len(self._shapes) > 16:
+                    self._shapes.popitem(last=False)
+        return epoch_for(calibration, shape) if shape is not None else None
 
     # Runs
 

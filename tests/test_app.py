@@ -287,6 +287,17 @@ def test_a_failed_canonical_download_puts_the_source_back(url, tmp_path, monkeyp
     assert out["source"] == "sample"  # the radio follows what is loaded
 
 
+def test_measure_shows_the_expected_epoch_of_the_books_data_and_of_the_visitors_own(url, needs_canonical):
+    c = client(url)
+    wait_until_idle(c)
+    out = text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
+    assert re.search(r"on this machine, evaluations included: \d+:\d\d on the book's data \(116 steps at [\d,]+ tokens/s\); "
+                     r"\d+:\d\d on the bundled sample \(7 steps\)", out), out
+    assert "Precision: " in out
+    load(c, "canonical")
+    again = text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
+    assert "on the book's data" in again and "bundled sample" not in again
+
 def test_settings_errors_are_messages(url):
     c = client(url)
     before = wait_until_idle(c)

@@ -411,6 +411,24 @@ def test_calibration_measures_once_then_reads_the_cache(tmp_path, monkeypatch, n
         cal.calibrate("not-a-preset")
 
 
+def test_a_calibration_projects_an_epoch_of_other_data_without_measuring_again(tmp_path, monkeypatch, needs_canonical):
+    from training import calibrate as cal
+
+    monkeypatch.setattr(cal, "cache_file", lambda: tmp_path / "calibration.json")
+    (tmp_path / "calibration.json").write_text(json.dumps({"v1|tiny|stale": {"epoch_s": 1.0}}))
+    measured = cal.calibrate("tiny", precision="fp32")
+    assert list(json.loads((tmp_path / "calibration.json").read_text())) == [cal.cache_key(
+        TrainConfig(model="tiny", random_init=True, precision="fp32"), torch.device("cpu"), torch.float32)]
+    book = cal.epoch_for(measured, cal.data_shape(load_instructions("canonical"), "tiny"))
+    assert (book.epoch_s, book.train_s, book.steps) == (measured.epoch_s, measured.train_s, measured.steps)
+    sample = load_instructions("sample")
+    mine = cal.epoch_for(measured, cal.data_shape(sample, "tiny"))
+    assert mine.steps == len(split_instructions(sample).train) // 8 and 0 < mine.train_s < measured.train_s / 5
+    assert mine.epoch_s == pytest.approx(mine.train_s + mine.eval_s)
+    with pytest.raises(ValueError, match="3 records make no training batch of 8"):
+        cal.data_shape(sample[:3], "tiny")
+
+
 def test_calibration_fit_separates_the_fixed_cost_per_step():
     from training.calibrate import fit
 

@@ -9,7 +9,9 @@ counting the tokens the blocks run on (``Packing``: padding after each row's
 last target is skipped). Summed over the epoch's batches, plus the evaluations the loop
 runs at its default settings, that is the expected epoch. The result is cached
 in the app's cache directory, keyed by everything that changes it (preset,
-method, precision, CPU, threads, torch), so the measurement runs once.
+method, precision, CPU, threads, torch), so the measurement runs once. It keeps
+the fitted costs, so ``epoch_for`` projects an epoch of any other records
+(a visitor's own data) without measuring again.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from .optim import MasterWeightAdamW
 
 CACHE_NAME = "calibration.json"
 PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-VERSION = 7  # bumped when training gets faster, so that cached estimates are measured again
+VERSION = 8  # bumped when training gets faster (or the cached fields change), so that estimates are measured again
 
 
 @dataclass
@@ -50,6 +52,10 @@ class Calibration:
     precision: str  # "bf16" or "fp32"
     reason: str  # why that precision, e.g. "fp32: this CPU has no native bf16 matmul (no AVX512-BF16/AMX)"
     cpu_class: str
+    per_token_s: float  # the fitted step: seconds per token the blocks run on (``Packing``) ...
+    step_s: float  # ... plus seconds per step
+    forward_token_s: float  # an evaluation's forward pass, per token
+    new_token_s: float  # a generated token of the evaluation's sample answer
     measured_s: float  # how long the measurement took
     measured_at: float  # time.time() of the measurement
     cached: bool = False
@@ -87,9 +93,31 @@ def _write_cache(entries: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(entries, indent=1)))
 
 
-def epoch_batches(config: TrainConfig, context: int) -> tuple[list, list]:
-    """The canonical data's first-epoch training batches (as the loop makes them) and its evaluation batches."""
-    split = split_instructions(load_instructions("canonical"))
+@dataclass(frozen=True)
+class EpochTime:
+    epoch_s: float  # training and evaluations
+    train_s: float
+    eval_s: float
+    steps: int
+    tokens: int  # padded tokens of the training batches
+
+
+@dataclass(frozen=True)
+class EpochShape:
+    """What an epoch's time depends on: each training batch's tokens that the blocks run on (``Packing``) and its
+    padded size, and each evaluation batch's tokens."""
+    train: tuple[tuple[int, int], ...]
+    val: tuple[int, ...]
+
+    @classmethod
+    def of(cls, train: list, val: list) -> "EpochShape":
+        return cls(tuple((Packing.tokens(y), x.numel()) for x, y in train), tuple(Packing.tokens(y) for _, y in val))
+
+
+def epoch_batches(config: TrainConfig, context: int, records: list[dict] | None = None) -> tuple[list, list]:
+    """The first-epoch training batches of ``records`` (the canonical data by default), as the loop makes them,
+    and its evaluation batches."""
+    split = split_instructions(load_instructions("canonical") if records is None else records)
     train_ds = InstructionDataset(split.train, style=config.style, max_length=context)
     val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
     train = list(make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed))
@@ -162,19 +190,45 @@ def measure(config: TrainConfig) -> Calibration:
 
     optimizer.finish()
 
-    steps = len(train) // config.grad_accum
-    train_s = sum(per_token * Packing.tokens(y) for _, y in train) + fixed * steps
-    evals = steps // config.eval_every + 1 + (steps % config.eval_every != 0)
-    baseline = sum(Packing.tokens(y) for _, y in train[: config.eval_batches or 3]) * forward_per_token
-    per_eval = sum(Packing.tokens(y) for _, y in val) * forward_per_token + config.sample_tokens * per_new_token
-    eval_s = baseline + evals * per_eval
+    epoch = project(EpochShape.of(train, val), config, per_token, fixed, forward_per_token, per_new_token)
     return Calibration(
         model=config.model, method=f"lora-{config.lora_rank}" if config.lora_rank else "full",
-        epoch_s=train_s + eval_s, train_s=train_s, eval_s=eval_s, steps=steps,
-        tokens_per_s=sum(x.numel() for x, _ in train) / train_s, precision=PRECISION_NAMES[dtype],
+        epoch_s=epoch.epoch_s, train_s=epoch.train_s, eval_s=epoch.eval_s, steps=epoch.steps,
+        tokens_per_s=epoch.tokens / epoch.train_s, precision=PRECISION_NAMES[dtype],
         reason=precision_reason(device, config.precision), cpu_class=cpu_class(),
+        per_token_s=per_token, step_s=fixed, forward_token_s=forward_per_token, new_token_s=per_new_token,
         measured_s=time.perf_counter() - started, measured_at=time.time(),
     )
+
+
+def project(shape: EpochShape, config: TrainConfig, per_token: float, fixed: float, forward_per_token: float,
+            per_new_token: float) -> EpochTime:
+    """An epoch of this shape at the fitted costs: the steps, the step-0 baseline and every evaluation the loop runs."""
+    steps = len(shape.train) // config.grad_accum
+    train_s = sum(per_token * tokens for tokens, _ in shape.train) + fixed * steps
+    evals = steps // config.eval_every + 1 + (steps % config.eval_every != 0)
+    baseline = sum(tokens for tokens, _ in shape.train[: config.eval_batches or 3]) * forward_per_token
+    per_eval = sum(shape.val) * forward_per_token + config.sample_tokens * per_new_token
+    eval_s = baseline + evals * per_eval
+    return EpochTime(epoch_s=train_s + eval_s, train_s=train_s, eval_s=eval_s, steps=steps,
+                     tokens=sum(padded for _, padded in shape.train))
+
+
+def data_shape(records: list[dict], model: str) -> EpochShape:
+    """The epoch of ``records`` (a visitor's data, split and batched as the loop does at its defaults) for ``model``'s
+    context. ``DatasetError`` or ``ValueError`` when the records cannot make a training batch."""
+    config = TrainConfig(model=model, random_init=True)
+    shape = EpochShape.of(*epoch_batches(config, GPTConfig.from_name(model).block_size, records))
+    if not shape.train:
+        raise ValueError(f"{len(records)} records make no training batch of {config.batch_size}")
+    return shape
+
+
+def epoch_for(calibration: Calibration, shape: EpochShape) -> EpochTime:
+    """An epoch of ``shape`` at a calibration's measured costs, with the loop's default settings."""
+    config = TrainConfig(model=calibration.model, random_init=True)
+    return project(shape, config, calibration.per_token_s, calibration.step_s, calibration.forward_token_s,
+                   calibration.new_token_s)
 
 
 def cached(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto") -> Calibration | None:
@@ -195,7 +249,7 @@ def calibrate(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto", 
         return found
     config = TrainConfig(model=model, random_init=True, lora_rank=lora_rank, precision=precision)
     result = measure(config)
-    entries = _read_cache()
+    entries = {key: entry for key, entry in _read_cache().items() if key.startswith(f"v{VERSION}|")}  # older ones are stale
     device = pick_device(config.device)
     entries[cache_key(config, device, pick_dtype(device, precision))] = {k: v for k, v in asdict(result).items() if k != "cached"}
     _write_cache(entries)

@@ -251,8 +251,9 @@ def job_status(engine) -> dict:
     return snap
 
 
-def expected_html(preset: str, lora: bool, rank, result=None) -> str:
-    """The precision path with its reason, and the expected epoch of the book's data measured on this machine."""
+def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = None, result=None) -> str:
+    """The precision path with its reason, and the expected epoch measured on this machine: of the book's data, and
+    of the visitor's own data (the bundled sample when none is chosen) at the same measured costs."""
     from model import pick_device
     from model.device import precision_reason
     from training.calibrate import cached
@@ -264,13 +265,18 @@ def expected_html(preset: str, lora: bool, rank, result=None) -> str:
     if found is None:
         when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}: not measured on this machine yet "
                 "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
-    else:
-        when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}, on this machine: "
-                f"<b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s, evaluations included).")
-    return notice(f"{when}<br>Precision: {reason}.")
+        return notice(f"{when}<br>Precision: {reason}.")
+    when = (f"Expected epoch for <b>{html.escape(preset)}</b>, {method}, on this machine, evaluations included: "
+            f"<b>{clock(found.epoch_s)}</b> on the book's data ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
+    if not dataset or dataset.get("source") != "canonical":
+        name = html.escape(dataset["name"]) if dataset and dataset["source"] != "sample" else "the bundled sample"
+        mine = engine.data_epoch(found, dataset)
+        when += (f"; <b>{clock(mine.epoch_s)}</b> on {name} ({mine.steps} steps)" if mine is not None
+                 else f"; {name} makes no batch of 8 to time")
+    return notice(f"{when}.<br>Precision: {reason}.")
 
 
-def measure(engine, preset: str, lora: bool, rank) -> str:
+def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None) -> str:
     """Time a few real training steps of the chosen preset and method (refused while a run trains: it would skew both)."""
     from training.calibrate import calibrate
 
@@ -282,7 +288,7 @@ def measure(engine, preset: str, lora: bool, rank) -> str:
         result = calibrate(preset, int(rank or 16) if lora else 0, refresh=True)
     except DatasetError as e:
         return notice(f"The expected epoch is measured on the book's data: {html.escape(scrub(str(e)))}", "error")
-    return expected_html(preset, lora, rank, result)
+    return expected_html(engine, preset, lora, rank, dataset, result)
 
 
 def runs_table(engine) -> tuple[list[list], dict, dict]:
@@ -372,7 +378,7 @@ def build(shared) -> None:
                     rank = gr.Slider(1, 64, value=16, step=1, label="Rank", elem_id="lora-rank")
                     alpha = gr.Number(value=DEFAULTS["lora_alpha"], label="Alpha", elem_id="lora-alpha")
             with gr.Row(equal_height=False):
-                expected = gr.HTML(expected_html("tiny", False, 16), elem_id="expected-epoch")
+                expected = gr.HTML(expected_html(engine, "tiny", False, 16), elem_id="expected-epoch")
                 measure_btn = gr.Button("Measure", size="sm", scale=0, min_width=90, elem_id="measure-btn")
             data = gr.HTML(data_line(engine, None), elem_id="train-data")
             with gr.Row():
@@ -419,7 +425,8 @@ def build(shared) -> None:
                      api_name="resume_training", concurrency_limit=1)
     shared.dataset.change(lambda d: data_line(engine, d), shared.dataset, data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)
-    for control in (preset, lora, rank):
-        control.change(expected_html, [preset, lora, rank], expected, api_visibility="private", **cheap)
-    measure_btn.click(partial(measure, engine), [preset, lora, rank], expected, api_name="measure_epoch", concurrency_limit=1,
-                      show_progress="minimal")
+    for control in (preset, lora, rank, shared.dataset):
+        control.change(partial(expected_html, engine), [preset, lora, rank, shared.dataset], expected, api_visibility="private",
+                       **cheap)
+    measure_btn.click(partial(measure, engine), [preset, lora, rank, shared.dataset], expected, api_name="measure_epoch",
+                      concurrency_limit=1, show_progress="minimal")
