@@ -69,7 +69,7 @@ class Engine:
         self._lock = threading.Lock()
         self.recovered = recover_runs(self.root)
         self._suggestion: str | None = None
-        self._shapes: OrderedDict[tuple, EpochShape | None] = OrderedDict()  # data_epoch's, the latest few
+        self._shapes: OrderedDict[tuple, EpochShape | str] = OrderedDict()  # data_epoch's (or why not), the latest few
 
     def look_for_weights(self) -> None:
         """Find, in the background, whether GPT-2 124M can be loaded here (cached, or the Hub answers)."""
@@ -84,24 +84,26 @@ class Engine:
 
     # Estimates
 
-    def data_epoch(self, calibration: Calibration, ref: dict | None) -> EpochTime | None:
-        """One epoch of a visitor's data (the bundled sample when none is chosen) at a calibration's measured costs;
-        None when the data makes no batch or has left the server. Each data's batches are counted once per context."""
+    def data_epoch(self, calibration: Calibration, ref: dict | None) -> EpochTime:
+        """One epoch of a visitor's data (the bundled sample when none is chosen) at a calibration's measured costs.
+        Each data's batches are counted once per context. ``ValueError`` says why there is none (too few records for
+        a batch, an upload that has left the server)."""
         key = (ref["sha256"] if ref else "sample", GPTConfig.from_name(calibration.model).block_size)
         with self._lock:
-            known = key in self._shapes
             shape = self._shapes.get(key)
-        if not known:
+        if shape is None:
             try:
                 records = self.datasets.records(ref) if ref else self.datasets.shared("sample", lambda: load_instructions("sample"))
                 shape = data_shape(records, calibration.model)
-            except (DatasetError, ValueError):
-                shape = None
+            except (DatasetError, ValueError) as e:
+                shape = str(e)
             with self._lock:
                 self._shapes[key] = shape
                 while len(self._shapes) > 16:
                     self._shapes.popitem(last=False)
-        return epoch_for(calibration, shape) if shape is not None else None
+        if isinstance(shape, str):
+            raise ValueError(shape)
+        return epoch_for(calibration, shape)
 
     # Runs
 

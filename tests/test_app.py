@@ -287,7 +287,7 @@ def test_a_failed_canonical_download_puts_the_source_back(url, tmp_path, monkeyp
     assert out["source"] == "sample"  # the radio follows what is loaded
 
 
-def test_measure_shows_the_expected_epoch_of_the_books_data_and_of_the_visitors_own(url, needs_canonical):
+def test_measure_shows_the_expected_epoch_of_the_books_data_and_of_the_visitors_own(url, tmp_path, needs_canonical):
     c = client(url)
     wait_until_idle(c)
     out = text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
@@ -297,6 +297,10 @@ def test_measure_shows_the_expected_epoch_of_the_books_data_and_of_the_visitors_
     load(c, "canonical")
     again = text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
     assert "on the book's data" in again and "bundled sample" not in again
+    few = tmp_path / "three.json"
+    few.write_text(json.dumps([{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(3)]))
+    load(c, "upload", few)
+    assert "none for three.json: 3 records make no training batch of 8" in text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
 
 def test_settings_errors_are_messages(url):
     c = client(url)

@@ -270,9 +270,11 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
             f"<b>{clock(found.epoch_s)}</b> on the book's data ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
     if not dataset or dataset.get("source") != "canonical":
         name = html.escape(dataset["name"]) if dataset and dataset["source"] != "sample" else "the bundled sample"
-        mine = engine.data_epoch(found, dataset)
-        when += (f"; <b>{clock(mine.epoch_s)}</b> on {name} ({mine.steps} steps)" if mine is not None
-                 else f"; {name} makes no batch of 8 to time")
+        try:
+            mine = engine.data_epoch(found, dataset)
+            when += f"; <b>{clock(mine.epoch_s)}</b> on {name} ({mine.steps} steps)"
+        except ValueError as e:
+            when += f"; none for {name}: {html.escape(scrub(str(e)))}"
     return notice(f"{when}.<br>Precision: {reason}.")
 
 
