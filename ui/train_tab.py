@@ -268,7 +268,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
         return notice(f"{when}<br>Precision: {reason}.")
     when = (f"Expected epoch for <b>{html.escape(preset)}</b>, {method}, on this machine, evaluations included: "
             f"<b>{clock(found.epoch_s)}</b> on the book's data ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
-    if not dataset or dataset.get("source") != "canonical":
+    if not dataset or dataset["source"] != "canonical":
         name = html.escape(dataset["name"]) if dataset and dataset["source"] != "sample" else "the bundled sample"
         try:
             mine = engine.data_epoch(found, dataset)
