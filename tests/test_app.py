@@ -302,6 +302,7 @@ def test_measure_shows_the_expected_epoch_of_the_books_data_and_of_the_visitors_
     load(c, "upload", few)
     assert "none for three.json: 3 records make no training batch of 8" in text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
 
+
 def test_settings_errors_are_messages(url):
     c = client(url)
     before = wait_until_idle(c)

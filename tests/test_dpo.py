@@ -338,7 +338,6 @@ def test_cli(parent, pref_file, tmp_path):
     assert out.returncode == 1 and 'bad.json, record 1: field "rejected" is missing' in out.stderr
 
 
-
 def test_cli_stops_at_sigterm_and_saves_the_run(parent, pref_file, tmp_path):
     """SIGTERM (a scheduler's or a container's stop) ends the run at its next step, saved as stopped and resumable."""
     out = tmp_path / "sigterm"

@@ -418,7 +418,7 @@ def test_a_calibration_projects_an_epoch_of_other_data_without_measuring_again(t
     (tmp_path / "calibration.json").write_text(json.dumps({"v1|tiny|stale": {"epoch_s": 1.0}}))
     measured = cal.calibrate("tiny", precision="fp32")
     assert list(json.loads((tmp_path / "calibration.json").read_text())) == [cal.cache_key(
-        TrainConfig(model="tiny", random_init=True, precision="fp32"), torch.device("cpu"), torch.float32)]
+        TrainConfig(model="tiny", random_init=True, precision="fp32"), cal.pick_device(), torch.float32)]
     book = cal.epoch_for(measured, cal.data_shape(load_instructions("canonical"), "tiny"))
     assert (book.epoch_s, book.train_s, book.steps) == (measured.epoch_s, measured.train_s, measured.steps)
     sample = load_instructions("sample")
