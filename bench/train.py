@@ -38,8 +38,8 @@ from bench.common import machine, precision_line, print_json, spread
 from data import DatasetError, InstructionDataset, load_instructions, make_loader, padding_stats, split_instructions
 from model import GPTConfig, pick_device, pick_dtype, save_pretrained
 from model.device import configure_precision, cpu_class, describe, peak_rss_mb, release_free_memory
-from model.gpt import Packing, linear
-from training.calibrate import fit
+from model.gpt import linear
+from training.calibrate import fit, step_flops
 from training.config import ConfigError, TrainConfig
 from training.loop import build_model
 from training.lora import add_lora
@@ -58,17 +58,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> dict:
             matmul(a, b)
         peaks[name] = 2 * n**3 * reps / (time.perf_counter() - start)
     return peaks
-
-
-def step_flops(config: GPTConfig, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Forward + backward FLOPs that ours computes for one batch: 6 x params x the tokens the blocks run on
-    (each row up to its last target, ``Packing``), the LM head only where targets are, attention over (B, T)."""
-    B, T = x.shape
-    d = config.n_embd
-    block_params = config.n_layer * 12 * d * d
-    tokens = Packing.tokens(y)
-    targets = int((y != -100).sum())
-    return 6 * block_params * tokens + 6 * config.vocab_size * d * targets + 12 * config.n_layer * B * T * T * d
 
 
 def project_epoch(config: GPTConfig, measured, batches) -> float:

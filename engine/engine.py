@@ -86,9 +86,9 @@ class Engine:
 
     def data_epoch(self, calibration: Calibration, ref: dict | None) -> EpochTime:
         """One epoch of a visitor's data (the bundled sample when none is chosen) at a calibration's measured costs.
-        Each data's batches are counted once per context. ``ValueError`` says why there is none (too few records for
+        Each data's batches are counted once per model. ``ValueError`` says why there is none (too few records for
         a batch, an upload that has left the server)."""
-        key = (ref["sha256"] if ref else "sample", GPTConfig.from_name(calibration.model).block_size)
+        key = (ref["sha256"] if ref else "sample", calibration.model)
         with self._lock:
             shape = self._shapes.get(key)
         if shape is None:

@@ -4,9 +4,10 @@
 same compute as the pretrained ones), times the real training step (the
 loop's optimizer, stepping inside backward, and its memory clean-up) on two
 batches of the canonical data, one of median and one of long length, and
-fits seconds = per-token cost x tokens + a fixed cost per step (the optimizer),
-counting the tokens the blocks run on (``Packing``: padding after each row's
-last target is skipped). Summed over the epoch's batches, plus the evaluations the loop
+fits seconds = cost per FLOP x the step's FLOPs + a fixed cost per step (the
+optimizer), counting the FLOPs ours computes (``step_flops``: the blocks skip the
+padding after each row's last target, attention grows with the square of the
+length). Summed over the epoch's batches, plus the evaluations the loop
 runs at its default settings, that is the expected epoch. The result is cached
 in the app's cache directory, keyed by everything that changes it (preset,
 method, precision, CPU, threads, torch), so the measurement runs once. It keeps
@@ -22,11 +23,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from data import DatasetError, InstructionDataset, cache, load_instructions, make_loader, split_instructions
-from model import GPT, GPTConfig, generate, pick_device, pick_dtype
+from model import GPT, GPTConfig, generate, get_tokenizer, pick_device, pick_dtype
 from model.device import DTYPES, configure_precision, cpu_class, precision_reason, release_free_memory
 from model.gpt import Packing
 from model.files import atomic_write
@@ -52,7 +54,7 @@ class Calibration:
     precision: str  # "bf16" or "fp32"
     reason: str  # why that precision, e.g. "fp32: this CPU has no native bf16 matmul (no AVX512-BF16/AMX)"
     cpu_class: str
-    per_token_s: float  # the fitted step: seconds per token the blocks run on (``Packing``) ...
+    flop_s: float  # the fitted step: seconds per FLOP (``step_flops``) ...
     step_s: float  # ... plus seconds per step
     forward_token_s: float  # an evaluation's forward pass, per token
     new_token_s: float  # a generated token of the evaluation's sample answer
@@ -102,27 +104,48 @@ class EpochTime:
     tokens: int  # padded tokens of the training batches
 
 
+class BatchCost(NamedTuple):
+    flops: float  # ``step_flops``
+    tokens: int  # the positions the blocks run on (``Packing``)
+    padded: int  # B x T
+
+
 @dataclass(frozen=True)
 class EpochShape:
-    """What an epoch's time depends on: each training batch's tokens that the blocks run on (``Packing``) and its
-    padded size, and each evaluation batch's tokens."""
-    train: tuple[tuple[int, int], ...]
+    """What an epoch's time depends on: each training batch's cost, each evaluation batch's tokens, and the length
+    of the reference answer to the instruction the loop answers at each evaluation (its tokens and end token)."""
+    train: tuple[BatchCost, ...]
     val: tuple[int, ...]
+    answer: int
 
     @classmethod
-    def of(cls, train: list, val: list) -> "EpochShape":
-        return cls(tuple((Packing.tokens(y), x.numel()) for x, y in train), tuple(Packing.tokens(y) for _, y in val))
+    def of(cls, config: GPTConfig, train: list, val: list, sample_record: dict) -> "EpochShape":
+        costs = tuple(BatchCost(step_flops(config, x, y), Packing.tokens(y), x.numel()) for x, y in train)
+        answer = len(get_tokenizer().encode(sample_record["output"], disallowed_special=())) + 1
+        return cls(costs, tuple(Packing.tokens(y) for _, y in val), answer)
 
 
-def epoch_batches(config: TrainConfig, context: int, records: list[dict] | None = None) -> tuple[list, list]:
+def step_flops(config: GPTConfig, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Forward + backward FLOPs that ours computes for one batch: 6 x params x the tokens the blocks run on
+    (each row up to its last target, ``Packing``), the LM head only where targets are, attention over (B, T)."""
+    B, T = x.shape
+    d = config.n_embd
+    block_params = config.n_layer * 12 * d * d
+    targets = int((y != -100).sum())
+    return 6 * block_params * Packing.tokens(y) + 6 * config.vocab_size * d * targets + 12 * config.n_layer * B * T * T * d
+
+
+def epoch_batches(config: TrainConfig, context: int, records: list[dict] | None = None) -> tuple[list, list, dict]:
     """The first-epoch training batches of ``records`` (the canonical data by default), as the loop makes them,
-    and its evaluation batches."""
+    its evaluation batches, and the record whose answer it generates at each evaluation."""
     split = split_instructions(load_instructions("canonical") if records is None else records)
+    if not split.train:
+        raise ValueError(f"{len(records or ())} records make no training split")
     train_ds = InstructionDataset(split.train, style=config.style, max_length=context)
     val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
     train = list(make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed))
     val = list(make_loader(val_ds, config.batch_size, shuffle=False, drop_last=False))[: config.eval_batches or None]
-    return train, val
+    return train, val, (split.val or split.train)[0]
 
 
 def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
@@ -143,13 +166,17 @@ def time_evaluation(model: GPT, val: list, dtype: torch.dtype, device: torch.dev
     """(seconds per token of a validation forward pass, seconds per generated token), in the compute dtype."""
     model.eval().to(dtype)
     x, y = val[0]
-    model.loss(x[:, :8].to(device), y[:, :8].to(device))  # warm-up
+    # Warm-ups of the same shapes: the loop evaluates the same batches every time, so after its first evaluation
+    # their kernels are made (a cold pass read the epoch's evaluations ~40 % slow).
+    model.loss(x.to(device), y.to(device))
     t0 = time.perf_counter()
     model.loss(x.to(device), y.to(device))
     forward_per_token = (time.perf_counter() - t0) / Packing.tokens(y)
+    prompt = x[0, :32].tolist()
+    generate(model, prompt, 2, eos_id=None)
     t0 = time.perf_counter()
-    generate(model, x[0, :32].tolist(), 4, eos_id=None)
-    per_new_token = (time.perf_counter() - t0) / 4
+    generate(model, prompt, 8, eos_id=None)
+    per_new_token = (time.perf_counter() - t0) / 8
     model.float()
     return forward_per_token, per_new_token
 
@@ -161,7 +188,7 @@ def measure(config: TrainConfig) -> Calibration:
     dtype = pick_dtype(device, config.precision)
     configure_precision(device, dtype)
     gpt_config = GPTConfig.from_name(config.model)
-    train, val = epoch_batches(config, gpt_config.block_size)
+    train, val, sample_record = epoch_batches(config, gpt_config.block_size)
     by_length = sorted(train, key=lambda b: Packing.tokens(b[1]))
     median, long = by_length[len(by_length) // 2], by_length[(len(by_length) * 9) // 10]
 
@@ -185,40 +212,46 @@ def measure(config: TrainConfig) -> Calibration:
     # an epoch has new shapes (``Packing``), so timing the warm-up's own batches again read ~10 % fast in bf16.
     for x, y in (by_length[(len(by_length) * 4) // 10], by_length[(len(by_length) * 8) // 10]):
         step(x, y)
-    samples = [(Packing.tokens(y), step(x, y)) for x, y in (median, long)]
-    per_token, fixed = fit(samples)
+    samples = [(step_flops(gpt_config, x, y), step(x, y)) for x, y in (median, long)]
+    per_flop, fixed = fit(samples)
 
     optimizer.finish()
 
-    epoch = project(EpochShape.of(train, val), config, per_token, fixed, forward_per_token, per_new_token)
+    epoch = project(EpochShape.of(gpt_config, train, val, sample_record), config, per_flop, fixed, forward_per_token,
+                    per_new_token)
     return Calibration(
         model=config.model, method=f"lora-{config.lora_rank}" if config.lora_rank else "full",
         epoch_s=epoch.epoch_s, train_s=epoch.train_s, eval_s=epoch.eval_s, steps=epoch.steps,
         tokens_per_s=epoch.tokens / epoch.train_s, precision=PRECISION_NAMES[dtype],
         reason=precision_reason(device, config.precision), cpu_class=cpu_class(),
-        per_token_s=per_token, step_s=fixed, forward_token_s=forward_per_token, new_token_s=per_new_token,
+        flop_s=per_flop, step_s=fixed, forward_token_s=forward_per_token, new_token_s=per_new_token,
         measured_s=time.perf_counter() - started, measured_at=time.time(),
     )
 
 
-def project(shape: EpochShape, config: TrainConfig, per_token: float, fixed: float, forward_per_token: float,
+def project(shape: EpochShape, config: TrainConfig, per_flop: float, fixed: float, forward_per_token: float,
             per_new_token: float) -> EpochTime:
-    """An epoch of this shape at the fitted costs: the steps, the step-0 baseline and every evaluation the loop runs."""
+    """An epoch of this shape at the fitted costs: the steps, the step-0 baseline and every evaluation the loop runs.
+
+    The first evaluation's answer (the starting model's) is taken to run to ``sample_tokens``; later ones to stop
+    with the reference answer's length, as a fine-tuned model does (GPT-2 124M, fp32, after one epoch of the book's
+    data: 2 tokens and 0.07 s, where 40 tokens took 0.64 s).
+    """
     steps = len(shape.train) // config.grad_accum
-    train_s = sum(per_token * tokens for tokens, _ in shape.train) + fixed * steps
+    train_s = sum(per_flop * batch.flops for batch in shape.train) + fixed * steps
     evals = steps // config.eval_every + 1 + (steps % config.eval_every != 0)
-    baseline = sum(tokens for tokens, _ in shape.train[: config.eval_batches or 3]) * forward_per_token
-    per_eval = sum(shape.val) * forward_per_token + config.sample_tokens * per_new_token
-    eval_s = baseline + evals * per_eval
+    baseline = sum(batch.tokens for batch in shape.train[: config.eval_batches or 3]) * forward_per_token
+    answers = config.sample_tokens + (evals - 1) * min(config.sample_tokens, shape.answer)
+    eval_s = baseline + evals * sum(shape.val) * forward_per_token + answers * per_new_token
     return EpochTime(epoch_s=train_s + eval_s, train_s=train_s, eval_s=eval_s, steps=steps,
-                     tokens=sum(padded for _, padded in shape.train))
+                     tokens=sum(batch.padded for batch in shape.train))
 
 
 def data_shape(records: list[dict], model: str) -> EpochShape:
     """The epoch of ``records`` (a visitor's data, split and batched as the loop does at its defaults) for ``model``'s
     context. ``DatasetError`` or ``ValueError`` when the records cannot make a training batch."""
-    config = TrainConfig(model=model, random_init=True)
-    shape = EpochShape.of(*epoch_batches(config, GPTConfig.from_name(model).block_size, records))
+    config, gpt_config = TrainConfig(model=model, random_init=True), GPTConfig.from_name(model)
+    shape = EpochShape.of(gpt_config, *epoch_batches(config, gpt_config.block_size, records))
     if not shape.train:
         raise ValueError(f"{len(records)} records make no training batch of {config.batch_size}")
     return shape
@@ -227,7 +260,7 @@ def data_shape(records: list[dict], model: str) -> EpochShape:
 def epoch_for(calibration: Calibration, shape: EpochShape) -> EpochTime:
     """An epoch of ``shape`` at a calibration's measured costs, with the loop's default settings."""
     config = TrainConfig(model=calibration.model, random_init=True)
-    return project(shape, config, calibration.per_token_s, calibration.step_s, calibration.forward_token_s,
+    return project(shape, config, calibration.flop_s, calibration.step_s, calibration.forward_token_s,
                    calibration.new_token_s)
 
 
