@@ -300,7 +300,7 @@ def test_measure_shows_the_expected_epoch_of_the_books_data_and_of_the_visitors_
     few = tmp_path / "three.json"
     few.write_text(json.dumps([{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(3)]))
     load(c, "upload", few)
-    assert "none for three.json: 3 records make no training batch of 8" in text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
+    assert "none for three.json: too few records (3) for one training batch of 8" in text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
 
 
 def test_settings_errors_are_messages(url):

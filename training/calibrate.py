@@ -140,7 +140,7 @@ def epoch_batches(config: TrainConfig, context: int, records: list[dict] | None 
     its evaluation batches, and the record whose answer it generates at each evaluation."""
     split = split_instructions(load_instructions("canonical") if records is None else records)
     if not split.train:
-        raise ValueError(f"{len(records or ())} records make no training split")
+        raise ValueError(f"too few records ({len(records or ())}) for a training split")
     train_ds = InstructionDataset(split.train, style=config.style, max_length=context)
     val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
     train = list(make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed))
@@ -253,7 +253,7 @@ def data_shape(records: list[dict], model: str) -> EpochShape:
     config, gpt_config = TrainConfig(model=model, random_init=True), GPTConfig.from_name(model)
     shape = EpochShape.of(gpt_config, *epoch_batches(config, gpt_config.block_size, records))
     if not shape.train:
-        raise ValueError(f"{len(records)} records make no training batch of {config.batch_size}")
+        raise ValueError(f"too few records ({len(records)}) for one training batch of {config.batch_size}")
     return shape
 
 
