@@ -22,7 +22,7 @@ from model.weights import WeightsError, hub_cached, hub_unreachable, read_config
 from runstore import RunInfo, find_run, list_runs, runs_root
 from runstore.export import export_zip
 from runstore.store import recover_runs
-from training.calibrate import Calibration, EpochShape, EpochTime, data_shape, epoch_for
+from training.calibrate import Calibration, EpochShape, Projection, data_shape, projection
 from training.config import ConfigError, TrainConfig
 from training.estimate import GB, estimate_for
 from training.events import Progress
@@ -69,7 +69,7 @@ class Engine:
         self._lock = threading.Lock()
         self.recovered = recover_runs(self.root)
         self._suggestion: str | None = None
-        self._shapes: OrderedDict[tuple, EpochShape | str] = OrderedDict()  # data_epoch's (or why not), the latest few
+        self._shapes: OrderedDict[tuple, EpochShape | str] = OrderedDict()  # project_run's (or why not), the latest few
 
     def look_for_weights(self) -> None:
         """Find, in the background, whether GPT-2 124M can be loaded here (cached, or the Hub answers)."""
@@ -84,17 +84,19 @@ class Engine:
 
     # Estimates
 
-    def data_epoch(self, calibration: Calibration, ref: dict | None) -> EpochTime:
-        """One epoch of a visitor's data (the bundled sample when none is chosen) at a calibration's measured costs.
-        Each data's batches are counted once per model. ``ValueError`` says why there is none (too few records for
-        a batch, an upload that has left the server)."""
-        key = (ref["sha256"] if ref else "sample", calibration.model)
+    def project_run(self, calibration: Calibration, ref: dict | None, config: TrainConfig | None = None) -> Projection:
+        """A run on a visitor's data (the bundled sample when none is chosen) at a calibration's measured costs: one
+        epoch at the loop's defaults, or ``config``'s epochs, steps and batches. Each data's batches are counted once
+        per model and batching (size, grouping, prompt masking). ``ValueError`` says why there is none (too few records for a batch, an upload that
+        has left the server)."""
+        batching = (config.batch_size, config.grouped, config.mask_prompt) if config else (8, False, False)
+        key = (ref["sha256"] if ref else "sample", calibration.model, *batching)
         with self._lock:
             shape = self._shapes.get(key)
         if shape is None:
             try:
                 records = self.datasets.records(ref) if ref else self.datasets.shared("sample", lambda: load_instructions("sample"))
-                shape = data_shape(records, calibration.model)
+                shape = data_shape(records, calibration.model, *batching)
             except (DatasetError, ValueError) as e:
                 shape = str(e)
             with self._lock:
@@ -103,7 +105,7 @@ class Engine:
                     self._shapes.popitem(last=False)
         if isinstance(shape, str):
             raise ValueError(shape)
-        return epoch_for(calibration, shape)
+        return projection(calibration, shape, config)
 
     # Runs
 

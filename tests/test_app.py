@@ -287,20 +287,28 @@ def test_a_failed_canonical_download_puts_the_source_back(url, tmp_path, monkeyp
     assert out["source"] == "sample"  # the radio follows what is loaded
 
 
-def test_measure_shows_the_expected_epoch_of_the_books_data_and_of_the_visitors_own(url, tmp_path, needs_canonical):
+def test_measure_shows_the_expected_time_of_the_books_data_the_visitors_own_and_this_run(url, tmp_path, needs_canonical):
     c = client(url)
     wait_until_idle(c)
-    out = text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
-    assert re.search(r"on this machine, evaluations included: \d+:\d\d on the book's data \(116 steps at [\d,]+ tokens/s\); "
-                     r"\d+:\d\d on the bundled sample \(7 steps\)", out), out
-    assert "Precision: " in out
+
+    def measure(epochs=1, batch_size=8, max_steps=0, eval_every=20, mask_prompt=False) -> str:
+        return text(c.predict("tiny", False, 16, epochs, batch_size, False, max_steps, eval_every, mask_prompt,
+                              api_name="/measure_epoch"))
+
+    out = measure()
+    assert re.search(r"evaluations included: one epoch of the book's data \d+:\d\d \(116 steps at [\d,]+ tokens/s\); "
+                     r"of the bundled sample \d+:\d\d \(7 steps\)\.", out), out
+    assert "This run" not in out and "Precision: " in out
+    assert re.search(r"This run, 20 epochs of the bundled sample at batch 8: \d+:\d\d \(140 steps\)", measure(epochs=20)), out
+    assert "This run, 20 epochs of the bundled sample at batch 4: " in measure(epochs=20, batch_size=4, max_steps=50)
+    assert "(50 steps)" in measure(epochs=20, batch_size=4, max_steps=50)
     load(c, "canonical")
-    again = text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
-    assert "on the book's data" in again and "bundled sample" not in again
+    again = measure(epochs=2)
+    assert "bundled sample" not in again and "This run, 2 epochs of the book's data at batch 8: " in again and "(232 steps)" in again
     few = tmp_path / "three.json"
     few.write_text(json.dumps([{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(3)]))
     load(c, "upload", few)
-    assert "none for three.json: too few records (3) for one training batch of 8" in text(c.predict("tiny", False, 16, api_name="/measure_epoch"))
+    assert "none for three.json: too few records (3) for one training batch of 8" in measure()
 
 
 def test_settings_errors_are_messages(url):

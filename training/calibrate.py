@@ -11,8 +11,8 @@ length). Summed over the epoch's batches, plus the evaluations the loop
 runs at its default settings, that is the expected epoch. The result is cached
 in the app's cache directory, keyed by everything that changes it (preset,
 method, precision, CPU, threads, torch), so the measurement runs once. It keeps
-the fitted costs, so ``epoch_for`` projects an epoch of any other records
-(a visitor's own data) without measuring again.
+the fitted costs, so ``projection`` gives the time of any other run (a
+visitor's own data, epochs and batch size) without measuring again.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class Calibration:
     cpu_class: str
     flop_s: float  # the fitted step: seconds per FLOP (``step_flops``) ...
     step_s: float  # ... plus seconds per step
-    forward_token_s: float  # an evaluation's forward pass, per token
+    forward_flop_s: float  # an evaluation's forward pass, per FLOP
     new_token_s: float  # a generated token of the evaluation's sample answer
     measured_s: float  # how long the measurement took
     measured_at: float  # time.time() of the measurement
@@ -96,8 +96,9 @@ def _write_cache(entries: dict) -> None:
 
 
 @dataclass(frozen=True)
-class EpochTime:
-    epoch_s: float  # training and evaluations
+class Projection:
+    """The expected time of a run: one epoch at the loop's defaults, or the epochs and steps a config asks for."""
+    total_s: float  # training and evaluations
     train_s: float
     eval_s: float
     steps: int
@@ -105,24 +106,23 @@ class EpochTime:
 
 
 class BatchCost(NamedTuple):
-    flops: float  # ``step_flops``
-    tokens: int  # the positions the blocks run on (``Packing``)
+    flops: float  # ``step_flops``: forward and backward; a forward pass alone is a third of it
     padded: int  # B x T
 
 
 @dataclass(frozen=True)
 class EpochShape:
-    """What an epoch's time depends on: each training batch's cost, each evaluation batch's tokens, and the length
-    of the reference answer to the instruction the loop answers at each evaluation (its tokens and end token)."""
+    """What an epoch's time depends on: each training batch's cost, each evaluation batch's forward FLOPs, and the
+    length of the reference answer to the instruction the loop answers at each evaluation (its tokens and end token)."""
     train: tuple[BatchCost, ...]
-    val: tuple[int, ...]
+    val: tuple[float, ...]
     answer: int
 
     @classmethod
     def of(cls, config: GPTConfig, train: list, val: list, sample_record: dict) -> "EpochShape":
-        costs = tuple(BatchCost(step_flops(config, x, y), Packing.tokens(y), x.numel()) for x, y in train)
+        costs = tuple(BatchCost(step_flops(config, x, y), x.numel()) for x, y in train)
         answer = len(get_tokenizer().encode(sample_record["output"], disallowed_special=())) + 1
-        return cls(costs, tuple(Packing.tokens(y) for _, y in val), answer)
+        return cls(costs, tuple(step_flops(config, x, y) / 3 for x, y in val), answer)
 
 
 def step_flops(config: GPTConfig, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -143,8 +143,9 @@ def epoch_batches(config: TrainConfig, context: int, records: list[dict] | None 
         raise ValueError(f"too few records ({len(records or ())}) for a training split")
     train_ds = InstructionDataset(split.train, style=config.style, max_length=context)
     val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
-    train = list(make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed))
-    val = list(make_loader(val_ds, config.batch_size, shuffle=False, drop_last=False))[: config.eval_batches or None]
+    train = list(make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed, mask_prompt=config.mask_prompt))
+    val = list(make_loader(val_ds, config.batch_size, shuffle=False, drop_last=False,
+                           mask_prompt=config.mask_prompt))[: config.eval_batches or None]
     return train, val, (split.val or split.train)[0]
 
 
@@ -163,7 +164,7 @@ def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
 
 @torch.no_grad()
 def time_evaluation(model: GPT, val: list, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
-    """(seconds per token of a validation forward pass, seconds per generated token), in the compute dtype."""
+    """(seconds per FLOP of a validation forward pass, seconds per generated token), in the compute dtype."""
     model.eval().to(dtype)
     x, y = val[0]
     # Warm-ups of the same shapes: the loop evaluates the same batches every time, so after its first evaluation
@@ -171,14 +172,14 @@ def time_evaluation(model: GPT, val: list, dtype: torch.dtype, device: torch.dev
     model.loss(x.to(device), y.to(device))
     t0 = time.perf_counter()
     model.loss(x.to(device), y.to(device))
-    forward_per_token = (time.perf_counter() - t0) / Packing.tokens(y)
+    forward_per_flop = (time.perf_counter() - t0) / (step_flops(model.config, x, y) / 3)
     prompt = x[0, :32].tolist()
     generate(model, prompt, 2, eos_id=None)
     t0 = time.perf_counter()
     generate(model, prompt, 8, eos_id=None)
     per_new_token = (time.perf_counter() - t0) / 8
     model.float()
-    return forward_per_token, per_new_token
+    return forward_per_flop, per_new_token
 
 
 def measure(config: TrainConfig) -> Calibration:
@@ -194,7 +195,7 @@ def measure(config: TrainConfig) -> Calibration:
 
     torch.manual_seed(config.seed)
     model = GPT(gpt_config).to(device)
-    forward_per_token, per_new_token = time_evaluation(model, val, dtype, device)
+    forward_per_flop, per_new_token = time_evaluation(model, val, dtype, device)
     if config.lora_rank:
         add_lora(model, config.lora_rank, config.lora_alpha)
     optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=True)
@@ -212,55 +213,63 @@ def measure(config: TrainConfig) -> Calibration:
     # an epoch has new shapes (``Packing``), so timing the warm-up's own batches again read ~10 % fast in bf16.
     for x, y in (by_length[(len(by_length) * 4) // 10], by_length[(len(by_length) * 8) // 10]):
         step(x, y)
-    samples = [(step_flops(gpt_config, x, y), step(x, y)) for x, y in (median, long)]
+    # Half of the median batch as a third point: the FLOPs then span ~4x, so the slope and the fixed part separate
+    # (two batches of similar size left the fixed part to absorb most of a small model's cost).
+    half = median[0][: len(median[0]) // 2], median[1][: len(median[1]) // 2]
+    samples = [(step_flops(gpt_config, x, y), step(x, y)) for x, y in (median, long, half)]
     per_flop, fixed = fit(samples)
 
     optimizer.finish()
 
-    epoch = project(EpochShape.of(gpt_config, train, val, sample_record), config, per_flop, fixed, forward_per_token,
+    epoch = project(EpochShape.of(gpt_config, train, val, sample_record), config, per_flop, fixed, forward_per_flop,
                     per_new_token)
     return Calibration(
         model=config.model, method=f"lora-{config.lora_rank}" if config.lora_rank else "full",
-        epoch_s=epoch.epoch_s, train_s=epoch.train_s, eval_s=epoch.eval_s, steps=epoch.steps,
+        epoch_s=epoch.total_s, train_s=epoch.train_s, eval_s=epoch.eval_s, steps=epoch.steps,
         tokens_per_s=epoch.tokens / epoch.train_s, precision=PRECISION_NAMES[dtype],
         reason=precision_reason(device, config.precision), cpu_class=cpu_class(),
-        flop_s=per_flop, step_s=fixed, forward_token_s=forward_per_token, new_token_s=per_new_token,
+        flop_s=per_flop, step_s=fixed, forward_flop_s=forward_per_flop, new_token_s=per_new_token,
         measured_s=time.perf_counter() - started, measured_at=time.time(),
     )
 
 
-def project(shape: EpochShape, config: TrainConfig, per_flop: float, fixed: float, forward_per_token: float,
-            per_new_token: float) -> EpochTime:
-    """An epoch of this shape at the fitted costs: the steps, the step-0 baseline and every evaluation the loop runs.
+def project(shape: EpochShape, config: TrainConfig, per_flop: float, fixed: float, forward_per_flop: float,
+            per_new_token: float) -> Projection:
+    """The run ``config`` asks for (its epochs, up to ``max_steps``) over batches of this shape, at the fitted costs:
+    the steps, the step-0 baseline and every evaluation the loop runs.
 
     The first evaluation's answer (the starting model's) is taken to run to ``sample_tokens``; later ones to stop
     with the reference answer's length, as a fine-tuned model does (GPT-2 124M, fp32, after one epoch of the book's
     data: 2 tokens and 0.07 s, where 40 tokens took 0.64 s).
     """
-    steps = len(shape.train) // config.grad_accum
-    train_s = sum(per_flop * batch.flops for batch in shape.train) + fixed * steps
+    per_epoch = len(shape.train) // config.grad_accum
+    steps = config.epochs * per_epoch if not config.max_steps else min(config.epochs * per_epoch, config.max_steps)
+    epochs = steps / per_epoch  # every epoch has the same batches' FLOPs, in another order
+    train_s = per_flop * sum(batch.flops for batch in shape.train) * epochs + fixed * steps
     evals = steps // config.eval_every + 1 + (steps % config.eval_every != 0)
-    baseline = sum(batch.tokens for batch in shape.train[: config.eval_batches or 3]) * forward_per_token
+    baseline = sum(batch.flops / 3 for batch in shape.train[: config.eval_batches or 3]) * forward_per_flop
     answers = config.sample_tokens + (evals - 1) * min(config.sample_tokens, shape.answer)
-    eval_s = baseline + evals * sum(shape.val) * forward_per_token + answers * per_new_token
-    return EpochTime(epoch_s=train_s + eval_s, train_s=train_s, eval_s=eval_s, steps=steps,
-                     tokens=sum(batch.padded for batch in shape.train))
+    eval_s = baseline + evals * sum(shape.val) * forward_per_flop + answers * per_new_token
+    return Projection(total_s=train_s + eval_s, train_s=train_s, eval_s=eval_s, steps=steps,
+                      tokens=round(sum(batch.padded for batch in shape.train) * epochs))
 
 
-def data_shape(records: list[dict], model: str) -> EpochShape:
-    """The epoch of ``records`` (a visitor's data, split and batched as the loop does at its defaults) for ``model``'s
-    context. ``DatasetError`` or ``ValueError`` when the records cannot make a training batch."""
-    config, gpt_config = TrainConfig(model=model, random_init=True), GPTConfig.from_name(model)
+def data_shape(records: list[dict], model: str, batch_size: int = 8, grouped: bool = False,
+               mask_prompt: bool = False) -> EpochShape:
+    """The epoch of ``records`` (a visitor's data, split and batched as the loop does) for ``model``'s context.
+    ``DatasetError`` or ``ValueError`` when the records cannot make a training batch."""
+    config = TrainConfig(model=model, random_init=True, batch_size=batch_size, grouped=grouped, mask_prompt=mask_prompt)
+    gpt_config = GPTConfig.from_name(model)
     shape = EpochShape.of(gpt_config, *epoch_batches(config, gpt_config.block_size, records))
     if not shape.train:
         raise ValueError(f"too few records ({len(records)}) for one training batch of {config.batch_size}")
     return shape
 
 
-def epoch_for(calibration: Calibration, shape: EpochShape) -> EpochTime:
-    """An epoch of ``shape`` at a calibration's measured costs, with the loop's default settings."""
-    config = TrainConfig(model=calibration.model, random_init=True)
-    return project(shape, config, calibration.flop_s, calibration.step_s, calibration.forward_token_s,
+def projection(calibration: Calibration, shape: EpochShape, config: TrainConfig | None = None) -> Projection:
+    """A run over ``shape`` at a calibration's measured costs: one epoch at the loop's defaults, or ``config``'s run."""
+    config = config or TrainConfig(model=calibration.model, random_init=True)
+    return project(shape, config, calibration.flop_s, calibration.step_s, calibration.forward_flop_s,
                    calibration.new_token_s)
 
 

@@ -251,9 +251,25 @@ def job_status(engine) -> dict:
     return snap
 
 
-def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = None, result=None) -> str:
-    """The precision path with its reason, and the expected epoch measured on this machine: of the book's data, and
-    of the visitor's own data (the bundled sample when none is chosen) at the same measured costs."""
+def run_config(preset: str, lora: bool, rank, epochs, batch_size, grouped: bool, max_steps, eval_every,
+               mask_prompt: bool) -> TrainConfig | None:
+    """The form's run as far as its time goes, or None when it is one epoch at the loop's defaults (or not valid yet)."""
+    try:
+        config = TrainConfig(model=preset, random_init=True, epochs=as_int(epochs, "epochs"), batch_size=as_int(batch_size, "batch size"),
+                             grouped=bool(grouped), max_steps=as_int(max_steps, "max steps", allow_none=True) or None,
+                             eval_every=as_int(eval_every, "eval every"), mask_prompt=bool(mask_prompt),
+                             lora_rank=int(rank or 16) if lora else 0)
+    except (ConfigError, TypeError, ValueError):
+        return None
+    default = TrainConfig(model=preset, random_init=True)
+    fields = ("epochs", "batch_size", "grouped", "max_steps", "eval_every", "mask_prompt")
+    return None if all(getattr(config, f) == getattr(default, f) for f in fields) else config
+
+
+def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = None, epochs=1, batch_size=8,
+                  grouped: bool = False, max_steps=0, eval_every=20, mask_prompt: bool = False, result=None) -> str:
+    """The precision path with its reason, and the expected time measured on this machine: one epoch of the book's
+    data; of the visitor's own data (the bundled sample when none is chosen); and of the run the form describes."""
     from model import pick_device
     from model.device import precision_reason
     from training.calibrate import cached
@@ -266,20 +282,30 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
         when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}: not measured on this machine yet "
                 "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
         return notice(f"{when}<br>Precision: {reason}.")
-    when = (f"Expected epoch for <b>{html.escape(preset)}</b>, {method}, on this machine, evaluations included: "
-            f"<b>{clock(found.epoch_s)}</b> on the book's data ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
-    if not dataset or dataset["source"] != "canonical":
-        name = html.escape(dataset["name"]) if dataset and dataset["source"] != "sample" else "the bundled sample"
-        try:
-            mine = engine.data_epoch(found, dataset)
-            when += f"; <b>{clock(mine.epoch_s)}</b> on {name} ({mine.steps} steps)"
-        except ValueError as e:
-            when += f"; none for {name}: {html.escape(scrub(str(e)))}"
-    return notice(f"{when}.<br>Precision: {reason}.")
+    when = (f"Expected on this machine for <b>{html.escape(preset)}</b>, {method}, evaluations included: one epoch of the "
+            f"book's data <b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
+    book = dataset is not None and dataset["source"] == "canonical"
+    name = ("the book's data" if book else html.escape(dataset["name"]) if dataset and dataset["source"] != "sample"
+            else "the bundled sample")
+    run = run_config(preset, lora, rank, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt)
+    try:
+        if not book:
+            mine = engine.project_run(found, dataset)
+            when += f"; of {name} <b>{clock(mine.total_s)}</b> ({mine.steps} steps)"
+        when += "."
+        if run is not None:
+            this = engine.project_run(found, dataset, run)
+            when += (f"<br>This run, {run.epochs} epoch{'s' if run.epochs != 1 else ''} of {name} at batch {run.batch_size}: "
+                     f"<b>{clock(this.total_s)}</b> ({this.steps} steps).")
+    except ValueError as e:
+        when += f"; none for {name}: {html.escape(scrub(str(e)))}."
+    return notice(f"{when}<br>Precision: {reason}.")
 
 
-def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None) -> str:
-    """Time a few real training steps of the chosen preset and method (refused while a run trains: it would skew both)."""
+def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *run) -> str:
+    """Time a few real training steps of the chosen preset and method (refused while a run trains: it would skew both).
+    ``run``: the form's epochs, batch size, grouping, max steps, evaluation interval and prompt masking, for the
+    run's expected time."""
     from training.calibrate import calibrate
 
     if engine.snapshot("train", since=SCALARS_ONLY)["status"] in ACTIVE:
@@ -290,7 +316,7 @@ def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None) 
         result = calibrate(preset, int(rank or 16) if lora else 0, refresh=True)
     except DatasetError as e:
         return notice(f"The expected epoch is measured on the book's data: {html.escape(scrub(str(e)))}", "error")
-    return expected_html(engine, preset, lora, rank, dataset, result)
+    return expected_html(engine, preset, lora, rank, dataset, *run, result=result)
 
 
 def runs_table(engine) -> tuple[list[list], dict, dict]:
@@ -427,8 +453,8 @@ def build(shared) -> None:
                      api_name="resume_training", concurrency_limit=1)
     shared.dataset.change(lambda d: data_line(engine, d), shared.dataset, data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)
-    for control in (preset, lora, rank, shared.dataset):
-        control.change(partial(expected_html, engine), [preset, lora, rank, shared.dataset], expected, api_visibility="private",
-                       **cheap)
-    measure_btn.click(partial(measure, engine), [preset, lora, rank, shared.dataset], expected, api_name="measure_epoch",
-                      concurrency_limit=1, show_progress="minimal")
+    expected_inputs = [preset, lora, rank, shared.dataset, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt]
+    for control in expected_inputs:
+        control.change(partial(expected_html, engine), expected_inputs, expected, api_visibility="private", **cheap)
+    measure_btn.click(partial(measure, engine), expected_inputs, expected, api_name="measure_epoch", concurrency_limit=1,
+                      show_progress="minimal")
