@@ -2,9 +2,9 @@
 
 ``calibrate(model, lora_rank)`` builds the preset with random weights (the
 same compute as the pretrained ones), times the real training step (the
-loop's optimizer, stepping inside backward, and its memory clean-up) on two
-batches of the canonical data, one of median and one of long length, and
-fits seconds = cost per FLOP x the step's FLOPs + a fixed cost per step (the
+loop's optimizer, stepping inside backward, and its memory clean-up) on three
+batches of the canonical data (one of median length, one long, and half of the
+median one), and fits seconds = cost per FLOP x the step's FLOPs + a fixed cost per step (the
 optimizer), counting the FLOPs ours computes (``step_flops``: the blocks skip the
 padding after each row's last target, attention grows with the square of the
 length). Summed over the epoch's batches, plus the evaluations the loop
@@ -213,7 +213,7 @@ def measure(config: TrainConfig) -> Calibration:
     # an epoch has new shapes (``Packing``), so timing the warm-up's own batches again read ~10 % fast in bf16.
     for x, y in (by_length[(len(by_length) * 4) // 10], by_length[(len(by_length) * 8) // 10]):
         step(x, y)
-    # Half of the median batch as a third point: the FLOPs then span ~4x, so the slope and the fixed part separate
+    # Half of the median batch as a third point: the FLOPs then span ~3x, so the slope and the fixed part separate
     # (two batches of similar size left the fixed part to absorb most of a small model's cost).
     half = median[0][: len(median[0]) // 2], median[1][: len(median[1]) // 2]
     samples = [(step_flops(gpt_config, x, y), step(x, y)) for x, y in (median, long, half)]
