@@ -87,8 +87,8 @@ class Engine:
     def project_run(self, calibration: Calibration, ref: dict | None, config: TrainConfig | None = None) -> Projection:
         """A run on a visitor's data (the bundled sample when none is chosen) at a calibration's measured costs: one
         epoch at the loop's defaults, or ``config``'s epochs, steps and batches. Each data's batches are counted once
-        per model and batching (size, grouping, prompt masking). ``ValueError`` says why there is none (too few records for a batch, an upload that
-        has left the server)."""
+        per model and batching (size, grouping, prompt masking). ``ValueError`` says why there is none (too few
+        records for a batch, an upload that has left the server)."""
         batching = (config.batch_size, config.grouped, config.mask_prompt) if config else (8, False, False)
         key = (ref["sha256"] if ref else "sample", calibration.model, *batching)
         with self._lock:

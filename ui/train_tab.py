@@ -255,10 +255,8 @@ def run_config(preset: str, lora: bool, rank, epochs, batch_size, grouped: bool,
                mask_prompt: bool) -> TrainConfig | None:
     """The form's run as far as its time goes, or None when it is one epoch at the loop's defaults (or not valid yet)."""
     try:
-        config = TrainConfig(model=preset, random_init=True, epochs=as_int(epochs, "epochs"), batch_size=as_int(batch_size, "batch size"),
-                             grouped=bool(grouped), max_steps=as_int(max_steps, "max steps", allow_none=True) or None,
-                             eval_every=as_int(eval_every, "eval every"), mask_prompt=bool(mask_prompt),
-                             lora_rank=int(rank or 16) if lora else 0)
+        config = make_config(preset, "", True, epochs, batch_size, DEFAULTS["lr"], mask_prompt, lora, rank, None, grouped,
+                             max_steps, eval_every, data="sample")
     except (ConfigError, TypeError, ValueError):
         return None
     default = TrainConfig(model=preset, random_init=True)
@@ -287,18 +285,21 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     book = dataset is not None and dataset["source"] == "canonical"
     name = ("the book's data" if book else html.escape(dataset["name"]) if dataset and dataset["source"] != "sample"
             else "the bundled sample")
-    run = run_config(preset, lora, rank, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt)
-    try:
-        if not book:
+    if not book:
+        try:
             mine = engine.project_run(found, dataset)
             when += f"; of {name} <b>{clock(mine.total_s)}</b> ({mine.steps} steps)"
-        when += "."
-        if run is not None:
+        except ValueError as e:
+            when += f"; none for {name}: {html.escape(scrub(str(e)))}"
+    when += "."
+    run = run_config(preset, lora, rank, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt)
+    if run is not None:
+        this_run = f"This run, {run.epochs} epoch{'s' if run.epochs != 1 else ''} of {name} at batch {run.batch_size}"
+        try:
             this = engine.project_run(found, dataset, run)
-            when += (f"<br>This run, {run.epochs} epoch{'s' if run.epochs != 1 else ''} of {name} at batch {run.batch_size}: "
-                     f"<b>{clock(this.total_s)}</b> ({this.steps} steps).")
-    except ValueError as e:
-        when += f"; none for {name}: {html.escape(scrub(str(e)))}."
+            when += f"<br>{this_run}: <b>{clock(this.total_s)}</b> ({this.steps} steps)."
+        except ValueError as e:
+            when += f"<br>{this_run}: none, {html.escape(scrub(str(e)))}."
     return notice(f"{when}<br>Precision: {reason}.")
 
 
