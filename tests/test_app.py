@@ -313,6 +313,17 @@ def test_measure_shows_the_expected_time_of_the_books_data_the_visitors_own_and_
     assert "at batch 64: none, too few records (74) for one training batch of 64." in measure(epochs=2, batch_size=64)
 
 
+def test_measure_offline_times_the_bundled_sample(url, tmp_path, monkeypatch):
+    c = client(url)
+    wait_until_idle(c)
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(cache, "CANONICAL_URL", "http://127.0.0.1:9/instruction-data.json")
+    out = text(c.predict("tiny", False, 16, 20, 8, False, 0, 6, True, api_name="/measure_epoch"))
+    assert re.search(r"one epoch of the bundled sample \(the book's data is not cached and could not be downloaded\) "
+                     r"\d+:\d\d \(7 steps at [\d,]+ tokens/s\)\.", out), out
+    assert "; of the bundled sample" not in out  # the epoch timed is the visitor's
+    assert re.search(r"This run, 20 epochs of the bundled sample at batch 8: \d+:\d\d \(140 steps\)", out), out
+
 def test_settings_errors_are_messages(url):
     c = client(url)
     before = wait_until_idle(c)

@@ -457,17 +457,29 @@ def test_bench_train_reports_missing_data_in_one_line():
     assert out.stderr.strip().count("\n") == 0 and "/nonexistent/records.json" in out.stderr
 
 
+def offline_env(tmp_path) -> dict:
+    """An empty dataset cache, and downloads through a proxy on the discard port: offline on any machine."""
+    nowhere = "http://127.0.0.1:9"
+    return {**os.environ, "GPT2_INSTRUCT_CACHE": str(tmp_path / "empty-cache"), "https_proxy": nowhere, "HTTPS_PROXY": nowhere,
+            "no_proxy": "", "NO_PROXY": ""}
+
+
+def test_the_calibration_cli_times_the_bundled_sample_offline(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "training.calibrate", "--model", "tiny"], cwd=REPO, env=offline_env(tmp_path),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "one epoch of the bundled sample (the book's data is not cached and could not be downloaded) ~" in out.stdout
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["data"] == "sample" and figures["steps"] == 7 and figures["train_s"] > 0
+
+
 @pytest.mark.parametrize("args, says", [
-    (["training.calibrate", "--model", "tiny"], "instruction-data.json"),
     (["training.calibrate", "--model", "gpt9"], "gpt9"),
     (["bench.dpo", "--model", "tiny", "--steps", "1"], "instruction-data.json"),
     (["bench.dpo", "--model", "tiny", "--sides", "dpo"], "instruction-data-with-preference.json"),
 ])
 def test_clis_report_missing_data_and_unknown_presets_in_one_line(tmp_path, args, says):
-    nowhere = "http://127.0.0.1:9"  # downloads go through a proxy on the discard port: offline on any machine
-    env = {**os.environ, "GPT2_INSTRUCT_CACHE": str(tmp_path / "empty-cache"), "https_proxy": nowhere, "HTTPS_PROXY": nowhere,
-           "no_proxy": "", "NO_PROXY": ""}
-    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: ") and says in out.stderr
 

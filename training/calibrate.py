@@ -4,7 +4,7 @@
 same compute as the pretrained ones), times the real training step (the
 loop's optimizer, stepping inside backward, and its memory clean-up) on three
 batches of the canonical data (one of median length, one long, and half of the
-median one), and fits seconds = cost per FLOP x the step's FLOPs + a fixed cost per step (the
+median one; offline with an empty cache, of the bundled sample), and fits seconds = cost per FLOP x the step's FLOPs + a fixed cost per step (the
 optimizer), counting the FLOPs ours computes (``step_flops``: the blocks skip the
 padding after each row's last target, attention grows with the square of the
 length). Summed over the epoch's batches, plus the evaluations the loop
@@ -46,6 +46,7 @@ VERSION = 8  # bumped when training gets faster (or the cached fields change), s
 class Calibration:
     model: str
     method: str  # "full" or "lora-<rank>"
+    data: str  # what was timed and what epoch_s covers: "canonical" (the book's), or "sample" where that cannot be had
     epoch_s: float  # expected wall time of one epoch of the canonical data, evaluations included
     train_s: float  # ... of which training steps
     eval_s: float  # ... and evaluations
@@ -189,7 +190,11 @@ def measure(config: TrainConfig) -> Calibration:
     dtype = pick_dtype(device, config.precision)
     configure_precision(device, dtype)
     gpt_config = GPTConfig.from_name(config.model)
-    train, val, sample_record = epoch_batches(config, gpt_config.block_size)
+    try:
+        records, data = load_instructions("canonical"), "canonical"
+    except DatasetError:  # offline with an empty cache: the bundled sample times the same step
+        records, data = load_instructions("sample"), "sample"
+    train, val, sample_record = epoch_batches(config, gpt_config.block_size, records)
     by_length = sorted(train, key=lambda b: Packing.tokens(b[1]))
     median, long = by_length[len(by_length) // 2], by_length[(len(by_length) * 9) // 10]
 
@@ -224,7 +229,7 @@ def measure(config: TrainConfig) -> Calibration:
     epoch = project(EpochShape.of(gpt_config, train, val, sample_record), config, per_flop, fixed, forward_per_flop,
                     per_new_token)
     return Calibration(
-        model=config.model, method=f"lora-{config.lora_rank}" if config.lora_rank else "full",
+        model=config.model, method=f"lora-{config.lora_rank}" if config.lora_rank else "full", data=data,
         epoch_s=epoch.total_s, train_s=epoch.train_s, eval_s=epoch.eval_s, steps=epoch.steps,
         tokens_per_s=epoch.tokens / epoch.train_s, precision=PRECISION_NAMES[dtype],
         reason=precision_reason(device, config.precision), cpu_class=cpu_class(),
@@ -298,6 +303,13 @@ def calibrate(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto", 
     return result
 
 
+def timed_on(calibration: Calibration) -> str:
+    """What a calibration's epoch covers, in words."""
+    if calibration.data == "canonical":
+        return "the book's data"
+    return "the bundled sample (the book's data is not cached and could not be downloaded)"
+
+
 def main(argv=None) -> int:
     """``python -m training.calibrate [--model gpt2] [--lora-rank 0] [--refresh]``: print the expected epoch."""
     import argparse
@@ -313,10 +325,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         c = calibrate(args.model, args.lora_rank, args.precision, refresh=args.refresh)
-    except (DatasetError, ConfigError) as e:  # the book's data not cached and no network; an unknown preset
+    except ConfigError as e:  # an unknown preset
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{c.model} ({c.method}), {c.reason}: one epoch of the book's data ~{c.epoch_s / 60:.1f} min "
+    print(f"{c.model} ({c.method}), {c.reason}: one epoch of {timed_on(c)} ~{c.epoch_s / 60:.1f} min "
           f"({c.train_s:.0f} s training at {c.tokens_per_s:.0f} tokens/s, {c.eval_s:.0f} s evaluating); "
           f"{'cached' if c.cached else f'measured in {c.measured_s:.1f} s'}")
     print(json.dumps({k: v for k, v in asdict(c).items()}))

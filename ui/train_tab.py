@@ -270,7 +270,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     data; of the visitor's own data (the bundled sample when none is chosen); and of the run the form describes."""
     from model import pick_device
     from model.device import precision_reason
-    from training.calibrate import cached
+    from training.calibrate import cached, timed_on
 
     reason = html.escape(precision_reason(pick_device()))
     lora_rank = int(rank or 16) if lora else 0
@@ -280,12 +280,11 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
         when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}: not measured on this machine yet "
                 "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
         return notice(f"{when}<br>Precision: {reason}.")
-    when = (f"Expected on this machine for <b>{html.escape(preset)}</b>, {method}, evaluations included: one epoch of the "
-            f"book's data <b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
-    book = dataset is not None and dataset["source"] == "canonical"
-    name = ("the book's data" if book else html.escape(dataset["name"]) if dataset and dataset["source"] != "sample"
-            else "the bundled sample")
-    if not book:
+    when = (f"Expected on this machine for <b>{html.escape(preset)}</b>, {method}, evaluations included: one epoch of "
+            f"{html.escape(timed_on(found))} <b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
+    source = dataset["source"] if dataset else "sample"
+    name = {"canonical": "the book's data", "sample": "the bundled sample"}.get(source) or html.escape(dataset["name"])
+    if source != found.data:
         try:
             mine = engine.project_run(found, dataset)
             when += f"; of {name} <b>{clock(mine.total_s)}</b> ({mine.steps} steps)"
@@ -315,8 +314,8 @@ def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, 
         return notice("Only the presets can be measured.", "error")
     try:
         result = calibrate(preset, int(rank or 16) if lora else 0, refresh=True)
-    except DatasetError as e:
-        return notice(f"The expected epoch is measured on the book's data: {html.escape(scrub(str(e)))}", "error")
+    except DatasetError as e:  # neither the book's data nor the bundled sample could be read
+        return notice(f"The expected epoch could not be measured: {html.escape(scrub(str(e)))}", "error")
     return expected_html(engine, preset, lora, rank, dataset, *run, result=result)
 
 
