@@ -4,7 +4,8 @@
 same compute as the pretrained ones), times the real training step (the
 loop's optimizer, stepping inside backward, and its memory clean-up) on three
 batches of the canonical data (one of median length, one long, and half of the
-median one; offline with an empty cache, of the bundled sample), and fits seconds = cost per FLOP x the step's FLOPs + a fixed cost per step (the
+median one; offline with an empty cache, of the bundled sample), and fits
+seconds = cost per FLOP x the step's FLOPs + a fixed cost per step (the
 optimizer), counting the FLOPs ours computes (``step_flops``: the blocks skip the
 padding after each row's last target, attention grows with the square of the
 length). Summed over the epoch's batches, plus the evaluations the loop
@@ -47,7 +48,7 @@ class Calibration:
     model: str
     method: str  # "full" or "lora-<rank>"
     data: str  # what was timed and what epoch_s covers: "canonical" (the book's), or "sample" where that cannot be had
-    epoch_s: float  # expected wall time of one epoch of the canonical data, evaluations included
+    epoch_s: float  # expected wall time of one epoch of ``data``, evaluations included
     train_s: float  # ... of which training steps
     eval_s: float  # ... and evaluations
     steps: int  # optimizer steps in the epoch
