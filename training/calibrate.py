@@ -137,12 +137,12 @@ def step_flops(config: GPTConfig, x: torch.Tensor, y: torch.Tensor) -> float:
     return 6 * block_params * Packing.tokens(y) + 6 * config.vocab_size * d * targets + 12 * config.n_layer * B * T * T * d
 
 
-def epoch_batches(config: TrainConfig, context: int, records: list[dict] | None = None) -> tuple[list, list, dict]:
-    """The first-epoch training batches of ``records`` (the canonical data by default), as the loop makes them,
-    its evaluation batches, and the record whose answer it generates at each evaluation."""
-    split = split_instructions(load_instructions("canonical") if records is None else records)
+def epoch_batches(config: TrainConfig, context: int, records: list[dict]) -> tuple[list, list, dict]:
+    """The first-epoch training batches of ``records``, as the loop makes them, its evaluation batches, and the
+    record whose answer it generates at each evaluation."""
+    split = split_instructions(records)
     if not split.train:
-        raise ValueError(f"too few records ({len(records or ())}) for a training split")
+        raise ValueError(f"too few records ({len(records)}) for a training split")
     train_ds = InstructionDataset(split.train, style=config.style, max_length=context)
     val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
     train = list(make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed, mask_prompt=config.mask_prompt))
