@@ -22,7 +22,7 @@ from model.weights import WeightsError, hub_cached, hub_unreachable, read_config
 from runstore import RunInfo, find_run, list_runs, runs_root
 from runstore.export import export_zip
 from runstore.store import recover_runs
-from training.calibrate import Calibration, EpochShape, Projection, data_shape, projection
+from training.calibrate import Calibration, EpochShape, Projection, cached, calibrate, data_shape, projection
 from training.config import ConfigError, TrainConfig
 from training.estimate import GB, estimate_for
 from training.events import Progress
@@ -70,6 +70,7 @@ class Engine:
         self.recovered = recover_runs(self.root)
         self._suggestion: str | None = None
         self._shapes: OrderedDict[tuple, EpochShape | str] = OrderedDict()  # project_run's (or why not), the latest few
+        self._measuring: str | None = None  # the preset being timed by ``measure``
 
     def look_for_weights(self) -> None:
         """Find, in the background, whether GPT-2 124M can be loaded here (cached, or the Hub answers)."""
@@ -83,6 +84,33 @@ class Engine:
         return self._suggestion or "tiny"
 
     # Estimates
+
+    @staticmethod
+    def calibration(preset: str, lora_rank: int = 0) -> Calibration | None:
+        """The expected epoch of a preset and method as last measured on this machine, or None."""
+        return cached(preset, lora_rank) if preset in PRESETS else None
+
+    def measure(self, preset: str, lora_rank: int = 0) -> Calibration:
+        """Time a few real training steps of a preset and method (seconds to a minute) and cache the result.
+
+        It runs alone, since anything else training or evaluating would skew both: ``JobError`` while a job
+        runs or another measurement does, and no job starts until it has ended.
+        """
+        if preset not in PRESETS:
+            raise ConfigError(f"only the presets ({', '.join(PRESETS)}) can be measured, not {preset!r}")
+        with self._lock:
+            busy = next((job for job in self._jobs.values() if job is not None and job.active), None)
+            if busy is not None:
+                title = busy.snapshot(since=SCALARS_ONLY)["title"]
+                raise JobError(f"a {title} is running: measure once it has ended, so that neither slows the other")
+            if self._measuring:
+                raise JobError(f"{self._measuring} is being measured already; its result shows here in a moment")
+            self._measuring = preset
+        try:
+            return calibrate(preset, lora_rank, refresh=True)
+        finally:
+            with self._lock:
+                self._measuring = None
 
     def project_run(self, calibration: Calibration, ref: dict | None, config: TrainConfig | None = None) -> Projection:
         """A run on a visitor's data (the bundled sample when none is chosen) at a calibration's measured costs: one
@@ -151,6 +179,9 @@ class Engine:
 
     def _launch(self, lane: str, job: Job) -> Job:
         with self._lock:
+            if self._measuring:
+                raise JobError(f"the expected epoch of {self._measuring} is being measured on this machine (seconds to a "
+                               "minute): start once it has ended, so that neither slows the other")
             current = self._jobs[lane]
             if current is not None and current.active:
                 snap = current.snapshot(since=SCALARS_ONLY)

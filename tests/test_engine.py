@@ -221,3 +221,38 @@ def test_a_stopped_run_resumes_through_the_engine_and_finishes(engine):
     assert [r["step"] for r in snap["history"]][-1] == 21
     resumed = engine.runs()[0]
     assert resumed.name == run.name and resumed.status == "done" and not resumed.resumable
+
+
+def test_a_measurement_runs_alone_so_that_nothing_skews_it(engine, monkeypatch):
+    """Measure times real steps: refused while a job runs or another measurement does; no job starts meanwhile."""
+    import importlib
+    import threading
+
+    started, release, results = threading.Event(), threading.Event(), []
+
+    def slow_calibrate(preset, lora_rank=0, refresh=False):
+        started.set()
+        assert release.wait(30)
+        return (preset, lora_rank, refresh)
+
+    monkeypatch.setattr(importlib.import_module("engine.engine"), "calibrate", slow_calibrate)
+    timing = threading.Thread(target=lambda: results.append(engine.measure("tiny", 4)))
+    timing.start()
+    assert started.wait(30)
+    with pytest.raises(JobError, match="the expected epoch of tiny is being measured"):
+        engine.start_training(tiny())
+    with pytest.raises(JobError, match="tiny is being measured already"):
+        engine.measure("gpt2")
+    release.set()
+    timing.join(30)
+    assert results == [("tiny", 4, True)]
+
+    job = engine.start_training(tiny(max_steps=200), owner="alice")
+    wait_for(engine, "train", lambda s: s["status"] == "training")
+    with pytest.raises(JobError, match="a fine-tuning run is running: measure once it has ended"):
+        engine.measure("tiny")
+    engine.stop("train", "alice")
+    assert job.wait(60)
+    assert engine.measure("tiny") == ("tiny", 0, True)
+    with pytest.raises(ConfigError, match="only the presets .* can be measured, not 'gpt9'"):
+        engine.measure("gpt9")

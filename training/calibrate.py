@@ -64,6 +64,13 @@ class Calibration:
     measured_at: float  # time.time() of the measurement
     cached: bool = False
 
+    @property
+    def timed_on(self) -> str:
+        """What ``epoch_s`` covers, in words."""
+        if self.data == "canonical":
+            return "the book's data"
+        return "the bundled sample (the book's data is not cached and could not be downloaded)"
+
 
 def cache_file() -> Path:
     return cache.cache_dir() / CACHE_NAME
@@ -304,13 +311,6 @@ def calibrate(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto", 
     return result
 
 
-def timed_on(calibration: Calibration) -> str:
-    """What a calibration's epoch covers, in words."""
-    if calibration.data == "canonical":
-        return "the book's data"
-    return "the bundled sample (the book's data is not cached and could not be downloaded)"
-
-
 def main(argv=None) -> int:
     """``python -m training.calibrate [--model gpt2] [--lora-rank 0] [--refresh]``: print the expected epoch."""
     import argparse
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     except ConfigError as e:  # an unknown preset
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{c.model} ({c.method}), {c.reason}: one epoch of {timed_on(c)} ~{c.epoch_s / 60:.1f} min "
+    print(f"{c.model} ({c.method}), {c.reason}: one epoch of {c.timed_on} ~{c.epoch_s / 60:.1f} min "
           f"({c.train_s:.0f} s training at {c.tokens_per_s:.0f} tokens/s, {c.eval_s:.0f} s evaluating); "
           f"{'cached' if c.cached else f'measured in {c.measured_s:.1f} s'}")
     print(json.dumps({k: v for k, v in asdict(c).items()}))

@@ -270,18 +270,16 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     data; of the visitor's own data (the bundled sample when none is chosen); and of the run the form describes."""
     from model import pick_device
     from model.device import precision_reason
-    from training.calibrate import cached, timed_on
-
     reason = html.escape(precision_reason(pick_device()))
     lora_rank = int(rank or 16) if lora else 0
-    found = result or (cached(preset, lora_rank) if preset in PRESETS else None)
+    found = result or engine.calibration(preset, lora_rank)
     method = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
     if found is None:
         when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}: not measured on this machine yet "
                 "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
         return notice(f"{when}<br>Precision: {reason}.")
     when = (f"Expected on this machine for <b>{html.escape(preset)}</b>, {method}, evaluations included: one epoch of "
-            f"{html.escape(timed_on(found))} <b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
+            f"{html.escape(found.timed_on)} <b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
     source = dataset["source"] if dataset else "sample"
     name = {"canonical": "the book's data", "sample": "the bundled sample"}.get(source) or html.escape(dataset["name"])
     if source != found.data:
@@ -303,17 +301,13 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
 
 
 def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *run) -> str:
-    """Time a few real training steps of the chosen preset and method (refused while a run trains: it would skew both).
+    """Time a few real training steps of the chosen preset and method (``Engine.measure``: alone on the machine).
     ``run``: the form's epochs, batch size, grouping, max steps, evaluation interval and prompt masking, for the
     run's expected time."""
-    from training.calibrate import calibrate
-
-    if engine.snapshot("train", since=SCALARS_ONLY)["status"] in ACTIVE:
-        return notice("A run is training: measure once it has ended, so that neither slows the other.", "error")
-    if preset not in PRESETS:
-        return notice("Only the presets can be measured.", "error")
     try:
-        result = calibrate(preset, int(rank or 16) if lora else 0, refresh=True)
+        result = engine.measure(preset, int(rank or 16) if lora else 0)
+    except (JobError, ConfigError) as e:
+        return notice(f"Not measured: {html.escape(scrub(str(e)))}.", "error")
     except DatasetError as e:  # neither the book's data nor the bundled sample could be read
         return notice(f"The expected epoch could not be measured: {html.escape(scrub(str(e)))}", "error")
     return expected_html(engine, preset, lora, rank, dataset, *run, result=result)
