@@ -38,7 +38,7 @@ from bench.common import machine, precision_line, print_json, spread
 from data import DatasetError, InstructionDataset, load_instructions, make_loader, padding_stats, split_instructions
 from model import GPTConfig, pick_device, pick_dtype, save_pretrained
 from model.device import configure_precision, cpu_class, describe, peak_rss_mb, release_free_memory
-from model.gpt import linear
+from model.fused import linear
 from training.calibrate import fit, step_flops
 from training.config import ConfigError, TrainConfig
 from training.loop import build_model

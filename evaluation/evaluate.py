@@ -32,7 +32,7 @@ import torch
 from data import DatasetError, InstructionDataset, custom_collate_fn, extract_response, format_prompt, load_instructions, split_instructions
 from model import WeightsError, generate_batch, get_tokenizer
 from model.device import describe
-from model.gpt import linear
+from model.fused import linear
 
 from runstore.export import ExportError, export_zip
 from runstore.models import Models, run_config

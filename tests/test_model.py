@@ -28,6 +28,8 @@ from model import (
     stream_text,
 )
 from model import generation as generation_module
+from model import fused
+from model.loss import Packing
 from model import gpt as gpt_module
 from tests.hf_utils import hf_logits, hf_model, save_hub_layout, save_transformers_layout
 
@@ -402,11 +404,11 @@ def test_benchmark_json_has_no_nan():
     assert json.loads(line) == {"a": None, "b": None, "c": 1.235, "d": "x"}
 
 
-@pytest.mark.skipif(not gpt_module.ONEDNN, reason="this PyTorch has no oneDNN")
+@pytest.mark.skipif(not fused.ONEDNN, reason="this PyTorch has no oneDNN")
 def test_fp32_linear_runs_onednn_and_matches_f_linear():
     """On the CPU in fp32 the forward is oneDNN's matmul, the gradients autograd's; both agree with ``F.linear``."""
     torch.manual_seed(0)
-    layer = gpt_module.Linear(48, 80)
+    layer = fused.Linear(48, 80)
     w, b = (t.detach().clone().requires_grad_() for t in (layer.weight, layer.bias))
     x = torch.randn(3, 7, 48, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
@@ -422,7 +424,7 @@ def test_fp32_linear_runs_onednn_and_matches_f_linear():
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
-    assert not gpt_module.uses_onednn(x.bfloat16(), layer.weight.bfloat16())
+    assert not fused.uses_onednn(x.bfloat16(), layer.weight.bfloat16())
 
 
 def _loss_and_grads(model, x, y):
@@ -443,23 +445,23 @@ def _loss_and_grads(model, x, y):
 def test_training_layernorm_linear_keeps_less_and_gives_the_same_gradients(onednn, monkeypatch):
     """Each block's ln_1 -> c_attn and ln_2 -> c_fc train through ``LayerNormLinear``: the same loss and gradients to
     the bit as LayerNorm then Linear under autograd, with one (tokens x d) tensor fewer kept per LayerNorm."""
-    if onednn and not gpt_module.ONEDNN:
+    if onednn and not fused.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN")
-    monkeypatch.setattr(gpt_module, "ONEDNN", onednn)
+    monkeypatch.setattr(fused, "ONEDNN", onednn)
     torch.manual_seed(0)
     config = GPTConfig.from_name("tiny")
     model = GPT(config).train()
     x = torch.randint(0, config.vocab_size, (3, 16))
     y = torch.randint(0, config.vocab_size, (3, 16))
     y[1, 10:] = -100  # packing on
-    fused = _loss_and_grads(model, x, y)
+    kept_less = _loss_and_grads(model, x, y)
     monkeypatch.setattr(gpt_module, "norm_linear", lambda norm, lin, h: lin(norm(h)))
     plain = _loss_and_grads(model, x, y)
-    assert torch.equal(fused[0], plain[0])
+    assert torch.equal(kept_less[0], plain[0])
     for name, grad in plain[1].items():
-        assert torch.equal(fused[1][name], grad), name
-    tokens = gpt_module.Packing.tokens(y)
-    assert plain[2] - fused[2] >= 2 * config.n_layer * tokens * config.n_embd * 4, (plain[2], fused[2])
+        assert torch.equal(kept_less[1][name], grad), name
+    tokens = Packing.tokens(y)
+    assert plain[2] - kept_less[2] >= 2 * config.n_layer * tokens * config.n_embd * 4, (plain[2], kept_less[2])
 
 
 @pytest.mark.parametrize("dtype, length, flash", [(torch.float32, 16, True), (torch.bfloat16, 16, False),

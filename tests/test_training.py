@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from data import InstructionDataset, load_instructions, make_loader, source_path, split_instructions
 from model import GPT, GPTConfig, load_pretrained
-from model import gpt as gpt_module
-from model.gpt import Packing, TiedHeadCrossEntropy
+from model import fused
+from model.loss import Packing, TiedHeadCrossEntropy
 from runstore import list_runs, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
 from training.config import ConfigError
@@ -78,12 +78,12 @@ def test_fused_head_loss_and_gradients_equal_the_books_loss(batches, variant, bl
         assert abs(model.loss(x, y).item() - book.item()) < 1e-5
 
 
-@pytest.mark.parametrize("onednn", [True, False] if gpt_module.ONEDNN else [False])
+@pytest.mark.parametrize("onednn", [True, False] if fused.ONEDNN else [False])
 def test_step_in_backward_matches_plain_adamw(batches, monkeypatch, onednn):
     """fp32: AdamW stepping each tensor inside backward gives the weights of torch's AdamW after the backward,
     while the tied weight's gradient buffer is kept and overwritten at every step; so is the head's logits block
     where ``torch.mm`` makes the logits (oneDNN's matmul makes its own)."""
-    monkeypatch.setattr(gpt_module, "ONEDNN", onednn)
+    monkeypatch.setattr(fused, "ONEDNN", onednn)
     torch.manual_seed(0)
     a = GPT(GPTConfig.from_name("tiny"))
     b = GPT(GPTConfig.from_name("tiny"))
@@ -519,7 +519,7 @@ def test_mlp_recomputing_gelu_gives_autograds_gradients():
 def test_sigmoid_form_gelu_equals_atens_tanh_gelu():
     """The fp32 CPU GELU (x * sigmoid(2z)) and its backward against ATen's tanh GELU in fp64, over -30..30,
     the same to the bit with and without autograd."""
-    from model.gpt import gelu_tanh, gelu_tanh_and_backward
+    from model.fused import gelu_tanh, gelu_tanh_and_backward
 
     torch.manual_seed(0)
     x = torch.cat([torch.linspace(-30, 30, 20_001), torch.randn(20_000) * 3])

@@ -31,7 +31,7 @@ import torch
 from data import DatasetError, InstructionDataset, cache, load_instructions, make_loader, split_instructions
 from model import GPT, GPTConfig, generate, get_tokenizer, pick_device, pick_dtype
 from model.device import DTYPES, configure_precision, cpu_class, precision_reason, release_free_memory
-from model.gpt import Packing
+from model.loss import Packing
 from model.files import atomic_write
 
 from .config import ConfigError, TrainConfig

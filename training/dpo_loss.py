@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from data.preference import PreferenceDataset, collate_preferences
 from model import GPT
 from model.device import release_free_memory
-from model.gpt import linear
+from model.fused import linear
 
 
 class TokenLogProbs(torch.autograd.Function):
@@ -25,7 +25,7 @@ class TokenLogProbs(torch.autograd.Function):
     keeping every softmax from the forward pass, which at the longest batch
     would be ~100 MB. It scales ``one_hot - softmax`` by each token's incoming
     gradient and makes the head's weight gradient; with ``tied_grad`` it hands
-    that gradient to the tied token embedding (``model.gpt.TiedEmbedding``),
+    that gradient to the tied token embedding (``model.loss.TiedEmbedding``),
     as fine-tuning's head does.
     """
 

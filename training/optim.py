@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from model.gpt import TiedGradBuffer
+from model.loss import TiedGradBuffer
 
 PIECE_ELEMENTS = 2**19
 
