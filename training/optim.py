@@ -87,7 +87,7 @@ class MasterWeightAdamW:
                     n = full[rows].numel()
                     split_(full[rows], p.data[rows], self.low[p][rows], self.bits[:n].view_as(full[rows]))
                 del full
-        fused = device.type in ("cpu", "cuda")
+        fused = self.fused = device.type in ("cpu", "cuda")
         # One optimizer per piece: a step inside backward then touches a few MB at a time.
         # Their moments are views into two whole-tensor buffers, allocated before any activation:
         # one allocation each, out of the way of every step's short-lived buffers, and no
@@ -128,19 +128,33 @@ class MasterWeightAdamW:
     def _update(self, p: torch.Tensor) -> None:
         grad = p.grad
         if not self.mixed:
-            self.pieces[p][0][2].step()
+            self._adamw(self.pieces[p][0][2], p, grad)
         else:
             low = self.low[p]
             for rows, master, optimizer in self.pieces[p]:
                 n = master.numel()
                 join_(p.data[rows], low[rows], master)
-                master.grad = self.grad32[:n].view_as(master).copy_(grad[rows])
-                optimizer.step()
-                master.grad = None
+                self._adamw(optimizer, master, self.grad32[:n].view_as(master).copy_(grad[rows]))
                 split_(master, p.data[rows], low[rows], self.bits[:n].view_as(master))
         p.grad = None
         if self.grad_buffer is not None:
             self.grad_buffer.give_back(p, grad)
+
+    def _adamw(self, optimizer: torch.optim.AdamW, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """``optimizer.step()`` for its one tensor. Where it is fused, torch's fused kernel is called as torch's step
+        calls it (the step count, then the update), without the ~70 µs of Python around it: a bf16 step updates
+        hundreds of pieces, and tiny's whole step is ~40 ms."""
+        if not self.fused:
+            param.grad = grad
+            optimizer.step()
+            param.grad = None
+            return
+        group, state = optimizer.param_groups[0], optimizer.state[param]
+        state["step"].add_(1)
+        torch._fused_adamw_([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+                            amsgrad=False, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                            grad_scale=None, found_inf=None)
 
     @torch.no_grad()
     def step(self, clip_norm: float | None = None) -> float | None:
