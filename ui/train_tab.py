@@ -270,6 +270,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     data; of the visitor's own data (the bundled sample when none is chosen); and of the run the form describes."""
     from model import pick_device
     from model.device import precision_reason
+
     reason = html.escape(precision_reason(pick_device()))
     lora_rank = int(rank or 16) if lora else 0
     found = result or engine.calibration(preset, lora_rank)
