@@ -240,7 +240,7 @@ def build(shared) -> None:
             parent_info = gr.HTML(notice(NO_RUNS), elem_id="align-run-info")
             source = gr.Radio(DATA_CHOICES, value="preference", label="Preference data", elem_id="align-data")
             upload = gr.File(label="Preference pairs (.json list or .jsonl)", file_types=[".json", ".jsonl", ".ndjson"],
-                             height=90, elem_id="align-upload")
+                             height=110, elem_id="align-upload")
             gr.HTML(data_note(), elem_id="align-data-note")
             with gr.Row():
                 beta = gr.Number(value=DEFAULTS["beta"], label="Beta", step=0.05, elem_id="align-beta")
