@@ -239,7 +239,7 @@ def build(shared) -> None:
                 refresh = gr.Button("↻", size="sm", scale=0, min_width=48, elem_id="align-refresh-runs")
             parent_info = gr.HTML(notice(NO_RUNS), elem_id="align-run-info")
             source = gr.Radio(DATA_CHOICES, value="preference", label="Preference data", elem_id="align-data")
-            upload = gr.File(label="Preference pairs (.json list or .jsonl)", file_types=[".json", ".jsonl", ".ndjson"],
+            upload = gr.File(label="Preference pairs file", file_types=[".json", ".jsonl", ".ndjson"],
                              height=110, elem_id="align-upload")
             gr.HTML(data_note(), elem_id="align-data-note")
             with gr.Row():

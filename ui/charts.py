@@ -100,7 +100,7 @@ def mark_baseline(fig: go.Figure, history: list[dict]) -> None:
 def loss_figure(history: list[dict], overlays: list[tuple[str, list[dict]]] = (), title: str | None = None) -> go.Figure:
     """Train and validation loss against tokens seen, with past runs overlaid."""
     if not history and not overlays:
-        return empty_figure("Press Start to fine-tune: the loss will draw itself here.")
+        return empty_figure("Press Start to fine-tune:<br>the loss will draw itself here.")
     fig = go.Figure()
     for i, (name, past) in enumerate(overlays):
         add_run(fig, past, name=name, color=OVERLAY_COLORS[i % len(OVERLAY_COLORS)])
@@ -123,7 +123,7 @@ def live_rows(history: list[dict]) -> list[list]:
 def preference_figure(history: list[dict], title: str | None = None) -> go.Figure:
     """DPO loss on train and validation pairs (left axis) and the validation reward margin (right axis)."""
     if not history:
-        return empty_figure("Press Start to align: the DPO loss and the reward margin will draw themselves here.")
+        return empty_figure("Press Start to align: the DPO loss<br>and the reward margin will draw themselves here.")
     fig = go.Figure()
     add_run(fig, history)
     for trace in fig.data:

@@ -10,7 +10,7 @@ import html
 
 import gradio as gr
 
-from data import DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_stats, token_view
+from data import MAX_FILE_BYTES, DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_stats, token_view
 from data import cache
 from data.browse import PAGE_SIZE, page_of, split_of
 from data.preference import browse_preferences
@@ -163,7 +163,7 @@ def build(shared) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             source = gr.Radio(SOURCES, value=None, label="Source", elem_id="dataset-source")
-            upload = gr.File(label="Upload instructions (.json list or .jsonl, 20 MB at most)", file_types=[".json", ".jsonl", ".ndjson"],
+            upload = gr.File(label=f"Instructions file ({MAX_FILE_BYTES // 2**20} MB at most)", file_types=[".json", ".jsonl", ".ndjson"],
                              height=110, elem_id="upload")
             load_btn = gr.Button("Load", variant="secondary", size="sm", elem_id="load-btn")
         with gr.Column(scale=4):
