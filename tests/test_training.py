@@ -155,6 +155,32 @@ def test_bf16_compute_steps_like_fp32_adamw():
         assert p.dtype == torch.float32 and torch.equal(p, q), name
 
 
+def test_the_direct_fused_kernel_steps_as_torchs_own_step():
+    """``MasterWeightAdamW`` calls torch's fused AdamW kernel itself; through ``torch.optim``'s step (the path of
+    devices without a fused kernel) the weights end the same, bit for bit, in bf16 and in fp32, as the lr changes."""
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.manual_seed(0)
+        a = GPT(GPTConfig.from_name("tiny"))
+        b = GPT(GPTConfig.from_name("tiny"))
+        b.load_state_dict(a.state_dict())
+        before = a.transformer.h[0].mlp.c_fc.weight.detach().clone()
+        direct = MasterWeightAdamW(a, dtype, lr=1e-3, weight_decay=0.1, step_in_backward=False)
+        through_torch = MasterWeightAdamW(b, dtype, lr=1e-3, weight_decay=0.1, step_in_backward=False)
+        through_torch.fused = False
+        for step in range(3):
+            direct.lr = through_torch.lr = 1e-3 / (step + 1)
+            for p, q in zip(a.parameters(), b.parameters()):
+                p.grad = torch.randn_like(p, dtype=torch.float32).to(p.dtype)
+                q.grad = p.grad.clone()
+            direct.step()
+            through_torch.step()
+        direct.finish()
+        through_torch.finish()
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q), (dtype, name)
+        assert not torch.equal(a.transformer.h[0].mlp.c_fc.weight, before)
+
+
 def test_bf16_and_fp32_losses_agree(tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
