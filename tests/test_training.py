@@ -78,16 +78,30 @@ def test_fused_head_loss_and_gradients_equal_the_books_loss(batches, variant, bl
         assert abs(model.loss(x, y).item() - book.item()) < 1e-5
 
 
+def twin_tiny_models() -> tuple[GPT, GPT]:
+    """Two tiny models with the same weights (seed 0): one for ours, one for torch's AdamW."""
+    torch.manual_seed(0)
+    a = GPT(GPTConfig.from_name("tiny"))
+    b = GPT(GPTConfig.from_name("tiny"))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def give_same_random_grads(a: GPT, b: GPT) -> None:
+    """Random gradients on ``a``'s parameters in their dtype (bf16 where they are compute copies), the same
+    values on ``b``'s in theirs."""
+    for p, q in zip(a.parameters(), b.parameters()):
+        p.grad = torch.randn_like(p, dtype=torch.float32).to(p.dtype)
+        q.grad = p.grad.to(q.dtype, copy=True)
+
+
 @pytest.mark.parametrize("onednn", [True, False] if fused.ONEDNN else [False])
 def test_step_in_backward_matches_plain_adamw(batches, monkeypatch, onednn):
     """fp32: AdamW stepping each tensor inside backward gives the weights of torch's AdamW after the backward,
     while the tied weight's gradient buffer is kept and overwritten at every step; so is the head's logits block
     where ``torch.mm`` makes the logits (oneDNN's matmul makes its own)."""
     monkeypatch.setattr(fused, "ONEDNN", onednn)
-    torch.manual_seed(0)
-    a = GPT(GPTConfig.from_name("tiny"))
-    b = GPT(GPTConfig.from_name("tiny"))
-    b.load_state_dict(a.state_dict())
+    a, b = twin_tiny_models()
     ours = MasterWeightAdamW(a, torch.float32, lr=1e-3, weight_decay=0.1)
     plain = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
     assert b.tied_grad_buffer is None
@@ -138,16 +152,11 @@ def test_split_master_rebuilds_fp32_exactly():
 
 def test_bf16_compute_steps_like_fp32_adamw():
     """Given the same gradients, the split fp32 masters end bit for bit where torch's fp32 AdamW does."""
-    torch.manual_seed(0)
-    a = GPT(GPTConfig.from_name("tiny"))
-    b = GPT(GPTConfig.from_name("tiny"))
-    b.load_state_dict(a.state_dict())
+    a, b = twin_tiny_models()
     ours = MasterWeightAdamW(a, torch.bfloat16, lr=1e-3, weight_decay=0.1, step_in_backward=False)
     plain = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
     for _ in range(3):
-        for p, q in zip(a.parameters(), b.parameters()):
-            p.grad = torch.randn_like(p, dtype=torch.float32).to(torch.bfloat16)
-            q.grad = p.grad.float()
+        give_same_random_grads(a, b)
         ours.step()
         plain.step()
     ours.finish()
@@ -159,19 +168,14 @@ def test_the_direct_fused_kernel_steps_as_torchs_own_step():
     """``MasterWeightAdamW`` calls torch's fused AdamW kernel itself; through ``torch.optim``'s step (the path of
     devices without a fused kernel) the weights end the same, bit for bit, in bf16 and in fp32, as the lr changes."""
     for dtype in (torch.bfloat16, torch.float32):
-        torch.manual_seed(0)
-        a = GPT(GPTConfig.from_name("tiny"))
-        b = GPT(GPTConfig.from_name("tiny"))
-        b.load_state_dict(a.state_dict())
+        a, b = twin_tiny_models()
         before = a.transformer.h[0].mlp.c_fc.weight.detach().clone()
         direct = MasterWeightAdamW(a, dtype, lr=1e-3, weight_decay=0.1, step_in_backward=False)
         through_torch = MasterWeightAdamW(b, dtype, lr=1e-3, weight_decay=0.1, step_in_backward=False)
         through_torch.fused = False
         for step in range(3):
             direct.lr = through_torch.lr = 1e-3 / (step + 1)
-            for p, q in zip(a.parameters(), b.parameters()):
-                p.grad = torch.randn_like(p, dtype=torch.float32).to(p.dtype)
-                q.grad = p.grad.clone()
+            give_same_random_grads(a, b)
             direct.step()
             through_torch.step()
         direct.finish()
