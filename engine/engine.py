@@ -117,7 +117,8 @@ class Engine:
         epoch at the loop's defaults, or ``config``'s epochs, steps and batches. Each data's batches are counted once
         per model and batching (size, grouping, prompt masking). ``ValueError`` says why there is none (too few
         records for a batch, an upload that has left the server)."""
-        batching = (config.batch_size, config.grouped, config.mask_prompt) if config else (8, False, False)
+        run = config or TrainConfig(model=calibration.model, random_init=True)  # the loop's defaults, declared once
+        batching = (run.batch_size, run.grouped, run.mask_prompt)
         key = (ref["sha256"] if ref else "sample", calibration.model, *batching)
         with self._lock:
             shape = self._shapes.get(key)
