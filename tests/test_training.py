@@ -144,8 +144,10 @@ def test_split_master_rebuilds_fp32_exactly():
     full = torch.cat([torch.randn(100_000) * 10.0 ** torch.randint(-8, 4, (100_000,)), special, ties])
     high = torch.empty_like(full, dtype=torch.bfloat16)
     low = torch.empty_like(full, dtype=torch.int16)
-    split_(full, high, low, torch.empty_like(full, dtype=torch.int32))
-    assert torch.equal(join_(high, low, torch.empty_like(full)).view(torch.int32), full.view(torch.int32))
+    scratch = torch.empty_like(full, dtype=torch.int32)
+    split_(full, high, low, scratch)
+    assert torch.equal(join_(high, low, torch.empty_like(full), scratch).view(torch.int32), full.view(torch.int32))
+    assert torch.equal(low.int(), full.view(torch.int32) - high.view(torch.int16).int() * 0x10000)
     not_tie = (full.view(torch.int32) & 0xFFFF) != 0x8000
     assert torch.equal(high[not_tie], full[not_tie].to(torch.bfloat16))
 
