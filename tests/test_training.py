@@ -529,6 +529,17 @@ def test_bench_train_ends_with_one_json_object_without_nan(tmp_path):
         figures["mfu"] * figures["matmul_peak_gflops"] / figures["torch_mm_peak_gflops"], abs=2e-3)  # rounded to 3 places
 
 
+def test_bench_optim_times_every_side_and_ends_with_json():
+    out = subprocess.run([sys.executable, "-m", "bench.optim", "--model", "tiny", "--rounds", "2"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert set(figures["update_ms"]) == {"ours_bf16", "torch_fp32_master_bf16_copy", "ours_fp32", "torch_fp32"}
+    assert all(ms > 0 for ms in figures["update_ms"].values()) and figures["bf16_ratio"] > 0
+    bad = subprocess.run([sys.executable, "-m", "bench.optim", "--model", "gpt9"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "gpt9" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_mlp_recomputing_gelu_gives_autograds_gradients():
     """The training MLP (GELU recomputed in backward) against plain autograd, forward and every gradient."""
     from model.gpt import MLP
