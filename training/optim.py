@@ -89,8 +89,7 @@ class MasterWeightAdamW:
                 p.data = torch.empty_like(full, dtype=torch.bfloat16)
                 self.low[p] = torch.empty_like(full, dtype=torch.int16)
                 for rows in pieces_of(full, True):
-                    n = full[rows].numel()
-                    split_(full[rows], p.data[rows], self.low[p][rows], self.bits[:n].view_as(full[rows]))
+                    split_(full[rows], p.data[rows], self.low[p][rows], self._scratch(full[rows]))
                 del full
         fused = self.fused = device.type in ("cpu", "cuda")
         # One optimizer per piece: a step inside backward then touches a few MB at a time.
@@ -117,6 +116,10 @@ class MasterWeightAdamW:
         if step_in_backward and getattr(model, "tied_grad_buffer", False) is None:
             self.grad_buffer = model.tied_grad_buffer = TiedGradBuffer(model.lm_head.weight)
 
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """An int32 buffer shaped like one piece, for ``split_`` and ``join_``."""
+        return self.bits[: like.numel()].view_as(like)
+
     def _optimizers(self):
         return (optimizer for pieces in self.pieces.values() for _, _, optimizer in pieces)
 
@@ -137,10 +140,9 @@ class MasterWeightAdamW:
         else:
             low = self.low[p]
             for rows, master, optimizer in self.pieces[p]:
-                n = master.numel()
-                scratch = self.bits[:n].view_as(master)
+                scratch = self._scratch(master)
                 join_(p.data[rows], low[rows], master, scratch)
-                self._adamw(optimizer, master, self.grad32[:n].view_as(master).copy_(grad[rows]))
+                self._adamw(optimizer, master, self.grad32[: master.numel()].view_as(master).copy_(grad[rows]))
                 split_(master, p.data[rows], low[rows], scratch)
         p.grad = None
         if self.grad_buffer is not None:
@@ -196,7 +198,7 @@ class MasterWeightAdamW:
             if p in self.low:
                 full, low = torch.empty_like(p.data, dtype=torch.float32), self.low.pop(p)
                 for rows in pieces_of(full, True):
-                    join_(p.data[rows], low[rows], full[rows], self.bits[: full[rows].numel()].view_as(full[rows]))
+                    join_(p.data[rows], low[rows], full[rows], self._scratch(full[rows]))
                 p.data = full
         self.master = self.grad32 = self.bits = None
         return self.model
