@@ -118,14 +118,13 @@ class Engine:
         per model and batching (size, grouping, prompt masking). ``ValueError`` says why there is none (too few
         records for a batch, an upload that has left the server)."""
         run = config or TrainConfig(model=calibration.model, random_init=True)  # the loop's defaults, declared once
-        batching = (run.batch_size, run.grouped, run.mask_prompt)
-        key = (ref["sha256"] if ref else "sample", calibration.model, *batching)
+        key = (ref["sha256"] if ref else "sample", run.model, run.batch_size, run.grouped, run.mask_prompt)
         with self._lock:
             shape = self._shapes.get(key)
         if shape is None:
             try:
                 records = self.datasets.records(ref) if ref else self.datasets.shared("sample", lambda: load_instructions("sample"))
-                shape = data_shape(records, calibration.model, *batching)
+                shape = data_shape(records, run)
             except (DatasetError, ValueError) as e:
                 shape = str(e)
             with self._lock:

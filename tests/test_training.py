@@ -452,22 +452,23 @@ def test_a_calibration_projects_an_epoch_of_other_data_without_measuring_again(t
     measured = cal.calibrate("tiny", precision="fp32")
     assert list(json.loads((tmp_path / "calibration.json").read_text())) == [cal.cache_key(
         TrainConfig(model="tiny", random_init=True, precision="fp32"), cal.pick_device(), torch.float32)]
-    book = cal.projection(measured, cal.data_shape(load_instructions("canonical"), "tiny"))
+    tiny = TrainConfig(model="tiny", random_init=True)
+    book = cal.projection(measured, cal.data_shape(load_instructions("canonical"), tiny))
     assert (book.total_s, book.train_s, book.steps) == (measured.epoch_s, measured.train_s, measured.steps)
     sample = load_instructions("sample")
-    mine = cal.projection(measured, cal.data_shape(sample, "tiny"))
+    mine = cal.projection(measured, cal.data_shape(sample, tiny))
     assert mine.steps == len(split_instructions(sample).train) // 8 and 0 < mine.train_s < measured.train_s / 5
     assert mine.total_s == pytest.approx(mine.train_s + mine.eval_s)
     run = TrainConfig(model="tiny", random_init=True, epochs=20, eval_every=6)  # the demo's epochs
-    shape = cal.data_shape(sample, "tiny")
+    shape = cal.data_shape(sample, tiny)
     twenty = cal.projection(measured, shape, run)
     assert twenty.steps == 20 * mine.steps and twenty.train_s == pytest.approx(20 * mine.train_s)
     per_eval = sum(shape.val) * measured.forward_flop_s + min(40, shape.answer) * measured.new_token_s
     assert twenty.eval_s - mine.eval_s == pytest.approx(23 * per_eval)  # 25 evaluations (step 0, every 6th, the last) against 2
-    capped = cal.projection(measured, cal.data_shape(sample, "tiny"), TrainConfig(model="tiny", random_init=True, epochs=20, max_steps=10))
+    capped = cal.projection(measured, cal.data_shape(sample, tiny), TrainConfig(model="tiny", random_init=True, epochs=20, max_steps=10))
     assert capped.steps == 10 and capped.train_s == pytest.approx(mine.train_s * 10 / mine.steps)
     with pytest.raises(ValueError, match=re.escape("too few records (3) for one training batch of 8")):
-        cal.data_shape(sample[:3], "tiny")
+        cal.data_shape(sample[:3], tiny)
 
 
 def test_calibration_fit_separates_the_fixed_cost_per_step():

@@ -276,12 +276,10 @@ def project(shape: EpochShape, config: TrainConfig, per_flop: float, fixed: floa
                       tokens=round(sum(batch.padded for batch in shape.train) * epochs))
 
 
-def data_shape(records: list[dict], model: str, batch_size: int = 8, grouped: bool = False,
-               mask_prompt: bool = False) -> EpochShape:
-    """The epoch of ``records`` (a visitor's data, split and batched as the loop does) for ``model``'s context.
+def data_shape(records: list[dict], config: TrainConfig) -> EpochShape:
+    """The epoch of ``records`` (a visitor's data, split and batched as ``config``'s run does) for its model's context.
     ``DatasetError`` or ``ValueError`` when the records cannot make a training batch."""
-    config = TrainConfig(model=model, random_init=True, batch_size=batch_size, grouped=grouped, mask_prompt=mask_prompt)
-    gpt_config = GPTConfig.from_name(model)
+    gpt_config = GPTConfig.from_name(config.model)
     shape = EpochShape.of(gpt_config, *epoch_batches(config, gpt_config.block_size, records))
     if not shape.train:
         raise ValueError(f"too few records ({len(records)}) for one training batch of {config.batch_size}")

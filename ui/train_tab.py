@@ -264,10 +264,10 @@ def run_config(preset: str, lora: bool, rank, epochs, batch_size, grouped: bool,
     return None if all(getattr(config, f) == getattr(default, f) for f in fields) else config
 
 
-def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = None, epochs=1, batch_size=8,
-                  grouped: bool = False, max_steps=0, eval_every=20, mask_prompt: bool = False, result=None) -> str:
+def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *form, result=None) -> str:
     """The precision path with its reason, and the expected time measured on this machine: one epoch of the book's
-    data; of the visitor's own data (the bundled sample when none is chosen); and of the run the form describes."""
+    data; of the visitor's own data (the bundled sample when none is chosen); and, given the ``form``'s epochs,
+    batch size, grouping, max steps, evaluation interval and prompt masking, of the run it describes."""
     from model import pick_device
     from model.device import precision_reason
 
@@ -290,7 +290,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
         except ValueError as e:
             when += f"; none for {name}: {html.escape(scrub(str(e)))}"
     when += "."
-    run = run_config(preset, lora, rank, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt)
+    run = run_config(preset, lora, rank, *form) if form else None
     if run is not None:
         this_run = f"This run, {run.epochs} epoch{'s' if run.epochs != 1 else ''} of {name} at batch {run.batch_size}"
         try:
@@ -301,17 +301,16 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     return notice(f"{when}<br>Precision: {reason}.")
 
 
-def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *run) -> str:
+def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *form) -> str:
     """Time a few real training steps of the chosen preset and method (``Engine.measure``: alone on the machine).
-    ``run``: the form's epochs, batch size, grouping, max steps, evaluation interval and prompt masking, for the
-    run's expected time."""
+    ``form``: as ``expected_html`` takes it, for the run's expected time."""
     try:
         result = engine.measure(preset, int(rank or 16) if lora else 0)
     except (JobError, ConfigError) as e:
         return notice(f"Not measured: {html.escape(scrub(str(e)))}.", "error")
     except DatasetError as e:  # neither the book's data nor the bundled sample could be read
         return notice(f"The expected epoch could not be measured: {html.escape(scrub(str(e)))}", "error")
-    return expected_html(engine, preset, lora, rank, dataset, *run, result=result)
+    return expected_html(engine, preset, lora, rank, dataset, *form, result=result)
 
 
 def runs_table(engine) -> tuple[list[list], dict, dict]:
