@@ -260,6 +260,20 @@ def set_slider(page, selector: str, value, tries: int = 3) -> None:
                 raise AssertionError(f"{selector} stays at {shown} after typing {value} {tries} times") from None
 
 
+def compare_sampled(page, instruction: str, max_new_tokens: int, done: str) -> str:
+    """Ask the Playground for answers sampled at temperature 1, seed 7 (a few steps from random weights may answer
+    greedily with blank lines), and return the status line once it says ``done``."""
+    page.get_by_text("Generation settings").click()
+    set_slider(page, "#temperature", 1)
+    set_slider(page, "#max-new-tokens", max_new_tokens)
+    page.fill("#seed input", "7")
+    page.fill("#playground-instruction textarea", instruction)
+    page.click("#compare-btn")
+    status = wait_text(page, "#playground-status", done, timeout_ms=60_000)
+    assert f"sampled at temperature 1, seed 7, at most {max_new_tokens} new tokens" in status
+    return status
+
+
 def screenshot(page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name

@@ -7,7 +7,7 @@ import pytest
 
 from data import load_instructions
 
-from .conftest import choose, open_tab, screenshot, set_slider, wait_text
+from .conftest import choose, compare_sampled, open_tab, screenshot, wait_text
 
 pytestmark = pytest.mark.browser
 
@@ -61,14 +61,7 @@ def test_the_playground_streams_base_fine_tuned_and_aligned_together(page, align
     choose(page, "#tuned-run", aligned_run.name)
     wait_text(page, "#run-info", f"Fine-tuned: run {finished_run.name}")
     assert page.locator("#aligned-output").is_visible()
-    page.get_by_text("Generation settings").click()
-    set_slider(page, "#temperature", 1)
-    set_slider(page, "#max-new-tokens", 12)
-    page.fill("#seed input", "7")
-    page.fill("#playground-instruction textarea", "Name a colour.")
-    page.click("#compare-btn")
-    status = wait_text(page, "#playground-status", "All three answers", timeout_ms=60_000)
-    assert "sampled at temperature 1, seed 7, at most 12 new tokens" in status
+    compare_sampled(page, "Name a colour.", 12, "All three answers")
     answers = [page.input_value(f"#{box}-output textarea") for box in ("base", "tuned", "aligned")]
     assert all(a.strip() for a in answers), answers
     assert "only in the aligned answer" in wait_text(page, "#diff-view", "only in the")
