@@ -25,7 +25,7 @@ from runstore.store import recover_runs
 from training.calibrate import Calibration, EpochShape, Projection, cached, calibrate, data_shape, projection
 from training.config import ConfigError, TrainConfig
 from training.estimate import GB, estimate_for
-from training.events import Progress
+from training.events import Progress, Status
 from training.checkpoint import resume_config
 from training.loop import check_data, resume_run, train
 from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, resume_dpo, resume_dpo_config, train_dpo
@@ -144,7 +144,8 @@ class Engine:
         """A run of this server by its name; ``ValueError`` for anything else (paths are never accepted)."""
         run = find_run(Path(str(name or "")).name, self.root) if name and "/" not in str(name) else None
         if run is None:
-            raise ValueError(f"{name or 'no run'} is not a run on this server: pick one from the list")
+            raise ValueError(f"{name} is not a run on this server: pick one from the list" if name else
+                             "no run is picked: pick one from the list")
         return run
 
     def finished_run(self, name: str | None) -> RunInfo:
@@ -184,9 +185,7 @@ class Engine:
                                "minute): start once it has ended, so that neither slows the other")
             current = self._jobs[lane]
             if current is not None and current.active:
-                snap = current.snapshot(since=SCALARS_ONLY)
-                raise JobError(f"a {snap['title']} is already running ({snap['status']}, step {snap['step']}/"
-                               f"{snap['total_steps']}); wait for it or stop it first")
+                raise JobError(f"{running(current.snapshot(since=SCALARS_ONLY))}; wait for it or stop it first")
             self._jobs[lane] = job
             return job.start()
 
@@ -344,11 +343,22 @@ class Engine:
         run = self.finished_run(name)
 
         def work(hooks):
+            hooks.on_event(Status("evaluating", f"Evaluating {run.name}"))
             return evaluate_run(run.path, progress=lambda p: hooks.on_event(Progress(p)), should_stop=hooks.should_stop,
                                 registry=self.models, **settings)
 
         job = Job("evaluation", work, owner, "evaluation", {"run": run.name, **{k: str(v) for k, v in settings.items()}})
         return self._launch("evaluate", job)
+
+
+def running(snap: dict) -> str:
+    """'an evaluation is already running (evaluating, phase 2 / 6)', for a refusal to start another job."""
+    title, progress = snap["title"], snap.get("progress")
+    if progress and "steps" in progress:  # an evaluation counts phases, not steps
+        where = f"phase {progress['step']} / {progress['steps']}"
+    else:
+        where = f"step {snap['step']}/{snap['total_steps']}"
+    return f"{'an' if title.startswith(tuple('aeiou')) else 'a'} {title} is already running ({snap['status']}, {where})"
 
 
 def preference_public(config: DPOConfig, parent_name: str, parent_config: dict) -> dict:

@@ -536,7 +536,7 @@ def test_preference_pairs_are_browsed_with_chosen_and_rejected_side_by_side(url,
 
 
 def test_a_tab_polls_only_while_it_is_shown():
-    """An open browser costs one poll a second: the Align tab's while it is shown, else the Train tab's,
+    """An open browser costs one poll a second: the Align or Evaluate tab's while it is shown, else the Train tab's,
     which tells every tab when a run has finished."""
     import gradio as gr
 
@@ -545,14 +545,14 @@ def test_a_tab_polls_only_while_it_is_shown():
 
     demo = build_app(Engine())
     timers = {b._id: b for b in demo.blocks.values() if isinstance(b, gr.Timer)}
-    assert [t.active for t in timers.values()] == [True, False]
+    assert [t.active for t in timers.values()] == [True, False, False]
     tabs = {b._id: b.id for b in demo.blocks.values() if isinstance(b, gr.Tab)}
     shown = {}
     for fn in demo.fns.values():
         tab = next((tabs[t[0]] for t in fn.targets if t[1] == "select" and t[0] in tabs), None)
         if tab is not None and [o._id for o in fn.outputs] == list(timers):
             shown[tab] = [update.active for update in fn.fn()]
-    assert shown == {"dataset": [True, False], "train": [True, False], "align": [False, True],
-                     "playground": [True, False], "evaluate": [True, False]}
+    assert shown == {"dataset": [True, False, False], "train": [True, False, False], "align": [False, True, False],
+                     "playground": [True, False, False], "evaluate": [False, False, True]}
     # and Gradio's per-event pandas summary of its event log runs once per 1,000 events, not after each poll
     assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == 1000 and demo._queue.ANALYTICS_MAX_EVENTS == 1000

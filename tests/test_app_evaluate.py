@@ -123,6 +123,35 @@ def test_the_progress_moves_through_the_phases(c, run):
     assert "Evaluated 7 examples" in shown[-1]
 
 
+def test_a_reloaded_page_gets_the_evaluation_back_with_stop_and_its_results(run):
+    """The tab's poll: a page that did not start the evaluation (the owner's after a reload, or another visitor's)."""
+    from ui.evaluate_tab import poll
+
+    engine = Engine()
+    owner, other = (poll(engine, who, None, RANK, False)[-1] for who in ("owner-a", "owner-b"))  # pages open, idle
+    job = engine.start_evaluation(RUN, owner="owner-a", limit=7, max_new_tokens=64, batch_size=1)
+    deadline = time.time() + 60
+    while not job.snapshot()["progress"] and time.time() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(Exception, match=r"an evaluation is already running \(evaluating, phase \d / 6\)"):
+        engine.start_evaluation(RUN, owner="owner-b")
+    progress, message, *_, picker, start, stop, owner = poll(engine, "owner-a", owner, RANK, False)
+    assert "phase" in text(progress) and text(message).startswith(f"Evaluating {RUN}")
+    assert (picker.interactive, start.interactive, stop.interactive) == (False, False, True)
+    from ui.evaluate_tab import refresh_runs
+
+    assert refresh_runs(engine, None).value == RUN  # a reloaded page's picker: the run being evaluated
+    _, message, *_, start, stop, other = poll(engine, "owner-b", other, RANK, False)
+    assert "started by another visitor" in text(message) and not start.interactive and not stop.interactive
+    assert job.wait(120)
+    progress, message, summary, _, table, result, picker, start, stop, owner = poll(engine, "owner-a", owner, RANK, False)
+    assert "Evaluated 7 examples" in text(progress) and "7 test examples of sample" in text(summary)
+    assert result["run"] == RUN and len(table["data"]) == 7 and start.interactive and not stop.interactive
+    progress, _, summary, *_, start, _, _ = poll(engine, "owner-b", other, RANK, False)
+    assert progress == "" and not isinstance(summary, str) and start.interactive  # the results stay the owner's
+    assert all(not isinstance(o, (str, gr.Button)) for o in poll(engine, "owner-a", owner, RANK, False)[:-1])  # once
+
+
 def test_a_judge_that_is_down_is_named_and_the_scores_still_come(c, run):
     out = evaluate(c, run, limit=2, judge_url="http://127.0.0.1:9")
     shown = text(out["summary"])

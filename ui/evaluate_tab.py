@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine import ENDED, SCALARS_ONLY, JobError
+from engine import ACTIVE, ENDED, SCALARS_ONLY, JobError
 from engine.public import scrub
 from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, best_and_worst, load_eval
 from evaluation.judge import DEFAULT_MODEL, DEFAULT_URL, Judge, judge_help
@@ -81,10 +81,18 @@ def not_yet(run: RunInfo) -> str:
 
 
 def refresh_runs(engine, current: str | None):
-    """The run picker with the current choice kept when it still exists, else the newest run."""
+    """The run picker on the run being evaluated, else the current choice while it still exists, else the newest run."""
     choices = finished_run_choices(engine)
     names = [n for _, n in choices]
+    evaluating = evaluated_run(engine.snapshot("evaluate", since=SCALARS_ONLY))
+    if evaluating in names:
+        return gr.Dropdown(choices=choices, value=evaluating)
     return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
+
+
+def evaluated_run(snap: dict) -> str | None:
+    """The run an evaluation that is going scores, else None."""
+    return (snap.get("config") or {}).get("run") if snap["status"] in ACTIVE else None
 
 
 def whole(value, name: str, low: int, high: int) -> int:
@@ -221,8 +229,9 @@ def failure(error: str) -> str:
 
 
 def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tokens, batch_size, judge_url: str,
-             judge_model: str, rank_by: str, show_all: bool):
-    """Start the evaluation job and stream (progress, message, summary, chart, table, result, run picker, Evaluate, Stop)."""
+             judge_model: str, rank_by: str, show_all: bool, seen: dict | None = None):
+    """Start the evaluation job and stream (progress, message, summary, chart, table, result, run picker, Evaluate, Stop,
+    seen) to this page; ``poll`` shows the job to every other page, this browser's after a reload included."""
     idle = (gr.Dropdown(interactive=True), gr.Button(interactive=True), gr.Button(interactive=False))
     unchanged = (gr.skip(),) * 4
     try:
@@ -234,26 +243,68 @@ def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tok
                         batch_size=whole(batch_size, "batch size", 1, MAX_BATCH))
         job = engine.start_evaluation(run.name, owner=client_id, **settings)
     except (ValueError, JobError) as e:
-        yield notice(html.escape(str(e)), "error"), "", *unchanged, *idle
+        yield notice(html.escape(scrub(str(e))), "error"), "", *unchanged, *idle, gr.skip()
         return
     busy = (gr.Dropdown(interactive=False), gr.Button(interactive=False), gr.Button(interactive=True))
-    yield notice(f"Starting the evaluation of <b>{html.escape(run.name)}</b>…"), "", *unchanged, *busy
+    streaming = {**(seen or {}), "streaming": True}
+    yield notice(f"Starting the evaluation of <b>{html.escape(run.name)}</b>…"), "", *unchanged, *busy, streaming
     version = None
     while (snap := job.snapshot(since=SCALARS_ONLY))["status"] not in ENDED:
         if snap["version"] != version and snap["progress"]:
             version = snap["version"]
-            yield progress_html(snap["progress"]), gr.skip(), *unchanged, *busy
+            yield progress_html(snap["progress"]), gr.skip(), *unchanged, *busy, gr.skip()
         time.sleep(POLL_S)
+    yield *outcome(engine, snap, rank_by, show_all), *idle, {"streaming": False, "ended": snap["started_at"], "active": False}
+
+
+def outcome(engine, snap: dict, rank_by: str, show_all: bool) -> tuple:
+    """(progress, message, summary, chart, table, result) for an evaluation that has ended."""
+    unchanged = (gr.skip(),) * 4
     if snap["status"] == "stopped":
-        yield notice("Stopped: nothing was written; the run's previous results, if any, are as they were."), "", *unchanged, *idle
-    elif snap["status"] == "failed":
-        yield failure(snap["message"] or snap["error"] or "unknown error"), "", *unchanged, *idle
+        return notice("Stopped: nothing was written; the run's previous results, if any, are as they were."), "", *unchanged
+    if snap["status"] == "failed":
+        return failure(snap["message"] or snap["error"] or "unknown error"), "", *unchanged
+    payload = snap["result"]
+    summary = payload["summary"]
+    name = snap["config"]["run"]
+    done = (f"Evaluated <b>{summary['examples']}</b> examples in {clock(summary['wall_time_s'])}; saved "
+            f"<code>{EVAL_ROWS}</code> and <code>{EVAL_SUMMARY}</code> with run <code>{html.escape(name)}</code>.")
+    try:
+        results = shown(engine.finished_run(name), payload, rank_by, show_all)
+    except ValueError:  # the run was deleted meanwhile
+        results = unchanged
+    return notice(done, "ok"), "", *results
+
+
+def poll(engine, client_id: str | None, seen: dict | None, rank_by: str, show_all: bool):
+    """One timer tick for a page that is not streaming the evaluation itself (another visitor's, or this browser's
+    after a reload): its progress and Stop while it goes; at its end, the results for the browser that started it."""
+    seen = dict(seen or {})
+    skip = (gr.skip(),) * 10
+    if seen.get("streaming"):
+        return skip
+    snap = engine.snapshot("evaluate", since=SCALARS_ONLY)
+    active = snap["status"] in ACTIVE
+    mine = snap["owner"] is not None and snap["owner"] == client_id
+    ended = None if active or snap["status"] == "idle" else snap["started_at"]
+    if active:
+        name = evaluated_run(snap)
+        changed = seen.get("version") != snap["version"]
+        progress = progress_html(snap["progress"]) if changed and snap["progress"] else gr.skip()
+        first = not seen.get("active")
+        message = (notice(f"Evaluating <b>{html.escape(name)}</b>" + ("…" if mine else ", started by another visitor: "
+                          "one evaluation runs at a time, and you can start yours when it ends.")) if first else gr.skip())
+        # the owner's picker was put on the run at page load (refresh_runs); another visitor may go on browsing results
+        controls = ((gr.Dropdown(interactive=not mine), gr.Button(interactive=False), gr.Button(interactive=mine))
+                    if first else (gr.skip(),) * 3)
+        out = (progress, message, *(gr.skip(),) * 4, *controls)
+    elif seen.get("active") and ended and seen.get("ended") != ended:  # watched here until it ended
+        results = outcome(engine, snap, rank_by, show_all) if mine else ("", "", *(gr.skip(),) * 4)
+        out = (*results, gr.Dropdown(interactive=True), gr.Button(interactive=True), gr.Button(interactive=False))
     else:
-        payload = snap["result"]
-        summary = payload["summary"]
-        done = (f"Evaluated <b>{summary['examples']}</b> examples in {clock(summary['wall_time_s'])}; saved "
-                f"<code>{EVAL_ROWS}</code> and <code>{EVAL_SUMMARY}</code> with run <code>{html.escape(run.name)}</code>.")
-        yield notice(done, "ok"), "", *shown(run, payload, rank_by, show_all), *idle
+        out = (gr.skip(),) * 9
+    seen.update(version=snap["version"], active=active, ended=ended)
+    return out + (seen,)
 
 
 def stop(engine, client_id: str | None) -> str:
@@ -309,8 +360,8 @@ def build(shared) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             with gr.Row():
-                limit = gr.Number(value=0, precision=0, minimum=0, label="Examples (0 = all)", elem_id="eval-limit")
-                batch_size = gr.Number(value=8, precision=0, minimum=1, maximum=MAX_BATCH, label="Batch size", elem_id="eval-batch-size")
+                limit = gr.Number(value=0, label="Examples (0 = all)", elem_id="eval-limit")
+                batch_size = gr.Number(value=8, label="Batch size", elem_id="eval-batch-size")
             max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, label="Max new tokens", elem_id="eval-max-new-tokens")
             with gr.Accordion("LLM judge (optional): any OpenAI-compatible server", open=True):
                 with gr.Row():
@@ -348,14 +399,17 @@ def build(shared) -> None:
         hub_message = gr.HTML(elem_id="hub-message")
 
     result = gr.State(None)
+    seen = gr.State(None)
     engine = shared.engine
     cheap = dict(concurrency_limit=None, show_progress="hidden")
     shown_outputs = [summary, chart, table, result]
     load_shown = partial(load_evaluation, engine)
+    job_outputs = [progress, message, *shown_outputs, run, start_btn, stop_btn, seen]
     start_btn.click(partial(evaluate, engine), [shared.client_id, run, limit, max_new_tokens, batch_size, judge_url, judge_model,
-                                               rank_by, show_all],
-                    [progress, message, *shown_outputs, run, start_btn, stop_btn], api_name="evaluate",
+                                               rank_by, show_all, seen],
+                    job_outputs, api_name="evaluate",
                     concurrency_limit=2, concurrency_id="evaluate", show_progress="minimal", show_progress_on=progress)
+    shared.poll_while_shown(partial(poll, engine), [shared.client_id, seen, rank_by, show_all], job_outputs)
     stop_btn.click(partial(stop, engine), shared.client_id, message, api_name="stop_evaluation", **cheap)
     run.input(load_shown, [run, rank_by, show_all], shown_outputs, api_name="load_evaluation", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):

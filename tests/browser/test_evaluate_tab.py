@@ -62,3 +62,25 @@ def test_evaluate_a_run_on_a_few_examples_and_export_it(page, finished_run):
     assert {Path(name).parts[0] for name in names} == {finished_run.name}, names  # one folder, named after the run
     assert {"config.json", "model.safetensors"} <= {Path(name).name for name in names}, names
     screenshot(page, "evaluate.png")
+
+
+def test_a_reload_during_an_evaluation_brings_its_progress_and_stop_back(page, finished_run):
+    open_tab(page, "evaluate")
+    choose(page, "#eval-run", f"{finished_run.name} · tiny")
+    page.fill("#eval-limit input", "0")
+    page.fill("#eval-batch-size input", "1")
+    set_slider(page, "#eval-max-new-tokens", 256)  # every test example, one at a time: long enough to reload
+    page.click("#eval-start-btn")
+    wait_text(page, "#eval-progress", "phase")
+
+    page.reload()
+    wait_text(page, "#record-count", " records, page ")
+    open_tab(page, "evaluate")
+    wait_text(page, "#eval-message", f"Evaluating {finished_run.name}")
+    wait_text(page, "#eval-progress", "phase")
+    page.wait_for_function("() => !document.querySelector('#eval-stop-btn').disabled")
+    assert not page.locator("#eval-start-btn").is_enabled()
+    page.click("#eval-stop-btn")
+    wait_text(page, "#eval-progress", "Stopped: nothing was written", timeout_ms=60_000)
+    page.wait_for_function("() => !document.querySelector('#eval-start-btn').disabled")
+    assert not page.locator("#eval-stop-btn").is_enabled()
