@@ -117,8 +117,9 @@ class RunInfo:
         return self.status not in ("done", "running") and (self.path / CHECKPOINT).is_file()
 
     def label(self) -> str:
-        final = self.manifest.get("final_val_loss")
+        final, at = self.manifest.get("final_val_loss"), self.manifest.get("final_val_step")
         loss = f", val loss {final:.3f}" if isinstance(final, (int, float)) else ""
+        loss += f" at step {at:,}" if loss and at is not None and at != self.manifest.get("steps") else ""
         return f"{self.name} ({self.status}{loss})"
 
 

@@ -317,6 +317,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         t0 = time.perf_counter()
         last["train"] = evaluate_dpo(model, train_ds, train_eval_batches, ref_train_eval, device, config.beta, config.packed, average)
         last["val"] = evaluate_dpo(model, val_ds, val_batches, ref_val, device, config.beta, config.packed, average)
+        last["val_step"] = step
         sample = respond(model, sample_record, sft.style, config.sample_tokens)
         clock.eval_s += time.perf_counter() - t0
         clock.evals += 1
@@ -390,6 +391,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         summary = {
             "status": status, "stop_reason": reason, "steps": step, "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
             "final_train_loss": finite(last.get("step", last["train"]).get("loss")), "final_val_loss": finite(val.get("loss")),
+            "final_val_step": last.get("val_step"),
             "final_val_reward_margin": finite(val.get("reward_margin")), "final_val_reward_accuracy": finite(val.get("reward_accuracy")),
             "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s, "eval_time_s": clock.eval_s,
             "reference_time_s": reference_s, "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),

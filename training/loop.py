@@ -290,15 +290,17 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
 
     step = tokens_seen = first_epoch = 0
     last_val = last_train = float("nan")
+    val_step = None  # the step last_val was measured at: a stopped run's may be older than its last step
     if checkpoint:
         step, tokens_seen, last_train, last_val = (checkpoint[k] for k in ("step", "tokens_seen", "last_train", "last_val"))
+        val_step = checkpoint.get("last_val_step", step)
         first_epoch = start_epoch(loader, checkpoint)
     checkpointed = step if checkpoint else None
     def log_eval(train_loss: float) -> None:
-        nonlocal last_val
+        nonlocal last_val, val_step
         emit(Status("evaluating", f"Evaluating at step {step}", step))
         t0 = time.perf_counter()
-        last_val = evaluate(model, val_batches, device)
+        last_val, val_step = evaluate(model, val_batches, device), step
         sample = respond(model, sample_record, config.style, config.sample_tokens)
         clock.eval_s += time.perf_counter() - t0
         clock.evals += 1
@@ -332,7 +334,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         nonlocal checkpointed
         # every process holds the same weights and moments: the main one writes them
         checkpointed = checkpoint_run(writer, emit, optimizer, step=step, write=ctx.is_main, epoch=epoch, epoch_start=epoch_start,
-                                      tokens_seen=tokens_seen, clock=clock, last_train=last_train, last_val=last_val)
+                                      tokens_seen=tokens_seen, clock=clock, last_train=last_train, last_val=last_val,
+                                      last_val_step=val_step)
 
     status, reason = "done", None
     try:
@@ -387,7 +390,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         save_weights(optimizer, config.lora_rank, run_dir, emit, write=ctx.is_main)
         summary = {
             "status": status, "stop_reason": reason, "steps": step, "tokens_seen": tokens_seen,
-            "final_train_loss": finite(last_train), "final_val_loss": finite(last_val), "ended": now(),
+            "final_train_loss": finite(last_train), "final_val_loss": finite(last_val), "final_val_step": val_step, "ended": now(),
             "wall_time_s": clock.elapsed, "train_time_s": clock.train_s, "eval_time_s": clock.eval_s,
             "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
         }
