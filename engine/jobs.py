@@ -152,7 +152,7 @@ class Job:
             elif isinstance(event, Finished):
                 summary = {k: v for k, v in event.summary.items() if k != "run_dir"}
                 s.update(status=summary["status"], final=summary, eta_s=0.0, elapsed_s=summary.get("wall_time_s", s["elapsed_s"]),
-                         message=f"{summary['status'].capitalize()} after {summary.get('steps', 0)} steps; saved as {s['run']}")
+                         message=f"{summary['status'].capitalize()} after step {summary.get('steps', 0):,}; saved as {s['run']}")
             s["version"] += 1
 
 

@@ -126,16 +126,18 @@ def test_sample_loads_and_search_pages_on_the_server(url):
 def test_record_view_shows_masking_and_split(url):
     c = client(url)
     load(c, "sample")
-    meta, tokens = c.predict(1, False, api_name="/record")
-    meta_masked, tokens_masked = c.predict(1, True, api_name="/record")
+    _, meta, tokens = c.predict(1, False, api_name="/record")
+    _, meta_masked, tokens_masked = c.predict(1, True, api_name="/record")
     trained = int(re.search(r"(\d+) trained on", text(meta)).group(1))
     trained_masked = int(re.search(r"(\d+) trained on", text(meta_masked)).group(1))
     total = int(re.search(r"(\d+) tokens", text(meta)).group(1))
     assert "train split" in text(meta)
     assert trained == total - 1 and 0 < trained_masked < trained
     assert tokens.count('class="gi-tok masked') == 1 and tokens_masked.count('class="gi-tok masked') == total - trained_masked
-    meta, _ = c.predict(70, False, api_name="/record")
+    _, meta, _ = c.predict(70, False, api_name="/record")
     assert "val split" in text(meta)  # 74 records: 62 train, 7 test, then 5 validation
+    shown, meta, _ = c.predict(99999, False, api_name="/record")
+    assert shown == 74 and "record 74 of 74" in text(meta)  # the box says which record is shown
 
 
 def test_canonical_loads_1100_records(url, needs_canonical):
@@ -225,6 +227,10 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
     assert "temperature 1, seed 7" in text(sampled[4])
     assert c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")[:2] == (base, tuned)
 
+    too_long = c.predict("Summarize: " + "word " * 3000, "", run_dir, 8, 0, 0, 1, 123, api_name="/compare")[4]
+    assert re.search(r"The prompt is 3,0\d\d tokens: beside 8 new tokens, the [\d,]+-token context holds its last", text(too_long))
+    assert "did not see its first" in text(too_long) and "did not see" not in text(note)
+
 
 def test_the_playground_status_says_generating_while_tokens_stream(url, folders):
     c = client(url)
@@ -270,10 +276,10 @@ def test_a_tiny_upload_warns_that_it_cannot_be_split_and_a_too_long_record_is_sh
     records = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(11)] + [{"instruction": "Long.", "output": "word " * 2000}]
     long_.write_text("".join(json.dumps(r) + "\n" for r in records))
     load(c, "upload", long_)
-    meta, tokens = c.predict(12, False, api_name="/record")
+    _, meta, tokens = c.predict(12, False, api_name="/record")
     assert "skipped in training" in text(meta) and "context window" in text(meta) and "trained on ·" not in text(meta)
     assert 'class="gi-tok trained' not in tokens
-    meta, _ = c.predict(1, False, api_name="/record")
+    _, meta, _ = c.predict(1, False, api_name="/record")
     assert "trained on ·" in text(meta) and "skipped" not in text(meta)
 
 
@@ -327,9 +333,10 @@ def test_measure_offline_times_the_bundled_sample(url, tmp_path, monkeypatch):
 def test_settings_errors_are_messages(url):
     c = client(url)
     before = wait_until_idle(c)
-    with pytest.raises(Exception, match="less than minimum value 1"):  # the form's bounds come from TrainConfig
-        start(c, "x", batch_size=0)
-    assert "lr must be in (0, 1], got -1" in text(start(c, "x", lr=-1))
+    assert "batch size must be between 1 and 512, got 0" in text(start(c, "x", batch_size=0))  # TrainConfig's bounds
+    assert "epochs must be a whole number, got 2.5" in text(start(c, "x", epochs=2.5))  # not rounded to 2
+    assert "evaluate every must be at least 1, got 0" in text(start(c, "x", eval_every=0))
+    assert "learning rate must be in (0, 1], got -1" in text(start(c, "x", lr=-1))
     assert "tick random init" in text(start(c, "x", random_init=False))
     assert "untick it" in text(start(c, "x", custom="./my-model"))
     assert "session id" in text(start(c, ""))
@@ -351,6 +358,23 @@ def test_a_failed_run_takes_the_started_message_away_and_names_the_path_box(url,
     assert message == ""  # no green "Started…" beside the red failure
     assert "The run failed" in text(final) and "--model" not in text(final)
     assert "…or a local path / Hugging Face Hub id box" in text(final)
+
+
+def test_a_run_that_ends_between_two_polls_gives_the_start_button_back(folders, tmp_path):
+    from engine import Engine
+    from ui.train_tab import make_config, poll
+
+    engine = Engine()
+    seen = poll(engine, "owner-a", None, [])[-2]  # the page is open
+    config = make_config(**{**TINY, "preset": "gpt2", "custom": str(tmp_path / "nothing-here"), "random_init": False},
+                         data="sample")
+    job = engine.start_training(config, owner="owner-a")  # fails within a tick: this page never sees it going
+    assert job.wait(60) and job.snapshot()["status"] == "failed"
+    out = poll(engine, "owner-a", seen, [])
+    start_button, stop_button, final = out[4], out[5], text(out[3])
+    assert start_button.interactive is True and stop_button.interactive is False
+    assert "The run failed" in final and f"You asked for {tmp_path / 'nothing-here'}" in final
+    assert not hasattr(poll(engine, "owner-a", out[-2], [])[4], "interactive")  # sent once, not every tick
 
 
 def test_playground_reports_models_it_cannot_load(url, folders):
@@ -483,6 +507,10 @@ def test_preference_tuning_from_a_run_then_three_columns_in_the_playground(url, 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "Hi", "chosen": "Hi"}]))
     assert 'field "rejected" is missing' in text(align(c, "owner-a", parent, bad))
+    checked, source = c.predict(handle_file(str(bad)), api_name="/check_preference_file")  # on upload, before Start
+    assert 'bad.json, record 1: field "rejected" is missing' in text(checked) and source == "upload"
+    checked, _ = c.predict(handle_file(str(pairs)), api_name="/check_preference_file")
+    assert "pairs.json : 74 preference pairs, checked. Press Start to align with them." in text(checked)
     assert "Started preference tuning" in text(align(c, "owner-a", parent, pairs))
     assert "already running" in text(start(c, "owner-b"))
     assert "Only the browser session that started this preference-tuning run" in \

@@ -119,12 +119,6 @@ def defaults(cls=TrainConfig) -> dict[str, Any]:
     return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
-def limits_of(name: str, cls=TrainConfig) -> tuple:
-    """``(low, high)`` declared for a setting, for a form's number box."""
-    meta = next(f.metadata for f in fields(cls) if f.name == name)
-    return meta.get("low"), meta.get("high")
-
-
 def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = ()) -> None:
     """One flag per setting, from the dataclass: ``--batch-size``, ``--no-grouped`` for a boolean that defaults on."""
     for f in fields(cls):

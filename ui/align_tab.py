@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import html
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
 
 from data import DatasetError, cache
+from data.preference import load_preferences
 from engine import ACTIVE, SCALARS_ONLY, JobError
 from engine.engine import PREFERENCE
 from engine.public import scrub
@@ -21,7 +23,8 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import as_int, bar, clock, live_chart, loss_text, notice, resumable_runs, resume_job, run_finished, run_label, stop_job
+from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, notice, plural, resumable_runs, resume_job,
+                      run_finished, run_label, stop_job, val_loss_text)
 
 TITLE = "Align"
 DEFAULTS = DPOConfig(parent="-").to_dict()
@@ -61,6 +64,18 @@ def data_note() -> str:
                   "(records with instruction, input, chosen and rejected).")
 
 
+def check_upload(upload: str | None):
+    """A preference file checked as soon as it is chosen, "Your file" picked: its pairs counted, or its first problem named."""
+    if not upload:
+        return "", gr.skip()
+    try:
+        pairs = load_preferences(Path(upload))
+    except DatasetError as e:
+        return notice(html.escape(scrub(str(e))), "error"), "upload"
+    return notice(f"<b>{html.escape(Path(upload).name)}</b>: {len(pairs):,} preference pairs, checked. Press <b>Start</b> "
+                  "to align with them.", "ok"), "upload"
+
+
 def start(engine, client_id: str | None, parent: str | None, source: str, upload: str | None, beta, lr, epochs,
           max_steps, batch_size, eval_every, lora: bool, rank, checkpoint_every=0):
     """Start preference tuning owned by this browser; every problem is a message naming it, nothing raised."""
@@ -84,7 +99,7 @@ def start(engine, client_id: str | None, parent: str | None, source: str, upload
                         checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0)
         engine.start_preference(parent, owner=client_id, **settings)
     except (ConfigError, JobError, DatasetError, ValueError, OSError) as e:
-        return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
+        return form_error(e), gr.skip(), gr.skip()
     return notice(f"Started preference tuning of <b>{html.escape(parent)}</b>.", "ok"), gr.Button(interactive=False), \
         gr.Button(interactive=True)
 
@@ -168,8 +183,9 @@ def final_html(snap: dict) -> str:
     accuracy = final.get("final_val_reward_accuracy")
     accuracy = f"{accuracy:.0%}" if isinstance(accuracy, (int, float)) else "–"
     return notice(
-        f"<b>{word}</b> after {final['steps']:,} steps and {final.get('pairs_seen', 0):,} pairs in {clock(final['wall_time_s'])}: "
-        f"validation DPO loss <b>{loss_text(final['final_val_loss'])}</b>, reward margin "
+        f"<b>{word}</b> after {plural(final['steps'], 'step')} and {plural(final.get('pairs_seen', 0), 'pair')} in "
+        f"{clock(final['wall_time_s'])}: "
+        f"validation DPO loss <b>{val_loss_text(final)}</b>, reward margin "
         f"<b>{loss_text(final.get('final_val_reward_margin'))}</b>, reward accuracy <b>{accuracy}</b>. Saved as run "
         f"<code>{html.escape(str(snap.get('run')))}</code>: the Playground shows base, fine-tuned and aligned side by side.", "ok")
 
@@ -245,15 +261,14 @@ def build(shared) -> None:
             with gr.Row():
                 beta = gr.Number(value=DEFAULTS["beta"], label="Beta", step=0.05, elem_id="align-beta")
                 lr = gr.Number(value=DEFAULTS["lr"], label="Learning rate", step=1e-6, elem_id="align-lr")
-                batch_size = gr.Number(value=DEFAULTS["batch_size"], precision=0, minimum=1, label="Batch size (pairs)",
+                batch_size = gr.Number(value=DEFAULTS["batch_size"], label="Batch size (pairs)",
                                        elem_id="align-batch-size")
             with gr.Row():
-                epochs = gr.Number(value=DEFAULTS["epochs"], precision=0, minimum=1, maximum=engine.limits.max_epochs,
-                                   label="Epochs", elem_id="align-epochs")
-                max_steps = gr.Number(value=0, precision=0, minimum=0, label="Max steps (0: all)", elem_id="align-max-steps")
-                eval_every = gr.Number(value=DEFAULTS["eval_every"], precision=0, minimum=1, label="Evaluate every (steps)",
+                epochs = gr.Number(value=DEFAULTS["epochs"], label="Epochs", elem_id="align-epochs")
+                max_steps = gr.Number(value=0, label="Max steps (0: all)", elem_id="align-max-steps")
+                eval_every = gr.Number(value=DEFAULTS["eval_every"], label="Evaluate every (steps)",
                                        elem_id="align-eval-every")
-            checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"], precision=0, minimum=0,
+            checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"],
                                          label="Checkpoint every (steps; 0: only when stopped)", elem_id="align-checkpoint-every")
             with gr.Accordion("LoRA", open=False):
                 lora = gr.Checkbox(value=False, label="Train low-rank adapters instead of every weight", elem_id="align-lora")
@@ -279,6 +294,7 @@ def build(shared) -> None:
     start_btn.click(partial(start, engine), [shared.client_id] + settings, [message, start_btn, stop_btn],
                     api_name="start_preference", concurrency_limit=1)
     stop_btn.click(partial(stop, engine), shared.client_id, message, api_name="stop_preference", **cheap)
+    upload.change(check_upload, upload, [message, source], api_name="check_preference_file", **cheap)
     resume_btn.click(partial(resume_job, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
                      api_name="resume_preference", concurrency_limit=1)
     on_poll = partial(poll, engine)

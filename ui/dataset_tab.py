@@ -19,6 +19,7 @@ from engine.public import scrub
 
 from .charts import length_histogram
 from .theme import notice
+from .widgets import plural
 
 TITLE = "Dataset"
 SOURCES = [
@@ -42,7 +43,7 @@ def error_notice(source: str, message: str, previous: dict | None) -> str:
         head = "<b>This file cannot be used.</b>"
     else:
         head = "<b>The dataset could not be loaded.</b>"
-    kept = f"<br>Still loaded: {html.escape(previous['name'])} ({previous['count']:,} records)." if previous else ""
+    kept = f"<br>Still loaded: {html.escape(previous['name'])} ({plural(previous['count'], 'record')})." if previous else ""
     return notice(f"{head}<br>{html.escape(message)}{kept}", "error")
 
 
@@ -87,7 +88,7 @@ def record_view(records: list[dict] | None, number: int | float | None, mask_pro
     skipped = skip_reason(records[index])
     use = f"{html.escape(skipped)}" if skipped else f"{trained} trained on · {len(view) - trained} masked"
     meta = (f'<div class="gi-meta"><span class="gi-pill">record {index + 1:,} of {len(records):,}</span>'
-            f'<span class="gi-pill {split}">{split} split</span><span class="gi-pill">{len(view)} tokens</span>'
+            f'<span class="gi-pill {split}">{split} split</span><span class="gi-pill">{plural(len(view), "token")}</span>'
             f'<span class="gi-pill">{use}</span>'
             f'<span><span class="gi-swatch" style="background:rgba(79,70,229,.35)"></span>trained on'
             f'&nbsp;&nbsp;<span class="gi-swatch" style="background:rgba(100,116,139,.25)"></span>masked (no loss)</span></div>')
@@ -109,7 +110,7 @@ def load(engine, source: str, upload: str | None, previous: dict | None, mask_pr
     except DatasetError as e:
         back = previous["source"] if previous else gr.skip()
         return (back, gr.skip(), error_notice(source, scrub(str(e)), previous)) + (gr.skip(),) * 9
-    done = notice(f"Loaded <b>{html.escape(state['name'])}</b>: {state['count']:,} records.", "ok")
+    done = notice(f"Loaded <b>{html.escape(state['name'])}</b>: {plural(state['count'], 'record')}.", "ok")
     warnings = split_warnings(state["count"])
     if warnings:
         done += notice("<b>Too few records to split.</b> " + " ".join(html.escape(w) for w in warnings), "error")
@@ -228,7 +229,10 @@ def build(shared) -> None:
         return (int(row[0]),) + record_view(records_of(engine, state), int(row[0]), mask_prompt)
 
     def view(state, number, mask_prompt):
-        return record_view(records_of(engine, state), number, mask_prompt)
+        """(the record number, put within 1..count as the record shown is, its header, its tokens)"""
+        records = records_of(engine, state)
+        shown = min(max(1, int(number or 1)), len(records)) if records else gr.skip()
+        return shown, *record_view(records, number, mask_prompt)
 
     pref_outputs = [pref_message, pref_table, pref_count, pref_page]
     pref_load.click(lambda: preference_page(engine), None, pref_outputs, api_visibility="private", concurrency_limit=2)
@@ -240,5 +244,5 @@ def build(shared) -> None:
                      pref_outputs, api_visibility="private", **cheap)
 
     table.select(select_row, [state, mask], [number, meta, tokens], api_visibility="private", **cheap)
-    number.submit(view, [state, number, mask], [meta, tokens], api_name="record", **cheap)
-    mask.change(view, [state, number, mask], [meta, tokens], api_visibility="private", **cheap)
+    number.submit(view, [state, number, mask], [number, meta, tokens], api_name="record", **cheap)
+    mask.change(view, [state, number, mask], [number, meta, tokens], api_visibility="private", **cheap)

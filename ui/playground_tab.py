@@ -131,11 +131,12 @@ def compare(engine, instruction: str, input_text: str, name: str | None, max_new
     except (WeightsError, FileNotFoundError, ConfigError, ValueError, OSError) as e:
         yield "", "", "", "", notice(f"<b>The models could not be loaded.</b> {html.escape(scrub(str(e)))}", "error")
         return
-    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), notice("Generating…")
     tokenizer = get_tokenizer()
     prompt = format_prompt({"instruction": instruction, "input": input_text or ""}, config.style)
     ids = tokenizer.encode(prompt, disallowed_special=())
     limit = max(1, min(int(max_new_tokens or MAX_NEW_TOKENS), MAX_NEW_TOKENS))
+    cropped = cropped_note(len(ids), limit, models[0].config.block_size)
+    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), notice(f"Generating…{cropped}", "error" if cropped else "info")
     names = ("base", "fine-tuned", "aligned")[:len(models)]
     texts = ("",) * len(models)
 
@@ -154,7 +155,17 @@ def compare(engine, instruction: str, input_text: str, name: str | None, max_new
                  "words and shape of its training answers, not to follow instructions. For that, fine-tune a GPT-2 preset "
                  "from its pretrained weights (see the Train tab).")
     which = "All three answers" if parent else "Both answers"
-    yield *shown(texts), notice(f"{which} {mode}, at most {limit} new tokens.{note}")
+    yield *shown(texts), notice(f"{which} {mode}, at most {limit} new tokens.{cropped}{note}", "error" if cropped else "info")
+
+
+def cropped_note(prompt_tokens: int, max_new_tokens: int, context: int) -> str:
+    """What the models did not see of a prompt too long for their context window (generation keeps its end)."""
+    keep = context - min(max_new_tokens, context - 1)
+    if prompt_tokens <= keep:
+        return ""
+    return (f" <b>The prompt is {prompt_tokens:,} tokens:</b> beside {max_new_tokens} new tokens, the {context:,}-token "
+            f"context holds its last {keep:,}, so the models did not see its first {prompt_tokens - keep:,} (the "
+            "prompt's header and the start of the instruction). Shorten the instruction or the input.")
 
 
 def examples_of(engine, dataset: dict | None) -> list[dict]:

@@ -20,11 +20,12 @@ from engine.public import scrub
 from model import HUB_PRESETS, PRESETS
 from runstore import read_metrics
 from training import ConfigError, TrainConfig
-from training.config import DEMO, DEMO_TEXT, defaults, limits_of
+from training.config import DEMO, DEMO_TEXT, defaults
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import as_int, bar, clock, live_chart, loss_text, model_label, notice, resumable_runs, resume_job, run_finished, stop_job
+from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, model_label, notice, plural, resumable_runs,
+                      resume_job, run_finished, stop_job, val_loss_text)
 
 TITLE = "Train"
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
@@ -69,7 +70,7 @@ def start(engine, client_id: str | None, dataset: dict | None, preset: str, cust
                              grouped, max_steps, eval_every, data=data, checkpoint_every=checkpoint_every)
         engine.start_training(config, owner=client_id)
     except (ConfigError, JobError, ValueError, OSError) as e:
-        return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
+        return form_error(e), gr.skip(), gr.skip()
     text = f"Started fine-tuning <b>{html.escape(config.model)}</b> on <b>{html.escape(name)}</b>."
     return notice(text, "ok"), gr.Button(interactive=False), gr.Button(interactive=True)
 
@@ -155,7 +156,9 @@ def final_html(snap: dict) -> str:
     if snap.get("error"):
         hint = ""
         if snap["error"].startswith("WeightsError"):
-            hint = (f"<br>Type a local folder holding model.safetensors and config.json in the <b>{PATH_BOX}</b> box, "
+            model = (snap.get("config") or {}).get("model")
+            hint = (f"<br>You asked for <code>{html.escape(str(model))}</code>. " if model else "<br>") + (
+                    f"Type a local folder holding model.safetensors and config.json in the <b>{PATH_BOX}</b> box, "
                     "or tick <b>Random init</b> for the offline demo.")
         return notice(f"<b>The run failed.</b> {html.escape(snap['error'])}{hint}", "error")
     final = snap.get("final")
@@ -164,8 +167,9 @@ def final_html(snap: dict) -> str:
     word = "Done" if final["status"] == "done" else "Stopped"
     reason = f" ({html.escape(final['stop_reason'])})" if final.get("stop_reason") else ""
     return notice(
-        f"<b>{word}</b>{reason} after {final['steps']:,} steps and {final['tokens_seen']:,} tokens in {clock(final['wall_time_s'])}: "
-        f"train loss <b>{loss_text(final['final_train_loss'])}</b>, validation loss <b>{loss_text(final['final_val_loss'])}</b>. "
+        f"<b>{word}</b>{reason} after {plural(final['steps'], 'step')} and {plural(final['tokens_seen'], 'token')} in "
+        f"{clock(final['wall_time_s'])}: "
+        f"train loss <b>{loss_text(final['final_train_loss'])}</b>, validation loss <b>{val_loss_text(final)}</b>. "
         f"Saved as run <code>{html.escape(str(snap.get('run')))}</code>. Compare it with its base model in the Playground tab.", "ok")
 
 
@@ -203,17 +207,19 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
     responses_key = [snap["started_at"], len(snap["responses"])]
     final_key = [snap["started_at"], snap["status"], snap.get("error")]
     finished, runs_changed = run_finished(snap, seen)
+    # A run that ended takes the Start / Stop message with it: "Started…" or "only the browser…" is stale by then.
+    # Its end also resets both buttons: a run that failed or finished within a tick was never seen active here.
+    ended = None if active or snap["status"] == "idle" else snap["started_at"]
+    just_ended = bool(ended) and seen.get("ended") != ended
     out = (
         chart,
         progress_html(snap) if changed or active else gr.skip(),
         responses_html(snap) if seen.get("responses") != responses_key else gr.skip(),
         final_html(snap) if seen.get("final") != final_key else gr.skip(),
-        gr.Button(interactive=not active) if seen.get("active") != active else gr.skip(),
-        gr.Button(interactive=can_stop) if seen.get("can_stop") != can_stop else gr.skip(),
+        gr.Button(interactive=not active) if just_ended or seen.get("active") != active else gr.skip(),
+        gr.Button(interactive=can_stop) if just_ended or seen.get("can_stop") != can_stop else gr.skip(),
     )
-    # A run that ended takes the Start / Stop message with it: "Started…" or "only the browser…" is stale by then.
-    ended = None if active or snap["status"] == "idle" else snap["started_at"]
-    message = "" if ended and seen.get("ended") != ended else gr.skip()
+    message = "" if just_ended else gr.skip()
     seen.update(version=snap["version"], chart=key, rows=snap["history_len"], responses=responses_key, active=active,
                 can_stop=can_stop, finished=finished, ended=ended, final=final_key)
     return out + (message, seen, runs_changed)
@@ -322,16 +328,20 @@ def runs_table(engine) -> tuple[list[list], dict, dict]:
         m = run.manifest
         data = (m.get("data") or {}).get("source", "?")
         rows.append([run.name, model_label(m), public_data(str(data)), run.status, m.get("steps", ""),
-                     loss_text(m.get("final_val_loss")), clock(m.get("wall_time_s"))])
+                     val_loss_text(m), clock(m.get("wall_time_s"))])
         if (run.path / "metrics.jsonl").is_file():
             choices.append((run.label(), run.name))
     return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False)
 
 
-def data_line(engine, dataset: dict | None) -> str:
+def data_line(engine, dataset: dict | None, preset: str | None = None) -> str:
+    """What the run trains on; with tiny on other data than the sample, that the demo's note is about the sample."""
     if not dataset:
         return notice("Data: <b>bundled sample</b> (change it in the Dataset tab).")
-    return notice(f"Data: <b>{html.escape(dataset['name'])}</b>, {dataset['count']:,} records (change it in the Dataset tab).")
+    demo = (" The offline demo's note above is about the bundled sample: on these records each epoch is longer (this "
+            "run's steps and time are in the line above)." if preset == "tiny" and dataset["source"] != "sample" else "")
+    return notice(f"Data: <b>{html.escape(dataset['name'])}</b>, {dataset['count']:,} records (change it in the Dataset "
+                  f"tab).{demo}")
 
 
 def limits_html(engine) -> str:
@@ -370,7 +380,6 @@ def suggested_model(engine):
 def build(shared) -> None:
     engine = shared.engine
     presets = all_presets()
-    low_epochs, _ = limits_of("epochs")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             preset = gr.Dropdown([(preset_label(e), e.name) for e in presets], value="tiny", label="Model", elem_id="model-preset")
@@ -380,19 +389,17 @@ def build(shared) -> None:
             random_init = gr.Checkbox(value=True, label="Random init (no download: for the offline demo)", elem_id="random-init")
             note = gr.HTML(model_note("tiny"), elem_id="model-note")
             with gr.Row():
-                epochs = gr.Number(value=min(DEMO["epochs"], engine.limits.max_epochs), precision=0, minimum=low_epochs, maximum=engine.limits.max_epochs,
-                                   label="Epochs", elem_id="epochs")
-                batch_size = gr.Number(value=DEFAULTS["batch_size"], precision=0, minimum=1, maximum=limits_of("batch_size")[1],
-                                       label="Batch size", elem_id="batch-size")
+                epochs = gr.Number(value=min(DEMO["epochs"], engine.limits.max_epochs), label="Epochs", elem_id="epochs")
+                batch_size = gr.Number(value=DEFAULTS["batch_size"], label="Batch size", elem_id="batch-size")
                 lr = gr.Number(value=DEMO["lr"], step=1e-5, label="Learning rate", elem_id="learning-rate")
             with gr.Row():
-                max_steps = gr.Number(value=0, precision=0, label="Max steps (0: all)", elem_id="max-steps")
-                eval_every = gr.Number(value=DEFAULTS["eval_every"], precision=0, minimum=1, label="Evaluate every (steps)",
+                max_steps = gr.Number(value=0, label="Max steps (0: all)", elem_id="max-steps")
+                eval_every = gr.Number(value=DEFAULTS["eval_every"], label="Evaluate every (steps)",
                                        elem_id="eval-every")
             mask_prompt = gr.Checkbox(value=DEMO["mask_prompt"], label="Mask the prompt (loss on the response only)",
                                       elem_id="train-mask-prompt")
             grouped = gr.Checkbox(value=DEFAULTS["grouped"], label="Length-grouped batches (the book shuffles; padding is skipped either way)", elem_id="grouped")
-            checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"], precision=0, minimum=0,
+            checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"],
                                          label="Checkpoint every (steps; 0: only when stopped)", elem_id="checkpoint-every")
             with gr.Accordion("LoRA", open=False):
                 lora = gr.Checkbox(value=False, label="Train low-rank adapters instead of every weight", elem_id="lora")
@@ -445,7 +452,8 @@ def build(shared) -> None:
         trigger(lambda: runs_table(engine), None, [runs, overlay, resumable], api_visibility="private", **cheap)
     resume_btn.click(partial(resume_job, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
                      api_name="resume_training", concurrency_limit=1)
-    shared.dataset.change(lambda d: data_line(engine, d), shared.dataset, data, api_visibility="private", **cheap)
+    for trigger in (shared.dataset.change, preset.change):
+        trigger(partial(data_line, engine), [shared.dataset, preset], data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)
     expected_inputs = [preset, lora, rank, shared.dataset, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt]
     for control in expected_inputs:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -43,6 +44,23 @@ def as_int(value, name: str, allow_none: bool = False) -> int | None:
     return int(value)
 
 
+SETTING_NAMES = {"lr": "learning rate", "lora_alpha": "LoRA alpha", "lora_rank": "LoRA rank", "eval_every": "evaluate every"}
+
+
+def form_error(error: Exception) -> str:
+    """An error notice for a form: a setting the message starts with (``max_steps``, ``lr``) is named as the form
+    labels it, and server paths are cut to their last part."""
+    from engine.public import scrub
+
+    text = re.sub(r"^(lr|[a-z]+(?:_[a-z]+)+)\b", lambda m: SETTING_NAMES.get(m[1], m[1].replace("_", " ")), str(error))
+    return notice(html.escape(scrub(text)), "error")
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 record``, ``1,100 records``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def clock(seconds: float | None) -> str:
     if seconds is None:
         return "–"
@@ -66,9 +84,15 @@ def model_label(manifest: dict) -> str:
     return str(config.get("model", "?")) + (" (random init)" if config.get("random_init") else "")
 
 
+def val_loss_text(summary: dict) -> str:
+    """A run's last validation loss, with the step it was measured at when that is not its last step (a stopped run)."""
+    loss, at, steps = summary.get("final_val_loss"), summary.get("final_val_step"), summary.get("steps")
+    return loss_text(loss) + (f" at step {at:,}" if isinstance(loss, (int, float)) and at is not None and at != steps else "")
+
+
 def run_label(run) -> str:
     loss = run.manifest.get("final_val_loss")
-    loss = f" · val loss {loss:.3f}" if isinstance(loss, (int, float)) else ""
+    loss = f" · val loss {val_loss_text(run.manifest)}" if isinstance(loss, (int, float)) else ""
     return f"{run.name} · {model_label(run.manifest)}{loss}"
 
 
@@ -89,7 +113,6 @@ def resumable_runs(runs, dpo: bool):
 def resume_job(engine, client_id: str | None, name: str | None):
     """Continue a stopped or interrupted run, owned by this browser from now on: (message, Start button, Stop button)."""
     from engine import JobError
-    from engine.public import scrub
     from training.config import ConfigError
 
     if not client_id:
@@ -99,7 +122,7 @@ def resume_job(engine, client_id: str | None, name: str | None):
     try:
         engine.resume_training(name, owner=client_id)
     except (ConfigError, JobError, ValueError, OSError) as e:
-        return notice(html.escape(scrub(str(e))), "error"), gr.skip(), gr.skip()
+        return form_error(e), gr.skip(), gr.skip()
     return notice(f"Resuming <b>{html.escape(name)}</b> from its checkpoint.", "ok"), gr.Button(interactive=False), \
         gr.Button(interactive=True)
 
