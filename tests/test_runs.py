@@ -85,6 +85,16 @@ def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, precisio
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_a_stopped_run_says_which_step_its_validation_loss_is_from(tmp_path):
+    stopped = train(tiny(tmp_path, "run"), stop_after(5))  # evaluated at steps 0 and 3
+    assert (stopped["steps"], stopped["final_val_step"]) == (5, 3)
+    run = tmp_path / "run"
+    assert RunInfo(run, read_manifest(run)).label().endswith(f"val loss {stopped['final_val_loss']:.3f} at step 3)")
+    resumed = resume_run(run, Hooks())
+    assert (resumed["steps"], resumed["final_val_step"]) == (8, 8)  # the last step is always evaluated
+    assert RunInfo(run, read_manifest(run)).label().endswith(f"val loss {resumed['final_val_loss']:.3f})")
+
+
 def test_resume_refuses_done_runs_runs_without_checkpoint_and_changed_settings(tmp_path):
     train(tiny(tmp_path, "done", max_steps=2))
     with pytest.raises(ResumeError, match="done .* nothing to resume"):
