@@ -338,7 +338,7 @@ def test_settings_errors_are_messages(url):
     assert "evaluate every must be at least 1, got 0" in text(start(c, "x", eval_every=0))
     assert "learning rate must be in (0, 1], got -1" in text(start(c, "x", lr=-1))
     assert "tick random init" in text(start(c, "x", random_init=False))
-    assert "untick it" in text(start(c, "x", custom="./my-model"))
+    assert "untick it to load '/srv/models/my-gpt2'" in text(start(c, "x", custom="/srv/models/my-gpt2"))  # as typed
     assert "session id" in text(start(c, ""))
     after = c.predict(api_name="/job_status")
     assert (after["status"], after["started_at"]) == (before["status"], before["started_at"])  # nothing started

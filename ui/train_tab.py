@@ -70,7 +70,7 @@ def start(engine, client_id: str | None, dataset: dict | None, preset: str, cust
                              grouped, max_steps, eval_every, data=data, checkpoint_every=checkpoint_every)
         engine.start_training(config, owner=client_id)
     except (ConfigError, JobError, ValueError, OSError) as e:
-        return form_error(e), gr.skip(), gr.skip()
+        return form_error(e, typed=(custom or "").strip()), gr.skip(), gr.skip()
     text = f"Started fine-tuning <b>{html.escape(config.model)}</b> on <b>{html.escape(name)}</b>."
     return notice(text, "ok"), gr.Button(interactive=False), gr.Button(interactive=True)
 

@@ -47,13 +47,14 @@ def as_int(value, name: str, allow_none: bool = False) -> int | None:
 SETTING_NAMES = {"lr": "learning rate", "lora_alpha": "LoRA alpha", "lora_rank": "LoRA rank", "eval_every": "evaluate every"}
 
 
-def form_error(error: Exception) -> str:
+def form_error(error: Exception, typed: str | None = None) -> str:
     """An error notice for a form: a setting the message starts with (``max_steps``, ``lr``) is named as the form
-    labels it, and server paths are cut to their last part."""
+    labels it, and server paths are cut to their last part, except the path the visitor ``typed``."""
     from engine.public import scrub
 
     text = re.sub(r"^(lr|[a-z]+(?:_[a-z]+)+)\b", lambda m: SETTING_NAMES.get(m[1], m[1].replace("_", " ")), str(error))
-    return notice(html.escape(scrub(text)), "error")
+    parts = text.split(typed) if typed else [text]
+    return notice(html.escape((typed or "").join(scrub(part) for part in parts)), "error")
 
 
 def plural(n: int, noun: str) -> str:
