@@ -67,6 +67,24 @@ class Datasets:
         self._keep(digest, records)
         return ref, records
 
+    def reopen(self, ref: dict) -> tuple[dict, list[dict]]:
+        """A reference a browser kept (its last choice, before a reload) opened again: a built-in source as it is now,
+        an upload only while the server still keeps it; checked as ``open`` checks, never taken on trust."""
+        source = ref.get("source") if isinstance(ref, dict) else None
+        if source in BUILT_IN:
+            return self.open(source)
+        if source != "upload" or not isinstance(ref.get("key"), str):
+            raise DatasetError("not a dataset reference")
+        path = self.uploads_dir / Path(ref["key"]).name
+        if not path.is_file():
+            raise DatasetError(f"{ref.get('name', 'the upload')} is no longer on the server")
+        records = load_instructions(path)
+        path.touch()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        self._keep(digest, records)
+        return {"source": "upload", "key": path.name, "name": str(ref.get("name") or path.name), "sha256": digest,
+                "count": len(records)}, records
+
     def records(self, ref: dict) -> list[dict]:
         """The records behind a reference, parsed again if they left the shared cache."""
         with self._lock:

@@ -200,6 +200,24 @@ def test_fifty_sessions_with_uploads_keep_memory_and_disk_bounded(tmp_path, monk
         engine.datasets.records(refs[0])
 
 
+def test_a_kept_reference_reopens_only_what_the_server_still_holds(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    engine = Engine(root=tmp_path / "runs")
+    upload = tmp_path / "mine.json"
+    upload.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(12)]))
+    ref, _ = engine.datasets.open("upload", str(upload))
+    forged = {**ref, "sha256": "0" * 64, "count": 10**6, "name": "kept.json"}  # what a browser says is not trusted
+    again, records = engine.datasets.reopen(forged)
+    assert again == {**ref, "name": "kept.json"} and len(records) == 12
+    assert engine.datasets.reopen({"source": "sample"})[0]["count"] == 74
+    for bad in ({"source": "upload", "key": "../../../etc/passwd"}, {"source": "upload"}, {"source": "elsewhere"}, "x"):
+        with pytest.raises(DatasetError):
+            engine.datasets.reopen(bad)
+    (cache.cache_dir() / "uploads" / ref["key"]).unlink()
+    with pytest.raises(DatasetError, match="kept.json is no longer on the server"):
+        engine.datasets.reopen(forged)
+
+
 def test_texts_a_visitor_sees_carry_no_server_paths():
     assert scrub("WeightsError: /srv/app/cache/model.safetensors: not found") == "WeightsError: model.safetensors: not found"
     assert scrub("data: /home/u/.cache/gpt2-instruct/uploads/0123456789abcdef-mine.json") == "data: mine.json"

@@ -117,8 +117,16 @@ def load(engine, source: str, upload: str | None, previous: dict | None, mask_pr
     return (source, state, done) + render(state, records, mask_prompt)
 
 
-def load_default(engine, mask_prompt: bool):
-    """On page load: the canonical dataset when it is cached, else the sample; never the network."""
+def load_default(engine, mask_prompt: bool, remembered: dict | None = None):
+    """On page load: the dataset this browser had before a reload while it can still be opened, else the canonical
+    dataset when it is cached, else the sample; never the network."""
+    if remembered and (remembered.get("source") != "canonical" or cache.is_cached()):
+        try:
+            state, records = engine.datasets.reopen(remembered)
+        except (DatasetError, OSError, AttributeError, TypeError):
+            pass
+        else:
+            return (state["source"], state, "") + render(state, records, mask_prompt)
     return load(engine, default_source(), None, None, mask_prompt)
 
 
@@ -213,7 +221,10 @@ def build(shared) -> None:
                  concurrency_limit=2)
     upload.upload(lambda u, s, m: load(engine, "upload", u, s, m), [upload, state, mask], load_outputs,
                   api_visibility="private", concurrency_limit=2)
-    shared.app.load(lambda m: load_default(engine, m), mask, load_outputs, api_visibility="private", concurrency_limit=2)
+    remembered = gr.BrowserState(None, storage_key="gpt2-instruct-dataset")
+    shared.app.load(lambda m, r: load_default(engine, m, r), [mask, remembered], load_outputs, api_visibility="private",
+                    concurrency_limit=2)
+    state.change(lambda s: s if s else gr.skip(), state, remembered, api_visibility="private", **cheap)
 
     query.change(lambda q, s: search(engine, q, 1, s), [query, state], [table, count, page], api_visibility="private",
                  trigger_mode="always_last", **cheap)

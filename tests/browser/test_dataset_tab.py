@@ -4,7 +4,7 @@ import pytest
 from data import load_instructions
 from data.browse import PAGE_SIZE, matches
 
-from .conftest import count_text, load_sample, screenshot, text_of, wait_plot, wait_text
+from .conftest import count_text, load_sample, open_tab, screenshot, text_of, wait_plot, wait_text
 
 pytestmark = pytest.mark.browser
 
@@ -111,3 +111,17 @@ def test_a_malformed_upload_names_the_record_and_field_and_keeps_the_dataset(pag
     assert [c.inner_text() for c in page.locator("#dataset-summary .gi-stat .value").all()][0] == "74"
     assert table_rows(page)[0][0] == "1" and table_size(page) == PAGE_SIZE
     assert "record 1 of 74" in text_of(page, "#record-meta")
+
+
+def test_a_reload_keeps_the_dataset_this_browser_loaded(page, tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(f'{{"instruction": "Say {i}.", "input": "", "output": "{i}"}}\n' for i in range(12)))
+    kept = "() => localStorage.getItem('gpt2-instruct-dataset')"
+    before = page.evaluate(kept)
+    page.set_input_files("#upload input[type=file]", mine)
+    wait_text(page, "#dataset-error", "Loaded mine.jsonl: 12 records.")
+    page.wait_for_function(f"before => ({kept})() !== before", arg=before)  # the browser has stored its choice
+    page.reload()
+    wait_text(page, "#record-count", count_text(12))  # not the default dataset: training would have used it
+    open_tab(page, "train")
+    wait_text(page, "#train-data", "Data: mine.jsonl, 12 records")
