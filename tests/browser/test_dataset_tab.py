@@ -117,6 +117,7 @@ def test_a_reload_keeps_the_dataset_this_browser_loaded(page, tmp_path):
     mine = tmp_path / "mine.jsonl"
     mine.write_text("".join(f'{{"instruction": "Say {i}.", "input": "", "output": "{i}"}}\n' for i in range(12)))
     kept = "() => localStorage.getItem('gpt2-instruct-dataset')"
+    page.wait_for_function(f"() => ({kept})() !== null")  # the default dataset, stored once the page has loaded it
     before = page.evaluate(kept)
     page.set_input_files("#upload input[type=file]", mine)
     wait_text(page, "#dataset-error", "Loaded mine.jsonl: 12 records.")
