@@ -117,10 +117,17 @@ class RunInfo:
         return self.status not in ("done", "running") and (self.path / CHECKPOINT).is_file()
 
     def label(self) -> str:
-        final, at = self.manifest.get("final_val_loss"), self.manifest.get("final_val_step")
-        loss = f", val loss {final:.3f}" if isinstance(final, (int, float)) else ""
-        loss += f" at step {at:,}" if loss and at is not None and at != self.manifest.get("steps") else ""
-        return f"{self.name} ({self.status}{loss})"
+        loss = val_loss_text(self.manifest)
+        return f"{self.name} ({self.status}{', val loss ' + loss if loss else ''})"
+
+
+def val_loss_text(summary: dict) -> str | None:
+    """A run's last validation loss, with the step it is from when that is not the run's last step (a stopped run's
+    may be from well before); None when it has none."""
+    loss, at = summary.get("final_val_loss"), summary.get("final_val_step")
+    if not isinstance(loss, (int, float)):
+        return None
+    return f"{loss:.3f}" + (f" at step {at:,}" if at is not None and at != summary.get("steps") else "")
 
 
 def read_manifest(path: Path) -> dict:

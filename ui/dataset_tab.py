@@ -120,10 +120,10 @@ def load(engine, source: str, upload: str | None, previous: dict | None, mask_pr
 def load_default(engine, mask_prompt: bool, remembered: dict | None = None):
     """On page load: the dataset this browser had before a reload while it can still be opened, else the canonical
     dataset when it is cached, else the sample; never the network."""
-    if remembered and (remembered.get("source") != "canonical" or cache.is_cached()):
+    if isinstance(remembered, dict) and (remembered.get("source") != "canonical" or cache.is_cached()):
         try:
             state, records = engine.datasets.reopen(remembered)
-        except (DatasetError, OSError, AttributeError, TypeError):
+        except (DatasetError, OSError):
             pass
         else:
             return (state["source"], state, "") + render(state, records, mask_prompt)

@@ -86,15 +86,15 @@ def model_label(manifest: dict) -> str:
 
 
 def val_loss_text(summary: dict) -> str:
-    """A run's last validation loss, with the step it was measured at when that is not its last step (a stopped run)."""
-    loss, at, steps = summary.get("final_val_loss"), summary.get("final_val_step"), summary.get("steps")
-    return loss_text(loss) + (f" at step {at:,}" if isinstance(loss, (int, float)) and at is not None and at != steps else "")
+    """``runstore.val_loss_text``, a dash when there is none."""
+    from runstore.store import val_loss_text as text
+
+    return text(summary) or "–"
 
 
 def run_label(run) -> str:
-    loss = run.manifest.get("final_val_loss")
-    loss = f" · val loss {val_loss_text(run.manifest)}" if isinstance(loss, (int, float)) else ""
-    return f"{run.name} · {model_label(run.manifest)}{loss}"
+    loss = val_loss_text(run.manifest)
+    return f"{run.name} · {model_label(run.manifest)}" + (f" · val loss {loss}" if loss != "–" else "")
 
 
 def finished_run_choices(engine) -> list[tuple[str, str]]:
