@@ -62,6 +62,10 @@ class Datasets:
             stored = source_path(source)
         else:
             raise DatasetError(f"unknown source {source!r}; choose canonical, sample or upload")
+        return self._referenced(ref, stored, records)
+
+    def _referenced(self, ref: dict, stored: Path, records: list[dict]) -> tuple[dict, list[dict]]:
+        """``ref`` completed with the stored file's hash and its record count; the records kept under that hash."""
         digest = hashlib.sha256(stored.read_bytes()).hexdigest()
         ref.update(sha256=digest, count=len(records))
         self._keep(digest, records)
@@ -80,10 +84,8 @@ class Datasets:
             raise DatasetError(f"{ref.get('name', 'the upload')} is no longer on the server")
         records = load_instructions(path)
         path.touch()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        self._keep(digest, records)
-        return {"source": "upload", "key": path.name, "name": str(ref.get("name") or path.name), "sha256": digest,
-                "count": len(records)}, records
+        return self._referenced({"source": "upload", "key": path.name, "name": str(ref.get("name") or path.name)}, path,
+                                records)
 
     def records(self, ref: dict) -> list[dict]:
         """The records behind a reference, parsed again if they left the shared cache."""

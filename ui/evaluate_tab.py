@@ -228,11 +228,16 @@ def failure(error: str) -> str:
     return notice(f"<b>The evaluation failed.</b> {html.escape(error)}", "error")
 
 
+def controls(busy: bool, can_stop: bool = False) -> tuple:
+    """(run picker, Evaluate, Stop) while an evaluation goes (``busy``) or when none does."""
+    return gr.Dropdown(interactive=not busy), gr.Button(interactive=not busy), gr.Button(interactive=can_stop)
+
+
 def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tokens, batch_size, judge_url: str,
              judge_model: str, rank_by: str, show_all: bool, seen: dict | None = None):
     """Start the evaluation job and stream (progress, message, summary, chart, table, result, run picker, Evaluate, Stop,
     seen) to this page; ``poll`` shows the job to every other page, this browser's after a reload included."""
-    idle = (gr.Dropdown(interactive=True), gr.Button(interactive=True), gr.Button(interactive=False))
+    idle = controls(busy=False)
     unchanged = (gr.skip(),) * 4
     try:
         if not client_id:
@@ -245,7 +250,7 @@ def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tok
     except (ValueError, JobError) as e:
         yield notice(html.escape(scrub(str(e))), "error"), "", *unchanged, *idle, gr.skip()
         return
-    busy = (gr.Dropdown(interactive=False), gr.Button(interactive=False), gr.Button(interactive=True))
+    busy = controls(busy=True, can_stop=True)
     streaming = {**(seen or {}), "streaming": True}
     yield notice(f"Starting the evaluation of <b>{html.escape(run.name)}</b>…"), "", *unchanged, *busy, streaming
     version = None
@@ -295,12 +300,11 @@ def poll(engine, client_id: str | None, seen: dict | None, rank_by: str, show_al
         message = (notice(f"Evaluating <b>{html.escape(name)}</b>" + ("…" if mine else ", started by another visitor: "
                           "one evaluation runs at a time, and you can start yours when it ends.")) if first else gr.skip())
         # the owner's picker was put on the run at page load (refresh_runs); another visitor may go on browsing results
-        controls = ((gr.Dropdown(interactive=not mine), gr.Button(interactive=False), gr.Button(interactive=mine))
-                    if first else (gr.skip(),) * 3)
-        out = (progress, message, *(gr.skip(),) * 4, *controls)
+        buttons = (gr.Dropdown(interactive=not mine), *controls(busy=True, can_stop=mine)[1:]) if first else (gr.skip(),) * 3
+        out = (progress, message, *(gr.skip(),) * 4, *buttons)
     elif seen.get("active") and ended and seen.get("ended") != ended:  # watched here until it ended
         results = outcome(engine, snap, rank_by, show_all) if mine else ("", "", *(gr.skip(),) * 4)
-        out = (*results, gr.Dropdown(interactive=True), gr.Button(interactive=True), gr.Button(interactive=False))
+        out = (*results, *controls(busy=False))
     else:
         out = (gr.skip(),) * 9
     seen.update(version=snap["version"], active=active, ended=ended)
