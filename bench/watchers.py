@@ -105,9 +105,11 @@ def app_run(url: str, root: Path, model: str, steps: int, watchers: int) -> dict
 
 def cli_run(root: Path, model: str, steps: int, env: dict) -> float:
     out = root / "cli-run"
-    subprocess.run([sys.executable, "-m", "training", "--model", model, "--random-init", "--data", "sample", "--epochs", "100", "--max-steps",
-                    str(steps), "--eval-every", "1000", "--out", str(out)], cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "training", "--model", model, "--random-init", "--data", "sample", "--epochs",
+                           "100", "--max-steps", str(steps), "--eval-every", "1000", "--out", str(out)], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit((done.stderr.strip().splitlines() or ["error: the training CLI failed"])[-1])
     return throughput(out)
 
 
@@ -119,7 +121,12 @@ def main() -> None:
     args = parser.parse_args()
     print(machine())
     print(f"about {len(args.watchers) + 1} runs of {args.steps} steps of {args.model}; a minute or two for tiny")
-    work = Path(tempfile.mkdtemp(prefix="bench-watchers-"))
+    with tempfile.TemporaryDirectory(prefix="bench-watchers-") as work:  # its runs hold a model each: gone at the end
+        compare(args, Path(work))
+
+
+def compare(args, work: Path) -> None:
+    """The CLI's run, then the app's with each number of watchers, in ``work``; the table and the JSON line."""
     root = work / "runs"
     env = {**os.environ, "GPT2_INSTRUCT_RUNS": str(root), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     cli = cli_run(work, args.model, args.steps, env)
