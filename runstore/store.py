@@ -49,6 +49,23 @@ def new_run_dir(model: str, root: Path | None = None) -> Path:
     return path
 
 
+def claim_run_dir(path: str | Path) -> Path:
+    """``path`` (a run's ``--out``) made, or taken when it is an empty folder; ``ValueError`` when it holds anything, so
+    that a run never writes over another run's files (or a folder of the user's)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file: --out must name a new or empty folder") from None
+        if any(path.iterdir()):
+            raise ValueError(f"{path} already holds files: --out must name a new or empty folder (to continue a "
+                             "stopped run, use --resume)") from None
+    except OSError as e:
+        raise ValueError(f"cannot make the run folder {path}: {e.strerror or e}") from None
+    return path
+
+
 def write_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

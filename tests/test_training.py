@@ -316,6 +316,33 @@ def test_cli_runs_headless(tmp_path):
     assert (tmp_path / "cli" / "model.safetensors").is_file()
 
 
+def test_cli_ctrl_c_stops_saves_and_leaves_a_resumable_run_and_out_never_overwrites(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "training", "--model", "tiny", "--random-init", "--data", "sample", "--epochs", "100",
+           "--eval-every", "1000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(read_metrics(out)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopping at the next step and saving" in stderr and "stopped (stopped by its owner)" in stdout
+    manifest = read_manifest(out)
+    assert manifest["status"] == "stopped" and (out / "model.safetensors").is_file() and (out / "checkpoint.pt").is_file()
+
+    again = subprocess.run(cmd[:-6] + ["--max-steps", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and again.stderr.strip() == (f"error: {out} already holds files: --out must name a new or "
+                                                               "empty folder (to continue a stopped run, use --resume)")
+    assert read_manifest(out) == manifest  # the stopped run is as it was, still resumable
+    nan = subprocess.run(cmd[:-2] + ["--lr", "nan", "--out", str(tmp_path / "nan")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert nan.returncode == 2 and "lr must be a finite number, got nan" in nan.stderr and not (tmp_path / "nan").exists()
+
+
 def test_cli_reports_bad_data_clearly(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "x", "input": "", "output": 3}]')

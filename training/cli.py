@@ -72,12 +72,21 @@ def run_folder(name: str) -> Path:
     raise ResumeError(f"no run named {name!r} under the runs folder, and {name!r} is not a run folder")
 
 
-def stop_on_sigterm() -> threading.Event:
-    """An event that SIGTERM sets: the run stops at its next step and is saved as stopped. Python lets only
-    the main thread install a handler; elsewhere (a test calling ``main``) the event is set by nothing."""
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM or a first Ctrl-C sets: the run stops at its next step and is saved as stopped, its
+    checkpoint with it; a second Ctrl-C quits at once, losing what was not saved. Python lets only the main thread
+    install a handler; elsewhere (a test calling ``main``) the event is set by nothing."""
     stop = threading.Event()
+
+    def on_ctrl_c(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping at the next step and saving; Ctrl-C again to quit without saving", file=sys.stderr, flush=True)
+
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+        signal.signal(signal.SIGINT, on_ctrl_c)
     return stop
 
 
@@ -123,7 +132,7 @@ def main(argv=None) -> int:
     """Train, or with ``--resume RUN`` continue a run; under torchrun each process runs this, and rank 0 alone prints
     and writes the run.
 
-    SIGTERM asks for a stop at the next step (the run is saved as stopped); under
+    SIGTERM or Ctrl-C asks for a stop at the next step (the run is saved as stopped); under
     torchrun a stop on any rank stops them all.
     """
     configure_runtime()
@@ -134,7 +143,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # a run that cannot be resumed, or changed settings
         print(f"error: {e}", file=sys.stderr)
         return 1
-    stop = stop_on_sigterm()
+    stop = stop_on_signals()
     ctx = distributed.init(config.device)
     code = 1
     try:
@@ -162,7 +171,7 @@ def run(config: TrainConfig, ctx: distributed.Context, stop: threading.Event, re
         print(f"error: {where}{ctx.reason(e) if ctx.enabled else e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: quit without saving; resume it from its last checkpoint, if any", file=sys.stderr)
         return 130
     except Exception as e:
         if ctx.enabled:

@@ -7,6 +7,7 @@ before any work starts (``validate``), and the app's form defaults and ranges.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -29,6 +30,8 @@ def check_field(f, value) -> None:
         if "None" not in str(f.type):
             raise ConfigError(f"{name}: enter a value")
         return
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+        raise ConfigError(f"{name} must be a finite number, got {value}")
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name} must be {', '.join(meta['choices'][:-1])} or {meta['choices'][-1]}, got {value!r}")
     low, high = meta.get("low"), meta.get("high")

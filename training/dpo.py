@@ -31,7 +31,7 @@ from data.preference import (
 )
 from model import GPT, pick_device, pick_dtype
 from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
-from runstore import CHECKPOINT, RunWriter, find_run, load_run, new_run_dir, process_owner, read_manifest
+from runstore import CHECKPOINT, RunWriter, claim_run_dir, find_run, load_run, new_run_dir, process_owner, read_manifest
 from runstore.store import WEIGHTS
 
 from .checkpoint import (
@@ -268,7 +268,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint:
         restore(checkpoint, optimizer, clock)
-    run_dir = Path(resume) if resume is not None else Path(config.out) if config.out else new_run_dir(f"{parent_dir.name}-dpo", root)
+    run_dir = Path(resume) if resume is not None else claim_run_dir(config.out) if config.out else new_run_dir(f"{parent_dir.name}-dpo", root)
     writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None)
     run_fields = dict(
         status="running", owner=process_owner(), method="dpo", parent_run=parent_dir.name, parent_dir=str(parent_dir),

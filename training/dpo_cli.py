@@ -12,7 +12,7 @@ from model import WeightsError
 from model.device import configure_runtime
 from runstore import recover_runs
 
-from .cli import ProgressBar, run_folder, settings_given, stop_on_sigterm, parse_args as parse_settings
+from .cli import ProgressBar, run_folder, settings_given, stop_on_signals, parse_args as parse_settings
 from .config import ConfigError, add_arguments
 from .dpo import DPOConfig, resume_dpo_config, train_dpo
 from .events import Logged, Progress
@@ -64,7 +64,8 @@ def num(value, spec: str = ".3f") -> str:
 
 
 def main(argv=None) -> int:
-    """Align, or with ``--resume RUN`` continue a DPO run; SIGTERM asks for a stop at the next step (the run is saved as stopped)."""
+    """Align, or with ``--resume RUN`` continue a DPO run; SIGTERM or Ctrl-C asks for a stop at the next step (the run is
+    saved as stopped)."""
     configure_runtime()
     resume = make_parser().parse_args(argv).resume
     try:
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # a run that cannot be resumed, or changed settings
         print(f"error: {e}", file=sys.stderr)
         return 1
-    stop = stop_on_sigterm()
+    stop = stop_on_signals()
     recover_runs()
     try:
         train_dpo(config, Hooks(on_event=DPOProgressBar(), should_stop=stop.is_set), resume=run_dir)
@@ -81,6 +82,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: quit without saving; resume it from its last checkpoint, if any", file=sys.stderr)
         return 130
     return 0

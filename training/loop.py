@@ -41,7 +41,7 @@ from .config import TrainConfig
 from .events import Download, Finished, Logged, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
 from .optim import MasterWeightAdamW
-from runstore import CHECKPOINT, RunWriter, new_run_dir, process_owner, read_manifest
+from runstore import CHECKPOINT, RunWriter, claim_run_dir, new_run_dir, process_owner, read_manifest
 
 
 @dataclass
@@ -264,7 +264,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint:
         restore(checkpoint, optimizer, clock)
-    run_dir = Path(resume) if resume is not None else ctx.on_main(lambda: Path(config.out) if config.out else new_run_dir(config.model, root))
+    run_dir = Path(resume) if resume is not None else ctx.on_main(lambda: claim_run_dir(config.out) if config.out else new_run_dir(config.model, root))
     writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None) if ctx.is_main else distributed.NullWriter()
     run_fields = dict(
         status="running",
