@@ -73,7 +73,8 @@ def store_file(name: str, sha256: str, data: bytes, what: str) -> Path:
 
 
 def cached_file(name: str, url: str, sha256: str, what: str, alternative: str) -> Path:
-    """Path of a cached file, downloading it on first use; a cached copy with the wrong sha256 is fetched again.
+    """Path of a cached file, downloading it on first use; a cached copy with the wrong sha256 is fetched again, and
+    replaced only by a download that has the right one (it may be a copy someone placed by hand: it is never deleted).
 
     ``what`` names the file in messages ("the canonical dataset"); ``alternative`` ends the offline hint.
     """
@@ -81,17 +82,17 @@ def cached_file(name: str, url: str, sha256: str, what: str, alternative: str) -
     if is_cached_file(name, sha256):
         return path
     try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-    try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
+        try:
+            found = f" The {name} there has sha256 {sha256_of(path.read_bytes())}: another version, or edited."
+        except OSError:
+            found = ""
         raise DatasetError(
             f"could not download {what} from {url} ({reason}). "
-            f"Without internet, place {name} (sha256 {sha256}) by hand at {path}, {alternative}."
+            f"Without internet, place {name} (sha256 {sha256}) by hand at {path}, {alternative}.{found}"
         ) from None
     try:
         return store_file(name, sha256, data, what)

@@ -180,6 +180,17 @@ def test_offline_without_cache_fails_fast_with_help(tmp_path, monkeypatch):
     assert "by hand" in message and "'sample'" in message
 
 
+def test_a_hand_placed_copy_with_another_sha256_is_kept_and_named_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "CANONICAL_URL", "http://127.0.0.1:9/x.json")
+    (tmp_path / "cache").mkdir()
+    placed = write(tmp_path / "cache", json.dumps([rec()]) + "\n", "instruction-data.json")
+    before = placed.read_bytes()
+    with pytest.raises(DatasetError, match=f"The instruction-data.json there has sha256 {cache.sha256_of(before)}: another"):
+        load_instructions("canonical")
+    assert placed.read_bytes() == before  # not deleted: it may be the user's only copy
+
+
 def test_corrupt_cached_copy_is_fetched_again(tmp_path, monkeypatch):
     good = write(tmp_path, json.dumps([rec(), rec("Name a fruit.", "", "Apple.")]), "published.json")
     monkeypatch.setattr(cache, "CANONICAL_SHA256", cache.sha256_of(good.read_bytes()))
