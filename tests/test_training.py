@@ -299,6 +299,14 @@ def test_config_errors_name_the_setting():
         TrainConfig(lr=-1)
     with pytest.raises(ConfigError, match="unknown settings: foo"):
         TrainConfig.from_dict({"foo": 1})
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=f"lora_alpha must be a finite number, got {value}"):
+            TrainConfig(lora_alpha=value)  # nan passes every range comparison
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"):
+        TrainConfig(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device cuda: this PyTorch sees 0 CUDA GPU"):
+            TrainConfig(device="cuda")
 
 
 # The CLI

@@ -52,6 +52,21 @@ def check_field(f, value) -> None:
         raise ConfigError(f"{name} must be {bounds}, got {value:g}")
 
 
+def check_device(device: str) -> None:
+    """``ConfigError`` for a device this machine's PyTorch cannot use, before anything is loaded."""
+    if device in ("auto", "cpu"):
+        return
+    kind, _, index = device.partition(":")
+    if kind not in ("cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    import torch
+
+    if kind == "cuda" and torch.cuda.device_count() <= int(index or 0):
+        raise ConfigError(f"device {device}: this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s); use auto or cpu")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device mps: not available here; use auto or cpu")
+
+
 class Settings:
     """What every settings dataclass shares: its declared limits checked, and plain dicts in and out."""
 
@@ -114,6 +129,7 @@ class TrainConfig(Settings):
         if not self.random_init and self.model == "tiny":
             raise ConfigError("the tiny preset has no pretrained weights: use random init")
         self.check_fields()
+        check_device(self.device)
         return self
 
 

@@ -37,7 +37,7 @@ from runstore.store import WEIGHTS
 from .checkpoint import (
     ResumeError, check_unchanged, checkpoint_run, load_checkpoint, refuse_changes, restore, resumable,
 )
-from .config import ConfigError, Settings, TrainConfig, setting
+from .config import ConfigError, Settings, TrainConfig, check_device, setting
 from .dpo_loss import dpo_loss, evaluate_dpo, figures, reference_logprobs, sequence_logprobs
 from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable
@@ -80,6 +80,7 @@ class DPOConfig(Settings):
         if not self.parent:
             raise ConfigError("parent: name the fine-tuned run to align (--from RUN)")
         self.check_fields()
+        check_device(self.device)
         return self
 
 
