@@ -38,7 +38,7 @@ from runstore.export import ExportError, export_zip
 from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.loop import now
-from runstore import read_manifest, write_atomic
+from runstore import find_run, read_manifest, write_atomic
 from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences
 
 EVAL_ROWS = "eval.jsonl"
@@ -291,6 +291,14 @@ def totals(results: list[dict], judged: bool) -> dict:
     }
 
 
+def judge_gaps(summary: dict, rows: list[dict]) -> tuple[int, int, list[str]]:
+    """(responses the judge left unscored, responses it was given, its distinct reasons) of a judged evaluation."""
+    names = summary.get("models") or list(MODELS)
+    unscored = sum(summary[n]["judge_unscored"] for n in names)
+    reasons = list(dict.fromkeys(r[m]["judge_error"] for r in rows for m in names if r[m].get("judge_error")))
+    return unscored, len(names) * len(rows), reasons
+
+
 def load_eval(run_dir) -> dict | None:
     """The saved ``{"summary", "rows"}`` of a run's last evaluation, or None when it has none."""
     run_dir = Path(run_dir)
@@ -391,7 +399,7 @@ class ProgressBar:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluation",
                                 description="Evaluate a fine-tuning run: base vs fine-tuned on the test split (chapter 7.7 of the book).")
-    p.add_argument("run_dir", help="a run directory made by python -m training")
+    p.add_argument("run_dir", help="a run made by python -m training: its name under the runs folder, or its folder")
     p.add_argument("--data", default=None, help="canonical, sample or a file (default: the run's data)")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -403,19 +411,31 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=None, help="comma-separated, of base, tuned and (for a DPO run) aligned; default all")
     p.add_argument("--export", metavar="PATH.zip", default=None, help="also write the model as a Hugging Face zip")
     args = p.parse_args(argv)
+    if args.export and (Path(args.export).suffix != ".zip" or Path(args.export).is_dir()):
+        p.error(f"--export {args.export}: give the path of a .zip file to write")
+    run = find_run(args.run_dir)  # a run's name, as --resume takes it, or its folder
+    run_dir = run.path if run is not None else Path(args.run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        print(f"error: no run named {args.run_dir!r} under the runs folder, and {args.run_dir!r} is not a run folder "
+              "(no manifest.json)", file=sys.stderr)
+        return 1
     judge = Judge(args.judge, args.judge_model, timeout=args.judge_timeout) if args.judge else None
     bar = ProgressBar()
     try:
-        result = evaluate_run(args.run_dir, data=args.data, split=args.split, max_new_tokens=args.max_new_tokens,
+        result = evaluate_run(run_dir, data=args.data, split=args.split, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, limit=args.limit, judge=judge, progress=bar,
                               models=args.models.split(",") if args.models else None)
         bar.close()
         print(format_summary(result["summary"]))
-        print(f"saved {EVAL_ROWS} and {EVAL_SUMMARY} in {args.run_dir}")
+        print(f"saved {EVAL_ROWS} and {EVAL_SUMMARY} in {run_dir}")
         if judge is None:
             print(judge_help())
+        elif (gaps := judge_gaps(result["summary"], result["rows"]))[0]:
+            unscored, total, reasons = gaps
+            print(f"warning: the judge left {unscored} of {total} responses unscored: {'; '.join(reasons[:2])}",
+                  file=sys.stderr)
         if args.export:
-            print(f"exported {export_zip(args.run_dir, args.export)}")
+            print(f"exported {export_zip(run_dir, args.export)}")
     except (FileNotFoundError, DatasetError, WeightsError, ExportError, ValueError) as e:
         bar.close()
         print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -325,4 +326,16 @@ def test_cli_reports_a_bad_run_dir(tmp_path):
     out = subprocess.run([sys.executable, "-m", "evaluation", str(tmp_path / "nope")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
-    assert "is not a run directory" in out.stderr and "Traceback" not in out.stderr
+    assert f"{tmp_path / 'nope'}' is not a run folder (no manifest.json)" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_takes_a_run_by_name_checks_export_first_and_says_when_the_judge_is_down(run, tmp_path):
+    env = {**os.environ, "GPT2_INSTRUCT_RUNS": str(run.parent)}
+    folder = subprocess.run([sys.executable, "-m", "evaluation", run.name, "--export", str(tmp_path)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert folder.returncode == 2 and f"--export {tmp_path}: give the path of a .zip file to write" in folder.stderr
+    out = subprocess.run([sys.executable, "-m", "evaluation", run.name, "--limit", "2", "--max-new-tokens", "4",
+                          "--judge", "http://127.0.0.1:9/v1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"saved eval.jsonl and eval_summary.json in {run}" in out.stdout
+    assert "warning: the judge left 4 of 4 responses unscored: cannot reach http://127.0.0.1:9/v1/chat/completions" in out.stderr

@@ -17,7 +17,7 @@ import gradio as gr
 
 from engine import ACTIVE, ENDED, SCALARS_ONLY, JobError
 from engine.public import scrub
-from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, best_and_worst, load_eval
+from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, best_and_worst, judge_gaps, load_eval
 from evaluation.judge import DEFAULT_MODEL, DEFAULT_URL, Judge, judge_help
 from runstore import RunInfo
 from runstore.export import ExportError, load_hint, push_to_hub
@@ -148,13 +148,11 @@ def summary_html(summary: dict, rows: list[dict]) -> str:
 def judge_note(summary: dict, rows: list[dict]) -> str:
     if not summary.get("judge"):
         return notice(f"{html.escape(judge_help())}<br>Here: enter that URL under <b>LLM judge</b> and evaluate again.")
-    names = models_of(summary)
-    unscored = sum(summary[n]["judge_unscored"] for n in names)
+    unscored, total, reasons = judge_gaps(summary, rows)
     if not unscored:
         return ""
-    reasons = list(dict.fromkeys(r[m]["judge_error"] for r in rows for m in names if r[m].get("judge_error")))
     why = "".join(f"<br>{html.escape(reason)}" for reason in reasons[:2])
-    return notice(f"<b>The judge left {unscored} of {len(names) * len(rows)} responses unscored.</b>{why}", "error")
+    return notice(f"<b>The judge left {unscored} of {total} responses unscored.</b>{why}", "error")
 
 
 def table_update(result: dict | None, rank_by: str, show_all: bool):
