@@ -1,6 +1,7 @@
 """Small helpers the benchmarks share."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -10,6 +11,29 @@ import time
 import torch
 
 from model.device import cpu_class, precision_reason
+
+
+def at_least(low: int):
+    """An argparse type: a whole number of at least ``low`` (``--steps 0`` is one line of usage, not a traceback)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def preset(name: str) -> str:
+    """An argparse type: one of the model presets."""
+    from model import PRESETS
+
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return name
 
 
 def timed(fn, *args, **kwargs):

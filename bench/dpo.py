@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench.common import machine, print_json
+from bench.common import at_least, machine, preset, print_json
 from model import GPT, GPTConfig, pick_device, pick_dtype
 from model.device import configure_precision, configure_runtime, describe, peak_rss_mb, release_free_memory
 from training.optim import MasterWeightAdamW
@@ -149,15 +149,18 @@ def data_error(sides: list[str]) -> str | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gpt2", help="preset: tiny, gpt2, gpt2-medium, ...")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per side, spread over the epoch")
+    parser = argparse.ArgumentParser(prog="python -m bench.dpo", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="gpt2", type=preset, help="preset: tiny, gpt2, gpt2-medium, ...")
+    parser.add_argument("--steps", type=at_least(1), default=6, help="timed steps per side, spread over the epoch")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, fine-tuning first: {', '.join(SIDES)}")
     parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # a child: one side's peak memory
     parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)  # a child: interleaved timing
     args = parser.parse_args()
     configure_runtime()
     sides = args.sides.split(",")
+    unknown = [side for side in sides if side not in SIDES]
+    if unknown:
+        parser.error(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
     if args.peak_of:
         print(json.dumps(peak_of(args.peak_of, args.model)))
         return

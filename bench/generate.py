@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from bench.common import machine, timed
+from bench.common import at_least, machine, timed
 from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, save_pretrained, stream_side_by_side
 from model.device import configure_runtime, cpu_has_bf16, peak_rss_mb, pick_device
 from model.inference import int8_supported
@@ -93,11 +93,11 @@ def finite(figures: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per timed generation")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
-    parser.add_argument("--prompts", type=int, default=20, help="test prompts whose greedy output is compared (110: all)")
-    parser.add_argument("--check-tokens", type=int, default=24, help="new tokens per compared prompt")
+    parser = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=at_least(1), default=64, help="new tokens per timed generation")
+    parser.add_argument("--rounds", type=at_least(1), default=3, help="interleaved timing rounds (median)")
+    parser.add_argument("--prompts", type=at_least(1), default=20, help="test prompts whose greedy output is compared (110: all)")
+    parser.add_argument("--check-tokens", type=at_least(1), default=24, help="new tokens per compared prompt")
     parser.add_argument("--threads", type=int, default=1, help="threads for ours and transformers alike; 0: PyTorch's default")
     parser.add_argument("--data", default="canonical", help="canonical, sample or a path (the prompts come from its test split)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 8 prompts")

@@ -28,7 +28,7 @@ from model.device import configure_runtime
 
 import torch
 
-from bench.common import machine, precision_line, print_json
+from bench.common import at_least, machine, precision_line, print_json
 from model import GPT, GPTConfig
 from training.optim import MasterWeightAdamW
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     configure_runtime()
     parser = argparse.ArgumentParser(prog="python -m bench.optim", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt2", help="preset: tiny, gpt2, gpt2-medium, ...")
-    parser.add_argument("--rounds", type=int, default=7, help="timed updates of each side")
+    parser.add_argument("--rounds", type=at_least(1), default=7, help="timed updates of each side")
     args = parser.parse_args(argv)
     try:
         config = GPTConfig.from_name(args.model)

@@ -34,7 +34,7 @@ from model.device import configure_runtime
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine, precision_line, print_json, spread
+from bench.common import at_least, machine, precision_line, print_json, spread
 from data import DatasetError, InstructionDataset, load_instructions, make_loader, padding_stats, split_instructions
 from model import GPTConfig, pick_device, pick_dtype, save_pretrained
 from model.device import configure_precision, cpu_class, describe, peak_rss_mb, release_free_memory
@@ -126,7 +126,7 @@ def timed_step(fn, x, y) -> tuple[float, float]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt2", help="preset: tiny, gpt2, gpt2-medium, ...")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of each side")
+    parser.add_argument("--steps", type=at_least(1), default=10, help="timed steps of each side")
     parser.add_argument("--data", default="canonical", help="canonical, sample, or a JSON / JSON Lines file")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="ours (auto: bf16 where native)")
     parser.add_argument("--lora-rank", type=int, default=0, help="also time ours with LoRA of this rank on the same batches")
@@ -137,9 +137,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     configure_runtime()
     args = parse_args(argv)
-    if args.steps < 1:
-        print("error: --steps must be at least 1", file=sys.stderr)
-        return 2
     try:
         config = TrainConfig(model=args.model, random_init=True, data=args.data, precision=args.precision)
         lora_config = TrainConfig(**{**config.to_dict(), "lora_rank": args.lora_rank}) if args.lora_rank else None

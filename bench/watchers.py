@@ -27,7 +27,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from bench.common import machine, print_json
+from bench.common import at_least, machine, preset, print_json
 
 REPO = Path(__file__).resolve().parents[1]
 FORM = dict(custom="", random_init=True, epochs=100, batch_size=8, lr=5e-5, mask_prompt=False, lora=False, rank=8, alpha=16,
@@ -114,9 +114,9 @@ def cli_run(root: Path, model: str, steps: int, env: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=60)
+    parser = argparse.ArgumentParser(prog="python -m bench.watchers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", type=preset, help="preset, trained from random weights")
+    parser.add_argument("--steps", type=at_least(1), default=60, help="steps of each run")
     parser.add_argument("--watchers", type=int, nargs="+", default=[0, 1, 5])
     args = parser.parse_args()
     print(machine())

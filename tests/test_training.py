@@ -576,6 +576,22 @@ def test_bench_optim_times_every_side_and_ends_with_json():
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "gpt9" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["bench.dpo", "--model", "gpt9"], "argument --model: unknown preset 'gpt9'; choose one of tiny, gpt2"),
+    (["bench.dpo", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["bench.dpo", "--sides", "sft,bogus"], "--sides: unknown bogus; choose from sft, dpo, dpo-stacked"),
+    (["bench.optim", "--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    (["bench.generate", "--tokens", "0"], "argument --tokens: must be at least 1, got 0"),
+    (["bench.train", "--steps", "x"], "argument --steps: 'x' is not a whole number"),
+    (["bench.watchers", "--model", "gpt9"], "argument --model: unknown preset 'gpt9'"),
+])
+def test_benchmarks_refuse_bad_arguments_in_one_usage_line(args, says):
+    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"python -m {args[0]}: error: ") and says in last, last
+
+
 def test_mlp_recomputing_gelu_gives_autograds_gradients():
     """The training MLP (GELU recomputed in backward) against plain autograd, forward and every gradient."""
     from model.gpt import MLP
