@@ -346,6 +346,11 @@ def test_cli_ctrl_c_stops_saves_and_leaves_a_resumable_run_and_out_never_overwri
     assert again.returncode == 1 and again.stderr.strip() == (f"error: {out} already holds files: --out must name a new or "
                                                                "empty folder (to continue a stopped run, use --resume)")
     assert read_manifest(out) == manifest  # the stopped run is as it was, still resumable
+    resumed = subprocess.run([sys.executable, "-m", "training", "--resume", str(out), "--max-wall-s", "1"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    shown = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and f"resuming at step {manifest['steps']} of " in shown, shown
+    assert not re.search(r" 0/\d+ |-\d[\d.]*step/s", shown)  # the replayed history does not rewind the bar
     nan = subprocess.run(cmd[:-2] + ["--lr", "nan", "--out", str(tmp_path / "nan")], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert nan.returncode == 2 and "lr must be a finite number, got nan" in nan.stderr and not (tmp_path / "nan").exists()

@@ -96,6 +96,10 @@ class ProgressBar:
     def __init__(self):
         self.bar = None
         self.download = None
+        self.start = 0  # a resumed run's first step: the rows before it are its history, replayed for watchers
+
+    def replayed(self, event) -> bool:
+        return isinstance(event, Logged) and event.record["step"] < self.start
 
     def __call__(self, event) -> None:
         if isinstance(event, Download):
@@ -108,7 +112,12 @@ class ProgressBar:
                 self.download.close()
             tqdm.write(f"{event.parameters:,} parameters ({event.trainable_parameters:,} trained) on {event.device}; "
                        f"{event.train_records} training records; run: {event.run_dir}")
+            if event.start_step:
+                tqdm.write(f"resuming at step {event.start_step:,} of {event.total_steps:,}")
+            self.start = event.start_step
             self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step")
+        elif self.replayed(event):
+            return
         elif isinstance(event, Logged) and self.bar is not None:
             record = event.record
             self.bar.n = record["step"]

@@ -48,7 +48,7 @@ class DPOProgressBar(ProgressBar):
         if self.reference is not None and not isinstance(event, Progress):
             self.reference.close()
             self.reference = None
-        if not (isinstance(event, Logged) and self.bar is not None):
+        if not (isinstance(event, Logged) and self.bar is not None) or self.replayed(event):
             return super().__call__(event)
         r = event.record
         self.bar.n = r["step"]
