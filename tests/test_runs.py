@@ -105,6 +105,8 @@ def test_resume_refuses_done_runs_runs_without_checkpoint_and_changed_settings(t
     with pytest.raises(ResumeError, match="seed was 123, not 7"):
         train(TrainConfig(**{**resume_config(tmp_path / "stopped").to_dict(), "seed": 7}), resume=tmp_path / "stopped")
     assert resume_config(tmp_path / "stopped", checkpoint_every=1).checkpoint_every == 1
+    same = resume_config(tmp_path / "stopped", model="tiny", random_init=True, lr=1e-3, epochs=2)  # the run's own flags
+    assert same == resume_config(tmp_path / "stopped")
     (tmp_path / "stopped" / CHECKPOINT).unlink()
     with pytest.raises(ResumeError, match="has no checkpoint"):
         resume_run(tmp_path / "stopped")

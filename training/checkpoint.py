@@ -119,8 +119,10 @@ def resumable(run_dir: Path) -> dict:
     return manifest
 
 
-def refuse_changes(changes: dict, changeable: tuple[str, ...] = CHANGEABLE) -> None:
-    refused = sorted(set(changes) - set(changeable))
+def refuse_changes(changes: dict, saved: dict, changeable: tuple[str, ...] = CHANGEABLE) -> None:
+    """Refuse ``changes`` to settings outside ``changeable``; one that repeats the ``saved`` value changes nothing
+    (the run's own command line, with --resume added, is fine)."""
+    refused = sorted(key for key, value in changes.items() if key not in changeable and saved.get(key) != value)
     if refused:
         raise ResumeError(f"a resumed run keeps its settings, so that it trains as if it had never stopped; "
                           f"{', '.join(refused)} cannot change (only {', '.join(changeable)} can)")
@@ -132,7 +134,7 @@ def resume_config(run_dir: Path, **changes) -> TrainConfig:
     if manifest.get("method") == "dpo":
         raise ResumeError(f"{Path(run_dir).name} is a preference-tuning (DPO) run: resume it with "
                           f"python -m training.dpo --resume {Path(run_dir).name}")
-    refuse_changes(changes)
+    refuse_changes(changes, manifest["config"])
     return TrainConfig.from_dict({**manifest["config"], **changes, "out": str(run_dir)})
 
 

@@ -165,7 +165,7 @@ def resume_dpo_config(run_dir: str | Path, **changes) -> DPOConfig:
     if manifest.get("method") != "dpo":
         raise ResumeError(f"{run_dir.name} is a fine-tuning run, not a preference-tuning one: "
                           f"resume it with python -m training --resume {run_dir.name}")
-    refuse_changes(changes, RESUME_CHANGEABLE)
+    refuse_changes(changes, manifest["dpo"], RESUME_CHANGEABLE)
     beside = run_dir.parent / manifest["parent_run"]
     parent = beside if (beside / "manifest.json").is_file() else Path(manifest["parent_dir"])
     return DPOConfig.from_dict({**manifest["dpo"], **changes, "parent": str(parent), "out": str(run_dir)})
