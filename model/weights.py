@@ -140,6 +140,8 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
         f"cache at {constants.HF_HUB_CACHE}. Connect once to fill the cache, or pass a local path instead: a "
         f"directory holding {WEIGHTS_NAME} and {CONFIG_NAME}, or a .safetensors file."
     )
+    if "/" not in repo:  # a typo of a preset reads as a Hub id with no owner
+        offline = f"{repo!r} is not a preset ({', '.join(HUB_PRESETS)}) nor a local path; as a Hub id, " + offline
     reason = hub_unreachable()
     if reason:
         raise WeightsError(offline.format(why=reason))

@@ -85,6 +85,14 @@ def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, precisio
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_run_files_get_the_mode_a_plain_open_gives(tmp_path):
+    from model.files import UMASK
+
+    train(tiny(tmp_path, "run", max_steps=1))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~UMASK}, modes  # not mkstemp's owner-only 0600
+
+
 def test_a_stopped_run_says_which_step_its_validation_loss_is_from(tmp_path):
     stopped = train(tiny(tmp_path, "run"), stop_after(5))  # evaluated at steps 0 and 3
     assert (stopped["steps"], stopped["final_val_step"]) == (5, 3)

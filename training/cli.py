@@ -131,7 +131,7 @@ class ProgressBar:
                 self.bar.close()
             s = event.summary
             reason = f" ({s['stop_reason']})" if s.get("stop_reason") else ""
-            print(f"{s['status']}{reason}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
+            print(f"{s['status']}{reason}: {s['steps']} step{'' if s['steps'] == 1 else 's'} in {s['wall_time_s']:.0f} s "
                   f"({s['train_time_s']:.0f} s training, {s['eval_time_s']:.0f} s evaluating), "
                   f"peak memory {s['peak_rss_mb'] / 1024:.2f} GiB; saved to {s['run_dir']}")
 

@@ -127,7 +127,7 @@ class TrainConfig(Settings):
         if self.random_init and self.model not in PRESETS:
             raise ConfigError(f"random init builds one of the presets ({', '.join(PRESETS)}), not {self.model!r}")
         if not self.random_init and self.model == "tiny":
-            raise ConfigError("the tiny preset has no pretrained weights: use random init")
+            raise ConfigError("the tiny preset has no pretrained weights: use random init (--random-init)")
         self.check_fields()
         check_device(self.device)
         return self
@@ -147,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[
         help_text = meta.get("help", "") + ("" if f.default in (None, False, True) else f" (default {f.default})")
         if isinstance(f.default, bool):
             action = "store_false" if f.default else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, help=meta.get("help"))
+            parser.add_argument(flag, dest=f.name, action=action,
+                                help=f"turn off (on by default): {meta.get('help')}" if f.default else meta.get("help"))
             continue
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
         parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
