@@ -292,6 +292,11 @@ def test_a_stopped_run_saves_complete_weights_and_manifest(parent, pref_file, tm
         assert (ours(idx) - load_run(parent)(idx)).abs().max().item() > 0  # it moved
 
 
+def test_a_max_length_that_skips_every_pair_is_named_as_the_cause(parent, pref_file, tmp_path):
+    with pytest.raises(ValueError, match=r"0 usable pairs: .* pairs were skipped as longer than --max-length 16 tokens"):
+        train_dpo(dpo_config(parent, pref_file, tmp_path / "dpo", max_length=16))
+
+
 def test_a_failure_marks_the_run_failed(parent, pref_file, tmp_path):
     def boom(event):
         if isinstance(event, Logged) and event.step == 1:
