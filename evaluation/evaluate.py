@@ -38,7 +38,7 @@ from runstore.export import ExportError, export_zip
 from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.loop import now
-from runstore import find_run, read_manifest, write_atomic
+from runstore import read_manifest, run_folder, write_atomic
 from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences
 
 EVAL_ROWS = "eval.jsonl"
@@ -413,11 +413,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.export and (Path(args.export).suffix != ".zip" or Path(args.export).is_dir()):
         p.error(f"--export {args.export}: give the path of a .zip file to write")
-    run = find_run(args.run_dir)  # a run's name, as --resume takes it, or its folder
-    run_dir = run.path if run is not None else Path(args.run_dir)
-    if not (run_dir / "manifest.json").is_file():
-        print(f"error: no run named {args.run_dir!r} under the runs folder, and {args.run_dir!r} is not a run folder "
-              "(no manifest.json)", file=sys.stderr)
+    try:
+        run_dir = run_folder(args.run_dir)  # a run's name, as --resume takes it, or its folder
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     judge = Judge(args.judge, args.judge_model, timeout=args.judge_timeout) if args.judge else None
     bar = ProgressBar()

@@ -242,6 +242,16 @@ def find_run(name: str | Path, root: Path | None = None) -> RunInfo | None:
     return None
 
 
+def run_folder(name: str) -> Path:
+    """A run for a command line: by name under the runs folder, or a run folder's path; ``ValueError`` otherwise."""
+    run = find_run(name)
+    if run is not None:
+        return run.path
+    if (Path(name) / MANIFEST).is_file():
+        return Path(name)
+    raise ValueError(f"no run named {name!r} under the runs folder, and {name!r} is not a run folder (no {MANIFEST})")
+
+
 def load_run(path: Path, device=None, dtype=None):
     """The fine-tuned model of a run, through the same loader as any checkpoint."""
     import torch

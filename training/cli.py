@@ -13,10 +13,10 @@ from tqdm import tqdm
 from data import DatasetError
 from model import WeightsError
 from model.device import configure_runtime
-from runstore import find_run
+from runstore import run_folder
 
 from . import distributed
-from .checkpoint import ResumeError, resume_config
+from .checkpoint import resume_config
 from .config import ConfigError, TrainConfig, add_arguments
 from .events import Download, Finished, Logged, Started
 from .loop import Hooks, train
@@ -60,16 +60,6 @@ def settings_given(argv=None, make=None) -> dict:
     if args.get("eval_batches") == 0:
         args["eval_batches"] = None
     return args
-
-
-def run_folder(name: str) -> Path:
-    """A run by name under the runs folder, or a run folder's path."""
-    run = find_run(name)
-    if run is not None:
-        return run.path
-    if (Path(name) / "manifest.json").is_file():
-        return Path(name)
-    raise ResumeError(f"no run named {name!r} under the runs folder, and {name!r} is not a run folder")
 
 
 def stop_on_signals() -> threading.Event:

@@ -10,9 +10,9 @@ from tqdm import tqdm
 from data import DatasetError
 from model import WeightsError
 from model.device import configure_runtime
-from runstore import recover_runs
+from runstore import recover_runs, run_folder
 
-from .cli import ProgressBar, run_folder, settings_given, stop_on_signals, parse_args as parse_settings
+from .cli import ProgressBar, settings_given, stop_on_signals, parse_args as parse_settings
 from .config import ConfigError, add_arguments
 from .dpo import DPOConfig, resume_dpo_config, train_dpo
 from .events import Logged, Progress
