@@ -368,6 +368,19 @@ def test_cli_reports_bad_data_clearly(tmp_path):
     assert source_path("sample").is_file()
 
 
+def test_cli_says_how_many_records_were_too_long_to_train_on(tmp_path):
+    records = [{"instruction": "Long.", "input": "", "output": "word " * 2000}]
+    records += [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(19)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    out = subprocess.run([sys.executable, "-m", "training", "--model", "tiny", "--random-init", "--data", str(data),
+                          "--batch-size", "2", "--max-steps", "1", "--out", str(tmp_path / "r")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    context = GPTConfig.from_name("tiny").block_size
+    assert f"16 training records (1 left out: longer than the {context:,}-token context)" in out.stdout + out.stderr
+
+
 def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
     from runstore.models import Models
     from training.loop import build_model

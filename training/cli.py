@@ -100,8 +100,10 @@ class ProgressBar:
         elif isinstance(event, Started):
             if self.download is not None:
                 self.download.close()
+            skipped = (f" ({event.skipped_records} left out: longer than the {event.context:,}-token context)"
+                       if event.skipped_records else "")
             tqdm.write(f"{event.parameters:,} parameters ({event.trainable_parameters:,} trained) on {event.device}; "
-                       f"{event.train_records} training records; run: {event.run_dir}")
+                       f"{event.train_records} training records{skipped}; run: {event.run_dir}")
             if event.start_step:
                 tqdm.write(f"resuming at step {event.start_step:,} of {event.total_steps:,}")
             self.start = event.start_step

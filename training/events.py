@@ -43,6 +43,8 @@ class Started:
     val_records: int = 0
     start_step: int = 0  # above 0 when a run resumes from a checkpoint
     method: str = "sft"
+    skipped_records: int = 0  # training records longer than the context, left out
+    context: int = 0
 
 
 @dataclass(frozen=True)

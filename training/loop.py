@@ -286,7 +286,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
         sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
-        start_step=checkpoint["step"] if checkpoint else 0), **run_fields)
+        start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=context), **run_fields)
 
     step = tokens_seen = first_epoch = 0
     last_val = last_train = float("nan")
