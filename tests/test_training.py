@@ -687,6 +687,29 @@ def test_cli_flags_for_checkpoints_wall_time_and_resume():
         TrainConfig(max_wall_s=0)
 
 
+def test_cli_help_shows_every_default_takes_none_and_notes_flags_that_do_nothing(capsys):
+    from training.cli import make_parser, parse_args
+    from training.dpo_cli import parse_args as parse_dpo_args
+
+    help_text = " ".join(make_parser().format_help().split())
+    for shown in ("passes over the training split (default 1)", "full fine-tuning (default 0)",
+                  "optimizer step (default 1)"):
+        assert shown in help_text
+    config = parse_args(["--model", "tiny", "--random-init", "--eval-batches", "none", "--max-length", "None",
+                         "--lora-alpha", "32", "--min-lr-ratio", "0.2"])
+    assert config.eval_batches is None and config.max_length is None
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == ["note: --lora-alpha does nothing without --lora-rank", "note: --min-lr-ratio does nothing without --cosine"]
+    parse_args(["--model", "tiny", "--random-init", "--lora-rank", "4", "--lora-alpha", "32", "--cosine", "--min-lr-ratio", "0.2"])
+    parse_dpo_args(["--from", "run", "--lora-rank", "4", "--lora-alpha", "8"])
+    assert capsys.readouterr().err == ""
+    parse_dpo_args(["--from", "run", "--lora-alpha", "8"])
+    assert capsys.readouterr().err == "note: --lora-alpha does nothing without --lora-rank\n"
+    with pytest.raises(SystemExit):
+        parse_args(["--max-steps", "x"])
+    assert "invalid int value: 'x'" in capsys.readouterr().err
+
+
 def _run_cli(tmp_path, request):
     train(TrainConfig(model="tiny", random_init=True, data="sample", precision="bf16", max_steps=1, out=str(tmp_path / "run")))
 

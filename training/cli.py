@@ -17,7 +17,7 @@ from runstore import run_folder
 
 from . import distributed
 from .checkpoint import resume_config
-from .config import ConfigError, TrainConfig, add_arguments
+from .config import ConfigError, TrainConfig, add_arguments, idle_settings
 from .events import Download, Finished, Logged, Started
 from .loop import Hooks, train
 
@@ -45,9 +45,12 @@ def parse_args(argv=None, make=None, settings=TrainConfig, check=None):
     if problem:
         parser.error(problem)
     try:
-        return settings(**args)
+        config = settings(**args)
     except ConfigError as e:
         parser.error(str(e))
+    for note in idle_settings(config, settings_given(argv, make)):
+        print(f"note: {note}", file=sys.stderr)
+    return config
 
 
 def settings_given(argv=None, make=None) -> dict:

@@ -16,11 +16,12 @@ class ConfigError(ValueError):
     """A setting out of range; the message names the setting and its limit."""
 
 
-def setting(default, help: str, low=None, high=None, choices=None, low_open: bool = False, flag: str | None = None):
+def setting(default, help: str, low=None, high=None, choices=None, low_open: bool = False, flag: str | None = None,
+            needs: str | None = None):
     """A config field with its help text and limits: ``low``/``high`` bound numbers (``low_open``: ``low`` excluded),
-    ``choices`` bounds strings, ``None`` defaults mean "off"."""
+    ``choices`` bounds strings, ``None`` defaults mean "off"; ``needs``: the setting without which it does nothing."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices,
-                                             "low_open": low_open, "flag": flag})
+                                             "low_open": low_open, "flag": flag, "needs": needs})
 
 
 def check_field(f, value) -> None:
@@ -99,7 +100,7 @@ class TrainConfig(Settings):
     seed: int = setting(123, "seed for the weights of a random init, the batch order and dropout")
     warmup_steps: int = setting(0, "linear learning-rate warmup steps", 0)
     cosine: bool = setting(False, "cosine decay to min_lr_ratio x lr after the warmup")
-    min_lr_ratio: float = setting(0.1, "where the cosine decay ends, as a share of lr", 0, 1)
+    min_lr_ratio: float = setting(0.1, "where the cosine decay ends, as a share of lr", 0, 1, needs="cosine")
     grad_clip: float | None = setting(None, "clip the gradient norm to this", 0, low_open=True)
     grad_accum: int = setting(1, "batches accumulated into one optimizer step", 1, 1024)
     eval_every: int = setting(20, "steps between validation evaluations", 1)
@@ -108,7 +109,7 @@ class TrainConfig(Settings):
     mask_prompt: bool = setting(False, "learn only the response tokens")
     grouped: bool = setting(False, "length-grouped batches instead of the book's random ones (padding is skipped either way)")
     lora_rank: int = setting(0, "LoRA rank; 0: full fine-tuning", 0, 1024)
-    lora_alpha: float = setting(16.0, "LoRA alpha", 0, low_open=True)
+    lora_alpha: float = setting(16.0, "LoRA alpha", 0, low_open=True, needs="lora_rank")
     precision: str = setting("auto", "auto: bf16 where the hardware multiplies it natively, else fp32", choices=("auto", "bf16", "fp32"))
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     max_length: int | None = setting(None, "truncate sequences to this many tokens (none: the model's context window)", 8)
@@ -143,15 +144,41 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[
     for f in fields(cls):
         if f.name in skip:
             continue
-        meta, flag = f.metadata, f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        help_text = meta.get("help", "") + ("" if f.default in (None, False, True) else f" (default {f.default})")
+        meta, flag = f.metadata, flag_of(f)
+        help_text = meta.get("help", "") + ("" if f.default is None else f" (default {f.default})")
         if isinstance(f.default, bool):
             action = "store_false" if f.default else "store_true"
             parser.add_argument(flag, dest=f.name, action=action,
                                 help=f"turn off (on by default): {meta.get('help')}" if f.default else meta.get("help"))
             continue
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+        if "None" in str(f.type) and kind in (int, float):
+            kind = optional(kind)
         parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
+
+
+def flag_of(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def optional(kind):
+    """An argparse type for a number that may be off: ``none`` is None (the setting's default)."""
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error: "invalid int value: 'x'"
+    return parse
+
+
+def idle_settings(config: Settings, given) -> list[str]:
+    """Notes for the ``given`` settings that do nothing as ``config`` stands, e.g. a LoRA alpha without a LoRA rank."""
+    by_name = {f.name: f for f in fields(config)}
+    notes = []
+    for name in given:
+        needs = by_name[name].metadata.get("needs") if name in by_name else None
+        if needs and not getattr(config, needs):
+            notes.append(f"{flag_of(by_name[name])} does nothing without {flag_of(by_name[needs])}")
+    return notes
 
 
 # The offline demo: the tiny preset from random weights on the bundled sample. The book's settings

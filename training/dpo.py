@@ -65,7 +65,7 @@ class DPOConfig(Settings):
     packed: bool = setting(True, "one row per pair, the prompt computed once; off: chosen and rejected as 2B rows",
                            flag="--no-packed")
     lora_rank: int = setting(0, "LoRA rank; 0: full fine-tuning", 0, 1024)
-    lora_alpha: float = setting(16.0, "LoRA alpha", 0, low_open=True)
+    lora_alpha: float = setting(16.0, "LoRA alpha", 0, low_open=True, needs="lora_rank")
     precision: str = setting("auto", "auto: bf16 where the hardware multiplies it natively, else fp32", choices=("auto", "bf16", "fp32"))
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     max_length: int | None = setting(None, "skip pairs longer than this many tokens (none: the model's context window)", 8)
