@@ -15,8 +15,9 @@ from .prompts import check_style, encode_record
 class InstructionDataset(Dataset):
     """Records tokenized once: ``ds[i]`` is ``{"ids", "prompt_len", "index"}``.
 
-    Records whose ids plus the end token exceed ``max_length`` are skipped and
-    counted in ``.skipped``; ``index`` is the record's position in ``records``.
+    Records longer than ``max_length`` tokens are skipped and counted in
+    ``.skipped`` (the end token after them is only predicted, never read, so a
+    record of exactly ``max_length`` fits); ``index`` is the record's position in ``records``.
     """
 
     def __init__(self, records, tokenizer=None, style: str = "alpaca", max_length: int = 1024):
@@ -27,7 +28,7 @@ class InstructionDataset(Dataset):
         self.skipped = 0
         for index, record in enumerate(records):
             ids, prompt_len = encode_record(record, tokenizer, style)
-            if len(ids) + 1 > max_length:
+            if len(ids) > max_length:
                 self.skipped += 1
                 continue
             self.items.append({"ids": ids, "prompt_len": prompt_len, "index": index})

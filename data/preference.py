@@ -99,7 +99,7 @@ class PreferenceDataset(Dataset):
             prompt = tokenizer.encode(format_prompt(record, style), disallowed_special=())
             chosen = tokenizer.encode(record["chosen"], disallowed_special=()) + [EOT_ID]
             rejected = tokenizer.encode(record["rejected"], disallowed_special=()) + [EOT_ID]
-            if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+            if len(prompt) + max(len(chosen), len(rejected)) - 1 > max_length:  # the end token is never read
                 self.skipped += 1
                 continue
             self.items.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": index})

@@ -57,7 +57,7 @@ def token_view(record: dict, mask_prompt: bool = False, style: str = "alpaca",
     tokenizer = tokenizer or get_tokenizer()
     ids, prompt_len = encode_record(record, tokenizer, style)
     ids.append(EOT_ID)
-    first_trained = len(ids) if len(ids) > max_length else prompt_len if mask_prompt else 1
+    first_trained = len(ids) if len(ids) - 1 > max_length else prompt_len if mask_prompt else 1
     return [
         (tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace"), i >= first_trained)
         for i, t in enumerate(ids)
@@ -68,8 +68,6 @@ def skip_reason(record: dict, style: str = "alpaca", tokenizer=None, max_length:
     """Why training skips this record (as ``InstructionDataset`` does), or None when it trains on it."""
     tokenizer = tokenizer or get_tokenizer()
     ids, _ = encode_record(record, tokenizer, style)
-    tokens = len(ids) + 1  # the end token
-    if tokens <= max_length:
+    if len(ids) <= max_length:  # the end token is only predicted, never read
         return None
-    return (f"skipped in training: {tokens:,} tokens with the end token, longer than the model's "
-            f"{max_length:,}-token context window")
+    return f"skipped in training: {len(ids):,} tokens, longer than the model's {max_length:,}-token context window"

@@ -271,8 +271,8 @@ def test_too_long_records_are_skipped_and_counted():
     n = len(encode_record(short)[0])
     ds = InstructionDataset([short, long_, short])
     assert (len(ds), ds.skipped, [item["index"] for item in ds]) == (2, 1, [0, 2])
-    assert len(InstructionDataset([short], max_length=n + 1)) == 1
-    tight = InstructionDataset([short], max_length=n)
+    assert len(InstructionDataset([short], max_length=n)) == 1  # its end token is a target, never an input
+    tight = InstructionDataset([short], max_length=n - 1)
     assert (len(tight), tight.skipped) == (0, 1)
 
 
@@ -417,9 +417,11 @@ def test_a_record_training_skips_is_shown_as_skipped_not_trained_on():
     assert len(view) > 1024 and not any(trained for _, trained in view)
     assert not any(trained for _, trained in token_view(long_, mask_prompt=True))
     reason = skip_reason(long_)
-    assert reason == f"skipped in training: {len(view):,} tokens with the end token, longer than the model's 1,024-token context window"
-    # The same rule as training's: a record of exactly max_length tokens (end token included) is trained on.
-    n = len(token_view(short))
+    assert reason == f"skipped in training: {len(view) - 1:,} tokens, longer than the model's 1,024-token context window"
+    # The same rule as training's: a record of exactly max_length tokens is trained on, since its end token is only
+    # predicted; the model reads max_length tokens of it.
+    n = len(token_view(short)) - 1
+    assert custom_collate_fn(list(InstructionDataset([short], max_length=n)))[0].shape == (1, n)
     for limit in (n - 1, n, n + 1):
         skipped = InstructionDataset([short], max_length=limit).skipped == 1
         assert (skip_reason(short, max_length=limit) is not None) == skipped

@@ -147,6 +147,12 @@ def test_collate_targets_only_the_answers():
     batch = collate_preferences([item], packed=True)
     assert batch.inputs.shape[1] == len(prompt) + len(item["chosen"]) + len(item["rejected"]) - 1
 
+    # A pair whose prompt and longer answer read exactly max_length tokens fits: the end token is never read.
+    longest = len(prompt) + max(len(item["chosen"]), len(item["rejected"])) - 1
+    assert collate_preferences([item], packed=False).inputs.shape[1] == longest
+    assert PreferenceDataset([record], max_length=longest).skipped == 0
+    assert PreferenceDataset([record], max_length=longest - 1).skipped == 1
+    assert int(collate_preferences([item], packed=True).positions.max()) == longest - 1
 
 def test_browse_shows_chosen_and_rejected_side_by_side():
     records = pairs_from_sample()

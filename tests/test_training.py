@@ -594,6 +594,15 @@ def test_bench_optim_times_every_side_and_ends_with_json():
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "gpt9" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_bench_together_times_each_run_alone_and_side_by_side():
+    out = subprocess.run([sys.executable, "-m", "bench.together", "--steps", "2"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert figures["alone_tokens_per_s"] > 0 and figures["alone_passive_tokens_per_s"] > 0
+    assert 0 < figures["together_tokens_per_s"]["min"] <= figures["together_tokens_per_s"]["max"]
+    assert figures["together_passive_tokens_per_s"]["min"] > 0 and figures["runs"] == 2
+
 @pytest.mark.parametrize("args, says", [
     (["bench.dpo", "--model", "gpt9"], "argument --model: unknown preset 'gpt9'; choose one of tiny, gpt2"),
     (["bench.dpo", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
@@ -602,6 +611,7 @@ def test_bench_optim_times_every_side_and_ends_with_json():
     (["bench.generate", "--tokens", "0"], "argument --tokens: must be at least 1, got 0"),
     (["bench.train", "--steps", "x"], "argument --steps: 'x' is not a whole number"),
     (["bench.watchers", "--model", "gpt9"], "argument --model: unknown preset 'gpt9'"),
+    (["bench.together", "--runs", "1"], "argument --runs: must be at least 2, got 1"),
 ])
 def test_benchmarks_refuse_bad_arguments_in_one_usage_line(args, says):
     out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
