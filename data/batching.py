@@ -18,18 +18,25 @@ class InstructionDataset(Dataset):
     Records longer than ``max_length`` tokens are skipped and counted in
     ``.skipped`` (the end token after them is only predicted, never read, so a
     record of exactly ``max_length`` fits); ``index`` is the record's position in ``records``.
+    With ``mask_prompt``, records whose prompt alone fills the ``allowed_max_length``
+    that batches are cut to have nothing left to learn: they are skipped too,
+    counted in ``.no_answer``.
     """
 
-    def __init__(self, records, tokenizer=None, style: str = "alpaca", max_length: int = 1024):
+    def __init__(self, records, tokenizer=None, style: str = "alpaca", max_length: int = 1024,
+                 mask_prompt: bool = False, allowed_max_length: int | None = None):
         tokenizer = tokenizer or get_tokenizer()
         self.style = check_style(style)
         self.max_length = max_length
         self.items = []
-        self.skipped = 0
+        self.skipped = self.no_answer = 0
         for index, record in enumerate(records):
             ids, prompt_len = encode_record(record, tokenizer, style)
             if len(ids) > max_length:
                 self.skipped += 1
+                continue
+            if mask_prompt and allowed_max_length is not None and prompt_len > allowed_max_length:
+                self.no_answer += 1  # its first target, the answer's first token, is at input position prompt_len - 1
                 continue
             self.items.append({"ids": ids, "prompt_len": prompt_len, "index": index})
         self.lengths = [len(item["ids"]) for item in self.items]

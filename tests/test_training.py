@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -20,6 +21,8 @@ from model.loss import Packing, TiedHeadCrossEntropy
 from runstore import list_runs, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
 from training.config import ConfigError
+from training.events import Logged, Started
+from training.loop import Hooks
 from training.lora import LoRALinear, add_lora, count_trainable, merge_lora
 from training.optim import MasterWeightAdamW, join_, split_
 
@@ -380,6 +383,22 @@ def test_cli_says_how_many_records_were_too_long_to_train_on(tmp_path):
     context = GPTConfig.from_name("tiny").block_size
     assert f"16 training records (1 left out: longer than the {context:,}-token context)" in out.stdout + out.stderr
 
+
+def test_records_whose_masked_prompt_fills_max_length_are_left_out_not_a_nan_loss(tmp_path):
+    records = [{"instruction": "Explain. " + "word " * 40, "input": "", "output": "No."} for _ in range(6)]
+    records += [{"instruction": f"Say {i}.", "input": "", "output": f"{i} and {i}."} for i in range(14)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    events = []
+    config = dict(model="tiny", random_init=True, data=str(data), batch_size=2, mask_prompt=True, max_length=40)
+    summary = train(TrainConfig(**config, max_steps=4, eval_every=2, out=str(tmp_path / "r")), Hooks(on_event=events.append))
+    started = next(e for e in events if isinstance(e, Started))
+    assert started.no_answer_records > 0 and started.max_length == 40 and started.skipped_records == 0
+    assert summary["status"] == "done"
+    assert all(math.isfinite(e.record["train_loss"]) for e in events if isinstance(e, Logged))
+    assert read_manifest(tmp_path / "r")["data"]["skipped_no_answer"] >= started.no_answer_records
+    with pytest.raises(ValueError, match="prompt alone fills max length 8 .*: raise max length"):
+        train(TrainConfig(**{**config, "max_length": 8}, out=str(tmp_path / "r8")))
 
 def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
     from runstore.models import Models

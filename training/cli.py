@@ -103,8 +103,10 @@ class ProgressBar:
         elif isinstance(event, Started):
             if self.download is not None:
                 self.download.close()
-            skipped = (f" ({event.skipped_records} left out: longer than the {event.context:,}-token context)"
-                       if event.skipped_records else "")
+            skipped = "".join(f" ({count} left out: {why})" for count, why in (
+                (event.skipped_records, f"longer than the {event.context:,}-token context"),
+                (event.no_answer_records, f"the prompt alone fills max length {event.max_length}, and mask prompt "
+                                          "learns only the answer")) if count)
             tqdm.write(f"{event.parameters:,} parameters ({event.trainable_parameters:,} trained) on {event.device}; "
                        f"{event.train_records} training records{skipped}; run: {event.run_dir}")
             if event.start_step:

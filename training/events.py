@@ -45,6 +45,8 @@ class Started:
     method: str = "sft"
     skipped_records: int = 0  # training records longer than the context, left out
     context: int = 0
+    no_answer_records: int = 0  # training records left out since, prompt masked, their prompt fills max_length
+    max_length: int = 0  # the tokens a batch is cut to
 
 
 @dataclass(frozen=True)

@@ -232,16 +232,19 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     emit(Status("loading", f"Loading {config.model}"))
     model = build_model(config, device, progress=lambda desc, done, total: emit(Download(desc, done, total)))
     context = model.config.block_size
-    train_ds = InstructionDataset(split.train, style=config.style, max_length=context)
-    val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
     max_length = min(config.max_length or context, context)
+    cut = dict(style=config.style, max_length=context, mask_prompt=config.mask_prompt, allowed_max_length=max_length)
+    train_ds, val_ds = InstructionDataset(split.train, **cut), InstructionDataset(split.val, **cut)
     loader = make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed,
                          mask_prompt=config.mask_prompt, allowed_max_length=max_length, rank=ctx.rank, world_size=ctx.world_size)
     steps_per_epoch = len(loader) // config.grad_accum
     if steps_per_epoch == 0:
+        remedy = (f"{train_ds.no_answer} more were left out as their prompt alone fills max length {max_length} "
+                  "(mask prompt learns only the answer): raise max length" if train_ds.no_answer else
+                  "use a smaller batch or more data")
         raise ValueError(
             f"the training split has {len(train_ds)} usable records: fewer than one step of "
-            f"batch {config.batch_size} x {config.grad_accum} accumulation; use a smaller batch or more data"
+            f"batch {config.batch_size} x {config.grad_accum} accumulation; {remedy}"
         )
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
@@ -274,7 +277,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
                "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "random_init": config.random_init},
         data={"source": config.data, "file": str(data_file), "sha256": sha256,
               "records": len(records), "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
-              "skipped_too_long": train_ds.skipped + val_ds.skipped},
+              "skipped_too_long": train_ds.skipped + val_ds.skipped, "skipped_no_answer": train_ds.no_answer + val_ds.no_answer},
         seed=config.seed,
         versions=versions(),
         device=describe(device, dtype),
@@ -286,7 +289,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
         sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
-        start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=context), **run_fields)
+        start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=context,
+        no_answer_records=train_ds.no_answer, max_length=max_length), **run_fields)
 
     step = tokens_seen = first_epoch = 0
     last_val = last_train = float("nan")
