@@ -283,3 +283,20 @@ def test_a_dpo_evaluation_ranks_by_the_aligned_model():
         del row["aligned"]  # a fine-tuning run's evaluation: by the fine-tuned ROUGE-L
     result["summary"]["models"] = ["base", "tuned"]
     assert [r[1] for r in table_update(result, "aligned ROUGE-L", True)["data"]] == [5, 4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("models", [["tuned"], ["base"]])
+def test_an_evaluation_of_some_models_only_shows_under_every_ranking(run, tmp_path, models):
+    """``python -m evaluation --models tuned`` saves rows without the base model: the tab ranks what is there."""
+    from evaluation.evaluate import evaluate_run
+    from runstore import find_run
+    from ui.evaluate_tab import RANKINGS, shown
+
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    evaluate_run(copy, limit=3, max_new_tokens=2, models=models)
+    result = load_eval(copy)
+    for label in RANKINGS:
+        summary, _, table, _ = shown(find_run(copy, tmp_path), result, label, True)
+        assert len(table["data"]) == 3 and table["headers"][4] == f"{'fine-tuned' if models == ['tuned'] else 'base'} response"
+        assert "ROUGE-L" in text(summary)

@@ -39,18 +39,22 @@ def models_of(summary: dict) -> list[str]:
     return list(summary.get("models") or ("base", "tuned"))
 
 
-def rouge_gain(row: dict) -> float:
-    return row["tuned"]["rouge_l"] - row["base"]["rouge_l"]
+def difference(row: dict, minuend: str, subtrahend: str, score: str) -> float | None:
+    """``row[minuend][score] - row[subtrahend][score]``; None where a model was not scored (``--models`` left it out)."""
+    a, b = (row.get(minuend) or {}).get(score), (row.get(subtrahend) or {}).get(score)
+    return None if a is None or b is None else a - b
+
+
+def rouge_gain(row: dict) -> float | None:
+    return difference(row, "tuned", "base", "rouge_l")
 
 
 def aligned_gain(row: dict) -> float | None:
-    aligned = row.get("aligned")
-    return None if aligned is None else aligned["rouge_l"] - row["tuned"]["rouge_l"]
+    return difference(row, "aligned", "tuned", "rouge_l")
 
 
 def nll_drop(row: dict) -> float | None:
-    base, tuned = row["base"]["nll"], row["tuned"]["nll"]
-    return None if base is None or tuned is None else base - tuned
+    return difference(row, "base", "tuned", "nll")
 
 
 RANKINGS = {  # label -> (key for best_and_worst, lower is better)
@@ -162,8 +166,8 @@ def table_update(result: dict | None, rank_by: str, show_all: bool):
     rows, judged, names = result["rows"], bool(result["summary"].get("judge")), models_of(result["summary"])
     key, lower = RANKINGS.get(rank_by, RANKINGS["fine-tuned ROUGE-L"])
     ranked, _ = best_and_worst(rows, key, n=len(rows), lower_is_better=lower)
-    if not ranked:  # e.g. by judge score in an evaluation without a judge
-        ranked, _ = best_and_worst(rows, "tuned.rouge_l", n=len(rows))
+    if not ranked:  # e.g. by judge score in an evaluation without a judge, or a model it did not score
+        ranked, _ = best_and_worst(rows, f"{names[-1]}.rouge_l", n=len(rows))
     places = list(enumerate(ranked, start=1))
     if not show_all and len(places) > 2 * SHOWN:
         places = places[:SHOWN] + places[-SHOWN:]
