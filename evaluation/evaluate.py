@@ -38,7 +38,7 @@ from runstore.export import ExportError, export_zip
 from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.loop import now
-from runstore import read_manifest, run_folder, write_atomic
+from runstore import parent_folder, read_manifest, run_folder, write_atomic
 from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences
 
 EVAL_ROWS = "eval.jsonl"
@@ -92,7 +92,7 @@ def response_nll(model, records: list[dict], style: str = "alpaca", batch_size: 
         keep = targets != -100
         log_probs = target_log_probs(model.hidden_states(inputs)[keep], model.lm_head.weight, targets[keep])
         rows = keep.nonzero()[:, 0]
-        sums = torch.zeros(len(items), dtype=torch.float64, device=device).index_add_(0, rows, log_probs.double())
+        sums = torch.zeros(len(items), dtype=torch.float64).index_add_(0, rows.cpu(), log_probs.cpu().double())  # no float64 on MPS
         for item, total, count in zip(items, sums.tolist(), keep.sum(1).tolist()):
             out[item["index"]] = (-total, count)
         on_batch(len(items))
@@ -171,7 +171,7 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     allowed = DPO_MODELS if dpo else ("base", "tuned")
     if not names or any(m not in allowed for m in names) or len(set(names)) != len(names):
         raise ValueError(f"models must be some of {', '.join(allowed)} for this run, got {', '.join(names) or 'none'}")
-    weights_of = {"tuned": Path(manifest["parent_dir"]) if dpo else run_dir, "aligned": run_dir}
+    weights_of = {"tuned": parent_folder(run_dir, manifest) if dpo else run_dir, "aligned": run_dir}
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):

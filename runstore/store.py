@@ -252,6 +252,12 @@ def run_folder(name: str) -> Path:
     raise ValueError(f"no run named {name!r} under the runs folder, and {name!r} is not a run folder (no {MANIFEST})")
 
 
+def parent_folder(run_dir: Path, manifest: dict) -> Path:
+    """The fine-tuned run a DPO run started from: beside it first (a runs folder moved whole), else where it was."""
+    beside = Path(run_dir).parent / manifest["parent_run"]
+    return beside if (beside / MANIFEST).is_file() else Path(manifest["parent_dir"])
+
+
 def load_run(path: Path, device=None, dtype=None):
     """The fine-tuned model of a run, through the same loader as any checkpoint."""
     import torch

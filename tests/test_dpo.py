@@ -525,3 +525,10 @@ def test_evaluate_scores_the_three_models_and_the_preference(parent, pref_file, 
     assert two["models"] == ["base", "aligned"] and "tuned" not in two
     with pytest.raises(ValueError, match="models must be some of base, tuned"):
         evaluate_run(parent, models=["aligned"])
+    # A runs folder moved whole: the fine-tuned model is found beside the aligned one, as resuming finds it.
+    moved = tmp_path / "moved"
+    shutil.copytree(parent, moved / parent.name)
+    shutil.copytree(run, moved / "dpo")
+    manifest = read_manifest(moved / "dpo")
+    (moved / "dpo" / "manifest.json").write_text(json.dumps({**manifest, "parent_dir": str(tmp_path / "gone")}))
+    assert evaluate_run(moved / "dpo", limit=1, max_new_tokens=1, models=["tuned"])["summary"]["models"] == ["tuned"]

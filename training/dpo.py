@@ -31,7 +31,8 @@ from data.preference import (
 )
 from model import GPT, pick_device, pick_dtype
 from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
-from runstore import CHECKPOINT, RunWriter, claim_run_dir, find_run, load_run, new_run_dir, process_owner, read_manifest
+from runstore import (CHECKPOINT, RunWriter, claim_run_dir, find_run, load_run, new_run_dir, parent_folder, process_owner,
+                      read_manifest)
 from runstore.store import WEIGHTS
 
 from .checkpoint import (
@@ -166,8 +167,7 @@ def resume_dpo_config(run_dir: str | Path, **changes) -> DPOConfig:
         raise ResumeError(f"{run_dir.name} is a fine-tuning run, not a preference-tuning one: "
                           f"resume it with python -m training --resume {run_dir.name}")
     refuse_changes(changes, manifest["dpo"], RESUME_CHANGEABLE)
-    beside = run_dir.parent / manifest["parent_run"]
-    parent = beside if (beside / "manifest.json").is_file() else Path(manifest["parent_dir"])
+    parent = parent_folder(run_dir, manifest)
     return DPOConfig.from_dict({**manifest["dpo"], **changes, "parent": str(parent), "out": str(run_dir)})
 
 
