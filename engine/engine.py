@@ -255,7 +255,8 @@ class Engine:
         return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public))
 
     def resume_training(self, name: str, owner: str | None = None) -> Job:
-        """Continue a stopped or interrupted run from its checkpoint, in the ``train`` lane, under today's limits.
+        """Continue a stopped or interrupted run from its checkpoint, in the ``train`` lane, under today's wall-time limit
+        and memory check (its other settings were checked against the limits when it started).
 
         A preference-tuning run resumes as one (its trainer, its job kind).
         """

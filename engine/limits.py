@@ -18,7 +18,7 @@ class Limits:
     max_epochs: int = limit(100, "GPT2_INSTRUCT_MAX_EPOCHS", "most epochs one run may ask for", space=3)
     max_steps: int | None = limit(None, "GPT2_INSTRUCT_MAX_STEPS", "most optimizer steps one run may take (none: no limit)")
     max_wall_minutes: float | None = limit(None, "GPT2_INSTRUCT_MAX_WALL_MINUTES",
-                                           "a run stops and saves after training this long (none: no limit)", space=60.0)
+                                           "a run stops and saves after this long, loading and evaluations included (none: no limit)", space=60.0)
     models: tuple[str, ...] | None = limit(None, "GPT2_INSTRUCT_MODELS",
                                            "comma-separated presets / Hub ids a visitor may train (none: any)")
     local_paths: bool = limit(True, "GPT2_INSTRUCT_LOCAL_PATHS", "whether a visitor may type a server path as the model",

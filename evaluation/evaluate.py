@@ -150,8 +150,8 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
                  models=None) -> dict:
     """Evaluate a run's base and fine-tuned model on a split of its data; returns ``{"summary", "rows"}``.
 
-    ``progress(dict)`` gets ``phase`` (loading, generating, scoring, judging),
-    ``model`` (base or tuned), ``done``, ``total``, ``eta_s`` (this phase's
+    ``progress(dict)`` gets ``phase`` (loading, generating, scoring, preferring, judging),
+    ``model`` (base, tuned or aligned), ``done``, ``total``, ``eta_s`` (this phase's
     seconds left), ``step``/``steps`` (phase number) and ``elapsed_s``.
     ``should_stop()`` is asked between batches; stopping raises
     ``EvaluationStopped`` and leaves earlier results on disk as they were.

@@ -1,11 +1,12 @@
-"""The fp32 CPU fast paths of GPT-2's layers: oneDNN's matmul, and autograd functions that keep less for backward.
+"""The CPU fast paths of GPT-2's layers: oneDNN's matmul, and autograd functions that keep less for backward.
 
 On an x86 CPU in fp32, ``linear`` runs through oneDNN, faster than the default
-BLAS at a training step's shapes. ``LayerNormLinear`` and ``GeluLinear`` fuse a
-block's LayerNorm or GELU with the matmul after it and recompute the cheap part
-in backward, so a (tokens x d) or (tokens x 4 d) tensor a layer is not kept.
-Elsewhere (bf16, GPUs) each falls back to the plain ``torch`` op; the model in
-``model.gpt`` reads the same either way.
+BLAS at a training step's shapes; elsewhere (bf16, GPUs) it is ``F.linear``.
+``LayerNormLinear`` (fp32 only) and ``GeluLinear`` (whenever the MLP's output
+projection trains, on any device) fuse a block's LayerNorm or GELU with the
+matmul after it and recompute the cheap part in backward, so a (tokens x d)
+or (tokens x 4 d) tensor a layer is not kept. The model in ``model.gpt``
+reads the same either way.
 """
 from __future__ import annotations
 

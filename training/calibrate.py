@@ -319,7 +319,7 @@ def calibrate(model: str = "gpt2", lora_rank: int = 0, precision: str = "auto", 
 
 
 def main(argv=None) -> int:
-    """``python -m training.calibrate [--model gpt2] [--lora-rank 0] [--refresh]``: print the expected epoch."""
+    """``python -m training.calibrate [--model gpt2] [--lora-rank 0] [--precision auto] [--refresh]``: print the expected epoch."""
     import argparse
 
     from model.device import configure_runtime

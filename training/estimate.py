@@ -4,8 +4,9 @@ The figures follow this engine's measured peaks. A full fine-tune holds the
 bf16 weights, the int16 low halves that make them exact fp32 masters, and
 two fp32 AdamW moments: 12 bytes a parameter, plus activations and the LM
 head's blocks, which grow with the model (~2 bytes a parameter at the
-book's batch of 8), plus ~0.8 GB of runtime (measured peak: 2.50 GB for
-124M, 5.76 GB for 355M). LoRA keeps the frozen weights the same way
+book's batch of 8), plus ~0.8 GB of runtime: 2.54 GB for 124M and 5.77 GB
+for 355M, between the peaks measured over the book's epoch on native-bf16
+and fp32-only CPUs (2.33-2.64 GB for 124M, 5.51-6.18 GB for 355M). LoRA keeps the frozen weights the same way
 (4 bytes) and trains adapters only; with activations and the fp32 merge at
 the end, 124M measured 1.87 GB. Inference holds fp32 weights on the CPU.
 """

@@ -2,7 +2,9 @@
 
 ``W x`` becomes ``W x + (alpha / rank) * B (A x)`` with ``A`` (rank x in) and
 ``B`` (out x rank); ``B`` starts at zero so training starts from the
-pretrained model exactly (the book's appendix E, and the LoRA paper).
+pretrained model exactly. The scale is the LoRA paper's (and PEFT's)
+``alpha / rank``; the book's appendix E multiplies by ``alpha`` alone, so its
+alpha 16 at rank 16 is this alpha 256.
 """
 from __future__ import annotations
 
