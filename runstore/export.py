@@ -57,17 +57,24 @@ def dumps(value: dict) -> str:
 
 
 def model_card(run_dir: Path) -> str:
-    """A short README: where the model comes from and the prompt format it was tuned on."""
-    config = read_manifest(run_dir).get("config", {})
+    """A short README: where the model comes from and the prompt format it was tuned on (and, for an aligned run, how)."""
+    manifest = read_manifest(run_dir)
+    config, dpo = manifest.get("config", {}), manifest.get("dpo") if manifest.get("method") == "dpo" else None
     model, style = config.get("model", "gpt2"), config.get("style", "alpaca")
     base = f"base_model: {HUB_PRESETS[model]}\n" if model in HUB_PRESETS else ""
     template = format_prompt({"instruction": "{instruction}", "input": "{input}"}, style)
-    settings = ", ".join(f"{k} {config[k]}" for k in ("data", "epochs", "lr", "batch_size", "lora_rank", "mask_prompt") if k in config)
+    settings = card_settings(config, ("data", "epochs", "lr", "batch_size", "lora_rank", "mask_prompt"))
+    aligned = ""
+    if dpo is not None:
+        dpo_settings = card_settings(dpo, ("data", "beta", "epochs", "lr", "batch_size", "lora_rank"))
+        aligned = (f" Then aligned with preference pairs by DPO, the book's next stage, from the fine-tuned run "
+                   f"{manifest.get('parent_run')}; {dpo_settings}.")
+    tags = "[gpt2, instruction-tuning, dpo]" if dpo is not None else "[gpt2, instruction-tuning]"
     return (
-        f"---\n{base}library_name: transformers\npipeline_tag: text-generation\ntags: [gpt2, instruction-tuning]\n---\n\n"
+        f"---\n{base}library_name: transformers\npipeline_tag: text-generation\ntags: {tags}\n---\n\n"
         f"# {run_dir.name}\n\n"
         f"GPT-2 ({model}) instruction fine-tuned as in chapter 7 of *Build a Large Language Model (From Scratch)*"
-        f"{f'; {settings}' if settings else ''}.\n\n"
+        f"{f'; {settings}' if settings else ''}.{aligned}\n\n"
         f"Prompt format ({style}; leave out the input part when there is none), greedy decoding, "
         f"the response ends at `{EOT_TOKEN}`:\n\n```\n{template}\n```\n\n"
         "```python\nfrom transformers import GPT2LMHeadModel, GPT2Tokenizer\n\n"
@@ -77,6 +84,11 @@ def model_card(run_dir: Path) -> str:
         "out = model.generate(ids, max_new_tokens=128, do_sample=False)\n"
         "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```\n"
     )
+
+
+def card_settings(config: dict, keys) -> str:
+    """``data sample, epochs 1, …``; a data file by its name alone (an upload's path is the server's business)."""
+    return ", ".join(f"{k} {Path(str(config[k])).name if k == 'data' else config[k]}" for k in keys if k in config)
 
 
 def load_hint(run_name: str) -> str:

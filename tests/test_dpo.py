@@ -525,6 +525,12 @@ def test_evaluate_scores_the_three_models_and_the_preference(parent, pref_file, 
     assert two["models"] == ["base", "aligned"] and "tuned" not in two
     with pytest.raises(ValueError, match="models must be some of base, tuned"):
         evaluate_run(parent, models=["aligned"])
+    from runstore.export import model_card
+
+    card = model_card(run)
+    assert "tags: [gpt2, instruction-tuning, dpo]" in card and f"by DPO, the book's next stage, from the fine-tuned run {parent.name}" in card
+    assert f"data {pref_file.name}, beta 0.1" in card and str(pref_file.parent) not in card
+    assert "dpo" not in model_card(parent)
     # A runs folder moved whole: the fine-tuned model is found beside the aligned one, as resuming finds it.
     moved = tmp_path / "moved"
     shutil.copytree(parent, moved / parent.name)
