@@ -146,7 +146,7 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def hardware_note() -> str:
-    """One sentence on where fine-tuning runs on this machine, for the app to show before training."""
+    """One sentence on where fine-tuning runs on this machine, which the Train tab shows before training."""
     device = pick_device()
     precision = str(pick_dtype(device)).removeprefix("torch.")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

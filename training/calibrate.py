@@ -156,7 +156,7 @@ def epoch_batches(config: TrainConfig, context: int, records: list[dict]) -> tup
     train = list(make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed, mask_prompt=config.mask_prompt))
     val = list(make_loader(val_ds, config.batch_size, shuffle=False, drop_last=False,
                            mask_prompt=config.mask_prompt))[: config.eval_batches or None]
-    return train, val, (split.val or split.train)[0]
+    return train, val, split.val[0]
 
 
 def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:

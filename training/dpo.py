@@ -145,9 +145,6 @@ def check_dpo(config: DPOConfig, root: Path | None = None):
         raise ValueError(f"{name} has {len(records)} pairs: its training split (85 %) has {len(split.train)}, fewer than "
                          f"one batch of {config.batch_size}; use a smaller batch or at least "
                          f"{math.ceil(config.batch_size / 0.85)} pairs")
-    if not split.val:
-        raise ValueError(f"{name} has {len(records)} pairs: its validation split (5 %) is empty; "
-                         f"the book's 85/10/5 split needs at least 2 pairs there")
     return parent_dir, manifest, records, split
 
 
@@ -233,7 +230,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         if saved.get("parent_sha256") != parent_sha256:
             raise ResumeError(f"the weights of {parent_dir.name} have changed since the run started (was it trained further?): "
                               "the policy's frozen weights and the reference would not be the same")
-    sample_record = (split.val or split.train)[0]
+    sample_record = split.val[0]
 
     def stop() -> str | None:
         return stop_reason(hooks, config.max_wall_s, clock)

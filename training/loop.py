@@ -136,11 +136,12 @@ def now() -> str:
 
 
 def records_needed(per_step: int) -> int:
-    """The fewest records whose 85/10/5 split has a step's worth of training records and a validation and test record."""
+    """The fewest records whose 85/10/5 split has a step's worth of training records and a test record (validation
+    always gets one)."""
     n = per_step
     while True:
         split = split_instructions([{}] * n)
-        if len(split.train) >= per_step and split.val and split.test:
+        if len(split.train) >= per_step and split.test:
             return n
         n += 1
 
@@ -159,9 +160,8 @@ def check_data(config: TrainConfig):
         step = f"batch {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
         raise DatasetError(f"{name} has {n} records: its training split (85 %) has {len(split.train)}, fewer than one step "
                            f"of {step}; use a smaller batch, or more records: {needed}")
-    for part, label in (("val", "validation (5 %)"), ("test", "test (10 %)")):
-        if not getattr(split, part):
-            raise DatasetError(f"{name} has {n} records: its {label} split is empty; {needed}")
+    if not split.test:
+        raise DatasetError(f"{name} has {n} records: its test (10 %) split is empty; {needed}")
     return records, split
 
 
@@ -224,7 +224,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     sha256 = hashlib.sha256(data_file.read_bytes()).hexdigest()
     if resume is not None and read_manifest(resume).get("data", {}).get("sha256") != sha256:
         raise ResumeError(f"{data_label(config.data)} has changed since the run started: its sha256 differs from the manifest's")
-    sample_record = (split.val or split.train)[0]
+    sample_record = split.val[0]
 
     device = ctx.place(pick_device(config.device))
     dtype = pick_dtype(device, config.precision)

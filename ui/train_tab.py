@@ -275,16 +275,16 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     data; of the visitor's own data (the bundled sample when none is chosen); and, given the ``form``'s epochs,
     batch size, grouping, max steps, evaluation interval and prompt masking, of the run it describes."""
     from model import pick_device
-    from model.device import precision_reason
+    from model.device import hardware_note, precision_reason
 
-    reason = html.escape(precision_reason(pick_device()))
+    reason = f"{html.escape(hardware_note())} Precision: {html.escape(precision_reason(pick_device()))}"
     lora_rank = int(rank or 16) if lora else 0
     found = result or engine.calibration(preset, lora_rank)
     method = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
     if found is None:
         when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}: not measured on this machine yet "
                 "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
-        return notice(f"{when}<br>Precision: {reason}.")
+        return notice(f"{when}<br>{reason}.")
     when = (f"Expected on this machine for <b>{html.escape(preset)}</b>, {method}, evaluations included: one epoch of "
             f"{html.escape(found.timed_on)} <b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
     source = dataset["source"] if dataset else "sample"
@@ -304,7 +304,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
             when += f"<br>{this_run}: <b>{clock(this.total_s)}</b> ({this.steps} steps)."
         except ValueError as e:
             when += f"<br>{this_run}: none, {html.escape(scrub(str(e)))}."
-    return notice(f"{when}<br>Precision: {reason}.")
+    return notice(f"{when}<br>{reason}.")
 
 
 def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *form) -> str:
