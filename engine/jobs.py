@@ -42,8 +42,8 @@ class Job:
     """One long task: ``work(hooks)`` returns its result (a dict) or raises; events update the shared state."""
 
     def __init__(self, kind: str, work: Callable[[Hooks], dict | None], owner: str | None = None, title: str = "",
-                 config: dict | None = None, on_end: Callable[["Job"], None] | None = None):
-        self.kind, self._work, self._on_end = kind, work, on_end
+                 config: dict | None = None):
+        self.kind, self._work = kind, work
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._history: list[dict] = []  # rows are never changed once appended, so a slice can be shared
@@ -65,19 +65,14 @@ class Job:
         with self._lock:
             return self._state["status"] in ACTIVE
 
-    @property
-    def version(self) -> int:
-        with self._lock:
-            return self._state["version"]
-
-    def stop(self, owner: str | None = None, reason: str = "stopped by its owner") -> bool:
+    def stop(self, owner: str | None = None) -> bool:
         """Ask the task to stop at its next boundary (a run saves what it has). False when it is not running."""
         with self._lock:
             if self._state["status"] not in ACTIVE:
                 return False
             if self._state["owner"] is not None and owner != self._state["owner"]:
                 raise JobError(f"Only the browser session that started this {self._state['title'] or self.kind} can stop it.")
-            self._state.update(status="stopping", message=f"Stopping ({reason})", stop_reason=reason,
+            self._state.update(status="stopping", message="Stopping (stopped by its owner)",
                                version=self._state["version"] + 1)
         self._stop.set()
         return True
@@ -116,9 +111,6 @@ class Job:
             stopped = self._stop.is_set() and type(e).__name__.endswith("Stopped")
             self._update(status="stopped" if stopped else "failed", message=scrub(str(e)),
                          error=None if stopped else f"{type(e).__name__}: {scrub(str(e))}")
-        finally:
-            if self._on_end is not None:
-                self._on_end(self)
 
     def _update(self, **fields) -> None:
         with self._lock:

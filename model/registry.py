@@ -41,10 +41,6 @@ class ModelRegistry:
                 self._loading.pop(key, None)
             return model
 
-    def forget(self, key: str) -> None:
-        with self._lock:
-            self._models.pop(key, None)
-
     def keys(self) -> list[str]:
         with self._lock:
             return list(self._models)

@@ -168,11 +168,10 @@ def run(config: TrainConfig, ctx: distributed.Context, stop: threading.Event, re
     hooks = Hooks(on_event=ProgressBar() if ctx.is_main else (lambda event: None), should_stop=stop.is_set)
     where = f"rank {ctx.rank}: " if ctx.enabled else ""
     try:
-        engine = Engine()
         if resume:
             train(config, hooks, resume=resume)
         else:
-            engine.run_training(config, hooks)
+            Engine().run_training(config, hooks)
     except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
         print(f"error: {where}{ctx.reason(e) if ctx.enabled else e}", file=sys.stderr)
         return 1
