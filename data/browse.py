@@ -26,17 +26,17 @@ class Page:
         return f"{self.total:,} {noun}, page {self.page} / {self.pages}"
 
 
-def matches(records: list[dict], query: str = "") -> list[int]:
-    """Indices of records whose instruction, input or output contains ``query`` (case-insensitive)."""
+def matches(records: list[dict], query: str = "", fields=FIELDS) -> list[int]:
+    """Indices of records whose ``fields`` (instruction, input or output) contain ``query`` (case-insensitive)."""
     needle = (query or "").strip().casefold()
     if not needle:
         return list(range(len(records)))
-    return [i for i, r in enumerate(records) if any(needle in (r.get(f) or "").casefold() for f in FIELDS)]
+    return [i for i, r in enumerate(records) if any(needle in (r.get(f) or "").casefold() for f in fields)]
 
 
-def page_of(records: list[dict], query: str = "", page: int = 1, page_size: int = PAGE_SIZE) -> Page:
-    """One page of the records that match ``query``; an out-of-range page is clamped."""
-    found = matches(records, query)
+def page_of(records: list[dict], query: str = "", page: int = 1, page_size: int = PAGE_SIZE, fields=FIELDS) -> Page:
+    """One page of the records whose ``fields`` match ``query``; an out-of-range page is clamped."""
+    found = matches(records, query, fields)
     pages = max(1, math.ceil(len(found) / page_size))
     page = min(max(1, int(page or 1)), pages)
     start = (page - 1) * page_size

@@ -16,7 +16,6 @@ every figure equals that of two separate sequences. ``packed=False`` stacks
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from model.tokenizer import EOT_ID, get_tokenizer
 
 from . import cache
 from .batching import LengthGroupedSampler
-from .browse import PAGE_SIZE, Page, split_names
+from .browse import PAGE_SIZE, Page, page_of, split_names
 from .errors import DatasetError
 from .prompts import check_style, format_prompt
 from .records import FIELDS, json_type, read_items, split_instructions, validate_records
@@ -194,15 +193,6 @@ def in_order_batches(positions, batch_size: int) -> list[list[int]]:
     return [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
 
 
-def matches(records: list[dict], query: str = "") -> list[int]:
-    """Indices of records whose instruction, input, output, chosen or rejected answer contains ``query``."""
-    needle = (query or "").strip().casefold()
-    if not needle:
-        return list(range(len(records)))
-    fields = FIELDS + PREFERENCE_FIELDS
-    return [i for i, r in enumerate(records) if any(needle in (r.get(f) or "").casefold() for f in fields)]
-
-
 def browse_preferences(records: list[dict], query: str = "", page: int = 1,
                        page_size: int = PAGE_SIZE) -> tuple[list[dict], Page]:
     """One page of pairs for a table with chosen and rejected side by side, and the page's position.
@@ -210,12 +200,8 @@ def browse_preferences(records: list[dict], query: str = "", page: int = 1,
     Each row: ``index`` (in the file), ``split`` (train / val / test), ``instruction``,
     ``input``, ``chosen``, ``rejected``, ``output``.
     """
-    found = matches(records, query)
-    pages = max(1, math.ceil(len(found) / page_size))
-    page = min(max(1, int(page or 1)), pages)
-    start = (page - 1) * page_size
-    shown = found[start:start + page_size]
+    shown = page_of(records, query, page, page_size, fields=FIELDS + PREFERENCE_FIELDS)
     names = split_names(len(records))
-    rows = [{"index": i, "split": names[i], **{f: records[i][f] for f in ("instruction", "input", "chosen", "rejected", "output")}}
-            for i in shown]
-    return rows, Page([(i, records[i]) for i in shown], len(found), page, pages)
+    rows = [{"index": i, "split": names[i], **{f: record[f] for f in ("instruction", "input", "chosen", "rejected", "output")}}
+            for i, record in shown.rows]
+    return rows, shown
