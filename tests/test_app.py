@@ -383,6 +383,9 @@ def test_playground_reports_models_it_cannot_load(url, folders):
     assert runs, "needs the run of the training test"
     assert "Type an instruction" in text(c.predict("", "", runs[0].name, 8, 0, 0, 1, 1, api_name="/compare")[4])
     assert "not a run on this server" in text(c.predict("Hi", "", "/etc", 8, 0, 0, 1, 1, api_name="/compare")[4])
+    for seed in (1e20, -1):  # sampled, a seed no generator takes is named before anything loads
+        note = text(c.predict("Hi", "", runs[0].name, 8, 0.7, 0, 1, seed, api_name="/compare")[4])
+        assert f"seed must be a whole number from 0 to 2^63 − 1, got {seed:g}" in note
 
     broken = folders / "runs" / "99999999-000000-missing-base"
     shutil.copytree(runs[0], broken)

@@ -101,11 +101,15 @@ def diff_html(base: str, tuned: str, names: tuple[str, str] = ("base", "fine-tun
 
 
 def sampling(temperature, top_k, top_p, seed) -> dict:
+    """Generation settings from the form; ``ValueError`` for a seed that no generator takes."""
     temperature = float(temperature or 0)
     if temperature <= 0:
         return {"temperature": 0.0}
+    seed = seed or 0
+    if seed != int(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be a whole number from 0 to 2^63 − 1, got {seed:g}")
     return {"temperature": temperature, "top_k": int(top_k) or None,
-            "top_p": float(top_p) if top_p and float(top_p) < 1 else None, "seed": int(seed or 0)}
+            "top_p": float(top_p) if top_p and float(top_p) < 1 else None, "seed": int(seed)}
 
 
 def compare(engine, instruction: str, input_text: str, name: str | None, max_new_tokens, temperature, top_k, top_p, seed):
@@ -117,6 +121,7 @@ def compare(engine, instruction: str, input_text: str, name: str | None, max_new
         yield "", "", "", "", notice(NO_RUNS, "error")
         return
     try:
+        settings = sampling(temperature, top_k, top_p, seed)
         run = engine.finished_run(name)
         parent = parent_of(engine, run)
     except ValueError as e:
@@ -144,7 +149,7 @@ def compare(engine, instruction: str, input_text: str, name: str | None, max_new
         diff = diff_html(texts[1], texts[2], ("fine-tuned", "aligned")) if parent else diff_html(*texts)
         return texts[0], texts[1], texts[2] if parent else "", diff
 
-    for texts in stream_side_by_side(models, tokenizer, ids, limit, **sampling(temperature, top_k, top_p, seed)):
+    for texts in stream_side_by_side(models, tokenizer, ids, limit, **settings):
         texts = tuple(extract_response(t, config.style) for t in texts)
         yield *shown(texts), gr.skip()
     mode = "greedy" if not float(temperature or 0) else f"sampled at temperature {float(temperature):g}, seed {int(seed or 0)}"
