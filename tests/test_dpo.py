@@ -299,7 +299,7 @@ def test_a_stopped_run_saves_complete_weights_and_manifest(parent, pref_file, tm
 
 
 def test_a_max_length_that_skips_every_pair_is_named_as_the_cause(parent, pref_file, tmp_path):
-    with pytest.raises(ValueError, match=r"0 usable pairs: .* pairs were skipped as longer than --max-length 16 tokens"):
+    with pytest.raises(ValueError, match=r"0 usable pairs: .* pairs were skipped as longer than max length 16 tokens: raise max length \(at most the model's context, 1,024\)"):
         train_dpo(dpo_config(parent, pref_file, tmp_path / "dpo", max_length=16))
 
 

@@ -399,6 +399,10 @@ def test_records_whose_masked_prompt_fills_max_length_are_left_out_not_a_nan_los
     assert read_manifest(tmp_path / "r")["data"]["skipped_no_answer"] >= started.no_answer_records
     with pytest.raises(ValueError, match="prompt alone fills max length 8 .*: raise max length"):
         train(TrainConfig(**{**config, "max_length": 8}, out=str(tmp_path / "r8")))
+    data.write_text(json.dumps([{"instruction": "Long.", "input": "", "output": "word " * 1100}] * 20))
+    with pytest.raises(ValueError, match="0 usable records: .*; 17 left out as longer than the model's 1,024-token context: "
+                                         "shorten them$"):
+        train(TrainConfig(**config, out=str(tmp_path / "long")))
 
 def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
     from runstore.models import Models

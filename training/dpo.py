@@ -247,7 +247,9 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     val_ds = PreferenceDataset(split.val, style=sft.style, max_length=max_length)
     steps_per_epoch = len(epoch_batches(train_ds, config.batch_size, 0, config.seed, config.grouped))
     if steps_per_epoch == 0:
-        longer = (f"; {train_ds.skipped} pairs were skipped as longer than --max-length {max_length} tokens: raise it"
+        remedy = (f"raise max length (at most the model's context, {context:,})" if max_length < context else
+                  f"shorten them: {context:,} tokens is the model's context")
+        longer = (f"; {train_ds.skipped} pairs were skipped as longer than max length {max_length} tokens: {remedy}"
                   if train_ds.skipped else "")
         raise ValueError(f"the training split has {len(train_ds)} usable pairs: fewer than one batch of "
                          f"{config.batch_size}; use a smaller batch or more data{longer}")

@@ -239,12 +239,14 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
                          mask_prompt=config.mask_prompt, allowed_max_length=max_length, rank=ctx.rank, world_size=ctx.world_size)
     steps_per_epoch = len(loader) // config.grad_accum
     if steps_per_epoch == 0:
-        remedy = (f"{train_ds.no_answer} more were left out as their prompt alone fills max length {max_length} "
-                  "(mask prompt learns only the answer): raise max length" if train_ds.no_answer else
-                  "use a smaller batch or more data")
+        left_out = [f"{count} left out as {why}" for count, why in (
+            (train_ds.skipped, f"longer than the model's {context:,}-token context: shorten them"),
+            (train_ds.no_answer, f"their prompt alone fills max length {max_length} (mask prompt learns only the answer): "
+                                 "raise max length")) if count]
         raise ValueError(
             f"the training split has {len(train_ds)} usable records: fewer than one step of "
-            f"batch {config.batch_size} x {config.grad_accum} accumulation; {remedy}"
+            f"batch {config.batch_size} x {config.grad_accum} accumulation; "
+            + ("; ".join(left_out) if left_out else "use a smaller batch or more data")
         )
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
