@@ -134,6 +134,13 @@ def preference_path() -> Path:
                        "or pass your own preference file")
 
 
+def file_label(path: str | os.PathLike) -> str:
+    """A data file by the name its owner knows: an upload's stored copy without the hash ``store_upload`` put before it."""
+    path = Path(path)
+    stored = re.fullmatch(r"[0-9a-f]{16}-(.+)", path.name)
+    return stored.group(1) if stored and path.parent.name == "uploads" else path.name
+
+
 def store_upload(path: str | os.PathLike) -> Path:
     """Copy a user's file to ``<cache>/uploads/<hash>-<name>``: a web upload's temp file may go before a run reads it."""
     path = Path(path)

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from data import format_prompt
+from data.cache import file_label
 from model.files import atomic_write
 from model.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 from model.weights import CONFIG_NAME, HUB_PRESETS, hub_unreachable
@@ -88,7 +89,7 @@ def model_card(run_dir: Path) -> str:
 
 def card_settings(config: dict, keys) -> str:
     """``data sample, epochs 1, …``; a data file by its name alone (an upload's path is the server's business)."""
-    return ", ".join(f"{k} {Path(str(config[k])).name if k == 'data' else config[k]}" for k in keys if k in config)
+    return ", ".join(f"{k} {file_label(str(config[k])) if k == 'data' else config[k]}" for k in keys if k in config)
 
 
 def load_hint(run_name: str) -> str:

@@ -139,6 +139,12 @@ def test_data_that_cannot_make_a_run_fails_before_the_job_starts(engine, tmp_pat
     nine.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(9)]))
     with pytest.raises(ValueError, match="nine.json has 9 records: its test .10 %. split is empty; .* at least 10 records"):
         engine.start_training(tiny(data=str(nine), batch_size=2))
+    from data import cache
+
+    stored = cache.store_upload(two)  # as the Dataset tab keeps an upload: <hash>-two.json
+    assert stored.name != "two.json"
+    with pytest.raises(ValueError, match="^two.json has 2 records"):  # named as the visitor knows it
+        engine.start_training(tiny(data=str(stored)))
     assert engine.job("train") is None
 
 

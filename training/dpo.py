@@ -42,7 +42,7 @@ from .config import ConfigError, Settings, TrainConfig, check_device, setting
 from .dpo_loss import dpo_loss, evaluate_dpo, figures, reference_logprobs, sequence_logprobs
 from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable
-from .loop import Clock, Hooks, finite, now, open_run, record_failure, respond, save_weights, versions
+from .loop import Clock, Hooks, data_label, finite, now, open_run, record_failure, respond, save_weights, versions
 from .optim import MasterWeightAdamW
 
 
@@ -140,7 +140,7 @@ def check_dpo(config: DPOConfig, root: Path | None = None):
     parent_dir, manifest = parent_run(config.parent, root)
     records = load_preferences(config.data)
     split = split_preferences(records)
-    name = Path(str(config.data)).name
+    name = data_label(config.data)
     if len(split.train) < config.batch_size:
         raise ValueError(f"{name} has {len(records)} pairs: its training split (85 %) has {len(split.train)}, fewer than "
                          f"one batch of {config.batch_size}; use a smaller batch or at least "
@@ -218,7 +218,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     if resume is not None:
         check_unchanged(resume_dpo_config(resume).to_dict(), config, RESUME_CHANGEABLE + ("parent",))
 
-    emit(Status("loading", f"Loading the {Path(str(config.data)).name} preference data"))
+    emit(Status("loading", f"Loading the {data_label(config.data)} preference data"))
     parent_dir, parent_manifest, records, split = check_dpo(config, root)
     sft = base_config(parent_manifest)
     data_file = preference_path(config.data)

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from data import DatasetError, InstructionDataset, extract_response, format_prompt, load_instructions, make_loader, source_path, split_instructions
+from data import cache
 from data.batching import loader_state
 from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, pick_device, pick_dtype, save_pretrained
 from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
@@ -128,7 +129,7 @@ def finite(value: float | None) -> float | None:
 
 def data_label(source: str) -> str:
     """A data source as a visitor may see it: the preset's name or the file's name, never a server path."""
-    return source if source in ("canonical", "sample") else Path(str(source)).name
+    return source if source in ("canonical", "sample") else cache.file_label(str(source))
 
 
 def now() -> str:

@@ -11,11 +11,11 @@ import difflib
 import html
 import re
 from functools import partial
-from pathlib import Path
 
 import gradio as gr
 
 from data import DatasetError, extract_response, format_prompt, split_instructions
+from data.cache import file_label
 from runstore import read_manifest
 from runstore.models import run_config
 from engine.public import scrub
@@ -76,10 +76,10 @@ def run_info(engine, name: str | None) -> str:
     base = f"{config.model} with random weights (seed {config.seed})" if config.random_init else f"pretrained {config.model}"
     if parent is not None:
         return notice(f"Base model: <b>{html.escape(base)}</b>. Fine-tuned: run <b>{html.escape(parent.name)}</b> on "
-                      f"<b>{html.escape(Path(str(config.data)).name)}</b>. Aligned: that run after preference tuning (DPO). "
+                      f"<b>{html.escape(file_label(str(config.data)))}</b>. Aligned: that run after preference tuning (DPO). "
                       "The three answer together.")
     return notice(f"Base model: <b>{html.escape(base)}</b>. Fine-tuned: the same model after the run, on "
-                  f"<b>{html.escape(Path(str(config.data)).name)}</b> ({config.style} prompts).")
+                  f"<b>{html.escape(file_label(str(config.data)))}</b> ({config.style} prompts).")
 
 
 def diff_html(base: str, tuned: str, names: tuple[str, str] = ("base", "fine-tuned")) -> str:
