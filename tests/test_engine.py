@@ -130,7 +130,7 @@ def test_server_limits_come_from_the_environment_and_are_enforced(tmp_path):
     assert ("GPT2_INSTRUCT_MAX_EPOCHS", "3", "most epochs one run may ask for") in limits.rows()
 
 
-def test_data_that_cannot_make_a_run_fails_before_the_job_starts(engine, tmp_path):
+def test_data_that_cannot_make_a_run_fails_before_the_job_starts(engine, tmp_path, monkeypatch):
     two = tmp_path / "two.json"
     two.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(2)]))
     with pytest.raises(ValueError, match="has 2 records: its training split .85 %. has 1, fewer than one step of batch 8"):
@@ -141,6 +141,7 @@ def test_data_that_cannot_make_a_run_fails_before_the_job_starts(engine, tmp_pat
         engine.start_training(tiny(data=str(nine), batch_size=2))
     from data import cache
 
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
     stored = cache.store_upload(two)  # as the Dataset tab keeps an upload: <hash>-two.json
     assert stored.name != "two.json"
     with pytest.raises(ValueError, match="^two.json has 2 records"):  # named as the visitor knows it
