@@ -199,16 +199,18 @@ def split_warnings(n: int, batch_size: int = 8) -> list[str]:
     """Why ``n`` records make a poor dataset for the book's split (85 % train, 10 % test, 5 % validation).
 
     One sentence per problem, naming the counts; [] when there is none. Training
-    needs one full batch of training records and the Evaluate tab test records;
-    validation, the rest after two round-downs, always gets at least one.
+    needs one full batch of training records and at least one test record (the
+    Evaluate tab's); validation, the rest after two round-downs, always gets one.
     """
     train, test, _ = split_counts(n)
     warnings = []
     if train < batch_size:
-        enough = next(m for m in itertools.count(n + 1) if split_counts(m)[0] >= batch_size)
-        smaller = f", or a batch size of {train} or less" if train else ""
+        enough = next(m for m in itertools.count(n + 1) if split_counts(m)[0] >= batch_size and split_counts(m)[1])
+        smaller = f", or a batch size of {train} or less" if train and test else ""
         warnings.append(f"Only {train} of the {n:,} records go to training (85 %): fewer than one batch of {batch_size}, "
                         f"so training cannot start. Use at least {enough} records{smaller}.")
     if test == 0:
-        warnings.append(f"No test records (10 % of {n:,}): the Evaluate tab has nothing to score.")
+        enough = next(m for m in itertools.count(n + 1) if split_counts(m)[1])
+        warnings.append(f"No test records (10 % of {n:,}): training cannot start, and the Evaluate tab would have "
+                        f"nothing to score. Use at least {enough} records.")
     return warnings

@@ -1,5 +1,6 @@
 """Tests of the data package: loading and validation, prompts, batching, samplers and statistics."""
 import json
+import re
 import subprocess
 import sys
 import time
@@ -433,15 +434,22 @@ def test_split_warnings_name_the_counts_of_a_dataset_too_small_to_split():
     one, two = split_warnings(1), split_warnings(2)
     assert one == ["Only 0 of the 1 records go to training (85 %): fewer than one batch of 8, so training cannot start. "
                    "Use at least 10 records.",
-                   "No test records (10 % of 1): the Evaluate tab has nothing to score."]
-    assert two[0].startswith("Only 1 of the 2 records go to training") and "or a batch size of 1 or less" in two[0]
+                   "No test records (10 % of 1): training cannot start, and the Evaluate tab would have nothing to score. "
+                   "Use at least 10 records."]
+    assert two[0].startswith("Only 1 of the 2 records go to training") and "batch size" not in two[0]  # none would do
     assert split_warnings(9) and split_warnings(9)[0].startswith("Only 7 of the 9 records")
     assert split_warnings(74, batch_size=64)[0].startswith("Only 62 of the 74 records")
-    assert "at least 76 records" in split_warnings(74, batch_size=64)[0]
+    assert "at least 76 records, or a batch size of 62 or less." in split_warnings(74, batch_size=64)[0]
     for n in range(1, 200):  # the counts are split_instructions' own
         sizes = split_sizes(split_instructions(list(range(n))))
         assert split_counts(n) == (sizes["train"], sizes["test"], sizes["val"])
         assert bool(split_warnings(n)) == (sizes["train"] < 8 or sizes["test"] == 0)
+        for batch in (8, 64):  # advice that is taken makes a dataset training accepts
+            advice = " ".join(split_warnings(n, batch))
+            if smaller := re.search(r"a batch size of (\d+) or less", advice):
+                assert not split_warnings(n, int(smaller.group(1)))
+            if enough := re.search(r"at least (\d+) records", advice):
+                assert not split_warnings(int(enough.group(1)), batch)
 
 
 def test_data_package_never_imports_gradio():
