@@ -587,3 +587,29 @@ def test_a_tab_polls_only_while_it_is_shown():
                      "playground": [True, False, False], "evaluate": [False, False, True]}
     # and Gradio's per-event pandas summary of its event log runs once per 1,000 events, not after each poll
     assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == 1000 and demo._queue.ANALYTICS_MAX_EVENTS == 1000
+
+
+def test_a_run_stopped_before_its_first_step_is_not_offered_to_compare_and_stopped_runs_say_so(tmp_path):
+    from engine import Engine
+    from training import TrainConfig, train
+    from training.events import Logged
+    from training.loop import Hooks
+    from ui.train_tab import final_html
+    from ui.widgets import finished_run_choices
+
+    def run(name, steps):
+        config = TrainConfig(model="tiny", random_init=True, data="sample", max_steps=5, eval_every=5, sample_tokens=0,
+                             out=str(tmp_path / name))
+        done = []
+        summary = train(config, Hooks(on_event=lambda e: isinstance(e, Logged) and e.step > 0 and done.append(e),
+                                      should_stop=lambda: len(done) >= steps))
+        return summary
+
+    never = run("20990101-000000-never", 0)
+    run("20990101-000001-two", 2)
+    run("20990101-000002-whole", 99)
+    engine = Engine(root=tmp_path)
+    labels = dict((name, label) for label, name in finished_run_choices(engine))
+    assert list(labels) == ["20990101-000002-whole", "20990101-000001-two"]
+    assert " · stopped at step 2 · " in labels["20990101-000001-two"] and "stopped" not in labels["20990101-000002-whole"]
+    assert "before its first step" in text(final_html({"final": never, "run": "20990101-000000-never"}))

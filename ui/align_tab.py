@@ -24,7 +24,7 @@ from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
 from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, notice, plural, resumable_runs, resume_job,
-                      run_finished, run_label, stop_job, val_loss_text)
+                      run_finished, run_label, stop_job, trained_runs, val_loss_text)
 
 TITLE = "Align"
 DEFAULTS = DPOConfig(parent="-").to_dict()
@@ -36,8 +36,8 @@ NO_RUNS = ("No fine-tuned run yet: fine-tune one in the <b>Train</b> tab; prefer
 
 def parent_choices(engine) -> list[tuple[str, str]]:
     """Finished fine-tuned runs with saved weights (not themselves preference-tuned), newest first."""
-    return [(run_label(run), run.name) for run in engine.runs()
-            if run.has_weights and run.status in ("done", "stopped") and run.manifest.get("method") != "dpo"]
+    return [(run_label(run), run.name) for run in trained_runs(engine, ("done", "stopped"))
+            if run.manifest.get("method") != "dpo"]
 
 
 def refresh_parents(engine, current: str | None):

@@ -9,7 +9,7 @@ import gradio as gr
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "run_label", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
+__all__ = ["notice", "bar", "clock", "run_label", "trained_runs", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
            "resumable_runs", "resume_job", "run_finished"]
 
 
@@ -94,13 +94,19 @@ def val_loss_text(summary: dict) -> str:
 
 def run_label(run) -> str:
     loss = val_loss_text(run.manifest)
-    return f"{run.name} · {model_label(run.manifest)}" + (f" · val loss {loss}" if loss != "–" else "")
+    ended = "" if run.status == "done" else f" · {run.status} at step {run.last_step:,}"
+    return f"{run.name} · {model_label(run.manifest)}{ended}" + (f" · val loss {loss}" if loss != "–" else "")
+
+
+def trained_runs(engine, statuses=("done", "stopped", "interrupted")) -> list:
+    """Runs with saved weights that took at least one step, newest first: a run stopped before its first step
+    saved its base model's weights, nothing to compare or evaluate."""
+    return [run for run in engine.runs() if run.has_weights and run.status in statuses and run.last_step > 0]
 
 
 def finished_run_choices(engine) -> list[tuple[str, str]]:
     """Runs with saved weights, newest first, as (label, run name) choices."""
-    return [(run_label(run), run.name) for run in engine.runs()
-            if run.has_weights and run.status in ("done", "stopped", "interrupted")]
+    return [(run_label(run), run.name) for run in trained_runs(engine)]
 
 
 def resumable_runs(runs, dpo: bool):
