@@ -275,7 +275,7 @@ def test_a_tiny_upload_warns_that_it_cannot_be_split_and_a_too_long_record_is_sh
     long_ = tmp_path / "long.jsonl"
     records = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(11)] + [{"instruction": "Long.", "output": "word " * 2000}]
     long_.write_text("".join(json.dumps(r) + "\n" for r in records))
-    load(c, "upload", long_)
+    assert "1 record longer than GPT-2's 1,024-token context: training skips it (#12)." in text(load(c, "upload", long_)["error"])
     _, meta, tokens = c.predict(12, False, api_name="/record")
     assert "skipped in training" in text(meta) and "context window" in text(meta) and "trained on ·" not in text(meta)
     assert 'class="gi-tok trained' not in tokens
@@ -613,3 +613,15 @@ def test_a_run_stopped_before_its_first_step_is_not_offered_to_compare_and_stopp
     assert list(labels) == ["20990101-000002-whole", "20990101-000001-two"]
     assert " · stopped at step 2 · " in labels["20990101-000001-two"] and "stopped" not in labels["20990101-000002-whole"]
     assert "before its first step" in text(final_html({"final": never, "run": "20990101-000000-never"}))
+
+
+def test_the_length_histogram_stays_on_non_negative_token_counts():
+    from ui.charts import length_histogram
+    from ui.dataset_tab import too_long_note
+
+    fig = length_histogram({"prompt_tokens": [30] * 5, "response_tokens": [4] * 5})  # one length each
+    assert fig.layout.xaxis.rangemode == "nonnegative"
+    many = {"total_tokens": [1025, 10, 2000, *[1026] * 6]}
+    assert too_long_note({"total_tokens": [1025, 10]}) == ""  # 1,024 read, the end token only predicted
+    assert too_long_note(many) == ("7 records longer than GPT-2's 1,024-token context: training skips them "
+                                   "(#3, #4, #5, #6, #7 and 2 more).")

@@ -16,6 +16,7 @@ from data.browse import PAGE_SIZE, page_of, split_of
 from data.preference import browse_preferences
 
 from engine.public import scrub
+from model import GPTConfig
 
 from .charts import length_histogram
 from .theme import notice
@@ -29,6 +30,7 @@ SOURCES = [
 ]
 HEADERS = ["#", "split", "instruction", "input", "output"]
 CELL_CHARS = 160
+CONTEXT = GPTConfig().block_size  # every GPT-2 preset's
 
 
 def default_source() -> str:
@@ -95,11 +97,22 @@ def record_view(records: list[dict] | None, number: int | float | None, mask_pro
     return meta, tokens_html(view)
 
 
-def render(state: dict, records: list[dict], mask_prompt: bool) -> tuple:
+def render(state: dict, records: list[dict], mask_prompt: bool, stats: dict | None = None) -> tuple:
     """Everything the tab shows for a freshly loaded dataset: summary, histogram, page 1, record 1."""
     rows, count, page = table_page(records)
     meta, tokens = record_view(records, 1, mask_prompt)
-    return summary_html(state, records), length_histogram(token_stats(records)), rows, count, page, "", 1, meta, tokens
+    stats = stats or token_stats(records)
+    return summary_html(state, records), length_histogram(stats), rows, count, page, "", 1, meta, tokens
+
+
+def too_long_note(stats: dict, context: int = CONTEXT) -> str:
+    """Which records training will skip as longer than the context, by number; "" when none."""
+    numbers = [i + 1 for i, total in enumerate(stats["total_tokens"]) if total - 1 > context]  # the end token is not read
+    if not numbers:
+        return ""
+    shown = ", ".join(f"#{n:,}" for n in numbers[:5]) + (f" and {len(numbers) - 5:,} more" if len(numbers) > 5 else "")
+    return (f"{plural(len(numbers), 'record')} longer than GPT-2's {context:,}-token context: training skips "
+            f"{'it' if len(numbers) == 1 else 'them'} ({shown}).")
 
 
 def load(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
@@ -114,7 +127,10 @@ def load(engine, source: str, upload: str | None, previous: dict | None, mask_pr
     warnings = split_warnings(state["count"])
     if warnings:
         done += notice("<b>Too few records to split.</b> " + " ".join(html.escape(w) for w in warnings), "error")
-    return (source, state, done) + render(state, records, mask_prompt)
+    stats = token_stats(records)
+    if note := too_long_note(stats):
+        done += notice(html.escape(note), "error")
+    return (source, state, done) + render(state, records, mask_prompt, stats)
 
 
 def load_default(engine, mask_prompt: bool, remembered: dict | None = None):
