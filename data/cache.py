@@ -92,7 +92,8 @@ def cached_file(name: str, url: str, sha256: str, what: str, alternative: str) -
             found = ""
         raise DatasetError(
             f"could not download {what} from {url} ({reason}). "
-            f"Without internet, place {name} (sha256 {sha256}) by hand at {path}, {alternative}.{found}"
+            f"Without internet, place {name} (sha256 {sha256}) by hand in the dataset cache folder {path.parent} "
+            f"(GPT2_INSTRUCT_CACHE sets it), {alternative}.{found}"
         ) from None
     try:
         return store_file(name, sha256, data, what)

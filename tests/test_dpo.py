@@ -126,7 +126,7 @@ def test_the_preference_file_is_downloaded_once_and_checked(tmp_path, monkeypatc
         load_preferences("preference")
     assert list((tmp_path / "d").glob("*")) == []
     monkeypatch.setattr(cache, "PREFERENCE_URL", "http://127.0.0.1:9/x.json")
-    with pytest.raises(DatasetError, match="by hand at .*instruction-data-with-preference.json"):
+    with pytest.raises(DatasetError, match="place instruction-data-with-preference.json .* by hand in the dataset cache folder "):
         load_preferences("preference")
 
 
