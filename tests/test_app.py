@@ -438,6 +438,17 @@ def test_form_values_map_to_a_train_config():
     assert (config.mask_prompt, config.grouped, config.lora_rank, config.max_steps, config.eval_every) == (True, False, 0, None, 10)
     lora = make_config("gpt2", " ./local-gpt2 ", False, 1, 8, 5e-5, False, True, 8, 32, True, 12, 20, data="canonical")
     assert (lora.model, lora.lora_rank, lora.lora_alpha, lora.max_steps) == ("./local-gpt2", 8, 32.0, 12)
+    from training import ConfigError
+    from ui.evaluate_tab import whole
+
+    empty = {"alpha": "LoRA alpha", "lr": "learning rate", "eval_every": "evaluate every"}
+    for field, name in empty.items():  # an emptied box is named as the form labels it, never filled in silently
+        values = dict(preset="gpt2", custom="", random_init=False, epochs=1, batch_size=8, lr=5e-5, mask_prompt=False,
+                      lora=True, rank=8, alpha=32, grouped=False, max_steps=0, eval_every=10, data="sample")
+        with pytest.raises(ConfigError, match=f"^{name}: enter a number$"):
+            make_config(**{**values, field: None})
+    with pytest.raises(ValueError, match="^examples: enter a number$"):
+        whole(None, "examples", 0, 10)
 
 
 def test_preset_labels_carry_size_and_memory():

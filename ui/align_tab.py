@@ -23,7 +23,7 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, notice, plural, resumable_runs, resume_job,
+from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, notice, number, plural, resumable_runs, resume_job,
                       run_finished, run_label, stop_job, trained_runs, val_loss_text)
 
 TITLE = "Align"
@@ -90,11 +90,9 @@ def start(engine, client_id: str | None, parent: str | None, source: str, upload
             data = engine.store_preference_upload(upload)
         else:
             data = "preference"
-        if beta is None or lr is None:
-            raise ConfigError("beta and learning rate: enter a number")
-        settings = dict(data=data, beta=float(beta), lr=float(lr), epochs=as_int(epochs, "epochs"),
+        settings = dict(data=data, beta=number(beta, "beta"), lr=number(lr, "learning rate"), epochs=as_int(epochs, "epochs"),
                         max_steps=as_int(max_steps, "max steps", allow_none=True) or None,
-                        batch_size=as_int(batch_size, "batch size"), eval_every=as_int(eval_every, "eval every"),
+                        batch_size=as_int(batch_size, "batch size"), eval_every=as_int(eval_every, "evaluate every"),
                         lora_rank=as_int(rank, "LoRA rank") if lora else 0,
                         checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0)
         engine.start_preference(parent, owner=client_id, **settings)

@@ -23,7 +23,7 @@ from runstore import RunInfo
 from runstore.export import ExportError, load_hint, push_to_hub
 
 from .charts import empty_figure, evaluation_figure
-from .widgets import bar, clock, finished_run_choices, notice
+from .widgets import as_int, bar, clock, finished_run_choices, notice
 
 TITLE = "Evaluate"
 MAX_NEW_TOKENS = 256
@@ -100,11 +100,10 @@ def evaluated_run(snap: dict) -> str | None:
 
 
 def whole(value, name: str, low: int, high: int) -> int:
-    if value is None or value == "" or float(value) != int(float(value)):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if not low <= int(float(value)) <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {int(float(value))}")
-    return int(float(value))
+    value = as_int(value, name)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return value
 
 
 def judge_of(url: str | None, model: str | None) -> Judge | None:
@@ -245,7 +244,7 @@ def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tok
         if not client_id:
             raise ValueError("This browser has no session id yet: reload the page.")
         run = engine.finished_run(name)
-        settings = dict(limit=whole(limit, "limit", 0, 100_000) or None, judge=judge_of(judge_url, judge_model),
+        settings = dict(limit=whole(limit, "examples", 0, 100_000) or None, judge=judge_of(judge_url, judge_model),
                         max_new_tokens=whole(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
                         batch_size=whole(batch_size, "batch size", 1, MAX_BATCH))
         job = engine.start_evaluation(run.name, owner=client_id, **settings)

@@ -24,7 +24,7 @@ from training.config import DEMO, DEMO_TEXT, defaults
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, model_label, notice, plural, resumable_runs,
+from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, model_label, notice, number, plural, resumable_runs,
                       resume_job, run_finished, stop_job, val_loss_text)
 
 TITLE = "Train"
@@ -47,13 +47,11 @@ def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size,
         raise ConfigError(f"random init builds one of the presets ({', '.join(PRESETS)}); untick it to load {model!r}")
     if model == "tiny" and not random_init:
         raise ConfigError("tiny has no pretrained weights: tick random init")
-    if lr is None:
-        raise ConfigError("learning rate: enter a number")
     return TrainConfig(
         model=model, random_init=bool(random_init), data=data, epochs=as_int(epochs, "epochs"),
-        batch_size=as_int(batch_size, "batch size"), lr=float(lr), mask_prompt=bool(mask_prompt), grouped=bool(grouped),
-        lora_rank=as_int(rank, "LoRA rank") if lora else 0, lora_alpha=16.0 if alpha is None else float(alpha),
-        max_steps=as_int(max_steps, "max steps", allow_none=True) or None, eval_every=as_int(eval_every, "eval every"),
+        batch_size=as_int(batch_size, "batch size"), lr=number(lr, "learning rate"), mask_prompt=bool(mask_prompt), grouped=bool(grouped),
+        lora_rank=as_int(rank, "LoRA rank") if lora else 0, lora_alpha=number(alpha, "LoRA alpha") if lora else DEFAULTS["lora_alpha"],
+        max_steps=as_int(max_steps, "max steps", allow_none=True) or None, eval_every=as_int(eval_every, "evaluate every"),
         checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0,
     )
 

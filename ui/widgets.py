@@ -9,7 +9,7 @@ import gradio as gr
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "run_label", "trained_runs", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
+__all__ = ["notice", "bar", "clock", "number", "run_label", "trained_runs", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
            "resumable_runs", "resume_job", "run_finished"]
 
 
@@ -42,6 +42,15 @@ def as_int(value, name: str, allow_none: bool = False) -> int | None:
     if float(value) != int(value):
         raise ConfigError(f"{name} must be a whole number, got {value}")
     return int(value)
+
+
+def number(value, name: str) -> float:
+    """A form's number as a float; a ``ConfigError`` naming the field when it is empty."""
+    from training.config import ConfigError
+
+    if value is None or value == "":
+        raise ConfigError(f"{name}: enter a number")
+    return float(value)
 
 
 SETTING_NAMES = {"lr": "learning rate", "lora_alpha": "LoRA alpha", "lora_rank": "LoRA rank", "eval_every": "evaluate every"}
