@@ -214,7 +214,8 @@ def test_only_runs_the_app_lists_are_accepted(c, run, tmp_path):
 def test_bad_settings_and_a_missing_base_model_are_messages(c, run):
     with pytest.raises(Exception, match="257 is greater than maximum value 256"):
         evaluate(c, run, max_new_tokens=257)
-    assert "batch size must be a whole number, got None" in text(evaluate(c, run, batch_size=None)["progress"])
+    assert "batch size: enter a number" in text(evaluate(c, run, batch_size=None)["progress"])
+    assert "examples: enter a number" in text(evaluate(c, run, limit=None)["progress"])
     assert "session id" in text(evaluate(c, run, owner="")["progress"])
 
     broken = run.parent / "20990101-000002-missing-base"
