@@ -132,9 +132,12 @@ def parse_jsonl(text: str, name: str) -> list:
     return items
 
 
+JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "a number", float: "a number"}
+
+
 def json_type(value) -> str:
-    """Python's name for a value's type, with ``null`` for None."""
-    return "null" if value is None else type(value).__name__
+    """JSON's name for a value's type, as the file's author wrote it: "an object", "a number", "null"."""
+    return "null" if value is None else JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def validate_records(items: list, name: str = "data", label: str = "record") -> list[dict]:

@@ -157,7 +157,7 @@ def test_a_bad_upload_names_the_problem_and_keeps_the_previous_dataset(url, tmp_
     bad.write_text('[{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "x", "output": 3}]')
     out = load(c, "upload", bad)
     message = text(out["error"])
-    assert 'mine.json, record 2: field "output" must be a string, got int' in message
+    assert 'mine.json, record 2: field "output" must be a string, got a number' in message
     assert "Still loaded: bundled sample (74 records)" in message
     assert search(c)[1] == "74 records, page 1 / 3"
 
