@@ -1,6 +1,8 @@
 """Numbers and views for the UI: split sizes, token counts, padding, and which tokens are trained on."""
 from __future__ import annotations
 
+import codecs
+
 from model.tokenizer import EOT_ID, get_tokenizer
 
 from .batching import make_loader
@@ -52,16 +54,17 @@ def token_view(record: dict, mask_prompt: bool = False, style: str = "alpaca",
     The first token is never a target; with ``mask_prompt`` only the response
     tokens and the end token are. A record longer than ``max_length`` (the
     model's context window) is skipped by training: none of its tokens is
-    trained on (``skip_reason`` says why).
+    trained on (``skip_reason`` says why). A character split over several
+    byte-level tokens (an emoji, most CJK) is shown whole on its last token,
+    the tokens before it empty.
     """
     tokenizer = tokenizer or get_tokenizer()
     ids, prompt_len = encode_record(record, tokenizer, style)
     ids.append(EOT_ID)
     first_trained = len(ids) if len(ids) - 1 > max_length else prompt_len if mask_prompt else 1
-    return [
-        (tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace"), i >= first_trained)
-        for i, t in enumerate(ids)
-    ]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [(decoder.decode(tokenizer.decode_single_token_bytes(t), final=i == len(ids) - 1), i >= first_trained)
+            for i, t in enumerate(ids)]
 
 
 def skip_reason(record: dict, style: str = "alpaca", tokenizer=None, max_length: int = 1024) -> str | None:

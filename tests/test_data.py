@@ -412,6 +412,9 @@ def test_token_view_without_and_with_masking():
     assert masked[-4:] == [("\n", False), ("Hi", True), ("!", True), ("<|endoftext|>", True)]
     assert sum(trained for _, trained in masked) == 3
     assert token_view(record, style="phi3")[:2] == [("<", False), ("|", True)]
+    emoji = token_view(rec("Smile 🙂, 日本語.", "", "ok 👍"))  # characters split over byte-level tokens, shown whole
+    assert "".join(text for text, _ in emoji) == format_prompt(rec("Smile 🙂, 日本語.", "", "")) + "ok 👍<|endoftext|>"
+    assert not any("\ufffd" in text for text, _ in emoji) and len(emoji) == len(encode_record(rec("Smile 🙂, 日本語.", "", "ok 👍"))[0]) + 1
 
 
 def test_a_record_training_skips_is_shown_as_skipped_not_trained_on():

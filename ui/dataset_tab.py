@@ -74,6 +74,8 @@ def table_page(records: list[dict] | None, query: str = "", page: int = 1) -> tu
 def tokens_html(view: list[tuple[str, bool]]) -> str:
     spans = []
     for i, (text, trained) in enumerate(view):
+        if not text:  # the first bytes of a character that a later token completes
+            continue
         shown = html.escape(text).replace("\n", "↵\n")
         spans.append(f'<span class="gi-tok {"trained" if trained else "masked"}{" alt" if i % 2 else ""}">{shown}</span>')
     return f'<div class="gi-tokens">{"".join(spans)}</div>'
