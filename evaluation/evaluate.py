@@ -415,10 +415,10 @@ def main(argv=None) -> int:
         p.error(f"--export {args.export}: give the path of a .zip file to write")
     try:
         run_dir = run_folder(args.run_dir)  # a run's name, as --resume takes it, or its folder
+        judge = Judge(args.judge, args.judge_model, timeout=args.judge_timeout) if args.judge else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    judge = Judge(args.judge, args.judge_model, timeout=args.judge_timeout) if args.judge else None
     bar = ProgressBar()
     try:
         result = evaluate_run(run_dir, data=args.data, split=args.split, max_new_tokens=args.max_new_tokens,

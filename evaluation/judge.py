@@ -13,6 +13,7 @@ import json
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -85,6 +86,12 @@ class Judge:
     timeout: float = 60.0
     give_up_after: int = 5
     failures_in_a_row: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        """A URL that cannot be an address is refused before anything is evaluated, not after every example failed."""
+        parts = urllib.parse.urlsplit(self.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in self.url.strip()):
+            raise ValueError(f"judge URL must be an http(s) address such as {DEFAULT_URL}, got {self.url!r}")
 
     @property
     def endpoint(self) -> str:

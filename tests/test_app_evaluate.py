@@ -216,6 +216,7 @@ def test_bad_settings_and_a_missing_base_model_are_messages(c, run):
         evaluate(c, run, max_new_tokens=257)
     assert "batch size: enter a number" in text(evaluate(c, run, batch_size=None)["progress"])
     assert "examples: enter a number" in text(evaluate(c, run, limit=None)["progress"])
+    assert "judge URL must be an http(s) address" in text(evaluate(c, run, judge_url="not a url")["progress"])
     assert "session id" in text(evaluate(c, run, owner="")["progress"])
 
     broken = run.parent / "20990101-000002-missing-base"

@@ -183,6 +183,9 @@ def test_judge_helpers():
     assert summarize_scores([85, None, 40]) == {"judge_avg": 62.5, "judge_scored": 2, "judge_unscored": 1}
     assert summarize_scores([None]) == {"judge_avg": None, "judge_scored": 0, "judge_unscored": 1}
     assert "ollama run llama3" in judge_help() and "--judge http://localhost:11434/v1" in judge_help()
+    for bad in ("not a url", "ftp://host/v1", "http:///v1"):  # refused before a single example is evaluated
+        with pytest.raises(ValueError, match=f"judge URL must be an http.s. address such as http://localhost:11434/v1, got {bad!r}"):
+            Judge(bad)
 
 
 # evaluate_run
@@ -334,6 +337,9 @@ def test_cli_takes_a_run_by_name_checks_export_first_and_says_when_the_judge_is_
     folder = subprocess.run([sys.executable, "-m", "evaluation", run.name, "--export", str(tmp_path)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert folder.returncode == 2 and f"--export {tmp_path}: give the path of a .zip file to write" in folder.stderr
+    bad = subprocess.run([sys.executable, "-m", "evaluation", run.name, "--judge", "not a url"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: judge URL must be") and "Traceback" not in bad.stderr
     out = subprocess.run([sys.executable, "-m", "evaluation", run.name, "--limit", "2", "--max-new-tokens", "4",
                           "--judge", "http://127.0.0.1:9/v1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
