@@ -636,3 +636,16 @@ def test_the_length_histogram_stays_on_non_negative_token_counts():
     assert too_long_note({"total_tokens": [1025, 10]}) == ""  # 1,024 read, the end token only predicted
     assert too_long_note(many) == ("7 records longer than GPT-2's 1,024-token context: training skips them "
                                    "(#3, #4, #5, #6, #7 and 2 more).")
+
+
+def test_the_align_tab_names_a_typed_run_that_is_not_a_finished_fine_tuned_one(tmp_path):
+    from engine import Engine
+    from training import TrainConfig, train
+    from ui.align_tab import parent_note
+
+    train(TrainConfig(model="tiny", random_init=True, data="sample", max_steps=1, sample_tokens=0,
+                      out=str(tmp_path / "20990101-000000-tiny")))
+    engine = Engine(root=tmp_path)
+    assert "Policy: 20990101-000000-tiny" in text(parent_note(engine, "20990101-000000-tiny"))
+    assert text(parent_note(engine, "garbage-run")) == ("garbage-run is not a finished fine-tuned run on this server: "
+                                                        "pick one from the list.")

@@ -45,12 +45,15 @@ def refresh_parents(engine, current: str | None):
     choices = parent_choices(engine)
     names = [n for _, n in choices]
     value = current if current in names else (names[0] if names else None)
-    return gr.Dropdown(choices=choices, value=value), parent_note(value), resumable_runs(engine.runs(), dpo=True)
+    return gr.Dropdown(choices=choices, value=value), parent_note(engine, value), resumable_runs(engine.runs(), dpo=True)
 
 
-def parent_note(name: str | None) -> str:
+def parent_note(engine, name: str | None) -> str:
     if not name:
         return notice(NO_RUNS)
+    if name not in {n for _, n in parent_choices(engine)}:  # typed: the picker takes custom values
+        return notice(f"<b>{html.escape(name)}</b> is not a finished fine-tuned run on this server: pick one from the "
+                      "list.", "error")
     return notice(f"Policy: <b>{html.escape(name)}</b>, trained further. Reference: the same model, frozen; its "
                   "log-probabilities of every pair are computed once before the first step, so the loss starts at ln 2.")
 
@@ -299,4 +302,4 @@ def build(shared) -> None:
     shared.poll_while_shown(on_poll, [shared.client_id, seen], poll_outputs)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
         trigger(partial(refresh_parents, engine), parent, [parent, parent_info, resumable], api_visibility="private", **cheap)
-    parent.input(parent_note, parent, parent_info, api_visibility="private", **cheap)
+    parent.input(partial(parent_note, engine), parent, parent_info, api_visibility="private", **cheap)
