@@ -647,5 +647,5 @@ def test_the_align_tab_names_a_typed_run_that_is_not_a_finished_fine_tuned_one(t
                       out=str(tmp_path / "20990101-000000-tiny")))
     engine = Engine(root=tmp_path)
     assert "Policy: 20990101-000000-tiny" in text(parent_note(engine, "20990101-000000-tiny"))
-    assert text(parent_note(engine, "garbage-run")) == ("garbage-run is not a finished fine-tuned run on this server: "
+    assert text(parent_note(engine, "garbage-run")).strip() == ("garbage-run is not a finished fine-tuned run on this server: "
                                                         "pick one from the list.")
