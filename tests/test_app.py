@@ -649,3 +649,18 @@ def test_the_align_tab_names_a_typed_run_that_is_not_a_finished_fine_tuned_one(t
     assert "Policy: 20990101-000000-tiny" in text(parent_note(engine, "20990101-000000-tiny"))
     assert text(parent_note(engine, "garbage-run")).strip() == ("garbage-run is not a finished fine-tuned run on this server: "
                                                         "pick one from the list.")
+
+
+def test_a_checked_preference_file_names_pairs_that_will_not_train(tmp_path):
+    from ui.align_tab import check_upload
+
+    pair = {"instruction": "Say hi.", "input": "", "chosen": "Hi!", "rejected": "Go away."}
+    pairs = [pair] * 18 + [{**pair, "rejected": "Hi!"}] * 2 + [{**pair, "chosen": "word " * 1100}]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    message = text(check_upload(str(path))[0])
+    assert "pairs.json : 21 preference pairs, checked." in message
+    assert "1 pair longer than GPT-2's 1,024-token context (prompt and longer answer): training skips them." in message
+    assert "2 pairs with the same chosen and rejected answer: nothing to prefer, so they teach nothing." in message
+    path.write_text(json.dumps([pair] * 20))
+    assert "skips" not in text(check_upload(str(path))[0]) and "nothing to prefer" not in text(check_upload(str(path))[0])

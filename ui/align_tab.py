@@ -15,10 +15,11 @@ from pathlib import Path
 import gradio as gr
 
 from data import DatasetError, cache
-from data.preference import load_preferences
+from data.preference import PreferenceDataset, load_preferences
 from engine import ACTIVE, SCALARS_ONLY, JobError
 from engine.engine import PREFERENCE
 from engine.public import scrub
+from model import GPTConfig
 from training import ConfigError
 from training.dpo import DPOConfig
 
@@ -75,8 +76,22 @@ def check_upload(upload: str | None):
         pairs = load_preferences(Path(upload))
     except DatasetError as e:
         return notice(html.escape(scrub(str(e))), "error"), "upload"
-    return notice(f"<b>{html.escape(Path(upload).name)}</b>: {len(pairs):,} preference pairs, checked. Press <b>Start</b> "
-                  "to align with them.", "ok"), "upload"
+    checked = notice(f"<b>{html.escape(Path(upload).name)}</b>: {plural(len(pairs), 'preference pair')}, checked. Press "
+                     "<b>Start</b> to align with them.", "ok")
+    return checked + "".join(notice(html.escape(w), "error") for w in pair_warnings(pairs)), "upload"
+
+
+def pair_warnings(pairs: list[dict]) -> list[str]:
+    """What in a checked preference file will not train: pairs longer than the context, pairs with nothing to prefer."""
+    warnings = []
+    context = GPTConfig().block_size
+    if too_long := PreferenceDataset(pairs, max_length=context).skipped:
+        warnings.append(f"{plural(too_long, 'pair')} longer than GPT-2's {context:,}-token context (prompt and longer "
+                        "answer): training skips them.")
+    if same := sum(p["chosen"].strip() == p["rejected"].strip() for p in pairs):
+        warnings.append(f"{plural(same, 'pair')} with the same chosen and rejected answer: nothing to prefer, "
+                        "so they teach nothing.")
+    return warnings
 
 
 def start(engine, client_id: str | None, parent: str | None, source: str, upload: str | None, beta, lr, epochs,
