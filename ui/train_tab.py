@@ -338,8 +338,8 @@ def data_line(engine, dataset: dict | None, preset: str | None = None) -> str:
     """What the run trains on; with tiny on other data than the sample, that the demo's note is about the sample."""
     if not dataset:
         return notice("Data: <b>bundled sample</b> (change it in the Dataset tab).")
-    demo = (" The offline demo's note above is about the bundled sample: on these records each epoch is longer (this "
-            "run's steps and time are in the line above)." if preset == "tiny" and dataset["source"] != "sample" else "")
+    demo = (" The offline demo's note above is about the bundled sample's 74 records; an epoch of these takes its own "
+            "steps and time." if preset == "tiny" and dataset["source"] != "sample" else "")
     return notice(f"Data: <b>{html.escape(dataset['name'])}</b>, {dataset['count']:,} records (change it in the Dataset "
                   f"tab).{demo}")
 
