@@ -1,16 +1,13 @@
-"""Two trainings at once on one small CPU: what each gets, with OpenMP's default waiting and with it passive.
+"""Two trainings at once on one small CPU: what each gets, sharing the cores (the default) and not.
 
     python -m bench.together [--model tiny] [--steps 40] [--runs 2]
 
 Runs ``python -m training`` (random weights, the bundled sample, evaluation
-only at the start and the end) alone, then ``--runs`` of them side by side,
-first as they start by default and then with ``OMP_WAIT_POLICY=PASSIVE``, and
-alone once more with it. Throughput is each run's own tokens / training
-seconds from its manifest. By default an OpenMP thread that waits for work
-spins on its core for a while; with more threads than cores (two processes
-of two threads on two cores) a spinning thread takes the core that another
-process's thread needed, and every parallel step waits for it. The last line
-is one JSON object.
+only at the start and the end) alone, then ``--runs`` of them side by side as
+they start by default, sharing the machine's cores (``training.cores``), and
+side by side again with ``GPT2_INSTRUCT_SHARE_CORES=0``, each with a thread
+per core. Throughput is each run's own tokens / training seconds from its
+manifest. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -24,6 +21,7 @@ from pathlib import Path
 
 from bench.common import at_least, machine, preset, print_json, spread
 from model.device import cpu_class
+from training.cores import SHARE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,25 +48,21 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=at_least(2), default=2, help="trainings side by side")
     args = p.parse_args(argv)
     print(f"machine: {machine()}; {os.cpu_count()} CPUs; CPU class: {cpu_class()}; {args.model}, {args.steps} steps each")
-    default = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    passive = {**default, "OMP_WAIT_POLICY": "PASSIVE"}
+    sharing = {k: v for k, v in os.environ.items() if k != SHARE_ENV}
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, env, runs in (("alone", default, 1), ("together", default, args.runs),
-                                ("together_passive", passive, args.runs), ("alone_passive", passive, 1)):
+        for name, env, runs in (("alone", sharing, 1), ("together", sharing, args.runs),
+                                ("together_unshared", {**sharing, SHARE_ENV: "0"}, args.runs)):
             folder = Path(tmp) / name
             folder.mkdir()
             figures[name] = trainings(args.model, args.steps, runs, env, folder)
             each = ", ".join(f"{t:,.0f}" for t in figures[name])
-            print(f"{name.replace('_', ' ', 1).replace('_', ', '):<18} {each} tokens/s")
-    alone, together = figures["alone"][0], spread(figures["together"])
-    passive_together, alone_passive = spread(figures["together_passive"]), figures["alone_passive"][0]
-    print(f"side by side, each run gets {together['median'] / alone:.0%} of its speed alone by default, "
-          f"{passive_together['median'] / alone:.0%} with OMP_WAIT_POLICY=PASSIVE; alone, passive waiting costs "
-          f"{1 - alone_passive / alone:.0%}")
+            print(f"{name.replace('_', ', ', 1).replace('together, unshared', 'together, not sharing'):<22} {each} tokens/s")
+    alone, together, unshared = figures["alone"][0], spread(figures["together"]), spread(figures["together_unshared"])
+    print(f"side by side, each run gets {together['median'] / alone:.0%} of its speed alone sharing the cores, "
+          f"{unshared['median'] / alone:.0%} with a thread per core each ({SHARE_ENV}=0)")
     print_json(dict(cpu_class=cpu_class(), model=args.model, steps=args.steps, runs=args.runs, cpus=os.cpu_count(),
-                    alone_tokens_per_s=alone, together_tokens_per_s=together,
-                    together_passive_tokens_per_s=passive_together, alone_passive_tokens_per_s=alone_passive))
+                    alone_tokens_per_s=alone, together_tokens_per_s=together, together_unshared_tokens_per_s=unshared))
     return 0
 
 

@@ -39,6 +39,7 @@ from .checkpoint import (
     ResumeError, check_unchanged, checkpoint_run, load_checkpoint, refuse_changes, restore, resumable,
 )
 from .config import ConfigError, Settings, TrainConfig, check_device, setting
+from .cores import CoreShare
 from .dpo_loss import dpo_loss, evaluate_dpo, figures, reference_logprobs, sequence_logprobs
 from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable
@@ -334,6 +335,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         checkpointed = checkpoint_run(writer, emit, optimizer, step=step, epoch=step // steps_per_epoch, tokens_seen=tokens_seen,
                                       clock=clock, pairs_seen=pairs_seen, last=last, reference=reference, reference_s=reference_s)
 
+    cores = CoreShare(device)
     try:
         try:
             if reference is None:
@@ -355,6 +357,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
                         break
                     if reason := stop():
                         raise StopTraining(reason)
+                    cores.check()
                     t0 = time.perf_counter()
                     batch = collate_preferences([train_ds[i] for i in positions], packed=config.packed).to(device)
                     ref = ref_train[positions].to(device)
@@ -406,6 +409,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         record_failure(writer, e, f"{type(e).__name__}: {e}", step, clock)
         raise
     finally:
+        cores.close()
         writer.close()
     emit(Finished(summary))
     return summary

@@ -39,6 +39,7 @@ from model.device import configure_precision, describe, peak_rss_mb, release_fre
 from . import distributed
 from .checkpoint import ResumeError, check_resume, checkpoint_run, load_checkpoint, mark_resumed, restore, resume_config, start_epoch
 from .config import TrainConfig
+from .cores import CoreShare
 from .events import Download, Finished, Logged, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
 from .optim import MasterWeightAdamW
@@ -345,6 +346,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
                                       last_val_step=val_step)
 
     status, reason = "done", None
+    cores = CoreShare(device)
     try:
         if not checkpoint:
             last_train = evaluate(model, baseline_train_batches, device)
@@ -358,6 +360,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
                 reason = stop_reason()
                 if reason:
                     break
+                cores.check()
                 t0 = time.perf_counter()
                 optimizer.lr = lr_at(step, config, total_steps)
                 step_loss = step_tokens = 0.0
@@ -408,6 +411,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         record_failure(writer, e, ctx.reason(e), step, clock)
         raise
     finally:
+        cores.close()
         writer.close()
     emit(Finished(summary))
     return summary
