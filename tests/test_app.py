@@ -636,6 +636,12 @@ def test_the_length_histogram_stays_on_non_negative_token_counts():
     assert too_long_note({"total_tokens": [1025, 10]}) == ""  # 1,024 read, the end token only predicted
     assert too_long_note(many) == ("7 records longer than GPT-2's 1,024-token context: training skips them "
                                    "(#3, #4, #5, #6, #7 and 2 more).")
+    from ui.dataset_tab import repeats_note
+
+    record = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    assert repeats_note([record, {**record, "output": "Hello."}]) == ""
+    assert repeats_note([record, {**record, "input": "x"}, record, record]) == (
+        "2 records repeating an earlier one word for word (#3, #4): each trains once more.")
 
 
 def test_the_align_tab_names_a_typed_run_that_is_not_a_finished_fine_tuned_one(tmp_path):

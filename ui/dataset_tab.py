@@ -107,14 +107,33 @@ def render(state: dict, records: list[dict], mask_prompt: bool, stats: dict | No
     return summary_html(state, records), length_histogram(stats), rows, count, page, "", 1, meta, tokens
 
 
+def repeats_note(records: list[dict]) -> str:
+    """Records that repeat an earlier one word for word, by number; "" when none."""
+    seen, numbers = set(), []
+    for i, r in enumerate(records, start=1):
+        key = (r["instruction"], r["input"], r["output"])
+        if key in seen:
+            numbers.append(i)
+        seen.add(key)
+    if not numbers:
+        return ""
+    return (f"{plural(len(numbers), 'record')} repeating an earlier one word for word ({record_numbers(numbers)}): "
+            "each trains once more.")
+
+
 def too_long_note(stats: dict, context: int = CONTEXT) -> str:
     """Which records training will skip as longer than the context, by number; "" when none."""
     numbers = [i + 1 for i, total in enumerate(stats["total_tokens"]) if total - 1 > context]  # the end token is not read
     if not numbers:
         return ""
-    shown = ", ".join(f"#{n:,}" for n in numbers[:5]) + (f" and {len(numbers) - 5:,} more" if len(numbers) > 5 else "")
     return (f"{plural(len(numbers), 'record')} longer than GPT-2's {context:,}-token context: training skips "
-            f"{'it' if len(numbers) == 1 else 'them'} ({shown}).")
+            f"{'it' if len(numbers) == 1 else 'them'} ({record_numbers(numbers)}).")
+
+
+def record_numbers(numbers: list[int], shown: int = 5) -> str:
+    """``#3, #4 and 2 more``: the first few of a list of record numbers."""
+    more = len(numbers) - shown
+    return ", ".join(f"#{n:,}" for n in numbers[:shown]) + (f" and {more:,} more" if more > 0 else "")
 
 
 def load(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
@@ -130,8 +149,9 @@ def load(engine, source: str, upload: str | None, previous: dict | None, mask_pr
     if warnings:
         done += notice("<b>Too few records to split.</b> " + " ".join(html.escape(w) for w in warnings), "error")
     stats = token_stats(records)
-    if note := too_long_note(stats):
-        done += notice(html.escape(note), "error")
+    for note in (too_long_note(stats), repeats_note(records)):
+        if note:
+            done += notice(html.escape(note), "error")
     return (source, state, done) + render(state, records, mask_prompt, stats)
 
 
