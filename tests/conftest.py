@@ -1,13 +1,24 @@
 """Shared test setup."""
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# Gradio's copies of uploads and outputs (export zips) go to a folder of this session, removed at its end, instead of
+# /tmp/gradio, where every run of the suite left its files (gigabytes over a day). Set before anything imports gradio.
+GRADIO_TEMP = os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gpt2-instruct-tests-gradio-"))
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHARED_CANONICAL = SHARED_DATA / "instruction-data.json"
 SHARED_PREFERENCE = SHARED_DATA / "instruction-data-with-preference.json"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if Path(GRADIO_TEMP).name.startswith("gpt2-instruct-tests-gradio-"):  # not a folder the user chose
+        shutil.rmtree(GRADIO_TEMP, ignore_errors=True)
 
 
 def pytest_sessionstart(session):
