@@ -207,13 +207,14 @@ def split_warnings(n: int, batch_size: int = 8) -> list[str]:
     """
     train, test, _ = split_counts(n)
     warnings = []
+    enough = next(m for m in itertools.count(n + 1) if split_counts(m)[0] >= batch_size and split_counts(m)[1])
     if train < batch_size:
-        enough = next(m for m in itertools.count(n + 1) if split_counts(m)[0] >= batch_size and split_counts(m)[1])
-        smaller = f", or a batch size of {train} or less" if train and test else ""
         warnings.append(f"Only {train} of the {n:,} records go to training (85 %): fewer than one batch of {batch_size}, "
-                        f"so training cannot start. Use at least {enough} records{smaller}.")
+                        "so training cannot start.")
     if test == 0:
-        enough = next(m for m in itertools.count(n + 1) if split_counts(m)[1])
         warnings.append(f"No test records (10 % of {n:,}): training cannot start, and the Evaluate tab would have "
-                        f"nothing to score. Use at least {enough} records.")
+                        "nothing to score.")
+    if warnings:
+        smaller = f", or a batch size of {train} or less" if train and test else ""
+        warnings[-1] += f" Use at least {enough} records{smaller}."
     return warnings

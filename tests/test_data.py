@@ -438,8 +438,7 @@ def test_a_record_training_skips_is_shown_as_skipped_not_trained_on():
 def test_split_warnings_name_the_counts_of_a_dataset_too_small_to_split():
     assert split_warnings(74) == [] and split_warnings(10) == []
     one, two = split_warnings(1), split_warnings(2)
-    assert one == ["Only 0 of the 1 records go to training (85 %): fewer than one batch of 8, so training cannot start. "
-                   "Use at least 10 records.",
+    assert one == ["Only 0 of the 1 records go to training (85 %): fewer than one batch of 8, so training cannot start.",
                    "No test records (10 % of 1): training cannot start, and the Evaluate tab would have nothing to score. "
                    "Use at least 10 records."]
     assert two[0].startswith("Only 1 of the 2 records go to training") and "batch size" not in two[0]  # none would do

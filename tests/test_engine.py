@@ -133,7 +133,8 @@ def test_server_limits_come_from_the_environment_and_are_enforced(tmp_path):
 def test_data_that_cannot_make_a_run_fails_before_the_job_starts(engine, tmp_path, monkeypatch):
     two = tmp_path / "two.json"
     two.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(2)]))
-    with pytest.raises(ValueError, match="has 2 records: its training split .85 %. has 1, fewer than one step of batch 8"):
+    with pytest.raises(ValueError, match="has 2 records: its training split .85 %. has 1, fewer than one step of batch 8; "
+                                         r"use more records \(a smaller batch leaves the test split empty\)"):
         engine.start_training(tiny(data=str(two)))
     nine = tmp_path / "nine.json"
     nine.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(9)]))

@@ -160,8 +160,9 @@ def check_data(config: TrainConfig):
     needed = f"the book's split (85 % train, 10 % test, 5 % validation, in file order) needs at least {records_needed(per_step)} records"
     if len(split.train) < per_step:
         step = f"batch {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
+        smaller = "use a smaller batch, or more records" if split.test else "use more records (a smaller batch leaves the test split empty)"
         raise DatasetError(f"{name} has {n} records: its training split (85 %) has {len(split.train)}, fewer than one step "
-                           f"of {step}; use a smaller batch, or more records: {needed}")
+                           f"of {step}; {smaller}: {needed}")
     if not split.test:
         raise DatasetError(f"{name} has {n} records: its test (10 %) split is empty; {needed}")
     return records, split

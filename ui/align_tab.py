@@ -24,7 +24,7 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, notice, number, plural, resumable_runs, resume_job,
+from .widgets import (as_int, bar, clock, form_error, listed, live_chart, loss_text, notice, number, plural, resumable_runs, resume_job,
                       run_finished, run_label, stop_job, trained_runs, val_loss_text)
 
 TITLE = "Align"
@@ -85,12 +85,13 @@ def pair_warnings(pairs: list[dict]) -> list[str]:
     """What in a checked preference file will not train: pairs longer than the context, pairs with nothing to prefer."""
     warnings = []
     context = GPTConfig().block_size
-    if too_long := PreferenceDataset(pairs, max_length=context).skipped:
-        warnings.append(f"{plural(too_long, 'pair')} longer than GPT-2's {context:,}-token context (prompt and longer "
-                        "answer): training skips them.")
-    if same := sum(p["chosen"].strip() == p["rejected"].strip() for p in pairs):
-        warnings.append(f"{plural(same, 'pair')} with the same chosen and rejected answer: nothing to prefer, "
-                        "so they teach nothing.")
+    kept = {item["index"] for item in PreferenceDataset(pairs, max_length=context)}
+    if too_long := [f"#{i + 1:,}" for i in range(len(pairs)) if i not in kept]:
+        warnings.append(f"{plural(len(too_long), 'pair')} longer than GPT-2's {context:,}-token context (prompt and longer "
+                        f"answer): training skips {'it' if len(too_long) == 1 else 'them'} ({listed(too_long)}).")
+    if same := [f"#{i + 1:,}" for i, p in enumerate(pairs) if p["chosen"].strip() == p["rejected"].strip()]:
+        warnings.append(f"{plural(len(same), 'pair')} with the same chosen and rejected answer, nothing to prefer: "
+                        f"{'it teaches' if len(same) == 1 else 'they teach'} nothing ({listed(same)}).")
     return warnings
 
 

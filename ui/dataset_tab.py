@@ -20,7 +20,7 @@ from model import GPTConfig
 
 from .charts import length_histogram
 from .theme import notice
-from .widgets import plural
+from .widgets import listed, plural
 
 TITLE = "Dataset"
 SOURCES = [
@@ -108,16 +108,16 @@ def render(state: dict, records: list[dict], mask_prompt: bool, stats: dict | No
 
 
 def repeats_note(records: list[dict]) -> str:
-    """Records that repeat an earlier one word for word, by number; "" when none."""
-    seen, numbers = set(), []
+    """Records that repeat an earlier one word for word, by number with the one they repeat; "" when none."""
+    first, repeats = {}, []
     for i, r in enumerate(records, start=1):
         key = (r["instruction"], r["input"], r["output"])
-        if key in seen:
-            numbers.append(i)
-        seen.add(key)
-    if not numbers:
+        if key in first:
+            repeats.append(f"#{i:,} = #{first[key]:,}")
+        first.setdefault(key, i)
+    if not repeats:
         return ""
-    return (f"{plural(len(numbers), 'record')} repeating an earlier one word for word ({record_numbers(numbers)}): "
+    return (f"{plural(len(repeats), 'record')} repeating an earlier one word for word ({listed(repeats)}): "
             "each trains once more.")
 
 
@@ -127,13 +127,7 @@ def too_long_note(stats: dict, context: int = CONTEXT) -> str:
     if not numbers:
         return ""
     return (f"{plural(len(numbers), 'record')} longer than GPT-2's {context:,}-token context: training skips "
-            f"{'it' if len(numbers) == 1 else 'them'} ({record_numbers(numbers)}).")
-
-
-def record_numbers(numbers: list[int], shown: int = 5) -> str:
-    """``#3, #4 and 2 more``: the first few of a list of record numbers."""
-    more = len(numbers) - shown
-    return ", ".join(f"#{n:,}" for n in numbers[:shown]) + (f" and {more:,} more" if more > 0 else "")
+            f"{'it' if len(numbers) == 1 else 'them'} ({listed([f'#{n:,}' for n in numbers])}).")
 
 
 def load(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool):

@@ -106,8 +106,8 @@ def sampling(temperature, top_k, top_p, seed) -> dict:
     if temperature <= 0:
         return {"temperature": 0.0}
     seed = seed or 0
-    if seed != int(seed) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be a whole number from 0 to 2^63 − 1, got {seed:g}")
+    if seed != int(seed) or not 0 <= seed <= 2**53:  # the form's numbers are floats: whole up to 2^53
+        raise ValueError(f"seed must be a whole number from 0 to 2^53, got {seed:,.15g}")
     return {"temperature": temperature, "top_k": int(top_k) or None,
             "top_p": float(top_p) if top_p and float(top_p) < 1 else None, "seed": int(seed)}
 

@@ -9,7 +9,7 @@ import gradio as gr
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "number", "run_label", "trained_runs", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
+__all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
            "resumable_runs", "resume_job", "run_finished"]
 
 
@@ -64,6 +64,12 @@ def form_error(error: Exception, typed: str | None = None) -> str:
     text = re.sub(r"^(lr|[a-z]+(?:_[a-z]+)+)\b", lambda m: SETTING_NAMES.get(m[1], m[1].replace("_", " ")), str(error))
     parts = text.split(typed) if typed else [text]
     return notice(html.escape((typed or "").join(scrub(part) for part in parts)), "error")
+
+
+def listed(items: list[str], shown: int = 5) -> str:
+    """``#3, #4 and 2 more``: the first few of a list."""
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more:,} more" if more > 0 else "")
 
 
 def plural(n: int, noun: str) -> str:
