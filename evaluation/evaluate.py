@@ -30,13 +30,14 @@ from typing import Callable
 import torch
 
 from data import DatasetError, InstructionDataset, custom_collate_fn, extract_response, format_prompt, load_instructions, split_instructions
-from model import WeightsError, generate_batch, get_tokenizer
+from model import WeightsError, generate_batch, get_tokenizer, pick_device
 from model.device import describe
 from model.fused import linear
 
 from runstore.export import ExportError, export_zip
 from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
+from training.cores import CoreShare
 from training.loop import now
 from runstore import parent_folder, read_manifest, run_folder, write_atomic
 from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences
@@ -116,8 +117,9 @@ def target_log_probs(h, weight, targets, rows: int = 128, vocab_block: int = 819
 class Progress:
     """Reports phase, done, total and the phase's ETA; raises ``EvaluationStopped`` when asked to stop."""
 
-    def __init__(self, report: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None, steps: int):
-        self.report, self.should_stop, self.steps = report, should_stop, steps
+    def __init__(self, report: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None,
+                 cores: CoreShare | None = None, steps: int = 0):
+        self.report, self.should_stop, self.cores, self.steps = report, should_stop, cores, steps
         self.step, self.start, self.times = 0, time.perf_counter(), {}
 
     def begin(self, phase: str, model: str, total: int) -> None:
@@ -143,6 +145,8 @@ class Progress:
     def check(self) -> None:
         if self.should_stop and self.should_stop():
             raise EvaluationStopped("evaluation stopped; no results were written")
+        if self.cores is not None:
+            self.cores.check()
 
 
 def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 128, batch_size: int = 8,
@@ -182,54 +186,55 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     if not records:
         raise ValueError(f"the {split} split of {source} is empty")
     started = now()
-    tracker = Progress(progress, should_stop, steps=(4 if preferences else 3) * len(names) + (len(names) if judge else 0))
-    for name in names:
-        if name != "base":
-            registry.tuned(weights_of[name])  # a run without weights fails now, before the base model downloads
-    scorer = rouge()
-    results: dict[str, list[dict]] = {}
-    for name in names:
-        tracker.begin("loading", name, 1)
-        if name == "base":
-            model = registry.base_of_run(run_dir, progress=lambda desc, done, total: tracker.emit(done, total))
-        else:
-            model = registry.tuned(weights_of[name])
-        tracker.advance()
-        device = describe(model.transformer.wte.weight.device, model.transformer.wte.weight.dtype)
-        tracker.begin("generating", name, len(records))
-        results[name] = generate_responses(model, records, config.style, max_new_tokens, batch_size, tracker.advance)
-        tracker.begin("scoring", name, len(records))
-        for record, result, nll in zip(records, results[name], response_nll(model, records, config.style, batch_size, tracker.advance)):
-            mean = nll[0] / nll[1] if nll else None
-            result.update(nll=mean, perplexity=perplexity(mean), target_tokens=nll[1] if nll else 0,
-                          rouge_l=float(scorer.score(record["output"], result["response"])["rougeL"].fmeasure),
-                          judge=None, judge_error=None)
-        if preferences:
-            tracker.begin("preferring", name, len(records))
-            for result, margin in zip(results[name], preference_margins(model, records, config.style, batch_size, tracker.advance)):
-                result["preference_margin"] = margin
-        del model
-    if judge is not None:
-        judge.failures_in_a_row = 0
+    with CoreShare(pick_device()) as cores:  # the CPU shared with trainings and evaluations in other processes
+        tracker = Progress(progress, should_stop, cores, steps=(4 if preferences else 3) * len(names) + (len(names) if judge else 0))
         for name in names:
-            tracker.begin("judging", name, len(records))
-            for record, result in zip(records, results[name]):
-                result["judge"], result["judge_error"] = judge.score(record, result["response"])
-                tracker.advance()
+            if name != "base":
+                registry.tuned(weights_of[name])  # a run without weights fails now, before the base model downloads
+        scorer = rouge()
+        results: dict[str, list[dict]] = {}
+        for name in names:
+            tracker.begin("loading", name, 1)
+            if name == "base":
+                model = registry.base_of_run(run_dir, progress=lambda desc, done, total: tracker.emit(done, total))
+            else:
+                model = registry.tuned(weights_of[name])
+            tracker.advance()
+            device = describe(model.transformer.wte.weight.device, model.transformer.wte.weight.dtype)
+            tracker.begin("generating", name, len(records))
+            results[name] = generate_responses(model, records, config.style, max_new_tokens, batch_size, tracker.advance)
+            tracker.begin("scoring", name, len(records))
+            for record, result, nll in zip(records, results[name], response_nll(model, records, config.style, batch_size, tracker.advance)):
+                mean = nll[0] / nll[1] if nll else None
+                result.update(nll=mean, perplexity=perplexity(mean), target_tokens=nll[1] if nll else 0,
+                              rouge_l=float(scorer.score(record["output"], result["response"])["rougeL"].fmeasure),
+                              judge=None, judge_error=None)
+            if preferences:
+                tracker.begin("preferring", name, len(records))
+                for result, margin in zip(results[name], preference_margins(model, records, config.style, batch_size, tracker.advance)):
+                    result["preference_margin"] = margin
+            del model
+        if judge is not None:
+            judge.failures_in_a_row = 0
+            for name in names:
+                tracker.begin("judging", name, len(records))
+                for record, result in zip(records, results[name]):
+                    result["judge"], result["judge_error"] = judge.score(record, result["response"])
+                    tracker.advance()
 
-    rows = [{"index": i, "instruction": r["instruction"], "input": r["input"], "output": r["output"],
-             **{name: results[name][i] for name in names}} for i, r in enumerate(records)]
-    summary = {
-        "models": list(names), "method": manifest.get("method", "sft"), "parent_run": manifest.get("parent_run"),
-        "run": run_dir.name, "model": config.model, "data": source, "style": config.style, "split": split,
-        "examples": len(rows), "limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-        "judge": judge.describe() if judge is not None else None, "device": device, "started": started,
-        "wall_time_s": time.perf_counter() - tracker.start, "time_s": tracker.times,
-        **{name: totals(results[name], judged=judge is not None) for name in names},
-    }
-    write_atomic(run_dir / EVAL_ROWS, "".join(json.dumps(row) + "\n" for row in rows))
-    write_atomic(run_dir / EVAL_SUMMARY, json.dumps(summary, indent=2))
-    return {"summary": summary, "rows": rows}
+        rows = [{"index": i, "instruction": r["instruction"], "input": r["input"], "output": r["output"],
+                 **{name: results[name][i] for name in names}} for i, r in enumerate(records)]
+        summary = {
+            "models": list(names), "method": manifest.get("method", "sft"), "parent_run": manifest.get("parent_run"),
+            "run": run_dir.name, "model": config.model, "data": source, "style": config.style, "split": split,
+            "examples": len(rows), "limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+            "judge": judge.describe() if judge is not None else None, "device": device, "started": started,
+            "wall_time_s": time.perf_counter() - tracker.start, "time_s": tracker.times,
+            **{name: totals(results[name], judged=judge is not None) for name in names},
+        }
+        write_atomic(run_dir / EVAL_ROWS, "".join(json.dumps(row) + "\n" for row in rows))
+        write_atomic(run_dir / EVAL_SUMMARY, json.dumps(summary, indent=2))
+        return {"summary": summary, "rows": rows}
 
 
 def load_preferences_if_any(source: str) -> list[dict] | None:

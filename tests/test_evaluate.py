@@ -345,3 +345,16 @@ def test_cli_takes_a_run_by_name_checks_export_first_and_says_when_the_judge_is_
     assert out.returncode == 0, out.stderr
     assert f"saved eval.jsonl and eval_summary.json in {run}" in out.stdout
     assert "warning: the judge left 4 of 4 responses unscored: cannot reach http://127.0.0.1:9/v1/chat/completions" in out.stderr
+
+
+def test_an_evaluation_registers_as_a_cpu_job_while_it_runs_and_only_then(run, tmp_path, monkeypatch):
+    """So that a training in another process shares the cores with it (``training.cores``)."""
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    seen = []
+    evaluate_run(run, limit=1, max_new_tokens=1, models=["tuned"],
+                 progress=lambda p: seen.append(len(list((tmp_path / "cache" / "cpu-jobs").glob("*")))))
+    assert seen and all(n == 1 for n in seen)
+    assert not list((tmp_path / "cache" / "cpu-jobs").glob("*"))
+    with pytest.raises(EvaluationStopped):
+        evaluate_run(run, limit=1, max_new_tokens=1, models=["tuned"], should_stop=lambda: True)
+    assert not list((tmp_path / "cache" / "cpu-jobs").glob("*"))  # gone however it ends

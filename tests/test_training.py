@@ -791,11 +791,14 @@ def test_trainings_on_one_machine_share_its_cores(tmp_path, monkeypatch):
     try:
         time.sleep(0.2)
         host = __import__("socket").gethostname()
-        (tmp_path / f"{host}-{other.pid}").touch()  # a training in another process
-        (tmp_path / f"{host}-99999999").touch()  # one that died: its file goes
-        (tmp_path / f"elsewhere-{os.getpid()}").touch()  # another machine's (a shared home folder): not counted
+        (tmp_path / f"{host}-{other.pid}-a1").touch()  # a training in another process
+        (tmp_path / f"{host}-{other.pid}-b2").touch()  # and an evaluation of that process: one process, counted once
+        (tmp_path / f"{host}-99999999-c3").touch()  # one that died: its file goes
+        (tmp_path / f"elsewhere-{other.pid}-d4").touch()  # another machine's (a shared home folder): not counted
         cores = CoreShare(torch.device("cpu"), folder=tmp_path, every_s=0)
-        assert cores.check() == max(1, base // 2) and not (tmp_path / f"{host}-99999999").exists()
+        same_process = CoreShare(torch.device("cpu"), folder=tmp_path, every_s=0)  # the app's evaluation beside it
+        assert cores.check() == max(1, base // 2) and not (tmp_path / f"{host}-99999999-c3").exists()
+        same_process.close()
         other.kill()
         other.wait()
         assert cores.check() == base  # alone again

@@ -1,19 +1,23 @@
-"""Trainings on one machine share its cores: each takes its share of threads while others run.
+"""Trainings (and evaluations) on one machine share its cores: each process takes its share of threads while others run.
 
 Two trainings at once, each with a thread per core, slow each other far more
 than by half: a waiting OpenMP thread spins on a core that the other
 process's threads need, and every parallel step waits for it. On 2 cores
 (``python -m bench.together --model gpt2``), GPT-2 124M made 835-841
 tokens/s alone and 78-241 each side by side (fp32-only: 312 alone, 45 each);
-sharing, 449-457 each (fp32-only: 160-162). So a training on the CPU
-registers itself in the cache folder, and at each step (at most twice a
-second) counts the live trainings there and takes ``threads // count``
-threads, at least one; its own threads come back when it is alone again.
+sharing, 449-457 each (fp32-only: 160-162). So a training or an evaluation
+on the CPU registers itself in the cache folder, and at each step or batch
+(at most twice a second) counts the other live processes there and takes
+``threads // processes`` threads, at least one; the process's own threads
+come back when it is alone again. Jobs of one process (the app's training
+and evaluation) count once: threads are the process's.
 ``GPT2_INSTRUCT_SHARE_CORES=0`` turns this off.
 """
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 from data.cache import cache_dir
 
 SHARE_ENV = "GPT2_INSTRUCT_SHARE_CORES"
+ALONE = torch.get_num_threads()  # this process's threads with the machine to itself, before any sharing
 
 
 def alive(pid: int, entry: Path) -> bool:
@@ -36,14 +41,15 @@ def alive(pid: int, entry: Path) -> bool:
 
 
 class CoreShare:
-    """This process's place among the trainings on this machine; ``check()`` once a step, ``close()`` at the end."""
+    """One job's place among the processes that train or evaluate on this machine; ``check()`` once a step,
+    ``close()`` at the end."""
 
     def __init__(self, device: torch.device, folder: Path | None = None, every_s: float = 0.5):
         self.active = device.type == "cpu" and os.environ.get(SHARE_ENV, "1").strip() != "0"
-        self.folder = Path(folder) if folder else cache_dir() / "trainings"
+        self.folder = Path(folder) if folder else cache_dir() / "cpu-jobs"
         self.host = socket.gethostname()
-        self.own = self.folder / f"{self.host}-{os.getpid()}"
-        self.threads = torch.get_num_threads()  # this process's threads alone
+        self.own = self.folder / f"{self.host}-{os.getpid()}-{secrets.token_hex(4)}"  # one file per job
+        self.threads = ALONE
         self.every_s, self.checked = every_s, float("-inf")
         if self.active:
             try:
@@ -54,20 +60,20 @@ class CoreShare:
         self.check()
 
     def others(self) -> int:
-        """Live trainings on this machine besides this one; the files of dead ones are removed."""
-        count = 0
+        """Other live processes on this machine with a job registered; the files of dead ones are removed."""
+        pids = set()
         for entry in self.folder.iterdir():
-            host, _, pid = entry.name.rpartition("-")
-            if entry == self.own or host != self.host or not pid.isdigit():
+            name = re.fullmatch(r"(.+)-(\d+)-[0-9a-f]+", entry.name)  # <host>-<pid>-<job>
+            if name is None or name[1] != self.host or int(name[2]) == os.getpid():
                 continue
-            if alive(int(pid), entry):
-                count += 1
+            if alive(int(name[2]), entry):
+                pids.add(int(name[2]))
             else:
                 entry.unlink(missing_ok=True)
-        return count
+        return len(pids)
 
     def check(self) -> int:
-        """The threads this training uses now."""
+        """The threads this process uses now."""
         now = time.monotonic()
         if self.active and now - self.checked >= self.every_s:
             self.checked = now
@@ -78,6 +84,12 @@ class CoreShare:
             if want != torch.get_num_threads():
                 torch.set_num_threads(want)
         return torch.get_num_threads()
+
+    def __enter__(self) -> "CoreShare":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.active:
