@@ -3,9 +3,9 @@
 Two trainings at once, each with a thread per core, slow each other far more
 than by half: a waiting OpenMP thread spins on a core that the other
 process's threads need, and every parallel step waits for it. On 2 cores
-(``python -m bench.together --model gpt2``), GPT-2 124M made 835-841
-tokens/s alone and 78-241 each side by side (fp32-only: 312 alone, 45 each);
-sharing, 449-457 each (fp32-only: 160-162). So a training or an evaluation
+(``python -m bench.together --model gpt2``), GPT-2 124M made 728-841
+tokens/s alone and 18-241 each side by side (fp32-only: 312 alone, 45 each);
+sharing, 449-473 each (fp32-only: 160-162). So a training or an evaluation
 on the CPU registers itself in the cache folder, and at each step or batch
 (at most twice a second) counts the other live processes there and takes
 ``threads // processes`` threads, at least one; the process's own threads
