@@ -12,6 +12,12 @@ from model.tokenizer import EOT_ID, get_tokenizer
 from .prompts import check_style, encode_record
 
 
+def too_long(tokens_read: int, max_length: int) -> bool:
+    """Whether a sequence the model reads ``tokens_read`` tokens of is longer than ``max_length``. A record's end
+    token (and a preference pair's) is only predicted, never read, so a record of exactly ``max_length`` fits."""
+    return tokens_read > max_length
+
+
 class InstructionDataset(Dataset):
     """Records tokenized once: ``ds[i]`` is ``{"ids", "prompt_len", "index"}``.
 
@@ -32,7 +38,7 @@ class InstructionDataset(Dataset):
         self.skipped = self.no_answer = 0
         for index, record in enumerate(records):
             ids, prompt_len = encode_record(record, tokenizer, style)
-            if len(ids) > max_length:
+            if too_long(len(ids), max_length):
                 self.skipped += 1
                 continue
             if mask_prompt and allowed_max_length is not None and prompt_len > allowed_max_length:

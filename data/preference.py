@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from model.tokenizer import EOT_ID, get_tokenizer
 
 from . import cache
-from .batching import LengthGroupedSampler
+from .batching import LengthGroupedSampler, too_long
 from .browse import PAGE_SIZE, Page, page_of, split_names
 from .errors import DatasetError
 from .prompts import check_style, format_prompt
@@ -98,7 +98,7 @@ class PreferenceDataset(Dataset):
             prompt = tokenizer.encode(format_prompt(record, style), disallowed_special=())
             chosen = tokenizer.encode(record["chosen"], disallowed_special=()) + [EOT_ID]
             rejected = tokenizer.encode(record["rejected"], disallowed_special=()) + [EOT_ID]
-            if len(prompt) + max(len(chosen), len(rejected)) - 1 > max_length:  # the end token is never read
+            if too_long(len(prompt) + max(len(chosen), len(rejected)) - 1, max_length):
                 self.skipped += 1
                 continue
             self.items.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": index})

@@ -5,7 +5,7 @@ import codecs
 
 from model.tokenizer import EOT_ID, get_tokenizer
 
-from .batching import make_loader
+from .batching import make_loader, too_long
 from .prompts import encode_record
 
 
@@ -61,7 +61,7 @@ def token_view(record: dict, mask_prompt: bool = False, style: str = "alpaca",
     tokenizer = tokenizer or get_tokenizer()
     ids, prompt_len = encode_record(record, tokenizer, style)
     ids.append(EOT_ID)
-    first_trained = len(ids) if len(ids) - 1 > max_length else prompt_len if mask_prompt else 1
+    first_trained = len(ids) if too_long(len(ids) - 1, max_length) else prompt_len if mask_prompt else 1
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     return [(decoder.decode(tokenizer.decode_single_token_bytes(t), final=i == len(ids) - 1), i >= first_trained)
             for i, t in enumerate(ids)]
@@ -71,6 +71,6 @@ def skip_reason(record: dict, style: str = "alpaca", tokenizer=None, max_length:
     """Why training skips this record (as ``InstructionDataset`` does), or None when it trains on it."""
     tokenizer = tokenizer or get_tokenizer()
     ids, _ = encode_record(record, tokenizer, style)
-    if len(ids) <= max_length:  # the end token is only predicted, never read
+    if not too_long(len(ids), max_length):
         return None
     return f"skipped in training: {len(ids):,} tokens, longer than the model's {max_length:,}-token context window"

@@ -46,15 +46,21 @@ def refresh_parents(engine, current: str | None):
     choices = parent_choices(engine)
     names = [n for _, n in choices]
     value = current if current in names else (names[0] if names else None)
-    return gr.Dropdown(choices=choices, value=value), parent_note(engine, value), resumable_runs(engine.runs(), dpo=True)
+    return gr.Dropdown(choices=choices, value=value), policy_note(value), resumable_runs(engine.runs(), dpo=True)
 
 
 def parent_note(engine, name: str | None) -> str:
-    if not name:
-        return notice(NO_RUNS)
-    if name not in {n for _, n in parent_choices(engine)}:  # typed: the picker takes custom values
+    """The note for a run typed or picked in the parent picker (which takes custom values)."""
+    if name and name not in {n for _, n in parent_choices(engine)}:
         return notice(f"<b>{html.escape(name)}</b> is not a finished fine-tuned run on this server: pick one from the "
                       "list.", "error")
+    return policy_note(name)
+
+
+def policy_note(name: str | None) -> str:
+    """What preference tuning does with the picked run, or how to get one."""
+    if not name:
+        return notice(NO_RUNS)
     return notice(f"Policy: <b>{html.escape(name)}</b>, trained further. Reference: the same model, frozen; its "
                   "log-probabilities of every pair are computed once before the first step, so the loss starts at ln 2.")
 

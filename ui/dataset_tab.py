@@ -12,6 +12,7 @@ import gradio as gr
 
 from data import MAX_FILE_BYTES, DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_stats, token_view
 from data import cache
+from data.batching import too_long
 from data.browse import PAGE_SIZE, page_of, split_of
 from data.preference import browse_preferences
 
@@ -123,7 +124,7 @@ def repeats_note(records: list[dict]) -> str:
 
 def too_long_note(stats: dict, context: int = CONTEXT) -> str:
     """Which records training will skip as longer than the context, by number; "" when none."""
-    numbers = [i + 1 for i, total in enumerate(stats["total_tokens"]) if total - 1 > context]  # the end token is not read
+    numbers = [i + 1 for i, total in enumerate(stats["total_tokens"]) if too_long(total - 1, context)]  # total: end token too
     if not numbers:
         return ""
     return (f"{plural(len(numbers), 'record')} longer than GPT-2's {context:,}-token context: training skips "

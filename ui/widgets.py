@@ -35,11 +35,10 @@ def as_int(value, name: str, allow_none: bool = False) -> int | None:
     """A form's number as a whole number; a ``ConfigError`` naming the field otherwise."""
     from training.config import ConfigError
 
-    if value is None or value == "":
-        if allow_none:
-            return None
-        raise ConfigError(f"{name}: enter a number")
-    if float(value) != int(value):
+    if allow_none and (value is None or value == ""):
+        return None
+    value = number(value, name)
+    if value != int(value):
         raise ConfigError(f"{name} must be a whole number, got {value}")
     return int(value)
 
