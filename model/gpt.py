@@ -129,36 +129,52 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(x, norm=self.ln_2))  # mlp(ln_2(x))
 
 
+def init_generator(seed: int) -> torch.Generator:
+    """Where a run's initial weights draw from (a random init, LoRA's ``A``): a generator of its own, seeded,
+    so that another thread seeding or drawing from torch's global RNG meanwhile (the app's playground
+    building a base model, another job) cannot change them."""
+    return torch.Generator().manual_seed(seed)
+
+
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, generator: torch.Generator | None = None):
+        """``generator``: where the random init draws from. With one, the layers are made on the meta device and
+        filled from it alone, so torch's global RNG is neither read nor moved; without, they draw from that RNG
+        as the book's model does (after ``torch.manual_seed``, the same weights)."""
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        with torch.device("meta") if generator is not None else contextlib.nullcontext():
+            self.transformer = nn.ModuleDict(
+                dict(
+                    wte=nn.Embedding(config.vocab_size, config.n_embd),
+                    wpe=nn.Embedding(config.block_size, config.n_embd),
+                    drop=nn.Dropout(config.dropout),
+                    h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                    ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+                )
             )
-        )
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        if generator is not None:
+            self.to_empty(device="cpu")
         self.lm_head.weight = self.transformer.wte.weight
         self.tied_grad_buffer: TiedGradBuffer | None = None  # lent by the optimizer while the model trains
         if not any(p.is_meta for p in self.parameters()):
-            self.apply(self._init_weights)
+            self.apply(lambda module: self._init_weights(module, generator))
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight"):
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer), generator=generator)
 
     @staticmethod
-    def _init_weights(module):
+    def _init_weights(module, generator=None):
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=0.02, generator=generator)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=0.02, generator=generator)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig, ModelRegistry, load_pretrained, pick_device, pick_dtype
+from model import GPT, GPTConfig, ModelRegistry, init_generator, load_pretrained, pick_device, pick_dtype
 from model.weights import ProgressFn
 from .store import WEIGHTS, read_manifest
 from training.config import TrainConfig
@@ -44,9 +44,7 @@ class Models:
 
         def load() -> GPT:
             if random_init:
-                with torch.random.fork_rng(devices=[]):  # leave the global RNG (a training run's) alone
-                    torch.manual_seed(seed)
-                    return GPT(GPTConfig.from_name(model)).to(device=device, dtype=dtype)
+                return GPT(GPTConfig.from_name(model), init_generator(seed)).to(device=device, dtype=dtype)
             return load_pretrained(model, device=device, dtype=dtype, progress=progress)
 
         return self.registry.get(f"base:{model}:{random_init}:{seed if random_init else ''}", load)

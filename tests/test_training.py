@@ -423,6 +423,41 @@ def test_the_base_model_of_a_random_init_run_is_its_starting_point(tmp_path):
     assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
 
 
+def test_a_random_init_draws_from_its_seed_alone_while_another_thread_uses_the_global_rng(monkeypatch):
+    """The app builds a base model for the playground while a job builds its own: neither may shift the other's draws."""
+    from runstore.models import Models
+    from training.loop import build_model
+
+    from model import init_generator
+
+    init = init_generator(7)
+    expected = add_lora(GPT(GPTConfig.from_name("tiny"), init), rank=2, alpha=4, generator=init).state_dict()
+    normal_, kaiming_uniform_ = torch.nn.init.normal_, torch.nn.init.kaiming_uniform_
+
+    def busy(init):
+        def draw(*args, **kwargs):
+            torch.manual_seed(0)  # another thread seeds and draws between any two tensors
+            torch.rand(3)
+            return init(*args, **kwargs)
+        return draw
+
+    monkeypatch.setattr(torch.nn.init, "normal_", busy(normal_))
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", busy(kaiming_uniform_))
+    init = init_generator(7)
+    job = add_lora(build_model(TrainConfig(model="tiny", random_init=True, seed=7), torch.device("cpu"), generator=init),
+                   rank=2, alpha=4, generator=init).state_dict()
+    base = Models().base("tiny", random_init=True, seed=7).state_dict()
+    for name, value in expected.items():
+        assert torch.equal(job[name], value), name
+        base_name = name.replace(".base.", ".")
+        if "lora_" not in name:
+            assert torch.equal(base[base_name], value), name
+    state = torch.random.get_rng_state()
+    GPT(GPTConfig.from_name("tiny"), init_generator(7))
+    assert torch.equal(torch.random.get_rng_state(), state)  # built from its generator alone
+    assert expected["transformer.ln_f.weight"].eq(1).all() and expected["transformer.h.0.attn.c_attn.base.bias"].eq(0).all()
+
+
 def test_native_bf16_override_wins_over_cpuinfo(monkeypatch):
     """GPT2_INSTRUCT_NATIVE_BF16 picks the CPU class, and the precision path names it as the reason."""
     from model.device import NATIVE_BF16_ENV, cpu_class, cpu_has_bf16, pick_dtype, precision_reason

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from data import DatasetError, InstructionDataset, cache, load_instructions, make_loader, split_instructions
-from model import GPT, GPTConfig, generate, get_tokenizer, pick_device, pick_dtype
+from model import GPT, GPTConfig, generate, get_tokenizer, init_generator, pick_device, pick_dtype
 from model.device import DTYPES, configure_precision, cpu_class, precision_reason, release_free_memory
 from model.loss import Packing
 from model.files import atomic_write
@@ -213,11 +213,11 @@ def measure(config: TrainConfig) -> Calibration:
 
     median, long = train[at(5)], train[at(9)]
 
-    torch.manual_seed(config.seed)
-    model = GPT(gpt_config).to(device)
+    init = init_generator(config.seed)
+    model = GPT(gpt_config, init).to(device)
     forward_per_flop, per_new_token = time_evaluation(model, val, dtype, device)
     if config.lora_rank:
-        add_lora(model, config.lora_rank, config.lora_alpha)
+        add_lora(model, config.lora_rank, config.lora_alpha, init)
     optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=True)
     model.train()
 

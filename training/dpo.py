@@ -29,7 +29,7 @@ import torch
 from data.preference import (
     PreferenceDataset, collate_preferences, epoch_batches, in_order_batches, load_preferences, preference_path, split_preferences,
 )
-from model import GPT, pick_device, pick_dtype
+from model import GPT, init_generator, pick_device, pick_dtype
 from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
 from runstore import (CHECKPOINT, RunWriter, claim_run_dir, find_run, load_run, new_run_dir, parent_folder, process_owner,
                       read_manifest)
@@ -240,7 +240,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     dtype = pick_dtype(device, config.precision)
     configure_precision(device, dtype)
     emit(Status("loading", f"Loading {parent_dir.name}"))
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # dropout's draws
     model = load_run(parent_dir, device=device)
     context = model.config.block_size
     max_length = min(config.max_length or context, context)
@@ -262,7 +262,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     train_eval_batches = in_order_batches(range(len(train_ds)), config.batch_size)[:n_eval or 3]
 
     if config.lora_rank:
-        add_lora(model, config.lora_rank, config.lora_alpha)
+        add_lora(model, config.lora_rank, config.lora_alpha, init_generator(config.seed))
     trainable, total_params = count_trainable(model)
     step_in_backward = config.grad_clip is None
     optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=step_in_backward)

@@ -33,7 +33,7 @@ import torch
 from data import DatasetError, InstructionDataset, extract_response, format_prompt, load_instructions, make_loader, source_path, split_instructions
 from data import cache
 from data.batching import loader_state
-from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, pick_device, pick_dtype, save_pretrained
+from model import GPT, GPTConfig, generate, get_tokenizer, init_generator, load_pretrained, pick_device, pick_dtype, save_pretrained
 from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
 
 from . import distributed
@@ -106,10 +106,11 @@ def respond(model: GPT, record: dict, style: str, max_new_tokens: int) -> str:
     return extract_response(tokenizer.decode(ids), style)
 
 
-def build_model(config: TrainConfig, device, progress=None) -> GPT:
-    torch.manual_seed(config.seed)
+def build_model(config: TrainConfig, device, progress=None, generator: torch.Generator | None = None) -> GPT:
+    """The run's starting model; a random init draws from ``generator`` (``init_generator(config.seed)`` when None)."""
+    torch.manual_seed(config.seed)  # dropout's draws
     if config.random_init:
-        return GPT(GPTConfig.from_name(config.model)).to(device)
+        return GPT(GPTConfig.from_name(config.model), generator or init_generator(config.seed)).to(device)
     return load_pretrained(config.model, device=device, progress=progress)
 
 
@@ -233,7 +234,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     dtype = pick_dtype(device, config.precision)
     configure_precision(device, dtype)
     emit(Status("loading", f"Loading {config.model}"))
-    model = build_model(config, device, progress=lambda desc, done, total: emit(Download(desc, done, total)))
+    init = init_generator(config.seed)
+    model = build_model(config, device, progress=lambda desc, done, total: emit(Download(desc, done, total)), generator=init)
     context = model.config.block_size
     max_length = min(config.max_length or context, context)
     cut = dict(style=config.style, max_length=context, mask_prompt=config.mask_prompt, allowed_max_length=max_length)
@@ -262,7 +264,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     baseline_train_batches = list(itertools.islice(train_eval_loader, config.eval_batches or 3))
 
     if config.lora_rank:
-        add_lora(model, config.lora_rank, config.lora_alpha)
+        add_lora(model, config.lora_rank, config.lora_alpha, init)
     trainable, total_params = count_trainable(model)
     step_in_backward = config.grad_clip is None and config.grad_accum == 1 and not ctx.enabled  # DDP reduces after backward
     optimizer = MasterWeightAdamW(model, dtype, lr=config.lr, weight_decay=config.weight_decay, step_in_backward=step_in_backward)

@@ -17,14 +17,14 @@ TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.rank = rank
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
 
     def forward(self, x):
         return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
@@ -37,8 +37,8 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> nn.Module:
-    """Freeze every parameter and wrap the linear layers of each block with LoRA adapters."""
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, generator: torch.Generator | None = None) -> nn.Module:
+    """Freeze every parameter and wrap the linear layers of each block with LoRA adapters (``A`` drawn from ``generator``)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
     for p in model.parameters():
@@ -47,7 +47,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> nn.Module:
         for target in TARGETS:
             parent_name, _, child = target.rpartition(".")
             if name.endswith(parent_name) and isinstance(getattr(module, child, None), nn.Linear):
-                setattr(module, child, LoRALinear(getattr(module, child), rank, alpha))
+                setattr(module, child, LoRALinear(getattr(module, child), rank, alpha, generator))
     return model
 
 
