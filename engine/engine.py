@@ -62,7 +62,7 @@ class Engine:
         self.limits = limits or Limits.from_env()
         self.root = Path(root) if root else runs_root()
         self.exports = Path(exports) if exports else Path(tempfile.gettempdir()) / "gpt2-instruct-exports"
-        self.loopback = loopback  # a blank Hub token may use the host's credentials only then
+        self.loopback = loopback  # only then may a blank Hub token or a judge use the host's credentials
         self.models = Models()
         self.datasets = Datasets(self.limits.datasets_in_memory, self.limits.uploads_mb, self.limits.files_max_age_hours)
         self._jobs: dict[str, Job | None] = dict.fromkeys(LANES)
@@ -340,7 +340,10 @@ class Engine:
         return train(self.check_training(config.validate()), hooks, root=self.root)
 
     def start_evaluation(self, name: str, owner: str | None = None, **settings) -> Job:
-        """Score a finished run's base and fine-tuned model in the ``evaluate`` lane."""
+        """Score a finished run's base and fine-tuned model in the ``evaluate`` lane; on a server that others can
+        reach, a judge as ``Judge.for_visitors`` allows it."""
+        if settings.get("judge") is not None and not self.loopback:
+            settings["judge"] = settings["judge"].for_visitors()
         run = self.finished_run(name)
 
         def work(hooks):

@@ -9,13 +9,15 @@ that response unscored, with the reason kept; it never stops the evaluation.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import re
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from data import format_input
 
@@ -85,6 +87,7 @@ class Judge:
     api_key: str | None = None
     timeout: float = 60.0
     give_up_after: int = 5
+    host_key: bool = True  # whether a request without ``api_key`` may carry this machine's OPENAI_API_KEY
     failures_in_a_row: int = field(default=0, init=False)
 
     def __post_init__(self):
@@ -96,6 +99,17 @@ class Judge:
     @property
     def endpoint(self) -> str:
         return chat_url(self.url)
+
+    def for_visitors(self) -> "Judge":
+        """This judge as a visitor of a server that others can reach may use it: the visitor chose where the
+        requests go, so they never carry the server's OPENAI_API_KEY, and never go to an address inside the
+        server's own network (loopback, private, link-local), which the visitor could otherwise probe."""
+        host = urllib.parse.urlsplit(self.endpoint).hostname
+        for address in addresses_of(host):
+            if not ipaddress.ip_address(address.split("%")[0]).is_global:
+                raise ValueError(f"judge URL: {host} is {address}, inside this server's own network; a server that "
+                                 "others can reach calls judges on the public internet only")
+        return replace(self, host_key=False)
 
     def describe(self) -> dict:
         """The settings worth saving with the results (never the key)."""
@@ -128,7 +142,7 @@ class Judge:
         """The judge's reply text to one user message, at temperature 0."""
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "stream": False}
         headers = {"Content-Type": "application/json"}
-        key = self.api_key or os.environ.get("OPENAI_API_KEY")
+        key = self.api_key or (os.environ.get("OPENAI_API_KEY") if self.host_key else None)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
@@ -138,6 +152,14 @@ class Judge:
         if not isinstance(content, str):
             raise TypeError(f"message content is {type(content).__name__}, not text")
         return content
+
+
+def addresses_of(host: str) -> list[str]:
+    """The IP addresses ``host`` resolves to; ``ValueError`` when it does not."""
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+    except OSError as e:
+        raise ValueError(f"judge URL: cannot resolve {host} ({e.strerror or e})") from None
 
 
 def summarize_scores(scores: list[int | None]) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -164,6 +165,26 @@ def test_judge_scores_and_unscored_replies(judge_server):
         "model response `RESP_GOOD` on a scale from 0 to 100, where 100 is the best score. "
         "Respond with the integer number only."
     )
+
+
+def test_a_public_servers_judge_never_carries_its_key_nor_calls_inside_its_network(judge_server, monkeypatch):
+    from engine import Engine
+    from evaluation import judge as judge_module
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-host")
+    for url, address in ((judge_server.url, "127.0.0.1"), ("http://10.0.0.7/v1", "10.0.0.7"),
+                         ("http://169.254.169.254", "169.254.169.254"), ("http://[::1]:8000/v1", "::1")):
+        with pytest.raises(ValueError, match=f"judge URL: .* is {re.escape(address)}, inside this server's own network"):
+            Judge(url).for_visitors()
+    with pytest.raises(ValueError, match="inside this server's own network"):
+        Engine(loopback=False).start_evaluation("any run", judge=Judge(judge_server.url))
+    monkeypatch.setattr(judge_module, "addresses_of", lambda host: ["93.184.216.34"])  # as if the server were public
+    assert Judge(judge_server.url).for_visitors().score(ENTRY, "RESP_GOOD") == (85, None)
+    assert judge_server.requests[-1]["auth"] is None  # the visitor chose the URL: the host's key stays home
+    assert Judge(judge_server.url, api_key="sk-visitor").for_visitors().score(ENTRY, "RESP_GOOD") == (85, None)
+    assert judge_server.requests[-1]["auth"] == "Bearer sk-visitor"
+    assert Judge(judge_server.url).score(ENTRY, "RESP_GOOD") == (85, None)  # the owner's own judge, e.g. the CLI
+    assert judge_server.requests[-1]["auth"] == "Bearer sk-host"
 
 
 def test_judge_gives_up_on_a_dead_server():
