@@ -14,9 +14,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 import psutil
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from evaluation.evaluate import evaluate_run
-from model import PRESETS, GPTConfig
+from model import HUB_PRESETS, PRESETS, GPTConfig
 from model.device import configure_runtime
 from model.weights import WeightsError, hub_cached, hub_unreachable, read_config, resolve
 from runstore import RunInfo, find_run, list_runs, runs_root
@@ -80,8 +82,20 @@ class Engine:
         threading.Thread(target=look, name="look-for-weights", daemon=True).start()
 
     def suggested_model(self) -> str:
-        """The model a new visitor's form starts with: GPT-2 124M when its weights can be had, else the offline tiny demo."""
-        return self._suggestion or "tiny"
+        """The model a new visitor's form starts with: GPT-2 124M when its weights can be had, else the offline tiny
+        demo; the first preset this server allows when it allows neither."""
+        allowed = self.allowed_presets()
+        wanted = self._suggestion or "tiny"
+        return wanted if wanted in allowed else allowed[0]
+
+    def allowed_presets(self) -> list[str]:
+        """The presets this server trains (``GPT2_INSTRUCT_MODELS`` names them or their Hub ids); all when it names none."""
+        allowed = [p for p in PRESETS if self.allows(p)]
+        return allowed or list(PRESETS)
+
+    def allows(self, model: str) -> bool:
+        models = self.limits.models
+        return models is None or model in models or HUB_PRESETS.get(model, model) in models
 
     # Estimates
 
@@ -98,6 +112,12 @@ class Engine:
         """
         if preset not in PRESETS:
             raise ConfigError(f"only the presets ({', '.join(PRESETS)}) can be measured, not {preset!r}")
+        if not self.allows(preset):
+            raise ConfigError(f"this server trains only {', '.join(self.limits.models)}; {preset!r} is not measured here")
+        self.admit(TrainConfig(model=preset, random_init=True, lora_rank=lora_rank))
+        known = None if self.loopback else cached(preset, lora_rank)
+        if known is not None:  # a server others can reach measures each once: repeated clicks would keep every job out
+            return known
         with self._lock:
             busy = next((job for job in self._jobs.values() if job is not None and job.active), None)
             if busy is not None:
@@ -192,12 +212,10 @@ class Engine:
     def check_training(self, config: TrainConfig) -> TrainConfig:
         """The config within this server's limits, its data checked and its memory admitted; errors say which limit."""
         limits = self.limits
-        looks_local = config.model not in PRESETS and (config.model.startswith((".", "/", "~")) or "\\" in config.model
-                                                       or config.model.endswith(".safetensors") or config.model.count("/") > 1)
-        if looks_local and not limits.local_paths:
+        if not limits.local_paths and config.model not in PRESETS and not is_hub_id(config.model):
             raise ConfigError("local paths are turned off on this server: choose a preset or a Hugging Face Hub id "
                               "(e.g. openai-community/gpt2)")
-        if limits.models is not None and config.model not in limits.models:
+        if not self.allows(config.model):
             raise ConfigError(f"this server trains only {', '.join(limits.models)}; {config.model!r} is not allowed")
         if config.epochs > limits.max_epochs:
             raise ConfigError(f"epochs: this server allows at most {limits.max_epochs}, got {config.epochs}")
@@ -353,6 +371,16 @@ class Engine:
 
         job = Job("evaluation", work, owner, "evaluation", {"run": run.name, **{k: str(v) for k, v in settings.items()}})
         return self._launch("evaluate", job)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``resolve`` would look ``name`` up on the Hugging Face Hub: a well-formed repo id naming nothing on
+    this server's disk (``runs/<run>`` is a valid id, and a folder relative to the app's)."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.endswith(".safetensors") and not Path(name).expanduser().exists()
 
 
 def running(snap: dict) -> str:

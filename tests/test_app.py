@@ -469,12 +469,16 @@ def test_differences_are_marked_word_by_word():
 
 
 def test_the_train_tab_says_why_tiny_is_chosen_and_what_gpt2_presets_download():
-    from training.config import DEMO, DEMO_TEXT
+    from training.config import DEMO, demo_text
     from ui.train_tab import model_note, preset_settings
 
     tiny = text(model_note("tiny", suggested=True))
-    assert "tiny is preselected" in tiny and DEMO_TEXT in tiny
-    assert "openai-community/gpt2" in DEMO_TEXT and "path box" in DEMO_TEXT and "cannot follow instructions" in DEMO_TEXT
+    assert "tiny is preselected" in tiny and demo_text() in tiny
+    assert "openai-community/gpt2" in demo_text() and "path box" in demo_text() and "cannot follow instructions" in demo_text()
+    assert "140 short steps" in demo_text() and "at 30 epochs" in demo_text() and "20 epochs" in tiny
+    space = text(preset_settings("tiny", max_epochs=3, local_paths=False)[-1])  # a Space: 3 epochs, no local paths
+    assert "21 short steps" in space and "3 epochs" in space and "20 epochs" not in space
+    assert "at 30 epochs" not in space and "path" not in space
     assert "preselected" not in text(model_note("tiny"))
     gpt2 = text(model_note("gpt2"))
     assert "downloaded once from the Hugging Face Hub" in gpt2 and "openai-community/gpt2" in gpt2 and "Random init" in gpt2

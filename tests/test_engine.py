@@ -123,8 +123,14 @@ def test_server_limits_come_from_the_environment_and_are_enforced(tmp_path):
         engine.start_training(tiny(epochs=5))
     with pytest.raises(ConfigError, match="trains only tiny, gpt2; 'gpt2-medium' is not allowed"):
         engine.start_training(TrainConfig(model="gpt2-medium", data="sample"))
-    with pytest.raises(ConfigError, match="local paths are turned off"):
-        engine.check_training(TrainConfig(model=str(tmp_path / "exists-or-not"), data="sample"))
+    for path in (str(tmp_path / "exists-or-not"), "tests/browser", "tests", "~/weights", "x.safetensors"):
+        with pytest.raises(ConfigError, match="local paths are turned off"):  # ids that name this server's folders too
+            engine.check_training(TrainConfig(model=path, data="sample"))
+    assert engine.allowed_presets() == ["tiny", "gpt2"] and engine.suggested_model() in ("tiny", "gpt2")
+    with pytest.raises(ConfigError, match="trains only tiny, gpt2; 'gpt2-medium' is not measured here"):
+        engine.measure("gpt2-medium")
+    with pytest.raises(ConfigError, match="not enough memory: gpt2-xl with full fine-tuning needs about 22.6 GB"):
+        Engine(limits=Limits(memory_gb=2.0), root=tmp_path / "runs").measure("gpt2-xl")
     checked = engine.check_training(tiny(max_steps=100))
     assert checked.max_steps == 4 and checked.max_wall_s == 3600
     assert ("GPT2_INSTRUCT_MAX_EPOCHS", "3", "most epochs one run may ask for") in limits.rows()
@@ -272,6 +278,9 @@ def test_a_measurement_runs_alone_so_that_nothing_skews_it(engine, monkeypatch):
     release.set()
     timing.join(30)
     assert results == [("tiny", 4, True)]
+    public = Engine(root=engine.root, loopback=False)  # visitors of a public server measure what is not measured yet
+    monkeypatch.setattr(importlib.import_module("engine.engine"), "cached", lambda preset, rank: f"cached {preset}")
+    assert public.measure("tiny") == "cached tiny" and engine.measure("tiny") == ("tiny", 0, True)
 
     job = engine.start_training(tiny(max_steps=200), owner="alice")
     wait_for(engine, "train", lambda s: s["status"] == "training")

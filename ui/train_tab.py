@@ -20,7 +20,7 @@ from engine.public import scrub
 from model import HUB_PRESETS, PRESETS
 from runstore import read_metrics
 from training import ConfigError, TrainConfig
-from training.config import DEMO, DEMO_TEXT, defaults
+from training.config import DEMO, defaults, demo_text
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
@@ -150,14 +150,15 @@ def responses_html(snap: dict) -> str:
 PATH_BOX = "…or a local path / Hugging Face Hub id"
 
 
-def final_html(snap: dict) -> str:
+def final_html(snap: dict, local_paths: bool = True) -> str:
     if snap.get("error"):
         hint = ""
         if snap["error"].startswith("WeightsError"):
             model = (snap.get("config") or {}).get("model")
+            where = (f"Type a local folder holding model.safetensors and config.json in the <b>{PATH_BOX}</b> box"
+                     if local_paths else "Choose a preset or check the Hugging Face Hub id")
             hint = (f"<br>You asked for <code>{html.escape(str(model))}</code>. " if model else "<br>") + (
-                    f"Type a local folder holding model.safetensors and config.json in the <b>{PATH_BOX}</b> box, "
-                    "or tick <b>Random init</b> for the offline demo.")
+                    f"{where}, or tick <b>Random init</b> for the offline demo.")
         return notice(f"<b>The run failed.</b> {html.escape(snap['error'])}{hint}", "error")
     final = snap.get("final")
     if not final:
@@ -215,7 +216,7 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
         chart,
         progress_html(snap) if changed or active else gr.skip(),
         responses_html(snap) if seen.get("responses") != responses_key else gr.skip(),
-        final_html(snap) if seen.get("final") != final_key else gr.skip(),
+        final_html(snap, engine.limits.local_paths) if seen.get("final") != final_key else gr.skip(),
         gr.Button(interactive=not active) if just_ended or seen.get("active") != active else gr.skip(),
         gr.Button(interactive=can_stop) if just_ended or seen.get("can_stop") != can_stop else gr.skip(),
     )
@@ -350,13 +351,14 @@ def limits_html(engine) -> str:
     return f'<table class="gi-eval">{rows}</table>'
 
 
-def model_note(preset: str, suggested: bool = False) -> str:
-    """Why this preset (tiny: the offline demo and what it can show; GPT-2: a download on first use)."""
+def model_note(preset: str, suggested: bool = False, max_epochs: int = 100, local_paths: bool = True) -> str:
+    """Why this preset (tiny: the offline demo and what it can show; GPT-2: a download on first use), within the
+    server's epoch limit and whether it takes local paths."""
     if preset == "tiny":
         why = ("<b>tiny is preselected</b>: GPT-2's weights are not on this server and the Hugging Face Hub cannot be "
                "reached, so the demo trains offline. " if suggested else "")
-        return notice(f"{why}{html.escape(DEMO_TEXT)} The form holds the demo's settings: {DEMO['epochs']} epochs, "
-                      f"learning rate {DEMO['lr']:g}, prompt masked.")
+        return notice(f"{why}{html.escape(demo_text(max_epochs, local_paths))} The form holds the demo's settings: "
+                      f"{min(DEMO['epochs'], max_epochs)} epochs, learning rate {DEMO['lr']:g}, prompt masked.")
     repo = HUB_PRESETS.get(preset)
     if not repo:
         return ""
@@ -365,29 +367,32 @@ def model_note(preset: str, suggested: bool = False) -> str:
                   "settings.")
 
 
-def preset_settings(preset: str, max_epochs: int = 100, suggested: bool = False) -> tuple:
+def preset_settings(preset: str, max_epochs: int = 100, suggested: bool = False, local_paths: bool = True) -> tuple:
     """(random init, epochs, learning rate, mask prompt, note) for a chosen preset: the demo's for tiny, else the book's."""
     values = DEMO if preset == "tiny" else DEFAULTS
     return (preset == "tiny", min(values["epochs"], max_epochs), values["lr"], values["mask_prompt"],
-            model_note(preset, suggested))
+            model_note(preset, suggested, max_epochs, local_paths))
 
 
 def suggested_model(engine):
     model = engine.suggested_model()
-    return (gr.Dropdown(value=model),) + preset_settings(model, engine.limits.max_epochs, suggested=model == "tiny")
+    return (gr.Dropdown(value=model),) + preset_settings(model, engine.limits.max_epochs, model == "tiny", engine.limits.local_paths)
 
 
 def build(shared) -> None:
     engine = shared.engine
-    presets = all_presets()
+    allowed = engine.allowed_presets()
+    presets = [e for e in all_presets() if e.name in allowed]
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
-            preset = gr.Dropdown([(preset_label(e), e.name) for e in presets], value="tiny", label="Model", elem_id="model-preset")
+            preset = gr.Dropdown([(preset_label(e), e.name) for e in presets], value="tiny" if "tiny" in allowed else allowed[0],
+                                 label="Model", elem_id="model-preset")
             custom = gr.Textbox(label=PATH_BOX if engine.limits.local_paths else "…or a Hugging Face Hub id",
                                 placeholder="e.g. ./my-gpt2 or openai-community/gpt2" if engine.limits.local_paths
                                 else "e.g. openai-community/gpt2", elem_id="model-path")
             random_init = gr.Checkbox(value=True, label="Random init (no download: for the offline demo)", elem_id="random-init")
-            note = gr.HTML(model_note("tiny"), elem_id="model-note")
+            note = gr.HTML(model_note("tiny", max_epochs=engine.limits.max_epochs, local_paths=engine.limits.local_paths),
+                           elem_id="model-note")
             with gr.Row():
                 epochs = gr.Number(value=min(DEMO["epochs"], engine.limits.max_epochs), label="Epochs", elem_id="epochs")
                 batch_size = gr.Number(value=DEFAULTS["batch_size"], label="Batch size", elem_id="batch-size")
@@ -441,7 +446,7 @@ def build(shared) -> None:
 
     preset_outputs = [random_init, epochs, lr, mask_prompt, note]
     shared.app.load(lambda: suggested_model(engine), None, [preset] + preset_outputs, api_visibility="private", **cheap)
-    preset.input(lambda p: preset_settings(p, engine.limits.max_epochs), preset, preset_outputs, api_visibility="private", **cheap)
+    preset.input(lambda p: preset_settings(p, engine.limits.max_epochs, local_paths=engine.limits.local_paths), preset, preset_outputs, api_visibility="private", **cheap)
     custom.input(lambda c, r: False if (c or "").strip() else r, [custom, random_init], random_init, api_visibility="private", **cheap)
     start_btn.click(lambda *a: start(engine, *a), [shared.client_id, shared.dataset] + settings, [message, start_btn, stop_btn],
                     api_name="start_training", concurrency_limit=1)
