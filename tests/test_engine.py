@@ -238,6 +238,35 @@ def test_texts_a_visitor_sees_carry_no_server_paths():
     assert scrub("see https://huggingface.co/openai-community/gpt2") == "see https://huggingface.co/openai-community/gpt2"
 
 
+def test_a_stop_while_loading_or_at_the_first_evaluation_saves_no_model(engine, tmp_path, monkeypatch):
+    """A large model takes minutes to load and to evaluate at step 0: a stop then must not wait for them, nor save
+    the untrained model with its optimizer state as a run."""
+    import threading
+
+    import training.loop as loop
+    from runstore import CHECKPOINT, WEIGHTS
+    from training.events import Status
+
+    loaded, build_model = threading.Event(), loop.build_model
+    monkeypatch.setattr(loop, "build_model", lambda *args, **kwargs: (loaded.wait(30), build_model(*args, **kwargs))[1])
+    engine.start_training(tiny(), owner="alice")
+    wait_for(engine, "train", lambda s: s["status"] == "loading" and "tiny" in s["message"])
+    assert engine.stop("train", "alice")
+    loaded.set()
+    assert engine.job("train").wait(60)
+    snap = engine.snapshot("train")
+    assert snap["status"] == "stopped" and snap["error"] is None
+    assert snap["message"] == "Stopped while the model loaded: no run was started, nothing was written"
+    assert engine.runs() == []
+
+    events = []
+    asked = lambda: any(isinstance(e, Status) and e.status == "evaluating" for e in events)
+    summary = loop.train(tiny(out=str(tmp_path / "early")), loop.Hooks(on_event=events.append, should_stop=asked))
+    assert summary["status"] == "stopped" and summary["steps"] == 0
+    assert not (tmp_path / "early" / WEIGHTS).exists() and not (tmp_path / "early" / CHECKPOINT).exists()
+    assert not any(isinstance(e, Status) and e.status == "saving" for e in events)
+
+
 def test_a_stopped_run_resumes_through_the_engine_and_finishes(engine):
     engine.start_training(tiny(max_steps=None, epochs=3, eval_every=50), owner="alice")  # 3 x 7 steps
     wait_for(engine, "train", lambda s: s["step"] >= 3)

@@ -19,7 +19,7 @@ from . import distributed
 from .checkpoint import resume_config
 from .config import ConfigError, TrainConfig, add_arguments, idle_settings
 from .events import Download, Finished, Logged, Started
-from .loop import Hooks, train
+from .loop import Hooks, TrainingStopped, train
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -175,6 +175,9 @@ def run(config: TrainConfig, ctx: distributed.Context, stop: threading.Event, re
     except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
         print(f"error: {where}{ctx.reason(e) if ctx.enabled else e}", file=sys.stderr)
         return 1
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("interrupted: quit without saving; resume it from its last checkpoint, if any", file=sys.stderr)
         return 130

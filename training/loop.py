@@ -84,13 +84,23 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+class TrainingStopped(Exception):
+    """A stop asked for while the run was loading, before its folder existed: nothing was written."""
+
+
 @torch.no_grad()
-def evaluate(model: GPT, batches, device) -> float:
-    """Mean of the batch losses, as the book's ``calc_loss_loader``."""
+def evaluate(model: GPT, batches, device, should_stop=None) -> float | None:
+    """Mean of the batch losses, as the book's ``calc_loss_loader``; None when ``should_stop()`` asks midway."""
     was_training = model.training
     model.eval()
-    losses = [model.loss(x.to(device), y.to(device)).item() for x, y in batches]
+    losses = []
+    for x, y in batches:
+        if should_stop is not None and should_stop():
+            break
+        losses.append(model.loss(x.to(device), y.to(device)).item())
     model.train(was_training)
+    if should_stop is not None and len(losses) < len(batches):
+        return None
     return sum(losses) / len(losses) if losses else float("nan")
 
 
@@ -233,6 +243,11 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     device = ctx.place(pick_device(config.device))
     dtype = pick_dtype(device, config.precision)
     configure_precision(device, dtype)
+    def stopped_while_loading(what: str) -> None:
+        if not ctx.enabled and hooks.should_stop():
+            raise TrainingStopped(f"Stopped {what}: no run was started, nothing was written")
+
+    stopped_while_loading("before loading the model")
     emit(Status("loading", f"Loading {config.model}"))
     init = init_generator(config.seed)
     model = build_model(config, device, progress=lambda desc, done, total: emit(Download(desc, done, total)), generator=init)
@@ -271,6 +286,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     loss_of = ctx.loss_fn(model, config.grad_accum)
     model.train()
 
+    stopped_while_loading("while the model loaded")
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint:
         restore(checkpoint, optimizer, clock)
@@ -307,11 +323,16 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         val_step = checkpoint.get("last_val_step", step)
         first_epoch = start_epoch(loader, checkpoint)
     checkpointed = step if checkpoint else None
+    asked = None if ctx.enabled else hooks.should_stop  # a stop midway through an evaluation; every process's at a step
+
     def log_eval(train_loss: float) -> None:
         nonlocal last_val, val_step
         emit(Status("evaluating", f"Evaluating at step {step}", step))
         t0 = time.perf_counter()
-        last_val, val_step = evaluate(model, val_batches, device), step
+        val = evaluate(model, val_batches, device, asked)
+        if val is None or (asked and asked()):
+            return  # stopped: the loop stops before its next step
+        last_val, val_step = val, step
         sample = respond(model, sample_record, config.style, config.sample_tokens)
         clock.eval_s += time.perf_counter() - t0
         clock.evals += 1
@@ -352,8 +373,10 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     cores = CoreShare(device)
     try:
         if not checkpoint:
-            last_train = evaluate(model, baseline_train_batches, device)
-            log_eval(last_train)
+            baseline = evaluate(model, baseline_train_batches, device, asked)
+            if baseline is not None:
+                last_train = baseline
+                log_eval(last_train)
         for epoch in range(first_epoch, config.epochs):
             epoch_start = loader_state(loader)
             micro = iter(loader)
@@ -394,13 +417,14 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
                     save_resumable()
             if step >= total_steps or reason:
                 break
+        trained = step > 0 or checkpoint is not None  # else nothing but the starting model: nothing to save
         if reason:
             status = "stopped"
-            emit(Status("stopping", f"Stopped at step {step} ({reason}); saving"))
-            if checkpointed != step:
+            emit(Status("stopping", f"Stopped at step {step} ({reason}){'; saving' if trained else ''}"))
+            if checkpointed != step and trained:
                 save_resumable()
-
-        save_weights(optimizer, config.lora_rank, run_dir, emit, write=ctx.is_main)
+        if trained:
+            save_weights(optimizer, config.lora_rank, run_dir, emit, write=ctx.is_main)
         summary = {
             "status": status, "stop_reason": reason, "steps": step, "tokens_seen": tokens_seen,
             "final_train_loss": finite(last_train), "final_val_loss": finite(last_val), "final_val_step": val_step, "ended": now(),
