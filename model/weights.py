@@ -29,7 +29,8 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 CHUNK_BYTES = 16 * 2**20
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")  # old mask buffers; the tied head
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # old mask buffers
+HEAD = "lm_head.weight"  # GPT-2 ties it to wte.weight: a file may hold it too, and it must be the same
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -127,7 +128,8 @@ def resolve(source: str | os.PathLike, progress: ProgressFn | None = None) -> tu
 def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -> Path:
     """A file of a Hub repo, from the local cache when it is there, else downloaded (resumable)."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     try:
         return Path(hf_hub_download(repo, filename, local_files_only=True))
@@ -146,9 +148,19 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
     if reason:
         raise WeightsError(offline.format(why=reason))
     tqdm_class = _progress_tqdm(progress, f"{repo}/{filename}") if progress else None
+    presets = f" (the presets: {', '.join(HUB_PRESETS)})" if "/" not in repo else ""
     try:
         return Path(hf_hub_download(repo, filename, etag_timeout=5, tqdm_class=tqdm_class))
-    except Exception as e:  # the Hub client raises many kinds: not found, gated, network
+    except GatedRepoError:
+        raise WeightsError(f"{repo} is gated on the Hugging Face Hub: accept its terms on its page and log in "
+                           "(`hf auth login`), or pass a local path") from None
+    except RepositoryNotFoundError:
+        raise WeightsError(f"the Hugging Face Hub has no model {repo!r}{presets}, or it is private: check the id, "
+                           "e.g. openai-community/gpt2") from None
+    except EntryNotFoundError:
+        raise WeightsError(f"{repo} on the Hugging Face Hub has no {filename}: this app loads GPT-2 weights saved "
+                           f"as {WEIGHTS_NAME} with their {CONFIG_NAME}") from None
+    except Exception as e:  # the network and the rest: the cache is the way out
         raise WeightsError(offline.format(why=f"{type(e).__name__}: {e}".split("\n")[0])) from e
 
 
@@ -191,6 +203,9 @@ def read_config(config_path: Path | None, weights_path: Path, name: str = "gpt2"
     if config_path is not None:
         try:
             hf = json.loads(config_path.read_text())
+            if hf.get("tie_word_embeddings", True) is False:
+                raise WeightsError(f"{config_path} says tie_word_embeddings false: an LM head of its own, where GPT-2 "
+                                   "uses the token embedding; this app's GPT-2 cannot hold it")
             return GPTConfig(
                 name=name,
                 vocab_size=hf["vocab_size"],
@@ -224,11 +239,14 @@ def _fill(model: GPT, weights_path: Path) -> None:
     would keep every page read so far resident, up to a second copy of the model.
     """
     params = dict(model.named_parameters())  # the tied lm_head appears once, as transformer.wte.weight
-    plan = {}
+    plan, head = {}, None
     with _open(weights_path) as f:
         for key in f.keys():
             name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
             if name.endswith(IGNORED_SUFFIXES):
+                continue
+            if name == HEAD:
+                head = key
                 continue
             if name not in params:
                 raise WeightsError(f"{weights_path}: unexpected tensor {key!r}, not part of GPT-2 {model.config.name}")
@@ -251,6 +269,24 @@ def _fill(model: GPT, weights_path: Path) -> None:
                     target[start : start + rows].copy_(f.get_slice(key)[start : start + rows])
                 except SafetensorError as e:
                     raise WeightsError(f"{weights_path}: tensor {key!r} cannot be read ({e}): the file is corrupt") from None
+    if head is not None:
+        _check_tied(model, weights_path, head)
+
+
+def _check_tied(model: GPT, weights_path: Path, key: str) -> None:
+    """Refuse a file whose ``lm_head.weight`` is not its ``wte.weight``: loading it would silently use another head."""
+    wte = model.transformer.wte.weight
+    with _open(weights_path) as f:
+        shape = tuple(f.get_slice(key).get_shape())
+    if shape != tuple(wte.shape):
+        raise WeightsError(f"{weights_path}: tensor {key!r} has shape {shape}, expected {tuple(wte.shape)}")
+    rows = max(1, CHUNK_BYTES // (wte.shape[1] * 4))
+    for start in range(0, len(wte), rows):
+        with _open(weights_path) as f:
+            head = f.get_slice(key)[start : start + rows].to(wte.dtype)
+        if not torch.equal(head, wte[start : start + rows].detach()):
+            raise WeightsError(f"{weights_path}: its {key} differs from its wte.weight (an LM head of its own); this "
+                               "app's GPT-2 ties the head to the token embedding, so it cannot load this model as saved")
 
 
 def _open(path: Path):

@@ -135,6 +135,26 @@ def test_wrong_shape_names_tensor_and_expected_shape(tmp_path, hf):
         load_pretrained(directory)
 
 
+def test_an_lm_head_of_its_own_is_refused_and_a_tied_copy_loads(tmp_path, hf, idx):
+    """GPT-2 ties its head to the token embedding; a file with another head would load as a different model."""
+    from safetensors.torch import load_file
+
+    directory = save_hub_layout(hf, tmp_path / "head")
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["wte.weight"].clone()  # some checkpoints save the tied head twice
+    save_file(tensors, str(directory / "model.safetensors"))
+    with torch.no_grad():
+        assert (load_pretrained(directory)(idx) - hf_logits(hf, idx)).abs().max().item() <= 1e-4
+    tensors["lm_head.weight"][7, 3] += 1.0
+    save_file(tensors, str(directory / "model.safetensors"))
+    with pytest.raises(WeightsError, match="its lm_head.weight differs from its wte.weight"):
+        load_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(WeightsError, match="tie_word_embeddings false"):
+        load_pretrained(directory)
+
+
 def test_missing_tensor_is_named(tmp_path, hf):
     directory = save_hub_layout(hf, tmp_path / "bad")
     from safetensors.torch import load_file
@@ -163,6 +183,33 @@ def test_bad_sources(tmp_path):
         load_pretrained(tmp_path)
     with pytest.raises(WeightsError, match="'tiny' preset has no pretrained weights"):
         load_pretrained("tiny")
+
+
+@pytest.mark.parametrize("error, repo, message", [
+    ("RepositoryNotFoundError", "openai-community/gpt-2", "the Hugging Face Hub has no model 'openai-community/gpt-2', or it is private"),
+    ("RepositoryNotFoundError", "gpt-2", r"no model 'gpt-2' \(the presets: gpt2, gpt2-medium"),
+    ("GatedRepoError", "someone/gated-gpt2", "someone/gated-gpt2 is gated on the Hugging Face Hub: accept its terms"),
+    ("RemoteEntryNotFoundError", "someone/old-gpt2", "someone/old-gpt2 on the Hugging Face Hub has no model.safetensors"),
+])
+def test_what_the_hub_answered_is_said_not_the_offline_advice(monkeypatch, error, repo, message):
+    """The Hub client puts the reason on the error's later lines ("404 Client Error." first): each kind gets its words."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from model import weights
+
+    def download(repo_id, filename, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise errors.LocalEntryNotFoundError("not cached")
+        e = getattr(errors, error).__new__(getattr(errors, error))
+        Exception.__init__(e, "404 Client Error. (Request ID: Root=1-abc)\n\nRepository Not Found for url: ...")
+        raise e
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(weights, "hub_unreachable", lambda timeout=3.0: None)  # the Hub answers
+    with pytest.raises(WeightsError, match=message) as err:
+        load_pretrained(repo)
+    assert "Connect once" not in str(err.value)
 
 
 def test_offline_hub_load_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
