@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.pt"
 STATUSES = ("running", "done", "stopped", "failed", "interrupted")
 _WRITING: set[Path] = set()  # runs that this process is writing now
+_MANIFESTS = threading.Lock()  # a writer's manifest updates and close against recover_run's read, check and write
 
 
 def runs_root() -> Path:
@@ -88,16 +90,20 @@ class RunWriter:
         _WRITING.add(self.dir.resolve())
 
     def close(self) -> None:
-        _WRITING.discard(self.dir.resolve())
+        with _MANIFESTS:
+            _WRITING.discard(self.dir.resolve())
 
     def update_manifest(self, **fields) -> None:
-        self.manifest.update(fields)
-        write_atomic(self.dir / MANIFEST, json.dumps(self.manifest, indent=2, default=str))
+        with _MANIFESTS:
+            self.manifest.update(fields)
+            write_atomic(self.dir / MANIFEST, json.dumps(self.manifest, indent=2, default=str))
 
     def log(self, record: dict) -> None:
-        """Append one step's record; the file is rewritten whole so that no reader sees half a line."""
+        """Append one step's record as one line (a reader skips a last line caught half written: ``read_metrics``).
+        Rewriting the file whole each step cost a 100-epoch run minutes, growing with every step."""
         self.metrics.append(record)
-        self.write_metrics()
+        with open(self.dir / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     def write_metrics(self) -> None:
         write_atomic(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.metrics))
@@ -155,10 +161,14 @@ def read_manifest(path: Path) -> dict:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The run's metrics rows; a last line still being written (or cut by a crash) is left out."""
     try:
-        lines = (Path(path) / METRICS).read_text().splitlines()
+        text = (Path(path) / METRICS).read_text()
     except OSError:
         return []
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
     return [json.loads(line) for line in lines if line.strip()]
 
 
@@ -203,15 +213,16 @@ def recover_run(path: Path) -> RunInfo | None:
     Returns the run when it was changed, else None.
     """
     path = Path(path)
-    manifest = read_manifest(path)
-    if manifest.get("status") != "running" or owner_alive(manifest.get("owner"), path):
-        return None
-    rows = read_metrics(path)
-    last_change = max((f.stat().st_mtime for f in (path / MANIFEST, path / METRICS) if f.exists()), default=time.time())
-    manifest.update(status="interrupted", steps=rows[-1]["step"] if rows else 0,
-                    ended=datetime.fromtimestamp(last_change, timezone.utc).isoformat(timespec="seconds"),
-                    stop_reason="its process ended before the run finished")
-    write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    with _MANIFESTS:  # a run of this process cannot end (manifest "done", writer closed) between the read and the write
+        manifest = read_manifest(path)
+        if manifest.get("status") != "running" or owner_alive(manifest.get("owner"), path):
+            return None
+        rows = read_metrics(path)
+        last_change = max((f.stat().st_mtime for f in (path / MANIFEST, path / METRICS) if f.exists()), default=time.time())
+        manifest.update(status="interrupted", steps=rows[-1]["step"] if rows else 0,
+                        ended=datetime.fromtimestamp(last_change, timezone.utc).isoformat(timespec="seconds"),
+                        stop_reason="its process ended before the run finished")
+        write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, default=str))
     return RunInfo(path, manifest)
 
 

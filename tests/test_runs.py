@@ -261,3 +261,48 @@ def test_kill_9_mid_run_then_recover_gives_an_interrupted_run_that_resumes(tmp_p
     again = subprocess.run([sys.executable, "-m", "training", "--resume", str(runs / "killed")], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "killed is done (6 steps): there is nothing to resume" in again.stderr
+
+
+def test_metrics_grow_a_line_a_step_and_a_half_written_last_line_is_left_out(tmp_path):
+    writer = RunWriter(tmp_path / "run")
+    writer.update_manifest(status="running")
+    for step in range(3):
+        writer.log({"step": step, "train_loss": 1.0})
+    path = tmp_path / "run" / "metrics.jsonl"
+    inode = path.stat().st_ino
+    writer.log({"step": 3, "train_loss": 1.0})
+    assert path.stat().st_ino == inode  # appended to, not written anew each step
+    with open(path, "a") as f:
+        f.write('{"step": 4, "train_lo')  # a reader between the two halves of a write, or a crash
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]
+    resumed = RunWriter(tmp_path / "run", resume_step=2)
+    resumed.log({"step": 3, "train_loss": 0.5})
+    assert read_metrics(tmp_path / "run") == [{"step": 0, "train_loss": 1.0}, {"step": 1, "train_loss": 1.0},
+                                              {"step": 2, "train_loss": 1.0}, {"step": 3, "train_loss": 0.5}]
+
+
+def test_a_run_that_ends_while_it_is_checked_for_recovery_stays_done(tmp_path, monkeypatch):
+    """recover_run reads "running", then asks whether the owner is alive: a run of this process ending in between
+    (manifest "done", writer closed) must not be overwritten as interrupted."""
+    import threading
+
+    from runstore import store
+
+    writer = RunWriter(tmp_path / "run")
+    writer.update_manifest(status="running", owner=process_owner())
+    writer.log({"step": 1})
+    checking, alive = threading.Event(), store.owner_alive
+
+    def slow_owner_alive(owner, run_dir):
+        checking.set()
+        time.sleep(0.3)  # the job thread ends meanwhile, if it can
+        return alive(owner, run_dir)
+
+    monkeypatch.setattr(store, "owner_alive", slow_owner_alive)
+    recovering = threading.Thread(target=store.recover_run, args=(tmp_path / "run",))
+    recovering.start()
+    assert checking.wait(10)
+    writer.update_manifest(status="done", steps=1, final_val_loss=0.5)
+    writer.close()
+    recovering.join(10)
+    assert read_manifest(tmp_path / "run")["status"] == "done"
