@@ -7,6 +7,7 @@ copied into the cache and dropped by age and total size.
 from __future__ import annotations
 
 import hashlib
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -19,21 +20,32 @@ from data.records import source_path
 BUILT_IN = {"canonical": "canonical (book, ch. 7)", "sample": "bundled sample"}
 
 
+_PRUNING = threading.Lock()
+
+
 def prune_folder(folder: Path, max_bytes: float, max_age_s: float, keep: Path | None = None) -> list[Path]:
-    """Delete files older than ``max_age_s``, then the oldest until the folder holds at most ``max_bytes``."""
-    if not folder.is_dir():
-        return []
-    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
-    now, gone = time.time(), []
-    total = sum(p.stat().st_size for p in files)
-    for p in files:
-        if p == keep:
-            continue
-        if now - p.stat().st_mtime > max_age_s or total > max_bytes:
-            total -= p.stat().st_size
-            p.unlink(missing_ok=True)
-            gone.append(p)
-    return gone
+    """Delete files older than ``max_age_s``, then the oldest until the folder holds at most ``max_bytes``.
+
+    Each file is looked at once: another visitor's upload may be renamed into place (its ``.tmp`` is left alone)
+    or pruned meanwhile.
+    """
+    with _PRUNING:
+        files = []
+        for p in folder.iterdir() if folder.is_dir() else ():
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and not p.name.endswith(".tmp"):
+                files.append((st.st_mtime, st.st_size, p))
+        files.sort(key=lambda f: f[0])
+        now, gone, total = time.time(), [], sum(size for _, size, _ in files)
+        for mtime, size, p in files:
+            if p != keep and (now - mtime > max_age_s or total > max_bytes):
+                total -= size
+                p.unlink(missing_ok=True)
+                gone.append(p)
+        return gone
 
 
 class Datasets:

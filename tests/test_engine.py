@@ -212,6 +212,10 @@ def test_fifty_sessions_with_uploads_keep_memory_and_disk_bounded(tmp_path, monk
     assert engine.datasets.records(refs[-1])[0]["instruction"].startswith("Task 49-0")
     with pytest.raises(DatasetError, match="visitor-0.json is no longer on the server .* upload it again"):
         engine.datasets.records(refs[0])
+    being_written = uploads / ".mine.json.x1y2.tmp"  # another visitor's upload, not yet renamed into place
+    being_written.write_bytes(b"x" * 2**20)
+    (uploads / "gone.json").symlink_to(uploads / "removed-meanwhile.json")  # listed, then gone before its stat
+    assert being_written not in engine.datasets.prune() and being_written.exists()
 
 
 def test_a_kept_reference_reopens_only_what_the_server_still_holds(tmp_path, monkeypatch):
