@@ -48,7 +48,8 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None, top_
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the most likely token always stays
+        outside = probs.cumsum(dim=-1) - probs >= top_p
+        outside[:, 0] = False  # the most likely token always stays, whatever top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)

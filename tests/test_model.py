@@ -303,6 +303,8 @@ def test_top_k_and_top_p_stay_inside_the_allowed_set():
         picked = sample_next(logits, temperature=1.0, top_p=0.3, generator=g)
         assert all(picked[r].item() in nucleus[r] for r in range(4))
     assert torch.equal(sample_next(logits), logits.argmax(-1))
+    for top_p in (0.0, -1.0, 1e-9):  # the most likely token always stays
+        assert torch.equal(sample_next(logits, temperature=1.0, top_p=top_p, generator=g), logits.argmax(-1))
 
 
 def test_sampling_is_reproducible_with_a_generator(tiny):
