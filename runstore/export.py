@@ -64,6 +64,7 @@ def model_card(run_dir: Path) -> str:
     model, style = config.get("model", "gpt2"), config.get("style", "alpaca")
     base = f"base_model: {HUB_PRESETS[model]}\n" if model in HUB_PRESETS else ""
     template = format_prompt({"instruction": "{instruction}", "input": "{input}"}, style)
+    example = format_prompt({"instruction": "Rewrite the sentence in passive voice.", "input": "The chef cooked the meal."}, style)
     settings = card_settings(config, ("data", "epochs", "lr", "batch_size", "lora_rank", "mask_prompt"))
     aligned = ""
     if dpo is not None:
@@ -81,6 +82,7 @@ def model_card(run_dir: Path) -> str:
         "```python\nfrom transformers import GPT2LMHeadModel, GPT2Tokenizer\n\n"
         f"path = \"{run_dir.name}\"  # the folder that {run_dir.name}-hf.zip unzips into, or the Hub repo id\n"
         "tokenizer = GPT2Tokenizer.from_pretrained(path)\nmodel = GPT2LMHeadModel.from_pretrained(path)\n"
+        f"prompt = {example!r}\n"
         "ids = tokenizer(prompt, return_tensors=\"pt\").input_ids\n"
         "out = model.generate(ids, max_new_tokens=128, do_sample=False)\n"
         "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```\n"

@@ -311,6 +311,9 @@ def test_exported_zip_unpacks_into_one_folder_that_loads_in_transformers(run, tm
     assert tokenizer.encode("Hello, world") == [15496, 11, 995]
     assert tokenizer.eos_token_id == EOT_ID
     assert "### Response:" in (folder / "README.md").read_text()
+    snippet = (folder / "README.md").read_text().split("```python\n")[1].split("```")[0].replace("max_new_tokens=128", "max_new_tokens=4")
+    ran = subprocess.run([sys.executable, "-c", snippet], cwd=unzipped, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]  # the card's example runs as it stands, beside the unzipped folder
 
 
 def test_export_of_an_unfinished_run_is_refused(tmp_path):
