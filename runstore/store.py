@@ -161,15 +161,24 @@ def read_manifest(path: Path) -> dict:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The run's metrics rows; a last line still being written (or cut by a crash) is left out."""
+    """The run's metrics rows. A last line still being written is left out, and so is a line a disk or copy error
+    damaged: one bad row must not keep the app from starting or a chart from drawing."""
     try:
-        text = (Path(path) / METRICS).read_text()
+        text = (Path(path) / METRICS).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines.pop()
-    return [json.loads(line) for line in lines if line.strip()]
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def process_owner() -> dict:

@@ -306,3 +306,19 @@ def test_a_run_that_ends_while_it_is_checked_for_recovery_stays_done(tmp_path, m
     writer.close()
     recovering.join(10)
     assert read_manifest(tmp_path / "run")["status"] == "done"
+
+
+def test_a_damaged_metrics_file_loses_its_bad_rows_not_the_app(tmp_path):
+    """A disk or copy error in one run's metrics.jsonl kept the app from starting (recovery read every row)."""
+    run = tmp_path / "runs" / "20260101-000000-tiny"
+    writer = RunWriter(run)
+    writer.update_manifest(status="running", owner={"pid": 2**22 + 7, "host": socket.gethostname()})
+    for step in range(4):
+        writer.log({"step": step, "train_loss": 1.0})
+    writer.close()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:9] + "\x00\x00garbage"
+    (run / "metrics.jsonl").write_text("\n".join(lines + ["[1, 2]", '{"step": "x"}']) + "\n")
+    assert [r["step"] for r in read_metrics(run)] == [0, 2, 3]
+    assert [r.name for r in recover_runs(tmp_path / "runs")] == [run.name]
+    assert read_manifest(run)["status"] == "interrupted" and read_manifest(run)["steps"] == 3
