@@ -2,10 +2,14 @@
 
 Serves on 127.0.0.1:7860 by default; ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``
 are honoured and the flags win over them; on a Hugging Face Space (``SPACE_ID``
-set) it listens on 0.0.0.0.
+set) it listens on 0.0.0.0. Ctrl-C or SIGTERM (a Space restarting) stops the
+running job, waits until it has saved a checkpoint, and exits; a second Ctrl-C
+quits at once.
 """
 import argparse
 import os
+import signal
+import sys
 
 from engine import Engine
 from ui.app import build_app, launch_options
@@ -27,7 +31,17 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     host, port = server_address(args.host, args.port)
     engine = Engine(loopback=host in LOOPBACK)
-    build_app(engine).launch(server_name=host, server_port=port, **launch_options())
+    signal.signal(signal.SIGTERM, interrupt)  # the way Ctrl-C goes: Gradio closes the server, then the jobs save
+    try:
+        build_app(engine).launch(server_name=host, server_port=port, **launch_options())
+    finally:
+        print("Stopping the running job, if any, and saving it; Ctrl-C again to quit without saving", file=sys.stderr)
+        for message in engine.shutdown():
+            print(message, file=sys.stderr)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -198,6 +198,16 @@ class Engine:
         job = self._jobs[lane]
         return job.stop(owner) if job is not None else False
 
+    def shutdown(self, timeout: float | None = None) -> list[str]:
+        """The server is going away: stop every running job at its next boundary and wait until each has saved
+        (a checkpoint to resume from). Returns what each job it stopped says at its end."""
+        with self._lock:
+            jobs = [job for job in self._jobs.values() if job is not None and job.active]
+        stopped = [job for job in jobs if job.stop(reason="the server is shutting down")]
+        for job in stopped:
+            job.wait(timeout)
+        return [f"{job.snapshot(since=SCALARS_ONLY)['title']}: {job.snapshot(since=SCALARS_ONLY)['message']}" for job in stopped]
+
     def _launch(self, lane: str, job: Job) -> Job:
         with self._lock:
             if self._measuring:

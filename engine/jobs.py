@@ -46,6 +46,7 @@ class Job:
         self.kind, self._work = kind, work
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._stop_reason: bool | str = True  # what ``should_stop`` says once stopped: True (its owner) or a reason
         self._history: list[dict] = []  # rows are never changed once appended, so a slice can be shared
         self._state = fresh_state(kind, title)
         self._state.update(status="starting", message=f"Starting {title or kind}", owner=owner, config=config,
@@ -65,20 +66,24 @@ class Job:
         with self._lock:
             return self._state["status"] in ACTIVE
 
-    def stop(self, owner: str | None = None) -> bool:
-        """Ask the task to stop at its next boundary (a run saves what it has). False when it is not running."""
+    def stop(self, owner: str | None = None, reason: str | None = None) -> bool:
+        """Ask the task to stop at its next boundary (a run saves what it has). False when it is not running.
+
+        Only its owner may; the server itself gives a ``reason`` instead (it is shutting down)."""
         with self._lock:
             if self._state["status"] not in ACTIVE:
                 return False
-            if self._state["owner"] is not None and owner != self._state["owner"]:
+            if reason is None and self._state["owner"] is not None and owner != self._state["owner"]:
                 raise JobError(f"Only the browser session that started this {self._state['title'] or self.kind} can stop it.")
-            self._state.update(status="stopping", message="Stopping (stopped by its owner)",
+            self._stop_reason = reason or True
+            self._state.update(status="stopping", message=f"Stopping ({reason or 'stopped by its owner'})",
                                version=self._state["version"] + 1)
         self._stop.set()
         return True
 
-    def should_stop(self) -> bool:
-        return self._stop.is_set()
+    def should_stop(self) -> bool | str:
+        """False while it may go on; once stopped, True (its owner stopped it) or the reason."""
+        return self._stop_reason if self._stop.is_set() else False
 
     def snapshot(self, since: int = 0) -> dict:
         """The state with ``history`` holding rows ``since`` onwards and ``history_len`` all of them; no deep copy."""
@@ -99,7 +104,7 @@ class Job:
 
     def _run(self) -> None:
         try:
-            result = self._work(Hooks(on_event=self.on_event, should_stop=self._stop.is_set))
+            result = self._work(Hooks(on_event=self.on_event, should_stop=self.should_stop))
             with self._lock:
                 self._state["result"] = result
                 if self._state["status"] not in ENDED:  # a task that emits no Finished (evaluation)

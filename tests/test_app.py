@@ -20,6 +20,7 @@ from gradio_client import Client, handle_file
 
 from data import cache, load_instructions
 from data.browse import matches
+from runstore import CHECKPOINT, read_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword).*")
 REPO = Path(__file__).resolve().parents[1]
@@ -410,7 +411,8 @@ def test_server_address_flags_win_then_environment_then_space():
     assert server_address("127.0.0.2", 7000, env=env) == ("127.0.0.2", 7000)
 
 
-def test_app_py_serves_quickly_with_no_network(tmp_path):
+def test_app_py_serves_quickly_with_no_network_and_a_sigterm_saves_the_running_job(tmp_path):
+    """A Space restarting sends SIGTERM: the run in progress stops at its next step and saves a checkpoint."""
     port = free_port()
     env = {**os.environ, "GPT2_INSTRUCT_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
@@ -426,9 +428,24 @@ def test_app_py_serves_quickly_with_no_network(tmp_path):
                 assert time.time() < deadline, "app.py did not serve within 60 s"
                 time.sleep(0.3)
         assert "Instruction fine-tuning GPT-2" in page
-    finally:
+        c = client(f"http://127.0.0.1:{port}/")
+        load(c, "sample")
+        assert "Started fine-tuning" in text(start(c, "owner-a", epochs=30, max_steps=0, eval_every=1000))
+        deadline = time.time() + 60
+        while c.predict(api_name="/job_status")["step"] < 2:
+            assert time.time() < deadline, "the run did not reach step 2"
+            time.sleep(0.2)
         proc.terminate()
-        proc.wait(timeout=20)
+        output = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode == 0, output
+        run = next((tmp_path / "runs").iterdir())
+        manifest = read_manifest(run)
+        assert manifest["status"] == "stopped" and manifest["stop_reason"] == "the server is shutting down", output
+        assert (run / CHECKPOINT).is_file() and f"fine-tuning run: Stopped after step {manifest['steps']}" in output
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 def test_form_values_map_to_a_train_config():
