@@ -264,6 +264,8 @@ def find_run(name: str | Path, root: Path | None = None) -> RunInfo | None:
 
 def run_folder(name: str) -> Path:
     """A run for a command line: by name under the runs folder, or a run folder's path; ``ValueError`` otherwise."""
+    if not str(name).strip():
+        raise ValueError("no run given: name a run under the runs folder, or a run folder")
     run = find_run(name)
     if run is not None:
         return run.path

@@ -756,6 +756,22 @@ def test_cli_flags_for_checkpoints_wall_time_and_resume():
         TrainConfig(max_wall_s=0)
 
 
+def test_cli_keeps_local_files_by_absolute_path_and_refuses_an_empty_resume(tmp_path, monkeypatch, capsys):
+    """A run trained on ``--data mine.json`` in one folder must resume and evaluate from any other."""
+    from training import cli, dpo_cli
+
+    (tmp_path / "mine.json").write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "hi"}] * 12))
+    (tmp_path / "weights").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = cli.parse_args(["--model", "weights", "--data", "mine.json"])
+    assert (config.model, config.data) == (str(tmp_path / "weights"), str(tmp_path / "mine.json"))
+    kept = cli.parse_args(["--model", "tiny", "--random-init", "--data", "sample"])
+    assert (kept.model, kept.data) == ("tiny", "sample")
+    for main in (cli.main, dpo_cli.main):  # an empty --resume used to start a new default run
+        assert main(["--resume", ""]) == 1
+        assert "error: no run given" in capsys.readouterr().err
+
+
 def test_cli_help_shows_every_default_takes_none_and_notes_flags_that_do_nothing(capsys):
     from training.cli import make_parser, parse_args
     from training.dpo_cli import parse_args as parse_dpo_args

@@ -11,7 +11,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from data import DatasetError
-from model import WeightsError
+from model import PRESETS, WeightsError
 from model.device import configure_runtime
 from runstore import run_folder
 
@@ -41,6 +41,10 @@ def parse_args(argv=None, make=None, settings=TrainConfig, check=None):
     args.pop("resume")
     if args["eval_batches"] == 0:
         args["eval_batches"] = None
+    for key, names in (("data", ("canonical", "sample", "preference")), ("model", PRESETS)):
+        value = args.get(key)
+        if isinstance(value, str) and value not in names and Path(value).expanduser().exists():
+            args[key] = str(Path(value).expanduser().resolve())  # so that a resume or evaluation from elsewhere finds it
     problem = check(args) if check else None
     if problem:
         parser.error(problem)
@@ -144,8 +148,8 @@ def main(argv=None) -> int:
     configure_runtime()
     resume = make_parser().parse_args(argv).resume
     try:
-        run_dir = run_folder(resume) if resume else None
-        config = resume_config(run_dir, **settings_given(argv)) if resume else parse_args(argv)
+        run_dir = run_folder(resume) if resume is not None else None
+        config = resume_config(run_dir, **settings_given(argv)) if resume is not None else parse_args(argv)
     except ValueError as e:  # a run that cannot be resumed, or changed settings
         print(f"error: {e}", file=sys.stderr)
         return 1

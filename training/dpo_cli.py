@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     configure_runtime()
     resume = make_parser().parse_args(argv).resume
     try:
-        run_dir = run_folder(resume) if resume else None
-        config = resume_dpo_config(run_dir, **settings_given(argv, make_parser)) if resume else parse_args(argv)
+        run_dir = run_folder(resume) if resume is not None else None
+        config = resume_dpo_config(run_dir, **settings_given(argv, make_parser)) if resume is not None else parse_args(argv)
     except ValueError as e:  # a run that cannot be resumed, or changed settings
         print(f"error: {e}", file=sys.stderr)
         return 1
