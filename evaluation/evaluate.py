@@ -38,8 +38,9 @@ from runstore.export import ExportError, export_zip
 from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.cores import CoreShare
+from training.dpo import file_sha256
 from training.loop import now
-from runstore import parent_folder, read_manifest, run_folder, write_atomic
+from runstore import WEIGHTS, parent_folder, read_manifest, run_folder, write_atomic
 from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences
 
 EVAL_ROWS = "eval.jsonl"
@@ -176,6 +177,11 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     if not names or any(m not in allowed for m in names) or len(set(names)) != len(names):
         raise ValueError(f"models must be some of {', '.join(allowed)} for this run, got {', '.join(names) or 'none'}")
     weights_of = {"tuned": parent_folder(run_dir, manifest) if dpo else run_dir, "aligned": run_dir}
+    left_out = {}
+    if dpo and "tuned" in names and (why := parent_changed(weights_of["tuned"], manifest)):
+        if models:
+            raise ValueError(f"{run_dir.name}: {why}; score base and aligned alone (--models base,aligned)")
+        names, left_out = tuple(n for n in names if n != "tuned"), {"tuned": why}
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
@@ -229,12 +235,23 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
             "run": run_dir.name, "model": config.model, "data": source, "style": config.style, "split": split,
             "examples": len(rows), "limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
             "judge": judge.describe() if judge is not None else None, "device": device, "started": started,
-            "wall_time_s": time.perf_counter() - tracker.start, "time_s": tracker.times,
+            "wall_time_s": time.perf_counter() - tracker.start, "time_s": tracker.times, "left_out": left_out,
             **{name: totals(results[name], judged=judge is not None) for name in names},
         }
         write_atomic(run_dir / EVAL_ROWS, "".join(json.dumps(row) + "\n" for row in rows))
         write_atomic(run_dir / EVAL_SUMMARY, json.dumps(summary, indent=2))
         return {"summary": summary, "rows": rows}
+
+
+def parent_changed(parent: Path, manifest: dict) -> str | None:
+    """Why a DPO run's parent no longer holds the fine-tuned model it was aligned from (gone, or trained further), or None."""
+    weights, name = Path(parent) / WEIGHTS, manifest.get("parent_run") or Path(parent).name
+    if not weights.is_file():
+        return f"its fine-tuned parent run {name} is gone"
+    if manifest.get("parent_sha256") and file_sha256(weights) != manifest["parent_sha256"]:
+        return (f"its fine-tuned parent run {name} has been trained further since, so it no longer holds "
+                "the model this run was aligned from")
+    return None
 
 
 def load_preferences_if_any(source: str) -> list[dict] | None:
@@ -374,7 +391,8 @@ def format_summary(summary: dict) -> str:
     cols = [max(len(title), *(len(values[i]) for _, values in lines)) for i, title in enumerate(titles)]
     table = [f"{'':<{width}}  " + "  ".join(f"{t:>{c}}" for t, c in zip(titles, cols))]
     table += [f"{label:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(values, cols)) for label, values in lines]
-    return "\n".join([head, *table])
+    notes = [f"{COLUMN_TITLES[name]} left out: {why}" for name, why in (summary.get("left_out") or {}).items()]
+    return "\n".join([head, *table, *notes])
 
 
 class ProgressBar:

@@ -538,3 +538,14 @@ def test_evaluate_scores_the_three_models_and_the_preference(parent, pref_file, 
     manifest = read_manifest(moved / "dpo")
     (moved / "dpo" / "manifest.json").write_text(json.dumps({**manifest, "parent_dir": str(tmp_path / "gone")}))
     assert evaluate_run(moved / "dpo", limit=1, max_new_tokens=1, models=["tuned"])["summary"]["models"] == ["tuned"]
+    # The parent trained further after the alignment (a stopped run resumed): it is no longer the fine-tuned model.
+    weights = moved / parent.name / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    changed = evaluate_run(moved / "dpo", limit=1, max_new_tokens=1)["summary"]
+    assert changed["models"] == ["base", "aligned"] and "has been trained further since" in changed["left_out"]["tuned"]
+    assert "fine-tuned left out: its fine-tuned parent run" in format_summary(changed)
+    with pytest.raises(ValueError, match="trained further since.*score base and aligned alone"):
+        evaluate_run(moved / "dpo", limit=1, max_new_tokens=1, models=["tuned", "aligned"])
+    shutil.rmtree(moved / parent.name)
+    assert evaluate_run(moved / "dpo", limit=1, max_new_tokens=1)["summary"]["left_out"] == {
+        "tuned": f"its fine-tuned parent run {parent.name} is gone"}

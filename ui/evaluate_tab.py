@@ -141,6 +141,8 @@ def summary_html(summary: dict, rows: list[dict]) -> str:
             f"{clock(summary['wall_time_s'])} on {html.escape(str(summary['device']))} · {html.escape(str(summary['started'])[:16])}")
     parts = [f'<div class="gi-caption">{head}</div>',
              f'<table class="gi-eval"><tr><th></th>{columns}<th></th></tr>{body}</table>']
+    for name, why in (summary.get("left_out") or {}).items():
+        parts.append(f'<div class="gi-caption">{COLUMNS.get(name, name)} left out: {html.escape(why)}.</div>')
     too_long = max(summary[n]["too_long"] for n in names)
     if too_long:
         parts.append(f'<div class="gi-caption">{too_long} reference(s) too long for the context window: left out of the NLL.</div>')
