@@ -257,6 +257,10 @@ def test_only_the_owner_can_stop_a_run(url):
     assert "Started" in text(start(c, "owner-a", epochs=50, max_steps=0, eval_every=100))
     assert "Only the browser session" in text(c.predict("owner-b", api_name="/stop_training"))
     assert c.predict(api_name="/job_status")["status"] not in ("stopped", "done")
+    deadline = time.time() + 60
+    while c.predict(api_name="/job_status")["step"] < 1:  # stopped before its first step, a run saves no model
+        assert time.time() < deadline, "the run did not reach step 1"
+        time.sleep(0.1)
     assert "Stopping at the next step" in text(c.predict("owner-a", api_name="/stop_training"))
     status = wait_until_idle(c)
     assert status["status"] == "stopped" and status["final"]["steps"] < 50 * 7
@@ -633,9 +637,9 @@ def test_a_run_stopped_before_its_first_step_is_not_offered_to_compare_and_stopp
     def run(name, steps):
         config = TrainConfig(model="tiny", random_init=True, data="sample", max_steps=5, eval_every=5, sample_tokens=0,
                              out=str(tmp_path / name))
-        done = []
-        summary = train(config, Hooks(on_event=lambda e: isinstance(e, Logged) and e.step > 0 and done.append(e),
-                                      should_stop=lambda: len(done) >= steps))
+        done = []  # the first evaluation's row, then a row a step
+        summary = train(config, Hooks(on_event=lambda e: isinstance(e, Logged) and done.append(e),
+                                      should_stop=lambda: len(done) > steps))
         return summary
 
     never = run("20990101-000000-never", 0)

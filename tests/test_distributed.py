@@ -127,7 +127,7 @@ def test_each_rank_takes_its_share_of_the_global_batches_of_one_process(grouped)
 
 
 def test_two_processes_train_like_one_with_the_whole_batch(tmp_path):
-    """fp32: 2 gloo ranks with batch 2 against 1 process with batch 4, 6 steps: losses and weights agree to 1e-5.
+    """fp32: 2 gloo ranks with batch 2 against 1 process with batch 4, 6 steps: losses and the weights agree to 1e-5.
 
     The 1-process run steps AdamW inside backward; under DDP it steps after the reduced gradients.
     """
@@ -148,7 +148,10 @@ def test_two_processes_train_like_one_with_the_whole_batch(tmp_path):
         assert len(a) == len(b) == (7 if key == "train_loss" else 3)
         assert a == pytest.approx(b, rel=1e-5), key
     assert losses(ddp, "train_loss")[-1] < losses(ddp, "train_loss")[0] - 0.5  # it learned
-    assert_same_weights(ddp, one, 1e-5)
+    # The whole model to 1e-5; a tensor alone to 1e-4: AdamW's first steps move an element by about lr whatever
+    # its gradient's size, so an element whose gradient is near zero (a LayerNorm bias, for some initial weights)
+    # turns the different order of the two processes' sums into a visible relative difference.
+    assert_same_weights(ddp, one, 1e-4, overall=1e-5)
 
 
 def test_bf16_with_accumulation_agrees_with_one_process(tmp_path):
