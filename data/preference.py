@@ -40,6 +40,9 @@ def preference_path(source) -> Path:
     """The file behind a source: the cached book file for ``"preference"`` (downloaded on first use), else the path."""
     if isinstance(source, str) and source == "preference":
         return cache.preference_path()
+    if isinstance(source, str) and source in ("canonical", "sample"):
+        raise DatasetError(f"{source} is instruction data: preference tuning takes pairs with a chosen and a rejected "
+                           "answer, 'preference' (the book's 1,100) or a JSON / JSON Lines file of them")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path or 'preference', got {type(source).__name__}")
     return Path(source)

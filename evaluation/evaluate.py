@@ -184,8 +184,9 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
         names, left_out = tuple(n for n in names if n != "tuned"), {"tuned": why}
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
-        raise ValueError("max_new_tokens, batch_size and limit must be at least 1")
+    for setting, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("limit", limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{setting} must be at least 1, got {value}")
     source = str(data or (manifest["dpo"]["data"] if dpo else config.data))
     preferences = load_preferences_if_any(source)
     records = getattr(split_instructions(preferences or load_instructions(source)), split)[:limit]

@@ -95,6 +95,8 @@ class Judge:
         parts = urllib.parse.urlsplit(self.endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in self.url.strip()):
             raise ValueError(f"judge URL must be an http(s) address such as {DEFAULT_URL}, got {self.url!r}")
+        if not 0 < self.timeout < float("inf"):
+            raise ValueError(f"judge timeout must be a number of seconds above 0, got {self.timeout}")
 
     @property
     def endpoint(self) -> str:

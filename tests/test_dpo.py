@@ -84,6 +84,9 @@ def test_bad_preference_files_name_the_record_and_field(tmp_path):
         return load_preferences(path)
 
     good = {"instruction": "Say hi.", "input": "", "output": "Hi.", "chosen": "Hi!", "rejected": "No."}
+    for instructions in ("sample", "canonical"):
+        with pytest.raises(DatasetError, match=f"{instructions} is instruction data: preference tuning takes pairs"):
+            load_preferences(instructions)
     with pytest.raises(DatasetError, match=r'p\.json, record 2: field "rejected" is missing'):
         load(json.dumps([good, {k: v for k, v in good.items() if k != "rejected"}]))
     with pytest.raises(DatasetError, match=r'record 1: field "chosen" is empty'):

@@ -25,7 +25,7 @@ from evaluation.evaluate import (
 )
 from runstore.export import ExportError, export_zip, load_hint, push_to_hub
 from runstore.models import Models
-from evaluation.judge import Judge, chat_url, judge_help, judge_prompt, parse_score, summarize_scores
+from evaluation.judge import DEFAULT_URL, Judge, chat_url, judge_help, judge_prompt, parse_score, summarize_scores
 from training.loop import respond
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,6 +207,9 @@ def test_judge_helpers():
     for bad in ("not a url", "ftp://host/v1", "http:///v1"):  # refused before a single example is evaluated
         with pytest.raises(ValueError, match=f"judge URL must be an http.s. address such as http://localhost:11434/v1, got {bad!r}"):
             Judge(bad)
+    for timeout in (0, -1, float("nan"), float("inf")):  # each request would fail, blaming the judge
+        with pytest.raises(ValueError, match="judge timeout must be a number of seconds above 0"):
+            Judge(DEFAULT_URL, timeout=timeout)
 
 
 # evaluate_run
@@ -219,6 +222,9 @@ def test_evaluate_run_writes_rows_and_summary(run, test_records, judge_server):
     seconds = time.perf_counter() - t0
     rows, summary = result["rows"], result["summary"]
     assert load_eval(run) == json.loads(json.dumps(result))
+    for setting, value in (("limit", 0), ("batch_size", 0), ("max_new_tokens", -5)):
+        with pytest.raises(ValueError, match=f"^{setting} must be at least 1, got {value}$"):
+            evaluate_run(run, **{setting: value})
     assert len((run / EVAL_ROWS).read_text().splitlines()) == 6 and (run / EVAL_SUMMARY).is_file()
     assert [r["instruction"] for r in rows] == [r["instruction"] for r in test_records[:6]]
 

@@ -115,11 +115,17 @@ def test_resume_refuses_done_runs_runs_without_checkpoint_and_changed_settings(t
     assert resume_config(tmp_path / "stopped", checkpoint_every=1).checkpoint_every == 1
     same = resume_config(tmp_path / "stopped", model="tiny", random_init=True, lr=1e-3, epochs=2)  # the run's own flags
     assert same == resume_config(tmp_path / "stopped")
+    (tmp_path / "stopped" / CHECKPOINT).write_bytes(b"")  # a disk that filled up
+    with pytest.raises(ResumeError, match="stopped: its checkpoint is an empty file"):
+        resume_run(tmp_path / "stopped")
     (tmp_path / "stopped" / CHECKPOINT).unlink()
     with pytest.raises(ResumeError, match="has no checkpoint"):
         resume_run(tmp_path / "stopped")
     with pytest.raises(ResumeError, match="not a run"):
         resume_run(tmp_path)
+    (tmp_path / "stopped" / "manifest.json").write_text("")
+    with pytest.raises(ResumeError, match="stopped: its manifest.json cannot be read"):
+        resume_run(tmp_path / "stopped")
 
 
 # Failures and limits

@@ -754,6 +754,8 @@ def test_cli_flags_for_checkpoints_wall_time_and_resume():
     assert settings_given(["--resume", "run", "--checkpoint-every", "3", "--grouped"]) == {"checkpoint_every": 3, "grouped": True}
     with pytest.raises(ConfigError, match="max_wall_s must be > 0"):
         TrainConfig(max_wall_s=0)
+    with pytest.raises(ConfigError, match="seed"):  # torch takes 64 bits: "Overflow when unpacking long long" before
+        TrainConfig(seed=10**20)
 
 
 def test_cli_keeps_local_files_by_absolute_path_and_refuses_an_empty_resume(tmp_path, monkeypatch, capsys):

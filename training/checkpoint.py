@@ -56,6 +56,8 @@ def checkpoint_run(writer, emit, optimizer, *, step: int, write: bool = True, **
 
 def load_checkpoint(run_dir: Path) -> dict:
     path = Path(run_dir) / CHECKPOINT
+    if path.is_file() and path.stat().st_size == 0:
+        raise ResumeError(f"{Path(run_dir).name}: its checkpoint is an empty file (the disk filled up, or it was cut short)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:
@@ -105,7 +107,8 @@ def resumable(run_dir: Path) -> dict:
     manifest = read_manifest(run_dir)
     name = run_dir.name
     if not manifest:
-        raise ResumeError(f"{name}: not a run (no manifest.json)")
+        damaged = (run_dir / "manifest.json").is_file()
+        raise ResumeError(f"{name}: its manifest.json cannot be read (empty or damaged)" if damaged else f"{name}: not a run (no manifest.json)")
     recover_run(run_dir)
     manifest = read_manifest(run_dir)
     status = manifest.get("status")

@@ -97,7 +97,7 @@ class TrainConfig(Settings):
     batch_size: int = setting(8, "records per batch", 1, 512)
     lr: float = setting(5e-5, "AdamW learning rate", 0, 1.0, low_open=True)
     weight_decay: float = setting(0.1, "AdamW weight decay", 0, 1.0)
-    seed: int = setting(123, "seed for the weights of a random init, the batch order and dropout")
+    seed: int = setting(123, "seed for the weights of a random init, the batch order and dropout", 0, 2**63 - 1)
     warmup_steps: int = setting(0, "linear learning-rate warmup steps", 0)
     cosine: bool = setting(False, "cosine decay to min_lr_ratio x lr after the warmup")
     min_lr_ratio: float = setting(0.1, "where the cosine decay ends, as a share of lr", 0, 1, needs="cosine")

@@ -58,7 +58,7 @@ class DPOConfig(Settings):
     batch_size: int = setting(8, "pairs per batch", 1, 512)
     lr: float = setting(5e-6, "AdamW learning rate", 0, 1.0, low_open=True)
     weight_decay: float = setting(0.01, "AdamW weight decay", 0, 1.0)
-    seed: int = setting(123, "seed for the batch order")
+    seed: int = setting(123, "seed for the batch order", 0, 2**63 - 1)
     grad_clip: float | None = setting(None, "clip the gradient norm to this", 0, low_open=True)
     eval_every: int = setting(20, "steps between evaluations on train and validation pairs", 1)
     eval_batches: int | None = setting(3, "batches per evaluation, of train and of validation (none: all)", 1)
