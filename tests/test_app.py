@@ -650,6 +650,8 @@ def test_a_run_stopped_before_its_first_step_is_not_offered_to_compare_and_stopp
     assert list(labels) == ["20990101-000002-whole", "20990101-000001-two"]
     assert " · stopped at step 2 · " in labels["20990101-000001-two"] and "stopped" not in labels["20990101-000002-whole"]
     assert "before its first step" in text(final_html({"final": never, "run": "20990101-000000-never"}))
+    loading = {"status": "stopped", "message": "Stopped while the model loaded: no run was started, nothing was written"}
+    assert text(final_html(loading)).strip() == loading["message"]
 
 
 def test_the_length_histogram_stays_on_non_negative_token_counts():

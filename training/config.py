@@ -194,7 +194,7 @@ def demo_text(max_epochs: int = 100, local_paths: bool = True) -> str:
     return (
         "The offline demo fine-tunes tiny, a 7-million-parameter GPT-2 that starts from random weights, on the 74 "
         f"records of the bundled sample: nothing is downloaded, and a run ({7 * epochs} short steps) takes seconds on a CPU "
-        "(about 15 on two cores without native bf16). Before training it repeats one word. After it, its answers take the words "
+        f"(about {max(1, round(15 * epochs / DEMO['epochs']))} on two cores without native bf16). Before training it repeats one word. After it, its answers take the words "
         "and the shape of the sample's answers (\"The capital of …\", \"A synonym for …\")"
         + ("; at 30 epochs it repeats its training answers word for word" if max_epochs >= 30 else "")
         + ". It cannot follow instructions: a model that has never read English cannot learn it from 74 "

@@ -161,8 +161,8 @@ def final_html(snap: dict, local_paths: bool = True) -> str:
                     f"{where}, or tick <b>Random init</b> for the offline demo.")
         return notice(f"<b>The run failed.</b> {html.escape(snap['error'])}{hint}", "error")
     final = snap.get("final")
-    if not final:
-        return ""
+    if not final:  # stopped while loading, before the run existed: its message says so
+        return notice(html.escape(snap["message"])) if snap.get("status") == "stopped" and snap.get("message") else ""
     word = "Done" if final["status"] == "done" else "Stopped"
     reason = f" ({html.escape(final['stop_reason'])})" if final.get("stop_reason") else ""
     return notice(
