@@ -128,7 +128,7 @@ def test_a_reloaded_page_gets_the_evaluation_back_with_stop_and_its_results(run)
     from ui.evaluate_tab import poll
 
     engine = Engine()
-    owner, other = (poll(engine, who, None, RANK, False)[-1] for who in ("owner-a", "owner-b"))  # pages open, idle
+    owner, other, same = (poll(engine, who, None, RANK, False)[-1] for who in ("owner-a", "owner-b", "owner-c"))  # idle pages
     job = engine.start_evaluation(RUN, owner="owner-a", limit=7, max_new_tokens=64, batch_size=1)
     deadline = time.time() + 60
     while not job.snapshot()["progress"] and time.time() < deadline:
@@ -143,12 +143,15 @@ def test_a_reloaded_page_gets_the_evaluation_back_with_stop_and_its_results(run)
     assert refresh_runs(engine, None).value == RUN  # a reloaded page's picker: the run being evaluated
     _, message, *_, start, stop, other = poll(engine, "owner-b", other, RANK, False)
     assert "started by another visitor" in text(message) and not start.interactive and not stop.interactive
+    same = poll(engine, "owner-c", same, RANK, False, RUN)[-1]
     assert job.wait(120)
     progress, message, summary, _, table, result, picker, start, stop, owner = poll(engine, "owner-a", owner, RANK, False)
     assert "Evaluated 7 examples" in text(progress) and "7 test examples of sample" in text(summary)
     assert result["run"] == RUN and len(table["data"]) == 7 and start.interactive and not stop.interactive
     progress, _, summary, *_, start, _, _ = poll(engine, "owner-b", other, RANK, False)
-    assert progress == "" and not isinstance(summary, str) and start.interactive  # the results stay the owner's
+    assert progress == "" and not isinstance(summary, str) and start.interactive  # another run's page keeps its results
+    _, _, summary, *_ = poll(engine, "owner-c", same, RANK, False, RUN)  # a page showing that run gets the new ones
+    assert "7 test examples of sample" in text(summary)
     assert all(not isinstance(o, (str, gr.Button)) for o in poll(engine, "owner-a", owner, RANK, False)[:-1])  # once
 
 

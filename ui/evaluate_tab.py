@@ -284,9 +284,10 @@ def outcome(engine, snap: dict, rank_by: str, show_all: bool) -> tuple:
     return notice(done, "ok"), "", *results
 
 
-def poll(engine, client_id: str | None, seen: dict | None, rank_by: str, show_all: bool):
+def poll(engine, client_id: str | None, seen: dict | None, rank_by: str, show_all: bool, name: str | None = None):
     """One timer tick for a page that is not streaming the evaluation itself (another visitor's, or this browser's
-    after a reload): its progress and Stop while it goes; at its end, the results for the browser that started it."""
+    after a reload): its progress and Stop while it goes; at its end, the results for the browser that started it
+    and for pages showing that run (``name``: the page's picked run), whose old results they replace."""
     seen = dict(seen or {})
     skip = (gr.skip(),) * 10
     if seen.get("streaming"):
@@ -306,7 +307,8 @@ def poll(engine, client_id: str | None, seen: dict | None, rank_by: str, show_al
         buttons = (gr.Dropdown(interactive=not mine), *controls(busy=True, can_stop=mine)[1:]) if first else (gr.skip(),) * 3
         out = (progress, message, *(gr.skip(),) * 4, *buttons)
     elif seen.get("active") and ended and seen.get("ended") != ended:  # watched here until it ended
-        results = outcome(engine, snap, rank_by, show_all) if mine else ("", "", *(gr.skip(),) * 4)
+        showing = name is not None and name == (snap.get("config") or {}).get("run")
+        results = outcome(engine, snap, rank_by, show_all) if mine or showing else ("", "", *(gr.skip(),) * 4)
         out = (*results, *controls(busy=False))
     else:
         out = (gr.skip(),) * 9
@@ -416,7 +418,7 @@ def build(shared) -> None:
                                                rank_by, show_all, seen],
                     job_outputs, api_name="evaluate",
                     concurrency_limit=2, concurrency_id="evaluate", show_progress="minimal", show_progress_on=progress)
-    shared.poll_while_shown(partial(poll, engine), [shared.client_id, seen, rank_by, show_all], job_outputs)
+    shared.poll_while_shown(partial(poll, engine), [shared.client_id, seen, rank_by, show_all, run], job_outputs)
     stop_btn.click(partial(stop, engine), shared.client_id, message, api_name="stop_evaluation", **cheap)
     run.input(load_shown, [run, rank_by, show_all], shown_outputs, api_name="load_evaluation", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
