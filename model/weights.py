@@ -128,7 +128,7 @@ def resolve(source: str | os.PathLike, progress: ProgressFn | None = None) -> tu
 def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -> Path:
     """A file of a Hub repo, from the local cache when it is there, else downloaded (resumable)."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError)
 
     try:
@@ -157,7 +157,7 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
     except RepositoryNotFoundError:
         raise WeightsError(f"the Hugging Face Hub has no model {repo!r}{presets}, or it is private: check the id, "
                            "e.g. openai-community/gpt2") from None
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:  # the Hub said so; a download cut off is a LocalEntryNotFoundError, handled below
         raise WeightsError(f"{repo} on the Hugging Face Hub has no {filename}: this app loads GPT-2 weights saved "
                            f"as {WEIGHTS_NAME} with their {CONFIG_NAME}") from None
     except Exception as e:  # the network and the rest: the cache is the way out

@@ -62,6 +62,14 @@ def test_bf16_and_fp32_losses_agree_on_the_same_batches(tmp_path):
 
 @pytest.mark.cuda
 @needs_gpu
+def test_a_random_init_with_lora_trains_on_the_gpu_from_its_cpu_generator(tmp_path):
+    """The init's generator is a CPU one: the weights and LoRA's A are drawn on the CPU, then moved."""
+    summary = cuda_run(tmp_path, "lora", lora_rank=4, max_steps=2, eval_every=2)
+    assert summary["status"] == "done" and summary["steps"] == 2
+
+
+@pytest.mark.cuda
+@needs_gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_saved_model_loads_and_gives_the_runs_validation_loss(tmp_path, precision):
     """Saved from the GPU (exact fp32 master weights), reloaded on the CPU: the loss the run logged last."""
