@@ -84,10 +84,10 @@ class Judge:
 
     url: str = DEFAULT_URL
     model: str = DEFAULT_MODEL
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a job's settings that visitors see
     timeout: float = 60.0
     give_up_after: int = 5
-    host_key: bool = True  # whether a request without ``api_key`` may carry this machine's OPENAI_API_KEY
+    visitor: bool = False  # chosen by a visitor of a public server: see ``for_visitors``
     failures_in_a_row: int = field(default=0, init=False)
 
     def __post_init__(self):
@@ -104,14 +104,16 @@ class Judge:
 
     def for_visitors(self) -> "Judge":
         """This judge as a visitor of a server that others can reach may use it: the visitor chose where the
-        requests go, so they never carry the server's OPENAI_API_KEY, and never go to an address inside the
-        server's own network (loopback, private, link-local), which the visitor could otherwise probe."""
+        requests go, so they never carry the server's OPENAI_API_KEY (only the visitor's own ``api_key``), and
+        never reach an address inside the server's own network (loopback, private, link-local), which the
+        visitor could otherwise probe: refused here by name, then checked again on each connection (a name may
+        resolve elsewhere by then), with no redirect followed and no proxy."""
         host = urllib.parse.urlsplit(self.endpoint).hostname
         for address in addresses_of(host):
-            if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            if not is_public(address):
                 raise ValueError(f"judge URL: {host} is {address}, inside this server's own network; a server that "
                                  "others can reach calls judges on the public internet only")
-        return replace(self, host_key=False)
+        return replace(self, visitor=True)
 
     def describe(self) -> dict:
         """The settings worth saving with the results (never the key)."""
@@ -144,16 +146,62 @@ class Judge:
         """The judge's reply text to one user message, at temperature 0."""
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "stream": False}
         headers = {"Content-Type": "application/json"}
-        key = self.api_key or (os.environ.get("OPENAI_API_KEY") if self.host_key else None)
+        key = self.api_key or (None if self.visitor else os.environ.get("OPENAI_API_KEY"))
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+        open_url = VISITOR_OPENER.open if self.visitor else urllib.request.urlopen
+        with open_url(request, timeout=self.timeout) as reply:
             answer = json.loads(reply.read().decode("utf-8"))
         content = answer["choices"][0]["message"]["content"]
         if not isinstance(content, str):
             raise TypeError(f"message content is {type(content).__name__}, not text")
         return content
+
+
+def is_public(address: str) -> bool:
+    return ipaddress.ip_address(address.split("%")[0]).is_global
+
+
+def public_connection(address, *args, **kwargs) -> socket.socket:
+    """``socket.create_connection`` refusing a peer inside this server's network, checked on the connected socket."""
+    sock = socket.create_connection(address, *args, **kwargs)
+    peer = sock.getpeername()[0]
+    if not is_public(peer):
+        sock.close()
+        raise OSError(f"{address[0]} is {peer}, inside this server's own network")
+    return sock
+
+
+class PublicHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = public_connection
+
+
+class PublicHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = public_connection
+
+
+class PublicHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(PublicHTTPConnection, req)
+
+
+class PublicHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(PublicHTTPSConnection, req, context=self._context)
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirected to {newurl}, which a visitor's judge does not follow",
+                                     headers, fp)
+
+
+VISITOR_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), PublicHTTPHandler, PublicHTTPSHandler, NoRedirects)
 
 
 def addresses_of(host: str) -> list[str]:

@@ -155,6 +155,18 @@ def test_a_reloaded_page_gets_the_evaluation_back_with_stop_and_its_results(run)
     assert all(not isinstance(o, (str, gr.Button)) for o in poll(engine, "owner-a", owner, RANK, False)[:-1])  # once
 
 
+def test_a_key_typed_for_the_judge_goes_to_it_alone_and_is_saved_nowhere(c, run):
+    from .test_evaluate import JudgeServer
+
+    server = JudgeServer()
+    try:
+        c.predict("owner-a", run.name, 2, 4, 2, server.url, "llama3", RANK, False, "sk-typed-here", api_name="/evaluate")
+    finally:
+        server.server.shutdown()
+    assert server.requests and all(r["auth"] == "Bearer sk-typed-here" for r in server.requests)
+    assert not [p for p in run.iterdir() if p.is_file() and b"sk-typed-here" in p.read_bytes()]
+
+
 def test_a_judge_that_is_down_is_named_and_the_scores_still_come(c, run):
     out = evaluate(c, run, limit=2, judge_url="http://127.0.0.1:9")
     shown = text(out["summary"])

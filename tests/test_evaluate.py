@@ -115,6 +115,12 @@ class JudgeServer:
                     time.sleep(1.0)
                 if "RESP_NOTJSON" in prompt:
                     return self.send(200, b"<html>hi</html>")
+                if "RESP_REDIRECT" in prompt:
+                    self.send_response(302)
+                    self.send_header("Location", "http://127.0.0.1:9/internal")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 reply = next((r for marker, r in outer.REPLIES.items() if marker in prompt), "50")
                 self.send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode())
 
@@ -178,9 +184,16 @@ def test_a_public_servers_judge_never_carries_its_key_nor_calls_inside_its_netwo
             Judge(url).for_visitors()
     with pytest.raises(ValueError, match="inside this server's own network"):
         Engine(loopback=False).start_evaluation("any run", judge=Judge(judge_server.url))
-    monkeypatch.setattr(judge_module, "addresses_of", lambda host: ["93.184.216.34"])  # as if the server were public
+    with monkeypatch.context() as rebinding:  # the name resolves to a public address when checked, to 127.0.0.1 after
+        rebinding.setattr(judge_module, "addresses_of", lambda host: ["93.184.216.34"])
+        score, why = Judge(judge_server.url).for_visitors().score(ENTRY, "RESP_GOOD")
+        assert score is None and "127.0.0.1 is 127.0.0.1, inside this server's own network" in why
+    monkeypatch.setattr(judge_module, "is_public", lambda address: True)  # as if the judge server were on the internet
     assert Judge(judge_server.url).for_visitors().score(ENTRY, "RESP_GOOD") == (85, None)
     assert judge_server.requests[-1]["auth"] is None  # the visitor chose the URL: the host's key stays home
+    score, why = Judge(judge_server.url).for_visitors().score(ENTRY, "RESP_REDIRECT")
+    assert score is None and "HTTP 302" in why and "redirected to http://127.0.0.1:9/internal, which a visitor's judge does not follow" in why
+    assert "sk-visitor" not in repr(Judge(judge_server.url, api_key="sk-visitor"))  # a job's settings show its repr
     assert Judge(judge_server.url, api_key="sk-visitor").for_visitors().score(ENTRY, "RESP_GOOD") == (85, None)
     assert judge_server.requests[-1]["auth"] == "Bearer sk-visitor"
     assert Judge(judge_server.url).score(ENTRY, "RESP_GOOD") == (85, None)  # the owner's own judge, e.g. the CLI

@@ -106,9 +106,9 @@ def whole(value, name: str, low: int, high: int) -> int:
     return value
 
 
-def judge_of(url: str | None, model: str | None) -> Judge | None:
+def judge_of(url: str | None, model: str | None, key: str | None = None) -> Judge | None:
     url = (url or "").strip()
-    return Judge(url, (model or "").strip() or DEFAULT_MODEL, timeout=30) if url else None
+    return Judge(url, (model or "").strip() or DEFAULT_MODEL, api_key=(key or "").strip() or None, timeout=30) if url else None
 
 
 def num(value, spec: str) -> str:
@@ -237,7 +237,7 @@ def controls(busy: bool, can_stop: bool = False) -> tuple:
 
 
 def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tokens, batch_size, judge_url: str,
-             judge_model: str, rank_by: str, show_all: bool, seen: dict | None = None):
+             judge_model: str, rank_by: str, show_all: bool, seen: dict | None = None, judge_key: str | None = None):
     """Start the evaluation job and stream (progress, message, summary, chart, table, result, run picker, Evaluate, Stop,
     seen) to this page; ``poll`` shows the job to every other page, this browser's after a reload included."""
     idle = controls(busy=False)
@@ -246,7 +246,7 @@ def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tok
         if not client_id:
             raise ValueError("This browser has no session id yet: reload the page.")
         run = engine.finished_run(name)
-        settings = dict(limit=whole(limit, "examples", 0, 100_000) or None, judge=judge_of(judge_url, judge_model),
+        settings = dict(limit=whole(limit, "examples", 0, 100_000) or None, judge=judge_of(judge_url, judge_model, judge_key),
                         max_new_tokens=whole(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
                         batch_size=whole(batch_size, "batch size", 1, MAX_BATCH))
         job = engine.start_evaluation(run.name, owner=client_id, **settings)
@@ -376,6 +376,11 @@ def build(shared) -> None:
                 with gr.Row():
                     judge_url = gr.Textbox(label="Judge URL", placeholder=f"e.g. {DEFAULT_URL}", scale=3, elem_id="eval-judge-url")
                     judge_model = gr.Textbox(value=DEFAULT_MODEL, label="Judge model", scale=2, min_width=120, elem_id="eval-judge-model")
+                judge_key = gr.Textbox(label="API key (optional: sent to the judge URL alone, never saved)", type="password",
+                                       elem_id="eval-judge-key")
+                if not shared.engine.loopback:
+                    gr.HTML(notice("On this server the judge must be on the public internet (local and private addresses are "
+                                   "refused), with your own key if it needs one."), elem_id="eval-judge-public")
             with gr.Row():
                 start_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-start-btn")
                 stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="eval-stop-btn")
@@ -415,7 +420,7 @@ def build(shared) -> None:
     load_shown = partial(load_evaluation, engine)
     job_outputs = [progress, message, *shown_outputs, run, start_btn, stop_btn, seen]
     start_btn.click(partial(evaluate, engine), [shared.client_id, run, limit, max_new_tokens, batch_size, judge_url, judge_model,
-                                               rank_by, show_all, seen],
+                                               rank_by, show_all, seen, judge_key],
                     job_outputs, api_name="evaluate",
                     concurrency_limit=2, concurrency_id="evaluate", show_progress="minimal", show_progress_on=progress)
     shared.poll_while_shown(partial(poll, engine), [shared.client_id, seen, rank_by, show_all, run], job_outputs)
