@@ -14,7 +14,7 @@ from data import DatasetError, cache
 from engine import Engine, JobError, Limits
 from engine.public import scrub
 from model import GPT
-from runstore import load_run, read_manifest
+from runstore import load_run, read_manifest, read_metrics
 from training import TrainConfig
 from training.config import ConfigError
 
@@ -268,6 +268,8 @@ def test_a_stop_while_loading_or_at_the_first_evaluation_saves_no_model(engine, 
     summary = loop.train(tiny(out=str(tmp_path / "early")), loop.Hooks(on_event=events.append, should_stop=asked))
     assert summary["status"] == "stopped" and summary["steps"] == 0
     assert not (tmp_path / "early" / WEIGHTS).exists() and not (tmp_path / "early" / CHECKPOINT).exists()
+    rows = read_metrics(tmp_path / "early")  # the interrupted evaluation's step keeps its row, without a validation loss
+    assert [r["step"] for r in rows] == [0] and rows[0]["val_loss"] is None and rows[0]["train_loss"] is not None
     assert not any(isinstance(e, Status) and e.status == "saving" for e in events)
 
 

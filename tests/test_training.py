@@ -769,6 +769,7 @@ def test_cli_keeps_local_files_by_absolute_path_and_refuses_an_empty_resume(tmp_
     assert (config.model, config.data) == (str(tmp_path / "weights"), str(tmp_path / "mine.json"))
     kept = cli.parse_args(["--model", "tiny", "--random-init", "--data", "sample"])
     assert (kept.model, kept.data) == ("tiny", "sample")
+    assert cli.settings_given(["--resume", "run", "--data", "mine.json"]) == {"data": str(tmp_path / "mine.json")}
     for main in (cli.main, dpo_cli.main):  # an empty --resume used to start a new default run
         assert main(["--resume", ""]) == 1
         assert "error: no run given" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def resumable(run_dir: Path) -> dict:
         raise ResumeError(f"{name} is done ({manifest.get('steps')} steps): there is nothing to resume")
     if not (run_dir / CHECKPOINT).is_file():
         raise ResumeError(f"{name} ({status} at step {manifest.get('steps', 0)}) has no checkpoint to resume from; "
-                          "runs save one when stopped, and every N steps with --checkpoint-every N")
+                          "runs save one when stopped after their first step, and every N steps with --checkpoint-every N")
     return manifest
 
 

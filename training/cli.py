@@ -41,10 +41,7 @@ def parse_args(argv=None, make=None, settings=TrainConfig, check=None):
     args.pop("resume")
     if args["eval_batches"] == 0:
         args["eval_batches"] = None
-    for key, names in (("data", ("canonical", "sample", "preference")), ("model", PRESETS)):
-        value = args.get(key)
-        if isinstance(value, str) and value not in names and Path(value).expanduser().exists():
-            args[key] = str(Path(value).expanduser().resolve())  # so that a resume or evaluation from elsewhere finds it
+    absolute_paths(args)
     problem = check(args) if check else None
     if problem:
         parser.error(problem)
@@ -66,6 +63,16 @@ def settings_given(argv=None, make=None) -> dict:
     args.pop("resume", None)
     if args.get("eval_batches") == 0:
         args["eval_batches"] = None
+    return absolute_paths(args)
+
+
+def absolute_paths(args: dict) -> dict:
+    """``--data`` and ``--model`` naming local files by their absolute paths, as the run keeps them, so that a resume
+    or evaluation from another folder finds them (and a resume typing the same relative path is no change)."""
+    for key, names in (("data", ("canonical", "sample", "preference")), ("model", PRESETS)):
+        value = args.get(key)
+        if isinstance(value, str) and value not in names and Path(value).expanduser().exists():
+            args[key] = str(Path(value).expanduser().resolve())
     return args
 
 

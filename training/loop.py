@@ -330,8 +330,11 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         emit(Status("evaluating", f"Evaluating at step {step}", step))
         t0 = time.perf_counter()
         val = evaluate(model, val_batches, device, asked)
-        if val is None or (asked and asked()):
-            return  # stopped: the loop stops before its next step
+        if val is None or (asked and asked()):  # stopped: the step keeps its row, without a validation loss
+            record = metrics(train_loss, None)
+            writer.log(record)
+            emit(Logged(record))
+            return
         last_val, val_step = val, step
         sample = respond(model, sample_record, config.style, config.sample_tokens)
         clock.eval_s += time.perf_counter() - t0

@@ -169,9 +169,10 @@ def final_html(snap: dict, local_paths: bool = True) -> str:
         f"<b>{word}</b>{reason} after {plural(final['steps'], 'step')} and {plural(final['tokens_seen'], 'token')} in "
         f"{clock(final['wall_time_s'])}: "
         f"train loss <b>{loss_text(final['final_train_loss'])}</b>, validation loss <b>{val_loss_text(final)}</b>. "
-        f"Saved as run <code>{html.escape(str(snap.get('run')))}</code>. " + (
-            "Compare it with its base model in the Playground tab." if final["steps"] else
-            "It stopped before its first step, so its weights are its base model's: the other tabs do not list it."), "ok")
+        + (f"Saved as run <code>{html.escape(str(snap.get('run')))}</code>. Compare it with its base model in the "
+           "Playground tab." if final["steps"] else
+           f"Run <code>{html.escape(str(snap.get('run')))}</code> stopped before its first step: nothing was trained, "
+           "so no model was saved and the other tabs do not list it."), "ok")
 
 
 def chart_message(engine, snap: dict, overlays: list[str] | None) -> str:

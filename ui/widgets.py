@@ -114,7 +114,7 @@ def run_label(run) -> str:
 
 def trained_runs(engine, statuses=("done", "stopped", "interrupted")) -> list:
     """Runs with saved weights that took at least one step, newest first: a run stopped before its first step
-    saved its base model's weights, nothing to compare or evaluate."""
+    (an older one may have saved its starting weights) has nothing to compare or evaluate."""
     return [run for run in engine.runs() if run.has_weights and run.status in statuses and run.last_step > 0]
 
 
