@@ -85,6 +85,8 @@ def test_the_live_chart_keeps_the_zoom_while_new_points_arrive(page):
     page.fill("#eval-every input", "10")
     page.locator("#start-btn").click()
     wait_text(page, "#train-message", "Started fine-tuning tiny on bundled sample.")
+    # The chart still shows the previous run's points until this run's first tick redraws it with the progress line.
+    wait_text(page, "#train-progress", "/ 60", timeout_ms=RUN_TIMEOUT_S * 1000)
     page.wait_for_function(f"({TRAIN_POINTS})() >= 3", timeout=RUN_TIMEOUT_S * 1000)
 
     # Zoom onto the points drawn so far as a person's drag does (Plotly.relayout), and mark the element:
