@@ -206,7 +206,7 @@ class Engine:
         stopped = [job for job in jobs if job.stop(reason="the server is shutting down")]
         for job in stopped:
             job.wait(timeout)
-        return [f"{job.snapshot(since=SCALARS_ONLY)['title']}: {job.snapshot(since=SCALARS_ONLY)['message']}" for job in stopped]
+        return [f"{snap['title']}: {snap['message']}" for snap in (job.snapshot(since=SCALARS_ONLY) for job in stopped)]
 
     def _launch(self, lane: str, job: Job) -> Job:
         with self._lock:

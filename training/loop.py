@@ -329,20 +329,19 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         nonlocal last_val, val_step
         emit(Status("evaluating", f"Evaluating at step {step}", step))
         t0 = time.perf_counter()
-        val = evaluate(model, val_batches, device, asked)
-        if val is None or (asked and asked()):  # stopped: the step keeps its row, without a validation loss
-            record = metrics(train_loss, None)
-            writer.log(record)
-            emit(Logged(record))
-            return
-        last_val, val_step = val, step
-        sample = respond(model, sample_record, config.style, config.sample_tokens)
-        clock.eval_s += time.perf_counter() - t0
-        clock.evals += 1
-        record = metrics(train_loss, last_val)
+        val = evaluate(model, val_batches, device, asked)  # None: stopped midway, the step's row keeps no val loss
+        if val is not None:
+            last_val, val_step = val, step
+        stopped = val is None or (asked and asked())
+        sample = None if stopped else respond(model, sample_record, config.style, config.sample_tokens)
+        if not stopped:
+            clock.eval_s += time.perf_counter() - t0
+            clock.evals += 1
+        record = metrics(train_loss, val)
         writer.log(record)
         emit(Logged(record, response=sample))
-        emit(Status("training"))
+        if not stopped:
+            emit(Status("training"))
 
     def metrics(train_loss: float, val_loss: float | None) -> dict:
         evals_left = max(0, (total_steps - step) // config.eval_every) + 1
