@@ -374,7 +374,8 @@ def build(shared) -> None:
             max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, label="Max new tokens", elem_id="eval-max-new-tokens")
             with gr.Accordion("LLM judge (optional): any OpenAI-compatible server", open=True):
                 with gr.Row():
-                    judge_url = gr.Textbox(label="Judge URL", placeholder=f"e.g. {DEFAULT_URL}", scale=3, elem_id="eval-judge-url")
+                    example = DEFAULT_URL if shared.engine.loopback else "https://api.openai.com/v1"  # local ones are refused there
+                    judge_url = gr.Textbox(label="Judge URL", placeholder=f"e.g. {example}", scale=3, elem_id="eval-judge-url")
                     judge_model = gr.Textbox(value=DEFAULT_MODEL, label="Judge model", scale=2, min_width=120, elem_id="eval-judge-model")
                 judge_key = gr.Textbox(label="API key (optional: sent to the judge URL alone, never saved)", type="password",
                                        elem_id="eval-judge-key")
