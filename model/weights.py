@@ -30,7 +30,7 @@ CONFIG_NAME = "config.json"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 CHUNK_BYTES = 16 * 2**20
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # old mask buffers
-HEAD = "lm_head.weight"  # GPT-2 ties it to wte.weight: a file may hold it too, and it must be the same
+HEAD, WTE = "lm_head.weight", "transformer.wte.weight"  # GPT-2 ties them: a file may hold the head too, the same values
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -245,48 +245,42 @@ def _fill(model: GPT, weights_path: Path) -> None:
             name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
             if name.endswith(IGNORED_SUFFIXES):
                 continue
-            if name == HEAD:
-                head = key
-                continue
-            if name not in params:
+            if name not in params and name != HEAD:
                 raise WeightsError(f"{weights_path}: unexpected tensor {key!r}, not part of GPT-2 {model.config.name}")
             shape = tuple(f.get_slice(key).get_shape())
-            expected = tuple(params[name].shape)
+            expected = tuple(params[WTE if name == HEAD else name].shape)
             if name.endswith(CONV1D):
                 expected = expected[::-1]  # stored (in, out)
             if shape != expected:
                 raise WeightsError(f"{weights_path}: tensor {key!r} has shape {shape}, expected {expected} for {model.config.name}")
-            plan[key] = name
+            if name == HEAD:
+                head = key
+            else:
+                plan[key] = name
     missing = sorted(set(params) - set(plan.values()))
     if missing:
         raise WeightsError(f"{weights_path} lacks {len(missing)} tensors of GPT-2 {model.config.name}, e.g. {missing[0]!r}")
-    for key, name in plan.items():
-        target = params[name].t() if name.endswith(CONV1D) else params[name]
-        rows = max(1, CHUNK_BYTES // max(1, target[0].numel() * 4)) if target.dim() > 1 else len(target)
-        for start in range(0, len(target), rows):
-            with _open(weights_path) as f, torch.no_grad():
-                try:
-                    target[start : start + rows].copy_(f.get_slice(key)[start : start + rows])
-                except SafetensorError as e:
-                    raise WeightsError(f"{weights_path}: tensor {key!r} cannot be read ({e}): the file is corrupt") from None
-    if head is not None:
-        _check_tied(model, weights_path, head)
+    with torch.no_grad():
+        for key, name in plan.items():
+            for part, chunk in _chunks(weights_path, key, params[name].t() if name.endswith(CONV1D) else params[name]):
+                part.copy_(chunk)
+        for part, chunk in _chunks(weights_path, head, params[WTE]) if head is not None else ():
+            if not torch.equal(chunk.to(part.dtype), part):  # another head: loading would silently use wte instead
+                raise WeightsError(f"{weights_path}: its {head} differs from its wte.weight (an LM head of its own); this "
+                                   "app's GPT-2 ties the head to the token embedding, so it cannot load this model as saved")
 
 
-def _check_tied(model: GPT, weights_path: Path, key: str) -> None:
-    """Refuse a file whose ``lm_head.weight`` is not its ``wte.weight``: loading it would silently use another head."""
-    wte = model.transformer.wte.weight
-    with _open(weights_path) as f:
-        shape = tuple(f.get_slice(key).get_shape())
-    if shape != tuple(wte.shape):
-        raise WeightsError(f"{weights_path}: tensor {key!r} has shape {shape}, expected {tuple(wte.shape)}")
-    rows = max(1, CHUNK_BYTES // (wte.shape[1] * 4))
-    for start in range(0, len(wte), rows):
+def _chunks(weights_path: Path, key: str, target: torch.Tensor):
+    """(rows of ``target``, the same rows of tensor ``key`` in the file), ``CHUNK_BYTES`` at a time, reopening the file
+    for each chunk (see ``_fill``)."""
+    rows = max(1, CHUNK_BYTES // max(1, target[0].numel() * 4)) if target.dim() > 1 else len(target)
+    for start in range(0, len(target), rows):
         with _open(weights_path) as f:
-            head = f.get_slice(key)[start : start + rows].to(wte.dtype)
-        if not torch.equal(head, wte[start : start + rows].detach()):
-            raise WeightsError(f"{weights_path}: its {key} differs from its wte.weight (an LM head of its own); this "
-                               "app's GPT-2 ties the head to the token embedding, so it cannot load this model as saved")
+            try:
+                chunk = f.get_slice(key)[start : start + rows]
+            except SafetensorError as e:
+                raise WeightsError(f"{weights_path}: tensor {key!r} cannot be read ({e}): the file is corrupt") from None
+        yield target[start : start + rows], chunk
 
 
 def _open(path: Path):
