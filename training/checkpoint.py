@@ -17,7 +17,7 @@ import torch
 
 from data.batching import restore_loader
 from model.files import atomic_write
-from runstore import CHECKPOINT, read_manifest, recover_run
+from runstore import CHECKPOINT, MANIFEST, read_manifest, recover_run
 
 from .config import TrainConfig
 from .events import Status
@@ -107,8 +107,8 @@ def resumable(run_dir: Path) -> dict:
     manifest = read_manifest(run_dir)
     name = run_dir.name
     if not manifest:
-        damaged = (run_dir / "manifest.json").is_file()
-        raise ResumeError(f"{name}: its manifest.json cannot be read (empty or damaged)" if damaged else f"{name}: not a run (no manifest.json)")
+        damaged = (run_dir / MANIFEST).is_file()
+        raise ResumeError(f"{name}: its {MANIFEST} cannot be read (empty or damaged)" if damaged else f"{name}: not a run (no {MANIFEST})")
     recover_run(run_dir)
     manifest = read_manifest(run_dir)
     status = manifest.get("status")

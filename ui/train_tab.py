@@ -163,15 +163,14 @@ def final_html(snap: dict, local_paths: bool = True) -> str:
     final = snap.get("final")
     if not final:  # stopped while loading, before the run existed: its message says so
         return notice(html.escape(snap["message"])) if snap.get("status") == "stopped" and snap.get("message") else ""
-    word = "Done" if final["status"] == "done" else "Stopped"
+    word, run = "Done" if final["status"] == "done" else "Stopped", html.escape(str(snap.get("run")))
     reason = f" ({html.escape(final['stop_reason'])})" if final.get("stop_reason") else ""
     return notice(
         f"<b>{word}</b>{reason} after {plural(final['steps'], 'step')} and {plural(final['tokens_seen'], 'token')} in "
         f"{clock(final['wall_time_s'])}: "
         f"train loss <b>{loss_text(final['final_train_loss'])}</b>, validation loss <b>{val_loss_text(final)}</b>. "
-        + (f"Saved as run <code>{html.escape(str(snap.get('run')))}</code>. Compare it with its base model in the "
-           "Playground tab." if final["steps"] else
-           f"Run <code>{html.escape(str(snap.get('run')))}</code> stopped before its first step: nothing was trained, "
+        + (f"Saved as run <code>{run}</code>. Compare it with its base model in the Playground tab." if final["steps"] else
+           f"Run <code>{run}</code> stopped before its first step: nothing was trained, "
            "so no model was saved and the other tabs do not list it."), "ok")
 
 
