@@ -46,17 +46,30 @@ from training.lora import add_lora
 from training.optim import MasterWeightAdamW
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> dict:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3, budget_s: float = 1.0) -> dict:
     """Measured FLOP/s of a large square matmul by ``torch.mm`` and by the model's ``linear`` (oneDNN in fp32 on
-    x86 CPUs, ~10 % faster than ``torch.mm``'s MKL at 2048 here); the faster is the ceiling for MFU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    x86 CPUs, ~10 % faster than ``torch.mm``'s MKL at 2048 here); the faster is the ceiling for MFU.
+
+    A matmul that a 256-square product predicts to take over ``budget_s`` at ``n`` is timed at a smaller
+    size: bf16 on a CPU without native bf16 runs ``torch.mm`` at 0.3-2 GFLOP/s, up to a minute for one
+    2048-square product (fp32 there: ~100 GFLOP/s, 0.2 s).
+    """
     peaks = {}
     for name, matmul in (("torch.mm", torch.mm), ("linear", linear)):
+        a = torch.randn(256, 256, dtype=dtype)
+        matmul(a, a)
+        start = time.perf_counter()
+        matmul(a, a)
+        per_flop = (time.perf_counter() - start) / (2 * 256**3)  # an estimate
+        size = n
+        while size > 256 and 2 * size**3 * per_flop > budget_s:
+            size //= 2
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         matmul(a, b)
         start = time.perf_counter()
         for _ in range(reps):
             matmul(a, b)
-        peaks[name] = 2 * n**3 * reps / (time.perf_counter() - start)
+        peaks[name] = 2 * size**3 * reps / (time.perf_counter() - start)
     return peaks
 
 
