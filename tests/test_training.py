@@ -126,13 +126,18 @@ def test_step_in_backward_matches_plain_adamw(batches, monkeypatch, onednn):
     assert a.tied_grad_buffer is None
 
 
+def rows_of(batch, count=2):
+    """A batch's first rows: bf16 steps on a CPU without native bf16 take ~1 s a row."""
+    return tuple(t[:count] for t in batch)
+
+
 def test_bf16_compute_keeps_fp32_masters(batches):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny"))
     optimizer = MasterWeightAdamW(model, torch.bfloat16, lr=1e-3)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     before = {n: p.float().clone() for n, p in model.named_parameters()}
-    for x, y in batches[:2]:
+    for x, y in map(rows_of, batches[:2]):
         model.loss(x, y).backward()
     finished = optimizer.finish()
     assert all(p.dtype == torch.float32 for p in finished.parameters())
@@ -722,11 +727,6 @@ def test_sigmoid_form_gelu_equals_atens_tanh_gelu():
     # bf16 keeps ATen's fused kernel, which rounds once
     low = x.bfloat16()
     assert torch.equal(gelu_tanh(low), F.gelu(low, approximate="tanh"))
-
-
-def rows_of(batch, count=2):
-    """A batch's first rows: bf16 steps on a CPU without native bf16 take ~1 s a row."""
-    return tuple(t[:count] for t in batch)
 
 
 def test_optimizer_state_round_trip_continues_bit_for_bit(tmp_path, batches):
