@@ -151,8 +151,8 @@ def test_two_processes_train_like_one_with_the_whole_batch(tmp_path):
     # The whole model to 1e-5; a tensor alone to 1e-2: AdamW's first steps move an element by about lr whatever
     # its gradient's size, so an element whose gradient is near zero (a LayerNorm bias, which starts at zero, for
     # some initial weights) turns the different order of the two processes' sums into a visible relative
-    # difference (1.1e-3 for one such bias on an AVX2 CPU, 2e-6 for the model). A tensor left out of the
-    # all-reduce would differ by a sizeable part of its update: ~0.1 and more.
+    # difference (1.1e-3 for one such bias on an AVX2 CPU, 2e-6 for the model). A rank that trained on its own
+    # half of the batch, as without the all-reduce, differs by ~0.5 in its biases and by 4e-2 as a whole.
     assert_same_weights(ddp, one, 1e-2, overall=1e-5)
 
 
