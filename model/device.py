@@ -119,7 +119,13 @@ def configure_precision(device: torch.device, dtype: torch.dtype) -> None:
 def precision_reason(device: torch.device, preferred: str | None = None) -> str:
     """The precision ``pick_dtype`` chooses and why, e.g. "fp32: this CPU has no native bf16 matmul (no AVX512-BF16/AMX)"."""
     if preferred and preferred != "auto":
-        return f"{preferred}: chosen explicitly"
+        auto = precision_reason(device)
+        if auto.startswith(preferred):
+            return f"{preferred}: chosen explicitly (auto agrees: {auto.split(': ', 1)[1]})"
+        if preferred == "bf16" and device.type == "cpu":
+            return ("bf16: chosen explicitly, though this CPU has no native bf16 matmul: it is emulated, "
+                    "many times slower than fp32 (auto takes fp32)")
+        return f"{preferred}: chosen explicitly (auto takes {auto})"
     if device.type == "cpu":
         override = native_bf16_override()
         if override is not None:

@@ -19,6 +19,7 @@ from data import InstructionDataset, load_instructions, make_loader, source_path
 from model import GPT, GPTConfig, load_pretrained
 from model import fused
 from model.loss import Packing, TiedHeadCrossEntropy
+from model.device import precision_reason
 from runstore import list_runs, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
 from training.config import ConfigError
@@ -331,6 +332,7 @@ def test_cli_runs_headless(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "done: 3 steps" in out.stdout
+    assert f"precision {precision_reason(torch.device('cpu'))}\n" in out.stdout
     assert read_manifest(tmp_path / "cli")["data"]["sha256"]
     assert (tmp_path / "cli" / "model.safetensors").is_file()
 
@@ -476,7 +478,10 @@ def test_native_bf16_override_wins_over_cpuinfo(monkeypatch):
     monkeypatch.setenv(NATIVE_BF16_ENV, "1")
     assert cpu_has_bf16() and pick_dtype(cpu) == torch.bfloat16
     assert precision_reason(cpu).startswith("bf16: forced")
-    assert precision_reason(cpu, "fp32") == "fp32: chosen explicitly"
+    assert precision_reason(cpu, "fp32") == f"fp32: chosen explicitly (auto takes bf16: forced by {NATIVE_BF16_ENV}=1)"
+    assert precision_reason(cpu, "bf16") == f"bf16: chosen explicitly (auto agrees: forced by {NATIVE_BF16_ENV}=1)"
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    assert "emulated, many times slower than fp32" in precision_reason(cpu, "bf16")
     monkeypatch.setenv(NATIVE_BF16_ENV, "yes")
     with pytest.raises(ValueError, match=NATIVE_BF16_ENV):
         cpu_has_bf16()

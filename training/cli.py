@@ -120,6 +120,8 @@ class ProgressBar:
                                           "learns only the answer")) if count)
             tqdm.write(f"{event.parameters:,} parameters ({event.trainable_parameters:,} trained) on {event.device}; "
                        f"{event.train_records} training records{skipped}; run: {event.run_dir}")
+            if event.precision:
+                tqdm.write(f"precision {event.precision}")
             if event.start_step:
                 tqdm.write(f"resuming at step {event.start_step:,} of {event.total_steps:,}")
             self.start = event.start_step

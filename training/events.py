@@ -47,6 +47,7 @@ class Started:
     context: int = 0
     no_answer_records: int = 0  # training records left out since, prompt masked, their prompt fills max_length
     max_length: int = 0  # the tokens a batch is cut to
+    precision: str = ""  # the precision path and why, e.g. "fp32: this CPU has no native bf16 matmul (...)"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from data import DatasetError, InstructionDataset, extract_response, format_prom
 from data import cache
 from data.batching import loader_state
 from model import GPT, GPTConfig, generate, get_tokenizer, init_generator, load_pretrained, pick_device, pick_dtype, save_pretrained
-from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
+from model.device import configure_precision, describe, peak_rss_mb, precision_reason, release_free_memory
 
 from . import distributed
 from .checkpoint import ResumeError, check_resume, checkpoint_run, load_checkpoint, mark_resumed, restore, resume_config, start_epoch
@@ -313,7 +313,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
         sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
         start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=context,
-        no_answer_records=train_ds.no_answer, max_length=max_length), **run_fields)
+        no_answer_records=train_ds.no_answer, max_length=max_length,
+        precision=precision_reason(device, config.precision)), **run_fields)
 
     step = tokens_seen = first_epoch = 0
     last_val = last_train = float("nan")
