@@ -13,6 +13,8 @@ loop (``build_model``, ``MasterWeightAdamW`` stepping inside backward,
    alike: ours on the book's random batch, transformers (fp32) on the same
    batch, ours on a length-grouped batch, a short fp32/bf16 matmul to measure
    the peak, and with ``--lora-rank`` ours with LoRA on the random batch.
+3. Last, one step of ours under torch's profiler: its share in matmuls and
+   their rate, AdamW, attention and the rest (``step_breakdown``).
 
 Figures per padded token (B x T, padding included), ratios per batch with
 min / median / max, and epochs projected over all of the epoch's batches:
@@ -71,6 +73,35 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3, budget_s: floa
             matmul(a, b)
         peaks[name] = 2 * size**3 * reps / (time.perf_counter() - start)
     return peaks
+
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise"}
+
+
+def step_breakdown(step, config: GPTConfig, x, y) -> dict:
+    """Where one step of ours goes, by torch's profiler: shares of its wall time in the matmuls, AdamW, attention
+    (SDPA, with its batched matmuls) and everything else, and the matmuls' own rate.
+
+    MFU is the product of the matmuls' share and their rate against the peak; this says which of the two
+    falls short. The profiler adds a little to every op, so "other" (many small ops) reads a little high.
+    """
+    from torch.profiler import profile
+
+    with profile() as prof:
+        start = time.perf_counter()
+        step(x, y)
+        wall = time.perf_counter() - start
+    seconds = {"matmul": 0.0, "adamw": 0.0, "attention": 0.0}
+    for event in prof.key_averages():
+        kind = ("matmul" if event.key in MATMULS else "adamw" if "adamw" in event.key
+                else "attention" if "scaled_dot_product" in event.key or event.key in ("aten::bmm", "aten::baddbmm") else None)
+        if kind:
+            seconds[kind] += event.self_cpu_time_total / 1e6
+    B, T = x.shape
+    matmul_flops = step_flops(config, x, y) - 12 * config.n_layer * B * T * T * config.n_embd  # less attention's
+    shares = {kind: s / wall for kind, s in seconds.items()}
+    return {**shares, "other": 1 - sum(shares.values()),
+            "matmul_gflops": matmul_flops / seconds["matmul"] / 1e9 if seconds["matmul"] else None}
 
 
 def project_epoch(config: GPTConfig, measured, batches) -> float:
@@ -213,6 +244,7 @@ def main(argv=None) -> int:
             times["transformers_autocast"].append(timed_step(lambda a, b: hf.step(a, b, autocast=True), x, y)[0])
         peaks.append(matmul_peak(dtype))
     tmp.cleanup()
+    breakdown = step_breakdown(ours, gpt_config, *random_batches[0])
 
     tokens = [x.numel() for x, _ in random_batches]
     grouped_tokens = sum(x.numel() for x, _ in grouped_batches)
@@ -257,6 +289,10 @@ def main(argv=None) -> int:
     print(f"MFU: median {mfu['median']:.0%} (min {mfu['min']:.0%}, max {mfu['max']:.0%}) of the {name} matmul peak "
           f"measured between the steps (best {peak / 1e9:.0f} GFLOP/s, median {statistics.median(peaks) / 1e9:.0f}; "
           f"torch.mm alone: best {mm_peak / 1e9:.0f}, of which ours is {mfu['median'] * peak / mm_peak:.0%})")
+    if breakdown["matmul_gflops"]:
+        print(f"ours' step, profiled once (random batch): matmuls {breakdown['matmul']:.0%} of it at "
+              f"{breakdown['matmul_gflops']:.0f} GFLOP/s ({breakdown['matmul_gflops'] * 1e9 / peak:.0%} of the best peak), "
+              f"AdamW {breakdown['adamw']:.0%}, attention {breakdown['attention']:.0%}, everything else {breakdown['other']:.0%}")
     print(f"projected epoch (training steps only): ours {projected['ours_random_s'] / 60:.1f} min on the book's random batches "
           f"(the default), {projected['ours_grouped_s'] / 60:.1f} min length-grouped; transformers {projected['transformers_random_s'] / 60:.1f} min "
           f"random: ours is {projected['transformers_random_s'] / projected['ours_random_s']:.2f}x "
@@ -269,7 +305,7 @@ def main(argv=None) -> int:
         ratio_vs_autocast_per_batch=autocast_ratio, lora_rank=args.lora_rank or None,
         ours_lora_tokens_per_s=tps("ours_lora"), full_over_lora_time_per_batch=lora_ratio,
         mfu=mfu["median"], mfu_per_batch=mfu, matmul_peak_gflops=peak / 1e9, torch_mm_peak_gflops=mm_peak / 1e9,
-        mfu_of_torch_mm_peak=mfu["median"] * peak / mm_peak,
+        mfu_of_torch_mm_peak=mfu["median"] * peak / mm_peak, step_breakdown=breakdown,
         projected_epoch_s=projected["ours_random_s"], projected_epoch_grouped_s=projected["ours_grouped_s"],
         transformers_projected_epoch_s=projected["transformers_random_s"],
         epoch_ratio=projected["transformers_random_s"] / projected["ours_random_s"],

@@ -652,6 +652,10 @@ def test_bench_train_ends_with_one_json_object_without_nan(tmp_path):
     assert figures["transformers_autocast_tokens_per_s"] is None and figures["ours_lora_tokens_per_s"] > 0
     assert figures["mfu_of_torch_mm_peak"] == pytest.approx(
         figures["mfu"] * figures["matmul_peak_gflops"] / figures["torch_mm_peak_gflops"], abs=2e-3)  # rounded to 3 places
+    breakdown = figures["step_breakdown"]
+    assert set(breakdown) == {"matmul", "adamw", "attention", "other", "matmul_gflops"} and breakdown["matmul_gflops"] > 0
+    assert all(0 < breakdown[kind] < 1 for kind in ("matmul", "adamw", "attention"))
+    assert sum(breakdown[kind] for kind in ("matmul", "adamw", "attention", "other")) == pytest.approx(1, abs=5e-3)
 
 
 def test_bench_optim_times_every_side_and_ends_with_json():
