@@ -84,7 +84,7 @@ def watch(url: str, stop: threading.Event, polls: list[int]) -> None:
 def app_run(url: str, root: Path, model: str, steps: int, watchers: int) -> dict:
     from gradio_client import Client
 
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, download_files=False)  # it downloads nothing: no folder in /tmp
     client.predict("sample", None, False, api_name="/load_dataset")
     before = {p.name for p in root.iterdir()} if root.is_dir() else set()
     stop, polls = threading.Event(), []
@@ -128,7 +128,8 @@ def main() -> None:
 def compare(args, work: Path) -> None:
     """The CLI's run, then the app's with each number of watchers, in ``work``; the table and the JSON line."""
     root = work / "runs"
-    env = {**os.environ, "GPT2_INSTRUCT_RUNS": str(root), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "GPT2_INSTRUCT_RUNS": str(root), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(work / "gradio")}  # the app's uploads and cache go with ``work``
     cli = cli_run(work, args.model, args.steps, env)
     port = free_port()
     app = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
