@@ -1,11 +1,15 @@
 """Does watching a run slow it down? The app's training throughput with 0, 1 and 5 watchers against the CLI's.
 
-    python -m bench.watchers [--model tiny] [--steps 60] [--watchers 0 1 5]
+    python -m bench.watchers [--model tiny] [--steps 60] [--watchers 0 1 5] [--rounds 1]
 
 Starts ``python app.py`` on a free port with its own runs folder, starts the
 same run through the app's API once per watcher count while that many API
 clients poll the Train tab once a second (as open browsers do; the browsers'
-own drawing is left out), and runs it once more with ``python -m training``.
+own drawing is left out), and runs it with ``python -m training`` just before
+each of those, while the app sits idle: each app run is compared with the CLI
+run next to it, since this machine's speed drifts by more than the effect
+measured. ``--rounds`` repeats the whole sequence; the ratios are given as
+min / median / max over the rounds.
 Throughput is each run's own tokens / training seconds from its manifest;
 the end of a run is read from that manifest too, so that only the watchers
 call the app. The watchers run on this machine: their own CPU time per poll is
@@ -27,7 +31,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from bench.common import at_least, machine, preset, print_json
+from bench.common import at_least, machine, preset, print_json, spread
 
 REPO = Path(__file__).resolve().parents[1]
 FORM = dict(custom="", random_init=True, epochs=100, batch_size=8, lr=5e-5, mask_prompt=False, lora=False, rank=8, alpha=16,
@@ -103,8 +107,7 @@ def app_run(url: str, root: Path, model: str, steps: int, watchers: int) -> dict
             "client_cpu_ms_per_poll": 1000 * client_cpu / sum(polls) if polls and sum(polls) else None}
 
 
-def cli_run(root: Path, model: str, steps: int, env: dict) -> float:
-    out = root / "cli-run"
+def cli_run(out: Path, model: str, steps: int, env: dict) -> float:
     done = subprocess.run([sys.executable, "-m", "training", "--model", model, "--random-init", "--data", "sample", "--epochs",
                            "100", "--max-steps", str(steps), "--eval-every", "1000", "--out", str(out)], cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -118,19 +121,20 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", type=preset, help="preset, trained from random weights")
     parser.add_argument("--steps", type=at_least(1), default=60, help="steps of each run")
     parser.add_argument("--watchers", type=int, nargs="+", default=[0, 1, 5])
+    parser.add_argument("--rounds", type=at_least(1), default=1, help="times to repeat the CLI / app pairs")
     args = parser.parse_args()
     print(machine())
-    print(f"about {len(args.watchers) + 1} runs of {args.steps} steps of {args.model}; a minute or two for tiny")
+    print(f"{2 * len(args.watchers) * args.rounds} runs of {args.steps} steps of {args.model}; about 20 s each for tiny "
+          "at 60 steps")
     with tempfile.TemporaryDirectory(prefix="bench-watchers-") as work:  # its runs hold a model each: gone at the end
         compare(args, Path(work))
 
 
 def compare(args, work: Path) -> None:
-    """The CLI's run, then the app's with each number of watchers, in ``work``; the table and the JSON line."""
+    """For each round and number of watchers a CLI run, then the app's, in ``work``; the table and the JSON line."""
     root = work / "runs"
     env = {**os.environ, "GPT2_INSTRUCT_RUNS": str(root), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "GRADIO_TEMP_DIR": str(work / "gradio")}  # the app's uploads and cache go with ``work``
-    cli = cli_run(work, args.model, args.steps, env)
     port = free_port()
     app = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -145,17 +149,26 @@ def compare(args, work: Path) -> None:
                 if time.time() > deadline or app.poll() is not None:
                     sys.exit("error: the app did not start")
                 time.sleep(0.5)
-        results = [app_run(url, root, args.model, args.steps, n) for n in args.watchers]
+        runs = []
+        for round_ in range(args.rounds):
+            for n in args.watchers:
+                cli = cli_run(work / f"cli-{round_}-{n}", args.model, args.steps, env)
+                run = app_run(url, root, args.model, args.steps, n)
+                runs.append({**run, "round": round_, "cli_tokens_per_s": cli, "vs_cli": run["tokens_per_s"] / cli})
     finally:
         app.terminate()
         app.wait(timeout=30)
-    print(f"{'':<14}{'tokens/s':>10}{'vs CLI':>9}{'polls':>7}{'client CPU ms/poll':>20}")
-    print(f"{'CLI':<14}{cli:>10,.0f}{1.0:>9.2f}")
-    for r in results:
-        r["vs_cli"] = r["tokens_per_s"] / cli
+    print(f"{'':<14}{'app tokens/s':>13}{'CLI beside it':>15}{'vs CLI':>8}{'polls':>7}{'client CPU ms/poll':>20}")
+    for r in runs:
         cpu = f"{r['client_cpu_ms_per_poll']:.1f}" if r["client_cpu_ms_per_poll"] is not None else ""
-        print(f"{r['watchers']} watcher(s){'':<3}{r['tokens_per_s']:>10,.0f}{r['vs_cli']:>9.2f}{r['polls']:>7}{cpu:>20}")
-    print_json({"bench": "watchers", "model": args.model, "steps": args.steps, "cli_tokens_per_s": cli, "app": results})
+        print(f"{r['watchers']} watcher(s){'':<3}{r['tokens_per_s']:>13,.0f}{r['cli_tokens_per_s']:>15,.0f}{r['vs_cli']:>8.2f}"
+              f"{r['polls']:>7}{cpu:>20}")
+    vs_cli = {n: spread(r["vs_cli"] for r in runs if r["watchers"] == n) for n in dict.fromkeys(args.watchers)}
+    for n, ratio in vs_cli.items():
+        print(f"{n} watcher(s): {ratio['median']:.2f}x the CLI beside it (median of {args.rounds}; min {ratio['min']:.2f}x, "
+              f"max {ratio['max']:.2f}x)")
+    print_json({"bench": "watchers", "model": args.model, "steps": args.steps, "rounds": args.rounds,
+                "vs_cli": {str(n): ratio for n, ratio in vs_cli.items()}, "runs": runs})
 
 
 if __name__ == "__main__":
