@@ -79,8 +79,9 @@ MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise
 
 
 def step_breakdown(step, config: GPTConfig, x, y) -> dict:
-    """Where one step of ours goes, by torch's profiler: shares of its wall time in the matmuls, AdamW, attention
-    (SDPA, with its batched matmuls) and everything else, and the matmuls' own rate.
+    """Where one step of ours goes, by torch's profiler: shares of its wall time in the matmuls, AdamW's fused
+    kernel (in bf16 the master weights' join and split count as the rest), attention (SDPA, with its batched
+    matmuls) and everything else, and the matmuls' own rate.
 
     MFU is the product of the matmuls' share and their rate against the peak; this says which of the two
     falls short. The profiler adds a little to every op, so "other" (many small ops) reads a little high.

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from data import InstructionDataset, load_instructions, make_loader, source_path, split_instructions
-from model import GPT, GPTConfig, load_pretrained
+from model import GPT, GPTConfig, load_pretrained, pick_device
 from model import fused
 from model.loss import Packing, TiedHeadCrossEntropy
 from model.device import precision_reason
@@ -332,7 +332,7 @@ def test_cli_runs_headless(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "done: 3 steps" in out.stdout
-    assert f"precision {precision_reason(torch.device('cpu'))}\n" in out.stdout
+    assert f"precision {precision_reason(pick_device())}\n" in out.stdout
     assert read_manifest(tmp_path / "cli")["data"]["sha256"]
     assert (tmp_path / "cli" / "model.safetensors").is_file()
 
