@@ -20,7 +20,8 @@ from data.preference import (
     PreferenceDataset, browse_preferences, collate_preferences, epoch_batches, in_order_batches, load_preferences,
     split_preferences,
 )
-from model import EOT_ID, GPT, GPTConfig, get_tokenizer
+from model import EOT_ID, GPT, GPTConfig, get_tokenizer, pick_device
+from model.device import precision_reason
 from data.prompts import format_prompt
 from runstore import CHECKPOINT, RunInfo, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
@@ -344,6 +345,7 @@ def test_cli(parent, pref_file, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "done: 2 steps" in out.stdout and "val reward margin" in out.stdout
+    assert f"precision {precision_reason(pick_device())}\n" in out.stdout
     assert read_manifest(tmp_path / "cli")["dpo"]["beta"] == 0.2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "x", "input": "", "output": "y", "chosen": "y"}]))

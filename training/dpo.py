@@ -30,7 +30,7 @@ from data.preference import (
     PreferenceDataset, collate_preferences, epoch_batches, in_order_batches, load_preferences, preference_path, split_preferences,
 )
 from model import GPT, init_generator, pick_device, pick_dtype
-from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
+from model.device import configure_precision, describe, peak_rss_mb, precision_reason, release_free_memory
 from runstore import (CHECKPOINT, RunWriter, claim_run_dir, find_run, load_run, new_run_dir, parent_folder, process_owner,
                       read_manifest)
 from runstore.store import WEIGHTS
@@ -287,7 +287,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
         sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo",
-        start_step=checkpoint["step"] if checkpoint else 0), **run_fields)
+        start_step=checkpoint["step"] if checkpoint else 0, precision=precision_reason(device, config.precision)), **run_fields)
 
     status, reason = "done", None
     step = tokens_seen = pairs_seen = 0
