@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,8 +51,11 @@ def env(**extra) -> dict:
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 120, **extra_env) -> subprocess.CompletedProcess:
+    """``args`` under torchrun; its log folder (``torchelastic_*``, in the temp folder) is removed afterwards."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(command, cwd=REPO, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as tmp:
+        return subprocess.run(command, cwd=REPO, env=env(TMPDIR=tmp, **extra_env), capture_output=True, text=True,
+                              timeout=timeout)
 
 
 def one_process(out: Path, **overrides) -> dict:
