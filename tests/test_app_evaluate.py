@@ -51,12 +51,17 @@ def run(tmp_path_factory) -> Path:
         os.environ["GPT2_INSTRUCT_RUNS"] = saved
 
 
+def exports_of(run: Path) -> Path:
+    """Where the app under test keeps its export zips: beside the runs folder, not in the shared temp folder."""
+    return run.parent.parent / "exports"
+
+
 @pytest.fixture(scope="module")
 def c(run):
     from engine import Engine
     from ui.app import build_app, launch_options
 
-    demo = build_app(Engine())
+    demo = build_app(Engine(exports=exports_of(run)))
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_options())
     yield Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -193,7 +198,7 @@ def test_export_gives_a_zip_of_the_hugging_face_files(c, run):
     path, message = c.predict(RUN, api_name="/export_zip")
     again, _ = c.predict(RUN, api_name="/export_zip")
     assert Path(again).read_bytes() == Path(path).read_bytes()
-    exports = Engine().exports
+    exports = exports_of(run)
     assert [p.name for p in exports.glob(f"{RUN}*")] == [f"{RUN}-hf.zip"]  # built once, reused
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
