@@ -41,7 +41,7 @@ from data import DatasetError, InstructionDataset, load_instructions, make_loade
 from model import GPTConfig, pick_device, pick_dtype, save_pretrained
 from model.device import configure_precision, cpu_class, describe, peak_rss_mb, release_free_memory
 from model.fused import linear
-from training.calibrate import fit, step_flops
+from training.calibrate import attention_flops, fit, step_flops
 from training.config import ConfigError, TrainConfig
 from training.loop import build_model
 from training.lora import add_lora
@@ -98,8 +98,7 @@ def step_breakdown(step, config: GPTConfig, x, y) -> dict:
                 else "attention" if "scaled_dot_product" in event.key or event.key in ("aten::bmm", "aten::baddbmm") else None)
         if kind:
             seconds[kind] += event.self_cpu_time_total / 1e6
-    B, T = x.shape
-    matmul_flops = step_flops(config, x, y) - 12 * config.n_layer * B * T * T * config.n_embd  # less attention's
+    matmul_flops = step_flops(config, x, y) - attention_flops(config, *x.shape)
     shares = {kind: s / wall for kind, s in seconds.items()}
     return {**shares, "other": 1 - sum(shares.values()),
             "matmul_gflops": matmul_flops / seconds["matmul"] / 1e9 if seconds["matmul"] else None}

@@ -138,11 +138,15 @@ class EpochShape:
 def step_flops(config: GPTConfig, x: torch.Tensor, y: torch.Tensor) -> float:
     """Forward + backward FLOPs that ours computes for one batch: 6 x params x the tokens the blocks run on
     (each row up to its last target, ``Packing``), the LM head only where targets are, attention over (B, T)."""
-    B, T = x.shape
     d = config.n_embd
     block_params = config.n_layer * 12 * d * d
     targets = int((y != -100).sum())
-    return 6 * block_params * Packing.tokens(y) + 6 * config.vocab_size * d * targets + 12 * config.n_layer * B * T * T * d
+    return 6 * block_params * Packing.tokens(y) + 6 * config.vocab_size * d * targets + attention_flops(config, *x.shape)
+
+
+def attention_flops(config: GPTConfig, B: int, T: int) -> float:
+    """Forward + backward FLOPs of attention's two products over a (B, T) batch, every layer (padding included)."""
+    return 12 * config.n_layer * B * T * T * config.n_embd
 
 
 def epoch_batches(config: TrainConfig, context: int, records: list[dict]) -> tuple[list, list, dict]:
