@@ -123,8 +123,7 @@ def precision_reason(device: torch.device, preferred: str | None = None) -> str:
         if auto.startswith(preferred):
             return f"{preferred}: chosen explicitly (auto agrees: {auto.split(': ', 1)[1]})"
         if preferred == "bf16" and device.type == "cpu":
-            return ("bf16: chosen explicitly, though this CPU has no native bf16 matmul: it is emulated, "
-                    "many times slower than fp32 (auto takes fp32)")
+            return f"bf16: chosen explicitly; without native bf16 it is emulated, many times slower than fp32 (auto takes {auto})"
         return f"{preferred}: chosen explicitly (auto takes {auto})"
     if device.type == "cpu":
         override = native_bf16_override()
