@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fused import linear, uses_onednn
+from .fused import linear, right_operand, uses_onednn
 
 
 @dataclass
@@ -81,6 +81,7 @@ class TiedHeadCrossEntropy(torch.autograd.Function):
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         block = TiedHeadCrossEntropy.BLOCK_ROWS if want_grad_h or want_grad_w else TiedHeadCrossEntropy.LOSS_ROWS
+        weight_right = right_operand(weight) if want_grad_h else weight
         for start in range(0, n, block):
             hb = h[start : start + block]
             cols = targets[start : start + len(hb)]
@@ -99,7 +100,7 @@ class TiedHeadCrossEntropy(torch.autograd.Function):
             total -= probs[rows, cols].float().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
             probs[rows, cols] -= 1
             if want_grad_h:
-                torch.mm(probs, weight, out=grad_h[start : start + len(hb)])
+                torch.mm(probs, weight_right, out=grad_h[start : start + len(hb)])
             if want_grad_w and grad_w is None:
                 grad_w = torch.mm(probs.t(), hb.div(n), out=grad_buffer.take() if grad_buffer else None)
             elif want_grad_w:

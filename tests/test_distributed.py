@@ -163,7 +163,7 @@ def test_two_processes_train_like_one_with_the_whole_batch(tmp_path):
 def test_bf16_with_accumulation_agrees_with_one_process(tmp_path):
     """bf16 compute with fp32 master weights, 2 micro-batches a step (gradients reduced once a step).
 
-    Three steps, not six: bf16 on a CPU without native bf16 takes ~1 s a row.
+    Three steps, not six: bf16 on a CPU without native bf16 takes ~0.2 s a row.
     """
     result = torchrun(["-m", "training", *TINY, "--precision", "bf16", "--batch-size", "1", "--grad-accum", "2",
                        "--max-steps", "3", "--out", str(tmp_path / "ddp")])

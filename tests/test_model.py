@@ -29,6 +29,7 @@ from model import (
 )
 from model import generation as generation_module
 from model import fused
+from model import loss as loss_module
 from model.loss import Packing
 from model import gpt as gpt_module
 from tests.hf_utils import hf_logits, hf_model, save_hub_layout, save_transformers_layout
@@ -475,6 +476,57 @@ def test_fp32_linear_runs_onednn_and_matches_f_linear():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
     assert not fused.uses_onednn(x.bfloat16(), layer.weight.bfloat16())
+
+
+def test_right_operand_transposes_only_where_bf16_products_are_emulated(monkeypatch):
+    w = torch.randn(50, 8)
+    assert fused.right_operand(w) is w
+    monkeypatch.setattr(fused, "EMULATED_BF16_MM", True)
+    assert fused.right_operand(w) is w  # fp32: torch's BLAS takes either layout at full speed
+    b = w.bfloat16()
+    right = fused.right_operand(b)
+    assert torch.equal(right, b) and right.stride() == (1, 50)
+    monkeypatch.setattr(fused, "EMULATED_BF16_MM", False)
+    assert fused.right_operand(b) is b
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["full", "packed"])
+def test_bf16_training_where_products_are_emulated_gives_the_same_gradients(packed, monkeypatch):
+    """Where torch's bf16 kernel is emulated, each input gradient's product (``g @ W``: every Linear, the MLP's
+    output, the tied head) takes a transposed copy of ``W``, ~10x faster there; the loss and gradients stay those
+    of plain autograd."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_name("tiny")
+    model = GPT(config).to(torch.bfloat16).train()
+    x = torch.randint(0, config.vocab_size, (2, 12))
+    y = torch.randint(0, config.vocab_size, (2, 12))
+    if packed:
+        y[1, 7:] = -100
+    calls = []
+    real = fused.right_operand
+
+    def counted(b):
+        calls.append(tuple(b.shape))
+        return real(b)
+
+    results = {}
+    for emulated in (False, True):
+        monkeypatch.setattr(fused, "EMULATED_BF16_MM", emulated)
+        monkeypatch.setattr(fused, "right_operand", counted)
+        monkeypatch.setattr(loss_module, "right_operand", counted)
+        calls.clear()
+        results[emulated] = _loss_and_grads(model, x, y)[:2]
+        if emulated:
+            d = config.n_embd
+            per_layer = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+            assert sorted(calls) == sorted(per_layer * config.n_layer + [(config.vocab_size, d)]), calls
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    # bf16 rounds the products' sums in another order, and backward carries that on: a few parts in a thousand.
+    for name, grad in results[False][1].items():
+        scale = grad.float().abs().max().item()
+        torch.testing.assert_close(results[True][1][name], grad, rtol=0, atol=3e-2 * scale, msg=name)
+    flat = {k: torch.cat([g.float().flatten() for g in grads.values()]) for k, (_, grads) in results.items()}
+    assert (flat[True] - flat[False]).norm() < 5e-3 * flat[False].norm()
 
 
 def _loss_and_grads(model, x, y):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from data.preference import PreferenceDataset, collate_preferences
 from model import GPT
 from model.device import release_free_memory
-from model.fused import linear
+from model.fused import linear, right_operand
 
 
 class TokenLogProbs(torch.autograd.Function):
@@ -51,6 +51,7 @@ class TokenLogProbs(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
+        weight_right = right_operand(weight) if want_h else weight
         for start in range(0, len(h), TokenLogProbs.BLOCK_ROWS):
             hb = h[start:start + TokenLogProbs.BLOCK_ROWS]
             n = len(hb)
@@ -58,7 +59,7 @@ class TokenLogProbs(torch.autograd.Function):
             p = torch.softmax(linear(hb, weight), dim=-1, dtype=torch.float32).mul_(-g[:, None]).to(h.dtype)
             p[torch.arange(n, device=p.device), targets[start:start + n]] += g.to(p.dtype)  # one_hot - softmax, scaled
             if want_h:
-                torch.mm(p, weight, out=grad_h[start:start + n])
+                torch.mm(p, weight_right, out=grad_h[start:start + n])
             if want_w:
                 grad_w.addmm_(p.t(), hb)
         if ctx.tied_grad is not None and grad_w is not None:
