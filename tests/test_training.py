@@ -200,7 +200,7 @@ def test_the_direct_fused_kernel_steps_as_torchs_own_step():
 def test_bf16_and_fp32_losses_agree(tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
-        # Batches of 2: bf16 on a CPU without native bf16 takes ~0.2 s a row, mostly the tied head.
+        # Batches of 2: bf16 on a CPU without native bf16 takes ~0.2 s a row.
         config = tiny_config(tmp_path, precision=precision, epochs=3, max_steps=20, eval_every=5, batch_size=2,
                              out=str(tmp_path / precision))
         train(config)
