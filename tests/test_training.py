@@ -591,7 +591,8 @@ def test_a_calibration_projects_an_epoch_of_other_data_without_measuring_again(t
     assert twenty.eval_s - mine.eval_s == pytest.approx(23 * per_eval)  # 25 evaluations (step 0, every 6th, the last) against 2
     capped = cal.projection(measured, cal.data_shape(sample, tiny), TrainConfig(model="tiny", random_init=True, epochs=20, max_steps=10))
     assert capped.steps == 10 and capped.train_s == pytest.approx(mine.train_s * 10 / mine.steps)
-    with pytest.raises(ValueError, match=re.escape("too few records (3) for one training batch of 8")):
+    with pytest.raises(ValueError, match=re.escape("the training split has 2 usable records: fewer than one step of batch 8; "
+                                                  "use a smaller batch or more data")):
         cal.data_shape(sample[:3], tiny)
 
 

@@ -29,14 +29,16 @@ from typing import NamedTuple
 
 import torch
 
-from data import DatasetError, InstructionDataset, cache, load_instructions, make_loader, split_instructions
+from data import DatasetError, cache, load_instructions, split_instructions
 from model import GPT, GPTConfig, generate, get_tokenizer, init_generator, pick_device, pick_dtype
 from model.device import DTYPES, configure_precision, cpu_class, precision_reason, release_free_memory
 from model.loss import Packing
 from model.files import atomic_write
 
 from .config import ConfigError, TrainConfig
+from .distributed import Context
 from .lora import add_lora
+from .loop import make_batches
 from .optim import MasterWeightAdamW
 
 CACHE_NAME = "calibration.json"
@@ -150,17 +152,13 @@ def attention_flops(config: GPTConfig, B: int, T: int) -> float:
 
 
 def epoch_batches(config: TrainConfig, context: int, records: list[dict]) -> tuple[list, list, dict]:
-    """The first-epoch training batches of ``records``, as the loop makes them, its evaluation batches, and the
-    record whose answer it generates at each evaluation."""
+    """The first-epoch training batches of ``records``, as the loop makes them (``loop.make_batches``), its
+    evaluation batches, and the record whose answer it generates at each evaluation."""
     split = split_instructions(records)
     if not split.train:
         raise ValueError(f"too few records ({len(records)}) for a training split")
-    train_ds = InstructionDataset(split.train, style=config.style, max_length=context)
-    val_ds = InstructionDataset(split.val, style=config.style, max_length=context)
-    train = list(make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed, mask_prompt=config.mask_prompt))
-    val = list(make_loader(val_ds, config.batch_size, shuffle=False, drop_last=False,
-                           mask_prompt=config.mask_prompt))[: config.eval_batches or None]
-    return train, val, split.val[0]
+    data = make_batches(config, split, context, Context())
+    return list(data.loader), data.val, split.val[0]
 
 
 def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
@@ -282,12 +280,9 @@ def project(shape: EpochShape, config: TrainConfig, per_flop: float, fixed: floa
 
 def data_shape(records: list[dict], config: TrainConfig) -> EpochShape:
     """The epoch of ``records`` (a visitor's data, split and batched as ``config``'s run does) for its model's context.
-    ``DatasetError`` or ``ValueError`` when the records cannot make a training batch."""
+    ``DatasetError`` or ``ValueError`` (the loop's own message) when the records cannot make a training step."""
     gpt_config = GPTConfig.from_name(config.model)
-    shape = EpochShape.of(gpt_config, *epoch_batches(config, gpt_config.block_size, records))
-    if not shape.train:
-        raise ValueError(f"too few records ({len(records)}) for one training batch of {config.batch_size}")
-    return shape
+    return EpochShape.of(gpt_config, *epoch_batches(config, gpt_config.block_size, records))
 
 
 def projection(calibration: Calibration, shape: EpochShape, config: TrainConfig | None = None) -> Projection:

@@ -159,6 +159,11 @@ def records_needed(per_step: int) -> int:
         n += 1
 
 
+def one_step(config: TrainConfig) -> str:
+    """What one optimizer step takes, for messages: "batch 8", or "batch 8 x 4 accumulation"."""
+    return f"batch {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
+
+
 def check_data(config: TrainConfig):
     """The run's records and split; ``DatasetError`` naming the counts when they cannot make a run.
 
@@ -170,7 +175,7 @@ def check_data(config: TrainConfig):
     per_step = config.batch_size * config.grad_accum
     needed = f"the book's split (85 % train, 10 % test, 5 % validation, in file order) needs at least {records_needed(per_step)} records"
     if len(split.train) < per_step:
-        step = f"batch {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
+        step = one_step(config)
         smaller = "use a smaller batch, or more records" if split.test else "use more records (a smaller batch leaves the test split empty)"
         raise DatasetError(f"{name} has {n} records: its training split (85 %) has {len(split.train)}, fewer than one step "
                            f"of {step}; {smaller}: {needed}")
@@ -219,6 +224,51 @@ def resume_run(run_dir: str | Path, hooks: Hooks | None = None, **changes) -> di
     return train(resume_config(run_dir, **changes), hooks, resume=run_dir)
 
 
+@dataclass
+class Batches:
+    """A run's data as the loop takes it: the training batches, epoch by epoch, and the fixed ones each evaluation scores."""
+
+    train_ds: InstructionDataset
+    val_ds: InstructionDataset
+    loader: object
+    steps_per_epoch: int
+    total_steps: int
+    val: list  # scored at every evaluation
+    baseline_train: list  # scored once before the first step: the chart's first train loss
+    context: int
+    max_length: int
+
+
+def make_batches(config: TrainConfig, split, context: int, ctx) -> Batches:
+    """The run's datasets, loader and evaluation batches for a model of ``context`` tokens; ``ValueError`` naming
+    why when not one step can be made."""
+    max_length = min(config.max_length or context, context)
+    cut = dict(style=config.style, max_length=context, mask_prompt=config.mask_prompt, allowed_max_length=max_length)
+    train_ds, val_ds = InstructionDataset(split.train, **cut), InstructionDataset(split.val, **cut)
+    loader = make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed,
+                         mask_prompt=config.mask_prompt, allowed_max_length=max_length, rank=ctx.rank, world_size=ctx.world_size)
+    steps_per_epoch = len(loader) // config.grad_accum
+    if steps_per_epoch == 0:
+        left_out = [f"{count} left out as {why}" for count, why in (
+            (train_ds.skipped, f"longer than the model's {context:,}-token context: shorten them"),
+            (train_ds.no_answer, f"their prompt alone fills max length {max_length} (mask prompt learns only the answer): "
+                                 "raise max length")) if count]
+        raise ValueError(
+            f"the training split has {len(train_ds)} usable records: fewer than one step of {one_step(config)}; "
+            + ("; ".join(left_out) if left_out else "use a smaller batch or more data")
+        )
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+
+    def in_order(ds: InstructionDataset, batches: int) -> list:
+        return list(itertools.islice(make_loader(ds, config.batch_size * ctx.world_size, shuffle=False, drop_last=False,
+                                                 mask_prompt=config.mask_prompt, allowed_max_length=max_length), batches))
+
+    return Batches(train_ds, val_ds, loader, steps_per_epoch, total_steps, val=in_order(val_ds, config.eval_batches),
+                   baseline_train=in_order(train_ds, config.eval_batches or 3), context=context, max_length=max_length)
+
+
 def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = None, resume: str | Path | None = None) -> dict:
     """Fine-tune one model on one dataset into a new run under ``root`` (or ``config.out``); returns its summary.
 
@@ -251,32 +301,9 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     emit(Status("loading", f"Loading {config.model}"))
     init = init_generator(config.seed)
     model = build_model(config, device, progress=lambda desc, done, total: emit(Download(desc, done, total)), generator=init)
-    context = model.config.block_size
-    max_length = min(config.max_length or context, context)
-    cut = dict(style=config.style, max_length=context, mask_prompt=config.mask_prompt, allowed_max_length=max_length)
-    train_ds, val_ds = InstructionDataset(split.train, **cut), InstructionDataset(split.val, **cut)
-    loader = make_loader(train_ds, config.batch_size, grouped=config.grouped, seed=config.seed,
-                         mask_prompt=config.mask_prompt, allowed_max_length=max_length, rank=ctx.rank, world_size=ctx.world_size)
-    steps_per_epoch = len(loader) // config.grad_accum
-    if steps_per_epoch == 0:
-        left_out = [f"{count} left out as {why}" for count, why in (
-            (train_ds.skipped, f"longer than the model's {context:,}-token context: shorten them"),
-            (train_ds.no_answer, f"their prompt alone fills max length {max_length} (mask prompt learns only the answer): "
-                                 "raise max length")) if count]
-        raise ValueError(
-            f"the training split has {len(train_ds)} usable records: fewer than one step of "
-            f"batch {config.batch_size} x {config.grad_accum} accumulation; "
-            + ("; ".join(left_out) if left_out else "use a smaller batch or more data")
-        )
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    eval_loader = make_loader(val_ds, config.batch_size * ctx.world_size, shuffle=False, drop_last=False,
-                              mask_prompt=config.mask_prompt, allowed_max_length=max_length)
-    val_batches = list(itertools.islice(eval_loader, config.eval_batches))
-    train_eval_loader = make_loader(train_ds, config.batch_size * ctx.world_size, shuffle=False, drop_last=False,
-                                    mask_prompt=config.mask_prompt, allowed_max_length=max_length)
-    baseline_train_batches = list(itertools.islice(train_eval_loader, config.eval_batches or 3))
+    data = make_batches(config, split, model.config.block_size, ctx)
+    train_ds, val_ds, loader = data.train_ds, data.val_ds, data.loader
+    steps_per_epoch, total_steps = data.steps_per_epoch, data.total_steps
 
     if config.lora_rank:
         add_lora(model, config.lora_rank, config.lora_alpha, init)
@@ -312,8 +339,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
         sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
-        start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=context,
-        no_answer_records=train_ds.no_answer, max_length=max_length,
+        start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=data.context,
+        no_answer_records=train_ds.no_answer, max_length=data.max_length,
         precision=precision_reason(device, config.precision)), **run_fields)
 
     step = tokens_seen = first_epoch = 0
@@ -330,7 +357,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         nonlocal last_val, val_step
         emit(Status("evaluating", f"Evaluating at step {step}", step))
         t0 = time.perf_counter()
-        val = evaluate(model, val_batches, device, asked)  # None: stopped midway, the step's row keeps no val loss
+        val = evaluate(model, data.val, device, asked)  # None: stopped midway, the step's row keeps no val loss
         if val is not None:
             last_val, val_step = val, step
         stopped = val is None or (asked and asked())
@@ -376,7 +403,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     cores = CoreShare(device)
     try:
         if not checkpoint:
-            baseline = evaluate(model, baseline_train_batches, device, asked)
+            baseline = evaluate(model, data.baseline_train, device, asked)
             if baseline is not None:
                 last_train = baseline
                 log_eval(last_train)
