@@ -301,15 +301,12 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     checkpointed = step if checkpoint else None
 
     def metrics(step_figures: dict, evaluation: dict | None = None) -> dict:
-        evals_left = max(0, (total_steps - step) // config.eval_every) + 1
-        per_step = clock.train_s / step if step else 0.0
-        per_eval = clock.eval_s / clock.evals if clock.evals else 0.0
         record = {
             "step": step, "epoch": round(step / steps_per_epoch, 4), "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
             "train_loss": finite(step_figures.get("loss")), "val_loss": None,
             **{k: finite(step_figures.get(k)) for k in ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")},
-            "lr": optimizer.lr, "tokens_per_s": tokens_seen / clock.train_s if clock.train_s else 0.0,
-            "elapsed_s": clock.elapsed, "eta_s": (total_steps - step) * per_step + evals_left * per_eval,
+            "lr": optimizer.lr, "tokens_per_s": clock.tokens_per_s(tokens_seen),
+            "elapsed_s": clock.elapsed, "eta_s": clock.eta(step, total_steps, config.eval_every),
         }
         for prefix, values in (evaluation or {}).items():
             for k, v in values.items():

@@ -73,6 +73,17 @@ class Clock:
     def elapsed(self) -> float:
         return self.before_s + self.session
 
+    def tokens_per_s(self, tokens: int) -> float:
+        return tokens / self.train_s if self.train_s else 0.0
+
+    def eta(self, step: int, total_steps: int, eval_every: int) -> float:
+        """Seconds to the end: the steps left at the mean step so far, and the evaluations left (the last step's
+        included) at the mean evaluation so far."""
+        per_step = self.train_s / step if step else 0.0
+        per_eval = self.eval_s / self.evals if self.evals else 0.0
+        evals_left = max(0, (total_steps - step) // eval_every) + 1
+        return (total_steps - step) * per_step + evals_left * per_eval
+
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     """Linear warmup, then constant or cosine decay to ``min_lr_ratio * lr``."""
@@ -372,14 +383,11 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
             emit(Status("training"))
 
     def metrics(train_loss: float, val_loss: float | None) -> dict:
-        evals_left = max(0, (total_steps - step) // config.eval_every) + 1
-        per_step = clock.train_s / step if step else 0.0
-        per_eval = clock.eval_s / clock.evals if clock.evals else 0.0
         return {
             "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens_seen": tokens_seen,
             "train_loss": finite(train_loss), "val_loss": finite(val_loss), "lr": optimizer.lr,
-            "tokens_per_s": tokens_seen / clock.train_s if clock.train_s else 0.0,
-            "elapsed_s": clock.elapsed, "eta_s": (total_steps - step) * per_step + evals_left * per_eval,
+            "tokens_per_s": clock.tokens_per_s(tokens_seen),
+            "elapsed_s": clock.elapsed, "eta_s": clock.eta(step, total_steps, config.eval_every),
         }
 
     def stop_reason() -> str | None:
