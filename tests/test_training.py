@@ -881,3 +881,14 @@ def test_trainings_on_one_machine_share_its_cores(tmp_path, monkeypatch):
     finally:
         other.kill()
         torch.set_num_threads(base)
+
+
+def test_the_eta_counts_the_steps_and_the_evaluations_left_at_their_mean_times():
+    from training.loop import Clock
+
+    clock = Clock(train_s=10.0, eval_s=4.0, evals=2)  # 5 steps of 2 s so far, evaluations of 2 s
+    assert clock.eta(5, 20, eval_every=5) == pytest.approx(15 * 2 + 3 * 2)  # evaluations at steps 10, 15 and 20
+    assert clock.eta(5, 22, eval_every=5) == pytest.approx(17 * 2 + 4 * 2)  # ... and at the last, 22
+    assert clock.eta(20, 20, eval_every=5) == clock.eta(22, 22, eval_every=5) == 0
+    assert Clock().eta(0, 20, eval_every=5) == 0 and Clock().tokens_per_s(100) == 0
+    assert clock.tokens_per_s(500) == 50

@@ -77,11 +77,11 @@ class Clock:
         return tokens / self.train_s if self.train_s else 0.0
 
     def eta(self, step: int, total_steps: int, eval_every: int) -> float:
-        """Seconds to the end: the steps left at the mean step so far, and the evaluations left (the last step's
-        included) at the mean evaluation so far."""
+        """Seconds to the end after ``step``: the steps left at the mean step so far, and the evaluations left (every
+        ``eval_every`` steps and at the last one) at the mean evaluation so far."""
         per_step = self.train_s / step if step else 0.0
         per_eval = self.eval_s / self.evals if self.evals else 0.0
-        evals_left = max(0, (total_steps - step) // eval_every) + 1
+        evals_left = total_steps // eval_every - step // eval_every + int(step < total_steps and total_steps % eval_every != 0)
         return (total_steps - step) * per_step + evals_left * per_eval
 
 
