@@ -321,7 +321,7 @@ def test_measure_shows_the_expected_time_of_the_books_data_the_visitors_own_and_
     few.write_text(json.dumps([{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(3)]))
     load(c, "upload", few)
     assert ("none for three.json: the training split has 2 usable records: fewer than one step of batch 8; "
-            "use a smaller batch or more data.") in measure()
+            "use more records (a smaller batch leaves the test split empty).") in measure()
     load(c, "sample")
     assert "at batch 64: none, the training split has 62 usable records: fewer than one step of batch 64;" in measure(epochs=2, batch_size=64)
 

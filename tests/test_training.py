@@ -592,7 +592,7 @@ def test_a_calibration_projects_an_epoch_of_other_data_without_measuring_again(t
     capped = cal.projection(measured, cal.data_shape(sample, tiny), TrainConfig(model="tiny", random_init=True, epochs=20, max_steps=10))
     assert capped.steps == 10 and capped.train_s == pytest.approx(mine.train_s * 10 / mine.steps)
     with pytest.raises(ValueError, match=re.escape("the training split has 2 usable records: fewer than one step of batch 8; "
-                                                  "use a smaller batch or more data")):
+                                                  "use more records (a smaller batch leaves the test split empty)")):
         cal.data_shape(sample[:3], tiny)
 
 

@@ -266,7 +266,8 @@ def make_batches(config: TrainConfig, split, context: int, ctx) -> Batches:
                                  "raise max length")) if count]
         raise ValueError(
             f"the training split has {len(train_ds)} usable records: fewer than one step of {one_step(config)}; "
-            + ("; ".join(left_out) if left_out else "use a smaller batch or more data")
+            + ("; ".join(left_out) if left_out else "use a smaller batch or more data" if split.test
+               else "use more records (a smaller batch leaves the test split empty)")
         )
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
