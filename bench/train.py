@@ -48,24 +48,28 @@ from training.lora import add_lora
 from training.optim import MasterWeightAdamW
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3, budget_s: float = 1.0) -> dict:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3, budget_s: float = 2.0) -> dict:
     """Measured FLOP/s of a large square matmul by ``torch.mm`` and by the model's ``linear`` (oneDNN in fp32 on
     x86 CPUs, ~10 % faster than ``torch.mm``'s MKL at 2048 here); the faster is the ceiling for MFU.
 
-    A matmul that a 256-square product predicts to take over ``budget_s`` at ``n`` is timed at a smaller
-    size: bf16 on a CPU without native bf16 runs ``torch.mm`` at 0.3-2 GFLOP/s, up to a minute for one
-    2048-square product (fp32 there: ~100 GFLOP/s, 0.2 s).
+    Each is timed at ``n``, or at the largest size below it whose ``reps`` products a product at half that
+    size predicts to fit in ``budget_s``: bf16 on a CPU without native bf16 runs ``torch.mm`` at 0.3-2 GFLOP/s,
+    up to a minute for one 2048-square product (fp32 there: ~100-160 GFLOP/s, ~0.15 s). Sizes are tried upwards
+    from 256, each timed after its first product: that first one includes making the kernel (oneDNN's took
+    ~6 ms at 256, which once predicted 2048 to be 20x slower than it is), and the emulated kernel's rate falls
+    with size (2.2 GFLOP/s at 256, 0.8 at 1,024).
     """
     peaks = {}
     for name, matmul in (("torch.mm", torch.mm), ("linear", linear)):
-        a = torch.randn(256, 256, dtype=dtype)
-        matmul(a, a)
-        start = time.perf_counter()
-        matmul(a, a)
-        per_flop = (time.perf_counter() - start) / (2 * 256**3)  # an estimate
-        size = n
-        while size > 256 and 2 * size**3 * per_flop > budget_s:
-            size //= 2
+        size = 256
+        while size < n:
+            a = torch.randn(size, size, dtype=dtype)
+            matmul(a, a)
+            start = time.perf_counter()
+            matmul(a, a)
+            if 8 * (time.perf_counter() - start) * reps > budget_s:  # twice the size: 8x the FLOPs
+                break
+            size *= 2
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         matmul(a, b)
         start = time.perf_counter()
