@@ -170,6 +170,9 @@ def records_needed(per_step: int) -> int:
         n += 1
 
 
+NO_TEST_SPLIT = "use more records (a smaller batch leaves the test split empty)"  # the remedy when the test split is empty too
+
+
 def one_step(config: TrainConfig) -> str:
     """What one optimizer step takes, for messages: "batch 8", or "batch 8 x 4 accumulation"."""
     return f"batch {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
@@ -187,7 +190,7 @@ def check_data(config: TrainConfig):
     needed = f"the book's split (85 % train, 10 % test, 5 % validation, in file order) needs at least {records_needed(per_step)} records"
     if len(split.train) < per_step:
         step = one_step(config)
-        smaller = "use a smaller batch, or more records" if split.test else "use more records (a smaller batch leaves the test split empty)"
+        smaller = "use a smaller batch, or more records" if split.test else NO_TEST_SPLIT
         raise DatasetError(f"{name} has {n} records: its training split (85 %) has {len(split.train)}, fewer than one step "
                            f"of {step}; {smaller}: {needed}")
     if not split.test:
@@ -267,7 +270,7 @@ def make_batches(config: TrainConfig, split, context: int, ctx) -> Batches:
         raise ValueError(
             f"the training split has {len(train_ds)} usable records: fewer than one step of {one_step(config)}; "
             + ("; ".join(left_out) if left_out else "use a smaller batch or more data" if split.test
-               else "use more records (a smaller batch leaves the test split empty)")
+               else NO_TEST_SPLIT)
         )
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
