@@ -61,7 +61,10 @@ def stop_after(step: int, events: list | None = None) -> Hooks:
     ("auto", True, 5, dict(grad_accum=2, batch_size=1, grad_clip=1.0, warmup_steps=2, cosine=True, lora_rank=4)),
 ])
 def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, precision, grouped, stop, extra):
-    """8 steps over two epochs straight, against `stop` steps + stop + resume: equal losses and equal final weights."""
+    """8 steps over two epochs straight, against `stop` steps + stop + resume: equal losses and equal final weights.
+
+    Bit for bit only with the machine to itself: a training in another process at the same time makes this one
+    share the cores (``training.cores``), and a change of threads midway changes the order of some sums."""
     settings = dict(precision=precision, grouped=grouped, **extra)
     straight = train(tiny(tmp_path, "straight", **settings))
     events = []
