@@ -883,6 +883,27 @@ def test_trainings_on_one_machine_share_its_cores(tmp_path, monkeypatch):
         torch.set_num_threads(base)
 
 
+def test_core_sharing_keeps_the_threads_its_caller_set(tmp_path):
+    """A caller that set fewer threads (torch.set_num_threads, as a notebook might) keeps them: sharing starts from
+    the process's threads when its first job begins, not from those it started with."""
+    from training.cores import CoreShare
+
+    base = torch.get_num_threads()
+    if base < 2:
+        pytest.skip("needs 2 threads to tell the caller's count from the one the process started with")
+    torch.set_num_threads(base - 1)
+    try:
+        training = CoreShare(torch.device("cpu"), folder=tmp_path, every_s=0)
+        evaluation = CoreShare(torch.device("cpu"), folder=tmp_path, every_s=0)  # a second job of the same process
+        assert training.check() == evaluation.check() == base - 1
+        evaluation.close()
+        assert training.check() == base - 1
+        training.close()
+        assert torch.get_num_threads() == base - 1
+    finally:
+        torch.set_num_threads(base)
+
+
 def test_the_eta_counts_the_steps_and_the_evaluations_left_at_their_mean_times():
     from training.loop import Clock
 

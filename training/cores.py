@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ import torch
 from data.cache import cache_dir
 
 SHARE_ENV = "GPT2_INSTRUCT_SHARE_CORES"
-ALONE = torch.get_num_threads()  # this process's threads with the machine to itself, before any sharing
+_process = {"shares": 0, "threads": 1}  # this process's jobs that share, and its threads from before the first began
+_process_lock = threading.Lock()
 
 
 def alive(pid: int, entry: Path) -> bool:
@@ -49,7 +51,7 @@ class CoreShare:
         self.folder = Path(folder) if folder else cache_dir() / "cpu-jobs"
         self.host = socket.gethostname()
         self.own = self.folder / f"{self.host}-{os.getpid()}-{secrets.token_hex(4)}"  # one file per job
-        self.threads = ALONE
+        self.threads = torch.get_num_threads()
         self.every_s, self.checked = every_s, float("-inf")
         if self.active:
             try:
@@ -57,6 +59,12 @@ class CoreShare:
                 self.own.touch()
             except OSError:
                 self.active = False  # a read-only cache: train alone, as before
+        if self.active:
+            with _process_lock:  # the threads the caller set (or OMP_NUM_THREADS) before this process's jobs began
+                if _process["shares"] == 0:
+                    _process["threads"] = self.threads
+                _process["shares"] += 1
+                self.threads = _process["threads"]
         self.check()
 
     def others(self) -> int:
@@ -92,7 +100,11 @@ class CoreShare:
         self.close()
 
     def close(self) -> None:
+        """Leave the machine's list; the last of this process's jobs to end gives the process its threads back."""
         if self.active:
             self.own.unlink(missing_ok=True)
-            torch.set_num_threads(self.threads)
             self.active = False
+            with _process_lock:
+                _process["shares"] -= 1
+                if _process["shares"] == 0:
+                    torch.set_num_threads(self.threads)
