@@ -31,7 +31,7 @@ import torch
 
 from data import DatasetError, InstructionDataset, custom_collate_fn, extract_response, format_prompt, load_instructions, split_instructions
 from model import WeightsError, generate_batch, get_tokenizer, pick_device
-from model.device import describe
+from model.device import configure_runtime, describe
 from model.fused import linear
 
 from runstore.export import ExportError, export_zip
@@ -435,6 +435,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=None, help="comma-separated, of base, tuned and (for a DPO run) aligned; default all")
     p.add_argument("--export", metavar="PATH.zip", default=None, help="also write the model as a Hugging Face zip")
     args = p.parse_args(argv)
+    configure_runtime()
     if args.export and (Path(args.export).suffix != ".zip" or Path(args.export).is_dir()):
         p.error(f"--export {args.export}: give the path of a .zip file to write")
     try:

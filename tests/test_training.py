@@ -510,6 +510,48 @@ def test_configure_runtime_sets_defaults_once_and_keeps_the_users(monkeypatch):
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == RUNTIME_ENV["THP_MEM_ALLOC_ENABLE"]
 
 
+def test_cpu_quota_reads_cgroup_v1_and_v2_and_takes_the_tightest_on_the_path(tmp_path):
+    from model.device import cpu_quota
+
+    def tree(membership: str, files: dict) -> float | None:
+        root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        (root / "self-cgroup").write_text(membership)
+        return cpu_quota(root / "fs", root / "self-cgroup")
+
+    assert tree("0::/\n", {"fs/cpu.max": "200000 100000\n"}) == 2.0  # a container's own cgroup (v2)
+    assert tree("0::/\n", {"fs/cpu.max": "max 100000\n"}) is None
+    assert tree("0::/a/b\n", {"fs/cpu.max": "800000 100000", "fs/a/cpu.max": "max 100000",
+                               "fs/a/b/cpu.max": "150000 100000"}) == 1.5  # the tightest on the path
+    assert tree("0::/a\n", {"fs/unified/a/cpu.max": "50000 100000"}) == 0.5  # v2 beside v1 (hybrid)
+    assert tree("4:cpu,cpuacct:/docker/x\n1:memory:/docker/x\n",  # v1, the container's folder mounted as the root
+                {"fs/cpu,cpuacct/cpu.cfs_quota_us": "200000", "fs/cpu,cpuacct/cpu.cfs_period_us": "100000"}) == 2.0
+    assert tree("4:cpu:/\n", {"fs/cpu/cpu.cfs_quota_us": "-1", "fs/cpu/cpu.cfs_period_us": "100000"}) is None
+    assert tree("4:memory:/\n", {"fs/memory/memory.limit_in_bytes": "1"}) is None
+    assert cpu_quota(tmp_path / "none", tmp_path / "no-such-file") is None
+
+
+def test_configure_runtime_runs_no_more_threads_than_the_cpu_quota_allows_unless_told(monkeypatch):
+    import model.device as device
+
+    base = torch.get_num_threads()
+    if base < 2:
+        pytest.skip("needs 2 threads to see the cap")
+    monkeypatch.setattr(device, "cpu_budget", lambda: 1)  # a 1-CPU quota
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        device.configure_runtime()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(base)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(base))  # the user's count wins
+        device.configure_runtime()
+        assert torch.get_num_threads() == base
+    finally:
+        torch.set_num_threads(base)
+
+
 KERNEL_CACHE_GROWTH = """
 import ctypes
 from model.device import configure_runtime
