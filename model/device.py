@@ -38,8 +38,9 @@ def configure_runtime() -> None:
     """
     for name, value in RUNTIME_ENV.items():
         os.environ.setdefault(name, value)
-    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > cpu_budget():
-        torch.set_num_threads(cpu_budget())
+    budget = None if "OMP_NUM_THREADS" in os.environ else cpu_budget()
+    if budget is not None and torch.get_num_threads() > budget:
+        torch.set_num_threads(budget)
 
 
 def _quota_of(folder: Path) -> float | None:
