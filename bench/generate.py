@@ -26,7 +26,7 @@ import torch
 
 from bench.common import at_least, machine, timed
 from model import GPT, GPTConfig, generate, get_tokenizer, load_pretrained, save_pretrained, stream_side_by_side
-from model.device import configure_runtime, cpu_has_bf16, peak_rss_mb, pick_device
+from model.device import configure_runtime, cpu_budget, cpu_has_bf16, peak_rss_mb, pick_device
 from model.inference import int8_supported
 
 
@@ -115,7 +115,7 @@ def main() -> None:
     device = pick_device()
     name, path = cpu_class(device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {machine()}; load average {load:.1f} on {os.cpu_count()} cores")
+    print(f"machine: {machine()}; load average {load:.1f} on {cpu_budget()} cores to use")
     print(f"CPU class: {name}")
     print(f"precision path: {path}")
     print(f"threads: {torch.get_num_threads()} for both ({'--threads' if args.threads else 'PyTorch default'}): batch-1 generation "

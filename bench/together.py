@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import at_least, machine, preset, print_json, spread
-from model.device import cpu_class
+from model.device import cpu_budget, cpu_class
 from training.cores import SHARE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=at_least(2), default=40)
     p.add_argument("--runs", type=at_least(2), default=2, help="trainings side by side")
     args = p.parse_args(argv)
-    print(f"machine: {machine()}; {os.cpu_count()} CPUs; CPU class: {cpu_class()}; {args.model}, {args.steps} steps each")
+    print(f"machine: {machine()}; {cpu_budget()} CPUs to use; CPU class: {cpu_class()}; {args.model}, {args.steps} steps each")
     sharing = {k: v for k, v in os.environ.items() if k != SHARE_ENV}
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     alone, together, unshared = figures["alone"][0], spread(figures["together"]), spread(figures["together_unshared"])
     print(f"side by side, each run gets {together['median'] / alone:.0%} of its speed alone sharing the cores, "
           f"{unshared['median'] / alone:.0%} with a thread per core each ({SHARE_ENV}=0)")
-    print_json(dict(cpu_class=cpu_class(), model=args.model, steps=args.steps, runs=args.runs, cpus=os.cpu_count(),
+    print_json(dict(cpu_class=cpu_class(), model=args.model, steps=args.steps, runs=args.runs, cpus=cpu_budget(),
                     alone_tokens_per_s=alone, together_tokens_per_s=together, together_unshared_tokens_per_s=unshared))
     return 0
 
