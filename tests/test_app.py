@@ -323,7 +323,7 @@ def test_measure_shows_the_expected_time_of_the_books_data_the_visitors_own_and_
     assert ("none for three.json: the training split has 2 usable records: fewer than one step of batch 8; "
             "use more records (a smaller batch leaves the test split empty).") in measure()
     load(c, "sample")
-    assert "at batch 64: none, the training split has 62 usable records: fewer than one step of batch 64;" in measure(epochs=2, batch_size=64)
+    assert "at batch 64: none, the training split has 62 usable records: fewer than one step of batch 64; use a smaller batch, or more records" in measure(epochs=2, batch_size=64)
 
 
 def test_measure_offline_times_the_bundled_sample(url, tmp_path, monkeypatch):

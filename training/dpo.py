@@ -253,7 +253,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         longer = (f"; {train_ds.skipped} pairs were skipped as longer than max length {max_length} tokens: {remedy}"
                   if train_ds.skipped else "")
         raise ValueError(f"the training split has {len(train_ds)} usable pairs: fewer than one batch of "
-                         f"{config.batch_size}; use a smaller batch or more data{longer}")
+                         f"{config.batch_size}; use a smaller batch, or more pairs{longer}")
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)

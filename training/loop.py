@@ -170,6 +170,7 @@ def records_needed(per_step: int) -> int:
         n += 1
 
 
+SMALLER_BATCH = "use a smaller batch, or more records"  # the remedy for too few records for one step
 NO_TEST_SPLIT = "use more records (a smaller batch leaves the test split empty)"  # the remedy when the test split is empty too
 
 
@@ -190,7 +191,7 @@ def check_data(config: TrainConfig):
     needed = f"the book's split (85 % train, 10 % test, 5 % validation, in file order) needs at least {records_needed(per_step)} records"
     if len(split.train) < per_step:
         step = one_step(config)
-        smaller = "use a smaller batch, or more records" if split.test else NO_TEST_SPLIT
+        smaller = SMALLER_BATCH if split.test else NO_TEST_SPLIT
         raise DatasetError(f"{name} has {n} records: its training split (85 %) has {len(split.train)}, fewer than one step "
                            f"of {step}; {smaller}: {needed}")
     if not split.test:
@@ -269,8 +270,7 @@ def make_batches(config: TrainConfig, split, context: int, ctx) -> Batches:
                                  "raise max length")) if count]
         raise ValueError(
             f"the training split has {len(train_ds)} usable records: fewer than one step of {one_step(config)}; "
-            + ("; ".join(left_out) if left_out else "use a smaller batch or more data" if split.test
-               else NO_TEST_SPLIT)
+            + ("; ".join(left_out) if left_out else SMALLER_BATCH if split.test else NO_TEST_SPLIT)
         )
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
