@@ -390,7 +390,7 @@ def test_playground_reports_models_it_cannot_load(url, folders):
     assert runs, "needs the run of the training test"
     assert "Type an instruction" in text(c.predict("", "", runs[0].name, 8, 0, 0, 1, 1, api_name="/compare")[4])
     assert "not a run on this server" in text(c.predict("Hi", "", "/etc", 8, 0, 0, 1, 1, api_name="/compare")[4])
-    for seed, shown in ((1e20, "1e+20"), (-1, "-1")):  # sampled, a seed no generator takes is named before anything loads
+    for seed, shown in ((1e20, "1e+20"), (-1, "-1"), (1.5, "1.5")):  # sampled, a seed no generator takes is named before anything loads
         note = text(c.predict("Hi", "", runs[0].name, 8, 0.7, 0, 1, seed, api_name="/compare")[4])
         assert f"seed must be a whole number from 0 to 2^53, got {shown}" in note
 

@@ -225,7 +225,7 @@ def build(shared) -> None:
         with gr.Row():
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", elem_id="top-k")
             top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (1: off)", elem_id="top-p")
-            seed = gr.Number(value=123, precision=0, label="Seed", elem_id="seed")
+            seed = gr.Number(value=123, label="Seed", elem_id="seed")  # no rounding: sampling() names a fractional seed
     compare_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
     status = gr.HTML(elem_id="playground-status")
     with gr.Row(equal_height=True):
