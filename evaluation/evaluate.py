@@ -34,7 +34,7 @@ from model import WeightsError, generate_batch, get_tokenizer, pick_device
 from model.device import configure_runtime, describe
 from model.fused import linear
 
-from runstore.export import ExportError, export_zip
+from runstore.export import ExportError, check_destination, export_files, export_zip
 from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.cores import CoreShare
@@ -441,7 +441,10 @@ def main(argv=None) -> int:
     try:
         run_dir = run_folder(args.run_dir)  # a run's name, as --resume takes it, or its folder
         judge = Judge(args.judge, args.judge_model, timeout=args.judge_timeout) if args.judge else None
-    except ValueError as e:
+        if args.export:
+            export_files(run_dir)
+            check_destination(args.export)
+    except (ValueError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     bar = ProgressBar()

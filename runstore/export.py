@@ -100,6 +100,23 @@ def load_hint(run_name: str) -> str:
             f"and GPT2Tokenizer.from_pretrained(\"{run_name}\")")
 
 
+def check_destination(dest) -> Path:
+    """``dest`` with its folder made; ``ExportError`` naming it when no file can be written there.
+
+    The CLI asks before it evaluates, so that a bad ``--export`` path fails in a
+    second, not after minutes of generation.
+    """
+    dest = Path(dest)
+    if blocker := next((p for p in reversed(dest.parents) if p.exists() and not p.is_dir()), None):
+        raise ExportError(f"cannot write {dest}: {blocker} is a file, not a folder")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}-").close()
+    except OSError as e:
+        raise ExportError(f"cannot write {dest}: {e.strerror or e}") from None
+    return dest
+
+
 def export_zip(run_dir, dest=None) -> Path:
     """Write the run's model as a zip of the Hugging Face files inside one folder ``<run name>/``; returns its path.
 
@@ -108,8 +125,7 @@ def export_zip(run_dir, dest=None) -> Path:
     """
     run_dir = Path(run_dir).resolve()  # "." has no name to give the folder
     files = export_files(run_dir)
-    dest = Path(dest) if dest else run_dir / f"{run_dir.name}-hf.zip"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = check_destination(dest or run_dir / f"{run_dir.name}-hf.zip")
 
     def write_zip(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:

@@ -380,6 +380,11 @@ def test_cli_takes_a_run_by_name_checks_export_first_and_says_when_the_judge_is_
     folder = subprocess.run([sys.executable, "-m", "evaluation", run.name, "--export", str(tmp_path)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert folder.returncode == 2 and f"--export {tmp_path}: give the path of a .zip file to write" in folder.stderr
+    (tmp_path / "a-file").write_text("")
+    blocked = subprocess.run([sys.executable, "-m", "evaluation", run.name, "--export", str(tmp_path / "a-file" / "m.zip")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert blocked.returncode == 1 and "Traceback" not in blocked.stderr, blocked.stderr
+    assert blocked.stderr.startswith(f"error: cannot write {tmp_path / 'a-file' / 'm.zip'}: {tmp_path / 'a-file'} is a file, not a folder") and not blocked.stdout
     bad = subprocess.run([sys.executable, "-m", "evaluation", run.name, "--judge", "not a url"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.startswith("error: judge URL must be") and "Traceback" not in bad.stderr
