@@ -175,7 +175,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt2", help="preset: tiny, gpt2, gpt2-medium, ...")
     parser.add_argument("--steps", type=at_least(1), default=10, help="timed steps of each side")
-    parser.add_argument("--data", default="canonical", help="canonical, sample, or a JSON / JSON Lines file")
+    parser.add_argument("--data", default="canonical", help="canonical, sample, or a JSON / JSON Lines / CSV file")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="ours (auto: bf16 where native)")
     parser.add_argument("--lora-rank", type=int, default=0, help="also time ours with LoRA of this rank on the same batches")
     parser.add_argument("--skip-autocast", action="store_true", help="skip transformers with bf16 autocast")

@@ -3,7 +3,7 @@
 A record is an instruction record (``instruction``, ``input``, ``output``) plus
 non-empty strings ``chosen`` and ``rejected``. ``"preference"`` is the book's
 file (downloaded once, sha256-checked, cached like the canonical one); any
-other source is a JSON / JSON Lines path, read and checked with the same
+other source is a JSON / JSON Lines / CSV path, read and checked with the same
 parser and the same named errors as instruction data. The split is the
 book's (``split_instructions``: 85 / 10 / 5 % in file order).
 
@@ -42,14 +42,15 @@ def preference_path(source) -> Path:
         return cache.preference_path()
     if isinstance(source, str) and source in ("canonical", "sample"):
         raise DatasetError(f"{source} is instruction data: preference tuning takes pairs with a chosen and a rejected "
-                           "answer, 'preference' (the book's 1,100) or a JSON / JSON Lines file of them")
+                           "answer, 'preference' (the book's 1,100) or a JSON / JSON Lines / CSV file of them")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path or 'preference', got {type(source).__name__}")
     return Path(source)
 
 
 def load_preferences(source) -> list[dict]:
-    """Records from ``"preference"`` (the book's 1,100) or a JSON / JSON Lines file; ``DatasetError`` names any problem."""
+    """Records from ``"preference"`` (the book's 1,100) or a JSON / JSON Lines / CSV file; ``DatasetError``
+    names any problem."""
     items, name, label = read_items(preference_path(source))
     return validate_preferences(items, name, label)
 

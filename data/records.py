@@ -2,10 +2,13 @@
 
 A record is a dict with string ``instruction``, ``input`` and ``output``.
 Every problem with a user's file becomes a ``DatasetError`` whose message
-says what is wrong and where (record N for a JSON list, line N for JSON Lines).
+says what is wrong and where (record N for a JSON list, line N for JSON Lines,
+row N for CSV, counted as a spreadsheet counts them).
 """
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
 import os
@@ -21,6 +24,9 @@ MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_RECORDS = 100_000
 SAMPLE_PATH = Path(__file__).with_name("sample.json")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+FILE_SUFFIXES = (".json", *JSONL_SUFFIXES, *CSV_DELIMITERS)  # what an upload may be
+FILE_KINDS = "JSON, JSON Lines or CSV"
 
 
 class Split(NamedTuple):
@@ -32,7 +38,8 @@ class Split(NamedTuple):
 def load_instructions(source) -> list[dict]:
     """Records from ``"canonical"`` (the book's 1,100), ``"sample"`` (bundled) or a file path.
 
-    A file is a JSON list of objects or JSON Lines (one object per line).
+    A file is a JSON list of objects, JSON Lines (one object per line), or CSV / TSV
+    with a header row naming the fields.
     """
     return read_instruction_file(source_path(source))
 
@@ -74,7 +81,10 @@ def read_items(path: Path) -> tuple[list, str, str]:
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     text = decode_utf8(raw, name)
-    items, label = parse_json_or_jsonl(text, name, path.suffix.lower() in JSONL_SUFFIXES)
+    suffix = path.suffix.lower()
+    if suffix in CSV_DELIMITERS:
+        return parse_csv(text, name, CSV_DELIMITERS[suffix]), name, "row"
+    items, label = parse_json_or_jsonl(text, name, suffix in JSONL_SUFFIXES)
     return items, name, label
 
 
@@ -129,6 +139,29 @@ def parse_jsonl(text: str, name: str) -> list:
             raise DatasetError(f"{name}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         except RecursionError:
             raise DatasetError(f"{name}, line {number}: not valid JSON (nested too deeply)") from None
+    return items
+
+
+def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
+    """``(row, fields)`` items of a table whose header row names the fields; rows as a spreadsheet numbers them
+    (the header is row 1). An empty cell is an empty string; a row with fewer cells lacks the last fields."""
+    if not text.strip():
+        raise DatasetError(f"{name}: the file is empty")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    items, header = [], None
+    try:
+        header = reader.fieldnames = [field.strip() for field in reader.fieldnames or []]
+        if not header or not all(header) or len(set(header)) < len(header):
+            raise DatasetError(f"{name}, row 1: the first row must name each column once (instruction, input, output, "
+                               f"...), got {delimiter.join(header)!r}")
+        for number, row in enumerate(reader, start=2):
+            if None in row:
+                extra = len(row[None])
+                raise DatasetError(f"{name}, row {number}: {extra} more cell{'s' * (extra > 1)} than the header's "
+                                   f"{len(reader.fieldnames)} columns ({', '.join(reader.fieldnames)})")
+            items.append((number, {field: cell for field, cell in row.items() if cell is not None}))
+    except csv.Error as exc:
+        raise DatasetError(f"{name}, row {len(items) + 2 if header is not None else 1}: not valid CSV ({exc})") from None
     return items
 
 

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from data import DatasetError, load_instructions
+from data import FILE_KINDS, DatasetError, load_instructions
 from data import cache
 from data.records import source_path
 
@@ -62,7 +62,7 @@ class Datasets:
         """A visitor's reference to a dataset and its records; ``DatasetError`` says why it cannot be loaded."""
         if source == "upload":
             if not upload:
-                raise DatasetError("choose a JSON or JSON Lines file to upload")
+                raise DatasetError(f"choose a {FILE_KINDS} file to upload")
             records = load_instructions(Path(upload))
             stored = cache.store_upload(upload)
             stored.touch()

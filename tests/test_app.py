@@ -167,6 +167,11 @@ def test_a_bad_upload_names_the_problem_and_keeps_the_previous_dataset(url, tmp_
     assert "broken.jsonl, line 2: not valid JSON" in text(load(c, "upload", broken)["error"])
     assert search(c)[1] == "74 records, page 1 / 3"
 
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("instruction,input,output\nSay hi,,hi\nSay no,,\n")
+    assert 'sheet.csv, row 3: field "output" is empty' in text(load(c, "upload", sheet)["error"])
+    assert search(c)[1] == "74 records, page 1 / 3"
+
 
 def test_a_good_upload_is_kept_at_a_stable_path(url, folders, tmp_path):
     c = client(url)
@@ -176,6 +181,10 @@ def test_a_good_upload_is_kept_at_a_stable_path(url, folders, tmp_path):
     assert out["count"] == "12 records, page 1 / 1"
     kept = list((folders / "cache" / "uploads").glob("*-twelve.jsonl"))
     assert len(kept) == 1 and kept[0].read_bytes() == good.read_bytes()
+    sheet = tmp_path / "twelve.csv"
+    sheet.write_text("instruction,output\n" + "".join(f'"Count to {i}, slowly.",{i}\n' for i in range(12)))
+    assert load(c, "upload", sheet)["count"] == "12 records, page 1 / 1"
+    assert search(c, "slowly")[1].startswith("12 records")
 
 
 def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(url, folders):
@@ -552,6 +561,10 @@ def test_preference_tuning_from_a_run_then_three_columns_in_the_playground(url, 
     assert 'bad.json, record 1: field "rejected" is missing' in text(checked) and source == "upload"
     checked, _ = c.predict(handle_file(str(pairs)), api_name="/check_preference_file")
     assert "pairs.json : 74 preference pairs, checked. Press Start to align with them." in text(checked)
+    sheet = tmp_path / "pairs.csv"
+    sheet.write_text("instruction,chosen,rejected\nSay hi.,Hi!,No.\nSay yes.,Yes!,\n")
+    checked, _ = c.predict(handle_file(str(sheet)), api_name="/check_preference_file")
+    assert 'pairs.csv, row 3: field "rejected" is empty' in text(checked)
     assert "Started preference tuning" in text(align(c, "owner-a", parent, pairs))
     assert "already running" in text(start(c, "owner-b"))
     assert "Only the browser session that started this preference-tuning run" in \

@@ -97,6 +97,35 @@ def test_user_file_json_list_and_jsonl(tmp_path):
     assert load_instructions(write(tmp_path, "\ufeff" + json.dumps(records))) == expected
 
 
+def test_user_file_csv_and_tsv(tmp_path):
+    """A spreadsheet's export: a header row names the fields, in any order; quoted cells keep commas and newlines."""
+    csv_text = 'output, instruction ,input,notes\r\nB,A,,x\r\n"G, and\nmore",E,F,\r\n'
+    expected = [rec("A", "", "B"), rec("E", "F", "G, and\nmore")]
+    assert load_instructions(write(tmp_path, "\ufeff" + csv_text, "data.csv")) == expected
+    tsv_text = "instruction\toutput\nA\tB\nE\tG, and more\n"
+    assert load_instructions(write(tmp_path, tsv_text, "data.TSV")) == [rec("A", "", "B"), rec("E", "", "G, and more")]
+
+
+BAD_CSV = [
+    ("missing output", "instruction,input\nA,\n", 'data.csv, row 2: field "output" is missing'),
+    ("short row", "instruction,input,output\nA,,B\nC,D\n", 'data.csv, row 3: field "output" is missing'),
+    ("long row", "instruction,output\nA,B\nC,D,E,F\n",
+     "data.csv, row 3: 2 more cells than the header's 2 columns (instruction, output)"),
+    ("blank output", "instruction,output\nA,B\nC,  \n", 'data.csv, row 3: field "output" is empty'),
+    ("unclosed quote", 'instruction,output\nA,B\nC,"D\n', "data.csv, row 3: not valid CSV (unexpected end of data)"),
+    ("no header", "\ninstruction,output\nA,B\n", "data.csv, row 1: the first row must name each column once"),
+    ("twice a column", "instruction,output,output\nA,B,C\n", "row 1: the first row must name each column once"),
+    ("header only", "instruction,input,output\n", "data.csv: contains no records"),
+]
+
+
+@pytest.mark.parametrize("text, message", [case[1:] for case in BAD_CSV], ids=[c[0] for c in BAD_CSV])
+def test_bad_csv_names_the_row(tmp_path, text, message):
+    with pytest.raises(DatasetError) as info:
+        load_instructions(write(tmp_path, text, "data.csv"))
+    assert message in str(info.value)
+
+
 # --- validation ------------------------------------------------------------------------------
 
 def many(n, **bad):

@@ -98,6 +98,10 @@ def test_bad_preference_files_name_the_record_and_field(tmp_path):
         load(json.dumps([{k: v for k, v in good.items() if k != "instruction"}]))
     with pytest.raises(DatasetError, match=r"p\.json, line 1: not valid JSON"):
         load("[{")
+    with pytest.raises(DatasetError, match=r'p\.csv, row 3: field "rejected" is empty'):
+        load("instruction,input,output,chosen,rejected\nSay hi.,,Hi.,Hi!,No.\nSay no.,,No.,No!,\n", "p.csv")
+    assert load("instruction,chosen,rejected\nSay hi.,Hi!,No.\n", "p.csv") == [
+        {"instruction": "Say hi.", "input": "", "output": "Hi!", "chosen": "Hi!", "rejected": "No."}]  # output: the chosen
     with pytest.raises(DatasetError, match="file not found"):
         load_preferences(tmp_path / "missing.json")
     no_output = {k: v for k, v in good.items() if k != "output"}

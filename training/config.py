@@ -90,7 +90,7 @@ class Settings:
 class TrainConfig(Settings):
     model: str = setting("gpt2", "preset (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl), Hub repo id, or local directory / .safetensors file")
     random_init: bool = setting(False, "random weights instead of pretrained ones: offline demos and tests")
-    data: str = setting("canonical", "canonical (the book's 1,100), sample (bundled, offline), or a JSON / JSON Lines file")
+    data: str = setting("canonical", "canonical (the book's 1,100), sample (bundled, offline), or a JSON / JSON Lines / CSV file")
     style: str = setting("alpaca", "prompt format", choices=("alpaca", "phi3"))
     epochs: int = setting(1, "passes over the training split", 1, 100)
     max_steps: int | None = setting(None, "stop after this many steps (quick checks)", 1)

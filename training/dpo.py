@@ -50,7 +50,7 @@ from .optim import MasterWeightAdamW
 @dataclass
 class DPOConfig(Settings):
     parent: str | None = setting(None, "the fine-tuned run to align: its directory, or its name under runs/", flag="--from")
-    data: str = setting("preference", "preference (the book's 1,100 pairs) or a JSON / JSON Lines file with chosen and rejected")
+    data: str = setting("preference", "preference (the book's 1,100 pairs) or a JSON / JSON Lines / CSV file with chosen and rejected")
     beta: float = setting(0.1, "DPO beta: how far the policy may move from the reference", 0, 100, low_open=True)
     sum_logprobs: bool = setting(False, "sum the answers' token log-probabilities (the paper) instead of averaging them (the book)")
     epochs: int = setting(1, "passes over the training pairs", 1, 100)

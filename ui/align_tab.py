@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from data import DatasetError, cache
+from data import FILE_KINDS, FILE_SUFFIXES, DatasetError, cache
 from data.preference import PreferenceDataset, load_preferences
 from engine import ACTIVE, SCALARS_ONLY, JobError
 from engine.engine import PREFERENCE
@@ -30,7 +30,7 @@ from .widgets import (as_int, bar, clock, form_error, listed, live_chart, loss_t
 TITLE = "Align"
 DEFAULTS = DPOConfig(parent="-").to_dict()
 DATA_CHOICES = [("The book's preference pairs: 1,100 polite (chosen) and impolite (rejected) answers", "preference"),
-                ("Your file: JSON or JSON Lines with chosen and rejected", "upload")]
+                (f"Your file: {FILE_KINDS} with chosen and rejected", "upload")]
 NO_RUNS = ("No fine-tuned run yet: fine-tune one in the <b>Train</b> tab; preference tuning starts from its saved "
            "weights and aligns it with pairs of a chosen and a rejected answer.")
 
@@ -71,7 +71,7 @@ def data_note() -> str:
         return notice(f"The book's <b>{cache.PREFERENCE_NAME}</b> is cached on this server (split 85 / 10 / 5 % in file order).")
     return notice(f"The book's <b>{cache.PREFERENCE_NAME}</b> is downloaded once on first use (about 1 MB) and checked. "
                   "There is no bundled offline sample of preference pairs: offline, upload your own file "
-                  "(records with instruction, input, chosen and rejected).")
+                  "(records or CSV columns with instruction, input, chosen and rejected).")
 
 
 def check_upload(upload: str | None):
@@ -111,7 +111,7 @@ def start(engine, client_id: str | None, parent: str | None, source: str, upload
             raise ValueError("pick a finished fine-tuned run to align")
         if source == "upload":
             if not upload:
-                raise ValueError("choose a JSON or JSON Lines file of preference pairs to upload")
+                raise ValueError(f"choose a {FILE_KINDS} file of preference pairs to upload")
             data = engine.store_preference_upload(upload)
         else:
             data = "preference"
@@ -278,7 +278,7 @@ def build(shared) -> None:
                 refresh = gr.Button("↻", size="sm", scale=0, min_width=48, elem_id="align-refresh-runs")
             parent_info = gr.HTML(notice(NO_RUNS), elem_id="align-run-info")
             source = gr.Radio(DATA_CHOICES, value="preference", label="Preference data", elem_id="align-data")
-            upload = gr.File(label="Preference pairs file", file_types=[".json", ".jsonl", ".ndjson"],
+            upload = gr.File(label="Preference pairs file", file_types=list(FILE_SUFFIXES),
                              height=110, elem_id="align-upload")
             gr.HTML(data_note(), elem_id="align-data-note")
             with gr.Row():

@@ -10,7 +10,7 @@ import html
 
 import gradio as gr
 
-from data import MAX_FILE_BYTES, DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_stats, token_view
+from data import FILE_KINDS, FILE_SUFFIXES, MAX_FILE_BYTES, DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_stats, token_view
 from data import cache
 from data.batching import too_long
 from data.browse import PAGE_SIZE, page_of, split_of
@@ -27,7 +27,7 @@ TITLE = "Dataset"
 SOURCES = [
     ("Canonical: the book's 1,100 examples", "canonical"),
     ("Bundled sample: 74 examples, works offline", "sample"),
-    ("Your file: JSON or JSON Lines", "upload"),
+    (f"Your file: {FILE_KINDS}", "upload"),
 ]
 HEADERS = ["#", "split", "instruction", "input", "output"]
 CELL_CHARS = 160
@@ -166,7 +166,8 @@ def load_default(engine, mask_prompt: bool, remembered: dict | None = None):
 def pick_source(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
     """The source radio: load it at once, except "upload" before a file is chosen."""
     if source == "upload" and not upload:
-        return (gr.skip(), gr.skip(), notice("Choose a file below: a JSON list of records or JSON Lines.")) + (gr.skip(),) * 9
+        choose = "Choose a file below: a JSON list of records, JSON Lines, or CSV / TSV whose header row names the fields."
+        return (gr.skip(), gr.skip(), notice(choose)) + (gr.skip(),) * 9
     return load(engine, source, upload, previous, mask_prompt)
 
 
@@ -205,7 +206,7 @@ def build(shared) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             source = gr.Radio(SOURCES, value=None, label="Source", elem_id="dataset-source")
-            upload = gr.File(label=f"Instructions file ({MAX_FILE_BYTES // 2**20} MB at most)", file_types=[".json", ".jsonl", ".ndjson"],
+            upload = gr.File(label=f"Instructions file ({MAX_FILE_BYTES // 2**20} MB at most)", file_types=list(FILE_SUFFIXES),
                              height=110, elem_id="upload")
             load_btn = gr.Button("Load", variant="secondary", size="sm", elem_id="load-btn")
         with gr.Column(scale=4):
