@@ -113,6 +113,16 @@ def test_a_malformed_upload_names_the_record_and_field_and_keeps_the_dataset(pag
     assert "record 1 of 74" in text_of(page, "#record-meta")
 
 
+def test_a_spreadsheets_csv_loads(page, tmp_path):
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text('instruction,input,output\n"Say hi, twice",,hi hi\nSay bye,,bye\nName a fruit,,Apple\n')
+    page.wait_for_function("() => localStorage.getItem('gpt2-instruct-dataset') !== null")  # the default has loaded
+    page.set_input_files("#upload input[type=file]", sheet)
+    wait_text(page, "#dataset-error", "Loaded sheet.csv: 3 records.")
+    assert text_of(page, "#record-count") == count_text(3)
+    assert table_rows(page)[0][2] == "Say hi, twice"
+
+
 def test_a_reload_keeps_the_dataset_this_browser_loaded(page, tmp_path):
     mine = tmp_path / "mine.jsonl"
     mine.write_text("".join(f'{{"instruction": "Say {i}.", "input": "", "output": "{i}"}}\n' for i in range(12)))
