@@ -12,8 +12,6 @@ import pytest
 GRADIO_TEMP = os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gpt2-instruct-tests-gradio-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHARED_CANONICAL = SHARED_DATA / "instruction-data.json"
-SHARED_PREFERENCE = SHARED_DATA / "instruction-data-with-preference.json"
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -25,15 +23,16 @@ def pytest_sessionstart(session):
     """Seed the app's dataset cache from ../shared so the book's files load offline."""
     from data import cache
 
-    if SHARED_CANONICAL.exists() and not cache.is_cached():
-        cache.store_canonical(SHARED_CANONICAL.read_bytes())
-    if SHARED_PREFERENCE.exists() and not cache.is_preference_cached():
-        cache.store_preference(SHARED_PREFERENCE.read_bytes())
+    shared_canonical, shared_preference = SHARED_DATA / cache.CANONICAL_NAME, SHARED_DATA / cache.PREFERENCE_NAME
+    if shared_canonical.exists() and not cache.is_cached():
+        cache.store_canonical(shared_canonical.read_bytes())
+    if shared_preference.exists() and not cache.is_preference_cached():
+        cache.store_preference(shared_preference.read_bytes())
 
 
-# The book's dataset: from ../shared (seeded above), the cache, or one download try per session.
+# The book's two files: from ../shared (seeded above), the cache, or one download try per session.
 
-CANONICAL_PROBLEM: list[str | None] = []  # filled once: None when the file is cached, else why it is not
+BOOK_FILE_PROBLEMS: dict[str, str | None] = {}  # per file, filled once: None when it is cached, else why it is not
 SESSION_CACHE = os.environ.get("GPT2_INSTRUCT_CACHE")  # tests that move the app's cache do not move this one
 
 
@@ -48,32 +47,38 @@ def session_cache():
         yield
 
 
-def canonical_problem() -> str | None:
-    """None when the cache holds the book's file, else why not; a missing file is downloaded once per session.
+def book_file(kind: str) -> Path:
+    """The session cache's copy of the book's ``"canonical"`` or ``"preference"`` file; the test skips, with the
+    same reason for every test that needs that file, when there is none (no ../shared/data, not cached, offline).
 
-    Offline, the one failed try is remembered: the tests that need the file skip at once
-    instead of each waiting for its own download to time out.
+    A missing file is downloaded once per session; offline, the one failed try is remembered, so the tests
+    that need the file skip at once instead of each waiting for its own download to time out.
     """
     from data import cache
     from data.errors import DatasetError
 
-    if not CANONICAL_PROBLEM:
-        with session_cache():
+    name, path = {"canonical": (cache.CANONICAL_NAME, cache.canonical_path),
+                  "preference": (cache.PREFERENCE_NAME, cache.preference_path)}[kind]
+    with session_cache():
+        if kind not in BOOK_FILE_PROBLEMS:
             try:
-                cache.canonical_path()
-                CANONICAL_PROBLEM.append(None)
+                path()
+                BOOK_FILE_PROBLEMS[kind] = None
             except DatasetError as e:
-                CANONICAL_PROBLEM.append(str(e))
-    return CANONICAL_PROBLEM[0]
+                BOOK_FILE_PROBLEMS[kind] = str(e)
+        if BOOK_FILE_PROBLEMS[kind]:
+            pytest.skip(f"needs the book's {name}: there is no {SHARED_DATA / name}, it is not in the dataset cache, "
+                        "and it could not be downloaded")
+        return cache.cache_dir() / name
 
 
 @pytest.fixture(scope="session")
 def needs_canonical() -> Path:
-    """The cached canonical file; the test skips when there is none (no ../shared/data, not cached, offline)."""
-    from data import cache
+    """The cached canonical file, or a skip (``book_file``)."""
+    return book_file("canonical")
 
-    if canonical_problem():
-        pytest.skip(f"needs the book's {cache.CANONICAL_NAME}: there is no {SHARED_CANONICAL.parent}, "
-                    "it is not in the dataset cache, and it could not be downloaded")
-    with session_cache():
-        return cache.cache_dir() / cache.CANONICAL_NAME
+
+@pytest.fixture(scope="session")
+def needs_preference() -> Path:
+    """The cached preference file, or a skip (``book_file``)."""
+    return book_file("preference")

@@ -598,16 +598,15 @@ def test_preference_tuning_from_a_run_then_three_columns_in_the_playground(url, 
 
 
 def test_preference_pairs_are_browsed_with_chosen_and_rejected_side_by_side(url, monkeypatch):
-    from tests.conftest import SHARED_PREFERENCE
+    from tests.conftest import book_file
 
     c = client(url)
     if not cache.is_preference_cached():
         monkeypatch.setattr(cache, "PREFERENCE_URL", "http://127.0.0.1:9/instruction-data-with-preference.json")
         message, rows, count, _ = c.predict("", 1, api_name="/browse_preferences")
         assert "Offline? The book's preference pairs could not be downloaded" in text(message) and rows["data"] == []
-        if not SHARED_PREFERENCE.exists():
-            pytest.skip(f"needs {SHARED_PREFERENCE}")
-        cache.store_preference(SHARED_PREFERENCE.read_bytes())
+        monkeypatch.undo()  # the real URL, for the session's one download try
+        cache.store_preference(book_file("preference").read_bytes())
     message, rows, count, page = c.predict("", 2, api_name="/browse_preferences")
     assert "1,100 pairs" in text(message) and count.startswith("1,100 pairs, page 2 / ") and page == 2
     assert rows["headers"] == ["#", "split", "instruction", "input", "chosen", "rejected"]

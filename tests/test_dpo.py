@@ -36,12 +36,6 @@ from training.optim import MasterWeightAdamW
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = torch.tensor(math.log(2)).item()  # ln 2 as float32 computes it
-needs_book_file = pytest.mark.skipif(
-    not cache.is_preference_cached(),
-    reason="the book's instruction-data-with-preference.json is neither cached nor in ../shared/data",
-)
-
-
 def pairs_from_sample(n: int | None = None) -> list[dict]:
     """Preference records made from the bundled sample: the reference answer is chosen, a rude one rejected."""
     records = load_instructions("sample")[:n]
@@ -109,8 +103,7 @@ def test_bad_preference_files_name_the_record_and_field(tmp_path):
     assert load(json.dumps([{**good, "extra": 1}])) == [good]
 
 
-@needs_book_file
-def test_the_book_file_loads_from_the_cache_and_splits_like_the_book():
+def test_the_book_file_loads_from_the_cache_and_splits_like_the_book(needs_preference):
     records = load_preferences("preference")
     split = split_preferences(records)
     assert len(records) == 1100 and all(r["chosen"] and r["rejected"] for r in records)
@@ -118,9 +111,8 @@ def test_the_book_file_loads_from_the_cache_and_splits_like_the_book():
     assert split.train[0] is records[0] and split.test[0] is records[935] and split.val[0] is records[1045]
 
 
-@needs_book_file
-def test_the_preference_file_is_downloaded_once_and_checked(tmp_path, monkeypatch):
-    good = cache.preference_path()
+def test_the_preference_file_is_downloaded_once_and_checked(needs_preference, tmp_path, monkeypatch):
+    good = needs_preference
     monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "c"))
     monkeypatch.setattr(cache, "PREFERENCE_URL", good.as_uri())
     assert not cache.is_preference_cached()
