@@ -36,6 +36,8 @@ from training.optim import MasterWeightAdamW
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = torch.tensor(math.log(2)).item()  # ln 2 as float32 computes it
+
+
 def pairs_from_sample(n: int | None = None) -> list[dict]:
     """Preference records made from the bundled sample: the reference answer is chosen, a rude one rejected."""
     records = load_instructions("sample")[:n]
