@@ -81,6 +81,8 @@ def read_items(path: Path) -> tuple[list, str, str]:
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     text = decode_utf8(raw, name)
+    if not text.strip():
+        raise DatasetError(f"{name}: the file is empty")
     suffix = path.suffix.lower()
     if suffix in CSV_DELIMITERS:
         return parse_csv(text, name, CSV_DELIMITERS[suffix]), name, "row"
@@ -106,8 +108,6 @@ def parse_json_or_jsonl(text: str, name: str, jsonl: bool) -> tuple[list, str]:
 
     Items are ``(number, value)`` pairs: 1-based record index, or line number for JSON Lines.
     """
-    if not text.strip():
-        raise DatasetError(f"{name}: the file is empty")
     if jsonl:
         return parse_jsonl(text, name), "line"
     try:
@@ -145,8 +145,6 @@ def parse_jsonl(text: str, name: str) -> list:
 def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
     """``(row, fields)`` items of a table whose header row names the fields; rows as a spreadsheet numbers them
     (the header is row 1). An empty cell is an empty string; a row with fewer cells lacks the last fields."""
-    if not text.strip():
-        raise DatasetError(f"{name}: the file is empty")
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     items, header = [], None
     try:

@@ -116,6 +116,7 @@ BAD_CSV = [
     ("no header", "\ninstruction,output\nA,B\n", "data.csv, row 1: the first row must name each column once"),
     ("twice a column", "instruction,output,output\nA,B,C\n", "row 1: the first row must name each column once"),
     ("header only", "instruction,input,output\n", "data.csv: contains no records"),
+    ("empty", " \n", "data.csv: the file is empty"),
 ]
 
 
