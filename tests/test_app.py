@@ -495,7 +495,10 @@ def test_differences_are_marked_word_by_word():
     from ui.playground_tab import diff_html
 
     out = diff_html("The cat sat on the mat.", "The dog sat on the mat.")
-    assert "<del>cat</del>" in out and "<ins>dog</ins>" in out and "sat on the mat." in out
+    assert out.endswith('<div class="gi-diff">The <del>cat</del><ins>dog</ins> sat on the mat.</div>')
+    # Two unrelated answers are one change, not interleaved through the spaces they share.
+    assert diff_html("vowel vowel vowel", "The capital of").endswith("<del>vowel vowel vowel</del><ins>The capital of</ins></div>")
+    assert diff_html("a\nb", "a\nc d").endswith("a\n<del>b</del><ins>c d</ins></div>")
     assert "&lt;b&gt;" in diff_html("", "<b>")
     assert diff_html("", "") == ""
 

@@ -86,15 +86,20 @@ def diff_html(base: str, tuned: str, names: tuple[str, str] = ("base", "fine-tun
     """Word-level differences from the base answer to the fine-tuned one (or any two): removed struck out, added highlighted."""
     if not base and not tuned:
         return ""
-    a, b = re.findall(r"\S+|\s+", base), re.findall(r"\S+|\s+", tuned)
+    a, b = re.findall(r"\s*\S+", base), re.findall(r"\s*\S+", tuned)  # words with the space before them
+    matcher = difflib.SequenceMatcher(None, [w.lstrip() for w in a], [w.lstrip() for w in b], autojunk=False)
     out = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
-        if op in ("delete", "replace"):
-            out.append(f"<del>{html.escape(''.join(a[i1:i2]))}</del>")
-        if op in ("insert", "replace"):
-            out.append(f"<ins>{html.escape(''.join(b[j1:j2]))}</ins>")
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        old, new = "".join(a[i1:i2]), "".join(b[j1:j2])
         if op == "equal":
-            out.append(html.escape("".join(a[i1:i2])))
+            out.append(html.escape(old))
+            continue
+        space = (old or new)[:len(old or new) - len((old or new).lstrip())]
+        out.append(html.escape(space))
+        if old:
+            out.append(f"<del>{html.escape(old.lstrip())}</del>")
+        if new:
+            out.append(f"<ins>{html.escape(new.lstrip())}</ins>")
     legend = (f'<div class="gi-caption gi-legend"><del>only in the {names[0]} answer</del> · '
               f'<ins>only in the {names[1]} answer</ins></div>')
     return f'{legend}<div class="gi-diff">{"".join(out)}</div>'

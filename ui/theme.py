@@ -49,7 +49,7 @@ CSS = """
 .gi-footer { color: var(--body-text-color-subdued); font-size: 0.85rem; text-align: center; padding: 16px 0 4px; }
 .gi-footer a { color: inherit; }
 
-.gi-notice { padding: 10px 14px; border-radius: 8px; line-height: 1.45; }
+.gi-notice { padding: 10px 14px; border-radius: 8px; line-height: 1.45; overflow-wrap: anywhere; }
 .gi-notice.error { background: #fef2f2; color: #991b1b; border: 1px solid #fecaca; }
 .gi-notice.info { background: var(--background-fill-secondary); color: var(--body-text-color-subdued);
                   border: 1px solid var(--border-color-primary); }
@@ -92,19 +92,19 @@ CSS = """
 .gi-status.failed { color: #b91c1c; }
 .gi-status.stopped, .gi-status.stopping { color: #c2410c; }
 
-.gi-sample { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 12px 14px; }
+.gi-sample { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 12px 14px; overflow-wrap: anywhere; }
 .gi-sample .instruction { font-weight: 600; margin-bottom: 8px; white-space: pre-wrap; }
 .gi-sample .response { white-space: pre-wrap; margin: 6px 0; }
 .gi-caption { font-size: .78rem; color: var(--body-text-color-subdued); font-variant-numeric: tabular-nums; margin-top: 4px; }
 .gi-sample .gi-older { opacity: .6; font-size: .9rem; }
 .gi-sample .gi-older-list { max-height: 180px; overflow-y: auto; }
 
-.gi-diff { white-space: pre-wrap; line-height: 1.6; padding: 12px; border-radius: 8px;
+.gi-diff { white-space: pre-wrap; overflow-wrap: anywhere; line-height: 1.6; padding: 12px; border-radius: 8px;
         border: 1px solid var(--border-color-primary); }
 .gi-legend { margin-bottom: 6px; }
 .gi-diff del, .gi-legend del { background: #fee2e2; color: #991b1b; text-decoration: line-through; border-radius: 3px; }
 .gi-diff ins, .gi-legend ins { background: #dcfce7; color: #166534; text-decoration: none; border-radius: 3px; }
-.gi-ref { border-left: 3px solid #16a34a; padding: 6px 12px; white-space: pre-wrap; }
+.gi-ref { border-left: 3px solid #16a34a; padding: 6px 12px; white-space: pre-wrap; overflow-wrap: anywhere; }
 #base-output textarea, #tuned-output textarea { font-size: .95rem; line-height: 1.5; }
 
 .gi-eval { width: 100%; border-collapse: collapse; margin: 6px 0 10px; font-variant-numeric: tabular-nums; border: 0 !important; }
