@@ -534,6 +534,23 @@ def test_the_runs_table_names_a_random_init_start(tmp_path):
     assert {row[0]: row[1] for row in rows} == {"20990101-000000-gpt2": "gpt2 (random init)", "20990101-000001-gpt2": "gpt2"}
 
 
+def test_an_idle_train_tab_points_to_the_past_runs_that_survived_a_restart(tmp_path):
+    from engine import Engine
+    from ui.train_tab import poll
+
+    def idle_text():
+        return text(poll(Engine(root=tmp_path / "runs", exports=tmp_path / "exports"), "visitor", None, [])[1]).strip()
+
+    assert idle_text().startswith("No run yet.")
+    for name in ("20990101-000000-tiny", "20990101-000001-tiny"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        manifest = {"status": "done", "config": {"model": "tiny", "random_init": True}, "data": {"source": "sample"}}
+        (tmp_path / "runs" / name / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "runs" / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_loss": 9.0}) + "\n")
+    assert idle_text().startswith("No run since the app started.")
+    assert "Past runs with curves: 1. Pick any under Overlay past runs to draw it here" in idle_text()
+
+
 def preference_pairs(folder: Path, n: int | None = None) -> Path:
     pairs = [{**r, "chosen": r["output"], "rejected": f"Ugh: {r['output'].lower()} Figure it out."}
              for r in load_instructions("sample")[:n]]

@@ -18,7 +18,7 @@ from engine import ACTIVE, SCALARS_ONLY, JobError, public_data
 from engine.engine import PREFERENCE
 from engine.public import scrub
 from model import HUB_PRESETS, PRESETS
-from runstore import read_metrics
+from runstore import METRICS, read_metrics
 from training import ConfigError, TrainConfig
 from training.config import DEMO, defaults, demo_text
 from training.estimate import Estimate, all_presets
@@ -91,8 +91,6 @@ def settings_line(config: dict) -> str:
 def progress_html(snap: dict) -> str:
     """Step x / y, tokens/s, elapsed, ETA and status; a second bar while weights download."""
     status = snap["status"]
-    if status == "idle":
-        return notice("No run yet. Choose a model and press <b>Start</b>; everyone who opens the app sees the run live.")
     active = status in ACTIVE
     total, step = snap["total_steps"], snap["step"]
     meta = [f'<span class="gi-status {status}">{status}</span>',
@@ -119,6 +117,16 @@ def progress_html(snap: dict) -> str:
     if info:
         parts.append(f'<div class="gi-progress-meta">{"".join(f"<span>{i}</span>" for i in info)}</div>')
     return f'<div class="gi-progress">{"".join(parts)}</div>'
+
+
+def idle_html(engine) -> str:
+    """Before the first run since the app started: how to start one, and where the past runs are (a restart keeps them)."""
+    text = "Choose a model and press <b>Start</b>; everyone who opens the app sees the run live."
+    past = sum((run.path / METRICS).is_file() for run in engine.runs())
+    if not past:
+        return notice(f"No run yet. {text}")
+    return notice(f"No run since the app started. {text} Past runs with curves: {past:,}. Pick any under "
+                  "<b>Overlay past runs</b> to draw it here; <b>Past runs</b> below lists them all.")
 
 
 def when(response: dict) -> str:
@@ -214,7 +222,7 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
     just_ended = bool(ended) and seen.get("ended") != ended
     out = (
         chart,
-        progress_html(snap) if changed or active else gr.skip(),
+        (idle_html(engine) if snap["status"] == "idle" else progress_html(snap)) if changed or active else gr.skip(),
         responses_html(snap) if seen.get("responses") != responses_key else gr.skip(),
         final_html(snap, engine.limits.local_paths) if seen.get("final") != final_key else gr.skip(),
         gr.Button(interactive=not active) if just_ended or seen.get("active") != active else gr.skip(),
@@ -330,7 +338,7 @@ def runs_table(engine) -> tuple[list[list], dict, dict]:
         data = (m.get("data") or {}).get("source", "?")
         rows.append([run.name, model_label(m), public_data(str(data)), run.status, m.get("steps", ""),
                      val_loss_text(m), clock(m.get("wall_time_s"))])
-        if (run.path / "metrics.jsonl").is_file():
+        if (run.path / METRICS).is_file():
             choices.append((run.label(), run.name))
     return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False)
 
