@@ -322,3 +322,7 @@ def test_an_evaluation_of_some_models_only_shows_under_every_ranking(run, tmp_pa
         summary, _, table, _ = shown(find_run(copy, tmp_path), result, label, True)
         assert len(table["data"]) == 3 and table["headers"][4] == f"{'fine-tuned' if models == ['tuned'] else 'base'} response"
         assert "ROUGE-L" in text(summary)
+    # No judge: how to set one up, here on this machine (Ollama), and on a server others reach (public ones only).
+    assert "enter http://localhost:11434/v1" in text(shown(find_run(copy, tmp_path), result, "fine-tuned ROUGE-L", True)[0])
+    public = text(shown(find_run(copy, tmp_path), result, "fine-tuned ROUGE-L", True, local=False)[0])
+    assert "must be on the public internet" in public and "ollama" not in public.lower()

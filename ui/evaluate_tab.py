@@ -18,7 +18,7 @@ import gradio as gr
 from engine import ACTIVE, ENDED, SCALARS_ONLY, JobError
 from engine.public import scrub
 from evaluation.evaluate import EVAL_ROWS, EVAL_SUMMARY, best_and_worst, judge_gaps, load_eval
-from evaluation.judge import DEFAULT_MODEL, DEFAULT_URL, Judge, judge_help
+from evaluation.judge import DEFAULT_MODEL, DEFAULT_URL, Judge
 from runstore import RunInfo
 from runstore.export import ExportError, load_hint, push_to_hub
 
@@ -115,7 +115,7 @@ def num(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def summary_html(summary: dict, rows: list[dict]) -> str:
+def summary_html(summary: dict, rows: list[dict], local: bool = True) -> str:
     """Base against fine-tuned in a table, what was evaluated, and the judge: its settings, failures, or how to set one up."""
     names = models_of(summary)
     lines = [
@@ -146,13 +146,18 @@ def summary_html(summary: dict, rows: list[dict]) -> str:
     too_long = max(summary[n]["too_long"] for n in names)
     if too_long:
         parts.append(f'<div class="gi-caption">{too_long} reference(s) too long for the context window: left out of the NLL.</div>')
-    parts.append(judge_note(summary, rows))
+    parts.append(judge_note(summary, rows, local))
     return "".join(parts)
 
 
-def judge_note(summary: dict, rows: list[dict]) -> str:
+def judge_note(summary: dict, rows: list[dict], local: bool = True) -> str:
+    """How to set a judge up (``local``: the server is this machine, so Ollama on it can be one), or what it left unscored."""
     if not summary.get("judge"):
-        return notice(f"{html.escape(judge_help())}<br>Here: enter that URL under <b>LLM judge</b> and evaluate again.")
+        where = (f"Ollama (https://ollama.com) on this machine is one: run <code>ollama run {DEFAULT_MODEL}</code> once to "
+                 f"download the model, keep <code>ollama serve</code> running, and enter <code>{DEFAULT_URL}</code>."
+                 if local else "On this server it must be on the public internet, with your own API key if it needs one.")
+        return notice("No LLM judge was set, so the responses are not scored 0-100 as the book scores them. To score them, "
+                      f"enter an OpenAI-compatible server under <b>LLM judge</b> and evaluate again. {where}")
     unscored, total, reasons = judge_gaps(summary, rows)
     if not unscored:
         return ""
@@ -190,12 +195,12 @@ def table_row(place: int, row: dict, judged: bool, names=("base", "tuned")) -> l
     return [place, row["index"] + 1, prompt, row["output"], *(m["response"] or "(empty)" for m in models), *scores]
 
 
-def shown(run: RunInfo, result: dict | None, rank_by: str, show_all: bool) -> tuple:
+def shown(run: RunInfo, result: dict | None, rank_by: str, show_all: bool, local: bool = True) -> tuple:
     """(summary, chart, table, result state) for a run's results, or the empty state when it has none."""
     if not result:
         return notice(not_yet(run)), empty_figure("No evaluation of this run yet", height=340), table_update(None, rank_by, show_all), None
     result = {**result, "run": run.name}
-    return (summary_html(result["summary"], result["rows"]), evaluation_figure(result["summary"]),
+    return (summary_html(result["summary"], result["rows"], local), evaluation_figure(result["summary"]),
             table_update(result, rank_by, show_all), result)
 
 
@@ -207,7 +212,7 @@ def load_evaluation(engine, name: str | None, rank_by: str, show_all: bool):
         run = engine.finished_run(name)
     except ValueError as e:
         return notice(html.escape(str(e)), "error"), gr.skip(), gr.skip(), None
-    return shown(run, load_eval(run.path), rank_by, show_all)
+    return shown(run, load_eval(run.path), rank_by, show_all, engine.loopback)
 
 
 def progress_html(event: dict) -> str:
@@ -278,7 +283,7 @@ def outcome(engine, snap: dict, rank_by: str, show_all: bool) -> tuple:
     done = (f"Evaluated <b>{summary['examples']}</b> examples in {clock(summary['wall_time_s'])}; saved "
             f"<code>{EVAL_ROWS}</code> and <code>{EVAL_SUMMARY}</code> with run <code>{html.escape(name)}</code>.")
     try:
-        results = shown(engine.finished_run(name), payload, rank_by, show_all)
+        results = shown(engine.finished_run(name), payload, rank_by, show_all, engine.loopback)
     except ValueError:  # the run was deleted meanwhile
         results = unchanged
     return notice(done, "ok"), "", *results
