@@ -30,8 +30,8 @@ from data.preference import (
     PreferenceDataset, collate_preferences, epoch_batches, in_order_batches, load_preferences, preference_path, split_preferences,
 )
 from model import GPT, init_generator, pick_device, pick_dtype
-from model.device import configure_precision, describe, peak_rss_mb, precision_reason, release_free_memory
-from runstore import (CHECKPOINT, RunWriter, claim_run_dir, find_run, load_run, new_run_dir, parent_folder, process_owner,
+from model.device import configure_precision, describe, precision_reason, release_free_memory
+from runstore import (RunWriter, claim_run_dir, find_run, load_run, new_run_dir, parent_folder, process_owner,
                       read_manifest)
 from runstore.store import WEIGHTS
 
@@ -43,7 +43,7 @@ from .cores import CoreShare
 from .dpo_loss import dpo_loss, evaluate_dpo, figures, reference_logprobs, sequence_logprobs
 from .events import Finished, Logged, Progress, Started, Status
 from .lora import add_lora, count_trainable
-from .loop import Clock, Hooks, data_label, finite, now, open_run, record_failure, respond, save_weights, versions
+from .loop import Clock, Hooks, data_label, finite, open_run, record_end, record_failure, respond, save_weights, versions
 from .optim import MasterWeightAdamW
 
 
@@ -391,17 +391,11 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
 
         save_weights(optimizer, config.lora_rank, run_dir, emit)
         val = last["val"]
-        summary = {
-            "status": status, "stop_reason": reason, "steps": step, "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
-            "final_train_loss": finite(last.get("step", last["train"]).get("loss")), "final_val_loss": finite(val.get("loss")),
-            "final_val_step": last.get("val_step"),
-            "final_val_reward_margin": finite(val.get("reward_margin")), "final_val_reward_accuracy": finite(val.get("reward_accuracy")),
-            "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s, "eval_time_s": clock.eval_s,
-            "reference_time_s": reference_s, "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
-        }
-        writer.update_manifest(**summary)
-        if status == "done":
-            (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        summary = record_end(
+            writer, run_dir, clock, status, stop_reason=reason, steps=step, pairs_seen=pairs_seen, tokens_seen=tokens_seen,
+            final_train_loss=finite(last.get("step", last["train"]).get("loss")), final_val_loss=finite(val.get("loss")),
+            final_val_step=last.get("val_step"), final_val_reward_margin=finite(val.get("reward_margin")),
+            final_val_reward_accuracy=finite(val.get("reward_accuracy")), reference_time_s=reference_s)
     except BaseException as e:
         record_failure(writer, e, f"{type(e).__name__}: {e}", step, clock)
         raise

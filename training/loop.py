@@ -211,6 +211,17 @@ def open_run(writer: RunWriter, checkpoint: dict | None, emit, started: Started,
         emit(Logged(record))
 
 
+def record_end(writer: RunWriter, run_dir: Path, clock: Clock, status: str, drop_checkpoint: bool = True, **fields) -> dict:
+    """Write how the run ended (``fields``: its steps, tokens and last losses) with its times and peak memory; a
+    finished run drops its checkpoint. The summary, as written."""
+    summary = {"status": status, **fields, "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s,
+               "eval_time_s": clock.eval_s, "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb()}
+    writer.update_manifest(**summary)
+    if status == "done" and drop_checkpoint:
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    return summary
+
+
 def record_failure(writer: RunWriter, error: BaseException, reason: str, step: int, clock: Clock) -> None:
     """Mark the run failed with ``reason``, or interrupted for Ctrl-C, so that it never stays "running"."""
     ended = {"status": "failed", "error": reason}
@@ -467,15 +478,9 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
                 save_resumable()
         if trained:
             save_weights(optimizer, config.lora_rank, run_dir, emit, write=ctx.is_main)
-        summary = {
-            "status": status, "stop_reason": reason, "steps": step, "tokens_seen": tokens_seen,
-            "final_train_loss": finite(last_train), "final_val_loss": finite(last_val), "final_val_step": val_step, "ended": now(),
-            "wall_time_s": clock.elapsed, "train_time_s": clock.train_s, "eval_time_s": clock.eval_s,
-            "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
-        }
-        writer.update_manifest(**summary)
-        if status == "done" and ctx.is_main:
-            (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        summary = record_end(writer, run_dir, clock, status, drop_checkpoint=ctx.is_main, stop_reason=reason, steps=step,
+                             tokens_seen=tokens_seen, final_train_loss=finite(last_train), final_val_loss=finite(last_val),
+                             final_val_step=val_step)
     except BaseException as e:
         record_failure(writer, e, ctx.reason(e), step, clock)
         raise
