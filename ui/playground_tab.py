@@ -94,7 +94,7 @@ def diff_html(base: str, tuned: str, names: tuple[str, str] = ("base", "fine-tun
         if op == "equal":
             out.append(html.escape(old))
             continue
-        space = (old or new)[:len(old or new) - len((old or new).lstrip())]
+        space = re.match(r"\s*", old or new).group()
         out.append(html.escape(space))
         if old:
             out.append(f"<del>{html.escape(old.lstrip())}</del>")
