@@ -216,7 +216,7 @@ def build(shared) -> None:
     info = gr.HTML(notice(NO_RUNS), elem_id="run-info")
     with gr.Row():
         instruction = gr.Textbox(label="Instruction", lines=3, scale=3, placeholder="e.g. Rewrite the sentence in passive voice.",
-                                 elem_id="playground-instruction")
+                                 info="Shift+Enter in either box compares", elem_id="playground-instruction")
         input_text = gr.Textbox(label="Input (optional)", lines=3, scale=2, placeholder="e.g. The chef cooked the meal.",
                                 elem_id="playground-input")
     records = gr.State([])
@@ -245,7 +245,7 @@ def build(shared) -> None:
     shared.open_example = lambda record, name, note="": open_example(engine, record, name, note)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    compare_btn.click(partial(compare, engine), [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
+    gr.on([compare_btn.click, instruction.submit, input_text.submit], partial(compare, engine), [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
                       [base_out, tuned_out, aligned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
     picked = [run, info, base_out, tuned_out, aligned_out, diff]
     for trigger in (shared.app.load, refresh.click):
