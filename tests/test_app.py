@@ -491,6 +491,16 @@ def test_preset_labels_carry_size_and_memory():
     assert preset_label(estimate("gpt2")) == "gpt2 · 124M params · full fine-tune ≈ 2.5 GB · LoRA ≈ 1.8 GB · inference ≈ 0.5 GB"
 
 
+def test_every_dark_mode_rule_has_one_selector():
+    """Gradio scopes the app's CSS by prefixing each selector of a rule and moves ``.dark`` before the first one only:
+    in ``.dark .a, .dark .b`` the second selector never matches, and the diff's legend stayed light in dark mode."""
+    from ui.theme import CSS
+
+    rules = re.findall(r"([^{}]+)\{", re.sub(r"/\*.*?\*/", "", CSS, flags=re.S))
+    dark = [selector.strip() for selector in rules if ".dark" in selector]
+    assert dark and [s for s in dark if "," in s] == []
+
+
 def test_differences_are_marked_word_by_word():
     from ui.playground_tab import diff_html
 

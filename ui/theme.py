@@ -115,11 +115,16 @@ CSS = """
 .gi-eval tr:first-child th { font-weight: 600; }
 #export-file .empty { min-height: 64px !important; height: 64px; }
 
+/* One selector per .dark rule: Gradio scopes CSS by prefixing each selector and moves .dark before the first one only. */
 .dark .gi-notice.error { background: #450a0a; color: #fecaca; border-color: #7f1d1d; }
 .dark .gi-notice.ok { background: #052e16; color: #bbf7d0; border-color: #14532d; }
-.dark .gi-pill.train, .dark .gi-pill.val, .dark .gi-pill.test { background: transparent; color: inherit; }
+.dark .gi-pill.train { background: transparent; color: inherit; }
+.dark .gi-pill.val { background: transparent; color: inherit; }
+.dark .gi-pill.test { background: transparent; color: inherit; }
 .dark .gi-tok.trained { color: #c7d2fe; }
 .dark .gi-tok.masked { color: #94a3b8; }
-.dark .gi-diff del, .dark .gi-legend del { background: #7f1d1d; color: #fecaca; }
-.dark .gi-diff ins, .dark .gi-legend ins { background: #14532d; color: #bbf7d0; }
+.dark .gi-diff del { background: #7f1d1d; color: #fecaca; }
+.dark .gi-legend del { background: #7f1d1d; color: #fecaca; }
+.dark .gi-diff ins { background: #14532d; color: #bbf7d0; }
+.dark .gi-legend ins { background: #14532d; color: #bbf7d0; }
 """
