@@ -7,7 +7,7 @@ import statistics
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .theme import ALIGNED_COLOR, BASE_COLOR, MARGIN_COLOR, PROMPT_COLOR, RESPONSE_COLOR, TRAIN_COLOR, TUNED_COLOR, VAL_COLOR
+from .theme import ALIGNED_COLOR, BASE_COLOR, GRID, INK, MARGIN_COLOR, PROMPT_COLOR, RESPONSE_COLOR, TRAIN_COLOR, TUNED_COLOR, VAL_COLOR
 
 OVERLAY_COLORS = ("#0891b2", "#9333ea", "#65a30d", "#db2777", "#ca8a04", "#475569")
 HOVER = "step %{customdata[0]} · epoch %{customdata[1]:.2f}<br>%{x:,} tokens<br>%{fullData.name}: %{y:.3f}<extra></extra>"
@@ -30,16 +30,18 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
 def base_layout(fig: go.Figure, height: int = 380, **axes) -> go.Figure:
     fig.update_layout(
         template="plotly_white",
+        paper_bgcolor="rgba(0,0,0,0)",  # the block's own background shows through, light or dark
+        plot_bgcolor="rgba(0,0,0,0)",
         height=height,
         margin=dict(l=56, r=16, t=36, b=48),
         legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0, font=dict(size=12)),
-        font=dict(family="Inter, system-ui, sans-serif", size=12, color="#334155"),
+        font=dict(family="Inter, system-ui, sans-serif", size=12, color=INK),
         hoverlabel=dict(font_size=12),
         uirevision="keep",
         **axes,
     )
-    fig.update_xaxes(gridcolor="#eef2f7", zeroline=False)
-    fig.update_yaxes(gridcolor="#eef2f7", zeroline=False)
+    fig.update_xaxes(gridcolor=GRID, zeroline=False)
+    fig.update_yaxes(gridcolor=GRID, zeroline=False)
     return fig
 
 
@@ -91,7 +93,7 @@ def mark_baseline(fig: go.Figure, history: list[dict]) -> None:
     if not ys:
         return
     fig.add_trace(go.Scatter(x=[0] * len(ys), y=ys, mode="markers", name="before training",
-                             marker=dict(symbol="diamond", size=11, color="#0f172a", line=dict(width=1.5, color="white")),
+                             marker=dict(symbol="diamond", size=11, color=INK, line=dict(width=1.5, color="white")),
                              customdata=[[0, 0.0]] * len(ys), hovertemplate="before training<br>loss %{y:.3f}<extra></extra>"))
     fig.add_annotation(x=0, y=max(ys), text="before training", showarrow=True, arrowhead=0, ax=48, ay=-22,
                        font=dict(size=11, color="#0f172a"), bgcolor="rgba(255,255,255,.8)")
@@ -195,6 +197,6 @@ def evaluation_figure(summary: dict) -> go.Figure:
     fig.update_yaxes(range=[0, 110], row=1, col=1)
     top = max((summary[k].get("perplexity") or 0 for k in keys), default=0)
     fig.update_yaxes(range=[0, top * 1.15 or 1], row=1, col=2)
-    fig.update_annotations(font=dict(size=12, color="#64748b"))
+    fig.update_annotations(font=dict(size=12, color=INK))
     fig.update_layout(legend=dict(xanchor="left", x=0, y=1.1), margin=dict(t=64))
     return fig

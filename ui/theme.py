@@ -11,6 +11,8 @@ BASE_COLOR = "#94a3b8"
 TUNED_COLOR = "#4f46e5"
 ALIGNED_COLOR = "#059669"
 MARGIN_COLOR = "#059669"
+INK = "#64748b"  # the charts' text, and marks that are no series: readable on the light and the dark theme
+GRID = "rgba(148, 163, 184, .25)"
 
 THEME = gr.themes.Soft(
     primary_hue="indigo",
