@@ -124,8 +124,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=at_least(1), default=1, help="times to repeat the CLI / app pairs")
     args = parser.parse_args()
     print(machine())
-    print(f"{2 * len(args.watchers) * args.rounds} runs of {args.steps} steps of {args.model}; about 20 s each for tiny "
-          "at 60 steps")
+    hint = "; about 20 s each at 60 steps" if args.model == "tiny" else ""
+    print(f"{2 * len(args.watchers) * args.rounds} runs of {args.steps} steps of {args.model}{hint}")
     with tempfile.TemporaryDirectory(prefix="bench-watchers-") as work:  # its runs hold a model each: gone at the end
         compare(args, Path(work))
 
