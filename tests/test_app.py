@@ -389,6 +389,7 @@ def test_a_run_that_ends_between_two_polls_gives_the_start_button_back(folders, 
     out = poll(engine, "owner-a", seen, [])
     start_button, stop_button, final = out[4], out[5], text(out[3])
     assert start_button.interactive is True and stop_button.interactive is False
+    assert out[7].visible is False  # no model to open in the Playground
     assert "The run failed" in final and f"You asked for {tmp_path / 'nothing-here'}" in final
     assert not hasattr(poll(engine, "owner-a", out[-2], [])[4], "interactive")  # sent once, not every tick
 
@@ -674,7 +675,7 @@ def test_a_run_stopped_before_its_first_step_is_not_offered_to_compare_and_stopp
     from training import TrainConfig, train
     from training.events import Logged
     from training.loop import Hooks
-    from ui.train_tab import final_html
+    from ui.train_tab import final_html, saved_run
     from ui.widgets import finished_run_choices
 
     def run(name, steps):
@@ -693,6 +694,9 @@ def test_a_run_stopped_before_its_first_step_is_not_offered_to_compare_and_stopp
     assert list(labels) == ["20990101-000002-whole", "20990101-000001-two"]
     assert " · stopped at step 2 · " in labels["20990101-000001-two"] and "stopped" not in labels["20990101-000002-whole"]
     assert "before its first step" in text(final_html({"final": never, "run": "20990101-000000-never"}))
+    assert not saved_run({"status": "stopped", "final": never})  # no button to open it in the Playground
+    assert saved_run({"status": "stopped", "final": {"steps": 2}}) and saved_run({"status": "done", "final": {"steps": 5}})
+    assert not saved_run({"status": "failed", "final": None, "error": "WeightsError: ..."})
     loading = {"status": "stopped", "message": "Stopped while the model loaded: no run was started, nothing was written"}
     assert text(final_html(loading)).strip() == loading["message"]
 

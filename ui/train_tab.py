@@ -177,9 +177,15 @@ def final_html(snap: dict, local_paths: bool = True) -> str:
         f"<b>{word}</b>{reason} after {plural(final['steps'], 'step')} and {plural(final['tokens_seen'], 'token')} in "
         f"{clock(final['wall_time_s'])}: "
         f"train loss <b>{loss_text(final['final_train_loss'])}</b>, validation loss <b>{val_loss_text(final)}</b>. "
-        + (f"Saved as run <code>{run}</code>. Compare it with its base model in the Playground tab." if final["steps"] else
+        + (f"Saved as run <code>{run}</code>." if final["steps"] else
            f"Run <code>{run}</code> stopped before its first step: nothing was trained, "
            "so no model was saved and the other tabs do not list it."), "ok")
+
+
+def saved_run(snap: dict) -> bool:
+    """Whether the lane's last run ended with a model saved (done, or stopped after a step): one to open in the Playground."""
+    final = snap.get("final")
+    return bool(final and final.get("steps")) and not snap.get("error") and snap["status"] not in ACTIVE
 
 
 def chart_message(engine, snap: dict, overlays: list[str] | None) -> str:
@@ -229,9 +235,10 @@ def poll(engine, client_id: str | None, seen: dict | None, overlays: list[str] |
         gr.Button(interactive=can_stop) if just_ended or seen.get("can_stop") != can_stop else gr.skip(),
     )
     message = "" if just_ended else gr.skip()
+    to_playground = gr.Button(visible=saved_run(snap)) if seen.get("final") != final_key else gr.skip()
     seen.update(version=snap["version"], chart=key, rows=snap["history_len"], responses=responses_key, active=active,
                 can_stop=can_stop, finished=finished, ended=ended, final=final_key)
-    return out + (message, seen, runs_changed)
+    return out + (message, to_playground, seen, runs_changed)
 
 
 def preference_poll(snap: dict, seen: dict):
@@ -246,7 +253,8 @@ def preference_poll(snap: dict, seen: dict):
     seen.update(version=snap["version"], chart=None, rows=0, active=active, can_stop=False, finished=finished)
     skip = gr.skip()
     return (skip, text if changed else skip, skip, skip, gr.Button(interactive=not active) if changed else skip,
-            gr.Button(interactive=False) if changed else skip, skip, seen, runs_changed)
+            gr.Button(interactive=False) if changed else skip, skip, gr.Button(visible=False) if changed else skip, seen,
+            runs_changed)
 
 
 def redraw(engine, overlays: list[str] | None, seen: dict | None):
@@ -434,6 +442,8 @@ def build(shared) -> None:
             loss_chart = live_chart("loss-chart")
             overlay = gr.Dropdown([], value=[], multiselect=True, label="Overlay past runs", elem_id="overlay-runs")
             final = gr.HTML(elem_id="train-final")
+            to_playground = gr.Button("Compare it with its base model in the Playground →", visible=False, size="sm",
+                                      elem_id="to-playground")
             responses = gr.HTML(elem_id="sample-responses")
     with gr.Accordion("Past runs", open=False):
         runs = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, elem_id="runs-table")
@@ -447,7 +457,7 @@ def build(shared) -> None:
     cheap = dict(concurrency_limit=None, show_progress="hidden")
     settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every,
                 checkpoint_every]
-    poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, message, seen, shared.runs_changed]
+    poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, message, to_playground, seen, shared.runs_changed]
 
     def on_poll(client_id, seen_, overlays):
         return poll(engine, client_id, seen_, overlays)
@@ -460,6 +470,8 @@ def build(shared) -> None:
                     api_name="start_training", concurrency_limit=1)
     stop_btn.click(lambda c: stop(engine, c), shared.client_id, message, api_name="stop_training", **cheap)
     shared.poll_while_shown(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", api_visibility="public")
+    to_playground.click(lambda: gr.Tabs(selected="playground"), None, shared.tabs, api_visibility="private",
+                        js="() => { window.scrollTo({top: 0}); return []; }", **cheap)  # the run picker, not the page's old depth
     overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
         trigger(lambda: runs_table(engine), None, [runs, overlay, resumable], api_visibility="private", **cheap)

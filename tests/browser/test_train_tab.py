@@ -68,6 +68,11 @@ def test_a_tiny_fine_tune_draws_its_loss_live_and_finishes(page):
     page.wait_for_function("""() => { const fill = document.querySelector('#train-progress .gi-fill');
         return fill && fill.getBoundingClientRect().width >= fill.parentElement.clientWidth - 1 }""", timeout=5_000)
     screenshot(page, "train.png")
+    # The finished run is one click from the Playground, picked there.
+    page.click("#to-playground")
+    page.wait_for_function("() => document.querySelector('#tuned-run input')?.checkVisibility() && window.scrollY === 0")
+    run = final.split("Saved as run ")[1].rstrip(".").strip()
+    page.wait_for_function("name => document.querySelector('#tuned-run input').value.startsWith(name)", arg=run)
 
 
 CHART = "document.querySelector('#loss-chart .gi-live-chart')"
