@@ -24,8 +24,8 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import (as_int, bar, clock, form_error, listed, live_chart, loss_text, notice, number, plural, resumable_runs, resume_job,
-                      run_finished, run_label, stop_job, trained_runs, val_loss_text)
+from .widgets import (as_int, bar, clock, form_error, listed, live_chart, loss_text, notice, number, playground_button, plural,
+                      resumable_runs, resume_job, run_finished, run_label, saved_run, stop_job, trained_runs, val_loss_text)
 
 TITLE = "Align"
 DEFAULTS = DPOConfig(parent="-").to_dict()
@@ -210,7 +210,7 @@ def final_html(snap: dict) -> str:
         f"{clock(final['wall_time_s'])}: "
         f"validation DPO loss <b>{val_loss_text(final)}</b>, reward margin "
         f"<b>{loss_text(final.get('final_val_reward_margin'))}</b>, reward accuracy <b>{accuracy}</b>. Saved as run "
-        f"<code>{html.escape(str(snap.get('run')))}</code>: the Playground shows base, fine-tuned and aligned side by side.", "ok")
+        f"<code>{html.escape(str(snap.get('run')))}</code>.", "ok")
 
 
 def other_job_html(snap: dict) -> str:
@@ -237,7 +237,7 @@ def poll(engine, client_id: str | None, seen: dict | None):
         seen.update(version=("other", latest["version"]), chart=None, rows=0, active=active, can_stop=False, finished=finished)
         return (gr.skip(), other_job_html(latest) if changed else gr.skip(), gr.skip(), gr.skip(),
                 gr.Button(interactive=not active) if changed else gr.skip(), gr.Button(interactive=False) if changed else gr.skip(),
-                gr.skip(), seen, runs_changed)
+                gr.skip(), gr.Button(visible=False) if changed else gr.skip(), seen, runs_changed)
     key = chart_key(latest)
     have = seen.get("rows", 0) if seen.get("chart") == key else 0
     snap = engine.snapshot("train", since=have)
@@ -262,6 +262,7 @@ def poll(engine, client_id: str | None, seen: dict | None):
         gr.Button(interactive=not active) if changed or seen.get("active") != active else gr.skip(),
         gr.Button(interactive=can_stop) if changed or seen.get("can_stop") != can_stop else gr.skip(),
         "" if ended and seen.get("ended") != ended else gr.skip(),
+        gr.Button(visible=saved_run(snap)) if changed else gr.skip(),
     )
     seen.update(version=snap["version"], chart=key, rows=snap["history_len"], responses=responses_key, active=active,
                 can_stop=can_stop, finished=finished, ended=ended,
@@ -308,11 +309,13 @@ def build(shared) -> None:
             progress = gr.HTML(elem_id="align-progress")
             chart = live_chart("align-chart")
             final = gr.HTML(elem_id="align-final")
+            to_playground = playground_button(shared, "Compare base, fine-tuned and aligned in the Playground →",
+                                              "align-to-playground")
             responses = gr.HTML(elem_id="align-responses")
 
     seen = gr.State(None)
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    poll_outputs = [chart, progress, responses, final, start_btn, stop_btn, message, seen, shared.runs_changed]
+    poll_outputs = [chart, progress, responses, final, start_btn, stop_btn, message, to_playground, seen, shared.runs_changed]
     settings = [parent, source, upload, beta, lr, epochs, max_steps, batch_size, eval_every, lora, rank, checkpoint_every]
     start_btn.click(partial(start, engine), [shared.client_id] + settings, [message, start_btn, stop_btn],
                     api_name="start_preference", concurrency_limit=1)

@@ -24,8 +24,8 @@ from training.config import DEMO, defaults, demo_text
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, model_label, notice, number, plural, resumable_runs,
-                      resume_job, run_finished, stop_job, val_loss_text)
+from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, model_label, notice, number, playground_button, plural,
+                      resumable_runs, resume_job, run_finished, saved_run, stop_job, val_loss_text)
 
 TITLE = "Train"
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
@@ -180,12 +180,6 @@ def final_html(snap: dict, local_paths: bool = True) -> str:
         + (f"Saved as run <code>{run}</code>." if final["steps"] else
            f"Run <code>{run}</code> stopped before its first step: nothing was trained, "
            "so no model was saved and the other tabs do not list it."), "ok")
-
-
-def saved_run(snap: dict) -> bool:
-    """Whether the lane's last run ended with a model saved (done, or stopped after a step): one to open in the Playground."""
-    final = snap.get("final")
-    return bool(final and final.get("steps")) and not snap.get("error") and snap["status"] not in ACTIVE
 
 
 def chart_message(engine, snap: dict, overlays: list[str] | None) -> str:
@@ -442,8 +436,7 @@ def build(shared) -> None:
             loss_chart = live_chart("loss-chart")
             overlay = gr.Dropdown([], value=[], multiselect=True, label="Overlay past runs", elem_id="overlay-runs")
             final = gr.HTML(elem_id="train-final")
-            to_playground = gr.Button("Compare it with its base model in the Playground →", visible=False, size="sm",
-                                      elem_id="to-playground")
+            to_playground = playground_button(shared, "Compare it with its base model in the Playground →", "to-playground")
             responses = gr.HTML(elem_id="sample-responses")
     with gr.Accordion("Past runs", open=False):
         runs = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, elem_id="runs-table")
@@ -470,8 +463,6 @@ def build(shared) -> None:
                     api_name="start_training", concurrency_limit=1)
     stop_btn.click(lambda c: stop(engine, c), shared.client_id, message, api_name="stop_training", **cheap)
     shared.poll_while_shown(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", api_visibility="public")
-    to_playground.click(lambda: gr.Tabs(selected="playground"), None, shared.tabs, api_visibility="private",
-                        js="() => { window.scrollTo({top: 0}); return []; }", **cheap)  # the run picker, not the page's old depth
     overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
         trigger(lambda: runs_table(engine), None, [runs, overlay, resumable], api_visibility="private", **cheap)

@@ -10,7 +10,22 @@ import gradio as gr
 from .theme import notice
 
 __all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
-           "resumable_runs", "resume_job", "run_finished"]
+           "resumable_runs", "resume_job", "run_finished", "saved_run", "playground_button"]
+
+
+def saved_run(snap: dict) -> bool:
+    """Whether the lane's last run ended with a model saved (done, or stopped after a step): one to open in the Playground."""
+    final = snap.get("final")
+    return bool(final and final.get("steps")) and not snap.get("error") and snap["status"] in ("done", "stopped")
+
+
+def playground_button(shared, text: str, elem_id: str) -> gr.Button:
+    """A button, hidden until a tab's poll shows it, that opens the Playground at the top of the page (its run picker,
+    where the run that just finished is already picked), not at the depth the page was scrolled to."""
+    button = gr.Button(text, visible=False, size="sm", elem_id=elem_id)
+    button.click(lambda: gr.Tabs(selected="playground"), None, shared.tabs, api_visibility="private",
+                 js="() => { window.scrollTo({top: 0}); return []; }", concurrency_limit=None, show_progress="hidden")
+    return button
 
 
 def run_finished(snap: dict, seen: dict) -> tuple:

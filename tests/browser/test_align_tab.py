@@ -53,6 +53,9 @@ def test_the_align_tab_draws_loss_and_reward_margin(page, aligned_run, finished_
     assert "Chosen answer" in wait_text(page, "#align-responses", "Rejected answer")
     assert page.locator("#align-start-btn").is_enabled() and page.locator("#align-stop-btn").is_disabled()
     screenshot(page, "align.png")
+    page.click("#align-to-playground")  # the newest run, this one, is picked there
+    page.wait_for_function("name => document.querySelector('#tuned-run input')?.checkVisibility() && window.scrollY === 0 "
+                           "&& document.querySelector('#tuned-run input').value.startsWith(name)", arg=aligned_run.name)
 
 
 def test_the_playground_streams_base_fine_tuned_and_aligned_together(page, aligned_run, finished_run):
