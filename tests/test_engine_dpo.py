@@ -66,7 +66,7 @@ def test_a_finished_run_is_aligned_by_name_into_a_dpo_run_watched_like_any_job(e
 
     from ui import align_tab, train_tab  # what the Align and Train tabs draw from this job
 
-    chart, progress, responses, final, start_btn, stop_btn, message, seen, finished = align_tab.poll(engine, "alice", None)
+    chart, progress, responses, final, start_btn, stop_btn, message, to_playground, seen, finished = align_tab.poll(engine, "alice", None)
     message = json.loads(chart)
     margin = [t for t in message["figure"]["data"] if t.get("meta") == "live-margin"]
     assert len(margin) == 1 and margin[0]["yaxis"] == "y2" and len(margin[0]["x"]) == 3
@@ -74,9 +74,10 @@ def test_a_finished_run_is_aligned_by_name_into_a_dpo_run_watched_like_any_job(e
     assert "pairs/s" in progress and "step <b>4</b> / 4" in progress and "from " + parent in progress
     assert "Chosen answer" in responses and "Rejected answer" in responses and "reward margin" in final
     assert finished == snap["run"] and seen["rows"] == 5
+    assert to_playground.visible is True  # the aligned model is one click from the Playground
     assert align_tab.poll(engine, "alice", seen)[0] == {"__type__": "update"}  # nothing new: no chart sent
     on_train = train_tab.poll(engine, "alice", None, [])
-    assert "see the <b>Align</b> tab" in on_train[1]
+    assert "see the <b>Align</b> tab" in on_train[1] and on_train[7].visible is False  # the Train tab's button is its own runs'
     assert on_train[-1] == snap["run"]  # shown on any other tab, the Train poll still refreshes every run list
     assert json.loads(train_tab.redraw(engine, [], None)[0])["rows"] == []  # the Train chart leaves DPO curves to Align
 
