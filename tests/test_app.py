@@ -675,8 +675,8 @@ def test_a_run_stopped_before_its_first_step_is_not_offered_to_compare_and_stopp
     from training import TrainConfig, train
     from training.events import Logged
     from training.loop import Hooks
-    from ui.train_tab import final_html, saved_run
-    from ui.widgets import finished_run_choices
+    from ui.train_tab import final_html
+    from ui.widgets import finished_run_choices, saved_run
 
     def run(name, steps):
         config = TrainConfig(model="tiny", random_init=True, data="sample", max_steps=5, eval_every=5, sample_tokens=0,

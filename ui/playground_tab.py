@@ -245,8 +245,9 @@ def build(shared) -> None:
     shared.open_example = lambda record, name, note="": open_example(engine, record, name, note)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    gr.on([compare_btn.click, instruction.submit, input_text.submit], partial(compare, engine), [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
-                      [base_out, tuned_out, aligned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
+    gr.on([compare_btn.click, instruction.submit, input_text.submit], partial(compare, engine),
+          [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
+          [base_out, tuned_out, aligned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
     picked = [run, info, base_out, tuned_out, aligned_out, diff]
     for trigger in (shared.app.load, refresh.click):
         trigger(lambda current: refresh_runs(engine, current), run, picked, api_visibility="private", **cheap)
