@@ -37,6 +37,7 @@ def base_layout(fig: go.Figure, height: int = 380, **axes) -> go.Figure:
         legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0, font=dict(size=12)),
         font=dict(family="Inter, system-ui, sans-serif", size=12, color=INK),
         hoverlabel=dict(font_size=12),
+        modebar=dict(bgcolor="rgba(0,0,0,0)", color=INK, activecolor=TRAIN_COLOR),
         uirevision="keep",
         **axes,
     )
@@ -96,7 +97,7 @@ def mark_baseline(fig: go.Figure, history: list[dict]) -> None:
                              marker=dict(symbol="diamond", size=11, color=INK, line=dict(width=1.5, color="white")),
                              customdata=[[0, 0.0]] * len(ys), hovertemplate="before training<br>loss %{y:.3f}<extra></extra>"))
     fig.add_annotation(x=0, y=max(ys), text="before training", showarrow=True, arrowhead=0, ax=48, ay=-22,
-                       font=dict(size=11, color="#0f172a"), bgcolor="rgba(255,255,255,.8)")
+                       font=dict(size=11, color=INK), arrowcolor=INK)
 
 
 def loss_figure(history: list[dict], overlays: list[tuple[str, list[dict]]] = (), title: str | None = None) -> go.Figure:
