@@ -155,6 +155,32 @@ class Engine:
             raise ValueError(shape)
         return projection(calibration, shape, config)
 
+    def last_trained(self, preset: str, lora_rank: int = 0) -> tuple[RunInfo, Projection | None] | None:
+        """The newest fine-tuning run of a preset and method that trained to its end here, on the device and precision
+        a run would take now: what it really took, beside the estimate. With a calibration, what that estimate
+        projects for the same run (its own settings on the bundled sample or the book's data; None for an upload)."""
+        from model.device import describe, pick_device, pick_dtype
+
+        device = pick_device()
+        here = describe(device, pick_dtype(device))
+        for run in self.runs():
+            m, config = run.manifest, run.manifest.get("config") or {}
+            if (run.status == "done" and m.get("method") != "dpo" and config.get("model") == preset
+                    and config.get("lora_rank", 0) == lora_rank and m.get("processes", 1) == 1
+                    and m.get("device") == here and m.get("train_time_s")):
+                break
+        else:
+            return None
+        found = self.calibration(preset, lora_rank)
+        data = m.get("data") or {}
+        if found is None or data.get("source") not in ("canonical", "sample"):
+            return run, None
+        ref = None if data["source"] == "sample" else {"source": "canonical", "sha256": data.get("sha256")}
+        try:
+            return run, self.project_run(found, ref, TrainConfig.from_dict(config))
+        except (ConfigError, ValueError, KeyError):
+            return run, None
+
     # Runs
 
     def runs(self) -> list[RunInfo]:

@@ -325,7 +325,7 @@ def test_measure_shows_the_expected_time_of_the_books_data_the_visitors_own_and_
     assert "(50 steps)" in measure(epochs=20, batch_size=4, max_steps=50)
     load(c, "canonical")
     again = measure(epochs=2)
-    assert "bundled sample" not in again and "This run, 2 epochs of the book's data at batch 8: " in again and "(232 steps)" in again
+    assert "bundled sample" not in again.split("Last finished run")[0] and "This run, 2 epochs of the book's data at batch 8: " in again and "(232 steps)" in again
     few = tmp_path / "three.json"
     few.write_text(json.dumps([{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(3)]))
     load(c, "upload", few)

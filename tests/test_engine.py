@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from model import GPT
 from runstore import load_run, read_manifest, read_metrics
 from training import TrainConfig
 from training.config import ConfigError
+from ui.widgets import clock
 
 
 def tiny(tmp_path: Path | None = None, **overrides) -> TrainConfig:
@@ -280,6 +282,7 @@ def test_a_stopped_run_resumes_through_the_engine_and_finishes(engine):
     assert engine.job("train").wait(60)
     run = engine.runs()[0]
     assert run.status == "stopped" and run.resumable
+    assert engine.last_trained("tiny") is None  # a stopped run says nothing about an epoch
     with pytest.raises(ValueError, match="pick one from the list"):
         engine.resume_training("../" + run.name)
     assert engine.resume_training(run.name, owner="bob").wait(90)
@@ -288,6 +291,25 @@ def test_a_stopped_run_resumes_through_the_engine_and_finishes(engine):
     assert [r["step"] for r in snap["history"]][-1] == 21
     resumed = engine.runs()[0]
     assert resumed.name == run.name and resumed.status == "done" and not resumed.resumable
+
+
+def test_the_expected_epoch_shows_the_last_finished_run_beside_its_estimate(engine):
+    from ui.train_tab import expected_html
+
+    def shown(preset="tiny", lora=False) -> str:
+        return re.sub(r"<[^>]+>", "", expected_html(engine, preset, lora, 4))
+
+    assert engine.start_training(tiny(max_steps=None, epochs=2, eval_every=5), owner="alice").wait(90)  # 2 x 7 steps
+    run = engine.runs()[0]
+    assert engine.last_trained("tiny") == (run, None)  # not measured: what it took, no estimate
+    assert engine.last_trained("tiny", lora_rank=4) is None and engine.last_trained("gpt2") is None
+    took = clock(run.manifest["train_time_s"] + run.manifest["eval_time_s"])
+    assert f"not measured on this machine yet (Measure times a few real steps, a few seconds to a minute).Last finished run of tiny, full fine-tuning here ({run.name}): 14 steps of the bundled sample took {took} with evaluations, at " in shown()
+    assert "Last finished run" not in shown(lora=True) and "Last finished run" not in shown("gpt2")
+    engine.measure("tiny")
+    found, expected = engine.last_trained("tiny")
+    assert found == run and expected.steps == 14 and expected.eval_s > 0  # the run's own settings: 2 epochs, evaluated every 5
+    assert re.search(rf"took {took} with evaluations, at [\d,]+ tokens/s; estimated for it: {clock(expected.total_s)}\.", shown())
 
 
 def test_a_measurement_runs_alone_so_that_nothing_skews_it(engine, monkeypatch):

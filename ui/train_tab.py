@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
 
@@ -292,10 +293,11 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     lora_rank = int(rank or 16) if lora else 0
     found = result or engine.calibration(preset, lora_rank)
     method = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
+    last = last_trained_text(engine, preset, lora_rank, method)
     if found is None:
         when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}: not measured on this machine yet "
                 "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
-        return notice(f"{when}<br>{reason}.")
+        return notice(f"{when}{last}<br>{reason}.")
     when = (f"Expected on this machine for <b>{html.escape(preset)}</b>, {method}, evaluations included: one epoch of "
             f"{html.escape(found.timed_on)} <b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
     source = dataset["source"] if dataset else "sample"
@@ -315,7 +317,23 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
             when += f"<br>{this_run}: <b>{clock(this.total_s)}</b> ({this.steps} steps)."
         except ValueError as e:
             when += f"<br>{this_run}: none, {html.escape(scrub(str(e)))}."
-    return notice(f"{when}<br>{reason}.")
+    return notice(f"{when}{last}<br>{reason}.")
+
+
+def last_trained_text(engine, preset: str, lora_rank: int, method: str) -> str:
+    """The newest finished run of this preset and method here: what it took, and what the estimate says for it."""
+    found = engine.last_trained(preset, lora_rank)
+    if found is None:
+        return ""
+    run, expected = found
+    m = run.manifest
+    source = (m.get("data") or {}).get("source", "?")
+    data = {"canonical": "the book's data", "sample": "the bundled sample"}.get(source) or html.escape(Path(public_data(str(source))).name)
+    took = (m.get("train_time_s") or 0) + (m.get("eval_time_s") or 0)
+    rate = m.get("tokens_seen", 0) / m["train_time_s"]
+    said = f"; estimated for it: {clock(expected.total_s)}" if expected is not None else ""
+    return (f"<br>Last finished run of {html.escape(preset)}, {method} here ({html.escape(run.name)}): {m.get('steps', 0)} steps of {data} took "
+            f"<b>{clock(took)}</b> with evaluations, at {rate:,.0f} tokens/s{said}.")
 
 
 def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *form) -> str:
@@ -472,7 +490,7 @@ def build(shared) -> None:
         trigger(partial(data_line, engine), [shared.dataset, preset], data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)
     expected_inputs = [preset, lora, rank, shared.dataset, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt]
-    for control in expected_inputs:
-        control.change(partial(expected_html, engine), expected_inputs, expected, api_visibility="private", **cheap)
+    for trigger in [control.change for control in expected_inputs] + [shared.runs_changed.change]:
+        trigger(partial(expected_html, engine), expected_inputs, expected, api_visibility="private", **cheap)
     measure_btn.click(partial(measure, engine), expected_inputs, expected, api_name="measure_epoch", concurrency_limit=1,
                       show_progress="minimal")

@@ -64,6 +64,8 @@ def test_a_tiny_fine_tune_draws_its_loss_live_and_finishes(page):
     assert text_of(page, "#train-message") == ""  # "Started fine-tuning…" went with the run
     assert "Validation instruction" in text_of(page, "#sample-responses")
     assert not stop.is_enabled()
+    run = final.split("Saved as run ")[1].split()[0].rstrip(".")
+    wait_text(page, "#expected-epoch", f"Last finished run of tiny, full fine-tuning here ({run}): {STEPS} steps of the bundled sample took")
     # The progress bar fills up (its width eases in over 0.6 s).
     page.wait_for_function("""() => { const fill = document.querySelector('#train-progress .gi-fill');
         return fill && fill.getBoundingClientRect().width >= fill.parentElement.clientWidth - 1 }""", timeout=5_000)
