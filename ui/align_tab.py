@@ -276,7 +276,7 @@ def build(shared) -> None:
         with gr.Column(scale=2, min_width=320):
             with gr.Row(equal_height=True):
                 parent = gr.Dropdown([], value=None, label="Fine-tuned run to align", allow_custom_value=True, scale=5, elem_id="align-run")
-                refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100, elem_id="align-refresh-runs")
+                refresh = gr.Button("↻", size="sm", scale=0, min_width=48, elem_id="align-refresh-runs")
             parent_info = gr.HTML(notice(NO_RUNS), elem_id="align-run-info")
             source = gr.Radio(DATA_CHOICES, value="preference", label="Preference data", elem_id="align-data")
             upload = gr.File(label="Preference pairs file", file_types=list(FILE_SUFFIXES),
