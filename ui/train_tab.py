@@ -328,12 +328,13 @@ def last_trained_text(engine, preset: str, lora_rank: int, method: str) -> str:
     run, expected = found
     m = run.manifest
     source = (m.get("data") or {}).get("source", "?")
-    data = {"canonical": "the book's data", "sample": "the bundled sample"}.get(source) or html.escape(Path(public_data(str(source))).name)
+    data = ({"canonical": "the book's data", "sample": "the bundled sample"}.get(source)
+            or html.escape(Path(public_data(str(source))).name))
     took = (m.get("train_time_s") or 0) + (m.get("eval_time_s") or 0)
     rate = m.get("tokens_seen", 0) / m["train_time_s"]
     said = f"; estimated for it: {clock(expected.total_s)}" if expected is not None else ""
-    return (f"<br>Last finished run of {html.escape(preset)}, {method} here ({html.escape(run.name)}): {m.get('steps', 0)} steps of {data} took "
-            f"<b>{clock(took)}</b> with evaluations, at {rate:,.0f} tokens/s{said}.")
+    return (f"<br>Last finished run of {html.escape(preset)}, {method} here ({html.escape(run.name)}): "
+            f"{m.get('steps', 0)} steps of {data} took <b>{clock(took)}</b> with evaluations, at {rate:,.0f} tokens/s{said}.")
 
 
 def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *form) -> str:
