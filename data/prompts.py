@@ -30,7 +30,7 @@ def has_input(record: dict) -> bool:
 
 
 def format_prompt(record: dict, style: str = "alpaca") -> str:
-    """The text before the response: the book's Alpaca format, or the Phi-3 format of exercise 7.2."""
+    """The text before the response: the book's Alpaca format, or the Phi-3 format of exercise 7.1."""
     check_style(style)
     if style == "phi3":
         text = f"<|user|>\n{record['instruction']}"

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
-from data import cache, load_instructions
+from data import cache, load_instructions, token_stats
 from data.browse import matches
 from runstore import CHECKPOINT, read_manifest
 
@@ -139,6 +140,30 @@ def test_record_view_shows_masking_and_split(url):
     assert "val split" in text(meta)  # 74 records: 62 train, 7 test, then 5 validation
     shown, meta, _ = c.predict(99999, False, api_name="/record")
     assert shown == 74 and "record 74 of 74" in text(meta)  # the box says which record is shown
+
+
+def test_the_phi3_prompt_format_from_the_dataset_tab_to_a_run(url, folders):
+    """Exercise 7.1: the Dataset tab shows a record and the token lengths in the Phi-3 format, and the Train tab
+    trains in it."""
+    c = client(url)
+    load(c, "sample")
+    _, meta, tokens = c.predict(1, False, api_name="/record")
+    histogram, shown, meta_phi3, tokens_phi3 = c.predict(1, False, "phi3", api_name="/prompt_format")
+    joined = lambda spans: html.unescape(re.sub(r"<[^>]+>", "", spans))  # the tokens' text, as one string
+    assert "### Instruction:" in joined(tokens) and "<|user|>" not in joined(tokens)
+    assert joined(tokens_phi3).startswith("<|user|>↵\nRewrite the sentence") and "↵\n<|assistant|>↵\nThree apple" in joined(tokens_phi3)
+    count = lambda m: int(re.search(r"(\d+) tokens", text(m)).group(1))
+    assert shown == 1 and count(meta_phi3) <= count(meta) - 20  # no Alpaca preamble
+    stats = token_stats(load_instructions("sample"), style="phi3")
+    assert f"prompt (median {statistics.median(stats['prompt_tokens']):.0f})" in json.dumps(histogram)
+    assert c.predict(1, False, api_name="/record")[1] == meta  # the API's default stays the book's format
+
+    wait_until_idle(c)
+    assert "Started fine-tuning tiny" in text(start(c, "owner-p", style="phi3"))
+    status = wait_until_idle(c)
+    assert status["status"] == "done" and status["config"]["style"] == "phi3"
+    assert read_manifest(folders / "runs" / status["run"])["config"]["style"] == "phi3"
+    assert "phi3 prompts" in text(c.predict("owner-p", [], api_name="/poll_status")[1])
 
 
 def test_canonical_loads_1100_records(url, needs_canonical):

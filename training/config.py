@@ -11,6 +11,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from data.prompts import STYLES
+
 
 class ConfigError(ValueError):
     """A setting out of range; the message names the setting and its limit."""
@@ -91,7 +93,7 @@ class TrainConfig(Settings):
     model: str = setting("gpt2", "preset (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl), Hub repo id, or local directory / .safetensors file")
     random_init: bool = setting(False, "random weights instead of pretrained ones: offline demos and tests")
     data: str = setting("canonical", "canonical (the book's 1,100), sample (bundled, offline), or a JSON / JSON Lines / CSV file")
-    style: str = setting("alpaca", "prompt format", choices=("alpaca", "phi3"))
+    style: str = setting("alpaca", "prompt format: the book's Alpaca, or Phi-3 (exercise 7.1)", choices=STYLES)
     epochs: int = setting(1, "passes over the training split", 1, 100)
     max_steps: int | None = setting(None, "stop after this many steps (quick checks)", 1)
     batch_size: int = setting(8, "records per batch", 1, 512)

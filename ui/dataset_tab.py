@@ -21,7 +21,7 @@ from model import GPTConfig
 
 from .charts import length_histogram
 from .theme import notice
-from .widgets import listed, plural
+from .widgets import listed, plural, style_radio
 
 TITLE = "Dataset"
 SOURCES = [
@@ -82,15 +82,17 @@ def tokens_html(view: list[tuple[str, bool]]) -> str:
     return f'<div class="gi-tokens">{"".join(spans)}</div>'
 
 
-def record_view(records: list[dict] | None, number: int | float | None, mask_prompt: bool) -> tuple[str, str]:
-    """One record (1-based ``number``) as its training text, each token shaded by whether the loss trains on it."""
+def record_view(records: list[dict] | None, number: int | float | None, mask_prompt: bool,
+                style: str = "alpaca") -> tuple[str, str]:
+    """One record (1-based ``number``) as its training text in a prompt format, each token shaded by whether the loss
+    trains on it."""
     if not records:
         return notice("Load a dataset to see its records."), ""
     index = min(max(1, int(number or 1)), len(records)) - 1
-    view = token_view(records[index], mask_prompt)
+    view = token_view(records[index], mask_prompt, style)
     trained = sum(t for _, t in view)
     split = split_of(index, len(records))
-    skipped = skip_reason(records[index])
+    skipped = skip_reason(records[index], style)
     use = f"{html.escape(skipped)}" if skipped else f"{trained} trained on · {len(view) - trained} masked"
     meta = (f'<div class="gi-meta"><span class="gi-pill">record {index + 1:,} of {len(records):,}</span>'
             f'<span class="gi-pill {split}">{split} split</span><span class="gi-pill">{plural(len(view), "token")}</span>'
@@ -100,11 +102,11 @@ def record_view(records: list[dict] | None, number: int | float | None, mask_pro
     return meta, tokens_html(view)
 
 
-def render(state: dict, records: list[dict], mask_prompt: bool, stats: dict | None = None) -> tuple:
+def render(state: dict, records: list[dict], mask_prompt: bool, style: str, stats: dict | None = None) -> tuple:
     """Everything the tab shows for a freshly loaded dataset: summary, histogram, page 1, record 1."""
     rows, count, page = table_page(records)
-    meta, tokens = record_view(records, 1, mask_prompt)
-    stats = stats or token_stats(records)
+    meta, tokens = record_view(records, 1, mask_prompt, style)
+    stats = stats or token_stats(records, style=style)
     return summary_html(state, records), length_histogram(stats), rows, count, page, "", 1, meta, tokens
 
 
@@ -131,7 +133,7 @@ def too_long_note(stats: dict, context: int = CONTEXT) -> str:
             f"{'it' if len(numbers) == 1 else 'them'} ({listed([f'#{n:,}' for n in numbers])}).")
 
 
-def load(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
+def load(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool, style: str = "alpaca"):
     """Load a source: (source radio, state, message, view...). On failure the error is shown, the previous dataset
     stays and the radio goes back to it."""
     try:
@@ -143,14 +145,14 @@ def load(engine, source: str, upload: str | None, previous: dict | None, mask_pr
     warnings = split_warnings(state["count"])
     if warnings:
         done += notice("<b>Too few records to split.</b> " + " ".join(html.escape(w) for w in warnings), "error")
-    stats = token_stats(records)
+    stats = token_stats(records, style=style)
     for note in (too_long_note(stats), repeats_note(records)):
         if note:
             done += notice(html.escape(note), "error")
-    return (source, state, done) + render(state, records, mask_prompt, stats)
+    return (source, state, done) + render(state, records, mask_prompt, style, stats)
 
 
-def load_default(engine, mask_prompt: bool, remembered: dict | None = None):
+def load_default(engine, mask_prompt: bool, remembered: dict | None = None, style: str = "alpaca"):
     """On page load: the dataset this browser had before a reload while it can still be opened, else the canonical
     dataset when it is cached, else the sample; never the network."""
     if isinstance(remembered, dict) and (remembered.get("source") != "canonical" or cache.is_cached()):
@@ -159,16 +161,16 @@ def load_default(engine, mask_prompt: bool, remembered: dict | None = None):
         except (DatasetError, OSError):
             pass
         else:
-            return (state["source"], state, "") + render(state, records, mask_prompt)
-    return load(engine, default_source(), None, None, mask_prompt)
+            return (state["source"], state, "") + render(state, records, mask_prompt, style)
+    return load(engine, default_source(), None, None, mask_prompt, style)
 
 
-def pick_source(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool):
+def pick_source(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool, style: str = "alpaca"):
     """The source radio: load it at once, except "upload" before a file is chosen."""
     if source == "upload" and not upload:
         choose = "Choose a file below: a JSON list of records, JSON Lines, or CSV / TSV whose header row names the fields."
         return (gr.skip(), gr.skip(), notice(choose)) + (gr.skip(),) * 9
-    return load(engine, source, upload, previous, mask_prompt)
+    return load(engine, source, upload, previous, mask_prompt, style)
 
 
 def records_of(engine, state: dict | None) -> list[dict] | None:
@@ -228,6 +230,7 @@ def build(shared) -> None:
     with gr.Row(equal_height=True):
         number = gr.Number(value=1, precision=0, label="Record #", scale=0, min_width=120, elem_id="record-number")
         mask = gr.Checkbox(value=False, label="Mask the prompt (train on the response only)", elem_id="mask-prompt")
+        style = style_radio("dataset-prompt-style")
     meta = gr.HTML(elem_id="record-meta")
     tokens = gr.HTML(elem_id="record-tokens")
 
@@ -249,14 +252,14 @@ def build(shared) -> None:
     load_outputs = [source, state, error] + view_outputs
     cheap = dict(concurrency_limit=None, show_progress="hidden")
 
-    load_btn.click(lambda *a: load(engine, *a), [source, upload, state, mask], load_outputs, api_name="load_dataset",
+    load_btn.click(lambda *a: load(engine, *a), [source, upload, state, mask, style], load_outputs, api_name="load_dataset",
                    concurrency_limit=2)
-    source.input(lambda *a: pick_source(engine, *a), [source, upload, state, mask], load_outputs, api_visibility="private",
+    source.input(lambda *a: pick_source(engine, *a), [source, upload, state, mask, style], load_outputs, api_visibility="private",
                  concurrency_limit=2)
-    upload.upload(lambda u, s, m: load(engine, "upload", u, s, m), [upload, state, mask], load_outputs,
+    upload.upload(lambda u, s, m, f: load(engine, "upload", u, s, m, f), [upload, state, mask, style], load_outputs,
                   api_visibility="private", concurrency_limit=2)
     remembered = gr.BrowserState(None, storage_key="gpt2-instruct-dataset")
-    shared.app.load(lambda m, r: load_default(engine, m, r), [mask, remembered], load_outputs, api_visibility="private",
+    shared.app.load(lambda m, r, f: load_default(engine, m, r, f), [mask, remembered, style], load_outputs, api_visibility="private",
                     concurrency_limit=2)
     state.change(lambda s: s if s else gr.skip(), state, remembered, api_visibility="private", **cheap)
 
@@ -267,17 +270,23 @@ def build(shared) -> None:
         button.click(lambda q, p, s, step=step: search(engine, q, (p or 1) + step, s), [query, page, state],
                      [table, count, page], api_visibility="private", **cheap)
 
-    def select_row(state, mask_prompt, evt: gr.SelectData):
+    def select_row(state, mask_prompt, style, evt: gr.SelectData):
         row = evt.row_value or []
         if not row or row[0] in (None, ""):
             return gr.skip(), gr.skip(), gr.skip()
-        return (int(row[0]),) + record_view(records_of(engine, state), int(row[0]), mask_prompt)
+        return (int(row[0]),) + record_view(records_of(engine, state), int(row[0]), mask_prompt, style)
 
-    def view(state, number, mask_prompt):
+    def view(state, number, mask_prompt, style="alpaca"):
         """(the record number, put within 1..count as the record shown is, its header, its tokens)"""
         records = records_of(engine, state)
         shown = min(max(1, int(number or 1)), len(records)) if records else gr.skip()
-        return shown, *record_view(records, number, mask_prompt)
+        return shown, *record_view(records, number, mask_prompt, style)
+
+    def restyle(state, number, mask_prompt, style):
+        """Another prompt format: the token lengths and the record, as training would see them."""
+        records = records_of(engine, state)
+        histogram_ = length_histogram(token_stats(records, style=style)) if records else gr.skip()
+        return (histogram_,) + view(state, number, mask_prompt, style)
 
     pref_outputs = [pref_message, pref_table, pref_count, pref_page]
     pref_load.click(lambda: preference_page(engine), None, pref_outputs, api_visibility="private", concurrency_limit=2)
@@ -288,6 +297,7 @@ def build(shared) -> None:
         button.click(lambda q, p, step=step: preference_page(engine, q, (p or 1) + step), [pref_query, pref_page],
                      pref_outputs, api_visibility="private", **cheap)
 
-    table.select(select_row, [state, mask], [number, meta, tokens], api_visibility="private", **cheap)
-    number.submit(view, [state, number, mask], [number, meta, tokens], api_name="record", **cheap)
-    mask.change(view, [state, number, mask], [number, meta, tokens], api_visibility="private", **cheap)
+    table.select(select_row, [state, mask, style], [number, meta, tokens], api_visibility="private", **cheap)
+    number.submit(view, [state, number, mask, style], [number, meta, tokens], api_name="record", **cheap)
+    mask.change(view, [state, number, mask, style], [number, meta, tokens], api_visibility="private", **cheap)
+    style.change(restyle, [state, number, mask, style], [histogram, number, meta, tokens], api_name="prompt_format", **cheap)

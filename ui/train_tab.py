@@ -26,9 +26,10 @@ from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
 from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, model_label, notice, number, playground_button, plural,
-                      resumable_runs, resume_job, run_finished, saved_run, stop_job, val_loss_text)
+                      resumable_runs, resume_job, run_finished, saved_run, stop_job, style_radio, val_loss_text)
 
 TITLE = "Train"
+PHI3 = " in the Phi-3 format"
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
 DEFAULTS = defaults()
 
@@ -41,7 +42,7 @@ def preset_label(e: Estimate) -> str:
 
 
 def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size, lr, mask_prompt: bool, lora: bool,
-                rank, alpha, grouped: bool, max_steps, eval_every, data: str, checkpoint_every=0) -> TrainConfig:
+                rank, alpha, grouped: bool, max_steps, eval_every, data: str, checkpoint_every=0, style="alpaca") -> TrainConfig:
     """The form's values as a ``TrainConfig``; every problem is a ``ConfigError`` naming the setting."""
     model = (custom or "").strip() or preset
     if random_init and model not in PRESETS:
@@ -53,12 +54,13 @@ def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size,
         batch_size=as_int(batch_size, "batch size"), lr=number(lr, "learning rate"), mask_prompt=bool(mask_prompt), grouped=bool(grouped),
         lora_rank=as_int(rank, "LoRA rank") if lora else 0, lora_alpha=number(alpha, "LoRA alpha") if lora else DEFAULTS["lora_alpha"],
         max_steps=as_int(max_steps, "max steps", allow_none=True) or None, eval_every=as_int(eval_every, "evaluate every"),
-        checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0,
+        checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0, style=style or "alpaca",
     )
 
 
 def start(engine, client_id: str | None, dataset: dict | None, preset: str, custom: str, random_init: bool, epochs,
-          batch_size, lr, mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every, checkpoint_every=0):
+          batch_size, lr, mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every, checkpoint_every=0,
+          style="alpaca"):
     """Start a run owned by this browser; a bad setting, a limit or a run already going is reported, not raised."""
     if not client_id:
         return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
@@ -66,7 +68,7 @@ def start(engine, client_id: str | None, dataset: dict | None, preset: str, cust
         data = engine.datasets.training_source(dataset) if dataset else "sample"
         name = dataset["name"] if dataset else "bundled sample"
         config = make_config(preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha,
-                             grouped, max_steps, eval_every, data=data, checkpoint_every=checkpoint_every)
+                             grouped, max_steps, eval_every, data=data, checkpoint_every=checkpoint_every, style=style)
         engine.start_training(config, owner=client_id)
     except (ConfigError, JobError, ValueError, OSError) as e:
         return form_error(e, typed=(custom or "").strip()), gr.skip(), gr.skip()
@@ -85,6 +87,7 @@ def settings_line(config: dict) -> str:
     parts = [model, str(config["data"]), method, f"lr {config['lr']:g}", f"batch {config['batch_size']}",
              f"{config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}", f"eval every {config['eval_every']}"]
     parts += ["prompt masked"] if config.get("mask_prompt") else []
+    parts += [f"{config['style']} prompts"] if config.get("style", "alpaca") != "alpaca" else []
     parts += [f"max {config['max_steps']} steps"] if config.get("max_steps") else []
     return html.escape(" · ".join(parts))
 
@@ -270,22 +273,22 @@ def job_status(engine) -> dict:
 
 
 def run_config(preset: str, lora: bool, rank, epochs, batch_size, grouped: bool, max_steps, eval_every,
-               mask_prompt: bool) -> TrainConfig | None:
+               mask_prompt: bool, style="alpaca") -> TrainConfig | None:
     """The form's run as far as its time goes, or None when it is one epoch at the loop's defaults (or not valid yet)."""
     try:
         config = make_config(preset, "", True, epochs, batch_size, DEFAULTS["lr"], mask_prompt, lora, rank, None, grouped,
-                             max_steps, eval_every, data="sample")
+                             max_steps, eval_every, data="sample", style=style)
     except (ConfigError, TypeError, ValueError):
         return None
     default = TrainConfig(model=preset, random_init=True)
-    fields = ("epochs", "batch_size", "grouped", "max_steps", "eval_every", "mask_prompt")
+    fields = ("epochs", "batch_size", "grouped", "max_steps", "eval_every", "mask_prompt", "style")
     return None if all(getattr(config, f) == getattr(default, f) for f in fields) else config
 
 
 def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *form, result=None) -> str:
     """The precision path with its reason, and the expected time measured on this machine: one epoch of the book's
     data; of the visitor's own data (the bundled sample when none is chosen); and, given the ``form``'s epochs,
-    batch size, grouping, max steps, evaluation interval and prompt masking, of the run it describes."""
+    batch size, grouping, max steps, evaluation interval, prompt masking and format, of the run it describes."""
     from model import pick_device
     from model.device import hardware_note, precision_reason
 
@@ -311,7 +314,8 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     when += "."
     run = run_config(preset, lora, rank, *form) if form else None
     if run is not None:
-        this_run = f"This run, {run.epochs} epoch{'s' if run.epochs != 1 else ''} of {name} at batch {run.batch_size}"
+        this_run = (f"This run, {run.epochs} epoch{'s' if run.epochs != 1 else ''} of {name} at batch {run.batch_size}"
+                    f"{PHI3 if run.style == 'phi3' else ''}")
         try:
             this = engine.project_run(found, dataset, run)
             when += f"<br>{this_run}: <b>{clock(this.total_s)}</b> ({this.steps} steps)."
@@ -333,6 +337,7 @@ def last_trained_text(engine, preset: str, lora_rank: int, method: str) -> str:
     took = (m.get("train_time_s") or 0) + (m.get("eval_time_s") or 0)
     rate = m.get("tokens_seen", 0) / m["train_time_s"]
     said = f"; estimated for it: {clock(expected.total_s)}" if expected is not None else ""
+    data += PHI3 if (m.get("config") or {}).get("style") == "phi3" else ""
     return (f"<br>Last finished run of {html.escape(preset)}, {method} here ({html.escape(run.name)}): "
             f"{m.get('steps', 0)} steps of {data} took <b>{clock(took)}</b> with evaluations, at {rate:,.0f} tokens/s{said}.")
 
@@ -432,6 +437,7 @@ def build(shared) -> None:
                                        elem_id="eval-every")
             mask_prompt = gr.Checkbox(value=DEMO["mask_prompt"], label="Mask the prompt (loss on the response only)",
                                       elem_id="train-mask-prompt")
+            style = style_radio("train-prompt-style")
             grouped = gr.Checkbox(value=DEFAULTS["grouped"], label="Length-grouped batches (the book shuffles; padding is skipped either way)", elem_id="grouped")
             checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"],
                                          label="Checkpoint every (steps; 0: only when stopped)", elem_id="checkpoint-every")
@@ -468,7 +474,7 @@ def build(shared) -> None:
     seen = gr.State(None)
     cheap = dict(concurrency_limit=None, show_progress="hidden")
     settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every,
-                checkpoint_every]
+                checkpoint_every, style]
     poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, message, to_playground, seen, shared.runs_changed]
 
     def on_poll(client_id, seen_, overlays):
@@ -490,7 +496,7 @@ def build(shared) -> None:
     for trigger in (shared.dataset.change, preset.change):
         trigger(partial(data_line, engine), [shared.dataset, preset], data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)
-    expected_inputs = [preset, lora, rank, shared.dataset, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt]
+    expected_inputs = [preset, lora, rank, shared.dataset, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt, style]
     for trigger in [control.change for control in expected_inputs] + [shared.runs_changed.change]:
         trigger(partial(expected_html, engine), expected_inputs, expected, api_visibility="private", **cheap)
     measure_btn.click(partial(measure, engine), expected_inputs, expected, api_name="measure_epoch", concurrency_limit=1,

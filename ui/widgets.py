@@ -7,10 +7,19 @@ from pathlib import Path
 
 import gradio as gr
 
+from data import STYLES
+
 from .theme import notice
 
 __all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
-           "resumable_runs", "resume_job", "run_finished", "saved_run", "playground_button"]
+           "resumable_runs", "resume_job", "run_finished", "saved_run", "playground_button", "style_radio"]
+
+STYLE_LABELS = {"alpaca": "Alpaca (the book's)", "phi3": "Phi-3 (exercise 7.1: shorter prompts)"}
+
+
+def style_radio(elem_id: str) -> gr.Radio:
+    """The prompt format, as the Dataset tab shows a record and the Train tab trains on it."""
+    return gr.Radio([(STYLE_LABELS.get(s, s), s) for s in STYLES], value=STYLES[0], label="Prompt format", elem_id=elem_id)
 
 
 def saved_run(snap: dict) -> bool:

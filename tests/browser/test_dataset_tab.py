@@ -87,6 +87,14 @@ def test_browse_search_page_and_read_a_record(page, folders):
     page.wait_for_function("n => document.querySelectorAll('#record-tokens .gi-tok.masked').length > n", arg=unmasked)
     masked = page.locator("#record-tokens .gi-tok.masked").count()
     assert f"{masked} masked" in text_of(page, "#record-meta")
+    # The Phi-3 format of exercise 7.1: the same record, shorter, and the lengths chart follows.
+    alpaca_median = page.evaluate("() => document.querySelector('#length-chart .js-plotly-plot').data[0].name")
+    page.locator("#dataset-prompt-style").get_by_label("Phi-3", exact=False).check()
+    wait_text(page, "#record-tokens", "<|user|>")
+    page.wait_for_function("m => document.querySelector('#length-chart .js-plotly-plot')?.data[0].name !== m", arg=alpaca_median)
+    assert "### Instruction" not in text_of(page, "#record-tokens")
+    page.locator("#dataset-prompt-style").get_by_label("Alpaca", exact=False).check()
+    wait_text(page, "#record-tokens", "### Instruction")
 
     # Clicking a row opens that record: the 4th row of page 2 is record 29.
     page.click('#dataset-table [data-testid="cell-3-2"]')
