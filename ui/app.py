@@ -97,5 +97,7 @@ def build_app(engine: Engine) -> gr.Blocks:
 
 
 def launch_options() -> dict:
-    """What ``launch()`` needs besides host and port: the look (Gradio 6 takes it here) and the upload cap."""
-    return {"theme": THEME, "css": CSS, "max_file_size": MAX_FILE_BYTES}
+    """What ``launch()`` needs besides host and port: the look (Gradio 6 takes it here) and the upload cap. Gradio's
+    run history stays off: it would keep every call's inputs in the browser's storage, the Hub token and the judge's
+    API key among them (their boxes promise they are never saved), and its footer link "Runs" is not the app's runs."""
+    return {"theme": THEME, "css": CSS, "max_file_size": MAX_FILE_BYTES, "run_history": False}

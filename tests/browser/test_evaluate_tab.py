@@ -8,6 +8,7 @@ from .conftest import choose, open_tab, screenshot, set_slider, wait_plot, wait_
 
 pytestmark = pytest.mark.browser
 LIMIT, NEW_TOKENS = 4, 8
+SECRET = "sk-never-saved-1234"
 
 
 def test_evaluate_a_run_on_a_few_examples_and_export_it(page, finished_run):
@@ -18,11 +19,14 @@ def test_evaluate_a_run_on_a_few_examples_and_export_it(page, finished_run):
 
     page.fill("#eval-limit input", str(LIMIT))
     set_slider(page, "#eval-max-new-tokens", NEW_TOKENS)
+    page.fill("#eval-judge-key input", SECRET)  # no judge URL: unused, but sent with the evaluation's inputs
     start = page.locator("#eval-start-btn")
     assert start.is_enabled()
     start.click()
     done = wait_text(page, "#eval-progress", f"Evaluated {LIMIT} examples", timeout_ms=120_000)
     assert "eval.jsonl" in done and finished_run.name in done
+    stored = page.evaluate("() => JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
+    assert SECRET not in stored, "the API key was kept in the browser's storage (Gradio's run history)"
     page.wait_for_function("() => !document.querySelector('#eval-start-btn').disabled")
     assert not page.locator("#eval-stop-btn").is_enabled()
 
