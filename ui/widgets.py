@@ -18,8 +18,10 @@ STYLE_LABELS = {"alpaca": "Alpaca (the book's)", "phi3": "Phi-3 (exercise 7.1: s
 
 
 def style_radio(elem_id: str) -> gr.Radio:
-    """The prompt format, as the Dataset tab shows a record and the Train tab trains on it."""
-    return gr.Radio([(STYLE_LABELS.get(s, s), s) for s in STYLES], value=STYLES[0], label="Prompt format", elem_id=elem_id)
+    """The prompt format, as the Dataset tab shows a record and the Train tab trains on it (in a row, it wraps onto a
+    line of its own on a phone rather than squeezing its neighbours)."""
+    return gr.Radio([(STYLE_LABELS.get(s, s), s) for s in STYLES], value=STYLES[0], label="Prompt format", min_width=330,
+                    elem_id=elem_id)
 
 
 def saved_run(snap: dict) -> bool:
