@@ -29,7 +29,6 @@ from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, mod
                       resumable_runs, resume_job, run_finished, saved_run, stop_job, style_radio, val_loss_text)
 
 TITLE = "Train"
-PHI3 = " in the Phi-3 format"
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
 DEFAULTS = defaults()
 
@@ -42,7 +41,7 @@ def preset_label(e: Estimate) -> str:
 
 
 def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size, lr, mask_prompt: bool, lora: bool,
-                rank, alpha, grouped: bool, max_steps, eval_every, data: str, checkpoint_every=0, style="alpaca") -> TrainConfig:
+                rank, alpha, grouped: bool, max_steps, eval_every, data: str, checkpoint_every=0, style=DEFAULTS["style"]) -> TrainConfig:
     """The form's values as a ``TrainConfig``; every problem is a ``ConfigError`` naming the setting."""
     model = (custom or "").strip() or preset
     if random_init and model not in PRESETS:
@@ -54,13 +53,13 @@ def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size,
         batch_size=as_int(batch_size, "batch size"), lr=number(lr, "learning rate"), mask_prompt=bool(mask_prompt), grouped=bool(grouped),
         lora_rank=as_int(rank, "LoRA rank") if lora else 0, lora_alpha=number(alpha, "LoRA alpha") if lora else DEFAULTS["lora_alpha"],
         max_steps=as_int(max_steps, "max steps", allow_none=True) or None, eval_every=as_int(eval_every, "evaluate every"),
-        checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0, style=style or "alpaca",
+        checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0, style=style or DEFAULTS["style"],
     )
 
 
 def start(engine, client_id: str | None, dataset: dict | None, preset: str, custom: str, random_init: bool, epochs,
           batch_size, lr, mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every, checkpoint_every=0,
-          style="alpaca"):
+          style=DEFAULTS["style"]):
     """Start a run owned by this browser; a bad setting, a limit or a run already going is reported, not raised."""
     if not client_id:
         return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
@@ -273,7 +272,7 @@ def job_status(engine) -> dict:
 
 
 def run_config(preset: str, lora: bool, rank, epochs, batch_size, grouped: bool, max_steps, eval_every,
-               mask_prompt: bool, style="alpaca") -> TrainConfig | None:
+               mask_prompt: bool, style=DEFAULTS["style"]) -> TrainConfig | None:
     """The form's run as far as its time goes, or None when it is one epoch at the loop's defaults (or not valid yet)."""
     try:
         config = make_config(preset, "", True, epochs, batch_size, DEFAULTS["lr"], mask_prompt, lora, rank, None, grouped,
@@ -315,13 +314,18 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     run = run_config(preset, lora, rank, *form) if form else None
     if run is not None:
         this_run = (f"This run, {run.epochs} epoch{'s' if run.epochs != 1 else ''} of {name} at batch {run.batch_size}"
-                    f"{PHI3 if run.style == 'phi3' else ''}")
+                    f"{in_format(run.style)}")
         try:
             this = engine.project_run(found, dataset, run)
             when += f"<br>{this_run}: <b>{clock(this.total_s)}</b> ({this.steps} steps)."
         except ValueError as e:
             when += f"<br>{this_run}: none, {html.escape(scrub(str(e)))}."
     return notice(f"{when}{last}<br>{reason}.")
+
+
+def in_format(style: str | None) -> str:
+    """A run's prompt format where it is not the book's, as words to follow its data."""
+    return " in the Phi-3 format" if style == "phi3" else ""
 
 
 def last_trained_text(engine, preset: str, lora_rank: int, method: str) -> str:
@@ -333,11 +337,10 @@ def last_trained_text(engine, preset: str, lora_rank: int, method: str) -> str:
     m = run.manifest
     source = (m.get("data") or {}).get("source", "?")
     data = ({"canonical": "the book's data", "sample": "the bundled sample"}.get(source)
-            or html.escape(Path(public_data(str(source))).name))
+            or html.escape(Path(public_data(str(source))).name)) + in_format((m.get("config") or {}).get("style"))
     took = (m.get("train_time_s") or 0) + (m.get("eval_time_s") or 0)
     rate = m.get("tokens_seen", 0) / m["train_time_s"]
     said = f"; estimated for it: {clock(expected.total_s)}" if expected is not None else ""
-    data += PHI3 if (m.get("config") or {}).get("style") == "phi3" else ""
     return (f"<br>Last finished run of {html.escape(preset)}, {method} here ({html.escape(run.name)}): "
             f"{m.get('steps', 0)} steps of {data} took <b>{clock(took)}</b> with evaluations, at {rate:,.0f} tokens/s{said}.")
 
