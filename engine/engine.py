@@ -155,10 +155,12 @@ class Engine:
             raise ValueError(shape)
         return projection(calibration, shape, config)
 
-    def last_trained(self, preset: str, lora_rank: int = 0) -> tuple[RunInfo, Projection | None] | None:
+    def last_trained(self, preset: str, lora_rank: int = 0,
+                     calibration: Calibration | None = None) -> tuple[RunInfo, Projection | None] | None:
         """The newest fine-tuning run of a preset and method that trained to its end here, on the device and precision
-        a run would take now: what it really took, beside the estimate. With a calibration, what that estimate
-        projects for the same run (its own settings on the bundled sample or the book's data; None for an upload)."""
+        a run would take now: what it really took, beside the estimate. With the preset's ``calibration``, what that
+        estimate projects for the same run (its own settings on the bundled sample or the book's data; None for an
+        upload)."""
         from model.device import describe, pick_device, pick_dtype
 
         device = pick_device()
@@ -171,13 +173,12 @@ class Engine:
                 break
         else:
             return None
-        found = self.calibration(preset, lora_rank)
         data = m.get("data") or {}
-        if found is None or data.get("source") not in ("canonical", "sample"):
+        if calibration is None or data.get("source") not in ("canonical", "sample"):
             return run, None
         ref = None if data["source"] == "sample" else {"source": "canonical", "sha256": data.get("sha256")}
         try:
-            return run, self.project_run(found, ref, TrainConfig.from_dict(config))
+            return run, self.project_run(calibration, ref, TrainConfig.from_dict(config))
         except (ConfigError, ValueError, KeyError):
             return run, None
 

@@ -307,7 +307,7 @@ def test_the_expected_epoch_shows_the_last_finished_run_beside_its_estimate(engi
     assert f"not measured on this machine yet (Measure times a few real steps, a few seconds to a minute).Last finished run of tiny, full fine-tuning here ({run.name}): 14 steps of the bundled sample took {took} with evaluations, at " in shown()
     assert "Last finished run" not in shown(lora=True) and "Last finished run" not in shown("gpt2")
     engine.measure("tiny")
-    found, expected = engine.last_trained("tiny")
+    found, expected = engine.last_trained("tiny", calibration=engine.calibration("tiny"))
     assert found == run and expected.steps == 14 and expected.eval_s > 0  # the run's own settings: 2 epochs, evaluated every 5
     assert re.search(rf"took {took} with evaluations, at [\d,]+ tokens/s; estimated for it: {clock(expected.total_s)}\.", shown())
 

@@ -31,6 +31,7 @@ from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, mod
 TITLE = "Train"
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
 DEFAULTS = defaults()
+BUILT_IN_NAMES = {"canonical": "the book's data", "sample": "the bundled sample"}
 
 
 def preset_label(e: Estimate) -> str:
@@ -295,7 +296,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     lora_rank = int(rank or 16) if lora else 0
     found = result or engine.calibration(preset, lora_rank)
     method = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
-    last = last_trained_text(engine, preset, lora_rank, method)
+    last = last_trained_text(engine, preset, lora_rank, method, found)
     if found is None:
         when = (f"Expected epoch of the book's data for <b>{html.escape(preset)}</b>, {method}: not measured on this machine yet "
                 "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
@@ -303,7 +304,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     when = (f"Expected on this machine for <b>{html.escape(preset)}</b>, {method}, evaluations included: one epoch of "
             f"{html.escape(found.timed_on)} <b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
     source = dataset["source"] if dataset else "sample"
-    name = {"canonical": "the book's data", "sample": "the bundled sample"}.get(source) or html.escape(dataset["name"])
+    name = BUILT_IN_NAMES.get(source) or html.escape(dataset["name"])
     if source != found.data:
         try:
             mine = engine.project_run(found, dataset)
@@ -328,16 +329,16 @@ def in_format(style: str | None) -> str:
     return " in the Phi-3 format" if style == "phi3" else ""
 
 
-def last_trained_text(engine, preset: str, lora_rank: int, method: str) -> str:
+def last_trained_text(engine, preset: str, lora_rank: int, method: str, calibration=None) -> str:
     """The newest finished run of this preset and method here: what it took, and what the estimate says for it."""
-    found = engine.last_trained(preset, lora_rank)
+    found = engine.last_trained(preset, lora_rank, calibration)
     if found is None:
         return ""
     run, expected = found
     m = run.manifest
     source = (m.get("data") or {}).get("source", "?")
-    data = ({"canonical": "the book's data", "sample": "the bundled sample"}.get(source)
-            or html.escape(Path(public_data(str(source))).name)) + in_format((m.get("config") or {}).get("style"))
+    data = BUILT_IN_NAMES.get(source) or html.escape(Path(public_data(str(source))).name)
+    data += in_format((m.get("config") or {}).get("style"))
     took = (m.get("train_time_s") or 0) + (m.get("eval_time_s") or 0)
     rate = m.get("tokens_seen", 0) / m["train_time_s"]
     said = f"; estimated for it: {clock(expected.total_s)}" if expected is not None else ""
