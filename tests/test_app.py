@@ -148,7 +148,7 @@ def test_the_phi3_prompt_format_from_the_dataset_tab_to_a_run(url, folders):
     c = client(url)
     load(c, "sample")
     _, meta, tokens = c.predict(1, False, api_name="/record")
-    histogram, shown, meta_phi3, tokens_phi3 = c.predict(1, False, "phi3", api_name="/prompt_format")
+    _, histogram, shown, meta_phi3, tokens_phi3 = c.predict(1, False, "phi3", api_name="/prompt_format")
     joined = lambda spans: html.unescape(re.sub(r"<[^>]+>", "", spans))  # the tokens' text, as one string
     assert "### Instruction:" in joined(tokens) and "<|user|>" not in joined(tokens)
     assert joined(tokens_phi3).startswith("<|user|>↵\nRewrite the sentence") and "↵\n<|assistant|>↵\nThree apple" in joined(tokens_phi3)
@@ -313,9 +313,16 @@ def test_a_tiny_upload_warns_that_it_cannot_be_split_and_a_too_long_record_is_sh
     assert "Too few" not in text(load(c, "sample")["error"])
 
     long_ = tmp_path / "long.jsonl"
-    records = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(11)] + [{"instruction": "Long.", "output": "word " * 2000}]
+    records = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(11)] + [
+        {"instruction": "Long.", "output": "word " * 2000}, {"instruction": "Long.", "output": "word " * 1000}]
     long_.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert "1 record longer than GPT-2's 1,024-token context: training skips it (#12)." in text(load(c, "upload", long_)["error"])
+    assert "2 records longer than GPT-2's 1,024-token context: training skips them (#12, #13)." in text(
+        load(c, "upload", long_)["error"])
+    assert [token_stats(records[12:], style=s)["total_tokens"] for s in ("alpaca", "phi3")] == [[1034], [1018]]
+    message = text(c.predict(1, False, "phi3", api_name="/prompt_format")[0])  # #13 fits without Alpaca's preamble
+    assert "Loaded long.jsonl : 13 records." in message
+    assert "1 record longer than GPT-2's 1,024-token context: training skips it (#12)." in message
+    assert "2 records longer" in text(c.predict(1, False, "alpaca", api_name="/prompt_format")[0])
     _, meta, tokens = c.predict(12, False, api_name="/record")
     assert "skipped in training" in text(meta) and "context window" in text(meta) and "trained on ·" not in text(meta)
     assert 'class="gi-tok trained' not in tokens

@@ -141,15 +141,20 @@ def load(engine, source: str, upload: str | None, previous: dict | None, mask_pr
     except DatasetError as e:
         back = previous["source"] if previous else gr.skip()
         return (back, gr.skip(), error_notice(source, scrub(str(e)), previous)) + (gr.skip(),) * 9
+    stats = token_stats(records, style=style)
+    return (source, state, loaded_notice(state, records, stats)) + render(state, records, mask_prompt, style, stats)
+
+
+def loaded_notice(state: dict, records: list[dict], stats: dict) -> str:
+    """What loading this dataset says: its size, and what training will make of it in the format chosen."""
     done = notice(f"Loaded <b>{html.escape(state['name'])}</b>: {plural(state['count'], 'record')}.", "ok")
     warnings = split_warnings(state["count"])
     if warnings:
         done += notice("<b>Too few records to split.</b> " + " ".join(html.escape(w) for w in warnings), "error")
-    stats = token_stats(records, style=style)
     for note in (too_long_note(stats), repeats_note(records)):
         if note:
             done += notice(html.escape(note), "error")
-    return (source, state, done) + render(state, records, mask_prompt, style, stats)
+    return done
 
 
 def load_default(engine, mask_prompt: bool, remembered: dict | None = None, style: str = "alpaca"):
@@ -283,10 +288,13 @@ def build(shared) -> None:
         return shown, *record_view(records, number, mask_prompt, style)
 
     def restyle(state, number, mask_prompt, style):
-        """Another prompt format: the token lengths and the record, as training would see them."""
+        """Another prompt format: the token lengths, the records too long for the context and the record shown,
+        as training would see them."""
         records = records_of(engine, state)
-        histogram_ = length_histogram(token_stats(records, style=style)) if records else gr.skip()
-        return (histogram_,) + view(state, number, mask_prompt, style)
+        if not records:
+            return (gr.skip(), gr.skip()) + view(state, number, mask_prompt, style)
+        stats = token_stats(records, style=style)
+        return (loaded_notice(state, records, stats), length_histogram(stats)) + view(state, number, mask_prompt, style)
 
     pref_outputs = [pref_message, pref_table, pref_count, pref_page]
     pref_load.click(lambda: preference_page(engine), None, pref_outputs, api_visibility="private", concurrency_limit=2)
@@ -300,4 +308,5 @@ def build(shared) -> None:
     table.select(select_row, [state, mask, style], [number, meta, tokens], api_visibility="private", **cheap)
     number.submit(view, [state, number, mask, style], [number, meta, tokens], api_name="record", **cheap)
     mask.change(view, [state, number, mask, style], [number, meta, tokens], api_visibility="private", **cheap)
-    style.change(restyle, [state, number, mask, style], [histogram, number, meta, tokens], api_name="prompt_format", **cheap)
+    style.change(restyle, [state, number, mask, style], [error, histogram, number, meta, tokens], api_name="prompt_format",
+                 **cheap)
