@@ -31,7 +31,7 @@ from .batching import LengthGroupedSampler, too_long
 from .browse import PAGE_SIZE, Page, page_of, split_names
 from .errors import DatasetError
 from .prompts import check_style, format_prompt
-from .records import FIELDS, json_type, read_items, split_instructions, validate_records
+from .records import FIELDS, folded, json_type, read_items, split_instructions, validate_records
 
 PREFERENCE_FIELDS = ("chosen", "rejected")
 
@@ -65,6 +65,7 @@ def validate_preferences(items: list, name: str = "data", label: str = "record")
     for number, value in items:
         if isinstance(value, dict):
             where = f"{name}, {label} {number}"
+            value = folded(value, FIELDS + PREFERENCE_FIELDS, where)
             for field in PREFERENCE_FIELDS:
                 if field not in value:
                     raise DatasetError(f'{where}: field "{field}" is missing (preference data needs "chosen" and "rejected")')

@@ -171,6 +171,23 @@ def json_type(value) -> str:
     return "null" if value is None else JSON_TYPES.get(type(value), type(value).__name__)
 
 
+def folded(value: dict, fields, where: str) -> dict:
+    """The record with its field names spelled as the book spells them: a spreadsheet's "Instruction" or " Input " is
+    "instruction" or "input" (else its inputs would vanish unseen); two spellings of one field in a record are an error."""
+    spelled = {}
+    for key in value:
+        field = key.strip().lower() if isinstance(key, str) else key
+        if field in fields:
+            spelled.setdefault(field, []).append(key)
+    if all(keys == [field] for field, keys in spelled.items()):
+        return value
+    for field, keys in spelled.items():
+        if len(keys) > 1:
+            raise DatasetError(f'{where}: field "{field}" is given {len(keys)} times ({", ".join(json.dumps(k) for k in keys)})')
+    names = {keys[0]: field for field, keys in spelled.items()}
+    return {names.get(key, key): text for key, text in value.items()}
+
+
 def validate_records(items: list, name: str = "data", label: str = "record") -> list[dict]:
     """Check ``(number, value)`` pairs and return clean three-field records.
 
@@ -187,6 +204,7 @@ def validate_records(items: list, name: str = "data", label: str = "record") -> 
             raise DatasetError(
                 f'{where}: expected an object with "instruction", "input" and "output", got {json_type(value)}'
             )
+        value = folded(value, FIELDS, where)
         record = {}
         for field in FIELDS:
             if field not in value and field != "input":

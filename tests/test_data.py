@@ -104,6 +104,10 @@ def test_user_file_csv_and_tsv(tmp_path):
     assert load_instructions(write(tmp_path, "\ufeff" + csv_text, "data.csv")) == expected
     tsv_text = "instruction\toutput\nA\tB\nE\tG, and more\n"
     assert load_instructions(write(tmp_path, tsv_text, "data.TSV")) == [rec("A", "", "B"), rec("E", "", "G, and more")]
+    titled = "Instruction,Input,OUTPUT\nA,C,B\n"  # a spreadsheet's header: the inputs must not vanish as unknown columns
+    assert load_instructions(write(tmp_path, titled, "titled.csv")) == [rec("A", "C", "B")]
+    assert load_instructions(write(tmp_path, json.dumps([{"Instruction": "A", " input": "C", "output": "B"}]))) == [
+        rec("A", "C", "B")]
 
 
 BAD_CSV = [
@@ -116,6 +120,7 @@ BAD_CSV = [
     ("no header", "\ninstruction,output\nA,B\n", "data.csv, row 1: the first row must name each column once"),
     ("twice a column", "instruction,output,output\nA,B,C\n", "row 1: the first row must name each column once"),
     ("header only", "instruction,input,output\n", "data.csv: contains no records"),
+    ("two spellings", "instruction,input,Input,output\nA,B,C,D\n", 'data.csv, row 2: field "input" is given 2 times ("input", "Input")'),
     ("empty", " \n", "data.csv: the file is empty"),
 ]
 

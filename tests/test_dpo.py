@@ -103,6 +103,9 @@ def test_bad_preference_files_name_the_record_and_field(tmp_path):
     no_output = {k: v for k, v in good.items() if k != "output"}
     assert load(json.dumps([no_output]))[0] == {**no_output, "input": "", "output": "Hi!"}
     assert load(json.dumps([{**good, "extra": 1}])) == [good]
+    assert load("Instruction,Input,Output,Chosen,Rejected\nSay hi.,,Hi.,Hi!,No.\n", "titled.csv") == [good]
+    with pytest.raises(DatasetError, match=r'record 1: field "chosen" is given 2 times \("chosen", "Chosen"\)'):
+        load(json.dumps([{**good, "Chosen": "Hey!"}]))
 
 
 def test_the_book_file_loads_from_the_cache_and_splits_like_the_book(needs_preference):
