@@ -184,7 +184,7 @@ def test_file_too_large_is_refused_before_reading(tmp_path):
     path = tmp_path / "big.json"
     with open(path, "wb") as f:
         f.truncate(MAX_FILE_BYTES + 1)
-    with pytest.raises(DatasetError, match="larger than the 20 MB limit"):
+    with pytest.raises(DatasetError, match=f"larger than the {MAX_FILE_BYTES // 2**20} MB limit"):
         load_instructions(path)
 
 
