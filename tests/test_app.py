@@ -384,6 +384,7 @@ def test_settings_errors_are_messages(url):
     assert "batch size must be between 1 and 512, got 0" in text(start(c, "x", batch_size=0))  # TrainConfig's bounds
     assert "epochs must be a whole number, got 2.5" in text(start(c, "x", epochs=2.5))  # not rounded to 2
     assert "evaluate every must be at least 1, got 0" in text(start(c, "x", eval_every=0))
+    assert "max steps must be 0 (all of them) or more, got -5" in text(start(c, "x", max_steps=-5))  # as the form says: 0 is all
     assert "learning rate must be in (0, 1], got -1" in text(start(c, "x", lr=-1))
     assert "tick random init" in text(start(c, "x", random_init=False))
     assert "untick it to load '/srv/models/my-gpt2'" in text(start(c, "x", custom="/srv/models/my-gpt2"))  # as typed

@@ -69,6 +69,16 @@ def as_int(value, name: str, allow_none: bool = False) -> int | None:
     return int(value)
 
 
+def max_steps_of(value) -> int | None:
+    """The form's "Max steps (0: all)" as the settings take it: None for all steps."""
+    from training.config import ConfigError
+
+    steps = as_int(value, "max steps", allow_none=True)
+    if steps is not None and steps < 0:
+        raise ConfigError(f"max steps must be 0 (all of them) or more, got {steps}")
+    return steps or None
+
+
 def number(value, name: str) -> float:
     """A form's number as a float; a ``ConfigError`` naming the field when it is empty."""
     from training.config import ConfigError
