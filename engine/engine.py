@@ -21,7 +21,7 @@ from evaluation.evaluate import evaluate_run
 from model import HUB_PRESETS, PRESETS, GPTConfig
 from model.device import configure_runtime
 from model.weights import WeightsError, hub_cached, hub_unreachable, read_config, resolve
-from runstore import RunInfo, find_run, list_runs, runs_root
+from runstore import RunInfo, find_run, list_runs, prune_runs, runs_root
 from runstore.export import export_zip
 from runstore.store import recover_runs
 from training.calibrate import Calibration, EpochShape, Projection, cached, calibrate, data_shape, projection
@@ -235,7 +235,9 @@ class Engine:
             job.wait(timeout)
         return [f"{snap['title']}: {snap['message']}" for snap in (job.snapshot(since=SCALARS_ONLY) for job in stopped)]
 
-    def _launch(self, lane: str, job: Job) -> Job:
+    def _launch(self, lane: str, job: Job, uses: tuple[str, ...] = ()) -> Job:
+        """Start ``job`` in its lane when the lane is free; a new run first makes room on disk (``make_room``), keeping
+        the runs it ``uses``."""
         with self._lock:
             if self._measuring:
                 raise JobError(f"the expected epoch of {self._measuring} is being measured on this machine (seconds to a "
@@ -243,8 +245,21 @@ class Engine:
             current = self._jobs[lane]
             if current is not None and current.active:
                 raise JobError(f"{running(current.snapshot(since=SCALARS_ONLY))}; wait for it or stop it first")
+            if lane == "train":
+                self.make_room(uses)
             self._jobs[lane] = job
             return job.start()
+
+    def make_room(self, uses: tuple[str, ...] = ()) -> list[str]:
+        """Within ``runs_gb``, the oldest ended runs deleted (``prune_runs``): never one a job is using or in ``uses``."""
+        if self.limits.runs_gb is None:
+            return []
+        busy = set(uses)
+        for job in self._jobs.values():
+            if job is not None and job.active:
+                snap = job.snapshot(since=SCALARS_ONLY)
+                busy |= {snap.get("run"), *((snap.get("config") or {}).get(key) for key in ("run", "parent"))}
+        return prune_runs(self.root, self.limits.runs_gb * GB, keep=busy - {None})
 
     def check_training(self, config: TrainConfig) -> TrainConfig:
         """The config within this server's limits, its data checked and its memory admitted; errors say which limit."""
@@ -328,7 +343,7 @@ class Engine:
             resume_run(run.path, hooks, **changes)
 
         public = {**config.to_dict(), "data": public_data(config.data), "out": None}
-        return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public))
+        return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public), uses=(run.name,))
 
     def store_preference_upload(self, upload: str | Path) -> str:
         """A visitor's preference file checked (``DatasetError`` names a bad record) and kept with the uploads."""
@@ -377,7 +392,7 @@ class Engine:
         def work(hooks) -> None:  # the summary reaches watchers through its Finished event, without its path
             train_dpo(config, hooks, root=self.root)
 
-        return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public))
+        return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public), uses=(run.name,))
 
     def resume_preference(self, run: RunInfo, owner: str | None, changes: dict) -> Job:
         """Continue a stopped or interrupted DPO run from its checkpoint, in the ``train`` lane."""
@@ -388,7 +403,8 @@ class Engine:
         def work(hooks) -> None:
             resume_dpo(run.path, hooks, **changes)
 
-        return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public))
+        return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public),
+                            uses=(run.name, run.manifest["parent_run"]))
 
     def run_training(self, config: TrainConfig, hooks=None) -> dict:
         """Fine-tune in the foreground (the CLI): the same limits and checks as a job, then the loop."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -251,6 +252,33 @@ def list_runs(root: Path | None = None) -> list[RunInfo]:
         return []
     runs = [RunInfo(p, read_manifest(p)) for p in root.iterdir() if (p / MANIFEST).is_file()]
     return sorted(runs, key=lambda r: r.name, reverse=True)
+
+
+def run_bytes(path: Path) -> int:
+    """What a run folder holds on disk, its checkpoint included."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def prune_runs(root: Path, max_bytes: float, keep=()) -> list[str]:
+    """Delete the oldest ended runs until the runs under ``root`` fill at most ``max_bytes``; the names deleted.
+
+    Never a running run or one named in ``keep``; a fine-tuned run that a kept preference-tuning run started from goes
+    only after that run (its three-way comparison needs it). What is left may still be over the budget.
+    """
+    runs = sorted(list_runs(root), key=lambda r: (str(r.manifest.get("started") or ""), r.name))
+    sizes = {run.name: run_bytes(run.path) for run in runs}
+    total, deleted = sum(sizes.values()), []
+    while total > max_bytes:
+        parents = {run.manifest.get("parent_run") for run in runs}
+        victim = next((run for run in runs if run.status != "running" and run.path.resolve() not in _WRITING
+                       and run.name not in keep and run.name not in parents), None)
+        if victim is None:
+            break
+        shutil.rmtree(victim.path, ignore_errors=True)
+        runs.remove(victim)
+        total -= sizes[victim.name]
+        deleted.append(victim.name)
+    return deleted
 
 
 def find_run(name: str | Path, root: Path | None = None) -> RunInfo | None:

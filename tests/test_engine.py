@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -185,6 +186,35 @@ def test_evaluation_is_a_job_in_its_own_lane(engine):
     for bad in ("/etc", "../" + name, "nope"):
         with pytest.raises(ValueError, match="pick one from the list"):
             engine.start_evaluation(bad)
+
+
+def test_a_start_makes_room_on_disk_and_spares_the_run_being_evaluated(tmp_path, monkeypatch):
+    """Under ``runs_gb`` a new run first deletes the oldest ended runs, never one an evaluation is reading."""
+    import engine.engine as engine_module
+
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    assert Limits.from_env({"SPACE_ID": "me/app"}).runs_gb == 20 and Limits.from_env({}).runs_gb is None
+    engine = Engine(limits=Limits(runs_gb=0.05), root=tmp_path / "runs")  # a tiny run's weights: 29 MB
+    names = []
+    for _ in range(2):
+        assert engine.start_training(tiny(max_steps=1)).wait(60)
+        names.append(engine.runs()[0].name)
+    assert engine.runs()[0].manifest["status"] == "done" and len(engine.runs()) == 2  # 59 MB: over, but nothing started since
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_evaluation(*args, **kwargs):
+        reading.set()
+        release.wait(30)
+        return {}
+    monkeypatch.setattr(engine_module, "evaluate_run", slow_evaluation)
+    evaluation = engine.start_evaluation(names[0], owner="a")
+    assert reading.wait(30)
+    assert engine.start_training(tiny(max_steps=1)).wait(60)
+    assert [run.name for run in engine.runs()][1:] == [names[0]]  # the newer one went: the older is being evaluated
+    release.set()
+    assert evaluation.wait(30)
+    assert engine.start_training(tiny(max_steps=1)).wait(60)
+    assert names[0] not in [run.name for run in engine.runs()] and len(engine.runs()) == 2
 
 
 def test_export_twice_gives_one_file(engine):

@@ -15,7 +15,8 @@ import pytest
 from safetensors.torch import load_file
 
 from data import DatasetError
-from runstore import CHECKPOINT, RunInfo, RunWriter, find_run, list_runs, process_owner, read_manifest, read_metrics, recover_runs
+from runstore import (CHECKPOINT, RunInfo, RunWriter, find_run, list_runs, process_owner, prune_runs, read_manifest, read_metrics,
+                      recover_runs)
 from training import TrainConfig
 from training.checkpoint import ResumeError, resume_config
 from training.events import Finished, Logged, Started
@@ -331,3 +332,28 @@ def test_a_damaged_metrics_file_loses_its_bad_rows_not_the_app(tmp_path):
     assert [r["step"] for r in read_metrics(run)] == [0, 2, 3]
     assert [r.name for r in recover_runs(tmp_path / "runs")] == [run.name]
     assert read_manifest(run)["status"] == "interrupted" and read_manifest(run)["steps"] == 3
+
+
+# Disk
+
+
+def test_pruning_drops_the_oldest_ended_runs_and_keeps_what_is_in_use(tmp_path):
+    """Runs of 1 MB each under a 3.5 MB budget: the oldest ended ones go first; a running run, a kept one and the parent
+    of a kept preference-tuning run stay, and a parent goes once its last aligned child has gone."""
+    def run(name: str, started: str, status: str = "done", **manifest) -> None:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"w" * 1_000_000)
+        (path / "manifest.json").write_text(json.dumps({"status": status, "started": started, **manifest}))
+
+    run("a-parent", "2026-01-01T00:00:00")
+    run("b-running", "2026-01-02T00:00:00", "running")
+    run("c-kept", "2026-01-03T00:00:00", "stopped")
+    run("d-aligned", "2026-01-04T00:00:00", parent_run="a-parent")
+    run("e-old", "2026-01-05T00:00:00", "failed")
+    run("f-new", "2026-01-06T00:00:00")
+    assert prune_runs(tmp_path, 10e6, keep={"c-kept"}) == []  # within the budget: nothing goes
+    assert prune_runs(tmp_path, 3.5e6, keep={"c-kept"}) == ["d-aligned", "a-parent", "e-old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b-running", "c-kept", "f-new"]
+    assert prune_runs(tmp_path, 0, keep={"c-kept"}) == ["f-new"]  # even the newest, when the budget says so
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b-running", "c-kept"]
