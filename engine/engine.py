@@ -26,13 +26,13 @@ from runstore.export import export_zip
 from runstore.store import recover_runs
 from training.calibrate import Calibration, EpochShape, Projection, cached, calibrate, data_shape, projection
 from training.config import ConfigError, TrainConfig
-from training.estimate import GB, estimate_for
+from training.estimate import GB, activations_gb, estimate_for
 from training.events import Progress, Status
 from training.checkpoint import resume_config
 from training.loop import check_data, resume_run, train
 from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, resume_dpo, resume_dpo_config, train_dpo
 from data.preference import load_preferences
-from data import DatasetError, cache, load_instructions
+from data import DatasetError, cache, load_instructions, token_stats
 
 from .datasets import Datasets, prune_folder
 from .jobs import SCALARS_ONLY, Job, JobError, idle_snapshot
@@ -278,40 +278,34 @@ class Engine:
             cap = limits.max_wall_minutes * 60
             changes["max_wall_s"] = min(config.max_wall_s or cap, cap)
         config = dataclasses.replace(config, **changes) if changes else config
-        self.admit(config)
-        check_data(config)
+        _, split = check_data(config)
+        self.admit(config, [total - 1 for total in token_stats(split.train, style=config.style)["total_tokens"]])
         return config
 
-    def admit(self, config: TrainConfig) -> None:
-        """Refuse a run whose memory estimate exceeds what is available, before anything is allocated."""
-        needed = self.memory_estimate(config)
-        if needed is None:
+    def admit(self, config: TrainConfig, rows: list[int] | None = None) -> None:
+        """Refuse a run whose memory estimate (for training rows of these token lengths, when known) exceeds what is
+        available, before anything is allocated."""
+        model_config = known_shape(config.model)
+        if model_config is None:
             return
+        needed, longest = memory_needed(model_config, config, rows)
         available = self.limits.memory_gb if self.limits.memory_gb is not None else available_memory_gb()
         if needed > available:
             method = "LoRA" if config.lora_rank else "full fine-tuning"
             hint = "a smaller model" if config.lora_rank else "LoRA (rank 16 needs far less) or a smaller model"
-            raise ConfigError(f"not enough memory: {config.model} with {method} needs about {needed:.1f} GB, and "
-                              f"{available:.1f} GB is available on this server; try {hint}")
+            rows_note = ""
+            if needed > memory_needed(model_config, config)[0]:
+                rows_note = f" at batch {config.batch_size} with training records of up to {longest:,} tokens"
+                hint = f"a smaller batch size, {hint}"
+            raise ConfigError(f"not enough memory: {config.model} with {method} needs about {needed:.1f} GB{rows_note}, "
+                              f"and {available:.1f} GB is available on this server; try {hint}")
 
     @staticmethod
-    def memory_estimate(config: TrainConfig) -> float | None:
-        """GB the run is expected to peak at; None when the model's size cannot be known before loading it."""
-        try:
-            name = config.model.rsplit("/", 1)[-1]
-            if config.model in PRESETS:
-                model_config = GPTConfig.from_name(config.model)
-            elif Path(config.model).expanduser().exists():
-                weights, config_file = resolve(config.model)
-                model_config = read_config(config_file, weights)
-            elif name in PRESETS:  # a Hub id such as openai-community/gpt2-medium
-                model_config = GPTConfig.from_name(name)
-            else:
-                return None
-        except (WeightsError, ValueError, OSError):
-            return None
-        e = estimate_for(model_config)
-        return e.lora_gb if config.lora_rank else e.full_gb
+    def memory_estimate(config: TrainConfig, rows: list[int] | None = None) -> float | None:
+        """GB the run is expected to peak at, with the activations of ``rows`` (training rows' token lengths) when
+        given; None when the model's size cannot be known before loading it."""
+        model_config = known_shape(config.model)
+        return memory_needed(model_config, config, rows)[0] if model_config else None
 
     def start_training(self, config: TrainConfig, owner: str | None = None) -> Job:
         """Check the limits, the data and the memory, then fine-tune in the ``train`` lane."""
@@ -424,6 +418,31 @@ class Engine:
 
         job = Job("evaluation", work, owner, "evaluation", {"run": run.name, **{k: str(v) for k, v in settings.items()}})
         return self._launch("evaluate", job)
+
+
+def known_shape(model: str) -> GPTConfig | None:
+    """A model's shape before loading it: a preset's, a local checkpoint's config, or a Hub id named like a preset."""
+    try:
+        name = model.rsplit("/", 1)[-1]
+        if model in PRESETS:
+            return GPTConfig.from_name(model)
+        if Path(model).expanduser().exists():
+            weights, config_file = resolve(model)
+            return read_config(config_file, weights)
+        return GPTConfig.from_name(name) if name in PRESETS else None  # e.g. openai-community/gpt2-medium
+    except (WeightsError, ValueError, OSError):
+        return None
+
+
+def memory_needed(model_config: GPTConfig, config: TrainConfig, rows: list[int] | None = None) -> tuple[float, int | None]:
+    """(GB a run of this shape peaks at, the longest row it reads): rows past the context are skipped, the rest cut at
+    max length; their activations count beyond the book's batches (``activations_gb``)."""
+    context = model_config.block_size
+    longest = max((n for n in rows or () if n <= context), default=None)
+    longest = min(longest, config.max_length or context) if longest else None
+    e = estimate_for(model_config)
+    extra = activations_gb(model_config, config.batch_size, longest) if longest else 0.0
+    return (e.lora_gb if config.lora_rank else e.full_gb) + extra, longest
 
 
 def is_hub_id(name: str) -> bool:

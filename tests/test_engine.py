@@ -1,6 +1,7 @@
 """The engine: one job abstraction, admission control, server limits, runs that never lie, bounded growth, no paths."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -112,6 +113,24 @@ def test_a_start_whose_estimate_exceeds_available_memory_is_refused_before_anyth
     with pytest.raises(ConfigError, match="gpt2 with LoRA needs about 1.8 GB, and 1.0 GB"):
         Engine(limits=Limits(memory_gb=1.0), root=tmp_path / "runs").admit(TrainConfig(model="gpt2", lora_rank=16))
     assert Engine.memory_estimate(TrainConfig(model="someone/unknown-model")) is None  # unknown size: no guess
+
+
+def test_long_records_need_more_memory_and_a_refusal_says_so(tmp_path, monkeypatch):
+    """The estimate counts a batch's activations beyond the book's batches: a tiny run fits 1 GB on the sample, not on
+    records of ~1,000 tokens at batch 8 (at batch 2 it does), and GPT-2 124M's estimate meets its measured peaks."""
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    long_ = tmp_path / "long.json"
+    long_.write_text(json.dumps([{"instruction": "Write a long story.", "input": "", "output": "word " * 960}] * 24))
+    engine = Engine(limits=Limits(memory_gb=1.0), root=tmp_path / "runs")
+    engine.check_training(tiny())
+    with pytest.raises(ConfigError, match=r"tiny with full fine-tuning needs about 1\.1 GB at batch 8 with training records of "
+                                          r"up to 996 tokens, and 1\.0 GB is available on this server; try a smaller batch size"):
+        engine.check_training(tiny(data=str(long_)))
+    engine.check_training(tiny(data=str(long_), batch_size=2))
+    gpt2 = TrainConfig(model="gpt2")
+    assert Engine.memory_estimate(gpt2, [91] * 8) == Engine.memory_estimate(gpt2) == pytest.approx(2.54, abs=0.01)
+    assert Engine.memory_estimate(gpt2, [996, 5000]) == pytest.approx(5.86, rel=0.03)  # measured: 5.46 GiB = 5.86 GB
+    assert Engine.memory_estimate(dataclasses.replace(gpt2, max_length=91), [996]) == Engine.memory_estimate(gpt2)
 
 
 def test_server_limits_come_from_the_environment_and_are_enforced(tmp_path):

@@ -8,7 +8,8 @@ book's batch of 8), plus ~0.8 GB of runtime: 2.54 GB for 124M and 5.77 GB
 for 355M, between the peaks measured over the book's epoch on native-bf16
 and fp32-only CPUs (2.33-2.64 GB for 124M, 5.51-6.18 GB for 355M). LoRA keeps the frozen weights the same way
 (4 bytes) and trains adapters only; with activations and the fp32 merge at
-the end, 124M measured 1.87 GB. Inference holds fp32 weights on the CPU.
+the end, 124M measured 1.87 GB. Longer records than the book's need more
+(``activations_gb``). Inference holds fp32 weights on the CPU.
 """
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ FULL_BYTES_PER_PARAM = 14
 LORA_BYTES_PER_PARAM = 8
 INFERENCE_BYTES_PER_PARAM = 4
 TRAINING_OVERHEAD_GB = 0.8
+# A batch's activations: bytes per token, layer and channel, over those of the book's longest batch (8 rows of 91 tokens)
+# that the figures above include. GPT-2 124M (fp32-only CPU) peaked at 2.47 GB at batch 8 with rows of 95 tokens, 3.89 GB
+# with 496, 5.86 GB with 996, and 3.91 GB at batch 4 with 996: this line is within 4 % above each.
+ACTIVATION_BYTES = 50
+BOOK_BATCH_TOKENS = 8 * 91
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,12 @@ def estimate_for(config: GPTConfig) -> Estimate:
         lora_gb=params * LORA_BYTES_PER_PARAM / GB + TRAINING_OVERHEAD_GB,
         inference_gb=params * INFERENCE_BYTES_PER_PARAM / GB,
     )
+
+
+def activations_gb(config: GPTConfig, batch_size: int, longest_row: int) -> float:
+    """Memory a run needs beyond its estimate for batches of ``batch_size`` rows of up to ``longest_row`` tokens:
+    none up to the book's batches, about 3.3 GB more for GPT-2 124M at batch 8 with rows of 1,000 tokens."""
+    return ACTIVATION_BYTES * config.n_layer * config.n_embd * max(0, batch_size * longest_row - BOOK_BATCH_TOKENS) / GB
 
 
 def all_presets() -> list[Estimate]:
