@@ -31,7 +31,7 @@ from training.events import Progress, Status
 from training.checkpoint import resume_config
 from training.loop import check_data, resume_run, train
 from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, resume_dpo, resume_dpo_config, train_dpo
-from data.preference import load_preferences
+from data.preference import PreferenceDataset, load_preferences
 from data import DatasetError, cache, load_instructions, token_stats
 
 from .datasets import Datasets, prune_folder
@@ -282,30 +282,34 @@ class Engine:
         self.admit(config, [total - 1 for total in token_stats(split.train, style=config.style)["total_tokens"]])
         return config
 
-    def admit(self, config: TrainConfig, rows: list[int] | None = None) -> None:
-        """Refuse a run whose memory estimate (for training rows of these token lengths, when known) exceeds what is
-        available, before anything is allocated."""
+    def admit(self, config: TrainConfig, rows: list[int] | None = None, longest: int | None = None) -> None:
+        """Refuse a run whose memory estimate exceeds what is available, before anything is allocated. The estimate
+        counts the longest training row: from ``rows`` (the records' token lengths) or as ``longest`` when known."""
         model_config = known_shape(config.model)
         if model_config is None:
             return
-        needed, longest = memory_needed(model_config, config, rows)
+        if rows is not None:
+            longest = longest_row(rows, model_config.block_size, config.max_length)
+        needed = memory_needed(model_config, config, longest)
         available = self.limits.memory_gb if self.limits.memory_gb is not None else available_memory_gb()
         if needed > available:
             method = "LoRA" if config.lora_rank else "full fine-tuning"
             hint = "a smaller model" if config.lora_rank else "LoRA (rank 16 needs far less) or a smaller model"
             rows_note = ""
-            if needed > memory_needed(model_config, config)[0]:
-                rows_note = f" at batch {config.batch_size} with training records of up to {longest:,} tokens"
+            if needed > memory_needed(model_config, config):
+                rows_note = f" at batch {config.batch_size} with training examples of up to {longest:,} tokens"
                 hint = f"a smaller batch size, {hint}"
             raise ConfigError(f"not enough memory: {config.model} with {method} needs about {needed:.1f} GB{rows_note}, "
                               f"and {available:.1f} GB is available on this server; try {hint}")
 
     @staticmethod
     def memory_estimate(config: TrainConfig, rows: list[int] | None = None) -> float | None:
-        """GB the run is expected to peak at, with the activations of ``rows`` (training rows' token lengths) when
-        given; None when the model's size cannot be known before loading it."""
+        """GB a fine-tuning run is expected to peak at, with the activations of ``rows`` (the training records' token
+        lengths) when given; None when the model's size cannot be known before loading it."""
         model_config = known_shape(config.model)
-        return memory_needed(model_config, config, rows)[0] if model_config else None
+        if model_config is None:
+            return None
+        return memory_needed(model_config, config, longest_row(rows or [], model_config.block_size, config.max_length))
 
     def start_training(self, config: TrainConfig, owner: str | None = None) -> Job:
         """Check the limits, the data and the memory, then fine-tune in the ``train`` lane."""
@@ -374,8 +378,11 @@ class Engine:
             cap = self.limits.max_wall_minutes * 60
             changes["max_wall_s"] = min(config.max_wall_s or cap, cap)
         config = dataclasses.replace(config, **changes) if changes else config
-        check_dpo(config, self.root)
-        self.admit(dataclasses.replace(base_config(run.manifest), lora_rank=config.lora_rank))
+        split = check_dpo(config, self.root)[3]
+        sft = dataclasses.replace(base_config(run.manifest), lora_rank=config.lora_rank, batch_size=config.batch_size)
+        context = (known_shape(sft.model) or GPTConfig()).block_size
+        pairs = PreferenceDataset(split.train, style=sft.style, max_length=min(config.max_length or context, context))
+        self.admit(sft, longest=max(pairs.lengths, default=None))  # a pair is one row: prompt, chosen and rejected
         return config, run
 
     def start_preference(self, parent_name: str, owner: str | None = None, **settings) -> Job:
@@ -434,15 +441,18 @@ def known_shape(model: str) -> GPTConfig | None:
         return None
 
 
-def memory_needed(model_config: GPTConfig, config: TrainConfig, rows: list[int] | None = None) -> tuple[float, int | None]:
-    """(GB a run of this shape peaks at, the longest row it reads): rows past the context are skipped, the rest cut at
-    max length; their activations count beyond the book's batches (``activations_gb``)."""
-    context = model_config.block_size
-    longest = max((n for n in rows or () if n <= context), default=None)
-    longest = min(longest, config.max_length or context) if longest else None
+def longest_row(rows: list[int], context: int, max_length: int | None) -> int | None:
+    """The longest row fine-tuning reads: records past the context are skipped, the rest cut at max length."""
+    longest = max((n for n in rows if n <= context), default=None)
+    return min(longest, max_length or context) if longest else None
+
+
+def memory_needed(model_config: GPTConfig, config: TrainConfig, longest: int | None = None) -> float:
+    """GB a run of this shape peaks at: the model's estimate, plus the activations of batches whose longest row is
+    ``longest`` tokens beyond the book's batches (``activations_gb``)."""
     e = estimate_for(model_config)
     extra = activations_gb(model_config, config.batch_size, longest) if longest else 0.0
-    return (e.lora_gb if config.lora_rank else e.full_gb) + extra, longest
+    return (e.lora_gb if config.lora_rank else e.full_gb) + extra
 
 
 def is_hub_id(name: str) -> bool:

@@ -117,6 +117,15 @@ def test_refused_before_start_for_unfinished_or_unknown_parents_paths_and_limits
         limited.start_preference(parent, owner="alice", **settings(limited, tmp_path, epochs=2))
     with pytest.raises(ConfigError, match="not enough memory"):
         limited.start_preference(parent, owner="alice", **settings(limited, tmp_path))
+    long_pairs = tmp_path / "long" / "pairs.json"  # a pair trains as one row: prompt, chosen and rejected
+    long_pairs.parent.mkdir()
+    long_pairs.write_text(json.dumps([{"instruction": "Write.", "input": "", "output": "a " * 400, "chosen": "a " * 400,
+                                       "rejected": "b " * 400}] * 20))
+    one_gb = Engine(limits=Limits(memory_gb=1.0), root=engine.root)
+    with pytest.raises(ConfigError, match=r"tiny with full fine-tuning needs about 1\.1 GB at batch 8 with training examples "
+                                          r"of up to 8\d\d tokens, and 1\.0 GB is available"):
+        one_gb.preference_config(parent, **settings(one_gb, tmp_path, batch_size=8, data=one_gb.store_preference_upload(long_pairs)))
+    one_gb.preference_config(parent, **settings(one_gb, tmp_path, batch_size=8))  # the sample's pairs fit
     assert engine.snapshot("train")["kind"] == "fine-tuning"  # nothing started
 
 
