@@ -135,10 +135,11 @@ class Engine:
     def project_run(self, calibration: Calibration, ref: dict | None, config: TrainConfig | None = None) -> Projection:
         """A run on a visitor's data (the bundled sample when none is chosen) at a calibration's measured costs: one
         epoch at the loop's defaults, or ``config``'s epochs, steps and batches. Each data's batches are counted once
-        per model and batching (size, grouping, prompt masking and format). ``ValueError`` says why there is none (too few
+        per model and batching (size, grouping, prompt masking, format and max length). ``ValueError`` says why there is none (too few
         records for a batch, an upload that has left the server)."""
         run = config or TrainConfig(model=calibration.model, random_init=True)  # the loop's defaults, declared once
-        key = (ref["sha256"] if ref else "sample", run.model, run.batch_size, run.grouped, run.mask_prompt, run.style)
+        key = (ref["sha256"] if ref else "sample", run.model, run.batch_size, run.grouped, run.mask_prompt, run.style,
+               run.max_length)
         with self._lock:
             shape = self._shapes.get(key)
         if shape is None:

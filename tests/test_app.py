@@ -166,6 +166,19 @@ def test_the_phi3_prompt_format_from_the_dataset_tab_to_a_run(url, folders):
     assert "phi3 prompts" in text(c.predict("owner-p", [], api_name="/poll_status")[1])
 
 
+def test_max_length_cuts_the_rows_as_the_books_allowed_max_length_does(url, folders):
+    """The Train tab's max length (exercise 7.3's remedy for long records): rows cut there, said in the run's line."""
+    c = client(url)
+    load(c, "sample")
+    wait_until_idle(c)
+    assert "Started fine-tuning tiny" in text(start(c, "owner-m", max_steps=2, style="alpaca", max_length=32))
+    status = wait_until_idle(c)
+    assert status["status"] == "done" and status["config"]["max_length"] == 32
+    assert read_manifest(folders / "runs" / status["run"])["config"]["max_length"] == 32
+    assert "rows cut at 32 tokens" in text(c.predict("owner-m", [], api_name="/poll_status")[1])
+    assert "max length must be at least 8, got 4" in text(start(c, "owner-m", style="alpaca", max_length=4))
+
+
 def test_canonical_loads_1100_records(url, needs_canonical):
     if not cache.is_cached():  # downloaded into the session's cache after this module's cache was made
         cache.store_canonical(needs_canonical.read_bytes())

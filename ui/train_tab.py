@@ -43,7 +43,8 @@ def preset_label(e: Estimate) -> str:
 
 
 def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size, lr, mask_prompt: bool, lora: bool,
-                rank, alpha, grouped: bool, max_steps, eval_every, data: str, checkpoint_every=0, style=DEFAULTS["style"]) -> TrainConfig:
+                rank, alpha, grouped: bool, max_steps, eval_every, data: str, checkpoint_every=0, style=DEFAULTS["style"],
+                max_length=0) -> TrainConfig:
     """The form's values as a ``TrainConfig``; every problem is a ``ConfigError`` naming the setting."""
     model = (custom or "").strip() or preset
     if random_init and model not in PRESETS:
@@ -56,12 +57,13 @@ def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size,
         lora_rank=as_int(rank, "LoRA rank") if lora else 0, lora_alpha=number(alpha, "LoRA alpha") if lora else DEFAULTS["lora_alpha"],
         max_steps=max_steps_of(max_steps), eval_every=as_int(eval_every, "evaluate every"),
         checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0, style=style or DEFAULTS["style"],
+        max_length=as_int(max_length, "max length", allow_none=True) or None,
     )
 
 
 def start(engine, client_id: str | None, dataset: dict | None, preset: str, custom: str, random_init: bool, epochs,
           batch_size, lr, mask_prompt: bool, lora: bool, rank, alpha, grouped: bool, max_steps, eval_every, checkpoint_every=0,
-          style=DEFAULTS["style"]):
+          style=DEFAULTS["style"], max_length=0):
     """Start a run owned by this browser; a bad setting, a limit or a run already going is reported, not raised."""
     if not client_id:
         return notice("This browser has no session id yet: reload the page.", "error"), gr.skip(), gr.skip()
@@ -69,7 +71,8 @@ def start(engine, client_id: str | None, dataset: dict | None, preset: str, cust
         data = engine.datasets.training_source(dataset) if dataset else "sample"
         name = dataset["name"] if dataset else "bundled sample"
         config = make_config(preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha,
-                             grouped, max_steps, eval_every, data=data, checkpoint_every=checkpoint_every, style=style)
+                             grouped, max_steps, eval_every, data=data, checkpoint_every=checkpoint_every, style=style,
+                             max_length=max_length)
         engine.start_training(config, owner=client_id)
     except (ConfigError, JobError, ValueError, OSError) as e:
         return form_error(e, typed=(custom or "").strip()), gr.skip(), gr.skip()
@@ -90,6 +93,7 @@ def settings_line(config: dict) -> str:
     parts += ["prompt masked"] if config.get("mask_prompt") else []
     parts += [f"{config['style']} prompts"] if config.get("style", "alpaca") != "alpaca" else []
     parts += [f"max {config['max_steps']} steps"] if config.get("max_steps") else []
+    parts += [f"rows cut at {config['max_length']:,} tokens"] if config.get("max_length") else []
     return html.escape(" · ".join(parts))
 
 
@@ -274,22 +278,22 @@ def job_status(engine) -> dict:
 
 
 def run_config(preset: str, lora: bool, rank, epochs, batch_size, grouped: bool, max_steps, eval_every,
-               mask_prompt: bool, style=DEFAULTS["style"]) -> TrainConfig | None:
+               mask_prompt: bool, style=DEFAULTS["style"], max_length=0) -> TrainConfig | None:
     """The form's run as far as its time goes, or None when it is one epoch at the loop's defaults (or not valid yet)."""
     try:
         config = make_config(preset, "", True, epochs, batch_size, DEFAULTS["lr"], mask_prompt, lora, rank, None, grouped,
-                             max_steps, eval_every, data="sample", style=style)
+                             max_steps, eval_every, data="sample", style=style, max_length=max_length)
     except (ConfigError, TypeError, ValueError):
         return None
     default = TrainConfig(model=preset, random_init=True)
-    fields = ("epochs", "batch_size", "grouped", "max_steps", "eval_every", "mask_prompt", "style")
+    fields = ("epochs", "batch_size", "grouped", "max_steps", "eval_every", "mask_prompt", "style", "max_length")
     return None if all(getattr(config, f) == getattr(default, f) for f in fields) else config
 
 
 def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *form, result=None) -> str:
     """The precision path with its reason, and the expected time measured on this machine: one epoch of the book's
     data; of the visitor's own data (the bundled sample when none is chosen); and, given the ``form``'s epochs,
-    batch size, grouping, max steps, evaluation interval, prompt masking and format, of the run it describes."""
+    batch size, grouping, max steps, evaluation interval, prompt masking, format and max length, of the run it describes."""
     from model import pick_device
     from model.device import hardware_note, precision_reason
 
@@ -316,7 +320,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     run = run_config(preset, lora, rank, *form) if form else None
     if run is not None:
         this_run = (f"This run, {run.epochs} epoch{'s' if run.epochs != 1 else ''} of {name} at batch {run.batch_size}"
-                    f"{in_format(run.style)}")
+                    f"{in_format(run.style)}{f', rows cut at {run.max_length:,} tokens' if run.max_length else ''}")
         try:
             this = engine.project_run(found, dataset, run)
             when += f"<br>{this_run}: <b>{clock(this.total_s)}</b> ({this.steps} steps)."
@@ -444,8 +448,10 @@ def build(shared) -> None:
                                       elem_id="train-mask-prompt")
             style = style_radio("train-prompt-style")
             grouped = gr.Checkbox(value=DEFAULTS["grouped"], label="Length-grouped batches (the book shuffles; padding is skipped either way)", elem_id="grouped")
-            checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"],
-                                         label="Checkpoint every (steps; 0: only when stopped)", elem_id="checkpoint-every")
+            with gr.Row():
+                checkpoint_every = gr.Number(value=DEFAULTS["checkpoint_every"],
+                                             label="Checkpoint every (steps; 0: only when stopped)", elem_id="checkpoint-every")
+                max_length = gr.Number(value=0, label="Max length (tokens a row keeps; 0: all 1,024)", elem_id="max-length")
             with gr.Accordion("LoRA", open=False):
                 lora = gr.Checkbox(value=False, label="Train low-rank adapters instead of every weight", elem_id="lora")
                 with gr.Row():
@@ -479,7 +485,7 @@ def build(shared) -> None:
     seen = gr.State(None)
     cheap = dict(concurrency_limit=None, show_progress="hidden")
     settings = [preset, custom, random_init, epochs, batch_size, lr, mask_prompt, lora, rank, alpha, grouped, max_steps, eval_every,
-                checkpoint_every, style]
+                checkpoint_every, style, max_length]
     poll_outputs = [loss_chart, progress, responses, final, start_btn, stop_btn, message, to_playground, seen, shared.runs_changed]
 
     def on_poll(client_id, seen_, overlays):
@@ -501,7 +507,8 @@ def build(shared) -> None:
     for trigger in (shared.dataset.change, preset.change):
         trigger(partial(data_line, engine), [shared.dataset, preset], data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)
-    expected_inputs = [preset, lora, rank, shared.dataset, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt, style]
+    expected_inputs = [preset, lora, rank, shared.dataset, epochs, batch_size, grouped, max_steps, eval_every, mask_prompt, style,
+                       max_length]
     for trigger in [control.change for control in expected_inputs] + [shared.runs_changed.change]:
         trigger(partial(expected_html, engine), expected_inputs, expected, api_visibility="private", **cheap)
     measure_btn.click(partial(measure, engine), expected_inputs, expected, api_name="measure_epoch", concurrency_limit=1,
