@@ -299,7 +299,7 @@ class Engine:
             rows_note = ""
             if needed > memory_needed(model_config, config):
                 rows_note = f" at batch {config.batch_size} with training examples of up to {longest:,} tokens"
-                hint = f"a smaller batch size, {hint}"
+                hint = f"a smaller batch size or max length, {hint}"
             raise ConfigError(f"not enough memory: {config.model} with {method} needs about {needed:.1f} GB{rows_note}, "
                               f"and {available:.1f} GB is available on this server; try {hint}")
 

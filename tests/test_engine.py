@@ -124,7 +124,7 @@ def test_long_records_need_more_memory_and_a_refusal_says_so(tmp_path, monkeypat
     engine = Engine(limits=Limits(memory_gb=1.0), root=tmp_path / "runs")
     engine.check_training(tiny())
     with pytest.raises(ConfigError, match=r"tiny with full fine-tuning needs about 1\.1 GB at batch 8 with training examples of "
-                                          r"up to 996 tokens, and 1\.0 GB is available on this server; try a smaller batch size"):
+                                          r"up to 996 tokens, and 1\.0 GB is available on this server; try a smaller batch size or max length"):
         engine.check_training(tiny(data=str(long_)))
     engine.check_training(tiny(data=str(long_), batch_size=2))
     gpt2 = TrainConfig(model="gpt2")
