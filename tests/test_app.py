@@ -177,6 +177,7 @@ def test_max_length_cuts_the_rows_as_the_books_allowed_max_length_does(url, fold
     assert read_manifest(folders / "runs" / status["run"])["config"]["max_length"] == 32
     assert "rows cut at 32 tokens" in text(c.predict("owner-m", [], api_name="/poll_status")[1])
     assert "max length must be at least 8, got 4" in text(start(c, "owner-m", style="alpaca", max_length=4))
+    assert "max length must be 0 (the whole context) or more, got -1" in text(start(c, "owner-m", style="alpaca", max_length=-1))
 
 
 def test_canonical_loads_1100_records(url, needs_canonical):

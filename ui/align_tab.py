@@ -24,9 +24,9 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import (as_int, bar, clock, form_error, listed, live_chart, loss_text, max_steps_of, notice, number,
+from .widgets import (as_int, bar, clock, form_error, listed, live_chart, loss_text, notice, number,
                       playground_button, plural, resumable_runs, resume_job, run_finished, run_label, saved_run,
-                      stop_job, trained_runs, val_loss_text)
+                      stop_job, trained_runs, val_loss_text, zero_is_none)
 
 TITLE = "Align"
 DEFAULTS = DPOConfig(parent="-").to_dict()
@@ -117,7 +117,7 @@ def start(engine, client_id: str | None, parent: str | None, source: str, upload
         else:
             data = "preference"
         settings = dict(data=data, beta=number(beta, "beta"), lr=number(lr, "learning rate"), epochs=as_int(epochs, "epochs"),
-                        max_steps=max_steps_of(max_steps),
+                        max_steps=zero_is_none(max_steps, "max steps", "all of them"),
                         batch_size=as_int(batch_size, "batch size"), eval_every=as_int(eval_every, "evaluate every"),
                         lora_rank=as_int(rank, "LoRA rank") if lora else 0,
                         checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0)

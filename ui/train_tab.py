@@ -25,9 +25,9 @@ from training.config import DEMO, defaults, demo_text
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, max_steps_of, model_label, notice,
+from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, model_label, notice,
                       number, playground_button, plural, resumable_runs, resume_job, run_finished, saved_run,
-                      stop_job, style_radio, val_loss_text)
+                      stop_job, style_radio, val_loss_text, zero_is_none)
 
 TITLE = "Train"
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
@@ -55,9 +55,9 @@ def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size,
         model=model, random_init=bool(random_init), data=data, epochs=as_int(epochs, "epochs"),
         batch_size=as_int(batch_size, "batch size"), lr=number(lr, "learning rate"), mask_prompt=bool(mask_prompt), grouped=bool(grouped),
         lora_rank=as_int(rank, "LoRA rank") if lora else 0, lora_alpha=number(alpha, "LoRA alpha") if lora else DEFAULTS["lora_alpha"],
-        max_steps=max_steps_of(max_steps), eval_every=as_int(eval_every, "evaluate every"),
+        max_steps=zero_is_none(max_steps, "max steps", "all of them"), eval_every=as_int(eval_every, "evaluate every"),
         checkpoint_every=as_int(checkpoint_every, "checkpoint every", allow_none=True) or 0, style=style or DEFAULTS["style"],
-        max_length=as_int(max_length, "max length", allow_none=True) or None,
+        max_length=zero_is_none(max_length, "max length", "the whole context"),
     )
 
 

@@ -69,14 +69,15 @@ def as_int(value, name: str, allow_none: bool = False) -> int | None:
     return int(value)
 
 
-def max_steps_of(value) -> int | None:
-    """The form's "Max steps (0: all)" as the settings take it: None for all steps."""
+def zero_is_none(value, name: str, zero: str) -> int | None:
+    """A form's box where 0 means no limit ("Max steps (0: all)") as the settings take it: None for 0, and a negative
+    number refused in the box's own terms (``zero`` says what 0 means)."""
     from training.config import ConfigError
 
-    steps = as_int(value, "max steps", allow_none=True)
-    if steps is not None and steps < 0:
-        raise ConfigError(f"max steps must be 0 (all of them) or more, got {steps}")
-    return steps or None
+    n = as_int(value, name, allow_none=True)
+    if n is not None and n < 0:
+        raise ConfigError(f"{name} must be 0 ({zero}) or more, got {n}")
+    return n or None
 
 
 def number(value, name: str) -> float:
