@@ -25,7 +25,7 @@ TRAINING_OVERHEAD_GB = 0.8
 # A batch's activations: bytes per token, layer and channel, over those of the book's longest batch (8 rows of 91 tokens)
 # that the figures above include. GPT-2 124M (fp32-only CPU) peaked at 2.47 GB at batch 8 with rows of 95 tokens, 3.89 GB
 # with 496, 5.86 GB with 996, and 3.91 GB at batch 4 with 996: this line is within 4 % above each. Preference tuning
-# (a pair is one row: prompt, chosen, rejected) peaked at 2.53 GB with rows of ~111 tokens, 5.92 GB with ~951: 3 % above, 4 % below.
+# (a pair is one row: prompt, chosen, rejected) peaked at 2.53 GB with rows of 118 tokens, 5.92 GB with 958: 4 % above, 3 % below.
 ACTIVATION_BYTES = 50
 BOOK_BATCH_TOKENS = 8 * 91
 
