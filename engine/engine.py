@@ -279,8 +279,7 @@ class Engine:
             cap = limits.max_wall_minutes * 60
             changes["max_wall_s"] = min(config.max_wall_s or cap, cap)
         config = dataclasses.replace(config, **changes) if changes else config
-        _, split = check_data(config)
-        self.admit(config, [total - 1 for total in token_stats(split.train, style=config.style)["total_tokens"]])
+        self.admit(config, row_lengths(check_data(config)[1], config.style))
         return config
 
     def admit(self, config: TrainConfig, rows: list[int] | None = None, longest: int | None = None) -> None:
@@ -336,7 +335,11 @@ class Engine:
         if is_dpo_run(run.path):
             return self.resume_preference(run, owner, changes)
         config = resume_config(run.path, **changes)
-        self.admit(config)
+        try:
+            rows = row_lengths(check_data(config)[1], config.style)
+        except (DatasetError, ValueError, OSError):
+            rows = None  # its data has left the server: the run's own start says so
+        self.admit(config, rows)
 
         def work(hooks) -> None:
             resume_run(run.path, hooks, **changes)
@@ -440,6 +443,11 @@ def known_shape(model: str) -> GPTConfig | None:
         return GPTConfig.from_name(name) if name in PRESETS else None  # e.g. openai-community/gpt2-medium
     except (WeightsError, ValueError, OSError):
         return None
+
+
+def row_lengths(split, style: str) -> list[int]:
+    """The token lengths of the rows a run trains on: its training records, the end token only predicted."""
+    return [total - 1 for total in token_stats(split.train, style=style)["total_tokens"]]
 
 
 def longest_row(rows: list[int], context: int, max_length: int | None) -> int | None:

@@ -20,7 +20,10 @@ from model import GPT
 from runstore import load_run, read_manifest, read_metrics
 from training import TrainConfig
 from training.config import ConfigError
+from training.loop import train
 from ui.widgets import clock
+
+from .test_runs import stop_after
 
 
 def tiny(tmp_path: Path | None = None, **overrides) -> TrainConfig:
@@ -127,6 +130,10 @@ def test_long_records_need_more_memory_and_a_refusal_says_so(tmp_path, monkeypat
                                           r"up to 996 tokens, and 1\.0 GB is available on this server; try a smaller batch size or max length"):
         engine.check_training(tiny(data=str(long_)))
     engine.check_training(tiny(data=str(long_), batch_size=2))
+    train(tiny(data=str(long_), eval_batches=1, sample_tokens=0), stop_after(1), root=tmp_path / "runs")  # on a bigger server
+    assert engine.runs()[0].resumable
+    with pytest.raises(ConfigError, match="needs about 1\\.1 GB at batch 8 with training examples of up to 996 tokens"):
+        engine.resume_training(engine.runs()[0].name)  # resumed here: its rows counted again
     gpt2 = TrainConfig(model="gpt2")
     assert Engine.memory_estimate(gpt2, [91] * 8) == Engine.memory_estimate(gpt2) == pytest.approx(2.54, abs=0.01)
     assert Engine.memory_estimate(gpt2, [996, 5000]) == pytest.approx(5.86, rel=0.03)  # measured: 5.46 GiB = 5.86 GB
