@@ -32,7 +32,7 @@ from training.checkpoint import resume_config
 from training.loop import check_data, resume_run, train
 from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, resume_dpo, resume_dpo_config, train_dpo
 from data.preference import PreferenceDataset, load_preferences
-from data import DatasetError, cache, load_instructions, token_stats
+from data import DatasetError, cache, load_instructions, longest_row
 
 from .datasets import Datasets, prune_folder
 from .jobs import SCALARS_ONLY, Job, JobError, idle_snapshot
@@ -279,17 +279,17 @@ class Engine:
             cap = limits.max_wall_minutes * 60
             changes["max_wall_s"] = min(config.max_wall_s or cap, cap)
         config = dataclasses.replace(config, **changes) if changes else config
-        self.admit(config, row_lengths(check_data(config)[1], config.style))
+        self.admit(config, check_data(config)[1].train)
         return config
 
-    def admit(self, config: TrainConfig, rows: list[int] | None = None, longest: int | None = None) -> None:
+    def admit(self, config: TrainConfig, records: list[dict] | None = None, longest: int | None = None) -> None:
         """Refuse a run whose memory estimate exceeds what is available, before anything is allocated. The estimate
-        counts the longest training row: from ``rows`` (the records' token lengths) or as ``longest`` when known."""
+        counts the longest training row: of ``records`` (the run's training records), or ``longest`` when known."""
         model_config = known_shape(config.model)
         if model_config is None:
             return
-        if rows is not None:
-            longest = longest_row(rows, model_config.block_size, config.max_length)
+        if records is not None:
+            longest = training_row(model_config, config, records)
         needed = memory_needed(model_config, config, longest)
         available = self.limits.memory_gb if self.limits.memory_gb is not None else available_memory_gb()
         if needed > available:
@@ -303,13 +303,13 @@ class Engine:
                               f"and {available:.1f} GB is available on this server; try {hint}")
 
     @staticmethod
-    def memory_estimate(config: TrainConfig, rows: list[int] | None = None) -> float | None:
-        """GB a fine-tuning run is expected to peak at, with the activations of ``rows`` (the training records' token
-        lengths) when given; None when the model's size cannot be known before loading it."""
+    def memory_estimate(config: TrainConfig, records: list[dict] | None = None) -> float | None:
+        """GB a fine-tuning run is expected to peak at, with the activations of its training ``records`` when given;
+        None when the model's size cannot be known before loading it."""
         model_config = known_shape(config.model)
         if model_config is None:
             return None
-        return memory_needed(model_config, config, longest_row(rows or [], model_config.block_size, config.max_length))
+        return memory_needed(model_config, config, training_row(model_config, config, records) if records else None)
 
     def start_training(self, config: TrainConfig, owner: str | None = None) -> Job:
         """Check the limits, the data and the memory, then fine-tune in the ``train`` lane."""
@@ -336,10 +336,10 @@ class Engine:
             return self.resume_preference(run, owner, changes)
         config = resume_config(run.path, **changes)
         try:
-            rows = row_lengths(check_data(config)[1], config.style)
+            records = check_data(config)[1].train
         except (DatasetError, ValueError, OSError):
-            rows = None  # its data has left the server: the run's own start says so
-        self.admit(config, rows)
+            records = None  # its data has left the server: the run's own start says so
+        self.admit(config, records)
 
         def work(hooks) -> None:
             resume_run(run.path, hooks, **changes)
@@ -445,15 +445,11 @@ def known_shape(model: str) -> GPTConfig | None:
         return None
 
 
-def row_lengths(split, style: str) -> list[int]:
-    """The token lengths of the rows a run trains on: its training records, the end token only predicted."""
-    return [total - 1 for total in token_stats(split.train, style=style)["total_tokens"]]
-
-
-def longest_row(rows: list[int], context: int, max_length: int | None) -> int | None:
-    """The longest row fine-tuning reads: records past the context are skipped, the rest cut at max length."""
-    longest = max((n for n in rows if n <= context), default=None)
-    return min(longest, max_length or context) if longest else None
+def training_row(model_config: GPTConfig, config: TrainConfig, records: list[dict]) -> int | None:
+    """The longest row fine-tuning reads of ``records``: records past the context are skipped, the rest cut at max length."""
+    context = model_config.block_size
+    longest = longest_row(records, config.style, context)
+    return min(longest, config.max_length or context) if longest else None
 
 
 def memory_needed(model_config: GPTConfig, config: TrainConfig, longest: int | None = None) -> float:

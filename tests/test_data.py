@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from data import (
     DatasetError, InstructionDataset, LengthGroupedSampler, custom_collate_fn, extract_response,
-    format_prompt, load_instructions, make_loader, padding_stats, skip_reason, split_instructions, split_sizes,
+    format_prompt, load_instructions, longest_row, make_loader, padding_stats, skip_reason, split_instructions, split_sizes,
     split_warnings, token_stats, token_view,
 )
 from data import cache
@@ -435,6 +435,23 @@ def test_token_stats():
     assert stats["prompt_tokens"] == [p for _, p in encoded]
     assert stats["response_tokens"] == [2 + 1, 1 + 1]
     assert stats["total_tokens"] == [len(ids) + 1 for ids, _ in encoded]
+
+
+def test_longest_row_reads_few_records_and_matches_the_token_counts(monkeypatch):
+    """The longest row that fits the context, as token_stats counts it (total less the end token), for every format;
+    non-ASCII text (more tokens than characters) included, and only the few records that could be longest tokenized."""
+    import data.stats
+
+    records = load_instructions("sample") + [rec("Écris.", "", "日本語のテキスト " * 30), rec("Long.", "", "word " * 2000)]
+    for style in ("alpaca", "phi3"):
+        rows = [total - 1 for total in token_stats(records, style=style)["total_tokens"]]
+        assert longest_row(records, style) == max(n for n in rows if n <= 1024)
+        assert longest_row(records, style, context=60) == max(n for n in rows if n <= 60)
+    assert longest_row(records[-1:]) is None
+    seen = []
+    monkeypatch.setattr(data.stats, "encode_record", lambda r, *a: seen.append(r) or encode_record(r, *a))
+    longest_row(records)
+    assert len(seen) < 5
 
 
 def test_token_view_without_and_with_masking():

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from data import DatasetError, cache
+from data import DatasetError, cache, load_instructions
 from engine import Engine, JobError, Limits
 from engine.public import scrub
 from model import GPT
@@ -134,10 +134,11 @@ def test_long_records_need_more_memory_and_a_refusal_says_so(tmp_path, monkeypat
     assert engine.runs()[0].resumable
     with pytest.raises(ConfigError, match="needs about 1\\.1 GB at batch 8 with training examples of up to 996 tokens"):
         engine.resume_training(engine.runs()[0].name)  # resumed here: its rows counted again
-    gpt2 = TrainConfig(model="gpt2")
-    assert Engine.memory_estimate(gpt2, [91] * 8) == Engine.memory_estimate(gpt2) == pytest.approx(2.54, abs=0.01)
-    assert Engine.memory_estimate(gpt2, [996, 5000]) == pytest.approx(5.86, rel=0.03)  # measured: 5.46 GiB = 5.86 GB
-    assert Engine.memory_estimate(dataclasses.replace(gpt2, max_length=91), [996]) == Engine.memory_estimate(gpt2)
+    gpt2, story = TrainConfig(model="gpt2"), json.loads(long_.read_text())[:1]  # rows of 996 tokens
+    too_long = [{"instruction": "Write.", "input": "", "output": "word " * 2000}]  # skipped in training: not counted
+    assert Engine.memory_estimate(gpt2, load_instructions("sample")) == Engine.memory_estimate(gpt2) == pytest.approx(2.54, abs=0.01)
+    assert Engine.memory_estimate(gpt2, story + too_long) == pytest.approx(5.86, rel=0.03)  # measured: 5.46 GiB = 5.86 GB
+    assert Engine.memory_estimate(dataclasses.replace(gpt2, max_length=91), story) == Engine.memory_estimate(gpt2)
 
 
 def test_server_limits_come_from_the_environment_and_are_enforced(tmp_path):
