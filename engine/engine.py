@@ -31,7 +31,7 @@ from training.events import Progress, Status
 from training.checkpoint import resume_config
 from training.loop import check_data, resume_run, train
 from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, resume_dpo, resume_dpo_config, train_dpo
-from data.preference import PreferenceDataset, load_preferences
+from data.preference import PreferenceDataset, load_preferences, split_preferences
 from data import DatasetError, cache, load_instructions, longest_row
 
 from .datasets import Datasets, prune_folder
@@ -382,12 +382,19 @@ class Engine:
             cap = self.limits.max_wall_minutes * 60
             changes["max_wall_s"] = min(config.max_wall_s or cap, cap)
         config = dataclasses.replace(config, **changes) if changes else config
-        split = check_dpo(config, self.root)[3]
-        sft = dataclasses.replace(base_config(run.manifest), lora_rank=config.lora_rank, batch_size=config.batch_size)
-        context = (known_shape(sft.model) or GPTConfig()).block_size
-        pairs = PreferenceDataset(split.train, style=sft.style, max_length=min(config.max_length or context, context))
-        self.admit(sft, longest=max(pairs.lengths, default=None))  # a pair is one row: prompt, chosen and rejected
+        self.admit_preference(config, run.manifest, check_dpo(config, self.root)[3].train)
         return config, run
+
+    def admit_preference(self, config: DPOConfig, parent_manifest: dict, pairs: list[dict] | None) -> None:
+        """Admit preference tuning as its parent's model at its own batch size, with its longest training pair as the
+        longest row (a pair is one row: prompt, chosen and rejected); on the model alone when ``pairs`` is None."""
+        sft = dataclasses.replace(base_config(parent_manifest), lora_rank=config.lora_rank, batch_size=config.batch_size)
+        longest = None
+        if pairs is not None:
+            context = (known_shape(sft.model) or GPTConfig()).block_size
+            rows = PreferenceDataset(pairs, style=sft.style, max_length=min(config.max_length or context, context))
+            longest = max(rows.lengths, default=None)
+        self.admit(sft, longest=longest)
 
     def start_preference(self, parent_name: str, owner: str | None = None, **settings) -> Job:
         """Align a finished fine-tuned run with preference data (DPO) in the ``train`` lane: the parent by name only."""
@@ -402,7 +409,11 @@ class Engine:
     def resume_preference(self, run: RunInfo, owner: str | None, changes: dict) -> Job:
         """Continue a stopped or interrupted DPO run from its checkpoint, in the ``train`` lane."""
         config = resume_dpo_config(run.path, **changes)
-        self.admit(dataclasses.replace(base_config(run.manifest), lora_rank=config.lora_rank))
+        try:
+            pairs = split_preferences(load_preferences(config.data)).train
+        except (DatasetError, ValueError, OSError):
+            pairs = None  # its data has left the server: the run's own start says so
+        self.admit_preference(config, run.manifest, pairs)
         public = preference_public(config, run.manifest["parent_run"], run.manifest.get("config") or {})
 
         def work(hooks) -> None:

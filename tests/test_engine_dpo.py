@@ -26,6 +26,19 @@ def pairs_file(folder, n: int | None = None):
     return path
 
 
+def long_pairs_file(folder):
+    """Pairs of about 800 tokens: a pair trains as one row (prompt, chosen and rejected)."""
+    path = folder / "long" / "pairs.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps([{"instruction": "Write.", "input": "", "output": "a " * 400, "chosen": "a " * 400,
+                                 "rejected": "b " * 400}] * 20))
+    return path
+
+
+LONG_PAIRS_REFUSED = (r"tiny with full fine-tuning needs about 1\.1 GB at batch 8 with training examples of up to 8\d\d "
+                      r"tokens, and 1\.0 GB is available")
+
+
 @pytest.fixture
 def engine(tmp_path, monkeypatch) -> Engine:
     monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
@@ -117,14 +130,10 @@ def test_refused_before_start_for_unfinished_or_unknown_parents_paths_and_limits
         limited.start_preference(parent, owner="alice", **settings(limited, tmp_path, epochs=2))
     with pytest.raises(ConfigError, match="not enough memory"):
         limited.start_preference(parent, owner="alice", **settings(limited, tmp_path))
-    long_pairs = tmp_path / "long" / "pairs.json"  # a pair trains as one row: prompt, chosen and rejected
-    long_pairs.parent.mkdir()
-    long_pairs.write_text(json.dumps([{"instruction": "Write.", "input": "", "output": "a " * 400, "chosen": "a " * 400,
-                                       "rejected": "b " * 400}] * 20))
     one_gb = Engine(limits=Limits(memory_gb=1.0), root=engine.root)
-    with pytest.raises(ConfigError, match=r"tiny with full fine-tuning needs about 1\.1 GB at batch 8 with training examples "
-                                          r"of up to 8\d\d tokens, and 1\.0 GB is available"):
-        one_gb.preference_config(parent, **settings(one_gb, tmp_path, batch_size=8, data=one_gb.store_preference_upload(long_pairs)))
+    with pytest.raises(ConfigError, match=LONG_PAIRS_REFUSED):
+        one_gb.preference_config(parent, **settings(one_gb, tmp_path, batch_size=8,
+                                                    data=one_gb.store_preference_upload(long_pairs_file(tmp_path))))
     one_gb.preference_config(parent, **settings(one_gb, tmp_path, batch_size=8))  # the sample's pairs fit
     assert engine.snapshot("train")["kind"] == "fine-tuning"  # nothing started
 
@@ -204,3 +213,15 @@ def test_the_server_wall_time_limit_stops_preference_tuning_and_saves_it_resumab
     snap = limited.snapshot("train")
     run = limited.run(snap["run"])
     assert snap["status"] == "stopped" and run.manifest["stop_reason"].startswith("wall time limit") and run.resumable
+
+
+def test_a_stopped_run_on_long_pairs_resumes_only_where_its_rows_fit(engine, parent, tmp_path):
+    """A resumed preference-tuning run is admitted at its own batch size on its own pairs, as its start was."""
+    limited = Engine(root=engine.root, exports=tmp_path / "exports", limits=Limits(max_wall_minutes=1e-9))
+    data = limited.store_preference_upload(long_pairs_file(tmp_path))
+    assert limited.start_preference(parent, owner="alice", **settings(limited, tmp_path, batch_size=8, data=data)).wait(120)
+    name = limited.snapshot("train")["run"]
+    assert limited.run(name).resumable
+    with pytest.raises(ConfigError, match=LONG_PAIRS_REFUSED):
+        Engine(root=engine.root, limits=Limits(memory_gb=1.0)).resume_training(name, owner="alice")
+    assert Engine(root=engine.root, limits=Limits(memory_gb=1.2)).resume_training(name, owner="alice").wait(120)
