@@ -26,7 +26,7 @@ from runstore.export import export_zip
 from runstore.store import recover_runs
 from training.calibrate import Calibration, EpochShape, Projection, cached, calibrate, data_shape, projection
 from training.config import ConfigError, TrainConfig
-from training.estimate import GB, activations_gb, estimate_for
+from training.estimate import ACTIVATION_BYTES, GB, PREFERENCE_ACTIVATION_BYTES, activations_gb, estimate_for
 from training.events import Progress, Status
 from training.checkpoint import resume_config
 from training.loop import check_data, resume_run, train
@@ -282,7 +282,8 @@ class Engine:
         self.admit(config, check_data(config)[1].train)
         return config
 
-    def admit(self, config: TrainConfig, records: list[dict] | None = None, longest: int | None = None) -> None:
+    def admit(self, config: TrainConfig, records: list[dict] | None = None, longest: int | None = None,
+              per_token: int = ACTIVATION_BYTES) -> None:
         """Refuse a run whose memory estimate exceeds what is available, before anything is allocated. The estimate
         counts the longest training row: of ``records`` (the run's training records), or ``longest`` when known."""
         model_config = known_shape(config.model)
@@ -290,7 +291,7 @@ class Engine:
             return
         if records is not None:
             longest = training_row(model_config, config, records)
-        needed = memory_needed(model_config, config, longest)
+        needed = memory_needed(model_config, config, longest, per_token)
         available = self.limits.memory_gb if self.limits.memory_gb is not None else available_memory_gb()
         if needed > available:
             method = "LoRA" if config.lora_rank else "full fine-tuning"
@@ -394,7 +395,7 @@ class Engine:
             context = (known_shape(sft.model) or GPTConfig()).block_size
             rows = PreferenceDataset(pairs, style=sft.style, max_length=min(config.max_length or context, context))
             longest = max(rows.lengths, default=None)
-        self.admit(sft, longest=longest)
+        self.admit(sft, longest=longest, per_token=PREFERENCE_ACTIVATION_BYTES)
 
     def start_preference(self, parent_name: str, owner: str | None = None, **settings) -> Job:
         """Align a finished fine-tuned run with preference data (DPO) in the ``train`` lane: the parent by name only."""
@@ -463,11 +464,12 @@ def training_row(model_config: GPTConfig, config: TrainConfig, records: list[dic
     return min(longest, config.max_length or context) if longest else None
 
 
-def memory_needed(model_config: GPTConfig, config: TrainConfig, longest: int | None = None) -> float:
+def memory_needed(model_config: GPTConfig, config: TrainConfig, longest: int | None = None,
+                  per_token: int = ACTIVATION_BYTES) -> float:
     """GB a run of this shape peaks at: the model's estimate, plus the activations of batches whose longest row is
     ``longest`` tokens beyond the book's batches (``activations_gb``)."""
     e = estimate_for(model_config)
-    extra = activations_gb(model_config, config.batch_size, longest) if longest else 0.0
+    extra = activations_gb(model_config, config.batch_size, longest, per_token) if longest else 0.0
     return (e.lora_gb if config.lora_rank else e.full_gb) + extra
 
 

@@ -25,8 +25,10 @@ TRAINING_OVERHEAD_GB = 0.8
 # A batch's activations: bytes per token, layer and channel, over those of the book's longest batch (8 rows of 91 tokens)
 # that the figures above include. GPT-2 124M (fp32-only CPU) peaked at 2.47 GB at batch 8 with rows of 95 tokens, 3.89 GB
 # with 496, 5.86 GB with 996, and 3.91 GB at batch 4 with 996: this line is within 4 % above each. Preference tuning
-# (a pair is one row: prompt, chosen, rejected) peaked at 2.53 GB with rows of 118 tokens, 5.92 GB with 958: 4 % above, 3 % below.
+# (a pair is one row: prompt, chosen, rejected) peaked at 2.53 GB with rows of 118 tokens, 5.92 GB with 958: its own
+# figure puts both within 5 % above (with fine-tuning's, the second was 3 % below).
 ACTIVATION_BYTES = 50
+PREFERENCE_ACTIVATION_BYTES = 55
 BOOK_BATCH_TOKENS = 8 * 91
 
 
@@ -61,10 +63,11 @@ def estimate_for(config: GPTConfig) -> Estimate:
     )
 
 
-def activations_gb(config: GPTConfig, batch_size: int, longest_row: int) -> float:
+def activations_gb(config: GPTConfig, batch_size: int, longest_row: int, per_token: int = ACTIVATION_BYTES) -> float:
     """Memory a run needs beyond its estimate for batches of ``batch_size`` rows of up to ``longest_row`` tokens:
-    none up to the book's batches, about 3.3 GB more for GPT-2 124M at batch 8 with rows of 1,000 tokens."""
-    return ACTIVATION_BYTES * config.n_layer * config.n_embd * max(0, batch_size * longest_row - BOOK_BATCH_TOKENS) / GB
+    none up to the book's batches, about 3.3 GB more for GPT-2 124M at batch 8 with rows of 1,000 tokens.
+    ``per_token``: bytes per token, layer and channel (``PREFERENCE_ACTIVATION_BYTES`` for preference tuning)."""
+    return per_token * config.n_layer * config.n_embd * max(0, batch_size * longest_row - BOOK_BATCH_TOKENS) / GB
 
 
 def all_presets() -> list[Estimate]:
