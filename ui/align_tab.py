@@ -326,6 +326,6 @@ def build(shared) -> None:
                      api_name="resume_preference", concurrency_limit=1)
     on_poll = partial(poll, engine)
     shared.poll_while_shown(on_poll, [shared.client_id, seen], poll_outputs)
-    for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
+    for trigger in (shared.app.load, shared.tab.select, refresh.click, shared.runs_changed.change):
         trigger(partial(refresh_parents, engine), parent, [parent, parent_info, resumable], api_visibility="private", **cheap)
     parent.input(partial(parent_note, engine), parent, parent_info, api_visibility="private", **cheap)

@@ -435,6 +435,7 @@ def build(shared) -> None:
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
         trigger(partial(refresh_runs, engine), run, run, api_visibility="private", **cheap).then(
             load_shown, [run, rank_by, show_all], shown_outputs, api_visibility="private", **cheap)
+    shared.relist_when_shown(run, partial(finished_run_choices, engine))
     for control in (rank_by, show_all):
         control.input(table_update, [result, rank_by, show_all], table, api_visibility="private", **cheap)
     if shared.tabs is not None and shared.playground:

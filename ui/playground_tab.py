@@ -253,6 +253,7 @@ def build(shared) -> None:
         trigger(lambda current: refresh_runs(engine, current), run, picked, api_visibility="private", **cheap)
     shared.runs_changed.change(lambda current: refresh_runs(engine, current, newest=True), run, picked,
                                api_visibility="private", **cheap)
+    shared.relist_when_shown(run, partial(finished_run_choices, engine))
     run.input(lambda name: (run_info(engine, name),) + columns(engine, name), run, picked[1:], api_visibility="private", **cheap)
     shared.dataset.change(lambda d: examples_update(engine, d), shared.dataset, [examples, records], api_visibility="private", **cheap)
     examples.click(pick_example, [examples, records], [instruction, input_text, reference], api_visibility="private", **cheap)

@@ -500,7 +500,7 @@ def build(shared) -> None:
     stop_btn.click(lambda c: stop(engine, c), shared.client_id, message, api_name="stop_training", **cheap)
     shared.poll_while_shown(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", api_visibility="public")
     overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
-    for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
+    for trigger in (shared.app.load, shared.tab.select, refresh.click, shared.runs_changed.change):
         trigger(lambda: runs_table(engine), None, [runs, overlay, resumable], api_visibility="private", **cheap)
     resume_btn.click(partial(resume_job, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
                      api_name="resume_training", concurrency_limit=1)
