@@ -37,13 +37,21 @@ def base_layout(fig: go.Figure, height: int = 380, **axes) -> go.Figure:
         legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0, font=dict(size=12)),
         font=dict(family="Inter, system-ui, sans-serif", size=12, color=INK),
         hoverlabel=dict(font_size=12),
-        modebar=dict(bgcolor="rgba(0,0,0,0)", color=INK, activecolor=TRAIN_COLOR),
+        modebar=dict(bgcolor="rgba(0,0,0,0)", color=INK, activecolor=TRAIN_COLOR, remove=["select2d", "lasso2d"]),
         uirevision="keep",
         **axes,
     )
     fig.update_xaxes(gridcolor=GRID, zeroline=False)
     fig.update_yaxes(gridcolor=GRID, zeroline=False)
     return fig
+
+
+def add_title(fig: go.Figure, title: str | None) -> None:
+    """A small title at the top left, above the legend: Plotly's mode bar takes the top right while the mouse is over
+    the chart."""
+    if title:
+        fig.update_layout(title=dict(text=title, font=dict(size=13), x=0, xanchor="left", pad=dict(l=8), y=0.995,
+                                     yanchor="top"), margin=dict(t=fig.layout.margin.t + 20))
 
 
 def empty_figure(message: str, height: int = 380) -> go.Figure:
@@ -111,8 +119,7 @@ def loss_figure(history: list[dict], overlays: list[tuple[str, list[dict]]] = ()
         add_run(fig, history)
         mark_baseline(fig, history)
     fig = base_layout(fig, xaxis_title="tokens seen", yaxis_title="loss")
-    if title:
-        fig.update_layout(title=dict(text=title, font=dict(size=13), x=1, xanchor="right", y=0.995))
+    add_title(fig, title)
     return fig
 
 
@@ -138,8 +145,7 @@ def preference_figure(history: list[dict], title: str | None = None) -> go.Figur
     fig = base_layout(fig, xaxis_title="tokens seen", yaxis_title="DPO loss (ln 2 = 0.693 at the start)",
                       yaxis2=dict(title="reward margin", overlaying="y", side="right", showgrid=False, zeroline=True))
     fig.update_layout(margin=dict(l=56, r=56, t=36, b=48))
-    if title:
-        fig.update_layout(title=dict(text=title, font=dict(size=13), x=1, xanchor="right", y=0.995))
+    add_title(fig, title)
     return fig
 
 

@@ -57,6 +57,12 @@ def test_a_tiny_fine_tune_draws_its_loss_live_and_finishes(page):
     markers = page.locator("#loss-chart svg .scatterlayer path.point").count()
     assert markers == STEPS // EVAL_EVERY + 1 + 2, "the validation and baseline markers are not all drawn in the SVG"
     assert page.locator("#loss-chart svg .scatterlayer path.js-line").count() >= 2
+    chart = page.locator("#loss-chart .js-plotly-plot").bounding_box()  # the mouse over it shows Plotly's mode bar
+    page.mouse.move(chart["x"] + chart["width"] / 2, chart["y"] + chart["height"] / 2)
+    page.wait_for_selector("#loss-chart .modebar", state="visible")
+    title, bar = (page.locator(f"#loss-chart {part}").bounding_box() for part in (".gtitle", ".modebar"))
+    assert page.locator("#loss-chart .gtitle").text_content() == "tiny on sample"
+    assert title["x"] + title["width"] < bar["x"] or title["y"] + title["height"] < bar["y"], "the mode bar covers the title"
 
     progress = wait_text(page, "#train-progress", "Done")  # "done", capitalised by CSS
     assert f"step {STEPS} / {STEPS}" in progress and "tiny (random init) · sample · full fine-tune" in progress
