@@ -307,6 +307,20 @@ def test_a_dpo_evaluation_ranks_by_the_aligned_model():
     assert [r[1] for r in table_update(result, "aligned ROUGE-L", True)["data"]] == [5, 4, 3, 2, 1]
 
 
+def test_every_response_column_is_as_wide_as_text_needs_with_two_models_or_three():
+    """Widths in pixels, by column name: the aligned response is text too, though it stands where a score stands in a
+    fine-tuning run's table."""
+    from ui.evaluate_tab import column_widths, headers
+
+    for names, judged in ((("base", "tuned"), False), (("base", "tuned", "aligned"), True)):
+        columns = headers(judged, names)
+        widths = dict(zip(columns, column_widths(columns)))
+        assert len(widths) == len(columns) and all(w.endswith("px") for w in widths.values())
+        texts = [c for c in columns if c in ("instruction", "reference") or c.endswith(" response")]
+        assert len(texts) == 2 + len(names) and min(int(widths[c][:-2]) for c in texts) >= 150
+        assert max(int(w[:-2]) for c, w in widths.items() if c not in texts) <= 76
+
+
 @pytest.mark.parametrize("models", [["tuned"], ["base"]])
 def test_an_evaluation_of_some_models_only_shows_under_every_ranking(run, tmp_path, models):
     """``python -m evaluation --models tuned`` saves rows without the base model: the tab ranks what is there."""

@@ -165,7 +165,15 @@ def judge_note(summary: dict, rows: list[dict], local: bool = True) -> str:
     return notice(f"<b>The judge left {unscored} of {total} responses unscored.</b>{why}", "error")
 
 
-def table_update(result: dict | None, rank_by: str, show_all: bool):
+def column_widths(names: list[str]) -> list[str]:
+    """In pixels, not shares of the width (on a phone, shares squeezed the text columns to a word a line: the table
+    scrolls instead), found by name, since a preference-tuned run's evaluation has a third response column."""
+    text = {"rank": "56px", "#": "48px", "instruction": "200px", "reference": "150px"}
+    return [text.get(name) or ("150px" if name.endswith(" response") else "64px" if name.startswith("judge") else "76px")
+            for name in names]
+
+
+def table_update(result: dict | None, rank_by: str, show_all: bool) -> dict:
     """The best and worst examples by ``rank_by`` (or all of them), best first; ``rank`` is the place among all."""
     if not result:
         return {"headers": headers(False), "data": []}
@@ -401,9 +409,8 @@ def build(shared) -> None:
                                elem_id="eval-show-all")
     gr.HTML('<div class="gi-caption">Click a row to open that example in the Playground; sort by any column from the ⋮ menu '
             "in its header.</div>")
-    widths = ["56px", "48px", "16%", "12%", "12%", "12%"] + ["76px"] * 4 + ["64px"] * 2  # the last two: judge scores
     table = gr.Dataframe(value=[], headers=headers(False), interactive=False, wrap=True, max_height=560, max_chars=240,
-                         column_widths=widths, elem_id="eval-table")
+                         column_widths=column_widths(headers(False)), elem_id="eval-table")
     with gr.Accordion("Export the fine-tuned model", open=True):
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=220):
@@ -438,6 +445,8 @@ def build(shared) -> None:
     shared.relist_when_shown(run, partial(finished_run_choices, engine))
     for control in (rank_by, show_all):
         control.input(table_update, [result, rank_by, show_all], table, api_visibility="private", **cheap)
+    table.change(lambda shown: gr.Dataframe(column_widths=column_widths(list(shown.columns))), table, table,
+                 api_visibility="private", **cheap)  # a preference-tuned run's evaluation has a column more
     if shared.tabs is not None and shared.playground:
         def on_select(result_, evt: gr.SelectData):
             return open_in_playground(shared, result_, evt)

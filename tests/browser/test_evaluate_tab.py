@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import choose, open_tab, screenshot, set_slider, wait_plot, wait_text
+from .conftest import VIEWPORT, choose, open_tab, screenshot, set_slider, wait_plot, wait_text
 
 pytestmark = pytest.mark.browser
 LIMIT, NEW_TOKENS = 4, 8
@@ -52,6 +52,12 @@ def test_evaluate_a_run_on_a_few_examples_and_export_it(page, finished_run):
     page.wait_for_function("n => document.querySelector('#eval-table [role=grid]')?.getAttribute('aria-rowcount') == n", arg=LIMIT + 1)
     headers = page.evaluate("() => [...document.querySelectorAll('#eval-table thead th')].map(h => h.innerText.trim())")
     assert {"instruction", "reference", "base response", "fine-tuned response"} <= set(headers), headers
+    page.set_viewport_size({"width": 420, "height": 1000})  # a phone: the text columns keep their width, the table scrolls
+    page.wait_for_function("() => { const v = document.querySelector('#eval-table .virtual-table-viewport');"
+                           " return v.scrollWidth > v.clientWidth + 100 }")
+    cells = page.evaluate("() => [...document.querySelector('#eval-table .virtual-row').children].map(c => c.getBoundingClientRect().width)")
+    assert min(cells[2:6]) >= 150, cells
+    page.set_viewport_size(VIEWPORT)
 
     # Export: a zip of the Hugging Face files to download.
     page.click("#export-btn")
