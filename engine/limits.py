@@ -1,7 +1,8 @@
 """Server limits, set by environment variables and shown in the app: what one visitor may ask of a shared server.
 
 On a Hugging Face Space (``SPACE_ID`` set) the defaults are stricter: a few
-epochs, an hour of training per run, no local paths, 20 GB of saved runs.
+epochs, an hour of training per run, no local paths, 20 GB of saved runs,
+220 examples an evaluation.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class Limits:
     runs_gb: float | None = limit(None, "GPT2_INSTRUCT_RUNS_GB",
                                   "disk the saved runs may fill: starting a run drops the oldest ended ones (none: no limit)",
                                   space=20.0)
+    eval_examples: int | None = limit(None, "GPT2_INSTRUCT_EVAL_EXAMPLES",
+                                      "most test examples one evaluation scores (none: all it asks for)", space=220)
     uploads_mb: float = limit(200.0, "GPT2_INSTRUCT_UPLOADS_MB", "uploaded datasets kept, oldest dropped first")
     exports_mb: float = limit(500.0, "GPT2_INSTRUCT_EXPORTS_MB", "export zips kept, oldest dropped first")
     files_max_age_hours: float = limit(24.0, "GPT2_INSTRUCT_FILES_MAX_AGE_HOURS", "uploads and exports older than this go")

@@ -215,6 +215,24 @@ def test_evaluation_is_a_job_in_its_own_lane(engine):
             engine.start_evaluation(bad)
 
 
+def test_a_server_scores_at_most_its_examples_an_evaluation(engine):
+    """On a Space 220 (Alpaca's test split is 5,200); asking for all of them, or more, scores that many."""
+    from ui.evaluate_tab import evaluate, not_yet
+
+    assert Limits.from_env({"SPACE_ID": "me/app"}).eval_examples == 220 and Limits.from_env({}).eval_examples is None
+    assert [engine.evaluation_limit(n) for n in (None, 3, 500)] == [None, 3, 500]
+    assert engine.start_training(tiny(max_steps=2)).wait(60)
+    capped = Engine(root=engine.root, limits=Limits(eval_examples=3))
+    assert [capped.evaluation_limit(n) for n in (None, 2, 500)] == [3, 2, 3]
+    run = capped.runs()[0]
+    assert "the first 3 of its 7 test examples (this server's most an evaluation)" in not_yet(run, 3)
+    assert "on the whole test split (7 examples)" in not_yet(run, 10) == not_yet(run)
+    started = evaluate(capped, "a", run.name, 0, 2, 1, "", "llama3", "fine-tuned ROUGE-L", False)  # the tab's Evaluate
+    assert "This server scores at most 3 examples an evaluation." in next(started)[0]
+    assert capped.job("evaluate").wait(120)
+    assert capped.snapshot("evaluate")["result"]["summary"]["examples"] == 3
+
+
 def test_a_start_makes_room_on_disk_and_spares_the_run_being_evaluated(tmp_path, monkeypatch):
     """Under ``runs_gb`` a new run first deletes the oldest ended runs, never one an evaluation is reading."""
     import engine.engine as engine_module

@@ -73,15 +73,19 @@ NO_RUNS = "No finished run yet: fine-tune one in the <b>Train</b> tab, then scor
 POLL_S = 0.1
 
 
-def not_yet(run: RunInfo) -> str:
-    """The hint for a run with no evaluation: how many test examples its data has."""
-    split = (run.manifest.get("data") or {}).get("split") or {}
-    size = f"{split['test']} examples" if split.get("test") else "its test split"
+def not_yet(run: RunInfo, cap: int | None = None) -> str:
+    """The hint for a run with no evaluation: how many test examples its data has, and how many of them this server
+    scores (``cap``: its most examples an evaluation)."""
+    test = ((run.manifest.get("data") or {}).get("split") or {}).get("test")
     models = "the base, the fine-tuned and the aligned model" if run.manifest.get("method") == "dpo" else \
         "the base and the fine-tuned model"
-    return (f"This run has no evaluation yet. Press <b>Evaluate</b> to score {models} on the whole "
-            f"test split ({size}): about 1-2 minutes per model per 110 examples for GPT-2 124M on a CPU; "
-            "a limit tries it on the first few.")
+    if cap is not None and (test is None or test > cap):
+        where = (f"the first {cap:,} of its {test:,} test examples" if test else f"at most {cap:,} test examples") + \
+            " (this server's most an evaluation)"
+    else:
+        where = f"the whole test split ({f'{test:,} examples' if test else 'its test split'})"
+    return (f"This run has no evaluation yet. Press <b>Evaluate</b> to score {models} on {where}: about 1-2 minutes "
+            "per model per 110 examples for GPT-2 124M on a CPU; a limit tries it on the first few.")
 
 
 def refresh_runs(engine, current: str | None):
@@ -203,10 +207,11 @@ def table_row(place: int, row: dict, judged: bool, names=("base", "tuned")) -> l
     return [place, row["index"] + 1, prompt, row["output"], *(m["response"] or "(empty)" for m in models), *scores]
 
 
-def shown(run: RunInfo, result: dict | None, rank_by: str, show_all: bool, local: bool = True) -> tuple:
+def shown(run: RunInfo, result: dict | None, rank_by: str, show_all: bool, local: bool = True,
+          cap: int | None = None) -> tuple:
     """(summary, chart, table, result state) for a run's results, or the empty state when it has none."""
     if not result:
-        return notice(not_yet(run)), empty_figure("No evaluation of this run yet", height=340), table_update(None, rank_by, show_all), None
+        return notice(not_yet(run, cap)), empty_figure("No evaluation of this run yet", height=340), table_update(None, rank_by, show_all), None
     result = {**result, "run": run.name}
     return (summary_html(result["summary"], result["rows"], local), evaluation_figure(result["summary"]),
             table_update(result, rank_by, show_all), result)
@@ -220,7 +225,7 @@ def load_evaluation(engine, name: str | None, rank_by: str, show_all: bool):
         run = engine.finished_run(name)
     except ValueError as e:
         return notice(html.escape(str(e)), "error"), gr.skip(), gr.skip(), None
-    return shown(run, load_eval(run.path), rank_by, show_all, engine.loopback)
+    return shown(run, load_eval(run.path), rank_by, show_all, engine.loopback, engine.limits.eval_examples)
 
 
 def progress_html(event: dict) -> str:
@@ -268,7 +273,9 @@ def evaluate(engine, client_id: str | None, name: str | None, limit, max_new_tok
         return
     busy = controls(busy=True, can_stop=True)
     streaming = {**(seen or {}), "streaming": True}
-    yield notice(f"Starting the evaluation of <b>{html.escape(run.name)}</b>…"), "", *unchanged, *busy, streaming
+    capped = "" if engine.evaluation_limit(settings["limit"]) == settings["limit"] else \
+        f" This server scores at most {engine.limits.eval_examples:,} examples an evaluation."
+    yield notice(f"Starting the evaluation of <b>{html.escape(run.name)}</b>…{capped}"), "", *unchanged, *busy, streaming
     version = None
     while (snap := job.snapshot(since=SCALARS_ONLY))["status"] not in ENDED:
         if snap["version"] != version and snap["progress"]:
@@ -382,7 +389,9 @@ def build(shared) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             with gr.Row():
-                limit = gr.Number(value=0, label="Examples (0 = all)", elem_id="eval-limit")
+                cap = shared.engine.limits.eval_examples
+                limit = gr.Number(value=0, label="Examples (0 = all)" if cap is None else f"Examples (0 = all, at most {cap:,} here)",
+                                  elem_id="eval-limit")
                 batch_size = gr.Number(value=8, label="Batch size", elem_id="eval-batch-size")
             max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, label="Max new tokens", elem_id="eval-max-new-tokens")
             with gr.Accordion("LLM judge (optional): any OpenAI-compatible server", open=True):
