@@ -115,6 +115,10 @@ CSS = """
                            border-bottom: 1px solid var(--border-color-primary) !important; background: none !important; }
 .gi-eval th:first-child, .gi-eval td.gi-caption { text-align: left; font-weight: 400; }
 .gi-eval tr:first-child th { font-weight: 600; }
+/* The records tables' columns are shares of the table's width: on a phone the table keeps 860 px and scrolls sideways,
+   rather than squeezing its text to a word a line. */
+#dataset-table .table-container, #pref-table .table-container { overflow-x: auto; }
+#dataset-table .table-wrap, #pref-table .table-wrap { min-width: 860px; }
 #export-file .empty { min-height: 64px !important; height: 64px; }
 
 /* One selector per .dark rule: Gradio scopes CSS by prefixing each selector and moves .dark before the first one only. */

@@ -4,7 +4,7 @@ import pytest
 from data import load_instructions
 from data.browse import PAGE_SIZE, matches
 
-from .conftest import count_text, load_sample, open_tab, screenshot, text_of, wait_plot, wait_text
+from .conftest import VIEWPORT, count_text, load_sample, open_tab, screenshot, text_of, wait_plot, wait_text
 
 pytestmark = pytest.mark.browser
 
@@ -41,6 +41,12 @@ def test_browse_search_page_and_read_a_record(page, folders):
     assert table_size(page) == PAGE_SIZE
     first = table_rows(page)[0]
     assert first[:3] == ["1", "train", " ".join(sample[0]["instruction"].split())]
+    page.set_viewport_size({"width": 420, "height": 1000})  # a phone: the columns keep readable widths, the table scrolls
+    page.wait_for_function("() => { const c = document.querySelector('#dataset-table .table-container');"
+                           " return c.scrollWidth > c.clientWidth + 200 }")
+    cells = page.evaluate("() => [...document.querySelector('#dataset-table .virtual-row').children].map(c => c.getBoundingClientRect().width)")
+    assert min(cells[2:]) >= 150 and cells[1] >= 60, cells  # "validation" fits its split column
+    page.set_viewport_size(VIEWPORT)
 
     # Typing narrows the table to the records that say it, in any field, in any case.
     expected = [i + 1 for i in matches(sample, "passive")]
