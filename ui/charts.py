@@ -185,8 +185,7 @@ def evaluation_figure(summary: dict) -> go.Figure:
     scores = [("ROUGE-L F1 ×100", "rouge_l", 100, "%{y:.1f}"), ("ended on its own (%)", "ended_share", 100, "%{y:.0f}%")]
     if summary.get("judge"):
         scores.append(("judge score (0-100)", "judge_avg", 1, "%{y:.1f}"))
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.1,
-                        subplot_titles=("scores · higher is better", "perplexity · lower is better"))
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.05)
     if all("preference_accuracy" in summary[k] for k in summary.get("models") or ("base", "tuned")):
         scores.append(("chosen preferred (%)", "preference_accuracy", 100, "%{y:.0f}%"))
     models = {"base": ("base", BASE_COLOR), "tuned": ("fine-tuned", TUNED_COLOR), "aligned": ("aligned", ALIGNED_COLOR)}
@@ -201,9 +200,9 @@ def evaluation_figure(summary: dict) -> go.Figure:
                              showlegend=False, texttemplate="%{y:,.1f}", textposition="outside", cliponaxis=False,
                              hovertemplate=f"{name}<br>perplexity %{{y:,.2f}}<extra></extra>"), row=1, col=2)
     fig = base_layout(fig, height=340, barmode="group", bargap=0.25)
-    fig.update_yaxes(range=[0, 110], row=1, col=1)
+    # What is better goes on the outer axes, not in titles over the panels: on a phone those ran into each other.
+    fig.update_yaxes(range=[0, 110], title_text="score · higher is better", row=1, col=1)
     top = max((summary[k].get("perplexity") or 0 for k in keys), default=0)
-    fig.update_yaxes(range=[0, top * 1.15 or 1], row=1, col=2)
-    fig.update_annotations(font=dict(size=12, color=INK))
-    fig.update_layout(legend=dict(xanchor="left", x=0, y=1.1), margin=dict(t=64))
+    fig.update_yaxes(range=[0, top * 1.15 or 1], title_text="lower is better", side="right", row=1, col=2)
+    fig.update_layout(legend=dict(xanchor="left", x=0, y=1.02), margin=dict(t=40, r=64))
     return fig
