@@ -171,7 +171,8 @@ def length_histogram(stats: dict) -> go.Figure:
         fig.add_trace(go.Histogram(x=values, name=f"{name} (median {statistics.median(values):.0f})", marker_color=color,
                                    opacity=0.65, nbinsx=40, hovertemplate="%{x} tokens: %{y} records<extra></extra>"))
     fig = base_layout(fig, height=300, barmode="overlay", xaxis_title="tokens per record", yaxis_title="records")
-    fig.update_layout(bargap=0.04, legend=dict(xanchor="right", x=1))
+    fig.update_layout(bargap=0.04)
+    add_title(fig, "Token lengths: prompt vs response")  # in the figure, so that the legend goes under it on a phone
     fig.update_xaxes(rangemode="nonnegative")  # one distinct length would otherwise centre its bin on an axis from -20
     return fig
 

@@ -219,7 +219,7 @@ def build(shared) -> None:
         with gr.Column(scale=4):
             error = gr.HTML(elem_id="dataset-error")
             summary = gr.HTML(elem_id="dataset-summary")
-    histogram = gr.Plot(label="Token lengths: prompt vs response", elem_id="length-chart")
+    histogram = gr.Plot(label="Token lengths: prompt vs response", show_label=False, elem_id="length-chart")
 
     gr.Markdown("### Records")
     with gr.Row(equal_height=True):
