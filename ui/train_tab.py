@@ -478,7 +478,7 @@ def build(shared) -> None:
         runs = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, elem_id="runs-table")
         with gr.Row(equal_height=True):
             resumable = gr.Dropdown([], value=None, label="Resume a stopped or interrupted run from its checkpoint", scale=4,
-                                    elem_id="resume-run")
+                                    min_width=300, elem_id="resume-run")  # a line of its own on a phone
             resume_btn = gr.Button("Resume", scale=1, elem_id="resume-btn")
             refresh = gr.Button("Refresh", size="sm", scale=1, elem_id="refresh-runs")
 
