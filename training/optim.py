@@ -55,6 +55,16 @@ def pieces_of(t: torch.Tensor, mixed: bool) -> list:
     return [slice(start, min(start + rows, len(t))) for start in range(0, len(t), rows)]
 
 
+class FusedState:
+    """One piece's AdamW settings and moments, kept as ``torch.optim.AdamW`` keeps them (``param_groups``, ``state``)
+    for ``torch._fused_adamw_``, which is called directly: building a ``torch.optim.Optimizer`` imports
+    ``torch._dynamo`` the first time, 1.6 s of every training process's start."""
+
+    def __init__(self, **group):
+        self.param_groups = [group]
+        self.state = {}
+
+
 class MasterWeightAdamW:
     def __init__(
         self,
@@ -65,7 +75,10 @@ class MasterWeightAdamW:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         step_in_backward: bool = True,
+        through_torch: bool = False,
     ):
+        """``through_torch``: step through ``torch.optim.AdamW`` (its fused kernel where the device has one) instead of
+        calling that kernel directly; what devices without a fused kernel do, and what the direct call is tested against."""
         if compute_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"compute dtype must be float32 or bfloat16, not {compute_dtype}")
         self.model = model
@@ -91,7 +104,8 @@ class MasterWeightAdamW:
                 for rows in pieces_of(full, True):
                     split_(full[rows], p.data[rows], self.low[p][rows], self._scratch(full[rows]))
                 del full
-        fused = self.fused = device.type in ("cpu", "cuda")
+        fused = device.type in ("cpu", "cuda")
+        self.direct = fused and not through_torch
         # One optimizer per piece: a step inside backward then touches a few MB at a time.
         # Their moments are views into two whole-tensor buffers, allocated before any activation:
         # one allocation each, out of the way of every step's short-lived buffers, and no
@@ -102,7 +116,8 @@ class MasterWeightAdamW:
             moments = [torch.zeros_like(p, dtype=torch.float32) for _ in range(2)]
             for rows in pieces_of(p.data, self.mixed):
                 target = self.master[: p.data[rows].numel()].view_as(p.data[rows]) if self.mixed else p
-                optimizer = torch.optim.AdamW([target], lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
+                group = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
+                optimizer = FusedState(**group) if self.direct else torch.optim.AdamW([target], **group)
                 optimizer.state[target] = {
                     "step": torch.zeros((), dtype=torch.float32, device=device if fused else "cpu"),
                     "exp_avg": moments[0][rows],
@@ -148,11 +163,11 @@ class MasterWeightAdamW:
         if self.grad_buffer is not None:
             self.grad_buffer.give_back(p, grad)
 
-    def _adamw(self, optimizer: torch.optim.AdamW, param: torch.Tensor, grad: torch.Tensor) -> None:
-        """``optimizer.step()`` for its one tensor. Where it is fused, torch's fused kernel is called as torch's step
-        calls it (the step count, then the update), without the ~70 µs of Python around it: a bf16 step updates
-        hundreds of pieces, and tiny's whole step is ~40 ms."""
-        if not self.fused:
+    def _adamw(self, optimizer: FusedState | torch.optim.AdamW, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """AdamW's step for one tensor. Where it is fused, torch's fused kernel is called as torch's step calls it (the
+        step count, then the update), without the ~70 µs of Python around it: a bf16 step updates hundreds of pieces,
+        and tiny's whole step is ~40 ms. Elsewhere (e.g. Apple's MPS) ``torch.optim.AdamW`` steps (``through_torch``)."""
+        if not self.direct:
             param.grad = grad
             optimizer.step()
             param.grad = None
