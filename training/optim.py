@@ -111,12 +111,12 @@ class MasterWeightAdamW:
         # one allocation each, out of the way of every step's short-lived buffers, and no
         # piece-sized blocks that a 2 MB-aligned (huge page) allocator would leave half empty.
         self.pieces = {}
+        group = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
         for p in self.params:
             self.pieces[p] = []
             moments = [torch.zeros_like(p, dtype=torch.float32) for _ in range(2)]
             for rows in pieces_of(p.data, self.mixed):
                 target = self.master[: p.data[rows].numel()].view_as(p.data[rows]) if self.mixed else p
-                group = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
                 optimizer = FusedState(**group) if self.direct else torch.optim.AdamW([target], **group)
                 optimizer.state[target] = {
                     "step": torch.zeros((), dtype=torch.float32, device=device if fused else "cpu"),
