@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .files import atomic_write
-from .gpt import GPT, PRESETS, GPTConfig
+from .gpt import GPT, PRESETS, GPTConfig, materialize
 
 HUB_PRESETS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 WEIGHTS_NAME = "model.safetensors"
@@ -53,9 +53,9 @@ def load_pretrained(
     config = read_config(config_path, weights_path, name=_display_name(source))
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device or "cpu")
+    materialize(model, device or "cpu")
     model.to(dtype)
-    model.lm_head.weight = model.transformer.wte.weight  # to_empty unties shared parameters
+    model.lm_head.weight = model.transformer.wte.weight  # materialize unties shared parameters
     _fill(model, weights_path)
     return model.eval()
 

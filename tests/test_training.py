@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from data import InstructionDataset, load_instructions, make_loader, source_path, split_instructions
-from model import GPT, GPTConfig, load_pretrained, pick_device
+from model import GPT, GPTConfig, load_pretrained, pick_device, save_pretrained
 from model import fused
 from model.loss import Packing, TiedHeadCrossEntropy
 from model.device import precision_reason
@@ -196,20 +196,23 @@ def test_the_direct_fused_kernel_steps_as_torchs_own_step():
         assert not torch.equal(a.transformer.h[0].mlp.c_fc.weight, before)
 
 
-def test_making_a_model_and_its_optimizer_imports_no_compiler():
-    """``torch._dynamo`` costs 1.4-2.3 s of a process's start, and nothing here compiles: neither the model's meta-device
-    construction (``normal_`` on a meta tensor imports it) nor the optimizer (``torch.optim.Optimizer`` does) brings it in."""
-    script = """
+def test_making_loading_a_model_and_its_optimizer_imports_no_compiler_and_no_sympy(tmp_path):
+    """``torch._dynamo`` costs 1.4-2.3 s of a process's start and sympy 0.4-0.6 s, and nothing here compiles: neither
+    the model's meta-device construction (``normal_`` on a meta tensor imports the first, ``to_empty`` the second),
+    its loading, nor the optimizer (``torch.optim.Optimizer`` imports the first) brings them in."""
+    save_pretrained(GPT(GPTConfig.from_name("tiny")), tmp_path / "m")
+    script = f"""
 import sys, torch
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_pretrained
 from model.gpt import init_generator
 from training.optim import MasterWeightAdamW
 model = GPT(GPTConfig.from_name("tiny"), init_generator(0))
 MasterWeightAdamW(model, torch.float32)
-print("torch._dynamo" in sys.modules)
+load_pretrained({str(tmp_path / "m")!r})
+print("torch._dynamo" in sys.modules, "sympy" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["False"], out.stderr
+    assert out.stdout.split() == ["False", "False"], out.stderr
 
 
 def test_bf16_and_fp32_losses_agree(tmp_path):
@@ -286,7 +289,6 @@ def test_lora_trains_only_adapters_and_the_merged_save_gives_its_outputs(tmp_pat
     idx = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         adapted = model(idx)
-    from model import save_pretrained
 
     save_pretrained(merge_lora(model), tmp_path / "merged")
     merged = load_pretrained(tmp_path / "merged")
