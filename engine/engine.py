@@ -336,11 +336,7 @@ class Engine:
         if is_dpo_run(run.path):
             return self.resume_preference(run, owner, changes)
         config = resume_config(run.path, **changes)
-        try:
-            records = check_data(config)[1].train
-        except (DatasetError, ValueError, OSError):
-            records = None  # its data has left the server: the run's own start says so
-        self.admit(config, records)
+        self.admit(config, still_readable(lambda: check_data(config)[1].train))
 
         def work(hooks) -> None:
             resume_run(run.path, hooks, **changes)
@@ -410,10 +406,7 @@ class Engine:
     def resume_preference(self, run: RunInfo, owner: str | None, changes: dict) -> Job:
         """Continue a stopped or interrupted DPO run from its checkpoint, in the ``train`` lane."""
         config = resume_dpo_config(run.path, **changes)
-        try:
-            pairs = split_preferences(load_preferences(config.data)).train
-        except (DatasetError, ValueError, OSError):
-            pairs = None  # its data has left the server: the run's own start says so
+        pairs = still_readable(lambda: split_preferences(load_preferences(config.data)).train)
         self.admit_preference(config, run.manifest, pairs)
         public = preference_public(config, run.manifest["parent_run"], run.manifest.get("config") or {})
 
@@ -448,6 +441,15 @@ class Engine:
 
         job = Job("evaluation", work, owner, "evaluation", {"run": run.name, **{k: str(v) for k, v in settings.items()}})
         return self._launch("evaluate", job)
+
+
+def still_readable(read) -> list[dict] | None:
+    """A resumed run's training records as ``read()`` gives them, or None when its data has left the server
+    (the run's own start then says so, and it is admitted on its model alone)."""
+    try:
+        return read()
+    except (DatasetError, ValueError, OSError):
+        return None
 
 
 def known_shape(model: str) -> GPTConfig | None:

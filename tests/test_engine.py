@@ -368,6 +368,20 @@ def test_a_stopped_run_resumes_through_the_engine_and_finishes(engine):
     assert resumed.name == run.name and resumed.status == "done" and not resumed.resumable
 
 
+def test_a_stopped_run_whose_data_has_gone_resumes_into_an_error_that_names_it(engine, tmp_path):
+    """Resume admits a run whose data has left the server on its model alone; the run's own start then says what is missing."""
+    data = tmp_path / "mine.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(40)]))
+    engine.start_training(tiny(data=str(data), max_steps=None, epochs=10, eval_every=50), owner="alice")  # 10 x 4 steps
+    wait_for(engine, "train", lambda s: s["step"] >= 2)
+    engine.stop("train", "alice")
+    assert engine.job("train").wait(60)
+    data.unlink()
+    assert engine.resume_training(engine.runs()[0].name, owner="alice").wait(60)
+    snap = engine.snapshot("train")
+    assert snap["status"] == "failed" and "mine.json" in snap["error"], snap
+
+
 def test_the_expected_epoch_shows_the_last_finished_run_beside_its_estimate(engine):
     from ui.train_tab import expected_html
 
