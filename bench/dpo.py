@@ -156,11 +156,11 @@ def main() -> None:
     parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # a child: one side's peak memory
     parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)  # a child: interleaved timing
     args = parser.parse_args()
-    configure_runtime()
     sides = args.sides.split(",")
     unknown = [side for side in sides if side not in SIDES]
     if unknown:
         parser.error(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+    configure_runtime()
     if args.peak_of:
         print(json.dumps(peak_of(args.peak_of, args.model)))
         return
