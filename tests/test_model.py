@@ -64,6 +64,15 @@ def test_tokenizer_ids():
     assert tok.n_vocab == 50257
 
 
+def test_tokenizer_ranks_are_the_ones_tiktoken_builds_from_both_official_files(monkeypatch):
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    from model.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, bpe_files, mergeable_ranks
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the files where they are, copying nothing
+    assert mergeable_ranks() == data_gym_to_mergeable_bpe_ranks(*bpe_files(), VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)
+
+
 def test_tokenizer_round_trip_unicode():
     tok = get_tokenizer()
     text = "Größe, naïve café — 東京タワー 🚀🧠 ñandú\n\ttabs  and  spaces Ω≈ç√"
