@@ -372,7 +372,7 @@ def test_a_stopped_run_whose_data_has_gone_resumes_into_an_error_that_names_it(e
     """Resume admits a run whose data has left the server on its model alone; the run's own start then says what is missing."""
     data = tmp_path / "mine.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(40)]))
-    engine.start_training(tiny(data=str(data), max_steps=None, epochs=10, eval_every=50), owner="alice")  # 10 x 4 steps
+    engine.start_training(tiny(data=str(data), max_steps=None, epochs=50, eval_every=500), owner="alice")  # 50 x 4 steps
     wait_for(engine, "train", lambda s: s["step"] >= 2)
     engine.stop("train", "alice")
     assert engine.job("train").wait(60)
