@@ -153,7 +153,8 @@ def preference_figure(history: list[dict], title: str | None = None) -> go.Figur
 
 def live_figure_message(key: str, history: list[dict], overlays=(), title: str | None = None,
                         figure: go.Figure | None = None) -> str:
-    """The whole live chart, once per run or overlay choice: the figure (the loss chart unless given) and its rows."""
+    """The whole live chart, once per run or overlay choice: the figure (the loss chart unless given), whose live
+    traces come empty, and the rows the browser fills them from."""
     figure = json.loads((figure or loss_figure(history, overlays, title)).to_json())
     return json.dumps({"key": key, "figure": figure, "rows": live_rows(history)})
 

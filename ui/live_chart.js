@@ -1,5 +1,6 @@
-// The live loss chart, drawn in the browser: the server sends the whole figure once per run, then only the new
-// rows. Plotly.react with a fixed uirevision keeps the user's zoom and pan while points arrive.
+// The live loss chart, drawn in the browser: the server sends the whole figure once per run (its live traces
+// empty) with every row so far, then only the new rows; fill() puts the rows into the live traces. Plotly.react
+// with a fixed uirevision keeps the user's zoom and pan while points arrive.
 const div = element.querySelector('.gi-live-chart');
 let figure = null, key = null, rows = [];
 
