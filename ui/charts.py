@@ -175,7 +175,8 @@ def length_histogram(stats: dict) -> go.Figure:
         return empty_figure("No records", height=300)
     fig = go.Figure()
     for values, name, color in ((prompt, "prompt", PROMPT_COLOR), (response, "response", RESPONSE_COLOR)):
-        fig.add_trace(go.Histogram(x=np.asarray(values, dtype=np.min_scalar_type(max(values))), name=f"{name} (median {statistics.median(values):.0f})", marker_color=color,
+        counts = np.asarray(values, dtype=np.min_scalar_type(max(values)))
+        fig.add_trace(go.Histogram(x=counts, name=f"{name} (median {statistics.median(values):.0f})", marker_color=color,
                                    opacity=0.65, nbinsx=40, hovertemplate="%{x} tokens: %{y} records<extra></extra>"))
     fig = base_layout(fig, height=300, barmode="overlay", xaxis_title="tokens per record", yaxis_title="records")
     fig.update_layout(bargap=0.04)
