@@ -565,10 +565,14 @@ def test_the_train_tab_says_why_tiny_is_chosen_and_what_gpt2_presets_download():
     from training.config import DEMO, demo_text
     from ui.train_tab import model_note, preset_settings
 
-    tiny = text(model_note("tiny", suggested=True))
-    assert "tiny is preselected" in tiny and demo_text() in tiny
-    assert "openai-community/gpt2" in demo_text() and "path box" in demo_text() and "cannot follow instructions" in demo_text()
-    assert "140 short steps" in demo_text() and "at 30 epochs" in demo_text() and "20 epochs" in tiny
+    note = model_note("tiny", suggested=True)
+    what, shows = demo_text()
+    assert "tiny is preselected" in text(note) and what in text(note) and shows in text(note)
+    # What the demo is shows at once; what it can show and what shows more opens on a click.
+    lead, more = note.split("<details", 1)
+    assert what in text(lead) and "20 epochs" in text(lead) and shows in text(more) and "<summary>" in more
+    assert "openai-community/gpt2" in shows and "path box" in shows and "cannot follow instructions" in shows
+    assert "140 short steps" in what and "at 30 epochs" in shows
     space = text(preset_settings("tiny", max_epochs=3, local_paths=False)[-1])  # a Space: 3 epochs, no local paths
     assert "21 short steps" in space and "3 epochs" in space and "20 epochs" not in space
     assert "at 30 epochs" not in space and "path" not in space

@@ -190,14 +190,16 @@ def idle_settings(config: Settings, given) -> list[str]:
 # out empty. Masked, at lr 1e-3, 20 epochs (140 steps of 8) give answers in the sample's words.
 DEMO = dict(model="tiny", random_init=True, data="sample", epochs=20, lr=1e-3, mask_prompt=True)
 
-def demo_text(max_epochs: int = 100, local_paths: bool = True) -> str:
-    """What the offline demo is and can show, within a server's epoch limit and whether it takes local paths."""
+def demo_text(max_epochs: int = 100, local_paths: bool = True) -> tuple[str, str]:
+    """What the offline demo is (one sentence), and what it can show and what shows more, within a server's epoch
+    limit and whether it takes local paths."""
     epochs = min(DEMO["epochs"], max_epochs)
-    return (
-        "The offline demo fine-tunes tiny, a 7-million-parameter GPT-2 that starts from random weights, on the 74 "
-        f"records of the bundled sample: nothing is downloaded, and a run ({7 * epochs} short steps) takes seconds on a CPU "
-        f"(about {max(1, round(15 * epochs / DEMO['epochs']))} on two cores without native bf16). Before training it repeats one word. After it, its answers take the words "
-        "and the shape of the sample's answers (\"The capital of …\", \"A synonym for …\")"
+    what = ("The offline demo fine-tunes tiny, a 7-million-parameter GPT-2 that starts from random weights, on the 74 "
+            f"records of the bundled sample: nothing is downloaded, and a run ({7 * epochs} short steps) takes about "
+            f"{max(1, round(15 * epochs / DEMO['epochs']))} seconds on two cores without native bf16.")
+    shows = (
+        "Before training it repeats one word. After it, its answers take the words and the shape of the sample's "
+        "answers (\"The capital of …\", \"A synonym for …\")"
         + ("; at 30 epochs it repeats its training answers word for word" if max_epochs >= 30 else "")
         + ". It cannot follow instructions: a model that has never read English cannot learn it from 74 "
         "examples, so expect wrong answers on new instructions and a ROUGE-L near zero. To see real instruction "
@@ -206,3 +208,4 @@ def demo_text(max_epochs: int = 100, local_paths: bool = True) -> str:
         + (", or, offline, type the path of a local folder holding its model.safetensors and config.json in the path box."
            if local_paths else ".")
     )
+    return what, shows

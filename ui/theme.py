@@ -57,6 +57,8 @@ CSS = """
                   border: 1px solid var(--border-color-primary); }
 .gi-notice.ok { background: #f0fdf4; color: #166534; border: 1px solid #bbf7d0; }
 .gi-notice b { font-weight: 600; }
+.gi-notice .gi-more { margin-top: 4px; color: inherit; }
+.gi-notice .gi-more summary { cursor: pointer; color: var(--color-accent); }
 
 .gi-stat-row { display: flex; flex-wrap: wrap; gap: 10px; margin: 4px 0; }
 .gi-stat { flex: 1 1 90px; padding: 10px 12px; border-radius: 8px; background: var(--background-fill-secondary);

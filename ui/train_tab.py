@@ -400,8 +400,10 @@ def model_note(preset: str, suggested: bool = False, max_epochs: int = 100, loca
     if preset == "tiny":
         why = ("<b>tiny is preselected</b>: GPT-2's weights are not on this server and the Hugging Face Hub cannot be "
                "reached, so the demo trains offline. " if suggested else "")
-        return notice(f"{why}{html.escape(demo_text(max_epochs, local_paths))} The form holds the demo's settings: "
-                      f"{min(DEMO['epochs'], max_epochs)} epochs, learning rate {DEMO['lr']:g}, prompt masked.")
+        what, shows = demo_text(max_epochs, local_paths)
+        return notice(f"{why}{html.escape(what)} The form holds the demo's settings: {min(DEMO['epochs'], max_epochs)} "
+                      f"epochs, learning rate {DEMO['lr']:g}, prompt masked.<details class=\"gi-more\"><summary>What it "
+                      f"can show, and how to see real instruction following</summary>{html.escape(shows)}</details>")
     repo = HUB_PRESETS.get(preset)
     if not repo:
         return ""
