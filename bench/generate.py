@@ -44,14 +44,14 @@ def cpu_class(device: torch.device) -> tuple[str, str]:
 
 
 def test_prompts(source: str, count: int) -> list[list[int]]:
-    from data import DatasetError, format_prompt, load_instructions, split_instructions
+    from data import DatasetError, encode_prompt, load_instructions, split_instructions
 
     try:
         records = split_instructions(load_instructions(source)).test[:count]
     except DatasetError as e:
         sys.exit(f"bench.generate: {e}")
     tokenizer = get_tokenizer()
-    return [tokenizer.encode(format_prompt(r), disallowed_special=()) for r in records]
+    return [encode_prompt(r, tokenizer) for r in records]
 
 
 def random_gpt2(seed: int) -> GPT:

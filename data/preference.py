@@ -30,7 +30,7 @@ from . import cache
 from .batching import LengthGroupedSampler, too_long
 from .browse import PAGE_SIZE, Page, page_of, split_names
 from .errors import DatasetError
-from .prompts import check_style, format_prompt
+from .prompts import check_style, encode_prompt
 from .records import FIELDS, folded, json_type, read_items, split_instructions, validate_records
 
 PREFERENCE_FIELDS = ("chosen", "rejected")
@@ -100,7 +100,7 @@ class PreferenceDataset(Dataset):
         self.items = []
         self.skipped = 0
         for index, record in enumerate(records):
-            prompt = tokenizer.encode(format_prompt(record, style), disallowed_special=())
+            prompt = encode_prompt(record, tokenizer, style)
             chosen = tokenizer.encode(record["chosen"], disallowed_special=()) + [EOT_ID]
             rejected = tokenizer.encode(record["rejected"], disallowed_special=()) + [EOT_ID]
             if too_long(len(prompt) + max(len(chosen), len(rejected)) - 1, max_length):

@@ -5,6 +5,8 @@ the training text is ``format_prompt(record) + record["output"]``.
 """
 from __future__ import annotations
 
+import functools
+
 from model.tokenizer import EOT_TOKEN, get_tokenizer
 
 STYLES = ("alpaca", "phi3")
@@ -29,18 +31,21 @@ def has_input(record: dict) -> bool:
     return bool((record.get("input") or "").strip())
 
 
-def format_prompt(record: dict, style: str = "alpaca") -> str:
-    """The text before the response: the book's Alpaca format, or the Phi-3 format of exercise 7.1."""
+def prompt_parts(record: dict, style: str = "alpaca") -> list[str]:
+    """The prompt as the template's fixed text (even places) around the record's fields (odd places)."""
     check_style(style)
     if style == "phi3":
-        text = f"<|user|>\n{record['instruction']}"
-        if has_input(record):
-            text += f"\n{record['input']}"
-        return text + "\n<|assistant|>\n"
-    text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{record['instruction']}"
+        fields = ["<|user|>\n", record["instruction"]] + (["\n", record["input"]] if has_input(record) else [])
+        return fields + ["\n<|assistant|>\n"]
+    fields = [f"{ALPACA_PREAMBLE}\n\n### Instruction:\n", record["instruction"]]
     if has_input(record):
-        text += f"\n\n### Input:\n{record['input']}"
-    return text + "\n\n### Response:\n"
+        fields += ["\n\n### Input:\n", record["input"]]
+    return fields + ["\n\n### Response:\n"]
+
+
+def format_prompt(record: dict, style: str = "alpaca") -> str:
+    """The text before the response: the book's Alpaca format, or the Phi-3 format of exercise 7.1."""
+    return "".join(prompt_parts(record, style))
 
 
 def format_input(record: dict) -> str:
@@ -64,13 +69,35 @@ def extract_response(text: str, style: str = "alpaca") -> str:
     return text[start:end].strip()
 
 
+def encode_prompt(record: dict, tokenizer=None, style: str = "alpaca") -> list[int]:
+    """Token ids of ``format_prompt(record, style)``; special-token text such as a literal ``<|endoftext|>`` in user
+    data is encoded as plain text.
+
+    In both templates a line break comes before and after every field, so where each field starts and ends with a
+    character other than whitespace, no piece of GPT-2's pre-tokenizer crosses a field's edge: the prompt's ids are the
+    fields' ids between the template's, which are encoded once (the Alpaca template is 30 to 36 of a prompt's 40-odd
+    tokens). Other fields are encoded with the whole prompt; a test checks both paths against the whole prompt.
+    """
+    tokenizer = tokenizer or get_tokenizer()
+    parts = prompt_parts(record, style)
+    if not all(field and not field[0].isspace() and not field[-1].isspace() for field in parts[1::2]):
+        return tokenizer.encode_ordinary("".join(parts))
+    ids = []
+    for i, part in enumerate(parts):
+        ids += template_ids(tokenizer, part) if i % 2 == 0 else tokenizer.encode_ordinary(part)
+    return ids
+
+
+@functools.lru_cache(maxsize=16)
+def template_ids(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer.encode_ordinary(text))
+
+
 def encode_record(record: dict, tokenizer=None, style: str = "alpaca") -> tuple[list[int], int]:
     """Token ids of prompt + output, and the prompt's length in tokens.
 
-    The two parts are encoded separately so ``prompt_len`` is exact; special-token
-    text such as a literal ``<|endoftext|>`` in user data is encoded as plain text.
+    The two parts are encoded separately so ``prompt_len`` is exact.
     """
     tokenizer = tokenizer or get_tokenizer()
-    prompt_ids = tokenizer.encode(format_prompt(record, style), disallowed_special=())
-    response_ids = tokenizer.encode(record["output"], disallowed_special=())
-    return prompt_ids + response_ids, len(prompt_ids)
+    prompt_ids = encode_prompt(record, tokenizer, style)
+    return prompt_ids + tokenizer.encode_ordinary(record["output"]), len(prompt_ids)

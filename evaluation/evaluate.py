@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from data import DatasetError, InstructionDataset, custom_collate_fn, extract_response, format_prompt, load_instructions, split_instructions
+from data import DatasetError, InstructionDataset, custom_collate_fn, extract_response, encode_prompt, load_instructions, split_instructions
 from model import WeightsError, generate_batch, get_tokenizer, pick_device
 from model.device import configure_runtime, describe
 from model.fused import linear
@@ -62,7 +62,7 @@ def generate_responses(model, records: list[dict], style: str, max_new_tokens: i
     ``ended``: the model emitted ``<|endoftext|>`` before ``max_new_tokens``.
     """
     tokenizer = get_tokenizer()
-    prompts = [tokenizer.encode(format_prompt(r, style), disallowed_special=()) for r in records]
+    prompts = [encode_prompt(r, tokenizer, style) for r in records]
     limit = min(max_new_tokens, model.config.block_size - 1)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[dict] = [{} for _ in records]

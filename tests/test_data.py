@@ -300,6 +300,26 @@ def test_separate_encoding_equals_the_books_whole_text_encoding(canonical):
     assert ds.lengths == [len(item["ids"]) for item in ds]
 
 
+def test_a_prompt_encoded_field_by_field_equals_the_whole_prompt_encoded():
+    """encode_prompt encodes the template's fixed text once and the fields alone where no token can cross a field's
+    edge; fields of every kind of edge (spaces of every Unicode kind, line breaks, contractions, digits, marks, emoji,
+    special-token text, empty) must give the ids of the whole prompt."""
+    import random
+
+    from data import STYLES, encode_prompt
+    from data.prompts import template_ids
+
+    pieces = [" ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u3000", "\u2028", "\u0085", "\x1f", "'s", "'ll", "'", "s",
+              "Word", "é", "1", "23", "!", ":", "###", "### Response:", "<|endoftext|>", "<|user|>", "\u0301", "🙂", "日本"]
+    rng, tokenizer = random.Random(0), get_tokenizer()
+    template_ids.cache_clear()
+    for style in STYLES:
+        for _ in range(2000):
+            record = {field: "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4))) for field in ("instruction", "input")}
+            assert encode_prompt(record, tokenizer, style) == tokenizer.encode(format_prompt(record, style), disallowed_special=()), record
+    assert template_ids.cache_info().hits > 1000  # most records took the field-by-field path
+
+
 def test_literal_end_of_text_in_user_text_is_plain_text():
     ids, _ = encode_record(rec("Say <|endoftext|> please.", "", "<|endoftext|>"))
     assert EOT_ID not in ids

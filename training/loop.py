@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from data import DatasetError, InstructionDataset, extract_response, format_prompt, load_instructions, make_loader, source_path, split_instructions
+from data import DatasetError, InstructionDataset, extract_response, encode_prompt, load_instructions, make_loader, source_path, split_instructions
 from data import cache
 from data.batching import loader_state
 from model import GPT, GPTConfig, generate, get_tokenizer, init_generator, load_pretrained, pick_device, pick_dtype, save_pretrained
@@ -122,7 +122,7 @@ def respond(model: GPT, record: dict, style: str, max_new_tokens: int) -> str:
     tokenizer = get_tokenizer()
     was_training = model.training
     model.eval()
-    ids = generate(model, tokenizer.encode(format_prompt(record, style), disallowed_special=()), max_new_tokens)
+    ids = generate(model, encode_prompt(record, tokenizer, style), max_new_tokens)
     model.train(was_training)
     return extract_response(tokenizer.decode(ids), style)
 
