@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from data import FILE_KINDS, DatasetError, load_instructions
+from data import FILE_KINDS, DatasetError, load_instructions, token_stats
 from data import cache
 from data.records import source_path
 
@@ -52,6 +52,7 @@ class Datasets:
     def __init__(self, capacity: int = 8, uploads_mb: float = 200, max_age_hours: float = 24):
         self.capacity, self.uploads_bytes, self.max_age_s = capacity, uploads_mb * 2**20, max_age_hours * 3600
         self._parsed: OrderedDict[str, list[dict]] = OrderedDict()
+        self._stats: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -80,7 +81,7 @@ class Datasets:
         """``ref`` completed with the stored file's hash and its record count; the records kept under that hash."""
         digest = hashlib.sha256(stored.read_bytes()).hexdigest()
         ref.update(sha256=digest, count=len(records))
-        self._keep(digest, records)
+        self._keep(self._parsed, digest, records)
         return ref, records
 
     def reopen(self, ref: dict) -> tuple[dict, list[dict]]:
@@ -101,13 +102,7 @@ class Datasets:
 
     def records(self, ref: dict) -> list[dict]:
         """The records behind a reference, parsed again if they left the shared cache."""
-        with self._lock:
-            if ref["sha256"] in self._parsed:
-                self._parsed.move_to_end(ref["sha256"])
-                return self._parsed[ref["sha256"]]
-        records = load_instructions(self.training_source(ref))
-        self._keep(ref["sha256"], records)
-        return records
+        return self._kept(self._parsed, ref["sha256"], lambda: load_instructions(self.training_source(ref)))
 
     def training_source(self, ref: dict) -> str:
         """What ``TrainConfig.data`` gets: "canonical", "sample" or the stored upload's path (server side only)."""
@@ -122,13 +117,12 @@ class Datasets:
 
     def shared(self, key: str, load) -> list[dict]:
         """Records parsed once by ``load()`` and kept under ``key`` with the other parsed datasets."""
-        with self._lock:
-            if key in self._parsed:
-                self._parsed.move_to_end(key)
-                return self._parsed[key]
-        records = load()
-        self._keep(key, records)
-        return records
+        return self._kept(self._parsed, key, load)
+
+    def token_stats(self, ref: dict, records: list[dict], style: str) -> dict:
+        """The records' token counts in a prompt format (``data.token_stats``), counted once per file and format: a
+        reload, another visitor or a format chosen again finds them (a second of every 50,000 records)."""
+        return self._kept(self._stats, (ref["sha256"], style), lambda: token_stats(records, style=style))
 
     def prune(self, keep: Path | None = None) -> list[Path]:
         return prune_folder(self.uploads_dir, self.uploads_bytes, self.max_age_s, keep)
@@ -137,9 +131,20 @@ class Datasets:
         with self._lock:
             return len(self._parsed)
 
-    def _keep(self, digest: str, records: list[dict]) -> None:
+    def _kept(self, store: OrderedDict, key, make):
+        """``store[key]``, made by ``make()`` (outside the lock) and kept when missing."""
         with self._lock:
-            self._parsed[digest] = records
-            self._parsed.move_to_end(digest)
-            while len(self._parsed) > self.capacity:
-                self._parsed.popitem(last=False)
+            if key in store:
+                store.move_to_end(key)
+                return store[key]
+        value = make()
+        self._keep(store, key, value)
+        return value
+
+    def _keep(self, store: OrderedDict, key, value) -> None:
+        """Keep ``value`` under ``key``; beyond ``capacity`` the least recently used entries go."""
+        with self._lock:
+            store[key] = value
+            store.move_to_end(key)
+            while len(store) > self.capacity:
+                store.popitem(last=False)

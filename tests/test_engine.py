@@ -313,6 +313,28 @@ def test_a_kept_reference_reopens_only_what_the_server_still_holds(tmp_path, mon
         engine.datasets.reopen(forged)
 
 
+def test_token_counts_are_made_once_per_file_and_prompt_format(tmp_path, monkeypatch):
+    import engine.datasets
+    from data import token_stats
+
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    counted = []
+    monkeypatch.setattr(engine.datasets, "token_stats", lambda records, style: counted.append(style) or token_stats(records, style=style))
+    datasets = Engine(limits=Limits(datasets_in_memory=2), root=tmp_path / "runs").datasets
+    upload = tmp_path / "mine.json"
+    upload.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(12)]))
+    for visitor in range(3):  # the same file uploaded by three visitors, or reloaded
+        ref, records = datasets.open("upload", str(upload))
+        assert datasets.token_stats(ref, records, "alpaca") == token_stats(records, style="alpaca")
+    assert datasets.token_stats(ref, records, "phi3") == token_stats(records, style="phi3")
+    assert datasets.token_stats(ref, records, "alpaca") is datasets.token_stats(ref, records, "alpaca")
+    assert counted == ["alpaca", "phi3"]
+    sample, sample_records = datasets.open("sample")
+    datasets.token_stats(sample, sample_records, "alpaca")  # a third entry: the least recently used (phi3) goes
+    datasets.token_stats(ref, records, "phi3")
+    assert counted == ["alpaca", "phi3", "alpaca", "phi3"]
+
+
 def test_texts_a_visitor_sees_carry_no_server_paths():
     assert scrub("WeightsError: /srv/app/cache/model.safetensors: not found") == "WeightsError: model.safetensors: not found"
     assert scrub("data: /home/u/.cache/gpt2-instruct/uploads/0123456789abcdef-mine.json") == "data: mine.json"

@@ -10,7 +10,7 @@ import html
 
 import gradio as gr
 
-from data import FILE_KINDS, FILE_SUFFIXES, MAX_FILE_BYTES, DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_stats, token_view
+from data import FILE_KINDS, FILE_SUFFIXES, MAX_FILE_BYTES, DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_view
 from data import cache
 from data.batching import too_long
 from data.browse import PAGE_SIZE, page_of, split_of
@@ -102,11 +102,10 @@ def record_view(records: list[dict] | None, number: int | float | None, mask_pro
     return meta, tokens_html(view)
 
 
-def render(state: dict, records: list[dict], mask_prompt: bool, style: str, stats: dict | None = None) -> tuple:
+def render(state: dict, records: list[dict], mask_prompt: bool, style: str, stats: dict) -> tuple:
     """Everything the tab shows for a freshly loaded dataset: summary, histogram, page 1, record 1."""
     rows, count, page = table_page(records)
     meta, tokens = record_view(records, 1, mask_prompt, style)
-    stats = stats or token_stats(records, style=style)
     return summary_html(state, records), length_histogram(stats), rows, count, page, "", 1, meta, tokens
 
 
@@ -141,7 +140,7 @@ def load(engine, source: str, upload: str | None, previous: dict | None, mask_pr
     except DatasetError as e:
         back = previous["source"] if previous else gr.skip()
         return (back, gr.skip(), error_notice(source, scrub(str(e)), previous)) + (gr.skip(),) * 9
-    stats = token_stats(records, style=style)
+    stats = engine.datasets.token_stats(state, records, style)
     return (source, state, loaded_notice(state, records, stats)) + render(state, records, mask_prompt, style, stats)
 
 
@@ -166,7 +165,8 @@ def load_default(engine, mask_prompt: bool, remembered: dict | None = None, styl
         except (DatasetError, OSError):
             pass
         else:
-            return (state["source"], state, "") + render(state, records, mask_prompt, style)
+            return (state["source"], state, "") + render(state, records, mask_prompt, style,
+                                                         engine.datasets.token_stats(state, records, style))
     return load(engine, default_source(), None, None, mask_prompt, style)
 
 
@@ -293,7 +293,7 @@ def build(shared) -> None:
         records = records_of(engine, state)
         if not records:
             return (gr.skip(), gr.skip()) + view(state, number, mask_prompt, style)
-        stats = token_stats(records, style=style)
+        stats = engine.datasets.token_stats(state, records, style)
         return (loaded_notice(state, records, stats), length_histogram(stats)) + view(state, number, mask_prompt, style)
 
     pref_outputs = [pref_message, pref_table, pref_count, pref_page]
