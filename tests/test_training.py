@@ -894,28 +894,33 @@ def _run_calibration(tmp_path, request):
 def _run_bench(tmp_path, request):
     from bench.train import main
 
-    assert main(["--model", "tiny", "--steps", "1", "--data", "sample", "--precision", "bf16", "--skip-autocast"]) == 0
+    main(["--model", "tiny", "--steps", "1", "--data", "sample", "--precision", "bf16", "--skip-autocast"])
+
+
+class FirstLoss(BaseException):
+    """Ends a trainer at its first loss, through its ``except Exception`` handlers: what the test checks is known by then."""
 
 
 @pytest.mark.parametrize("run", [_run_cli, _run_calibration, _run_bench], ids=["cli", "calibration", "bench"])
 def test_every_trainer_takes_bf16_attention_as_the_cli_does(run, tmp_path, monkeypatch, request):
-    """The benchmark and the calibration once trained bf16 without the CLI's attention setting: ~20 % slower steps."""
+    """The benchmark and the calibration once trained bf16 without the CLI's attention setting: ~20 % slower steps.
+    Each trainer sets it before its first step; the test stops there (bf16 steps on a CPU without native bf16 are slow)."""
     allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed
     seen = []
-    loss = GPT.loss
 
     def spy(self, *args, **kwargs):
         seen.append(allowed())
-        return loss(self, *args, **kwargs)
+        raise FirstLoss
 
     monkeypatch.setattr(GPT, "loss", spy)
     before = allowed()
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
     try:
-        run(tmp_path, request)
+        with pytest.raises(FirstLoss):
+            run(tmp_path, request)
     finally:
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(before)
-    assert seen and all(seen)
+    assert seen == [True]
 
 
 def test_trainings_on_one_machine_share_its_cores(tmp_path, monkeypatch):
