@@ -28,6 +28,7 @@ from training import TrainConfig, train
 from training.checkpoint import ResumeError
 from training.config import ConfigError
 from training.dpo import DPOConfig, resume_dpo, resume_dpo_config, train_dpo
+from training.dpo_cli import main as dpo_main
 from training.dpo_loss import dpo_loss, reference_logprobs, sequence_logprobs
 from training.loop import resume_run
 from training.events import Finished, Logged, Started, Status
@@ -494,16 +495,15 @@ def test_a_resume_is_refused_when_the_data_or_the_parent_changed_or_nothing_was_
         resume_dpo(run)
 
 
-def test_cli_resume(parent, few_pairs, tmp_path):
+def test_cli_resume(parent, few_pairs, tmp_path, capsys):
     run = tmp_path / "dpo"
     train_dpo(dpo_config(parent, few_pairs, run, epochs=2, max_steps=None, sample_tokens=0), stop_after(1))
     out = subprocess.run([sys.executable, "-m", "training.dpo", "--resume", str(run), "--eval-every", "1"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "done: 4 steps" in out.stdout and read_manifest(run)["resumed_from_step"] == [1]
-    out = subprocess.run([sys.executable, "-m", "training.dpo", "--resume", str(run), "--beta", "0.5"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1 and "error: dpo is done (4 steps): there is nothing to resume" in out.stderr
+    assert dpo_main(["--resume", str(run), "--beta", "0.5"]) == 1  # refused before any work: in this process
+    assert "error: dpo is done (4 steps): there is nothing to resume" in capsys.readouterr().err
 
 
 # Evaluation: base, fine-tuned and aligned
