@@ -671,6 +671,7 @@ def test_calibration_fit_separates_the_fixed_cost_per_step():
 @pytest.mark.parametrize("args, says", [
     (["bench.train", "--data", "/nonexistent/records.json"], "/nonexistent/records.json"),
     (["training.calibrate", "--model", "gpt9"], "gpt9"),
+    (["bench.dataset", "--data", "/nonexistent/records.json"], "/nonexistent/records.json"),
 ])
 def test_clis_refuse_a_missing_file_or_an_unknown_preset_in_one_line(args, says, capsys):
     """Each module's ``main`` in this process (a process each cost 2-3 s of imports), as ``python -m`` runs it."""
@@ -703,6 +704,17 @@ def test_clis_report_missing_data_offline_in_one_line(tmp_path, args, says):
     out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: ") and says in out.stderr
+
+
+def test_bench_dataset_counts_tokens_both_ways_and_ends_with_json(capsys):
+    from bench.dataset import main
+    from data.records import SAMPLE_PATH
+
+    assert main(["--data", str(SAMPLE_PATH), "--rounds", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("74 records (sample.json)") and "(same counts; median of 1)" in out[1]
+    figures = json.loads(out[-1])
+    assert figures["records"] == 74 and figures["alpaca"]["ratio"] > 0 and figures["phi3"]["whole_prompt_s"] > 0
 
 
 def test_bench_train_ends_with_one_json_object_without_nan(tmp_path):
@@ -751,6 +763,7 @@ def test_bench_together_times_each_run_alone_and_side_by_side():
     (["bench.train", "--steps", "x"], "argument --steps: 'x' is not a whole number"),
     (["bench.watchers", "--model", "gpt9"], "argument --model: unknown preset 'gpt9'"),
     (["bench.together", "--runs", "1"], "argument --runs: must be at least 2, got 1"),
+    (["bench.dataset", "--records", "0"], "argument --records: must be at least 1, got 0"),
 ])
 def test_benchmarks_refuse_bad_arguments_in_one_usage_line(args, says, monkeypatch, capsys):
     """Each module's ``main`` as ``python -m`` runs it, in this process (a process each cost 2 s of imports):
