@@ -715,8 +715,9 @@ def test_a_tab_polls_only_while_it_is_shown():
         tab = next((tabs[t[0]] for t in fn.targets if t[1] == "select" and t[0] in tabs), None)
         if tab is not None and [o._id for o in fn.outputs] == list(timers):
             shown[tab] = [update.active for update in fn.fn()]
-    assert shown == {"dataset": [True, False, False], "train": [True, False, False], "align": [False, True, False],
-                     "playground": [True, False, False], "evaluate": [False, False, True]}
+    # The timers of the Train, Evaluate and Align tabs, in the tabs' order.
+    assert shown == {"dataset": [True, False, False], "train": [True, False, False], "playground": [True, False, False],
+                     "evaluate": [False, True, False], "align": [False, False, True]}
     # and Gradio's per-event pandas summary of its event log runs once per 1,000 events, not after each poll
     assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == 1000 and demo._queue.ANALYTICS_MAX_EVENTS == 1000
 
