@@ -20,10 +20,9 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import at_least, print_json
+from bench.common import at_least, print_json, timed
 from data import DatasetError, format_prompt, load_instructions, token_stats
 from engine.datasets import Datasets
 from model.tokenizer import get_tokenizer
@@ -50,12 +49,6 @@ def alpaca_like(n: int, folder: Path) -> Path:
     return path
 
 
-def seconds(fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dataset", description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=at_least(1), default=52_002, help="records built from the book's (default 52,002)")
@@ -65,7 +58,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = Path(args.data) if args.data else alpaca_like(args.records, Path(tmp))
-            records, parse_s = seconds(load_instructions, path)
+            records, parse_s = timed(load_instructions, path)
         except (DatasetError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -75,9 +68,9 @@ def main(argv=None) -> int:
     for style in ("alpaca", "phi3"):
         ours, whole = [], []
         for _ in range(args.rounds):
-            counts, took = seconds(token_stats, records, None, style)
+            counts, took = timed(token_stats, records, None, style)
             ours.append(took)
-            expected, took = seconds(whole_prompt_stats, records, style)
+            expected, took = timed(whole_prompt_stats, records, style)
             whole.append(took)
             if counts != expected:
                 print(f"error: the {style} counts differ from the whole prompt's", file=sys.stderr)
@@ -88,8 +81,8 @@ def main(argv=None) -> int:
         figures[style] = {"field_by_field_s": a, "whole_prompt_s": b, "ratio": b / a}
     datasets = Datasets()
     ref = {"sha256": "these records"}  # the key a loaded file's hash is
-    _, first = seconds(datasets.token_stats, ref, records, "alpaca")
-    _, again = seconds(datasets.token_stats, ref, records, "alpaca")
+    _, first = timed(datasets.token_stats, ref, records, "alpaca")
+    _, again = timed(datasets.token_stats, ref, records, "alpaca")
     print(f"the engine's Datasets: counted in {first:.2f} s on first use, {again * 1e3:.2f} ms again (a reload, "
           "another visitor, the format chosen again)")
     figures["datasets_first_s"], figures["datasets_again_s"] = first, again
