@@ -441,6 +441,47 @@ def test_a_run_that_ends_between_two_polls_gives_the_start_button_back(folders, 
     assert not hasattr(poll(engine, "owner-a", out[-2], [])[4], "interactive")  # sent once, not every tick
 
 
+def test_while_the_first_run_trains_the_other_tabs_say_it_is_going_and_show_it_once_saved(tmp_path):
+    """The Playground's and Evaluate's note, when they are opened with no run picked: how to train a first run, or
+    that one is going; opened again once it is saved, they pick it."""
+    import gradio as gr
+
+    from engine import Engine
+    from ui.app import build_app
+    from ui.train_tab import make_config
+
+    engine = Engine(root=tmp_path)
+    demo = build_app(engine)
+    tabs = {b._id: b.id for b in demo.blocks.values() if isinstance(b, gr.Tab)}
+    opened = {tabs[t[0]]: fn.fn for fn in demo.fns.values() for t in fn.targets
+              if t[1] == "select" and t[0] in tabs and fn.inputs and fn.inputs[0].elem_id in ("tuned-run", "eval-run")}
+    assert sorted(opened) == ["evaluate", "playground"]
+
+    def notes():  # (picked run, note) of each tab when it is opened with none picked
+        shown = [opened["playground"](None), opened["evaluate"](None, "fine-tuned ROUGE-L", False)]
+        return [(out[0].value, text(out[1]).strip()) for out in shown]
+
+    assert [(run, note.startswith("No f") and "going now" not in note) for run, note in notes()] == [(None, True)] * 2
+    job = engine.start_training(make_config(**{**TINY, "max_steps": 10_000}, data="sample"), owner="owner-a")
+    try:
+        (_, play), (_, score) = going = notes()
+        assert [run for run, _ in going] == [None, None]
+        assert play == ("No finished run yet: a fine-tuning run is going now in the Train tab; compare it with the "
+                        "model it started from here once it is saved.")
+        assert score.startswith("No finished run yet: a fine-tuning run is going now in the Train tab; score it")
+        deadline = time.time() + 60
+        while job.snapshot()["step"] < 1 and time.time() < deadline:  # a step taken: stopping saves a run
+            time.sleep(0.1)
+    finally:
+        engine.stop("train", "owner-a")
+        assert job.wait(60)
+    name = job.snapshot()["run"]
+    (run, play), (again, score) = notes()  # the stopped run, saved
+    assert run == again == name and play.startswith("Base model: tiny with random weights") and "no evaluation" in score
+    picked = opened["playground"](name)  # a run picked: only the list is brought up to date, answers are kept
+    assert picked[0].value == name and all(out is gr.skip() or out == gr.skip() for out in picked[1:])
+
+
 def test_playground_reports_models_it_cannot_load(url, folders):
     c = client(url)
     runs = sorted((folders / "runs").iterdir())

@@ -53,12 +53,20 @@ class Shared:
         for trigger in (self.app.load, self.tab.select):
             trigger(fn, inputs, outputs, **quiet)
 
-    def relist_when_shown(self, picker: gr.Dropdown, choices: Callable[[], list]) -> None:
+    def relist_when_shown(self, picker: gr.Dropdown, choices: Callable[[], list], fill: Callable, inputs: list,
+                          outputs: list) -> None:
         """Opening the tab being built lists the runs in ``picker`` as they are now (``choices()``): since the page
         loaded, runs may have finished or been deleted by the server's runs budget. Only the list changes, not the
-        choice nor what it shows. (Not when the picker itself is opened: Gradio redraws a list that is open badly.)"""
-        self.tab.select(lambda current: gr.Dropdown(choices=choices(), value=current), picker, picker,
-                        api_visibility="private", concurrency_limit=None, show_progress="hidden")
+        choice nor what it shows; with no run picked, ``fill(*inputs)`` gives ``picker`` and ``outputs`` afresh (a
+        run that has finished since, or the note that one is training now). (Not when the picker itself is opened:
+        Gradio redraws a list that is open badly.)"""
+        def shown(current, *values):
+            if current:
+                return (gr.Dropdown(choices=choices(), value=current),) + (gr.skip(),) * len(outputs)
+            return fill(*values)
+
+        self.tab.select(shown, [picker, *inputs], [picker, *outputs], api_visibility="private",
+                        concurrency_limit=None, show_progress="hidden")
 
 
 POLL_SECONDS = 1.0

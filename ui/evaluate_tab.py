@@ -23,7 +23,7 @@ from runstore import RunInfo
 from runstore.export import ExportError, load_hint, push_to_hub
 
 from .charts import empty_figure, evaluation_figure
-from .widgets import as_int, bar, clock, finished_run_choices, notice
+from .widgets import as_int, bar, clock, finished_run_choices, no_runs_note, notice
 
 TITLE = "Evaluate"
 MAX_NEW_TOKENS = 256
@@ -88,14 +88,25 @@ def not_yet(run: RunInfo, cap: int | None = None) -> str:
             "per model per 110 examples for GPT-2 124M on a CPU; a limit tries it on the first few.")
 
 
-def refresh_runs(engine, current: str | None):
-    """The run picker on the run being evaluated, else the current choice while it still exists, else the newest run."""
+def run_to_show(engine, current: str | None) -> tuple[list, str | None]:
+    """(the picker's choices, the run being evaluated, else the current choice while it still exists, else the newest)."""
     choices = finished_run_choices(engine)
     names = [n for _, n in choices]
     evaluating = evaluated_run(engine.snapshot("evaluate", since=SCALARS_ONLY))
     if evaluating in names:
-        return gr.Dropdown(choices=choices, value=evaluating)
-    return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
+        return choices, evaluating
+    return choices, current if current in names else (names[0] if names else None)
+
+
+def refresh_runs(engine, current: str | None):
+    choices, value = run_to_show(engine, current)
+    return gr.Dropdown(choices=choices, value=value)
+
+
+def pick_and_load(engine, rank_by: str, show_all: bool) -> tuple:
+    """The picker on the run to show (see ``run_to_show``) and that run's saved evaluation."""
+    choices, value = run_to_show(engine, None)
+    return (gr.Dropdown(choices=choices, value=value),) + load_evaluation(engine, value, rank_by, show_all)
 
 
 def evaluated_run(snap: dict) -> str | None:
@@ -220,7 +231,8 @@ def shown(run: RunInfo, result: dict | None, rank_by: str, show_all: bool, local
 def load_evaluation(engine, name: str | None, rank_by: str, show_all: bool):
     """The run's saved evaluation (``eval_summary.json`` and ``eval.jsonl``), shown at once."""
     if not name:
-        return notice(NO_RUNS), empty_figure("No run picked", height=340), table_update(None, rank_by, show_all), None
+        return (no_runs_note(engine, NO_RUNS, "score it against its base model"), empty_figure("No run picked", height=340),
+                table_update(None, rank_by, show_all), None)
     try:
         run = engine.finished_run(name)
     except ValueError as e:
@@ -451,7 +463,8 @@ def build(shared) -> None:
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
         trigger(partial(refresh_runs, engine), run, run, api_visibility="private", **cheap).then(
             load_shown, [run, rank_by, show_all], shown_outputs, api_visibility="private", **cheap)
-    shared.relist_when_shown(run, partial(finished_run_choices, engine))
+    shared.relist_when_shown(run, partial(finished_run_choices, engine), partial(pick_and_load, engine), [rank_by, show_all],
+                             shown_outputs)
     for control in (rank_by, show_all):
         control.input(table_update, [result, rank_by, show_all], table, api_visibility="private", **cheap)
     table.change(lambda shown: gr.Dataframe(column_widths=column_widths(list(shown.columns))), table, table,

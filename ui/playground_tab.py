@@ -22,7 +22,7 @@ from engine.public import scrub
 from model import WeightsError, get_tokenizer, stream_side_by_side
 from training import ConfigError
 
-from .widgets import finished_run_choices, notice
+from .widgets import finished_run_choices, no_runs_note, notice
 
 TITLE = "Playground"
 MAX_NEW_TOKENS = 256
@@ -66,7 +66,7 @@ def columns(engine, name: str | None) -> tuple:
 
 def run_info(engine, name: str | None) -> str:
     if not name:
-        return notice(NO_RUNS)
+        return no_runs_note(engine, NO_RUNS, "compare it with the model it started from")
     try:
         run = engine.finished_run(name)
         config = run_config(run.path)
@@ -253,7 +253,7 @@ def build(shared) -> None:
         trigger(lambda current: refresh_runs(engine, current), run, picked, api_visibility="private", **cheap)
     shared.runs_changed.change(lambda current: refresh_runs(engine, current, newest=True), run, picked,
                                api_visibility="private", **cheap)
-    shared.relist_when_shown(run, partial(finished_run_choices, engine))
+    shared.relist_when_shown(run, partial(finished_run_choices, engine), lambda: refresh_runs(engine, None), [], picked[1:])
     run.input(lambda name: (run_info(engine, name),) + columns(engine, name), run, picked[1:], api_visibility="private", **cheap)
     shared.dataset.change(lambda d: examples_update(engine, d), shared.dataset, [examples, records], api_visibility="private", **cheap)
     examples.click(pick_example, [examples, records], [instruction, input_text, reference], api_visibility="private", **cheap)

@@ -11,7 +11,7 @@ from data import STYLES
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
+__all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "no_runs_note", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
            "resumable_runs", "resume_job", "run_finished", "saved_run", "playground_button", "style_radio"]
 
 STYLE_LABELS = {"alpaca": "Alpaca (the book's)", "phi3": "Phi-3 (exercise 7.1: shorter prompts)"}
@@ -158,6 +158,18 @@ def trained_runs(engine, statuses=("done", "stopped", "interrupted")) -> list:
 def finished_run_choices(engine) -> list[tuple[str, str]]:
     """Runs with saved weights, newest first, as (label, run name) choices."""
     return [(run_label(run), run.name) for run in trained_runs(engine)]
+
+
+def no_runs_note(engine, text: str, use: str) -> str:
+    """``text`` (how to get a first run) while no run has finished, unless a fine-tuning run is going now: then
+    that it can be used here (``use``) once it is saved."""
+    from engine import ACTIVE, SCALARS_ONLY
+
+    snap = engine.snapshot("train", since=SCALARS_ONLY)
+    if snap["status"] in ACTIVE and snap["kind"] == "fine-tuning":
+        return notice(f"No finished run yet: a fine-tuning run is going now in the <b>Train</b> tab; {use} here once "
+                      "it is saved.")
+    return notice(text)
 
 
 def resumable_runs(runs, dpo: bool):
