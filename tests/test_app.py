@@ -449,6 +449,7 @@ def test_while_the_first_run_trains_the_other_tabs_say_it_is_going_and_show_it_o
     from engine import Engine
     from ui.app import build_app
     from ui.train_tab import make_config
+    from ui.widgets import finished_run_choices
 
     engine = Engine(root=tmp_path)
     demo = build_app(engine)
@@ -479,7 +480,59 @@ def test_while_the_first_run_trains_the_other_tabs_say_it_is_going_and_show_it_o
     (run, play), (again, score) = notes()  # the stopped run, saved
     assert run == again == name and play.startswith("Base model: tiny with random weights") and "no evaluation" in score
     picked = opened["playground"](name)  # a run picked: only the list is brought up to date, answers are kept
-    assert picked[0].value == name and all(out is gr.skip() or out == gr.skip() for out in picked[1:])
+    assert picked[0].constructor_args == {"choices": finished_run_choices(engine)}
+    assert all(out == gr.skip() for out in picked[1:])
+
+
+def test_a_run_that_ends_keeps_another_visitors_choices_and_its_button_opens_it(tmp_path):
+    """Every page's run lists follow a run that ends; a page comparing answers keeps its run and answers, one with
+    none picked shows the new run, the button under the ended run opens that run in the Playground, and a run
+    picked to resume stays picked."""
+    import gradio as gr
+
+    from engine import Engine
+    from ui.app import build_app
+    from ui.train_tab import make_config, runs_table
+    from ui.widgets import finished_run_choices
+
+    engine = Engine(root=tmp_path)
+    demo = build_app(engine)
+    blocks = {b._id: b for b in demo.blocks.values()}
+
+    def handler(event: str, trigger: type, first_input, first_output):
+        return next(fn.fn for fn in demo.fns.values() for t in fn.targets if t[1] == event
+                    and isinstance(blocks[t[0]], trigger) and fn.inputs and first_input(fn.inputs[0])
+                    and fn.outputs and first_output(fn.outputs[0]))
+
+    def picker(block):
+        return getattr(block, "elem_id", None) == "tuned-run"
+
+    def train(owner):  # a run stopped after its second step, with a checkpoint: one to compare and to resume
+        job = engine.start_training(make_config(**{**TINY, "max_steps": 10_000, "checkpoint_every": 1}, data="sample"),
+                                    owner=owner)
+        while job.snapshot()["step"] < 2:
+            assert job.snapshot()["status"] != "failed"
+            time.sleep(0.05)
+        engine.stop("train", owner)
+        assert job.wait(60) and job.snapshot()["status"] == "stopped"
+        return job.snapshot()["run"]
+
+    runs_changed = handler("change", gr.State, picker, picker)  # the shared "a run ended" state
+    open_run = handler("change", gr.State, lambda b: isinstance(b, gr.State), picker)
+    button = handler("click", gr.Button, lambda b: isinstance(b, gr.State), lambda b: isinstance(b, gr.Tabs))
+    first = train("owner-a")
+    second = train("owner-b")
+    kept = runs_changed(first)  # a page comparing answers with the first run
+    assert kept[0].constructor_args == {"choices": finished_run_choices(engine)}
+    assert [name for _, name in kept[0].choices] == [second, first] and all(out == gr.skip() for out in kept[1:])
+    shown = runs_changed(None)  # a page with no run picked shows the newest
+    assert shown[0].value == second and "Base model: tiny with random weights" in text(shown[1])
+    tab, asked = button(first)  # the button under the run that page saw end
+    assert tab.constructor_args == {"selected": "playground"} and asked["run"] == first
+    opened = open_run(asked)
+    assert opened[0].value == first and opened[2].value == opened[3].value == ""  # its answer boxes fresh
+    assert runs_table(engine)[2].value == second and runs_table(engine, first)[2].value == first
+    assert runs_table(engine, "gone")[2].value == second
 
 
 def test_playground_reports_models_it_cannot_load(url, folders):

@@ -42,12 +42,14 @@ def parent_choices(engine) -> list[tuple[str, str]]:
             if run.manifest.get("method") != "dpo"]
 
 
-def refresh_parents(engine, current: str | None):
-    """The parent picker (keeping its choice while it is offered), its note, and the resumable preference-tuning runs."""
+def refresh_parents(engine, current: str | None, resuming: str | None = None):
+    """The parent picker (keeping its choice while it is offered), its note, and the resumable preference-tuning runs
+    (keeping the one picked, ``resuming``, while it is one)."""
     choices = parent_choices(engine)
     names = [n for _, n in choices]
     value = current if current in names else (names[0] if names else None)
-    return gr.Dropdown(choices=choices, value=value), policy_note(value), resumable_runs(engine.runs(), dpo=True)
+    return (gr.Dropdown(choices=choices, value=value), policy_note(value),
+            resumable_runs(engine.runs(), dpo=True, current=resuming))
 
 
 def parent_note(engine, name: str | None) -> str:
@@ -327,5 +329,6 @@ def build(shared) -> None:
     on_poll = partial(poll, engine)
     shared.poll_while_shown(on_poll, [shared.client_id, seen], poll_outputs)
     for trigger in (shared.app.load, shared.tab.select, refresh.click, shared.runs_changed.change):
-        trigger(partial(refresh_parents, engine), parent, [parent, parent_info, resumable], api_visibility="private", **cheap)
+        trigger(partial(refresh_parents, engine), [parent, resumable], [parent, parent_info, resumable],
+                api_visibility="private", **cheap)
     parent.input(partial(parent_note, engine), parent, parent_info, api_visibility="private", **cheap)

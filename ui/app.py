@@ -26,6 +26,7 @@ from engine import Engine
 
 from . import align_tab, dataset_tab, evaluate_tab, playground_tab, train_tab
 from .theme import CSS, FOOTER, HEADER, THEME
+from .widgets import keep_or_fill
 
 TABS = (dataset_tab, train_tab, playground_tab, evaluate_tab, align_tab)  # the book's order (DPO is its bonus material); a phone shows the first three
 
@@ -37,6 +38,7 @@ class Shared:
     dataset: gr.State  # per visitor: a reference {"source", "name", "sha256", "count"}; records live in the engine
     client_id: gr.BrowserState  # random id kept in localStorage: who may stop the run it started
     runs_changed: gr.State  # name of the latest finished run seen by this visitor
+    open_run: gr.State  # {"run", "at"}: a button asked the Playground to open that run
     tabs: gr.Tabs | None = None  # an output of gr.Tabs(selected=<title in lower case>) switches tab
     playground: tuple = ()  # the Playground's components that ``open_example`` fills, set by its build
     open_example: Callable | None = None  # (record, run name, note) -> values for ``playground``, set by its build
@@ -57,13 +59,11 @@ class Shared:
                           outputs: list) -> None:
         """Opening the tab being built lists the runs in ``picker`` as they are now (``choices()``): since the page
         loaded, runs may have finished or been deleted by the server's runs budget. Only the list changes, not the
-        choice nor what it shows; with no run picked, ``fill(*inputs)`` gives ``picker`` and ``outputs`` afresh (a
-        run that has finished since, or the note that one is training now). (Not when the picker itself is opened:
-        Gradio redraws a list that is open badly.)"""
+        choice nor what it shows; with no run picked (or the picked one gone), ``fill(*inputs)`` gives ``picker`` and
+        ``outputs`` afresh (a run that has finished since, or the note that one is training now). (Not when the picker
+        itself is opened: Gradio redraws a list that is open badly.)"""
         def shown(current, *values):
-            if current:
-                return (gr.Dropdown(choices=choices(), value=current),) + (gr.skip(),) * len(outputs)
-            return fill(*values)
+            return keep_or_fill(choices(), current, lambda: fill(*values), len(outputs))
 
         self.tab.select(shown, [picker, *inputs], [picker, *outputs], api_visibility="private",
                         concurrency_limit=None, show_progress="hidden")
@@ -93,7 +93,8 @@ def build_app(engine: Engine) -> gr.Blocks:
     with gr.Blocks(title="Instruction fine-tuning GPT-2", delete_cache=(3600, int(hours * 3600))) as demo:
         gr.HTML(HEADER)
         dataset = gr.State(None, time_to_live=engine.limits.session_minutes * 60)
-        shared = Shared(engine, demo, dataset, gr.BrowserState(None, storage_key="gpt2-instruct-client"), gr.State(None))
+        shared = Shared(engine, demo, dataset, gr.BrowserState(None, storage_key="gpt2-instruct-client"), gr.State(None),
+                        gr.State(None))
         demo.load(ensure_client_id, shared.client_id, shared.client_id, api_visibility="private",
                   concurrency_limit=None, show_progress="hidden")
         with gr.Tabs() as shared.tabs:

@@ -22,7 +22,7 @@ from engine.public import scrub
 from model import WeightsError, get_tokenizer, stream_side_by_side
 from training import ConfigError
 
-from .widgets import finished_run_choices, no_runs_note, notice
+from .widgets import finished_run_choices, keep_or_fill, no_runs_note, notice
 
 TITLE = "Playground"
 MAX_NEW_TOKENS = 256
@@ -30,12 +30,18 @@ EXAMPLES = 30
 NO_RUNS = "No fine-tuned run yet: train one in the <b>Train</b> tab, then compare it here with the model it started from."
 
 
-def refresh_runs(engine, current: str | None, newest: bool = False):
-    """The run picker, keeping the current choice when it still exists (unless ``newest``), else the newest run."""
+def refresh_runs(engine, current: str | None):
+    """The run picker on ``current`` while it exists, else the newest run, its note and answer boxes (cleared)."""
     choices = finished_run_choices(engine)
     names = [n for _, n in choices]
-    value = current if current in names and not newest else (names[0] if names else None)
+    value = current if current in names else (names[0] if names else None)
     return (gr.Dropdown(choices=choices, value=value), run_info(engine, value)) + columns(engine, value)
+
+
+def relist(engine, current: str | None) -> tuple:
+    """The run list as it is now, keeping the picked run and its answers while it exists (a run another visitor
+    finished must not wipe them), else the newest run, shown."""
+    return keep_or_fill(finished_run_choices(engine), current, lambda: refresh_runs(engine, None), 5)
 
 
 def parent_of(engine, run):
@@ -249,10 +255,11 @@ def build(shared) -> None:
           [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
           [base_out, tuned_out, aligned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
     picked = [run, info, base_out, tuned_out, aligned_out, diff]
-    for trigger in (shared.app.load, refresh.click):
-        trigger(lambda current: refresh_runs(engine, current), run, picked, api_visibility="private", **cheap)
-    shared.runs_changed.change(lambda current: refresh_runs(engine, current, newest=True), run, picked,
-                               api_visibility="private", **cheap)
+    shared.app.load(lambda current: refresh_runs(engine, current), run, picked, api_visibility="private", **cheap)
+    for trigger in (refresh.click, shared.runs_changed.change):
+        trigger(partial(relist, engine), run, picked, api_visibility="private", **cheap)
+    shared.open_run.change(lambda asked: refresh_runs(engine, (asked or {}).get("run")), shared.open_run, picked,
+                           api_visibility="private", **cheap)
     shared.relist_when_shown(run, partial(finished_run_choices, engine), lambda: refresh_runs(engine, None), [], picked[1:])
     run.input(lambda name: (run_info(engine, name),) + columns(engine, name), run, picked[1:], api_visibility="private", **cheap)
     shared.dataset.change(lambda d: examples_update(engine, d), shared.dataset, [examples, records], api_visibility="private", **cheap)

@@ -363,9 +363,9 @@ def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, 
     return expected_html(engine, preset, lora, rank, dataset, *form, result=result)
 
 
-def runs_table(engine) -> tuple[list[list], dict, dict]:
+def runs_table(engine, resuming: str | None = None) -> tuple[list[list], dict, dict]:
     """Past runs as table rows, the overlay picker's choices (runs that logged metrics), and the resumable fine-tuning runs
-    (a preference-tuning run resumes in the Align tab)."""
+    (a preference-tuning run resumes in the Align tab), keeping the one picked (``resuming``) while it is one."""
     rows, choices = [], []
     runs = engine.runs()
     for run in runs:
@@ -375,7 +375,7 @@ def runs_table(engine) -> tuple[list[list], dict, dict]:
                      val_loss_text(m), clock(m.get("wall_time_s"))])
         if (run.path / METRICS).is_file():
             choices.append((run.label(), run.name))
-    return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False)
+    return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False, current=resuming)
 
 
 def data_line(engine, dataset: dict | None, preset: str | None = None) -> str:
@@ -503,7 +503,7 @@ def build(shared) -> None:
     shared.poll_while_shown(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", api_visibility="public")
     overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
     for trigger in (shared.app.load, shared.tab.select, refresh.click, shared.runs_changed.change):
-        trigger(lambda: runs_table(engine), None, [runs, overlay, resumable], api_visibility="private", **cheap)
+        trigger(partial(runs_table, engine), resumable, [runs, overlay, resumable], api_visibility="private", **cheap)
     resume_btn.click(partial(resume_job, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
                      api_name="resume_training", concurrency_limit=1)
     for trigger in (shared.dataset.change, preset.change):

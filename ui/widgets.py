@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 
@@ -11,7 +13,7 @@ from data import STYLES
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "no_runs_note", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
+__all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "keep_or_fill", "no_runs_note", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
            "resumable_runs", "resume_job", "run_finished", "saved_run", "playground_button", "style_radio"]
 
 STYLE_LABELS = {"alpaca": "Alpaca (the book's)", "phi3": "Phi-3 (exercise 7.1: shorter prompts)"}
@@ -31,12 +33,22 @@ def saved_run(snap: dict) -> bool:
 
 
 def playground_button(shared, text: str, elem_id: str) -> gr.Button:
-    """A button, hidden until a tab's poll shows it, that opens the Playground at the top of the page (its run picker,
-    where the run that just finished is already picked), not at the depth the page was scrolled to."""
+    """A button, hidden until a tab's poll shows it, that opens the run that just finished (the visitor's latest seen,
+    ``runs_changed``) in the Playground, at the top of the page, not at the depth the page was scrolled to."""
     button = gr.Button(text, visible=False, size="sm", elem_id=elem_id)
-    button.click(lambda: gr.Tabs(selected="playground"), None, shared.tabs, api_visibility="private",
-                 js="() => { window.scrollTo({top: 0}); return []; }", concurrency_limit=None, show_progress="hidden")
+    button.click(lambda name: (gr.Tabs(selected="playground"), {"run": name, "at": time.time()}), shared.runs_changed,
+                 [shared.tabs, shared.open_run], api_visibility="private",
+                 js="(name) => { window.scrollTo({top: 0}); return [name]; }", concurrency_limit=None, show_progress="hidden")
     return button
+
+
+def keep_or_fill(choices: list[tuple[str, str]], current: str | None, fill: Callable[[], tuple], outputs: int) -> tuple:
+    """A run picker brought up to date: while ``current`` is still listed, only its list changes (the choice and what
+    the tab shows for it stay: answers, results); else ``fill()`` picks a run and shows it (the picker and ``outputs``
+    more)."""
+    if current in {name for _, name in choices}:
+        return (gr.Dropdown(choices=choices),) + (gr.skip(),) * outputs
+    return fill()
 
 
 def run_finished(snap: dict, seen: dict) -> tuple:
@@ -172,12 +184,13 @@ def no_runs_note(engine, text: str, use: str) -> str:
     return notice(text)
 
 
-def resumable_runs(runs, dpo: bool):
+def resumable_runs(runs, dpo: bool, current: str | None = None):
     """A run picker for the Resume button: the stopped or interrupted runs with a checkpoint, preference-tuned ones
-    (``dpo``) or fine-tuned ones, newest first, the newest picked."""
+    (``dpo``) or fine-tuned ones, newest first; ``current`` stays picked while it can be resumed, else the newest."""
     choices = [(f"{run.name} · {run.status} at step {run.last_step}", run.name) for run in runs
                if run.resumable and (run.manifest.get("method") == "dpo") == dpo]
-    return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+    names = [name for _, name in choices]
+    return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
 
 
 def resume_job(engine, client_id: str | None, name: str | None):
