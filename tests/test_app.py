@@ -535,6 +535,33 @@ def test_a_run_that_ends_keeps_another_visitors_choices_and_its_button_opens_it(
     assert runs_table(engine, "gone")[2].value == second
 
 
+def test_a_start_after_the_pages_dataset_choice_expired_trains_on_the_data_the_page_shows(folders, tmp_path):
+    """The server forgets a page's dataset choice after ``session_minutes``; a Start then opens it again from the
+    browser's copy instead of training on the bundled sample, or says why it cannot."""
+    import gradio as gr
+
+    from engine import Engine
+    from ui.app import build_app
+    from ui.train_tab import restore_dataset
+
+    engine = Engine(root=tmp_path / "runs")
+    upload = tmp_path / "my_records.json"
+    upload.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(40)]))
+    chosen, _ = engine.datasets.open("upload", str(upload))
+    assert restore_dataset(engine, chosen, chosen) == gr.skip()  # not expired
+    assert restore_dataset(engine, None, None) == gr.skip()  # never chosen (an API client): the sample, as before
+    again = restore_dataset(engine, None, dict(chosen))
+    assert again == chosen and engine.datasets.training_source(again).endswith(chosen["key"])
+    (engine.datasets.uploads_dir / chosen["key"]).unlink()
+    with pytest.raises(gr.Error, match=r"expired after 120 minutes and could not be opened again \(my_records.json is no "
+                                       r"longer on the server\): load a dataset in the Dataset tab"):
+        restore_dataset(engine, None, chosen)
+    demo = build_app(engine)  # wired before the Start, which runs only when the choice is there or was restored
+    start = next(fn for fn in demo.fns.values() if fn.api_name == "start_training")
+    restore = next(fn for fn in demo.fns.values() if fn._id == start.trigger_after)
+    assert start.trigger_only_on_success and restore.fn.func is restore_dataset
+
+
 def test_playground_reports_models_it_cannot_load(url, folders):
     c = client(url)
     runs = sorted((folders / "runs").iterdir())

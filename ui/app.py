@@ -39,6 +39,7 @@ class Shared:
     client_id: gr.BrowserState  # random id kept in localStorage: who may stop the run it started
     runs_changed: gr.State  # name of the latest finished run seen by this visitor
     open_run: gr.State  # {"run", "at"}: a button asked the Playground to open that run
+    remembered: gr.BrowserState | None = None  # this browser's last dataset reference: outlives ``dataset``'s expiry
     tabs: gr.Tabs | None = None  # an output of gr.Tabs(selected=<title in lower case>) switches tab
     playground: tuple = ()  # the Playground's components that ``open_example`` fills, set by its build
     open_example: Callable | None = None  # (record, run name, note) -> values for ``playground``, set by its build

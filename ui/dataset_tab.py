@@ -263,7 +263,7 @@ def build(shared) -> None:
                  concurrency_limit=2)
     upload.upload(lambda u, s, m, f: load(engine, "upload", u, s, m, f), [upload, state, mask, style], load_outputs,
                   api_visibility="private", concurrency_limit=2)
-    remembered = gr.BrowserState(None, storage_key="gpt2-instruct-dataset")
+    remembered = shared.remembered = gr.BrowserState(None, storage_key="gpt2-instruct-dataset")
     shared.app.load(lambda m, r, f: load_default(engine, m, r, f), [mask, remembered, style], load_outputs, api_visibility="private",
                     concurrency_limit=2)
     state.change(lambda s: s if s else gr.skip(), state, remembered, api_visibility="private", **cheap)

@@ -80,6 +80,18 @@ def start(engine, client_id: str | None, dataset: dict | None, preset: str, cust
     return notice(text, "ok"), gr.Button(interactive=False), gr.Button(interactive=True)
 
 
+def restore_dataset(engine, dataset: dict | None, remembered: dict | None):
+    """Before a Start: the page's dataset choice, opened again from the browser's copy once the server's has expired
+    (``session_minutes`` after it was made), so that the run trains on the data the page shows, not the sample."""
+    if dataset or not remembered:
+        return gr.skip()
+    try:
+        return engine.datasets.reopen(remembered)[0]
+    except (DatasetError, OSError) as e:
+        raise gr.Error(f"This page's dataset choice expired after {engine.limits.session_minutes:g} minutes and could "
+                       f"not be opened again ({scrub(str(e))}): load a dataset in the Dataset tab.") from None
+
+
 def stop(engine, client_id: str | None):
     return stop_job(engine, "train", client_id, "No run is going.", "Stopping at the next step; the model trained so far is saved.")
 
@@ -497,8 +509,10 @@ def build(shared) -> None:
     shared.app.load(lambda: suggested_model(engine), None, [preset] + preset_outputs, api_visibility="private", **cheap)
     preset.input(lambda p: preset_settings(p, engine.limits.max_epochs, local_paths=engine.limits.local_paths), preset, preset_outputs, api_visibility="private", **cheap)
     custom.input(lambda c, r: False if (c or "").strip() else r, [custom, random_init], random_init, api_visibility="private", **cheap)
-    start_btn.click(lambda *a: start(engine, *a), [shared.client_id, shared.dataset] + settings, [message, start_btn, stop_btn],
-                    api_name="start_training", concurrency_limit=1)
+    start_btn.click(partial(restore_dataset, engine), [shared.dataset, shared.remembered], shared.dataset,
+                    api_visibility="private", **cheap).success(
+        lambda *a: start(engine, *a), [shared.client_id, shared.dataset] + settings, [message, start_btn, stop_btn],
+        api_name="start_training", concurrency_limit=1)
     stop_btn.click(lambda c: stop(engine, c), shared.client_id, message, api_name="stop_training", **cheap)
     shared.poll_while_shown(on_poll, [shared.client_id, seen, overlay], poll_outputs, api_name="poll_status", api_visibility="public")
     overlay.change(lambda o, s: redraw(engine, o, s), [overlay, seen], [loss_chart, seen], api_visibility="private", **cheap)
