@@ -407,6 +407,17 @@ def test_settings_errors_are_messages(url):
     assert (after["status"], after["started_at"]) == (before["status"], before["started_at"])  # nothing started
 
 
+def test_a_form_error_names_a_setting_as_the_form_does_and_leaves_file_names_alone():
+    from ui.widgets import form_error
+
+    said = {e: text(form_error(ValueError(e))).strip() for e in ("max_steps must be 0 (all of them) or more", "lr must be in (0, 1]",
+                                                         "beta must be above 0", "alpaca_data.json has 5 records",
+                                                         "my_records has no records", "max_steps.json is empty")}
+    assert list(said.values()) == ["max steps must be 0 (all of them) or more", "learning rate must be in (0, 1]",
+                                   "beta must be above 0", "alpaca_data.json has 5 records", "my_records has no records",
+                                   "max_steps.json is empty"]
+
+
 def test_a_failed_run_takes_the_started_message_away_and_names_the_path_box(url, tmp_path):
     c = client(url)
     load(c, "sample")

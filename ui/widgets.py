@@ -106,10 +106,17 @@ SETTING_NAMES = {"lr": "learning rate", "lora_alpha": "LoRA alpha", "lora_rank":
 
 def form_error(error: Exception, typed: str | None = None) -> str:
     """An error notice for a form: a setting the message starts with (``max_steps``, ``lr``) is named as the form
-    labels it, and server paths are cut to their last part, except the path the visitor ``typed``."""
-    from engine.public import scrub
+    labels it (a file name such as ``alpaca_data.json`` is left as it is), and server paths are cut to their last
+    part, except the path the visitor ``typed``."""
+    from dataclasses import fields
 
-    text = re.sub(r"^(lr|[a-z]+(?:_[a-z]+)+)\b", lambda m: SETTING_NAMES.get(m[1], m[1].replace("_", " ")), str(error))
+    from engine.public import scrub
+    from training import TrainConfig
+    from training.dpo import DPOConfig
+
+    settings = {f.name for config in (TrainConfig, DPOConfig) for f in fields(config)}
+    text = re.sub(r"^([a-z_]+)\b(?!\.)", lambda m: SETTING_NAMES.get(m[1], m[1].replace("_", " ")) if m[1] in settings
+                  else m[1], str(error))
     parts = text.split(typed) if typed else [text]
     return notice(html.escape((typed or "").join(scrub(part) for part in parts)), "error")
 
