@@ -122,7 +122,8 @@ class Engine:
             busy = next((job for job in self._jobs.values() if job is not None and job.active), None)
             if busy is not None:
                 title = busy.snapshot(since=SCALARS_ONLY)["title"]
-                raise JobError(f"a {title} is running: measure once it has ended, so that neither slows the other")
+                article = "an" if title[:1] in "aeiou" else "a"
+                raise JobError(f"{article} {title} is running: measure once it has ended, so that neither slows the other")
             if self._measuring:
                 raise JobError(f"{self._measuring} is being measured already; its result shows here in a moment")
             self._measuring = preset

@@ -418,6 +418,18 @@ def test_a_form_error_names_a_setting_as_the_form_does_and_leaves_file_names_alo
                                    "max_steps.json is empty"]
 
 
+def test_one_record_and_one_test_example_are_singular():
+    from types import SimpleNamespace
+
+    from ui.evaluate_tab import not_yet
+    from ui.train_tab import data_line
+
+    assert "Data: one.json , 1 record (change it" in text(data_line(None, {"source": "upload", "name": "one.json", "count": 1}))
+    run = SimpleNamespace(manifest={"data": {"split": {"test": 1}}})
+    assert "the whole test split (1 example):" in text(not_yet(run))
+    assert "at most 1 test example (this server" in text(not_yet(SimpleNamespace(manifest={}), cap=1))
+
+
 def test_a_failed_run_takes_the_started_message_away_and_names_the_path_box(url, tmp_path):
     c = client(url)
     load(c, "sample")

@@ -23,7 +23,7 @@ from runstore import RunInfo
 from runstore.export import ExportError, load_hint, push_to_hub
 
 from .charts import empty_figure, evaluation_figure
-from .widgets import as_int, bar, clock, finished_run_choices, no_runs_note, notice
+from .widgets import as_int, bar, clock, finished_run_choices, no_runs_note, notice, plural
 
 TITLE = "Evaluate"
 MAX_NEW_TOKENS = 256
@@ -80,10 +80,10 @@ def not_yet(run: RunInfo, cap: int | None = None) -> str:
     models = "the base, the fine-tuned and the aligned model" if run.manifest.get("method") == "dpo" else \
         "the base and the fine-tuned model"
     if cap is not None and (test is None or test > cap):
-        where = (f"the first {cap:,} of its {test:,} test examples" if test else f"at most {cap:,} test examples") + \
-            " (this server's most an evaluation)"
+        where = (f"the first {cap:,} of its {plural(test, 'test example')}" if test else
+                 f"at most {plural(cap, 'test example')}") + " (this server's most an evaluation)"
     else:
-        where = f"the whole test split ({f'{test:,} examples' if test else 'its test split'})"
+        where = f"the whole test split ({plural(test, 'example') if test else 'its test split'})"
     return (f"This run has no evaluation yet. Press <b>Evaluate</b> to score {models} on {where}: about 1-2 minutes "
             "per model per 110 examples for GPT-2 124M on a CPU; a limit tries it on the first few.")
 
@@ -151,7 +151,7 @@ def summary_html(summary: dict, rows: list[dict], local: bool = True) -> str:
     body = "".join(f"<tr><th>{label}</th>{cells(key, spec)}"
                    f'<td class="gi-caption">{html.escape(note)}</td></tr>' for label, key, spec, note in lines)
     columns = "".join(f"<th>{COLUMNS[n]}</th>" for n in names)
-    head = (f"{summary['examples']} {summary['split']} examples of <b>{html.escape(Path(str(summary['data'])).name)}</b> "
+    head = (f"{plural(summary['examples'], summary['split'] + ' example')} of <b>{html.escape(Path(str(summary['data'])).name)}</b> "
             f"({summary['style']} prompts), up to {summary['max_new_tokens']} new tokens, greedy · "
             f"{clock(summary['wall_time_s'])} on {html.escape(str(summary['device']))} · {html.escape(str(summary['started'])[:16])}")
     parts = [f'<div class="gi-caption">{head}</div>',
@@ -307,7 +307,7 @@ def outcome(engine, snap: dict, rank_by: str, show_all: bool) -> tuple:
     payload = snap["result"]
     summary = payload["summary"]
     name = snap["config"]["run"]
-    done = (f"Evaluated <b>{summary['examples']}</b> examples in {clock(summary['wall_time_s'])}; saved "
+    done = (f"Evaluated <b>{plural(summary['examples'], 'example')}</b> in {clock(summary['wall_time_s'])}; saved "
             f"<code>{EVAL_ROWS}</code> and <code>{EVAL_SUMMARY}</code> with run <code>{html.escape(name)}</code>.")
     try:
         results = shown(engine.finished_run(name), payload, rank_by, show_all, engine.loopback)

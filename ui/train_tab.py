@@ -319,13 +319,13 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
                 "(<b>Measure</b> times a few real steps, a few seconds to a minute).")
         return notice(f"{when}{last}<br>{reason}.")
     when = (f"Expected on this machine for <b>{html.escape(preset)}</b>, {method}, evaluations included: one epoch of "
-            f"{html.escape(found.timed_on)} <b>{clock(found.epoch_s)}</b> ({found.steps} steps at {found.tokens_per_s:,.0f} tokens/s)")
+            f"{html.escape(found.timed_on)} <b>{clock(found.epoch_s)}</b> ({plural(found.steps, 'step')} at {found.tokens_per_s:,.0f} tokens/s)")
     source = dataset["source"] if dataset else "sample"
     name = BUILT_IN_NAMES.get(source) or html.escape(dataset["name"])
     if source != found.data:
         try:
             mine = engine.project_run(found, dataset)
-            when += f"; of {name} <b>{clock(mine.total_s)}</b> ({mine.steps} steps)"
+            when += f"; of {name} <b>{clock(mine.total_s)}</b> ({plural(mine.steps, 'step')})"
         except ValueError as e:
             when += f"; none for {name}: {html.escape(scrub(str(e)))}"
     when += "."
@@ -335,7 +335,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
                     f"{in_format(run.style)}{f', rows cut at {run.max_length:,} tokens' if run.max_length else ''}")
         try:
             this = engine.project_run(found, dataset, run)
-            when += f"<br>{this_run}: <b>{clock(this.total_s)}</b> ({this.steps} steps)."
+            when += f"<br>{this_run}: <b>{clock(this.total_s)}</b> ({plural(this.steps, 'step')})."
         except ValueError as e:
             when += f"<br>{this_run}: none, {html.escape(scrub(str(e)))}."
     return notice(f"{when}{last}<br>{reason}.")
@@ -396,7 +396,7 @@ def data_line(engine, dataset: dict | None, preset: str | None = None) -> str:
         return notice("Data: <b>bundled sample</b> (change it in the Dataset tab).")
     demo = (" The offline demo's note above is about the bundled sample's 74 records; an epoch of these takes its own "
             "steps and time." if preset == "tiny" and dataset["source"] != "sample" else "")
-    return notice(f"Data: <b>{html.escape(dataset['name'])}</b>, {dataset['count']:,} records (change it in the Dataset "
+    return notice(f"Data: <b>{html.escape(dataset['name'])}</b>, {plural(dataset['count'], 'record')} (change it in the Dataset "
                   f"tab).{demo}")
 
 
