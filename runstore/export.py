@@ -140,8 +140,9 @@ def export_zip(run_dir, dest=None) -> Path:
     return dest
 
 
-def push_to_hub(run_dir, repo_id: str, token: str | None = None, private: bool = True) -> str:
-    """Upload the same files to a Hub model repo (created if needed); returns the repo's URL.
+def push_to_hub(run_dir, repo_id: str, token: str | None = None, private: bool = True) -> tuple[str, bool | None]:
+    """Upload the same files to a Hub model repo (created ``private`` if needed); returns the repo's URL and whether
+    it is private (a repo that existed keeps its visibility; None when the Hub does not say).
 
     Checks first that the Hub answers at all, so that offline it fails in a
     few seconds with nothing uploaded, not after the client's long retries.
@@ -170,4 +171,8 @@ def push_to_hub(run_dir, repo_id: str, token: str | None = None, private: bool =
                               commit_message=f"Upload {run_dir.name}, instruction fine-tuned GPT-2")
         except Exception as e:  # the Hub client raises many kinds: auth, name, network
             raise ExportError(f"upload of {run_dir.name} to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    return str(url)
+    try:
+        is_private = api.repo_info(repo_id, repo_type="model").private
+    except Exception:  # uploaded: only its visibility is unknown
+        is_private = None
+    return str(url), is_private

@@ -352,6 +352,43 @@ def test_push_to_hub_offline_fails_fast(run, monkeypatch):
     assert not list(run.glob(".hub-*"))
 
 
+def test_push_to_hub_says_whether_the_repo_is_private(run, monkeypatch):
+    """A repo that existed keeps its visibility: the push reports what the Hub says, not what it asked for."""
+    import huggingface_hub
+
+    from runstore import export
+
+    class Hub:  # the Hub's answers for a repo that exists and is public
+        calls = []
+
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok, repo_type):
+            Hub.calls.append(("create", private, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, repo_type, commit_message):
+            Hub.calls.append(("upload", sorted(p.name for p in Path(folder_path).iterdir())))
+
+        def repo_info(self, repo_id, repo_type):
+            return type("Info", (), {"private": False})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.setattr(export, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    url, private = push_to_hub(run, "someone/public-one", token="hf_x")
+    assert url == "https://huggingface.co/someone/public-one" and private is False
+    assert Hub.calls[0] == ("create", True, True) and "model.safetensors" in Hub.calls[1][1]
+    from types import SimpleNamespace
+
+    from ui import evaluate_tab
+
+    engine = SimpleNamespace(loopback=True, finished_run=lambda name: SimpleNamespace(path=run))
+    said = evaluate_tab.push(engine, "a-run", "someone/public-one", "hf_x")
+    assert "(a public repo: it existed already, and keeps its visibility)" in said and "private repo" not in said
+
+
 # The CLI
 
 

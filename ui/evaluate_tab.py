@@ -380,7 +380,7 @@ def export(engine, name: str | None):
 
 
 def push(engine, name: str | None, repo_id: str, token: str) -> str:
-    """Upload the run's model to a private Hub repo; the reason, not a traceback, when it cannot."""
+    """Upload the run's model to a Hub repo, created private; the reason, not a traceback, when it cannot."""
     repo_id, token = (repo_id or "").strip(), (token or "").strip()
     if not repo_id:
         return notice("Enter a repo id, e.g. <code>your-name/gpt2-instruct</code>.", "error")
@@ -388,10 +388,12 @@ def push(engine, name: str | None, repo_id: str, token: str) -> str:
         return notice("Enter a Hugging Face token with write access: a server that others can reach never uses "
                       "the credentials stored on it.", "error")
     try:
-        url = push_to_hub(engine.finished_run(name).path, repo_id, token or None)
+        url, private = push_to_hub(engine.finished_run(name).path, repo_id, token or None)
     except (ValueError, ExportError) as e:
         return notice(html.escape(scrub(str(e))), "error")
-    return notice(f'Uploaded to <a href="{html.escape(url)}" target="_blank">{html.escape(url)}</a> (a private repo).', "ok")
+    seen = {True: "a private repo", False: "a public repo: it existed already, and keeps its visibility",
+            None: "private if it was created now; a repo that existed keeps its visibility"}[private]
+    return notice(f'Uploaded to <a href="{html.escape(url)}" target="_blank">{html.escape(url)}</a> ({seen}).', "ok")
 
 
 def build(shared) -> None:
