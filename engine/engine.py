@@ -144,10 +144,10 @@ class Engine:
         with self._lock:
             shape = self._shapes.get(key)
         if shape is None:
-            try:
-                records = self.datasets.records(ref) if ref else self.datasets.shared("sample", lambda: load_instructions("sample"))
+            records = self.datasets.records(ref) if ref else self.datasets.shared("sample", lambda: load_instructions("sample"))
+            try:  # an upload that has left the server raised above, not kept: uploaded again, it has the same key
                 shape = data_shape(records, run)
-            except (DatasetError, ValueError) as e:
+            except ValueError as e:  # too few records for a batch: the data's own, kept
                 shape = str(e)
             with self._lock:
                 self._shapes[key] = shape

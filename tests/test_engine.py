@@ -459,3 +459,21 @@ def test_a_measurement_runs_alone_so_that_nothing_skews_it(engine, monkeypatch):
     assert engine.measure("tiny") == ("tiny", 0, True)
     with pytest.raises(ConfigError, match="only the presets .* can be measured, not 'gpt9'"):
         engine.measure("gpt9")
+
+
+def test_an_estimate_for_an_upload_that_left_the_server_comes_back_when_it_is_uploaded_again(engine, tmp_path):
+    """The estimate's "upload it again" is not kept under the file's hash: uploaded again, the file has an estimate."""
+    from training.calibrate import Calibration
+
+    measured = Calibration(model="tiny", method="full", data="canonical", epoch_s=1.0, train_s=1.0, eval_s=0.0, steps=1,
+                           tokens_per_s=1.0, precision="fp32", reason="", cpu_class="", flop_s=1e-9, step_s=0.01,
+                           forward_flop_s=1e-9, new_token_s=0.01, measured_s=1.0, measured_at=0.0)
+    upload = tmp_path / "mine.json"
+    upload.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(60)]))
+    ref, _ = engine.datasets.open("upload", str(upload))
+    (engine.datasets.uploads_dir / ref["key"]).unlink()  # pruned before the page asked for an estimate,
+    engine.datasets._parsed.clear()  # and its records left the shared cache
+    with pytest.raises(ValueError, match="mine.json is no longer on the server"):
+        engine.project_run(measured, ref)
+    again, _ = engine.datasets.open("upload", str(upload))
+    assert again == ref and engine.project_run(measured, again).steps == 6  # 60 records: 51 to train, 8 a batch
