@@ -88,6 +88,18 @@ class Engine:
         wanted = self._suggestion or "tiny"
         return wanted if wanted in allowed else allowed[0]
 
+    def why_suggested(self, model: str) -> str:
+        """Why a new visitor's form starts with ``model`` and not GPT-2 124M, in words ("" for GPT-2 124M)."""
+        if model == "gpt2":
+            return ""
+        if not self.allows("gpt2"):
+            return "this server does not offer GPT-2 124M (GPT2_INSTRUCT_MODELS)"
+        if self._suggestion is None:
+            return ("this server is still finding out whether GPT-2's weights can be had (cached, or from the Hugging "
+                    "Face Hub): reload the page in a moment to start from GPT-2 if they can")
+        return ("GPT-2's weights are not on this server and the Hugging Face Hub cannot be reached, so the demo trains "
+                "offline")
+
     def allowed_presets(self) -> list[str]:
         """The presets this server trains (``GPT2_INSTRUCT_MODELS`` names them or their Hub ids); all when it names none."""
         allowed = [p for p in PRESETS if self.allows(p)]

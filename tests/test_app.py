@@ -709,9 +709,10 @@ def test_the_train_tab_says_why_tiny_is_chosen_and_what_gpt2_presets_download():
     from training.config import DEMO, demo_text
     from ui.train_tab import model_note, preset_settings
 
-    note = model_note("tiny", suggested=True)
+    note = model_note("tiny", why="GPT-2's weights are not on this server")
     what, shows = demo_text()
-    assert "tiny is preselected" in text(note) and what in text(note) and shows in text(note)
+    assert "tiny is preselected : GPT-2's weights are not on this server. The offline demo" in text(note)
+    assert what in text(note) and shows in text(note)
     # What the demo is shows at once; what it can show and what shows more opens on a click.
     lead, more = note.split("<details", 1)
     assert what in text(lead) and "20 epochs" in text(lead) and shows in text(more) and "<summary>" in more

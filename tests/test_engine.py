@@ -157,6 +157,14 @@ def test_server_limits_come_from_the_environment_and_are_enforced(tmp_path):
         with pytest.raises(ConfigError, match="local paths are turned off"):  # ids that name this server's folders too
             engine.check_training(TrainConfig(model=path, data="sample"))
     assert engine.allowed_presets() == ["tiny", "gpt2"] and engine.suggested_model() in ("tiny", "gpt2")
+    engine._suggestion = None  # the background look for GPT-2's weights has not answered yet
+    assert engine.suggested_model() == "tiny" and "still finding out" in engine.why_suggested("tiny")
+    engine._suggestion = "tiny"
+    assert "the Hugging Face Hub cannot be reached" in engine.why_suggested("tiny") and engine.why_suggested("gpt2") == ""
+    only_medium = Engine(limits=Limits.from_env({"GPT2_INSTRUCT_MODELS": "tiny,gpt2-medium"}), root=tmp_path / "runs")
+    only_medium._suggestion = "gpt2"
+    assert only_medium.suggested_model() == "tiny"
+    assert only_medium.why_suggested("tiny") == "this server does not offer GPT-2 124M (GPT2_INSTRUCT_MODELS)"
     with pytest.raises(ConfigError, match="trains only tiny, gpt2; 'gpt2-medium' is not measured here"):
         engine.measure("gpt2-medium")
     with pytest.raises(ConfigError, match="not enough memory: gpt2-xl with full fine-tuning needs about 22.6 GB"):

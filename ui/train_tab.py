@@ -406,12 +406,11 @@ def limits_html(engine) -> str:
     return f'<table class="gi-eval">{rows}</table>'
 
 
-def model_note(preset: str, suggested: bool = False, max_epochs: int = 100, local_paths: bool = True) -> str:
-    """Why this preset (tiny: the offline demo and what it can show; GPT-2: a download on first use), within the
-    server's epoch limit and whether it takes local paths."""
+def model_note(preset: str, why: str = "", max_epochs: int = 100, local_paths: bool = True) -> str:
+    """What this preset is (tiny: the offline demo and what it can show; GPT-2: a download on first use), within the
+    server's epoch limit and whether it takes local paths; ``why`` the server preselected it, if it did."""
     if preset == "tiny":
-        why = ("<b>tiny is preselected</b>: GPT-2's weights are not on this server and the Hugging Face Hub cannot be "
-               "reached, so the demo trains offline. " if suggested else "")
+        why = f"<b>tiny is preselected</b>: {html.escape(why)}. " if why else ""
         what, shows = demo_text(max_epochs, local_paths)
         return notice(f"{why}{html.escape(what)} The form holds the demo's settings: {min(DEMO['epochs'], max_epochs)} "
                       f"epochs, learning rate {DEMO['lr']:g}, prompt masked.<details class=\"gi-more\"><summary>What it "
@@ -424,16 +423,17 @@ def model_note(preset: str, suggested: bool = False, max_epochs: int = 100, loca
                   "settings.")
 
 
-def preset_settings(preset: str, max_epochs: int = 100, suggested: bool = False, local_paths: bool = True) -> tuple:
+def preset_settings(preset: str, max_epochs: int = 100, why: str = "", local_paths: bool = True) -> tuple:
     """(random init, epochs, learning rate, mask prompt, note) for a chosen preset: the demo's for tiny, else the book's."""
     values = DEMO if preset == "tiny" else DEFAULTS
     return (preset == "tiny", min(values["epochs"], max_epochs), values["lr"], values["mask_prompt"],
-            model_note(preset, suggested, max_epochs, local_paths))
+            model_note(preset, why, max_epochs, local_paths))
 
 
 def suggested_model(engine):
     model = engine.suggested_model()
-    return (gr.Dropdown(value=model),) + preset_settings(model, engine.limits.max_epochs, model == "tiny", engine.limits.local_paths)
+    return (gr.Dropdown(value=model),) + preset_settings(model, engine.limits.max_epochs, engine.why_suggested(model),
+                                                         engine.limits.local_paths)
 
 
 def build(shared) -> None:
