@@ -108,35 +108,48 @@ def parse_json_or_jsonl(text: str, name: str, jsonl: bool) -> tuple[list, str]:
 
     Items are ``(number, value)`` pairs: 1-based record index, or line number for JSON Lines.
     """
-    if jsonl:
+    if jsonl and not text.lstrip().startswith("["):  # a list is JSON whatever the file's name says
         return parse_jsonl(text, name), "line"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if text.lstrip().startswith("{"):
-            return parse_jsonl(text, name), "line"
-        raise DatasetError(f"{name}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            try:
+                return parse_jsonl(text, name), "line"
+            except DatasetError as jsonl_error:
+                if not jsonl_error.args[0].startswith(f"{name}, line {first_line(text)}:"):
+                    raise  # JSON Lines up to a bad line
+        extra = "; more than one JSON value: put the records in one list, [ ... ]" if exc.msg == "Extra data" else ""
+        raise DatasetError(f"{name}, line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}{extra})") from None
     except RecursionError:
         raise DatasetError(f"{name}: not valid JSON (nested too deeply)") from None
-    if isinstance(data, dict) and len(text.strip().splitlines()) == 1:
+    if isinstance(data, dict) and len(text.strip().split("\n")) == 1 and not any(
+            isinstance(value, (list, dict)) for value in data.values()):  # one record on one line: JSON Lines
         return [(1, data)], "line"
     if not isinstance(data, list):
+        keys = f" with the keys {', '.join(map(repr, list(data)[:5]))}" if isinstance(data, dict) and data else ""
         raise DatasetError(
             f"{name}: expected a JSON list of records (or JSON Lines, one record per line), "
-            f"got {json_type(data)}"
+            f"got {json_type(data)}{keys}"
         )
     return list(enumerate(data, start=1)), "record"
 
 
+def first_line(text: str) -> int:
+    """The number of a text's first line that is not blank."""
+    return next((n for n, line in enumerate(text.split("\n"), start=1) if line.strip()), 1)
+
+
 def parse_jsonl(text: str, name: str) -> list:
+    """``(line, value)`` items; lines end at a line feed only (JSON strings may hold U+2028 and other breaks)."""
     items = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             items.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{name}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise DatasetError(f"{name}, line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
         except RecursionError:
             raise DatasetError(f"{name}, line {number}: not valid JSON (nested too deeply)") from None
     return items
@@ -145,21 +158,26 @@ def parse_jsonl(text: str, name: str) -> list:
 def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
     """``(row, fields)`` items of a table whose header row names the fields; rows as a spreadsheet numbers them
     (the header is row 1). An empty cell is an empty string; a row with fewer cells lacks the last fields."""
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    items, header = [], None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    items, header, number = [], None, 0
     try:
-        header = reader.fieldnames = [field.strip() for field in reader.fieldnames or []]
-        if not header or not all(header) or len(set(header)) < len(header):
-            raise DatasetError(f"{name}, row 1: the first row must name each column once (instruction, input, output, "
-                               f"...), got {delimiter.join(header)!r}")
-        for number, row in enumerate(reader, start=2):
-            if None in row:
-                extra = len(row[None])
+        for number, row in enumerate(reader, start=1):  # a blank line is a row in a spreadsheet too
+            if header is None:
+                header = [field.strip() for field in row]
+                if not header or not all(header) or len(set(header)) < len(header):
+                    raise DatasetError(f"{name}, row 1: the first row must name each column once (instruction, input, "
+                                       f"output, ...), got {delimiter.join(header)!r}")
+            elif len(row) > len(header):
+                extra = len(row) - len(header)
                 raise DatasetError(f"{name}, row {number}: {extra} more cell{'s' * (extra > 1)} than the header's "
-                                   f"{len(reader.fieldnames)} columns ({', '.join(reader.fieldnames)})")
-            items.append((number, {field: cell for field, cell in row.items() if cell is not None}))
+                                   f"{len(header)} columns ({', '.join(header)})")
+            elif row:
+                items.append((number, dict(zip(header, row))))
     except csv.Error as exc:
-        raise DatasetError(f"{name}, row {len(items) + 2 if header is not None else 1}: not valid CSV ({exc})") from None
+        raise DatasetError(f"{name}, row {number + 1}: not valid CSV ({exc})") from None
+    if header is None:
+        raise DatasetError(f"{name}, row 1: the first row must name each column once (instruction, input, output, "
+                           "...), got ''")
     return items
 
 

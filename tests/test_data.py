@@ -97,6 +97,15 @@ def test_user_file_json_list_and_jsonl(tmp_path):
     assert load_instructions(write(tmp_path, "\ufeff" + json.dumps(records))) == expected
 
 
+def test_json_lines_break_lines_at_line_feeds_only_and_a_list_is_json_whatever_the_name(tmp_path):
+    records = [{"instruction": "Split\u2028here\u0085and\u000bhere", "input": "", "output": "No\u2029split."}, rec("A", "", "B")]
+    jsonl = "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n"
+    assert load_instructions(write(tmp_path, jsonl, "data.jsonl")) == [rec(**records[0]), rec("A", "", "B")]
+    one_line = json.dumps(records[0], ensure_ascii=False)  # one record alone on its line is JSON Lines in a .json file
+    assert load_instructions(write(tmp_path, one_line)) == [rec(**records[0])]
+    assert load_instructions(write(tmp_path, json.dumps(records, indent=2), "list.jsonl")) == [rec(**records[0]), rec("A", "", "B")]
+
+
 def test_user_file_csv_and_tsv(tmp_path):
     """A spreadsheet's export: a header row names the fields, in any order; quoted cells keep commas and newlines."""
     csv_text = 'output, instruction ,input,notes\r\nB,A,,x\r\n"G, and\nmore",E,F,\r\n'
@@ -118,6 +127,8 @@ BAD_CSV = [
     ("blank output", "instruction,output\nA,B\nC,  \n", 'data.csv, row 3: field "output" is empty'),
     ("unclosed quote", 'instruction,output\nA,B\nC,"D\n', "data.csv, row 3: not valid CSV (unexpected end of data)"),
     ("no header", "\ninstruction,output\nA,B\n", "data.csv, row 1: the first row must name each column once"),
+    ("after a blank row", "instruction,input,output\na,,b\n\nc,,\n", 'data.csv, row 4: field "output" is empty'),
+    ("long row after a quoted line break", 'instruction,output\n"a\nb",c\nd,e,f\n', "data.csv, row 3: 1 more cell than"),
     ("twice a column", "instruction,output,output\nA,B,C\n", "row 1: the first row must name each column once"),
     ("header only", "instruction,input,output\n", "data.csv: contains no records"),
     ("two spellings", "instruction,input,Input,output\nA,B,C,D\n", 'data.csv, row 2: field "input" is given 2 times ("input", "Input")'),
@@ -152,14 +163,19 @@ BAD_FILES = [
     ("empty output", json.dumps(many(2, output="")), 'record 2: field "output" is empty'),
     ("record not an object", json.dumps([rec(), [1, 2]]), "record 2: expected an object"),
     ("top level string", '"hello"', "expected a JSON list of records"),
-    ("top level object", json.dumps({"data": [rec()]}, indent=2), "got an object"),
+    ("top level object", json.dumps({"data": [rec()]}, indent=2), "got an object with the keys 'data'"),
+    ("one-line wrapper", json.dumps({"data": [rec(), rec()], "version": 1}), "got an object with the keys 'data', 'version'"),
+    ("bad indented object", '{\n  "instruction": "a",\n  "input": "",\n  "output": "b"\n  "extra": 1\n}',
+     "data.json, line 5: not valid JSON (Expecting ',' delimiter, column 3)"),
+    ("objects not in a list", json.dumps(rec(), indent=2) + "\n" + json.dumps(rec(), indent=2),
+     "line 6: not valid JSON (Extra data, column 1; more than one JSON value: put the records in one list, [ ... ])"),
     ("zero records", "[]", "contains no records"),
     ("empty file", "", "the file is empty"),
     ("blank file", "  \n\n ", "the file is empty"),
     ("bad JSON", '[\n  {"instruction": "a",\n   "input": "" "output": "b"}\n]',
-     "line 3: not valid JSON (Expecting ',' delimiter at column 16)"),
+     "line 3: not valid JSON (Expecting ',' delimiter, column 16)"),
     ("bad JSON Lines", json.dumps(rec()) + "\n" + json.dumps(rec()) + '\n{"instruction": "a" "output": "b"}\n',
-     "line 3: not valid JSON (Expecting ',' delimiter at column 21)"),
+     "line 3: not valid JSON (Expecting ',' delimiter, column 21)"),
     ("JSON Lines record", json.dumps(rec()) + "\n\n" + json.dumps({"instruction": "a"}),
      'line 3: field "output" is missing'),
     ("deep nesting", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
