@@ -29,6 +29,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 CHUNK_BYTES = 16 * 2**20
+VOCAB_SIZE = 50257  # GPT-2's BPE tokenizer, which every model here reads and writes text with
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # old mask buffers
 HEAD, WTE = "lm_head.weight", "transformer.wte.weight"  # GPT-2 ties them: a file may hold the head too, the same values
 
@@ -51,12 +52,15 @@ def load_pretrained(
     """
     weights_path, config_path = resolve(source, progress)
     config = read_config(config_path, weights_path, name=_display_name(source))
+    if config.vocab_size != VOCAB_SIZE:  # else the first token id past its table fails deep in a forward pass
+        raise WeightsError(f"{config_path or weights_path} gives a vocabulary of {config.vocab_size:,} tokens; GPT-2's "
+                           f"tokenizer, which this app reads and writes text with, has {VOCAB_SIZE:,}")
     with torch.device("meta"):
         model = GPT(config)
     materialize(model, device or "cpu")
     model.to(dtype)
     model.lm_head.weight = model.transformer.wte.weight  # materialize unties shared parameters
-    _fill(model, weights_path)
+    _fill(model, weights_path, config_path)
     return model.eval()
 
 
@@ -232,8 +236,9 @@ def read_config(config_path: Path | None, weights_path: Path, name: str = "gpt2"
     raise WeightsError(f"{weights_path} has no {CONFIG_NAME} beside it and its shapes match no preset: add the config.json")
 
 
-def _fill(model: GPT, weights_path: Path) -> None:
-    """Copy each tensor of the file into the model, checking every name and shape before reading data.
+def _fill(model: GPT, weights_path: Path, config_path: Path | None = None) -> None:
+    """Copy each tensor of the file into the model, checking every name and shape (those ``config_path`` gives, when
+    there is one) before reading data.
 
     The file is reopened for each chunk of rows: a mapping that stayed open
     would keep every page read so far resident, up to a second copy of the model.
@@ -252,14 +257,15 @@ def _fill(model: GPT, weights_path: Path) -> None:
             if name.endswith(CONV1D):
                 expected = expected[::-1]  # stored (in, out)
             if shape != expected:
-                raise WeightsError(f"{weights_path}: tensor {key!r} has shape {shape}, expected {expected} for {model.config.name}")
+                by = f"by {config_path}" if config_path else f"for {model.config.name}"
+                raise WeightsError(f"{weights_path}: tensor {key!r} has shape {shape}, expected {expected} {by}")
             if name == HEAD:
                 head = key
             else:
                 plan[key] = name
     missing = sorted(set(params) - set(plan.values()))
     if missing:
-        raise WeightsError(f"{weights_path} lacks {len(missing)} tensors of GPT-2 {model.config.name}, e.g. {missing[0]!r}")
+        raise WeightsError(f"{weights_path} lacks {len(missing)} tensor{'s' * (len(missing) > 1)} of GPT-2 {model.config.name}, e.g. {missing[0]!r}")
     with torch.no_grad():
         for key, name in plan.items():
             for part, chunk in _chunks(weights_path, key, params[name].t() if name.endswith(CONV1D) else params[name]):

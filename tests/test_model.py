@@ -152,8 +152,26 @@ def test_wrong_shape_names_tensor_and_expected_shape(tmp_path, hf):
     tensors = load_file(str(directory / "model.safetensors"))
     tensors["h.1.mlp.c_fc.weight"] = torch.zeros(64, 255)
     save_file(tensors, str(directory / "model.safetensors"))
-    with pytest.raises(WeightsError, match=r"'h.1.mlp.c_fc.weight' has shape \(64, 255\), expected \(64, 256\)"):
+    with pytest.raises(WeightsError, match=r"'h.1.mlp.c_fc.weight' has shape \(64, 255\), expected \(64, 256\) by "
+                                           r".*bad/config.json"):  # the shapes come from the config.json beside it
         load_pretrained(directory)
+
+
+def test_a_vocabulary_other_than_the_tokenizers_is_refused_at_load(tmp_path):
+    """A model whose token table is not GPT-2's 50,257 would fail on the first token id past it, deep in a forward
+    pass (or decode ids the tokenizer does not have): refused when it loads, naming both sizes."""
+    from model import get_tokenizer
+    from model.weights import VOCAB_SIZE
+
+    assert VOCAB_SIZE == get_tokenizer().n_vocab
+    for vocab in (1000, 50304):  # a small table, and nanoGPT's padded one
+        directory = save_hub_layout(hf_model(vocab_size=vocab, n_layer=4, n_embd=128), tmp_path / str(vocab))  # tiny's shape
+        with pytest.raises(WeightsError, match=rf"config.json gives a vocabulary of {vocab:,} tokens; GPT-2's tokenizer, "
+                                               r"which this app reads and writes text with, has 50,257"):
+            load_pretrained(directory)
+        (directory / "config.json").unlink()  # the shapes read from the file itself
+        with pytest.raises(WeightsError, match=rf"model.safetensors gives a vocabulary of {vocab:,} tokens"):
+            load_pretrained(directory)
 
 
 def test_an_lm_head_of_its_own_is_refused_and_a_tied_copy_loads(tmp_path, hf, idx):
@@ -183,7 +201,7 @@ def test_missing_tensor_is_named(tmp_path, hf):
     tensors = load_file(str(directory / "model.safetensors"))
     del tensors["ln_f.bias"]
     save_file(tensors, str(directory / "model.safetensors"))
-    with pytest.raises(WeightsError, match="lacks 1 tensors .* 'transformer.ln_f.bias'"):
+    with pytest.raises(WeightsError, match="lacks 1 tensor of .* 'transformer.ln_f.bias'"):
         load_pretrained(directory)
 
 
