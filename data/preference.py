@@ -55,6 +55,18 @@ def load_preferences(source) -> list[dict]:
     return validate_preferences(items, name, label)
 
 
+def load_preferences_if_any(source) -> list[dict] | None:
+    """The records with their chosen and rejected answers when ``source`` is preference data (a record names one of
+    them: then every record is checked as such, and ``DatasetError`` names a bad one), else None (instruction data)."""
+    if source in ("canonical", "sample"):
+        return None
+    items, name, label = read_items(preference_path(source))
+    if source != "preference" and not any(isinstance(value, dict) and any(
+            isinstance(key, str) and key.strip().lower() in PREFERENCE_FIELDS for key in value) for _, value in items):
+        return None
+    return validate_preferences(items, name, label)
+
+
 def validate_preferences(items: list, name: str = "data", label: str = "record") -> list[dict]:
     """Check ``(number, value)`` pairs and return five-field records.
 

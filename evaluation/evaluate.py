@@ -41,7 +41,7 @@ from training.cores import CoreShare
 from training.dpo import file_sha256
 from training.loop import now
 from runstore import WEIGHTS, parent_folder, read_manifest, run_folder, write_atomic
-from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences
+from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences_if_any
 
 EVAL_ROWS = "eval.jsonl"
 EVAL_SUMMARY = "eval_summary.json"
@@ -253,18 +253,6 @@ def parent_changed(parent: Path, manifest: dict) -> str | None:
         return (f"its fine-tuned parent run {name} has been trained further since, so it no longer holds "
                 "the model this run was aligned from")
     return None
-
-
-def load_preferences_if_any(source: str) -> list[dict] | None:
-    """The records with their chosen and rejected answers when ``source`` is preference data, else None."""
-    if source == "preference":
-        return load_preferences(source)
-    if source in ("canonical", "sample"):
-        return None
-    try:
-        return load_preferences(source)
-    except DatasetError:
-        return None
 
 
 @torch.inference_mode()

@@ -61,7 +61,7 @@ def model_card(run_dir: Path) -> str:
     """A short README: where the model comes from and the prompt format it was tuned on (and, for an aligned run, how)."""
     manifest = read_manifest(run_dir)
     config, dpo = manifest.get("config", {}), manifest.get("dpo") if manifest.get("method") == "dpo" else None
-    model, style = config.get("model", "gpt2"), config.get("style", "alpaca")
+    model, style = public_model(config.get("model", "gpt2")), config.get("style", "alpaca")
     base = f"base_model: {HUB_PRESETS[model]}\n" if model in HUB_PRESETS else ""
     template = format_prompt({"instruction": "{instruction}", "input": "{input}"}, style)
     example = format_prompt({"instruction": "Rewrite the sentence in passive voice.", "input": "The chef cooked the meal."}, style)
@@ -87,6 +87,12 @@ def model_card(run_dir: Path) -> str:
         "out = model.generate(ids, max_new_tokens=128, do_sample=False)\n"
         "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```\n"
     )
+
+
+def public_model(model: str) -> str:
+    """A model as the card names it: a preset or Hub id as it is, a local folder or file by its name alone (where it
+    lies is the machine's business)."""
+    return Path(model).name if model.startswith(("/", "~", ".")) or os.path.isabs(model) else model
 
 
 def card_settings(config: dict, keys) -> str:

@@ -109,6 +109,25 @@ def test_bad_preference_files_name_the_record_and_field(tmp_path):
         load(json.dumps([{**good, "Chosen": "Hey!"}]))
 
 
+def test_a_file_is_preference_data_when_a_record_names_chosen_or_rejected_and_then_each_is_checked(tmp_path):
+    """What evaluation scores a file as: instruction data, or preference pairs whose bad record is named (a pair file
+    with one bad record was read as instruction data, its error hidden behind 'field "output" is missing')."""
+    from data.preference import load_preferences_if_any
+
+    good = {"instruction": "Say hi.", "input": "", "chosen": "Hi!", "rejected": "No."}
+    pairs, plain = tmp_path / "pairs.json", tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi."}]))
+    assert load_preferences_if_any("sample") is None and load_preferences_if_any(plain) is None
+    pairs.write_text(json.dumps([good, good]))
+    assert [r["output"] for r in load_preferences_if_any(pairs)] == ["Hi!", "Hi!"]
+    pairs.write_text(json.dumps([good, {**good, "rejected": ""}]))
+    with pytest.raises(DatasetError, match=r'pairs\.json, record 2: field "rejected" is empty'):
+        load_preferences_if_any(pairs)
+    pairs.write_text(json.dumps([good, {k: v for k, v in good.items() if k != "chosen"}]))
+    with pytest.raises(DatasetError, match=r'record 2: field "chosen" is missing'):
+        load_preferences_if_any(pairs)
+
+
 def test_the_book_file_loads_from_the_cache_and_splits_like_the_book(needs_preference):
     records = load_preferences("preference")
     split = split_preferences(records)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -333,6 +334,21 @@ def test_exported_zip_unpacks_into_one_folder_that_loads_in_transformers(run, tm
     snippet = (folder / "README.md").read_text().split("```python\n")[1].split("```")[0].replace("max_new_tokens=128", "max_new_tokens=4")
     ran = subprocess.run([sys.executable, "-c", snippet], cwd=unzipped, capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-2000:]  # the card's example runs as it stands, beside the unzipped folder
+
+
+def test_the_model_card_names_a_local_model_by_its_folder_alone(run, tmp_path):
+    from runstore.export import model_card
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"] = {**manifest["config"], "model": "/home/alice/private/gpt2-local", "random_init": False}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    card = model_card(copy)
+    assert "GPT-2 (gpt2-local) instruction fine-tuned" in card and "/home/alice" not in card
+    manifest["config"]["model"] = "someone/gpt2-custom"  # a Hub id is a public name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert "GPT-2 (someone/gpt2-custom) instruction fine-tuned" in model_card(copy)
 
 
 def test_export_of_an_unfinished_run_is_refused(tmp_path):
