@@ -250,9 +250,9 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     if steps_per_epoch == 0:
         remedy = (f"raise max length (at most the model's context, {context:,})" if max_length < context else
                   f"shorten them: {context:,} tokens is the model's context")
-        longer = (f"; {train_ds.skipped} pairs were skipped as longer than max length {max_length} tokens: {remedy}"
+        longer = (f"; {train_ds.skipped} pair{' was' if train_ds.skipped == 1 else 's were'} skipped as longer than max length {max_length} tokens: {remedy}"
                   if train_ds.skipped else "")
-        raise ValueError(f"the training split has {len(train_ds)} usable pairs: fewer than one batch of "
+        raise ValueError(f"the training split has {len(train_ds)} usable pair{'s' * (len(train_ds) != 1)}: fewer than one batch of "
                          f"{config.batch_size}; use a smaller batch, or more pairs{longer}")
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:

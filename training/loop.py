@@ -280,7 +280,7 @@ def make_batches(config: TrainConfig, split, context: int, ctx) -> Batches:
             (train_ds.no_answer, f"their prompt alone fills max length {max_length} (mask prompt learns only the answer): "
                                  "raise max length")) if count]
         raise ValueError(
-            f"the training split has {len(train_ds)} usable records: fewer than one step of {one_step(config)}; "
+            f"the training split has {len(train_ds)} usable record{'s' * (len(train_ds) != 1)}: fewer than one step of {one_step(config)}; "
             + ("; ".join(left_out) if left_out else SMALLER_BATCH if split.test else NO_TEST_SPLIT)
         )
     total_steps = config.epochs * steps_per_epoch
