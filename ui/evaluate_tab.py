@@ -99,6 +99,7 @@ def run_to_show(engine, current: str | None) -> tuple[list, str | None]:
 
 
 def refresh_runs(engine, current: str | None):
+    """The run picker on the run to show (see ``run_to_show``)."""
     choices, value = run_to_show(engine, current)
     return gr.Dropdown(choices=choices, value=value)
 
