@@ -142,7 +142,13 @@ class RunInfo:
 
     def label(self) -> str:
         loss = val_loss_text(self.manifest)
-        return f"{self.name} ({self.status}{', val loss ' + loss if loss else ''})"
+        return f"{self.name} ({self.status}{f', {loss_name(self.manifest)} {loss}' if loss else ''})"
+
+
+def loss_name(manifest: dict) -> str:
+    """What a run's validation loss is: the next-token cross-entropy, or a preference-tuned run's DPO loss (ln 2 at
+    its start), which is not comparable with it."""
+    return "DPO val loss" if manifest.get("method") == "dpo" else "val loss"
 
 
 def val_loss_text(summary: dict) -> str | None:

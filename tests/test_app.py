@@ -430,6 +430,39 @@ def test_one_record_and_one_test_example_are_singular():
     assert "at most 1 test example (this server" in text(not_yet(SimpleNamespace(manifest={}), cap=1))
 
 
+def test_a_preference_tuned_runs_loss_is_named_dpo_loss_beside_cross_entropy_ones():
+    """A DPO loss starts at ln 2 (0.693): beside a cross-entropy of 6.8 it would read as a ten times better model."""
+    from types import SimpleNamespace
+
+    from ui.widgets import run_label, val_loss_text
+
+    def run(method):
+        manifest = {"method": method, "final_val_loss": 0.69, "steps": 4, "config": {"model": "tiny", "random_init": True}}
+        return SimpleNamespace(name=f"r-{method}", status="done", last_step=4, manifest=manifest)
+
+    assert run_label(run("dpo")) == "r-dpo · tiny (random init) · DPO val loss 0.690"
+    assert run_label(run("full")) == "r-full · tiny (random init) · val loss 0.690"
+    assert val_loss_text(run("dpo").manifest, dpo=True) == "0.690 (DPO)" and val_loss_text({}, dpo=True) == "–"
+
+
+def test_an_example_picked_in_the_playground_clears_the_answers_to_the_last_question():
+    from ui.playground_tab import pick_example
+
+    record = {"instruction": "Name a color.", "input": "", "output": "Red."}
+    picked = pick_example(0, [record])
+    assert picked[:2] == ("Name a color.", "") and "Red." in picked[2] and picked[3:] == ("",) * 5
+
+
+def test_the_align_tab_points_to_saved_aligned_runs_when_none_is_going():
+    from ui.align_tab import other_job_html
+
+    idle = {"status": "done"}
+    assert text(other_job_html(idle)).strip().startswith("No preference tuning yet. Pick a fine-tuned run")
+    said = text(other_job_html(idle, ["b-dpo", "a-dpo"])).strip()
+    assert said.startswith("No preference tuning is going. 2 aligned runs saved here (the newest: b-dpo ): compare")
+    assert said.endswith("To align another, pick a fine-tuned run and press Start ; everyone who opens the app sees it live.")
+
+
 def test_a_failed_run_takes_the_started_message_away_and_names_the_path_box(url, tmp_path):
     c = client(url)
     load(c, "sample")

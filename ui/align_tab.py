@@ -71,7 +71,7 @@ def policy_note(name: str | None) -> str:
 def data_note() -> str:
     """Where the book's file comes from here; offline without a cached copy only an upload works."""
     if cache.is_preference_cached():
-        return notice(f"The book's <b>{cache.PREFERENCE_NAME}</b> is cached on this server (split 85 / 10 / 5 % in file order).")
+        return notice(f"The book's <b>{cache.PREFERENCE_NAME}</b> is cached on this server (split in file order, as in the book: 85 % train, 5 % validation, 10 % test).")
     return notice(f"The book's <b>{cache.PREFERENCE_NAME}</b> is downloaded once on first use (about 1 MB) and checked. "
                   "There is no bundled offline sample of preference pairs: offline, upload your own file "
                   "(records or CSV columns with instruction, input, chosen and rejected).")
@@ -216,13 +216,17 @@ def final_html(snap: dict) -> str:
         f"<code>{html.escape(str(snap.get('run')))}</code>.", "ok")
 
 
-def other_job_html(snap: dict) -> str:
-    """What the tab says while the shared lane holds no preference tuning."""
+def other_job_html(snap: dict, aligned: list[str] = ()) -> str:
+    """What the tab says while the shared lane holds no preference tuning (``aligned``: the saved aligned runs)."""
     if snap["status"] in ACTIVE:
         return notice("A fine-tuning run is going (see the <b>Train</b> tab): one training job runs at a time, so "
                       "preference tuning can start when it ends.")
-    return notice("No preference tuning yet. Pick a fine-tuned run and press <b>Start</b>; everyone who opens the app "
-                  "sees it live.")
+    start = "Pick a fine-tuned run and press <b>Start</b>; everyone who opens the app sees it live."
+    if aligned:
+        return notice(f"No preference tuning is going. {plural(len(aligned), 'aligned run')} saved here (the newest: "
+                      f"<b>{html.escape(aligned[0])}</b>): compare them in the <b>Playground</b> and score them in "
+                      f"<b>Evaluate</b>. To align another, {start[0].lower()}{start[1:]}")
+    return notice(f"No preference tuning yet. {start}")
 
 
 def chart_key(snap: dict) -> str:
@@ -238,7 +242,8 @@ def poll(engine, client_id: str | None, seen: dict | None):
     if latest["kind"] != PREFERENCE:
         changed = seen.get("version") != ("other", latest["version"])
         seen.update(version=("other", latest["version"]), chart=None, rows=0, active=active, can_stop=False, finished=finished)
-        return (gr.skip(), other_job_html(latest) if changed else gr.skip(), gr.skip(), gr.skip(),
+        aligned = [run.name for run in trained_runs(engine) if run.manifest.get("method") == "dpo"] if changed else []
+        return (gr.skip(), other_job_html(latest, aligned) if changed else gr.skip(), gr.skip(), gr.skip(),
                 gr.Button(interactive=not active) if changed else gr.skip(), gr.Button(interactive=False) if changed else gr.skip(),
                 gr.skip(), gr.Button(visible=False) if changed else gr.skip(), seen, runs_changed)
     key = chart_key(latest)

@@ -55,7 +55,7 @@ def summary_html(state: dict, records: list[dict]) -> str:
     cards = [("records", len(records)), ("train", sizes["train"]), ("validation", sizes["val"]), ("test", sizes["test"])]
     stats = "".join(f'<div class="gi-stat"><div class="value">{v:,}</div><div class="label">{k}</div></div>' for k, v in cards)
     return (f'<div class="gi-meta"><span class="gi-pill">{html.escape(state["name"])}</span>'
-            f'<span>split 85 % / 5 % / 10 % in file order, as in the book</span></div><div class="gi-stat-row">{stats}</div>')
+            f'<span>split in file order, as in the book: 85 % train, 5 % validation, 10 % test</span></div><div class="gi-stat-row">{stats}</div>')
 
 
 def clip(text: str, limit: int = CELL_CHARS) -> str:

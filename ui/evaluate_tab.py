@@ -156,7 +156,7 @@ def summary_html(summary: dict, rows: list[dict], local: bool = True) -> str:
             f"({summary['style']} prompts), up to {summary['max_new_tokens']} new tokens, greedy · "
             f"{clock(summary['wall_time_s'])} on {html.escape(str(summary['device']))} · {html.escape(str(summary['started'])[:16])}")
     parts = [f'<div class="gi-caption">{head}</div>',
-             f'<table class="gi-eval"><tr><th></th>{columns}<th></th></tr>{body}</table>']
+             f'<div class="gi-scroll"><table class="gi-eval"><tr><th></th>{columns}<th></th></tr>{body}</table></div>']
     for name, why in (summary.get("left_out") or {}).items():
         parts.append(f'<div class="gi-caption">{COLUMNS.get(name, name)} left out: {html.escape(why)}.</div>')
     too_long = max(summary[n]["too_long"] for n in names)

@@ -201,10 +201,11 @@ def reference_html(output: str) -> str:
 
 
 def pick_example(index: int, records: list[dict]):
+    """(instruction, input, reference, then the answers, diff and status cleared: they answered another question)."""
     if index is None or not 0 <= index < len(records or []):
-        return gr.skip(), gr.skip(), gr.skip()
+        return (gr.skip(),) * 8
     r = records[index]
-    return r["instruction"], r["input"], reference_html(r["output"])
+    return r["instruction"], r["input"], reference_html(r["output"]), "", "", "", "", ""
 
 
 def open_example(engine, record: dict, name: str, note: str = ""):
@@ -263,5 +264,6 @@ def build(shared) -> None:
     shared.relist_when_shown(run, partial(finished_run_choices, engine), lambda: refresh_runs(engine, None), [], picked[1:])
     run.input(lambda name: (run_info(engine, name),) + columns(engine, name), run, picked[1:], api_visibility="private", **cheap)
     shared.dataset.change(lambda d: examples_update(engine, d), shared.dataset, [examples, records], api_visibility="private", **cheap)
-    examples.click(pick_example, [examples, records], [instruction, input_text, reference], api_visibility="private", **cheap)
+    examples.click(pick_example, [examples, records], [instruction, input_text, reference, base_out, tuned_out, aligned_out,
+                                                       diff, status], api_visibility="private", **cheap)
     instruction.input(lambda: "", None, reference, api_visibility="private", **cheap)

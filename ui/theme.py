@@ -117,6 +117,12 @@ CSS = """
                            border-bottom: 1px solid var(--border-color-primary) !important; background: none !important; }
 .gi-eval th:first-child, .gi-eval td.gi-caption { text-align: left; font-weight: 400; }
 .gi-eval tr:first-child th { font-weight: 600; }
+/* On a phone the scores keep their notes: closer cells, the notes wrap, and what is still too wide scrolls sideways. */
+.gi-scroll { overflow-x: auto; }
+@media (max-width: 600px) {
+  .gi-eval th, .gi-eval td { padding: 5px 6px !important; }
+  .gi-eval td.gi-caption { white-space: normal; min-width: 5em; }
+}
 /* The records tables' columns are shares of the table's width: on a phone the table keeps 860 px and scrolls sideways,
    rather than squeezing its text to a word a line. */
 #dataset-table .table-container, #pref-table .table-container { overflow-x: auto; }

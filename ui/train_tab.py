@@ -384,7 +384,7 @@ def runs_table(engine, resuming: str | None = None) -> tuple[list[list], dict, d
         m = run.manifest
         data = (m.get("data") or {}).get("source", "?")
         rows.append([run.name, model_label(m), public_data(str(data)), run.status, m.get("steps", ""),
-                     val_loss_text(m), clock(m.get("wall_time_s"))])
+                     val_loss_text(m, dpo=True), clock(m.get("wall_time_s"))])
         if (run.path / METRICS).is_file():
             choices.append((run.label(), run.name))
     return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False, current=resuming)

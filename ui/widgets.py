@@ -10,6 +10,7 @@ from typing import Callable
 import gradio as gr
 
 from data import STYLES
+from runstore.store import loss_name
 
 from .theme import notice
 
@@ -155,17 +156,18 @@ def model_label(manifest: dict) -> str:
     return str(config.get("model", "?")) + (" (random init)" if config.get("random_init") else "")
 
 
-def val_loss_text(summary: dict) -> str:
-    """``runstore.val_loss_text``, a dash when there is none."""
+def val_loss_text(summary: dict, dpo: bool = False) -> str:
+    """``runstore.val_loss_text``, a dash when there is none; with ``dpo``, a preference-tuned run's marked (DPO)."""
     from runstore.store import val_loss_text as text
 
-    return text(summary) or "–"
+    loss = text(summary)
+    return "–" if loss is None else loss + (" (DPO)" if dpo and summary.get("method") == "dpo" else "")
 
 
 def run_label(run) -> str:
     loss = val_loss_text(run.manifest)
     ended = "" if run.status == "done" else f" · {run.status} at step {run.last_step:,}"
-    return f"{run.name} · {model_label(run.manifest)}{ended}" + (f" · val loss {loss}" if loss != "–" else "")
+    return f"{run.name} · {model_label(run.manifest)}{ended}" + (f" · {loss_name(run.manifest)} {loss}" if loss != "–" else "")
 
 
 def trained_runs(engine, statuses=("done", "stopped", "interrupted")) -> list:
