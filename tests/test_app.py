@@ -445,6 +445,19 @@ def test_a_preference_tuned_runs_loss_is_named_dpo_loss_beside_cross_entropy_one
     assert val_loss_text(run("dpo").manifest, dpo=True) == "0.690 (DPO)" and val_loss_text({}, dpo=True) == "–"
 
 
+def test_the_evaluate_tab_offers_only_the_rankings_an_evaluation_has_scores_for():
+    from ui.evaluate_tab import RANKINGS, rank_choices
+
+    plain = rank_choices({"summary": {"models": ["base", "tuned"]}}, "aligned ROUGE-L")
+    assert plain.choices == [(c, c) for c in ("fine-tuned ROUGE-L", "ROUGE-L gain (fine-tuned − base)",
+                                              "fine-tuned perplexity", "NLL drop (base − fine-tuned)")]
+    assert plain.value == "fine-tuned ROUGE-L"  # the ranking the table falls back to
+    judged = rank_choices({"summary": {"models": ["base", "tuned"], "judge": {"model": "llama3"}}}, "fine-tuned perplexity")
+    assert ("fine-tuned judge score", "fine-tuned judge score") in judged.choices and judged.value == "fine-tuned perplexity"
+    every = rank_choices({"summary": {"models": ["base", "tuned", "aligned"], "judge": {"model": "x"}}}, "aligned ROUGE-L")
+    assert len(every.choices) == len(RANKINGS) and every.value == "aligned ROUGE-L"
+
+
 def test_an_example_picked_in_the_playground_clears_the_answers_to_the_last_question():
     from ui.playground_tab import pick_example
 

@@ -223,7 +223,8 @@ def build(shared) -> None:
 
     gr.Markdown("### Records")
     with gr.Row(equal_height=True):
-        query = gr.Textbox(placeholder="Search instruction, input and output…", show_label=False, scale=5, elem_id="dataset-search")
+        query = gr.Textbox(placeholder="Search instruction, input and output…", show_label=False, scale=5, min_width=340,
+                           elem_id="dataset-search")  # a line of its own on a phone, the three page controls together below
         prev_btn = gr.Button("‹ Prev", size="sm", scale=0, min_width=70, elem_id="prev-page")
         page = gr.Number(value=1, precision=0, show_label=False, scale=0, min_width=70, elem_id="page-number")
         next_btn = gr.Button("Next ›", size="sm", scale=0, min_width=70, elem_id="next-page")
@@ -243,7 +244,7 @@ def build(shared) -> None:
         with gr.Row(equal_height=True):
             pref_load = gr.Button("Load the book's preference pairs", size="sm", scale=0, min_width=260, elem_id="pref-load-btn")
             pref_query = gr.Textbox(placeholder="Search instruction, chosen and rejected answers…", show_label=False, scale=5,
-                                    elem_id="pref-search")
+                                    min_width=340, elem_id="pref-search")
             pref_prev = gr.Button("‹ Prev", size="sm", scale=0, min_width=70, elem_id="pref-prev-page")
             pref_page = gr.Number(value=1, precision=0, show_label=False, scale=0, min_width=70, elem_id="pref-page-number")
             pref_next = gr.Button("Next ›", size="sm", scale=0, min_width=70, elem_id="pref-next-page")

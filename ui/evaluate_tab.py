@@ -189,6 +189,15 @@ def column_widths(names: list[str]) -> list[str]:
             for name in names]
 
 
+def rank_choices(result: dict | None, current: str) -> gr.Dropdown:
+    """The rankings an evaluation has scores for (a judge's only when a judge scored it, the aligned model's only for
+    a preference-tuned run), keeping ``current`` while it is one of them."""
+    summary = (result or {}).get("summary") or {}
+    judged, aligned = bool(summary.get("judge")), "aligned" in models_of(summary)
+    choices = [label for label in RANKINGS if ("judge" not in label or judged) and ("aligned" not in label or aligned)]
+    return gr.Dropdown(choices=choices, value=current if current in choices else choices[0])
+
+
 def table_update(result: dict | None, rank_by: str, show_all: bool) -> dict:
     """The best and worst examples by ``rank_by`` (or all of them), best first; ``rank`` is the place among all."""
     if not result:
@@ -470,6 +479,7 @@ def build(shared) -> None:
                              shown_outputs)
     for control in (rank_by, show_all):
         control.input(table_update, [result, rank_by, show_all], table, api_visibility="private", **cheap)
+    result.change(rank_choices, [result, rank_by], rank_by, api_visibility="private", **cheap)
     table.change(lambda shown: gr.Dataframe(column_widths=column_widths(list(shown.columns))), table, table,
                  api_visibility="private", **cheap)  # a preference-tuned run's evaluation has a column more
     if shared.tabs is not None and shared.playground:
