@@ -596,6 +596,7 @@ def test_a_run_that_ends_keeps_another_visitors_choices_and_its_button_opens_it(
     assert [name for _, name in kept[0].choices] == [second, first] and all(out == gr.skip() for out in kept[1:])
     shown = runs_changed(None)  # a page with no run picked shows the newest
     assert shown[0].value == second and "Base model: tiny with random weights" in text(shown[1])
+    assert "the same model after the run, on bundled sample (alpaca prompts)" in text(shown[1])  # as the Dataset tab says
     tab, asked = button(first)  # the button under the run that page saw end
     assert tab.constructor_args == {"selected": "playground"} and asked["run"] == first
     opened = open_run(asked)

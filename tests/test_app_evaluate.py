@@ -86,7 +86,7 @@ def test_evaluation_scores_both_models_saves_them_and_reloads(c, run):
         totals = summary[name]
         assert 9 < totals["nll"] < 12  # a barely trained random model: near ln(50257)
         assert f"{totals['rouge_l']:.3f}" in shown and f"{totals['perplexity']:,.1f}" in shown and f"{totals['nll']:.3f}" in shown
-    assert "4 test examples of sample" in shown and "ollama run llama3" in shown  # no judge: how to set one up
+    assert "4 test examples of bundled sample" in shown and "ollama run llama3" in shown  # no judge: how to set one up
 
     traces = json.loads(out["chart"]["plot"])["data"]
     assert [t["name"] for t in traces] == ["base", "base", "fine-tuned", "fine-tuned"]
@@ -151,12 +151,12 @@ def test_a_reloaded_page_gets_the_evaluation_back_with_stop_and_its_results(run)
     same = poll(engine, "owner-c", same, RANK, False, RUN)[-1]
     assert job.wait(120)
     progress, message, summary, _, table, result, picker, start, stop, owner = poll(engine, "owner-a", owner, RANK, False)
-    assert "Evaluated 7 examples" in text(progress) and "7 test examples of sample" in text(summary)
+    assert "Evaluated 7 examples" in text(progress) and "7 test examples of bundled sample" in text(summary)
     assert result["run"] == RUN and len(table["data"]) == 7 and start.interactive and not stop.interactive
     progress, _, summary, *_, start, _, _ = poll(engine, "owner-b", other, RANK, False)
     assert progress == "" and not isinstance(summary, str) and start.interactive  # another run's page keeps its results
     _, _, summary, *_ = poll(engine, "owner-c", same, RANK, False, RUN)  # a page showing that run gets the new ones
-    assert "7 test examples of sample" in text(summary)
+    assert "7 test examples of bundled sample" in text(summary)
     assert all(not isinstance(o, (str, gr.Button)) for o in poll(engine, "owner-a", owner, RANK, False)[:-1])  # once
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import time
 from functools import partial
-from pathlib import Path
 
 import gradio as gr
 
@@ -23,7 +22,7 @@ from runstore import RunInfo
 from runstore.export import ExportError, load_hint, push_to_hub
 
 from .charts import empty_figure, evaluation_figure
-from .widgets import as_int, bar, clock, finished_run_choices, no_runs_note, notice, plural
+from .widgets import as_int, bar, clock, data_name, finished_run_choices, no_runs_note, notice, plural
 
 TITLE = "Evaluate"
 MAX_NEW_TOKENS = 256
@@ -152,7 +151,7 @@ def summary_html(summary: dict, rows: list[dict], local: bool = True) -> str:
     body = "".join(f"<tr><th>{label}</th>{cells(key, spec)}"
                    f'<td class="gi-caption">{html.escape(note)}</td></tr>' for label, key, spec, note in lines)
     columns = "".join(f"<th>{COLUMNS[n]}</th>" for n in names)
-    head = (f"{plural(summary['examples'], summary['split'] + ' example')} of <b>{html.escape(Path(str(summary['data'])).name)}</b> "
+    head = (f"{plural(summary['examples'], summary['split'] + ' example')} of <b>{html.escape(data_name(str(summary['data'])))}</b> "
             f"({summary['style']} prompts), up to {summary['max_new_tokens']} new tokens, greedy · "
             f"{clock(summary['wall_time_s'])} on {html.escape(str(summary['device']))} · {html.escape(str(summary['started'])[:16])}")
     parts = [f'<div class="gi-caption">{head}</div>',

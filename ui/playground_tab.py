@@ -15,14 +15,13 @@ from functools import partial
 import gradio as gr
 
 from data import DatasetError, extract_response, format_prompt, split_instructions
-from data.cache import file_label
 from runstore import read_manifest
 from runstore.models import run_config
 from engine.public import scrub
 from model import WeightsError, get_tokenizer, stream_side_by_side
 from training import ConfigError
 
-from .widgets import finished_run_choices, keep_or_fill, no_runs_note, notice
+from .widgets import data_name, finished_run_choices, keep_or_fill, no_runs_note, notice
 
 TITLE = "Playground"
 MAX_NEW_TOKENS = 256
@@ -82,10 +81,10 @@ def run_info(engine, name: str | None) -> str:
     base = f"{config.model} with random weights (seed {config.seed})" if config.random_init else f"pretrained {config.model}"
     if parent is not None:
         return notice(f"Base model: <b>{html.escape(base)}</b>. Fine-tuned: run <b>{html.escape(parent.name)}</b> on "
-                      f"<b>{html.escape(file_label(str(config.data)))}</b>. Aligned: that run after preference tuning (DPO). "
+                      f"<b>{html.escape(data_name(str(config.data)))}</b>. Aligned: that run after preference tuning (DPO). "
                       "The three answer together.")
     return notice(f"Base model: <b>{html.escape(base)}</b>. Fine-tuned: the same model after the run, on "
-                  f"<b>{html.escape(file_label(str(config.data)))}</b> ({config.style} prompts).")
+                  f"<b>{html.escape(data_name(str(config.data)))}</b> ({config.style} prompts).")
 
 
 def diff_html(base: str, tuned: str, names: tuple[str, str] = ("base", "fine-tuned")) -> str:

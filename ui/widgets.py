@@ -14,7 +14,7 @@ from runstore.store import loss_name
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "keep_or_fill", "no_runs_note", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
+__all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "keep_or_fill", "data_name", "no_runs_note", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
            "resumable_runs", "resume_job", "run_finished", "saved_run", "playground_button", "style_radio"]
 
 STYLE_LABELS = {"alpaca": "Alpaca (the book's)", "phi3": "Phi-3 (exercise 7.1: shorter prompts)"}
@@ -148,6 +148,14 @@ def bar(fraction: float, extra: str = "") -> str:
 
 def loss_text(value) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
+
+
+def data_name(source: str) -> str:
+    """A run's data as the Dataset tab names it: "bundled sample", "canonical (book, ch. 7)", or an upload's file name."""
+    from data.cache import file_label
+    from engine.datasets import BUILT_IN
+
+    return BUILT_IN.get(source) or file_label(source)
 
 
 def model_label(manifest: dict) -> str:

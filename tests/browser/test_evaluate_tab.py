@@ -31,7 +31,7 @@ def test_evaluate_a_run_on_a_few_examples_and_export_it(page, finished_run):
     assert not page.locator("#eval-stop-btn").is_enabled()
 
     # Summary: base against fine-tuned on what was asked for.
-    summary = wait_text(page, "#eval-summary", f"{LIMIT} test examples of sample")
+    summary = wait_text(page, "#eval-summary", f"{LIMIT} test examples of bundled sample")
     assert f"up to {NEW_TOKENS} new tokens, greedy" in summary
     assert page.locator("#eval-summary table.gi-eval th", has_text="base").count() >= 1
     rows = page.evaluate("() => [...document.querySelectorAll('#eval-summary table.gi-eval tr')].map(r => r.innerText)")
