@@ -466,6 +466,18 @@ def test_an_example_picked_in_the_playground_clears_the_answers_to_the_last_ques
     assert picked[:2] == ("Name a color.", "") and "Red." in picked[2] and picked[3:] == ("",) * 5
 
 
+def test_the_playground_examples_say_which_dataset_they_come_from(tmp_path):
+    """They are the Dataset tab's data, which need not be the data the picked run trained on."""
+    from engine import Engine
+    from ui.playground_tab import examples_update
+
+    engine = Engine(root=tmp_path)
+    chosen, _ = engine.datasets.open("sample")
+    shown, records = examples_update(engine, chosen)
+    assert shown.constructor_args["label"] == "Examples from the test split of bundled sample, the Dataset tab's data (click one)"
+    assert len(records) == len(shown.constructor_args["samples"]) == 7
+
+
 def test_the_align_tab_points_to_saved_aligned_runs_when_none_is_going():
     from ui.align_tab import other_job_html
 

@@ -191,8 +191,11 @@ def examples_of(engine, dataset: dict | None) -> list[dict]:
 
 
 def examples_update(engine, dataset: dict | None):
+    """The first test examples of the dataset the Dataset tab holds (which need not be the run's), saying whose."""
     records = examples_of(engine, dataset)
-    return gr.Dataset(samples=[[r["instruction"], r["input"]] for r in records]), records
+    whose = f" of {dataset['name']}, the Dataset tab's data" if records else ""
+    return gr.Dataset(samples=[[r["instruction"], r["input"]] for r in records],
+                      label=f"Examples from the test split{whose} (click one)"), records
 
 
 def reference_html(output: str) -> str:
