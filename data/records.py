@@ -113,12 +113,8 @@ def parse_json_or_jsonl(text: str, name: str, jsonl: bool) -> tuple[list, str]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        if text.lstrip().startswith("{"):
-            try:
-                return parse_jsonl(text, name), "line"
-            except DatasetError as jsonl_error:
-                if not jsonl_error.args[0].startswith(f"{name}, line {first_line(text)}:"):
-                    raise  # JSON Lines up to a bad line
+        if text.lstrip().startswith("{") and first_line_is_json(text):  # JSON Lines, its bad line named there
+            return parse_jsonl(text, name), "line"
         extra = "; more than one JSON value: put the records in one list, [ ... ]" if exc.msg == "Extra data" else ""
         raise DatasetError(f"{name}, line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}{extra})") from None
     except RecursionError:
@@ -135,9 +131,13 @@ def parse_json_or_jsonl(text: str, name: str, jsonl: bool) -> tuple[list, str]:
     return list(enumerate(data, start=1)), "record"
 
 
-def first_line(text: str) -> int:
-    """The number of a text's first line that is not blank."""
-    return next((n for n, line in enumerate(text.split("\n"), start=1) if line.strip()), 1)
+def first_line_is_json(text: str) -> bool:
+    """Whether the first line that is not blank holds a JSON value of its own: else a file is no JSON Lines."""
+    try:
+        json.loads(next(line for line in text.split("\n") if line.strip()))
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return True
 
 
 def parse_jsonl(text: str, name: str) -> list:
