@@ -24,7 +24,7 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import (as_int, bar, clock, form_error, listed, live_chart, loss_text, notice, number,
+from .widgets import (as_int, bar, clock, form_error, listed, kept_or_newest, live_chart, loss_text, notice, number,
                       playground_button, plural, resumable_runs, resume_job, run_finished, run_label, saved_run,
                       stop_job, trained_runs, val_loss_text, zero_is_none)
 
@@ -46,8 +46,7 @@ def refresh_parents(engine, current: str | None, resuming: str | None = None):
     """The parent picker (keeping its choice while it is offered), its note, and the resumable preference-tuning runs
     (keeping the one picked, ``resuming``, while it is one)."""
     choices = parent_choices(engine)
-    names = [n for _, n in choices]
-    value = current if current in names else (names[0] if names else None)
+    value = kept_or_newest(choices, current)
     return (gr.Dropdown(choices=choices, value=value), policy_note(value),
             resumable_runs(engine.runs(), dpo=True, current=resuming))
 

@@ -22,7 +22,7 @@ from runstore import RunInfo
 from runstore.export import ExportError, load_hint, push_to_hub
 
 from .charts import empty_figure, evaluation_figure
-from .widgets import as_int, bar, clock, data_name, finished_run_choices, no_runs_note, notice, plural
+from .widgets import as_int, bar, clock, data_name, finished_run_choices, kept_or_newest, no_runs_note, notice, plural
 
 TITLE = "Evaluate"
 MAX_NEW_TOKENS = 256
@@ -90,11 +90,8 @@ def not_yet(run: RunInfo, cap: int | None = None) -> str:
 def run_to_show(engine, current: str | None) -> tuple[list, str | None]:
     """(the picker's choices, the run being evaluated, else the current choice while it still exists, else the newest)."""
     choices = finished_run_choices(engine)
-    names = [n for _, n in choices]
     evaluating = evaluated_run(engine.snapshot("evaluate", since=SCALARS_ONLY))
-    if evaluating in names:
-        return choices, evaluating
-    return choices, current if current in names else (names[0] if names else None)
+    return choices, evaluating if evaluating in [n for _, n in choices] else kept_or_newest(choices, current)
 
 
 def refresh_runs(engine, current: str | None):

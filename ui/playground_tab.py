@@ -21,7 +21,7 @@ from engine.public import scrub
 from model import WeightsError, get_tokenizer, stream_side_by_side
 from training import ConfigError
 
-from .widgets import data_name, finished_run_choices, keep_or_fill, no_runs_note, notice
+from .widgets import data_name, finished_run_choices, keep_or_fill, kept_or_newest, no_runs_note, notice
 
 TITLE = "Playground"
 MAX_NEW_TOKENS = 256
@@ -32,8 +32,7 @@ NO_RUNS = "No fine-tuned run yet: train one in the <b>Train</b> tab, then compar
 def refresh_runs(engine, current: str | None):
     """The run picker on ``current`` while it exists, else the newest run, its note and answer boxes (cleared)."""
     choices = finished_run_choices(engine)
-    names = [n for _, n in choices]
-    value = current if current in names else (names[0] if names else None)
+    value = kept_or_newest(choices, current)
     return (gr.Dropdown(choices=choices, value=value), run_info(engine, value)) + columns(engine, value)
 
 

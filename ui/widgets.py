@@ -14,7 +14,7 @@ from runstore.store import loss_name
 
 from .theme import notice
 
-__all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "keep_or_fill", "data_name", "no_runs_note", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
+__all__ = ["notice", "bar", "clock", "listed", "number", "run_label", "trained_runs", "finished_run_choices", "kept_or_newest", "keep_or_fill", "data_name", "no_runs_note", "loss_text", "model_label", "live_chart", "stop_job", "as_int",
            "resumable_runs", "resume_job", "run_finished", "saved_run", "playground_button", "style_radio"]
 
 STYLE_LABELS = {"alpaca": "Alpaca (the book's)", "phi3": "Phi-3 (exercise 7.1: shorter prompts)"}
@@ -41,6 +41,13 @@ def playground_button(shared, text: str, elem_id: str) -> gr.Button:
                  [shared.tabs, shared.open_run], api_visibility="private",
                  js="(name) => { window.scrollTo({top: 0}); return [name]; }", concurrency_limit=None, show_progress="hidden")
     return button
+
+
+def kept_or_newest(choices: list[tuple[str, str]], current: str | None) -> str | None:
+    """A run picker's value: ``current`` while it is one of the (label, name) ``choices``, else the first (the
+    newest), else None."""
+    names = [name for _, name in choices]
+    return current if current in names else (names[0] if names else None)
 
 
 def keep_or_fill(choices: list[tuple[str, str]], current: str | None, fill: Callable[[], tuple], outputs: int) -> tuple:
@@ -206,8 +213,7 @@ def resumable_runs(runs, dpo: bool, current: str | None = None):
     (``dpo``) or fine-tuned ones, newest first; ``current`` stays picked while it can be resumed, else the newest."""
     choices = [(f"{run.name} · {run.status} at step {run.last_step}", run.name) for run in runs
                if run.resumable and (run.manifest.get("method") == "dpo") == dpo]
-    names = [name for _, name in choices]
-    return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
+    return gr.Dropdown(choices=choices, value=kept_or_newest(choices, current))
 
 
 def resume_job(engine, client_id: str | None, name: str | None):
