@@ -603,6 +603,13 @@ def test_a_run_that_ends_keeps_another_visitors_choices_and_its_button_opens_it(
     button = handler("click", gr.Button, lambda b: isinstance(b, gr.State), lambda b: isinstance(b, gr.Tabs))
     first = train("owner-a")
     second = train("owner-b")
+    from ui import evaluate_tab
+
+    polls = [fn for fn in demo.fns.values() if getattr(fn.fn, "func", None) is evaluate_tab.poll]
+    shared_state = next(blocks[t[0]] for fn in demo.fns.values() for t in fn.targets if fn.fn is runs_changed)
+    assert polls and all(fn.outputs[-1] is shared_state and fn.inputs[-1] is shared_state for fn in polls)
+    assert polls[0].fn("owner-c", None, "fine-tuned ROUGE-L", False, None, first)[-1] == second  # seen on Evaluate too
+    assert polls[0].fn("owner-c", None, "fine-tuned ROUGE-L", False, None, second)[-1] == gr.skip()
     kept = runs_changed(first)  # a page comparing answers with the first run
     assert kept[0].constructor_args == {"choices": finished_run_choices(engine)}
     assert [name for _, name in kept[0].choices] == [second, first] and all(out == gr.skip() for out in kept[1:])

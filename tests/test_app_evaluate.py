@@ -130,7 +130,7 @@ def test_the_progress_moves_through_the_phases(c, run):
 
 def test_a_reloaded_page_gets_the_evaluation_back_with_stop_and_its_results(run):
     """The tab's poll: a page that did not start the evaluation (the owner's after a reload, or another visitor's)."""
-    from ui.evaluate_tab import poll
+    from ui.evaluate_tab import job_poll as poll
 
     engine = Engine()
     owner, other, same = (poll(engine, who, None, RANK, False)[-1] for who in ("owner-a", "owner-b", "owner-c"))  # idle pages

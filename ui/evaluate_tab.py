@@ -22,7 +22,8 @@ from runstore import RunInfo
 from runstore.export import ExportError, load_hint, push_to_hub
 
 from .charts import empty_figure, evaluation_figure
-from .widgets import as_int, bar, clock, data_name, finished_run_choices, kept_or_newest, no_runs_note, notice, plural
+from .widgets import (as_int, bar, clock, data_name, finished_run_choices, kept_or_newest, no_runs_note, notice, plural,
+                      run_finished)
 
 TITLE = "Evaluate"
 MAX_NEW_TOKENS = 256
@@ -322,10 +323,18 @@ def outcome(engine, snap: dict, rank_by: str, show_all: bool) -> tuple:
     return notice(done, "ok"), "", *results
 
 
-def poll(engine, client_id: str | None, seen: dict | None, rank_by: str, show_all: bool, name: str | None = None):
+def poll(engine, client_id: str | None, seen: dict | None, rank_by: str, show_all: bool, name: str | None = None,
+         latest: str | None = None):
     """One timer tick for a page that is not streaming the evaluation itself (another visitor's, or this browser's
     after a reload): its progress and Stop while it goes; at its end, the results for the browser that started it
-    and for pages showing that run (``name``: the page's picked run), whose old results they replace."""
+    and for pages showing that run (``name``: the page's picked run), whose old results they replace. Last, the
+    shared latest finished run (``latest``): a training run that ends while this tab is shown is listed here too."""
+    _, runs_changed = run_finished(engine.snapshot("train", since=SCALARS_ONLY), {"finished": latest})
+    return job_poll(engine, client_id, seen, rank_by, show_all, name) + (runs_changed,)
+
+
+def job_poll(engine, client_id: str | None, seen: dict | None, rank_by: str, show_all: bool, name: str | None = None) -> tuple:
+    """``poll``'s (progress, message, summary, chart, table, result, run picker, Evaluate, Stop, seen)."""
     seen = dict(seen or {})
     skip = (gr.skip(),) * 10
     if seen.get("streaming"):
@@ -465,7 +474,8 @@ def build(shared) -> None:
                                                rank_by, show_all, seen, judge_key],
                     job_outputs, api_name="evaluate",
                     concurrency_limit=2, concurrency_id="evaluate", show_progress="minimal", show_progress_on=progress)
-    shared.poll_while_shown(partial(poll, engine), [shared.client_id, seen, rank_by, show_all, run], job_outputs)
+    shared.poll_while_shown(partial(poll, engine), [shared.client_id, seen, rank_by, show_all, run, shared.runs_changed],
+                            [*job_outputs, shared.runs_changed])
     stop_btn.click(partial(stop, engine), shared.client_id, message, api_name="stop_evaluation", **cheap)
     run.input(load_shown, [run, rank_by, show_all], shown_outputs, api_name="load_evaluation", **cheap)
     for trigger in (shared.app.load, refresh.click, shared.runs_changed.change):
