@@ -31,7 +31,7 @@ from .batching import LengthGroupedSampler, too_long
 from .browse import PAGE_SIZE, Page, page_of, split_names
 from .errors import DatasetError
 from .prompts import check_style, encode_prompt
-from .records import FIELDS, folded, json_type, read_items, split_instructions, validate_records
+from .records import FIELDS, check_columns, folded, json_type, read_items, split_instructions, validate_records
 
 PREFERENCE_FIELDS = ("chosen", "rejected")
 
@@ -73,6 +73,7 @@ def validate_preferences(items: list, name: str = "data", label: str = "record")
     ``chosen`` and ``rejected`` are required non-empty strings; ``output`` may be
     left out (it becomes the chosen answer); the rest is checked as for instruction data.
     """
+    check_columns(items, name, ("instruction", *PREFERENCE_FIELDS))
     filled = []
     for number, value in items:
         if isinstance(value, dict):

@@ -159,7 +159,7 @@ def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
     """``(row, fields)`` items of a table whose header row names the fields; rows as a spreadsheet numbers them
     (the header is row 1). An empty cell is an empty string; a row with fewer cells lacks the last fields."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    items, header, number = [], None, 0
+    items, header, number = Rows(), None, 0
     try:
         for number, row in enumerate(reader, start=1):  # a blank line is a row in a spreadsheet too
             if header is None:
@@ -167,6 +167,7 @@ def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
                 if not header or not all(header) or len(set(header)) < len(header):
                     raise DatasetError(f"{name}, row 1: the first row must name each column once (instruction, input, "
                                        f"output, ...), got {delimiter.join(header)!r}")
+                items.header = header
             elif len(row) > len(header):
                 extra = len(row) - len(header)
                 raise DatasetError(f"{name}, row {number}: {extra} more cell{'s' * (extra > 1)} than the header's "
@@ -179,6 +180,21 @@ def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
         raise DatasetError(f"{name}, row 1: the first row must name each column once (instruction, input, output, "
                            "...), got ''")
     return items
+
+
+class Rows(list):
+    """A table's ``(row, fields)`` items, and its ``header``: the columns every row may have."""
+    header: list[str] = []
+
+
+def check_columns(items: list, name: str, required) -> None:
+    """A table whose header lacks a ``required`` field is named as such (row 1), not as its first row missing it."""
+    header = getattr(items, "header", None)
+    if header is None:
+        return
+    missing = [field for field in required if field not in {column.lower() for column in header}]
+    if missing:
+        raise DatasetError(f'{name}, row 1: the header has no "{missing[0]}" column (its columns: {", ".join(header)})')
 
 
 JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "a number", float: "a number"}
@@ -215,6 +231,7 @@ def validate_records(items: list, name: str = "data", label: str = "record") -> 
         raise DatasetError(f"{name}: contains no records")
     if len(items) > MAX_RECORDS:
         raise DatasetError(f"{name}: {len(items):,} records, more than the {MAX_RECORDS:,} limit")
+    check_columns(items, name, ("instruction", "output"))
     records = []
     for number, value in items:
         where = f"{name}, {label} {number}"

@@ -120,7 +120,9 @@ def test_user_file_csv_and_tsv(tmp_path):
 
 
 BAD_CSV = [
-    ("missing output", "instruction,input\nA,\n", 'data.csv, row 2: field "output" is missing'),
+    ("missing output", "instruction,input\nA,\n", 'data.csv, row 1: the header has no "output" column (its columns: '
+                                                   'instruction, input)'),
+    ("misnamed output", "Instruction,response\nA,B\n", 'data.csv, row 1: the header has no "output" column'),
     ("short row", "instruction,input,output\nA,,B\nC,D\n", 'data.csv, row 3: field "output" is missing'),
     ("long row", "instruction,output\nA,B\nC,D,E,F\n",
      "data.csv, row 3: 2 more cells than the header's 2 columns (instruction, output)"),

@@ -97,6 +97,9 @@ def test_bad_preference_files_name_the_record_and_field(tmp_path):
         load("[{")
     with pytest.raises(DatasetError, match=r'p\.csv, row 3: field "rejected" is empty'):
         load("instruction,input,output,chosen,rejected\nSay hi.,,Hi.,Hi!,No.\nSay no.,,No.,No!,\n", "p.csv")
+    with pytest.raises(DatasetError, match=r'p\.csv, row 1: the header has no "rejected" column \(its columns: '
+                                           r'instruction, Chosen, worse\)'):
+        load("instruction,Chosen,worse\nSay hi.,Hi!,No.\n", "p.csv")
     assert load("instruction,chosen,rejected\nSay hi.,Hi!,No.\n", "p.csv") == [
         {"instruction": "Say hi.", "input": "", "output": "Hi!", "chosen": "Hi!", "rejected": "No."}]  # output: the chosen
     with pytest.raises(DatasetError, match="file not found"):
