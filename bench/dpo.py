@@ -5,7 +5,8 @@ native, AdamW inside backward, batches of 8, random init of ``--model``):
 
 - fine-tuning: the canonical train split, ``model.loss`` per batch (the defaults of ``python -m training``);
 - DPO: the preference train split, one forward/backward over chosen + rejected per batch, the
-  pairs packed one row each (the default) and, for comparison, stacked as 2B rows (``--no-packed``).
+  pairs packed one row each (the default) and, for comparison, stacked as 2B rows (the ``dpo-stacked`` side of ``--sides``;
+  ``python -m training.dpo --no-packed`` trains that way).
 
 Peak memory: each side in its own process runs its epoch's longest batch
 (and, for DPO, the reference pass over it), so that each peak RSS is its own.
