@@ -89,6 +89,25 @@ def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, precisio
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_an_auto_precision_run_resumes_in_the_precision_it_trained_in_and_with_as_many_processes(tmp_path, monkeypatch):
+    """A run stopped where auto took bf16 (a bf16 CPU, a GPU) and resumed where auto takes fp32: its checkpoint holds
+    bf16 master weights, so it goes on in bf16, and says why; a run of two processes resumes only with two."""
+    monkeypatch.setenv("GPT2_INSTRUCT_NATIVE_BF16", "1")
+    train(tiny(tmp_path, "run", max_steps=3), stop_after(1))
+    monkeypatch.setenv("GPT2_INSTRUCT_NATIVE_BF16", "0")
+    events = []
+    assert resume_run(tmp_path / "run", Hooks(on_event=events.append))["status"] == "done"
+    started = next(e for e in events if isinstance(e, Started))
+    assert started.device == "CPU, bfloat16" and started.precision.startswith(
+        "bf16: the run trained in bf16 before it stopped, and goes on in it, emulated here")
+    train(tiny(tmp_path, "two", max_steps=3), stop_after(1))
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    (tmp_path / "two" / "manifest.json").write_text(json.dumps({**manifest, "processes": 2}))
+    with pytest.raises(ResumeError, match=r"the run trained in 2 processes \(torchrun --nproc-per-node 2\), which split "
+                                          r"each step's batches: resume it with as many, not 1"):
+        resume_run(tmp_path / "two")
+
+
 def test_run_files_get_the_mode_a_plain_open_gives(tmp_path):
     from model.files import UMASK
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from data.batching import restore_loader
+from model import pick_dtype
+from model.device import precision_reason
 from model.files import atomic_write
 from runstore import CHECKPOINT, MANIFEST, read_manifest, recover_run
 
@@ -29,6 +31,22 @@ CHANGEABLE = ("checkpoint_every", "max_wall_s", "eval_every", "eval_batches", "s
 
 class ResumeError(ValueError):
     """A run that cannot be resumed as asked; the message says why."""
+
+
+def run_precision(device: torch.device, precision: str | None, resume: Path | None = None) -> tuple[torch.dtype, str]:
+    """A run's compute dtype and why (``precision_reason``). A resumed run whose precision is "auto" keeps the dtype
+    it trained in (its manifest's device, "CPU, bfloat16"): its checkpoint holds that precision's master weights, and
+    it goes on as if it had never stopped, also where auto would pick the other one (another machine)."""
+    dtype, reason = pick_dtype(device, precision), precision_reason(device, precision)
+    if resume is None or precision not in (None, "auto"):
+        return dtype, reason
+    saved = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        str(read_manifest(resume).get("device", "")).rpartition(", ")[2])
+    if saved is None or saved == dtype:
+        return dtype, reason
+    name = "bf16" if saved == torch.bfloat16 else "fp32"
+    slow = ", emulated here: many times slower than fp32" if saved == torch.bfloat16 and device.type == "cpu" else ""
+    return saved, f"{name}: the run trained in {name} before it stopped, and goes on in it{slow} (auto takes {reason})"
 
 
 def save_checkpoint(run_dir: Path, optimizer, *, step: int, epoch: int, tokens_seen: int, clock, epoch_start: dict | None = None,

@@ -29,14 +29,14 @@ import torch
 from data.preference import (
     PreferenceDataset, collate_preferences, epoch_batches, in_order_batches, load_preferences, preference_path, split_preferences,
 )
-from model import GPT, init_generator, pick_device, pick_dtype
-from model.device import configure_precision, describe, precision_reason, release_free_memory
+from model import GPT, init_generator, pick_device
+from model.device import configure_precision, describe, release_free_memory
 from runstore import (RunWriter, claim_run_dir, find_run, load_run, new_run_dir, parent_folder, process_owner,
                       read_manifest)
 from runstore.store import WEIGHTS
 
 from .checkpoint import (
-    ResumeError, check_unchanged, checkpoint_run, load_checkpoint, refuse_changes, restore, resumable,
+    ResumeError, check_unchanged, checkpoint_run, load_checkpoint, refuse_changes, restore, resumable, run_precision,
 )
 from .config import ConfigError, Settings, TrainConfig, check_device, setting
 from .cores import CoreShare
@@ -237,7 +237,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         return stop_reason(hooks, config.max_wall_s, clock)
 
     device = pick_device(config.device)
-    dtype = pick_dtype(device, config.precision)
+    dtype, precision = run_precision(device, config.precision, resume)
     configure_precision(device, dtype)
     emit(Status("loading", f"Loading {parent_dir.name}"))
     torch.manual_seed(config.seed)  # dropout's draws
@@ -287,7 +287,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
         sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo",
-        start_step=checkpoint["step"] if checkpoint else 0, precision=precision_reason(device, config.precision)), **run_fields)
+        start_step=checkpoint["step"] if checkpoint else 0, precision=precision), **run_fields)
 
     status, reason = "done", None
     step = tokens_seen = pairs_seen = 0

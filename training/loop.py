@@ -33,11 +33,12 @@ import torch
 from data import DatasetError, InstructionDataset, extract_response, encode_prompt, load_instructions, make_loader, source_path, split_instructions
 from data import cache
 from data.batching import loader_state
-from model import GPT, GPTConfig, generate, get_tokenizer, init_generator, load_pretrained, pick_device, pick_dtype, save_pretrained
-from model.device import configure_precision, describe, peak_rss_mb, precision_reason, release_free_memory
+from model import GPT, GPTConfig, generate, get_tokenizer, init_generator, load_pretrained, pick_device, save_pretrained
+from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
 
 from . import distributed
-from .checkpoint import ResumeError, check_resume, checkpoint_run, load_checkpoint, mark_resumed, restore, resume_config, start_epoch
+from .checkpoint import (ResumeError, check_resume, checkpoint_run, load_checkpoint, mark_resumed, restore, resume_config,
+                         run_precision, start_epoch)
 from .config import TrainConfig
 from .cores import CoreShare
 from .events import Download, Finished, Logged, Started, Status
@@ -316,8 +317,12 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         raise ResumeError(f"{data_label(config.data)} has changed since the run started: its sha256 differs from the manifest's")
     sample_record = split.val[0]
 
+    if resume is not None and read_manifest(resume).get("processes", 1) != ctx.world_size:
+        processes = read_manifest(resume).get("processes", 1)
+        raise ResumeError(f"the run trained in {processes} process{'es' * (processes > 1)} (torchrun --nproc-per-node "
+                          f"{processes}), which split each step's batches: resume it with as many, not {ctx.world_size}")
     device = ctx.place(pick_device(config.device))
-    dtype = pick_dtype(device, config.precision)
+    dtype, precision = run_precision(device, config.precision, resume)
     configure_precision(device, dtype)
     def stopped_while_loading(what: str) -> None:
         if not ctx.enabled and hooks.should_stop():
@@ -367,7 +372,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
         start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=data.context,
         no_answer_records=train_ds.no_answer, max_length=data.max_length,
-        precision=precision_reason(device, config.precision)), **run_fields)
+        precision=precision), **run_fields)
 
     step = tokens_seen = first_epoch = 0
     last_val = last_train = float("nan")
