@@ -20,6 +20,7 @@ from runstore import (CHECKPOINT, RunInfo, RunWriter, find_run, list_runs, proce
 from training import TrainConfig
 from training.checkpoint import ResumeError, resume_config
 from training.events import Finished, Logged, Started
+from training.distributed import Context
 from training.loop import Clock, Hooks, check_data, records_needed, resume_run, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +190,7 @@ def test_wall_time_limit_stops_saves_and_leaves_a_resumable_run(tmp_path, monkey
     assert isinstance(events[-1], Finished)
 
 
-def test_data_too_small_fails_before_the_run_starts(tmp_path):
+def test_data_too_small_fails_before_the_run_starts(tmp_path, monkeypatch):
     assert records_needed(8) == 10 and records_needed(16) == 19
     with pytest.raises(DatasetError, match=r"has 5 records: its training split \(85 %\) has 4, fewer than one step of batch 8; "
                                            r"use more records \(a smaller batch leaves the test split empty\): .* needs at least 10 records"):
@@ -197,6 +198,11 @@ def test_data_too_small_fails_before_the_run_starts(tmp_path):
     with pytest.raises(DatasetError, match=r"has 12 records: its training split \(85 %\) has 10, fewer than one step of batch 16; "
                                            r"use a smaller batch, or more records: .* needs at least 19 records"):
         check_data(tiny(tmp_path, "x", data=small_data(tmp_path, 12), batch_size=16))
+    monkeypatch.setattr("training.distributed.context", lambda: Context(0, 2))  # torchrun: each process its own batches
+    with pytest.raises(DatasetError, match=r"has 12 records: its training split \(85 %\) has 10, fewer than one step of batch 8 "
+                                           r"x 2 processes; use a smaller batch, or more records: .* needs at least 19 records"):
+        check_data(tiny(tmp_path, "x", data=small_data(tmp_path, 12), batch_size=8))
+    monkeypatch.undo()
     with pytest.raises(DatasetError, match=r"data-9.json has 9 records: its test \(10 %\) split is empty; .* at least 10 records"):
         check_data(tiny(tmp_path, "x", data=small_data(tmp_path, 9), batch_size=2))
     records, split = check_data(tiny(tmp_path, "x", data=small_data(tmp_path, 10), batch_size=8))

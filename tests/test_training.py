@@ -309,7 +309,8 @@ def test_clipping_and_accumulation_path(tmp_path):
     summary = train(tiny_config(tmp_path, grad_clip=1.0, grad_accum=2, batch_size=4, warmup_steps=2, cosine=True))
     metrics = read_metrics(tmp_path / "run")
     assert summary["steps"] == 6
-    assert metrics[1]["lr"] == pytest.approx(1e-3 / 2)  # first warmup step
+    assert metrics[0]["lr"] == metrics[1]["lr"] == pytest.approx(1e-3 / 2)  # first warmup step, and the row before it
+    assert metrics[0]["eta_s"] is None and metrics[1]["eta_s"] > 0  # not an ETA before one step has been timed
     assert metrics[-1]["lr"] < 1e-3
     assert metrics[-1]["tokens_seen"] > 0
 
@@ -329,6 +330,10 @@ def test_config_errors_name_the_setting():
         TrainConfig(lr=-1)
     with pytest.raises(ConfigError, match="unknown settings: foo"):
         TrainConfig.from_dict({"foo": 1})
+    for name in ("max_steps", "max_length", "eval_batches"):  # optional whole numbers, default None or not
+        with pytest.raises(ConfigError, match=f"{name} must be a whole number, got 100.5"):
+            TrainConfig(**{name: 100.5})
+    assert TrainConfig(max_steps=3.0, lr=1e-4).max_steps == 3  # a whole float is fine, a float setting too
     for value in (float("nan"), float("inf")):
         with pytest.raises(ConfigError, match=f"lora_alpha must be a finite number, got {value}"):
             TrainConfig(lora_alpha=value)  # nan passes every range comparison
@@ -998,5 +1003,5 @@ def test_the_eta_counts_the_steps_and_the_evaluations_left_at_their_mean_times()
     assert clock.eta(5, 20, eval_every=5) == pytest.approx(15 * 2 + 3 * 2)  # evaluations at steps 10, 15 and 20
     assert clock.eta(5, 22, eval_every=5) == pytest.approx(17 * 2 + 4 * 2)  # ... and at the last, 22
     assert clock.eta(20, 20, eval_every=5) == clock.eta(22, 22, eval_every=5) == 0
-    assert Clock().eta(0, 20, eval_every=5) == 0 and Clock().tokens_per_s(100) == 0
+    assert Clock().eta(0, 20, eval_every=5) is None and Clock().tokens_per_s(100) == 0  # no step timed: no ETA yet
     assert clock.tokens_per_s(500) == 50

@@ -42,7 +42,7 @@ def check_field(f, value) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number, got {value!r}")
-    if isinstance(f.default, int) and not isinstance(f.default, bool) and value != int(value):
+    if "int" in str(f.type).replace(" ", "").split("|") and value != int(value):
         raise ConfigError(f"{name} must be a whole number, got {value}")
     too_low = low is not None and (value <= low if meta.get("low_open") else value < low)
     if too_low or (high is not None and value > high):

@@ -61,7 +61,7 @@ class DPOConfig(Settings):
     seed: int = setting(123, "seed for the batch order", 0, 2**63 - 1)
     grad_clip: float | None = setting(None, "clip the gradient norm to this", 0, low_open=True)
     eval_every: int = setting(20, "steps between evaluations on train and validation pairs", 1)
-    eval_batches: int | None = setting(3, "batches per evaluation, of train and of validation (none: all)", 1)
+    eval_batches: int | None = setting(3, "batches per evaluation, of train and of validation pairs (none: all the validation pairs and 3 batches of train)", 1)
     sample_tokens: int = setting(40, "new tokens of the validation instruction's answer at each evaluation", 0, 512)
     grouped: bool = setting(True, "length-grouped batches; off: plainly shuffled", flag="--no-grouped")
     packed: bool = setting(True, "one row per pair, the prompt computed once; off: chosen and rejected as 2B rows",

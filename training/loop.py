@@ -77,10 +77,12 @@ class Clock:
     def tokens_per_s(self, tokens: int) -> float:
         return tokens / self.train_s if self.train_s else 0.0
 
-    def eta(self, step: int, total_steps: int, eval_every: int) -> float:
+    def eta(self, step: int, total_steps: int, eval_every: int) -> float | None:
         """Seconds to the end after ``step``: the steps left at the mean step so far, and the evaluations left (every
-        ``eval_every`` steps and at the last one) at the mean evaluation so far."""
-        per_step = self.train_s / step if step else 0.0
+        ``eval_every`` steps and at the last one) at the mean evaluation so far; None before a step has been timed."""
+        if not step or not self.train_s:
+            return None
+        per_step = self.train_s / step
         per_eval = self.eval_s / self.evals if self.evals else 0.0
         evals_left = total_steps // eval_every - step // eval_every + int(step < total_steps and total_steps % eval_every != 0)
         return (total_steps - step) * per_step + evals_left * per_eval
@@ -175,9 +177,10 @@ SMALLER_BATCH = "use a smaller batch, or more records"  # the remedy for too few
 NO_TEST_SPLIT = "use more records (a smaller batch leaves the test split empty)"  # the remedy when the test split is empty too
 
 
-def one_step(config: TrainConfig) -> str:
-    """What one optimizer step takes, for messages: "batch 8", or "batch 8 x 4 accumulation"."""
-    return f"batch {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
+def one_step(config: TrainConfig, processes: int = 1) -> str:
+    """What one optimizer step takes, for messages: "batch 8", "batch 8 x 4 accumulation", "batch 8 x 2 processes"."""
+    return (f"batch {config.batch_size}" + (f" x {config.grad_accum} accumulation" if config.grad_accum > 1 else "")
+            + (f" x {processes} processes" if processes > 1 else ""))
 
 
 def check_data(config: TrainConfig):
@@ -188,10 +191,11 @@ def check_data(config: TrainConfig):
     records = load_instructions(config.data)
     split = split_instructions(records)
     name, n = data_label(config.data), len(records)
-    per_step = config.batch_size * config.grad_accum
+    processes = distributed.context().world_size  # under torchrun each process takes its own batches of a step
+    per_step = config.batch_size * config.grad_accum * processes
     needed = f"the book's split (85 % train, 10 % test, 5 % validation, in file order) needs at least {records_needed(per_step)} records"
     if len(split.train) < per_step:
-        step = one_step(config)
+        step = one_step(config, processes)
         smaller = SMALLER_BATCH if split.test else NO_TEST_SPLIT
         raise DatasetError(f"{name} has {n} records: its training split (85 %) has {len(split.train)}, fewer than one step "
                            f"of {step}; {smaller}: {needed}")
@@ -281,7 +285,7 @@ def make_batches(config: TrainConfig, split, context: int, ctx) -> Batches:
             (train_ds.no_answer, f"their prompt alone fills max length {max_length} (mask prompt learns only the answer): "
                                  "raise max length")) if count]
         raise ValueError(
-            f"the training split has {len(train_ds)} usable record{'s' * (len(train_ds) != 1)}: fewer than one step of {one_step(config)}; "
+            f"the training split has {len(train_ds)} usable record{'s' * (len(train_ds) != 1)}: fewer than one step of {one_step(config, ctx.world_size)}; "
             + ("; ".join(left_out) if left_out else SMALLER_BATCH if split.test else NO_TEST_SPLIT)
         )
     total_steps = config.epochs * steps_per_epoch
@@ -431,6 +435,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     cores = CoreShare(device)
     try:
         if not checkpoint:
+            optimizer.lr = lr_at(0, config, total_steps)  # the row before the first step shows the rate that step takes
             baseline = evaluate(model, data.baseline_train, device, asked)
             if baseline is not None:
                 last_train = baseline
