@@ -213,6 +213,8 @@ class Engine:
         run = self.run(name)
         if not run.has_weights or run.status not in ("done", "stopped", "interrupted"):
             raise ValueError(f"{run.name} is not a finished run with saved weights: pick one from the list")
+        if not run.last_step:
+            raise ValueError(f"{run.name} stopped before its first step: nothing was trained; pick one from the list")
         return run
 
     def export(self, name: str) -> Path:

@@ -27,7 +27,7 @@ from runstore import CHECKPOINT, RunInfo, load_run, read_manifest, read_metrics
 from training import TrainConfig, train
 from training.checkpoint import ResumeError
 from training.config import ConfigError
-from training.dpo import DPOConfig, resume_dpo, resume_dpo_config, train_dpo
+from training.dpo import DPOConfig, parent_run, resume_dpo, resume_dpo_config, train_dpo
 from training.dpo_cli import main as dpo_main
 from training.dpo_loss import dpo_loss, reference_logprobs, sequence_logprobs
 from training.loop import resume_run
@@ -452,6 +452,13 @@ def test_a_resumed_dpo_run_trains_exactly_as_an_uninterrupted_one(parent, few_pa
     stopped = train_dpo(dpo_config(parent, few_pairs, run, **settings), stop_after(stop))
     assert stopped["status"] == "stopped" and stopped["steps"] == (stop or 0) and stopped["stop_reason"] == "stopped by its owner"
     assert RunInfo(run, read_manifest(run)).resumable and (run / "model.safetensors").is_file()
+    if stop is None:  # its weights are still its parent's: not a run to align further, evaluate or export
+        from engine import Engine
+
+        with pytest.raises(ValueError, match="parent run resumed stopped before its first step"):
+            parent_run(run)
+        with pytest.raises(ValueError, match="resumed stopped before its first step: nothing was trained"):
+            Engine(root=tmp_path).finished_run("resumed")
 
     events = []
     resumed = resume_dpo(run, Hooks(on_event=events.append))

@@ -118,6 +118,9 @@ def parent_run(parent: str | Path, root: Path | None = None) -> tuple[Path, dict
     if manifest.get("status") not in ("done", "stopped") or not (path / WEIGHTS).is_file():
         raise ValueError(f"parent run {path.name} is {manifest.get('status', 'unfinished')}, not finished: "
                          f"preference tuning starts from a run's saved weights")
+    if not manifest.get("steps"):
+        raise ValueError(f"parent run {path.name} stopped before its first step: its weights are the base model's, "
+                         "with nothing fine-tuned to align")
     return path, manifest
 
 
