@@ -1005,3 +1005,17 @@ def test_the_eta_counts_the_steps_and_the_evaluations_left_at_their_mean_times()
     assert clock.eta(20, 20, eval_every=5) == clock.eta(22, 22, eval_every=5) == 0
     assert Clock().eta(0, 20, eval_every=5) is None and Clock().tokens_per_s(100) == 0  # no step timed: no ETA yet
     assert clock.tokens_per_s(500) == 50
+
+
+def test_the_cli_shows_a_download_bar_a_file():
+    """The weights, then config.json: each file its own bar and size, not config.json's bytes on the weights' bar."""
+    from training.cli import ProgressBar
+    from training.events import Download
+
+    bar = ProgressBar()
+    bar(Download("openai-community/gpt2/model.safetensors", 10, 548))
+    bar(Download("openai-community/gpt2/model.safetensors", 548, 548))
+    weights = bar.download
+    bar(Download("openai-community/gpt2/config.json", 665, 665))
+    assert (weights.n, weights.total) == (548, 548) and weights.disable  # closed, whole
+    assert (bar.download.desc, bar.download.n, bar.download.total) == ("openai-community/gpt2/config.json", 665, 665)

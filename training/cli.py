@@ -107,7 +107,9 @@ class ProgressBar:
 
     def __call__(self, event) -> None:
         if isinstance(event, Download):
-            if self.download is None:
+            if self.download is None or self.download.desc != event.file:  # a bar a file (weights, then config.json)
+                if self.download is not None:
+                    self.download.close()
                 self.download = tqdm(total=event.total, unit="B", unit_scale=True, desc=event.file)
             self.download.n = event.done
             self.download.refresh()
