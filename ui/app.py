@@ -42,6 +42,7 @@ class Shared:
     remembered: gr.BrowserState | None = None  # this browser's last dataset reference: outlives ``dataset``'s expiry
     tabs: gr.Tabs | None = None  # an output of gr.Tabs(selected=<title in lower case>) switches tab
     playground: tuple = ()  # the Playground's components that ``open_example`` fills, set by its build
+    prompt_view: tuple = ()  # the Dataset tab's (mask box, prompt format), which the Train tab's follow and lead
     open_example: Callable | None = None  # (record, run name, note) -> values for ``playground``, set by its build
     tab: gr.Tab | None = None  # the tab being built
     timers: dict = field(default_factory=dict)  # tab id -> its polling gr.Timer; one is active at a time

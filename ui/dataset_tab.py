@@ -21,7 +21,7 @@ from model import GPTConfig
 
 from .charts import length_histogram
 from .theme import notice
-from .widgets import listed, plural, style_radio
+from .widgets import listed, plural, style_radio, suggested_mask
 
 TITLE = "Dataset"
 SOURCES = [
@@ -156,9 +156,11 @@ def loaded_notice(state: dict, records: list[dict], stats: dict) -> str:
     return done
 
 
-def load_default(engine, mask_prompt: bool, remembered: dict | None = None, style: str = "alpaca"):
+def load_default(engine, remembered: dict | None = None, style: str = "alpaca"):
     """On page load: the dataset this browser had before a reload while it can still be opened, else the canonical
-    dataset when it is cached, else the sample; never the network."""
+    dataset when it is cached, else the sample; never the network. Its record is shown masked as the Train tab's
+    form opens (``suggested_mask``), and the last output sets the mask box so."""
+    mask_prompt = suggested_mask(engine)
     if isinstance(remembered, dict) and (remembered.get("source") != "canonical" or cache.is_cached()):
         try:
             state, records = engine.datasets.reopen(remembered)
@@ -166,8 +168,8 @@ def load_default(engine, mask_prompt: bool, remembered: dict | None = None, styl
             pass
         else:
             return (state["source"], state, "") + render(state, records, mask_prompt, style,
-                                                         engine.datasets.token_stats(state, records, style))
-    return load(engine, default_source(), None, None, mask_prompt, style)
+                                                         engine.datasets.token_stats(state, records, style)) + (mask_prompt,)
+    return load(engine, default_source(), None, None, mask_prompt, style) + (mask_prompt,)
 
 
 def pick_source(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool, style: str = "alpaca"):
@@ -237,6 +239,7 @@ def build(shared) -> None:
         number = gr.Number(value=1, precision=0, label="Record #", scale=0, min_width=120, elem_id="record-number")
         mask = gr.Checkbox(value=False, label="Mask the prompt (train on the response only)", elem_id="mask-prompt")
         style = style_radio("dataset-prompt-style")
+    shared.prompt_view = (mask, style)
     meta = gr.HTML(elem_id="record-meta")
     tokens = gr.HTML(elem_id="record-tokens")
 
@@ -265,7 +268,7 @@ def build(shared) -> None:
     upload.upload(lambda u, s, m, f: load(engine, "upload", u, s, m, f), [upload, state, mask, style], load_outputs,
                   api_visibility="private", concurrency_limit=2)
     remembered = shared.remembered = gr.BrowserState(None, storage_key="gpt2-instruct-dataset")
-    shared.app.load(lambda m, r, f: load_default(engine, m, r, f), [mask, remembered, style], load_outputs, api_visibility="private",
+    shared.app.load(lambda r, f: load_default(engine, r, f), [remembered, style], load_outputs + [mask], api_visibility="private",
                     concurrency_limit=2)
     state.change(lambda s: s if s else gr.skip(), state, remembered, api_visibility="private", **cheap)
 

@@ -25,8 +25,8 @@ from training.config import DEMO, defaults, demo_text
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import (as_int, bar, clock, form_error, live_chart, loss_text, model_label, notice,
-                      number, playground_button, plural, resumable_runs, resume_job, run_finished, saved_run,
+from .widgets import (COPY_JS, as_int, bar, clock, form_error, link_prompt_controls, live_chart, loss_text, model_label,
+                      notice, number, playground_button, plural, resumable_runs, resume_job, run_finished, saved_run,
                       stop_job, style_radio, val_loss_text, zero_is_none)
 
 TITLE = "Train"
@@ -507,7 +507,9 @@ def build(shared) -> None:
 
     preset_outputs = [random_init, epochs, lr, mask_prompt, note]
     shared.app.load(lambda: suggested_model(engine), None, [preset] + preset_outputs, api_visibility="private", **cheap)
-    preset.input(lambda p: preset_settings(p, engine.limits.max_epochs, local_paths=engine.limits.local_paths), preset, preset_outputs, api_visibility="private", **cheap)
+    preset.input(lambda p: preset_settings(p, engine.limits.max_epochs, local_paths=engine.limits.local_paths), preset, preset_outputs,
+                 api_visibility="private", **cheap).then(None, mask_prompt, shared.prompt_view[0], js=COPY_JS)  # the tiny demo masks
+    link_prompt_controls((mask_prompt, style), shared.prompt_view)
     custom.input(lambda c, r: False if (c or "").strip() else r, [custom, random_init], random_init, api_visibility="private", **cheap)
     start_btn.click(partial(restore_dataset, engine), [shared.dataset, shared.remembered], shared.dataset,
                     api_visibility="private", **cheap).success(

@@ -27,6 +27,26 @@ def style_radio(elem_id: str) -> gr.Radio:
                     elem_id=elem_id)
 
 
+def suggested_mask(engine) -> bool:
+    """Whether a page opens with the prompt masked: as the form of the model it suggests (the offline demo masks it,
+    the book's settings do not), so that the Dataset tab's record view opens as that run would train on it."""
+    from training.config import DEMO, defaults
+
+    return (DEMO if engine.suggested_model() == "tiny" else defaults())["mask_prompt"]
+
+
+COPY_JS = "(value) => value"  # an event that sets its output to its input in the browser, with no call to the server
+
+
+def link_prompt_controls(train: tuple[gr.Checkbox, gr.Radio], view: tuple[gr.Checkbox, gr.Radio]) -> None:
+    """The Train tab's "Mask the prompt" and prompt format and the Dataset tab's record view are one choice: a
+    visitor's change to either moves the other. (Page load sets both from ``suggested_mask``, not through this link:
+    the two tabs load at once, and the record view would be drawn from a dataset not loaded yet.)"""
+    for mine, other in ((train, view), (view, train)):
+        for control, follower in zip(mine, other):
+            control.input(None, control, follower, js=COPY_JS)
+
+
 def saved_run(snap: dict) -> bool:
     """Whether the lane's last run ended with a model saved (done, or stopped after a step): one to open in the Playground."""
     final = snap.get("final")

@@ -95,8 +95,23 @@ def test_browse_search_page_and_read_a_record(page, folders):
     colours = page.evaluate("""() => Object.fromEntries(['trained', 'masked'].map(k =>
         [k, getComputedStyle(document.querySelector('#record-tokens .gi-tok.' + k)).backgroundColor]))""")
     assert len(set(colours.values())) == 2 and "rgba(0, 0, 0, 0)" not in colours.values(), colours
+    # The view opens masked as the Train tab's form is (the offline demo masks the prompt, the book's settings do
+    # not), and the two boxes are one choice: a click in either moves the other.
+    page.click("#tab-train-button")
+    opened_masked = page.is_checked("#train-mask-prompt input")
+    page.click("#tab-dataset-button")
+    assert page.is_checked("#mask-prompt input") == opened_masked
+    if opened_masked:
+        page.uncheck("#mask-prompt input")
+        page.wait_for_function("() => document.querySelectorAll('#record-tokens .gi-tok.masked').length === 1")
+        page.click("#tab-train-button")
+        assert not page.is_checked("#train-mask-prompt input")
+        page.click("#tab-dataset-button")
     unmasked = page.locator("#record-tokens .gi-tok.masked").count()
-    page.check("#mask-prompt input")
+    page.click("#tab-train-button")
+    page.check("#train-mask-prompt input")
+    page.click("#tab-dataset-button")
+    assert page.is_checked("#mask-prompt input")
     page.wait_for_function("n => document.querySelectorAll('#record-tokens .gi-tok.masked').length > n", arg=unmasked)
     masked = page.locator("#record-tokens .gi-tok.masked").count()
     assert f"{masked} masked" in text_of(page, "#record-meta")
@@ -106,6 +121,9 @@ def test_browse_search_page_and_read_a_record(page, folders):
     wait_text(page, "#record-tokens", "<|user|>")
     page.wait_for_function("m => document.querySelector('#length-chart .js-plotly-plot')?.data[0].name !== m", arg=alpaca_median)
     assert "### Instruction" not in text_of(page, "#record-tokens")
+    page.click("#tab-train-button")  # the Train tab's format moved with it
+    assert page.locator("#train-prompt-style input:checked").get_attribute("value") == "phi3"
+    page.click("#tab-dataset-button")
     page.locator("#dataset-prompt-style").get_by_label("Alpaca", exact=False).check()
     wait_text(page, "#record-tokens", "### Instruction")
 
