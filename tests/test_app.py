@@ -313,6 +313,14 @@ def test_only_the_owner_can_stop_a_run(url):
     status = wait_until_idle(c)
     assert status["status"] == "stopped" and status["final"]["steps"] < 50 * 7
     assert (Path(os.environ["GPT2_INSTRUCT_RUNS"]) / status["run"] / "model.safetensors").is_file()
+    # A client that never loaded the page (its pickers list nothing) names the run to resume and to overlay.
+    other = client(url)
+    assert "Resuming" in text(other.predict("owner-c", status["run"], api_name="/resume_training"))
+    assert "Stopping at the next step" in text(other.predict("owner-c", api_name="/stop_training"))
+    assert wait_until_idle(other)["status"] == "stopped"
+    assert "no-such-run" in text(other.predict("owner-c", "no-such-run", api_name="/resume_training"))
+    chart = other.predict("owner-c", [status["run"], "no-such-run"], api_name="/poll_status")[0]
+    assert status["run"] in chart
     assert "No run is going" in text(c.predict("owner-a", api_name="/stop_training"))
 
 

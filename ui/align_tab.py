@@ -310,7 +310,7 @@ def build(shared) -> None:
             message = gr.HTML(elem_id="align-message")
             with gr.Row(equal_height=True):
                 resumable = gr.Dropdown([], value=None, label="Resume a stopped or interrupted DPO run from its checkpoint",
-                                        scale=4, min_width=300, elem_id="align-resume-run")  # a line of its own on a phone
+                                        scale=4, min_width=300, allow_custom_value=True, elem_id="align-resume-run")  # a line of its own on a phone
                 resume_btn = gr.Button("Resume", scale=1, elem_id="align-resume-btn")
         with gr.Column(scale=3):
             progress = gr.HTML(elem_id="align-progress")

@@ -484,7 +484,8 @@ def build(shared) -> None:
         with gr.Column(scale=3):
             progress = gr.HTML(elem_id="train-progress")
             loss_chart = live_chart("loss-chart")
-            overlay = gr.Dropdown([], value=[], multiselect=True, label="Overlay past runs", elem_id="overlay-runs")
+            overlay = gr.Dropdown([], value=[], multiselect=True, label="Overlay past runs", allow_custom_value=True,
+                                  elem_id="overlay-runs")  # custom: an API client names runs it never saw listed
             final = gr.HTML(elem_id="train-final")
             to_playground = playground_button(shared, "Compare it with its base model in the Playground →", "to-playground")
             responses = gr.HTML(elem_id="sample-responses")
@@ -492,7 +493,7 @@ def build(shared) -> None:
         runs = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, elem_id="runs-table")
         with gr.Row(equal_height=True):
             resumable = gr.Dropdown([], value=None, label="Resume a stopped or interrupted run from its checkpoint", scale=4,
-                                    min_width=300, elem_id="resume-run")  # a line of its own on a phone
+                                    min_width=300, allow_custom_value=True, elem_id="resume-run")  # a line of its own on a phone
             resume_btn = gr.Button("Resume", scale=1, elem_id="resume-btn")
             refresh = gr.Button("Refresh", size="sm", scale=1, elem_id="refresh-runs")
 
