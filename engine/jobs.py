@@ -112,8 +112,11 @@ class Job:
                     self._state.update(status="stopped" if stopped else "done", message="Stopped" if stopped else "Done")
                 self._state["version"] += 1
         except Exception as e:  # the thread must end in a state the UI can show, whatever happened
-            log.exception("%s failed", self.kind)
             stopped = self._stop.is_set() and type(e).__name__.endswith("Stopped")
+            if stopped:
+                log.info("%s stopped: %s", self.kind, e)
+            else:
+                log.exception("%s failed", self.kind)
             self._update(status="stopped" if stopped else "failed", message=scrub(str(e)),
                          error=None if stopped else f"{type(e).__name__}: {scrub(str(e))}")
 

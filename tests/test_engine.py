@@ -485,3 +485,31 @@ def test_an_estimate_for_an_upload_that_left_the_server_comes_back_when_it_is_up
         engine.project_run(measured, ref)
     again, _ = engine.datasets.open("upload", str(upload))
     assert again == ref and engine.project_run(measured, again).steps == 6  # 60 records: 51 to train, 8 a batch
+
+
+def test_a_job_stopped_by_its_owner_is_logged_as_stopped_and_a_failure_with_its_traceback(caplog):
+    """The server's log: a stop is no error (it was logged as one, traceback and all); a failure keeps its traceback."""
+    import logging
+
+    from engine.jobs import Job
+
+    class EvaluationStopped(Exception):
+        pass
+
+    def stoppable(hooks):
+        while not hooks.should_stop():
+            time.sleep(0.01)
+        raise EvaluationStopped("stopped after 3 of 7 examples")
+
+    def failing(hooks):
+        raise RuntimeError("simulated failure")
+
+    with caplog.at_level(logging.INFO, logger="engine.jobs"):
+        job = Job("evaluation", stoppable, owner="alice").start()
+        threading.Timer(0.05, job.stop, ("alice",)).start()
+        assert job.wait(10) and job.snapshot()["status"] == "stopped"
+        assert Job("evaluation", failing).start().wait(10)
+    stops = [r for r in caplog.records if "stopped after 3 of 7" in r.getMessage()]
+    assert len(stops) == 1 and stops[0].levelno == logging.INFO and stops[0].exc_info is None
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 1 and failures[0].exc_info[0] is RuntimeError
