@@ -280,9 +280,11 @@ class Engine:
     def check_training(self, config: TrainConfig) -> TrainConfig:
         """The config within this server's limits, its data checked and its memory admitted; errors say which limit."""
         limits = self.limits
-        if not limits.local_paths and config.model not in PRESETS and not is_hub_id(config.model):
-            raise ConfigError("local paths are turned off on this server: choose a preset or a Hugging Face Hub id "
-                              "(e.g. openai-community/gpt2)")
+        if config.model not in PRESETS and not is_hub_id(config.model):
+            if not limits.local_paths:
+                raise ConfigError("local paths are turned off on this server: choose a preset or a Hugging Face Hub id "
+                                  "(e.g. openai-community/gpt2)")
+            check_local_model(config.model)
         if not self.allows(config.model):
             raise ConfigError(f"this server trains only {', '.join(limits.models)}; {config.model!r} is not allowed")
         if config.epochs > limits.max_epochs:
@@ -495,6 +497,22 @@ def memory_needed(model_config: GPTConfig, config: TrainConfig, longest: int | N
     e = estimate_for(model_config)
     extra = activations_gb(model_config, config.batch_size, longest, per_token) if longest else 0.0
     return (e.lora_gb if config.lora_rank else e.full_gb) + extra
+
+
+def check_local_model(name: str) -> None:
+    """``ConfigError`` for a model path with no weights on this server's disk, before a job starts: else the run was
+    "Started" and failed while loading. A folder must hold model.safetensors; a file must be one."""
+    shown = name if len(name) <= 120 else name[:120] + "…"
+    path = Path(name).expanduser()
+    try:
+        if not (path.is_dir() or path.is_file()):
+            raise ConfigError(f"model path {shown}: no such file or folder on this server (and not a Hugging Face Hub "
+                              "id, owner/name)")
+        resolve(path)
+    except OSError as e:
+        raise ConfigError(f"model path {shown}: {e.strerror or e}") from None
+    except WeightsError as e:
+        raise ConfigError(f"model path {e}") from None
 
 
 def is_hub_id(name: str) -> bool:

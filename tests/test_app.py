@@ -503,6 +503,11 @@ def test_a_failed_run_takes_the_started_message_away_and_names_the_path_box(url,
     c.predict("owner-a", [], api_name="/poll_status")  # this visitor has seen the previous run end
     not_a_model = tmp_path / "my-gpt2"
     not_a_model.mkdir()
+    refused = text(start(c, "owner-a", preset="gpt2", custom=str(not_a_model), random_init=False))  # before Start
+    assert "Started" not in refused and "my-gpt2 holds no model.safetensors" in refused, refused
+    refused = text(start(c, "owner-a", preset="gpt2", custom=str(tmp_path / "nowhere"), random_init=False))
+    assert "nowhere: no such file or folder on this server" in refused, refused
+    (not_a_model / "model.safetensors").write_bytes(b"not a safetensors file")  # found, and fails as it loads
     assert "Started" in text(start(c, "owner-a", preset="gpt2", custom=str(not_a_model), random_init=False))
     status = wait_until_idle(c)
     assert status["status"] == "failed" and status["error"].startswith("WeightsError")
