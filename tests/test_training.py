@@ -334,6 +334,8 @@ def test_config_errors_name_the_setting():
         with pytest.raises(ConfigError, match=f"{name} must be a whole number, got 100.5"):
             TrainConfig(**{name: 100.5})
     assert TrainConfig(max_steps=3.0, lr=1e-4).max_steps == 3  # a whole float is fine, a float setting too
+    with pytest.raises(ConfigError, match=r"lora_alpha must be in \(0, 4096\], got 1e\+308"):
+        TrainConfig(lora_rank=4, lora_alpha=1e308)  # it trained, into "loss became nan: lower the learning rate"
     for value in (float("nan"), float("inf")):
         with pytest.raises(ConfigError, match=f"lora_alpha must be a finite number, got {value}"):
             TrainConfig(lora_alpha=value)  # nan passes every range comparison

@@ -111,7 +111,8 @@ class TrainConfig(Settings):
     mask_prompt: bool = setting(False, "learn only the response tokens")
     grouped: bool = setting(False, "length-grouped batches instead of the book's random ones (padding is skipped either way)")
     lora_rank: int = setting(0, "LoRA rank; 0: full fine-tuning", 0, 1024)
-    lora_alpha: float = setting(16.0, "LoRA alpha", 0, low_open=True, needs="lora_rank")
+    lora_alpha: float = setting(16.0, "LoRA alpha (the update is scaled by alpha / rank)", 0, 4096, low_open=True,
+                                 needs="lora_rank")
     precision: str = setting("auto", "auto: bf16 where the hardware multiplies it natively, else fp32", choices=("auto", "bf16", "fp32"))
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     max_length: int | None = setting(None, "truncate sequences to this many tokens (none: the model's context window)", 8)

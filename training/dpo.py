@@ -67,7 +67,8 @@ class DPOConfig(Settings):
     packed: bool = setting(True, "one row per pair, the prompt computed once; off: chosen and rejected as 2B rows",
                            flag="--no-packed")
     lora_rank: int = setting(0, "LoRA rank; 0: full fine-tuning", 0, 1024)
-    lora_alpha: float = setting(16.0, "LoRA alpha", 0, low_open=True, needs="lora_rank")
+    lora_alpha: float = setting(16.0, "LoRA alpha (the update is scaled by alpha / rank)", 0, 4096, low_open=True,
+                                 needs="lora_rank")
     precision: str = setting("auto", "auto: bf16 where the hardware multiplies it natively, else fp32", choices=("auto", "bf16", "fp32"))
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     max_length: int | None = setting(None, "skip pairs longer than this many tokens (none: the model's context window)", 8)
@@ -370,7 +371,8 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
                         release_free_memory()
                     step_figures = figures(loss.detach(), chosen, rejected)
                     if not math.isfinite(step_figures["loss"]):
-                        raise FloatingPointError(f"the DPO loss became {step_figures['loss']} at step {step + 1}; lower the learning rate")
+                        raise FloatingPointError(f"the DPO loss became {step_figures['loss']} at step {step + 1}; lower the learning "
+                                                 "rate" + (" or LoRA alpha" if config.lora_rank else ""))
                     step += 1
                     tokens_seen += batch.inputs.numel()
                     pairs_seen += batch.pairs

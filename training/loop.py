@@ -466,7 +466,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
                 if device.type == "cpu":
                     release_free_memory()
                 if not math.isfinite(step_loss):
-                    raise FloatingPointError(f"the training loss became {step_loss} at step {step + 1}; lower the learning rate")
+                    raise FloatingPointError(f"the training loss became {step_loss} at step {step + 1}; lower the learning rate"
+                                             + (" or LoRA alpha" if config.lora_rank else ""))
                 step += 1
                 clock.train_s += time.perf_counter() - t0
                 last_train = step_loss
