@@ -750,6 +750,10 @@ def test_form_values_map_to_a_train_config():
                       lora=True, rank=8, alpha=32, grouped=False, max_steps=0, eval_every=10, data="sample")
         with pytest.raises(ConfigError, match=f"^{name}: enter a number$"):
             make_config(**{**values, field: None})
+    for value, says in (("abc", "must be a number, got 'abc'"), (float("nan"), "must be a finite number, got nan"),
+                        (float("inf"), "must be a finite number, got inf")):  # what an API client may send
+        with pytest.raises(ConfigError, match=f"^epochs {says}$"):
+            make_config(**{**values, "epochs": value})
     with pytest.raises(ValueError, match="^examples: enter a number$"):
         whole(None, "examples", 0, 10)
 

@@ -340,3 +340,16 @@ def test_an_evaluation_of_some_models_only_shows_under_every_ranking(run, tmp_pa
     assert "enter http://localhost:11434/v1" in text(shown(find_run(copy, tmp_path), result, "fine-tuned ROUGE-L", True)[0])
     public = text(shown(find_run(copy, tmp_path), result, "fine-tuned ROUGE-L", True, local=False)[0])
     assert "must be on the public internet" in public and "ollama" not in public.lower()
+
+
+def test_with_no_run_named_a_server_with_runs_asks_for_one_and_does_not_say_there_is_none(run):
+    """An API client that names no run: "pick one", not "No finished run yet: train one" beside saved runs."""
+    from ui.evaluate_tab import load_evaluation
+    from ui.playground_tab import compare
+
+    engine = Engine()
+    assert text(load_evaluation(engine, None, RANK, False)[0]) == "No run picked: pick a fine-tuned run from the list."
+    *_, status = next(compare(engine, "Say hi.", "", None, 8, 0, 0, 1, 0))
+    assert text(status) == "No run picked: pick a fine-tuned run from the list." and "error" in status
+    *_, status = next(compare(engine, "Say hi.", "", RUN, 8, 1.0, 0, 1, "abc"))
+    assert text(status) == "seed must be a number, got 'abc'"

@@ -21,7 +21,7 @@ from engine.public import scrub
 from model import WeightsError, get_tokenizer, stream_side_by_side
 from training import ConfigError
 
-from .widgets import data_name, finished_run_choices, keep_or_fill, kept_or_newest, no_runs_note, notice
+from .widgets import data_name, finished_run_choices, keep_or_fill, kept_or_newest, no_runs_note, notice, number
 
 TITLE = "Playground"
 MAX_NEW_TOKENS = 256
@@ -111,10 +111,10 @@ def diff_html(base: str, tuned: str, names: tuple[str, str] = ("base", "fine-tun
 
 def sampling(temperature, top_k, top_p, seed) -> dict:
     """Generation settings from the form; ``ValueError`` for a seed that no generator takes."""
-    temperature = float(temperature or 0)
+    temperature = number(temperature or 0, "temperature")
     if temperature <= 0:
         return {"temperature": 0.0}
-    seed = seed or 0
+    seed = number(seed or 0, "seed")
     if seed != int(seed) or not 0 <= seed <= 2**53:  # the form's numbers are floats: whole up to 2^53
         raise ValueError(f"seed must be a whole number from 0 to 2^53, got {seed:,.15g}")
     return {"temperature": temperature, "top_k": int(top_k) or None,
@@ -127,7 +127,7 @@ def compare(engine, instruction: str, input_text: str, name: str | None, max_new
         yield "", "", "", "", notice("Type an instruction first.", "error")
         return
     if not name:
-        yield "", "", "", "", notice(NO_RUNS, "error")
+        yield "", "", "", "", no_runs_note(engine, NO_RUNS, "compare it with the model it started from", "error")
         return
     try:
         settings = sampling(temperature, top_k, top_p, seed)

@@ -121,12 +121,21 @@ def zero_is_none(value, name: str, zero: str) -> int | None:
 
 
 def number(value, name: str) -> float:
-    """A form's number as a float; a ``ConfigError`` naming the field when it is empty."""
+    """A form's number as a float; a ``ConfigError`` naming the field when it is empty, not a number, or not finite
+    (an API client may send any of them)."""
+    import math
+
     from training.config import ConfigError
 
     if value is None or value == "":
         raise ConfigError(f"{name}: enter a number")
-    return float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    return value
 
 
 SETTING_NAMES = {"lr": "learning rate", "lora_alpha": "LoRA alpha", "lora_rank": "LoRA rank", "eval_every": "evaluate every"}
@@ -216,16 +225,19 @@ def finished_run_choices(engine) -> list[tuple[str, str]]:
     return [(run_label(run), run.name) for run in trained_runs(engine)]
 
 
-def no_runs_note(engine, text: str, use: str) -> str:
-    """``text`` (how to get a first run) while no run has finished, unless a fine-tuning run is going now: then
-    that it can be used here (``use``) once it is saved."""
+def no_runs_note(engine, text: str, use: str, level: str = "info") -> str:
+    """What a tab with no run picked says: ``text`` (how to get a first run) while no run has finished, unless a
+    fine-tuning run is going now: then that it can be used here (``use``) once it is saved; to pick one when some
+    have finished (an API client that named none)."""
     from engine import ACTIVE, SCALARS_ONLY
 
+    if trained_runs(engine):
+        return notice("No run picked: pick a fine-tuned run from the list.", level)
     snap = engine.snapshot("train", since=SCALARS_ONLY)
     if snap["status"] in ACTIVE and snap["kind"] == "fine-tuning":
         return notice(f"No finished run yet: a fine-tuning run is going now in the <b>Train</b> tab; {use} here once "
-                      "it is saved.")
-    return notice(text)
+                      "it is saved.", level)
+    return notice(text, level)
 
 
 def resumable_runs(runs, dpo: bool, current: str | None = None):
