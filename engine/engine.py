@@ -203,7 +203,9 @@ class Engine:
 
     def run(self, name: str | None) -> RunInfo:
         """A run of this server by its name; ``ValueError`` for anything else (paths are never accepted)."""
-        run = find_run(Path(str(name or "")).name, self.root) if name and "/" not in str(name) else None
+        if name and "/" in str(name):  # the message would show its last part alone (paths are cut in what visitors see)
+            raise ValueError(f"runs are named, never given as paths (e.g. {Path(str(name)).name}): pick one from the list")
+        run = find_run(str(name or ""), self.root) if name else None
         if run is None:
             raise ValueError(f"{name} is not a run on this server: pick one from the list" if name else
                              "no run is picked: pick one from the list")

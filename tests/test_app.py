@@ -669,7 +669,8 @@ def test_playground_reports_models_it_cannot_load(url, folders):
     runs = sorted((folders / "runs").iterdir())
     assert runs, "needs the run of the training test"
     assert "Type an instruction" in text(c.predict("", "", runs[0].name, 8, 0, 0, 1, 1, api_name="/compare")[4])
-    assert "not a run on this server" in text(c.predict("Hi", "", "/etc", 8, 0, 0, 1, 1, api_name="/compare")[4])
+    assert "not a run on this server" in text(c.predict("Hi", "", "etc", 8, 0, 0, 1, 1, api_name="/compare")[4])
+    assert "runs are named, never given as paths (e.g. etc)" in text(c.predict("Hi", "", "/etc", 8, 0, 0, 1, 1, api_name="/compare")[4])
     for seed, shown in ((1e20, "1e+20"), (-1, "-1"), (1.5, "1.5")):  # sampled, a seed no generator takes is named before anything loads
         note = text(c.predict("Hi", "", runs[0].name, 8, 0.7, 0, 1, seed, api_name="/compare")[4])
         assert f"seed must be a whole number from 0 to 2^53, got {shown}" in note
@@ -863,7 +864,7 @@ def test_preference_tuning_from_a_run_then_three_columns_in_the_playground(url, 
     parent = wait_until_idle(c)["run"]
     pairs = preference_pairs(tmp_path)
 
-    assert "not a run on this server" in text(align(c, "owner-a", str(folders / "runs" / parent), pairs))
+    assert f"never given as paths (e.g. {parent}): pick one" in text(align(c, "owner-a", str(folders / "runs" / parent), pairs))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "Hi", "chosen": "Hi"}]))
     assert 'field "rejected" is missing' in text(align(c, "owner-a", parent, bad))

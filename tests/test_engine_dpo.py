@@ -111,7 +111,7 @@ def test_refused_before_start_for_unfinished_or_unknown_parents_paths_and_limits
     (unfinished / "manifest.json").write_text(json.dumps({**running, "status": "running"}))
     with pytest.raises(ValueError, match="not a finished run"):
         engine.start_preference(unfinished.name, owner="alice", **settings(engine, tmp_path))
-    with pytest.raises(ValueError, match="not a run on this server"):
+    with pytest.raises(ValueError, match="never given as paths"):
         engine.start_preference(str(engine.run(parent).path), owner="alice")
     with pytest.raises(ConfigError, match="set by the server"):
         engine.start_preference(parent, owner="alice", out=str(tmp_path / "elsewhere"))
