@@ -154,7 +154,13 @@ def push_to_hub(run_dir, repo_id: str, token: str | None = None, private: bool =
     few seconds with nothing uploaded, not after the client's long retries.
     """
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        why = str(e).replace(" Use `repo_type` argument if needed.", "")  # not an option of ours
+        raise ExportError(f"{repo_id!r} is not a Hub repo id (your-name/model-name): {why}") from None
     run_dir = Path(run_dir)
     files = export_files(run_dir)
     reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_unreachable()

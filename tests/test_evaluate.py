@@ -366,6 +366,10 @@ def test_push_to_hub_offline_fails_fast(run, monkeypatch):
     assert time.perf_counter() - t0 < 5
     assert "127.0.0.1" in str(error.value) and "nothing was uploaded" in str(error.value)
     assert not list(run.glob(".hub-*"))
+    for repo_id in ("bad repo id!!", "../../x"):  # named as such, not as the Hub being unreachable
+        with pytest.raises(ExportError, match=rf"^{re.escape(repr(repo_id))} is not a Hub repo id \(your-name/model-name\): "
+                                              r"Repo id must [^`]*$"):
+            push_to_hub(run, repo_id)
 
 
 def test_push_to_hub_says_whether_the_repo_is_private(run, monkeypatch):
