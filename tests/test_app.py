@@ -751,6 +751,8 @@ def test_form_values_map_to_a_train_config():
                       lora=True, rank=8, alpha=32, grouped=False, max_steps=0, eval_every=10, data="sample")
         with pytest.raises(ConfigError, match=f"^{name}: enter a number$"):
             make_config(**{**values, field: None})
+    with pytest.raises(ConfigError, match="^model: pick one from the list, or type a path or Hugging Face Hub id$"):
+        make_config(**{**values, "preset": None})
     for value, says in (("abc", "must be a number, got 'abc'"), (float("nan"), "must be a finite number, got nan"),
                         (float("inf"), "must be a finite number, got inf")):  # what an API client may send
         with pytest.raises(ConfigError, match=f"^epochs {says}$"):

@@ -47,6 +47,8 @@ def make_config(preset: str, custom: str, random_init: bool, epochs, batch_size,
                 max_length=0) -> TrainConfig:
     """The form's values as a ``TrainConfig``; every problem is a ``ConfigError`` naming the setting."""
     model = (custom or "").strip() or preset
+    if not model:
+        raise ConfigError("model: pick one from the list, or type a path or Hugging Face Hub id")
     if random_init and model not in PRESETS:
         raise ConfigError(f"random init builds one of the presets ({', '.join(PRESETS)}); untick it to load {model!r}")
     if model == "tiny" and not random_init:
