@@ -523,6 +523,8 @@ def test_a_run_that_ends_between_two_polls_gives_the_start_button_back(folders, 
 
     engine = Engine()
     seen = poll(engine, "owner-a", None, [])[-2]  # the page is open
+    (tmp_path / "nothing-here").mkdir()
+    (tmp_path / "nothing-here" / "model.safetensors").write_bytes(b"no weights")  # found, and fails as it loads
     config = make_config(**{**TINY, "preset": "gpt2", "custom": str(tmp_path / "nothing-here"), "random_init": False},
                          data="sample")
     job = engine.start_training(config, owner="owner-a")  # fails within a tick: this page never sees it going

@@ -321,8 +321,8 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         raise ResumeError(f"{data_label(config.data)} has changed since the run started: its sha256 differs from the manifest's")
     sample_record = split.val[0]
 
-    if resume is not None and read_manifest(resume).get("processes", 1) != ctx.world_size:
-        processes = read_manifest(resume).get("processes", 1)
+    processes = read_manifest(resume).get("processes", 1) if resume is not None else ctx.world_size
+    if processes != ctx.world_size:
         raise ResumeError(f"the run trained in {processes} process{'es' * (processes > 1)} (torchrun --nproc-per-node "
                           f"{processes}), which split each step's batches: resume it with as many, not {ctx.world_size}")
     device = ctx.place(pick_device(config.device))
