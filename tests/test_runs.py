@@ -109,6 +109,22 @@ def test_an_auto_precision_run_resumes_in_the_precision_it_trained_in_and_with_a
         resume_run(tmp_path / "two")
 
 
+def test_a_lora_run_resumes_only_on_the_base_it_started_from(tmp_path):
+    """Its checkpoint holds the adapters alone, so a local base model changed meanwhile would silently make it another run."""
+    from model import GPT, GPTConfig, init_generator, save_pretrained
+
+    base = tmp_path / "my-base"
+    save_pretrained(GPT(GPTConfig.from_name("tiny"), init_generator(1)), base)
+    train(tiny(tmp_path, "run", model=str(base), random_init=False, lora_rank=2, max_steps=3), stop_after(1))
+    assert len(read_manifest(tmp_path / "run")["base_fingerprint"]) == 16
+    save_pretrained(GPT(GPTConfig.from_name("tiny"), init_generator(2)), base)  # trained further, say
+    with pytest.raises(ResumeError, match=r"the weights of .*my-base have changed since the run started: LoRA trains"):
+        resume_run(tmp_path / "run")
+    assert read_manifest(tmp_path / "run")["status"] == "stopped"  # refused before anything was written
+    save_pretrained(GPT(GPTConfig.from_name("tiny"), init_generator(1)), base)  # as it was
+    assert resume_run(tmp_path / "run")["status"] == "done"
+
+
 def test_run_files_get_the_mode_a_plain_open_gives(tmp_path):
     from model.files import UMASK
 

@@ -138,6 +138,16 @@ def build_model(config: TrainConfig, device, progress=None, generator: torch.Gen
     return load_pretrained(config.model, device=device, progress=progress)
 
 
+def weights_fingerprint(model: GPT) -> str:
+    """A short hash of every 4,099th value of each parameter, as loaded: the same weights give the same one, another
+    checkpoint (a base model trained further) another, at a few milliseconds for GPT-2 124M."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().reshape(-1)[::4099].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for name in ("torch", "tiktoken", "safetensors", "huggingface-hub", "numpy"):
@@ -340,7 +350,12 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     train_ds, val_ds, loader = data.train_ds, data.val_ds, data.loader
     steps_per_epoch, total_steps = data.steps_per_epoch, data.total_steps
 
-    if config.lora_rank:
+    base = None
+    if config.lora_rank:  # its checkpoint holds the adapters alone: a resume needs the same frozen base under them
+        base = weights_fingerprint(model)
+        if resume is not None and read_manifest(resume).get("base_fingerprint") not in (None, base):
+            raise ResumeError(f"the weights of {config.model} have changed since the run started: LoRA trains adapters on "
+                              "top of them, so the resumed run would go on from another model")
         add_lora(model, config.lora_rank, config.lora_alpha, init)
     trainable, total_params = count_trainable(model)
     step_in_backward = config.grad_clip is None and config.grad_accum == 1 and not ctx.enabled  # DDP reduces after backward
@@ -369,6 +384,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
         total_steps=total_steps,
         processes=ctx.world_size,
         global_batch=config.batch_size * ctx.world_size * config.grad_accum,
+        **({"base_fingerprint": base} if base else {}),
     )
     open_run(writer, checkpoint, emit, Started(
         run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
