@@ -138,6 +138,16 @@ def test_record_view_shows_masking_and_split(url):
     assert tokens.count('class="gi-tok masked') == 1 and tokens_masked.count('class="gi-tok masked') == total - trained_masked
     _, meta, _ = c.predict(70, False, api_name="/record")
     assert "val split" in text(meta)  # 74 records: 62 train, 7 test, then 5 validation
+    import gradio as gr
+    from gradio_client.exceptions import AppError
+
+    from ui.dataset_tab import box_number
+
+    with pytest.raises(AppError, match=re.escape("prompt format must be one of alpaca, phi3, got None")):
+        c.predict(1, False, None, api_name="/record")  # what only an API client can send
+    assert box_number(None, "page") == 1 and box_number(3.0, "page") == 3
+    with pytest.raises(gr.Error, match=re.escape("page must be a finite number, got nan")):  # raw JSON's NaN
+        box_number(float("nan"), "page")
     shown, meta, _ = c.predict(99999, False, api_name="/record")
     assert shown == 74 and "record 74 of 74" in text(meta)  # the box says which record is shown
 

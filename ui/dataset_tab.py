@@ -10,7 +10,7 @@ import html
 
 import gradio as gr
 
-from data import FILE_KINDS, FILE_SUFFIXES, MAX_FILE_BYTES, DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_view
+from data import FILE_KINDS, FILE_SUFFIXES, MAX_FILE_BYTES, STYLES, DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_view
 from data import cache
 from data.batching import too_long
 from data.browse import PAGE_SIZE, page_of, split_of
@@ -21,7 +21,7 @@ from model import GPTConfig
 
 from .charts import length_histogram
 from .theme import notice
-from .widgets import listed, plural, style_radio, suggested_mask
+from .widgets import as_int, listed, plural, style_radio, suggested_mask
 
 TITLE = "Dataset"
 SOURCES = [
@@ -88,7 +88,7 @@ def record_view(records: list[dict] | None, number: int | float | None, mask_pro
     trains on it."""
     if not records:
         return notice("Load a dataset to see its records."), ""
-    index = min(max(1, int(number or 1)), len(records)) - 1
+    index = min(max(1, box_number(number, "record #")), len(records)) - 1
     view = token_view(records[index], mask_prompt, style)
     trained = sum(t for _, t in view)
     split = split_of(index, len(records))
@@ -135,6 +135,7 @@ def too_long_note(stats: dict, context: int = CONTEXT) -> str:
 def load(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool, style: str = "alpaca"):
     """Load a source: (source radio, state, message, view...). On failure the error is shown, the previous dataset
     stays and the radio goes back to it."""
+    style = known_style(style)
     try:
         state, records = engine.datasets.open(source, upload)
     except DatasetError as e:
@@ -180,6 +181,22 @@ def pick_source(engine, source: str, upload: str | None, previous: dict | None, 
     return load(engine, source, upload, previous, mask_prompt, style)
 
 
+def box_number(value, name: str) -> int:
+    """A record or page number as its box sends it (1 when empty); ``gr.Error`` naming the box for what only an API
+    client sends (text, a fraction, NaN)."""
+    try:
+        return as_int(value or 1, name)
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+
+
+def known_style(style) -> str:
+    """The prompt format, checked: the radio sends only known ones, an API client may send anything."""
+    if style not in STYLES:
+        raise gr.Error(f"prompt format must be one of {', '.join(STYLES)}, got {style!r}")
+    return style
+
+
 def records_of(engine, state: dict | None) -> list[dict] | None:
     try:
         return engine.datasets.records(state) if state else None
@@ -188,7 +205,7 @@ def records_of(engine, state: dict | None) -> list[dict] | None:
 
 
 def search(engine, query: str, page: int | float | None, state: dict | None):
-    return table_page(records_of(engine, state), query, int(page or 1))
+    return table_page(records_of(engine, state), query, box_number(page, "page"))
 
 
 PREFERENCE_HEADERS = ["#", "split", "instruction", "input", "chosen", "rejected"]
@@ -203,7 +220,7 @@ def preference_page(engine, query: str = "", page: int | float | None = 1):
                 "your own file of pairs (upload it in the Align tab)." if not cache.is_preference_cached()
                 else "<b>The preference pairs could not be loaded.</b>")
         return notice(f"{head}<br>{html.escape(scrub(str(e)))}", "error"), [], "No preference pairs loaded", 1
-    rows, found = browse_preferences(records, query, int(page or 1))
+    rows, found = browse_preferences(records, query, box_number(page, "page"))
     table = [[r["index"] + 1, r["split"], clip(r["instruction"]), clip(r["input"]), clip(r["chosen"]), clip(r["rejected"])]
              for r in rows]
     loaded = notice(f"<b>{cache.PREFERENCE_NAME}</b>: {len(records):,} pairs, each with a chosen (polite) and a rejected "
@@ -276,7 +293,7 @@ def build(shared) -> None:
                  trigger_mode="always_last", **cheap)
     page.submit(lambda *a: search(engine, *a), [query, page, state], [table, count, page], api_name="search", **cheap)
     for button, step in ((prev_btn, -1), (next_btn, 1)):
-        button.click(lambda q, p, s, step=step: search(engine, q, (p or 1) + step, s), [query, page, state],
+        button.click(lambda q, p, s, step=step: search(engine, q, box_number(p, "page") + step, s), [query, page, state],
                      [table, count, page], api_visibility="private", **cheap)
 
     def select_row(state, mask_prompt, style, evt: gr.SelectData):
@@ -287,13 +304,15 @@ def build(shared) -> None:
 
     def view(state, number, mask_prompt, style="alpaca"):
         """(the record number, put within 1..count as the record shown is, its header, its tokens)"""
+        style = known_style(style)
         records = records_of(engine, state)
-        shown = min(max(1, int(number or 1)), len(records)) if records else gr.skip()
+        shown = min(max(1, box_number(number, "record #")), len(records)) if records else gr.skip()
         return shown, *record_view(records, number, mask_prompt, style)
 
     def restyle(state, number, mask_prompt, style):
         """Another prompt format: the token lengths, the records too long for the context and the record shown,
         as training would see them."""
+        style = known_style(style)
         records = records_of(engine, state)
         if not records:
             return (gr.skip(), gr.skip()) + view(state, number, mask_prompt, style)
@@ -306,7 +325,7 @@ def build(shared) -> None:
                      api_name="browse_preferences", **cheap)
     pref_query.submit(lambda q: preference_page(engine, q, 1), pref_query, pref_outputs, api_visibility="private", **cheap)
     for button, step in ((pref_prev, -1), (pref_next, 1)):
-        button.click(lambda q, p, step=step: preference_page(engine, q, (p or 1) + step), [pref_query, pref_page],
+        button.click(lambda q, p, step=step: preference_page(engine, q, box_number(p, "page") + step), [pref_query, pref_page],
                      pref_outputs, api_visibility="private", **cheap)
 
     table.select(select_row, [state, mask, style], [number, meta, tokens], api_visibility="private", **cheap)
