@@ -183,7 +183,7 @@ def pick_source(engine, source: str, upload: str | None, previous: dict | None, 
 
 def box_number(value, name: str) -> int:
     """A record or page number as its box sends it (1 when empty); ``gr.Error`` naming the box for what only an API
-    client sends (text, a fraction, NaN)."""
+    client sends (NaN or infinity in raw JSON; Gradio itself refuses text and rounds fractions)."""
     try:
         return as_int(value or 1, name)
     except ValueError as e:
