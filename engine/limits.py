@@ -33,7 +33,8 @@ class Limits:
                                       "most test examples one evaluation scores (none: all it asks for)", space=220)
     uploads_mb: float = limit(200.0, "GPT2_INSTRUCT_UPLOADS_MB", "uploaded datasets kept, oldest dropped first")
     exports_mb: float = limit(500.0, "GPT2_INSTRUCT_EXPORTS_MB", "export zips kept, oldest dropped first")
-    files_max_age_hours: float = limit(24.0, "GPT2_INSTRUCT_FILES_MAX_AGE_HOURS", "uploads, exports and Gradio's cached files older than this go")
+    files_max_age_hours: float = limit(24.0, "GPT2_INSTRUCT_FILES_MAX_AGE_HOURS",
+                                       "uploads, exports and Gradio's cached files older than this go")
     datasets_in_memory: int = limit(8, "GPT2_INSTRUCT_DATASETS_IN_MEMORY", "parsed datasets shared by all visitors")
     session_minutes: float = limit(120.0, "GPT2_INSTRUCT_SESSION_MINUTES", "the server forgets a visitor's dataset choice after this (a Start opens it again from the browser's copy)")
 

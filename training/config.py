@@ -117,7 +117,8 @@ class TrainConfig(Settings):
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     max_length: int | None = setting(None, "truncate sequences to this many tokens (none: the model's context window)", 8)
     out: str | None = setting(None, "run directory (default runs/<timestamp>-<model>)")
-    checkpoint_every: int = setting(0, "steps between resumable checkpoints (a stopped run always saves one); 0: only when stopped", 0)
+    checkpoint_every: int = setting(0, "steps between resumable checkpoints (a stopped run always saves one); "
+                                       "0: only when stopped", 0)
     max_wall_s: float | None = setting(None, "stop and save once the run has gone on this many seconds (loading and evaluations "
                                               "included)", 0, low_open=True)
 

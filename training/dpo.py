@@ -61,7 +61,8 @@ class DPOConfig(Settings):
     seed: int = setting(123, "seed for the batch order", 0, 2**63 - 1)
     grad_clip: float | None = setting(None, "clip the gradient norm to this", 0, low_open=True)
     eval_every: int = setting(20, "steps between evaluations on train and validation pairs", 1)
-    eval_batches: int | None = setting(3, "batches per evaluation, of train and of validation pairs (none: all the validation pairs and 3 batches of train)", 1)
+    eval_batches: int | None = setting(3, "batches per evaluation, of train and of validation pairs (none: all the "
+                                          "validation pairs and 3 batches of train)", 1)
     sample_tokens: int = setting(40, "new tokens of the validation instruction's answer at each evaluation", 0, 512)
     grouped: bool = setting(True, "length-grouped batches; off: plainly shuffled", flag="--no-grouped")
     packed: bool = setting(True, "one row per pair, the prompt computed once; off: chosen and rejected as 2B rows",
@@ -73,7 +74,8 @@ class DPOConfig(Settings):
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     max_length: int | None = setting(None, "skip pairs longer than this many tokens (none: the model's context window)", 8)
     out: str | None = setting(None, "run directory (default runs/<timestamp>-<parent>-dpo)")
-    checkpoint_every: int = setting(0, "steps between resumable checkpoints (a stopped run always saves one); 0: only when stopped", 0)
+    checkpoint_every: int = setting(0, "steps between resumable checkpoints (a stopped run always saves one); "
+                                       "0: only when stopped", 0)
     max_wall_s: float | None = setting(None, "stop and save once the run has gone on this many seconds (loading and "
                                               "evaluations included)", 0, low_open=True)
 
