@@ -25,7 +25,7 @@ from training.config import DEMO, defaults, demo_text
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import (COPY_JS, as_int, bar, clock, form_error, link_prompt_controls, live_chart, loss_text, model_label,
+from .widgets import (COPY_JS, as_int, bar, clock, form_error, form_values, link_prompt_controls, live_chart, loss_text, model_label,
                       notice, number, playground_button, plural, resumable_runs, resume_job, run_finished, saved_run,
                       stop_job, style_radio, val_loss_text, zero_is_none)
 
@@ -427,7 +427,7 @@ def model_note(preset: str, why: str = "", max_epochs: int = 100, local_paths: b
 
 def preset_settings(preset: str, max_epochs: int = 100, why: str = "", local_paths: bool = True) -> tuple:
     """(random init, epochs, learning rate, mask prompt, note) for a chosen preset: the demo's for tiny, else the book's."""
-    values = DEMO if preset == "tiny" else DEFAULTS
+    values = form_values(preset)
     return (preset == "tiny", min(values["epochs"], max_epochs), values["lr"], values["mask_prompt"],
             model_note(preset, why, max_epochs, local_paths))
 

@@ -27,12 +27,17 @@ def style_radio(elem_id: str) -> gr.Radio:
                     elem_id=elem_id)
 
 
+def form_values(preset: str) -> dict:
+    """The settings a preset fills the Train tab's form with: the offline demo's for tiny, else the book's."""
+    from training.config import DEMO, defaults
+
+    return DEMO if preset == "tiny" else defaults()
+
+
 def suggested_mask(engine) -> bool:
     """Whether a page opens with the prompt masked: as the form of the model it suggests (the offline demo masks it,
     the book's settings do not), so that the Dataset tab's record view opens as that run would train on it."""
-    from training.config import DEMO, defaults
-
-    return (DEMO if engine.suggested_model() == "tiny" else defaults())["mask_prompt"]
+    return form_values(engine.suggested_model())["mask_prompt"]
 
 
 COPY_JS = "(value) => value"  # an event that sets its output to its input in the browser, with no call to the server
