@@ -25,9 +25,9 @@ from training.config import DEMO, defaults, demo_text
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import (COPY_JS, as_int, bar, clock, form_error, form_values, link_prompt_controls, live_chart, loss_text, model_label,
-                      notice, number, playground_button, plural, resumable_runs, resume_job, run_finished, saved_run,
-                      stop_job, style_radio, val_loss_text, zero_is_none)
+from .widgets import (COPY_JS, as_int, bar, clock, form_error, form_values, link_prompt_controls, live_chart, loss_text,
+                      model_label, notice, number, playground_button, plural, resumable_runs, resume_job, run_finished,
+                      saved_run, stop_job, style_radio, val_loss_text, zero_is_none)
 
 TITLE = "Train"
 RUN_HEADERS = ["run", "model", "data", "status", "steps", "val loss", "time"]
