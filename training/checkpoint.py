@@ -33,15 +33,15 @@ class ResumeError(ValueError):
     """A run that cannot be resumed as asked; the message says why."""
 
 
-def run_precision(device: torch.device, precision: str | None, resume: Path | None = None) -> tuple[torch.dtype, str]:
-    """A run's compute dtype and why (``precision_reason``). A resumed run whose precision is "auto" keeps the dtype
-    it trained in (its manifest's device, "CPU, bfloat16"): its checkpoint holds that precision's master weights, and
-    it goes on as if it had never stopped, also where auto would pick the other one (another machine)."""
+def run_precision(device: torch.device, precision: str | None, manifest: dict | None = None) -> tuple[torch.dtype, str]:
+    """A run's compute dtype and why (``precision_reason``). A resumed run (its ``manifest``) whose precision is "auto"
+    keeps the dtype it trained in (the manifest's device, "CPU, bfloat16"): its checkpoint holds that precision's master
+    weights, and it goes on as if it had never stopped, also where auto would pick the other one (another machine)."""
     dtype, reason = pick_dtype(device, precision), precision_reason(device, precision)
-    if resume is None or precision not in (None, "auto"):
+    if manifest is None or precision not in (None, "auto"):
         return dtype, reason
     saved = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
-        str(read_manifest(resume).get("device", "")).rpartition(", ")[2])
+        str(manifest.get("device", "")).rpartition(", ")[2])
     if saved is None or saved == dtype:
         return dtype, reason
     name = "bf16" if saved == torch.bfloat16 else "fp32"

@@ -230,8 +230,8 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     sft = base_config(parent_manifest)
     data_file = preference_path(config.data)
     data_sha256, parent_sha256 = file_sha256(data_file), file_sha256(parent_dir / WEIGHTS)
-    if resume is not None:
-        saved = read_manifest(resume)
+    saved = read_manifest(resume) if resume is not None else None
+    if saved is not None:
         if saved["data"]["sha256"] != data_sha256:
             raise ResumeError(f"{data_file.name} has changed since the run started: its sha256 differs from the manifest's")
         if saved.get("parent_sha256") != parent_sha256:
@@ -243,7 +243,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
         return stop_reason(hooks, config.max_wall_s, clock)
 
     device = pick_device(config.device)
-    dtype, precision = run_precision(device, config.precision, resume)
+    dtype, precision = run_precision(device, config.precision, saved)
     configure_precision(device, dtype)
     emit(Status("loading", f"Loading {parent_dir.name}"))
     torch.manual_seed(config.seed)  # dropout's draws

@@ -327,16 +327,17 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     data_file = source_path(config.data)
     records, split = check_data(config)
     sha256 = hashlib.sha256(data_file.read_bytes()).hexdigest()
-    if resume is not None and read_manifest(resume).get("data", {}).get("sha256") != sha256:
+    saved = read_manifest(resume) if resume is not None else None  # the resumed run's manifest
+    if saved is not None and saved.get("data", {}).get("sha256") != sha256:
         raise ResumeError(f"{data_label(config.data)} has changed since the run started: its sha256 differs from the manifest's")
     sample_record = split.val[0]
 
-    processes = read_manifest(resume).get("processes", 1) if resume is not None else ctx.world_size
+    processes = saved.get("processes", 1) if saved is not None else ctx.world_size
     if processes != ctx.world_size:
         raise ResumeError(f"the run trained in {processes} process{'es' * (processes > 1)} (torchrun --nproc-per-node "
                           f"{processes}), which split each step's batches: resume it with as many, not {ctx.world_size}")
     device = ctx.place(pick_device(config.device))
-    dtype, precision = run_precision(device, config.precision, resume)
+    dtype, precision = run_precision(device, config.precision, saved)
     configure_precision(device, dtype)
     def stopped_while_loading(what: str) -> None:
         if not ctx.enabled and hooks.should_stop():
@@ -353,7 +354,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     base = None
     if config.lora_rank:  # its checkpoint holds the adapters alone: a resume needs the same frozen base under them
         base = weights_fingerprint(model)
-        if resume is not None and read_manifest(resume).get("base_fingerprint") not in (None, base):
+        if saved is not None and saved.get("base_fingerprint") not in (None, base):
             raise ResumeError(f"the weights of {config.model} have changed since the run started: LoRA trains adapters on "
                               "top of them, so the resumed run would go on from another model")
         add_lora(model, config.lora_rank, config.lora_alpha, init)
