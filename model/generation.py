@@ -41,7 +41,10 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None, top_
     """Next token ids (B,) from last-position logits (B, vocab): greedy when temperature is 0."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted to a maximum of 0 first: divided by a tiny temperature (1e-40) the raw logits overflowed to inf, and the
+    # softmax of inf - inf is NaN; this way the largest stays 0 and the others go to -inf: greedy, as a tiny one means.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -290,6 +290,12 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
     too_long = c.predict("Summarize: " + "word " * 3000, "", run_dir, 8, 0, 0, 1, 123, api_name="/compare")[4]
     assert re.search(r"The prompt is 3,0\d\d tokens: beside 8 new tokens, the [\d,]+-token context holds its last", text(too_long))
     assert "did not see its first" in text(too_long) and "did not see" not in text(note)
+    assert "Shorten the instruction or the input." in text(too_long) and "Lower" not in text(too_long)
+    nearly = c.predict("Summarize: " + "word " * 960, "", run_dir, 64, 0, 0, 1, 123, api_name="/compare")[4]
+    fits = 1024 - int(re.search(r"The prompt is ([\d,]+) tokens", text(nearly)).group(1).replace(",", ""))
+    assert 0 < fits < 64 and f"Lower Max new tokens to {fits} or fewer to keep it whole" in text(nearly)
+    tiny_temperature = c.predict("Name a colour.", "", run_dir, 8, 1e-40, 0, 1, 7, api_name="/compare")  # was NaN
+    assert tiny_temperature[:2] == c.predict("Name a colour.", "", run_dir, 8, 0, 0, 1, 7, api_name="/compare")[:2]
 
 
 def test_the_playground_status_says_generating_while_tokens_stream(url, folders):
@@ -963,6 +969,21 @@ def test_a_tab_polls_only_while_it_is_shown():
                      "evaluate": [False, True, False], "align": [False, False, True]}
     # and Gradio's per-event pandas summary of its event log runs once per 1,000 events, not after each poll
     assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == 1000 and demo._queue.ANALYTICS_MAX_EVENTS == 1000
+
+
+def test_picking_another_run_or_example_ends_the_comparison_streaming_into_the_answer_boxes():
+    """Answers still streaming must not go on filling the boxes under another run or question: the Playground's run
+    picker, its examples and another tab's "Compare it in the Playground" cancel the comparison."""
+    from engine import Engine
+    from ui.app import build_app
+
+    config = build_app(Engine()).get_config_file()
+    elem = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    compare = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "compare")
+    cancelling = {(elem[target], event) for d in config["dependencies"] if compare in (d.get("cancels") or [])
+                  for target, event in d["targets"]}
+    assert {("tuned-run", "input"), ("playground-examples", "click")} <= cancelling
+    assert len(cancelling) == 3  # and the open-run request from the Train, Evaluate and Align tabs' buttons
 
 
 def test_a_run_stopped_before_its_first_step_is_not_offered_to_compare_and_stopped_runs_say_so(tmp_path):

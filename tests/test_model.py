@@ -342,6 +342,8 @@ def test_top_k_and_top_p_stay_inside_the_allowed_set():
         picked = sample_next(logits, temperature=1.0, top_p=0.3, generator=g)
         assert all(picked[r].item() in nucleus[r] for r in range(4))
     assert torch.equal(sample_next(logits), logits.argmax(-1))
+    for tiny in (1e-40, 1e-45):  # dividing the raw logits overflowed to inf, then NaN
+        assert torch.equal(sample_next(logits * 100, temperature=tiny, generator=g), logits.argmax(-1))
     for top_p in (0.0, -1.0, 1e-9):  # the most likely token always stays
         assert torch.equal(sample_next(logits, temperature=1.0, top_p=top_p, generator=g), logits.argmax(-1))
 

@@ -148,8 +148,9 @@ def compare(engine, instruction: str, input_text: str, name: str | None, max_new
     tokenizer = get_tokenizer()
     prompt = format_prompt({"instruction": instruction, "input": input_text or ""}, config.style)
     ids = tokenizer.encode(prompt, disallowed_special=())
-    limit = max(1, min(int(max_new_tokens or MAX_NEW_TOKENS), MAX_NEW_TOKENS))
-    cropped = cropped_note(len(ids), limit, models[0].config.block_size)
+    context = models[0].config.block_size
+    limit = max(1, min(int(max_new_tokens or MAX_NEW_TOKENS), MAX_NEW_TOKENS, context - 1))
+    cropped = cropped_note(len(ids), limit, context)
     yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), notice(f"Generating…{cropped}", "error" if cropped else "info")
     names = ("base", "fine-tuned", "aligned")[:len(models)]
     texts = ("",) * len(models)
@@ -177,9 +178,11 @@ def cropped_note(prompt_tokens: int, max_new_tokens: int, context: int) -> str:
     keep = context - min(max_new_tokens, context - 1)
     if prompt_tokens <= keep:
         return ""
+    fix = (f"Lower <b>Max new tokens</b> to {context - prompt_tokens:,} or fewer to keep it whole, or shorten the "
+           "instruction or the input." if prompt_tokens < context else "Shorten the instruction or the input.")
     return (f" <b>The prompt is {prompt_tokens:,} tokens:</b> beside {max_new_tokens} new tokens, the {context:,}-token "
             f"context holds its last {keep:,}, so the models did not see its first {prompt_tokens - keep:,} (the "
-            "prompt's header and the start of the instruction). Shorten the instruction or the input.")
+            f"prompt's header and the start of the instruction). {fix}")
 
 
 def examples_of(engine, dataset: dict | None) -> list[dict]:
@@ -253,18 +256,20 @@ def build(shared) -> None:
     shared.open_example = lambda record, name, note="": open_example(engine, record, name, note)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    gr.on([compare_btn.click, instruction.submit, input_text.submit], partial(compare, engine),
+    comparing = gr.on([compare_btn.click, instruction.submit, input_text.submit], partial(compare, engine),
           [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
           [base_out, tuned_out, aligned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
     picked = [run, info, base_out, tuned_out, aligned_out, diff]
     shared.app.load(lambda current: refresh_runs(engine, current), run, picked, api_visibility="private", **cheap)
     for trigger in (refresh.click, shared.runs_changed.change):
         trigger(partial(relist, engine), run, picked, api_visibility="private", **cheap)
+    # Another run or example picked while the answers stream: that comparison ends, its answers no longer fit.
     shared.open_run.change(lambda asked: refresh_runs(engine, (asked or {}).get("run")), shared.open_run, picked,
-                           api_visibility="private", **cheap)
+                           api_visibility="private", cancels=[comparing], **cheap)
     shared.relist_when_shown(run, partial(finished_run_choices, engine), lambda: refresh_runs(engine, None), [], picked[1:])
-    run.input(lambda name: (run_info(engine, name),) + columns(engine, name), run, picked[1:], api_visibility="private", **cheap)
+    run.input(lambda name: (run_info(engine, name), *columns(engine, name), ""), run, [*picked[1:], status],
+              api_visibility="private", cancels=[comparing], **cheap)
     shared.dataset.change(lambda d: examples_update(engine, d), shared.dataset, [examples, records], api_visibility="private", **cheap)
     examples.click(pick_example, [examples, records], [instruction, input_text, reference, base_out, tuned_out, aligned_out,
-                                                       diff, status], api_visibility="private", **cheap)
+                                                       diff, status], api_visibility="private", cancels=[comparing], **cheap)
     instruction.input(lambda: "", None, reference, api_visibility="private", **cheap)
