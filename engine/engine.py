@@ -21,7 +21,7 @@ from evaluation.evaluate import evaluate_run
 from model import HUB_PRESETS, PRESETS, GPTConfig
 from model.device import configure_runtime
 from model.weights import WeightsError, hub_cached, hub_unreachable, read_config, resolve
-from runstore import RunInfo, find_run, list_runs, prune_runs, runs_root
+from runstore import RunInfo, find_run, list_recovered, prune_runs, runs_root
 from runstore.export import export_zip
 from runstore.store import recover_runs
 from training.calibrate import Calibration, EpochShape, Projection, cached, calibrate, data_shape, projection
@@ -199,7 +199,9 @@ class Engine:
     # Runs
 
     def runs(self) -> list[RunInfo]:
-        return list_runs(self.root)
+        """This server's runs, newest first; one whose process died since it was listed (a command line killed) shows
+        as interrupted, resumable, at once."""
+        return list_recovered(self.root)
 
     def run(self, name: str | None) -> RunInfo:
         """A run of this server by its name; ``ValueError`` for anything else (paths are never accepted)."""

@@ -221,7 +221,7 @@ def read_config(config_path: Path | None, weights_path: Path, name: str = "gpt2"
             )
         except (ValueError, KeyError, TypeError) as e:
             raise WeightsError(f"{config_path} is not a GPT-2 config.json: {type(e).__name__}: {e}") from None
-    with _open(weights_path) as f:
+    with open_weights(weights_path) as f:
         keys = list(f.keys())
         prefix = "transformer." if "transformer.wte.weight" in keys else ""
         try:
@@ -245,7 +245,7 @@ def _fill(model: GPT, weights_path: Path, config_path: Path | None = None) -> No
     """
     params = dict(model.named_parameters())  # the tied lm_head appears once, as transformer.wte.weight
     plan, head = {}, None
-    with _open(weights_path) as f:
+    with open_weights(weights_path) as f:
         for key in f.keys():
             name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
             if name.endswith(IGNORED_SUFFIXES):
@@ -281,7 +281,7 @@ def _chunks(weights_path: Path, key: str, target: torch.Tensor):
     for each chunk (see ``_fill``)."""
     rows = max(1, CHUNK_BYTES // max(1, target[0].numel() * 4)) if target.dim() > 1 else len(target)
     for start in range(0, len(target), rows):
-        with _open(weights_path) as f:
+        with open_weights(weights_path) as f:
             try:
                 chunk = f.get_slice(key)[start : start + rows]
             except SafetensorError as e:
@@ -289,7 +289,9 @@ def _chunks(weights_path: Path, key: str, target: torch.Tensor):
         yield target[start : start + rows], chunk
 
 
-def _open(path: Path):
+def open_weights(path: Path):
+    """``safe_open`` on a safetensors file; ``WeightsError`` when it is not one, or is cut short (its header names
+    more bytes than the file holds)."""
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:

@@ -22,8 +22,9 @@ from data import format_prompt
 from data.cache import file_label
 from model.files import atomic_write
 from model.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
-from model.weights import CONFIG_NAME, HUB_PRESETS, hub_unreachable
+from model.weights import CONFIG_NAME, HUB_PRESETS, WeightsError, hub_unreachable, open_weights
 
+from .locks import hold_run
 from .store import WEIGHTS, read_manifest
 
 
@@ -37,6 +38,11 @@ def export_files(run_dir) -> dict[str, Path | str]:
     for name in (WEIGHTS, CONFIG_NAME):
         if not (run_dir / name).is_file():
             raise ExportError(f"{run_dir} has no {name}: not a finished run")
+    try:
+        with open_weights(run_dir / WEIGHTS):
+            pass
+    except WeightsError as e:
+        raise ExportError(f"{e}: nothing to export") from None
     vocab_bpe, encoder_json = bpe_files()
     context = json.loads((run_dir / CONFIG_NAME).read_text()).get("n_positions", 1024)
     special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
@@ -130,7 +136,6 @@ def export_zip(run_dir, dest=None) -> Path:
     uncompressed (they barely compress); the zip appears whole or not at all.
     """
     run_dir = Path(run_dir).resolve()  # "." has no name to give the folder
-    files = export_files(run_dir)
     dest = check_destination(dest or run_dir / f"{run_dir.name}-hf.zip")
 
     def write_zip(tmp: str) -> None:
@@ -142,7 +147,9 @@ def export_zip(run_dir, dest=None) -> Path:
                 else:
                     zf.writestr(arcname, content)
 
-    atomic_write(dest, write_zip)
+    with hold_run(run_dir, shared=True, doing="export it"):  # a resume in another process rewrites the weights
+        files = export_files(run_dir)
+        atomic_write(dest, write_zip)
     return dest
 
 

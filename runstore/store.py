@@ -27,6 +27,8 @@ import psutil
 
 from model.files import atomic_write
 
+from .locks import RunLock, hold_run
+
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 WEIGHTS = "model.safetensors"
@@ -77,12 +79,15 @@ class RunWriter:
     """Writes a run's manifest and metrics as training goes; ``close()`` when the run has ended.
 
     With ``resume_step`` it reopens an existing run: the manifest is kept and the metrics
-    up to that step (later rows belong to steps that will be trained again).
+    up to that step (later rows belong to steps that will be trained again). The writer holds the run's lock
+    (``runstore.locks``) until ``close()``: ``lock``, the one a resume took before its checks, or one it takes.
     """
 
-    def __init__(self, directory: Path, resume_step: int | None = None):
+    def __init__(self, directory: Path, resume_step: int | None = None, lock: RunLock | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = lock or hold_run(self.dir, doing="write it")
+        self.own_lock = lock is None
         self.manifest: dict = read_manifest(self.dir) if resume_step is not None else {}
         self.metrics: list[dict] = []
         if resume_step is not None:
@@ -93,6 +98,8 @@ class RunWriter:
     def close(self) -> None:
         with _MANIFESTS:
             _WRITING.discard(self.dir.resolve())
+        if self.own_lock:
+            self.lock.release()
 
     def update_manifest(self, **fields) -> None:
         with _MANIFESTS:
@@ -161,10 +168,12 @@ def val_loss_text(summary: dict) -> str | None:
 
 
 def read_manifest(path: Path) -> dict:
+    """The run's manifest; {} when it cannot be read or is not a JSON object (damaged)."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
     except (OSError, ValueError):
         return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -226,7 +235,7 @@ def recover_run(path: Path) -> RunInfo | None:
     """Mark one run ``interrupted`` if its manifest says running but its process is dead (see ``owner_alive``).
 
     Its ``steps`` become the last step in metrics.jsonl and ``ended`` the time its files last changed.
-    Returns the run when it was changed, else None.
+    Returns the run when it was changed, else None (also when the folder cannot be written: it stays as it is).
     """
     path = Path(path)
     with _MANIFESTS:  # a run of this process cannot end (manifest "done", writer closed) between the read and the write
@@ -238,7 +247,10 @@ def recover_run(path: Path) -> RunInfo | None:
         manifest.update(status="interrupted", steps=rows[-1]["step"] if rows else 0,
                         ended=datetime.fromtimestamp(last_change, timezone.utc).isoformat(timespec="seconds"),
                         stop_reason="its process ended before the run finished")
-        write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        try:
+            write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        except OSError:
+            return None
     return RunInfo(path, manifest)
 
 
@@ -251,6 +263,12 @@ def recover_runs(root: Path | None = None) -> list[RunInfo]:
     return [run for info in list_runs(root) if info.status == "running" and (run := recover_run(info.path))]
 
 
+def list_recovered(root: Path | None = None) -> list[RunInfo]:
+    """``list_runs``, with every run whose process died since (a command line killed, a crash) shown interrupted, as
+    ``recover_runs`` leaves it, instead of running until the app restarts."""
+    return [(info.status == "running" and recover_run(info.path)) or info for info in list_runs(root)]
+
+
 def list_runs(root: Path | None = None) -> list[RunInfo]:
     """Past runs, newest first; directories without a manifest are not runs."""
     root = root or runs_root()
@@ -261,26 +279,42 @@ def list_runs(root: Path | None = None) -> list[RunInfo]:
 
 
 def run_bytes(path: Path) -> int:
-    """What a run folder holds on disk, its checkpoint included."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """What a run folder holds on disk, its checkpoint included; a file that goes while it is counted (another process's
+    temporary file, renamed) counts nothing."""
+    total = 0
+    for f in Path(path).rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:
+            pass
+    return total
 
 
 def prune_runs(root: Path, max_bytes: float, keep=()) -> list[str]:
     """Delete the oldest ended runs until the runs under ``root`` fill at most ``max_bytes``; the names deleted.
 
-    Never a running run or one named in ``keep``; a fine-tuned run that a kept preference-tuning run started from goes
-    only after that run (its three-way comparison needs it). What is left may still be over the budget.
+    Never a running run, one named in ``keep``, or one that a process holds the lock of (``runstore.locks``: another
+    process resuming or evaluating it); a fine-tuned run that a kept preference-tuning run started from goes only after
+    that run (its three-way comparison needs it). What is left may still be over the budget.
     """
     runs = sorted(list_runs(root), key=lambda r: (str(r.manifest.get("started") or ""), r.name))
     sizes = {run.name: run_bytes(run.path) for run in runs}
-    total, deleted = sum(sizes.values()), []
+    total, deleted, busy = sum(sizes.values()), [], set()
     while total > max_bytes:
         parents = {run.manifest.get("parent_run") for run in runs}
         victim = next((run for run in runs if run.status != "running" and run.path.resolve() not in _WRITING
-                       and run.name not in keep and run.name not in parents), None)
+                       and run.name not in keep and run.name not in parents and run.name not in busy), None)
         if victim is None:
             break
-        shutil.rmtree(victim.path, ignore_errors=True)
+        with RunLock(victim.path) as lock:
+            try:
+                free = lock.acquire()
+            except OSError:
+                free = True
+            if not free:
+                busy.add(victim.name)
+                continue
+            shutil.rmtree(victim.path, ignore_errors=True)
         runs.remove(victim)
         total -= sizes[victim.name]
         deleted.append(victim.name)

@@ -356,6 +356,17 @@ def test_export_of_an_unfinished_run_is_refused(tmp_path):
         export_zip(tmp_path)
 
 
+def test_export_of_cut_short_weights_is_refused(run, tmp_path):
+    """A weights file cut short (a full disk, a copy that stopped) made a zip that loaded nowhere."""
+    copy = tmp_path / "cut"
+    shutil.copytree(run, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ExportError, match="model.safetensors is not a readable safetensors file: .*nothing to export"):
+        export_zip(copy, tmp_path / "cut.zip")
+    assert not (tmp_path / "cut.zip").exists()
+
+
 def test_push_to_hub_offline_fails_fast(run, monkeypatch):
     from huggingface_hub import constants
 

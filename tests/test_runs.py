@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -176,7 +177,15 @@ def test_a_failed_save_marks_the_run_failed_and_raises(tmp_path, monkeypatch, wh
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("training.loop.save_pretrained" if what == "weights" else "training.checkpoint.torch.save", disk_full)
+    def torch_disk_full(state, f):  # torch.save on a full disk: its own words, the file's OSError as their context
+        try:
+            f.write(b"x" * 2**20)
+            disk_full()
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 29696 vs 29584") from None
+
+    monkeypatch.setattr("training.loop.save_pretrained" if what == "weights" else "training.checkpoint.torch.save",
+                        disk_full if what == "weights" else torch_disk_full)
     with pytest.raises(OSError, match="No space left on device"):
         train(tiny(tmp_path, "run", max_steps=3, checkpoint_every=2))
     manifest = read_manifest(tmp_path / "run")
@@ -314,6 +323,75 @@ def test_kill_9_mid_run_then_recover_gives_an_interrupted_run_that_resumes(tmp_p
     assert again.returncode == 1 and "killed is done (6 steps): there is nothing to resume" in again.stderr
 
 
+HOLD = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+        "fcntl.flock(fd, fcntl.LOCK_SH if sys.argv[2] == 'shared' else fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
+
+
+@contextmanager
+def held_elsewhere(run_dir: Path, shared: bool = False):
+    """Another process holding the run's lock, as one resuming it (exclusive) or evaluating it (shared) does."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), "shared" if shared else "exclusive"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_run_another_process_uses_is_neither_resumed_nor_deleted_until_it_has_ended(tmp_path):
+    """Two processes on one runs folder (two apps, the app and a command line): both resumed one stopped run at once,
+    each writing over the other, and the app's runs budget deleted a run a command line was evaluating."""
+    from evaluation.evaluate import evaluate_run
+    from runstore import RunBusy
+    from runstore.export import export_zip
+
+    train(tiny(tmp_path, "stopped", max_steps=4), stop_after(1))
+    run = tmp_path / "stopped"
+    config = resume_config(run)  # checked just before another process took the run
+    with held_elsewhere(run):
+        with pytest.raises(ResumeError, match="stopped is in use by another process or job right now"):
+            resume_config(run)  # what the app and the command lines check before they start
+        with pytest.raises(ResumeError, match="stopped is in use by another process or job right now"):
+            train(config, resume=run)  # the resume itself, under the run's lock from before its checks
+        with pytest.raises(RunBusy, match="stopped is trained or resumed by another process or job right now: .* evaluate it"):
+            evaluate_run(run, limit=1)
+        with pytest.raises(RunBusy, match="export it"):
+            export_zip(run, tmp_path / "stopped.zip")
+        assert prune_runs(tmp_path, 0) == []
+    assert read_manifest(run)["status"] == "stopped" and not (run / "eval_summary.json").exists()
+    with held_elsewhere(run, shared=True):  # an evaluation in another process
+        with pytest.raises(ResumeError, match="in use by another process"):
+            resume_config(run)
+        assert prune_runs(tmp_path, 0) == []
+        assert export_zip(run, tmp_path / "stopped.zip").is_file()  # readers share the run
+    assert resume_run(run)["status"] == "done"  # the other process has ended: its lock went with it
+    assert prune_runs(tmp_path, 0) == ["stopped"]
+
+
+def test_the_app_sees_a_run_whose_process_died_and_starts_beside_runs_it_cannot_write(tmp_path, monkeypatch):
+    """A command line killed while the app is up: its run showed "running", not resumable, until the app restarted;
+    a stale run in a read-only runs folder, or a manifest that is JSON but not an object, stopped the app starting."""
+    from engine import Engine
+    from runstore import store
+
+    engine = Engine(root=tmp_path)
+    write_running(tmp_path / "killed", {**process_owner(), "host": socket.gethostname() + "-gone"})
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "manifest.json").write_text("[]")
+
+    def read_only(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(store, "write_atomic", read_only)
+    assert Engine(root=tmp_path).recovered == []
+    assert {r.name: r.status for r in engine.runs()} == {"killed": "running", "damaged": "unknown"}
+    monkeypatch.undo()
+    assert {r.name: r.status for r in engine.runs()} == {"killed": "interrupted", "damaged": "unknown"}
+    assert read_manifest(tmp_path / "killed")["status"] == "interrupted"
+
+
 def test_metrics_grow_a_line_a_step_and_a_half_written_last_line_is_left_out(tmp_path):
     writer = RunWriter(tmp_path / "run")
     writer.update_manifest(status="running")
@@ -326,6 +404,7 @@ def test_metrics_grow_a_line_a_step_and_a_half_written_last_line_is_left_out(tmp
     with open(path, "a") as f:
         f.write('{"step": 4, "train_lo')  # a reader between the two halves of a write, or a crash
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]
+    writer.close()  # its process has ended
     resumed = RunWriter(tmp_path / "run", resume_step=2)
     resumed.log({"step": 3, "train_loss": 0.5})
     assert read_metrics(tmp_path / "run") == [{"step": 0, "train_loss": 1.0}, {"step": 1, "train_loss": 1.0},

@@ -11,6 +11,7 @@ run that never stopped.
 from __future__ import annotations
 
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from data.batching import restore_loader
 from model import pick_dtype
 from model.device import precision_reason
 from model.files import atomic_write
-from runstore import CHECKPOINT, MANIFEST, read_manifest, recover_run
+from runstore import CHECKPOINT, MANIFEST, RunBusy, hold_run, in_use, read_manifest, recover_run
 
 from .config import TrainConfig
 from .events import Status
@@ -60,7 +61,21 @@ def save_checkpoint(run_dir: Path, optimizer, *, step: int, epoch: int, tokens_s
         "clock": {"elapsed_s": clock.elapsed, "train_s": clock.train_s, "eval_s": clock.eval_s, "evals": clock.evals},
         "last_train": last_train, "last_val": last_val, "rng": rng_state(), "optimizer": optimizer.state_dict(), **extra,
     }
-    atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+    path = Path(run_dir) / CHECKPOINT
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # through Python's file, whose error (a full disk) torch's then carries
+            torch.save(state, f)
+
+    failure = None
+    try:
+        atomic_write(path, write)
+    except RuntimeError as e:  # torch's own words for a failed write ("unexpected pos 29696 vs 29584")
+        if not isinstance(e.__context__, OSError):
+            raise
+        failure = e.__context__.errno, e.__context__.strerror
+    if failure:  # raised once torch's error is gone: its traceback held the half-written file open, and its space
+        raise OSError(*failure, str(path))
 
 
 def checkpoint_run(writer, emit, optimizer, *, step: int, write: bool = True, **state) -> int:
@@ -116,14 +131,18 @@ def start_epoch(loader, state: dict) -> int:
     return state["epoch"]
 
 
-def resumable(run_dir: Path) -> dict:
+def resumable(run_dir: Path, held: bool = False) -> dict:
     """The manifest of the run in ``run_dir`` if it can be resumed; else ``ResumeError`` saying why.
 
-    A run that its manifest says is running but whose process is gone is marked interrupted first.
+    A run that its manifest says is running but whose process is gone is marked interrupted first. One whose lock
+    another process or job holds (``runstore.locks``) is refused, unless the caller holds it (``held``: the resume
+    under way checks the run again).
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     name = run_dir.name
+    if manifest and not held and in_use(run_dir):
+        raise ResumeError(busy(name))
     if not manifest:
         damaged = (run_dir / MANIFEST).is_file()
         raise ResumeError(f"{name}: its {MANIFEST} cannot be read (empty or damaged)" if damaged else f"{name}: not a run (no {MANIFEST})")
@@ -149,9 +168,31 @@ def refuse_changes(changes: dict, saved: dict, changeable: tuple[str, ...] = CHA
                           f"{', '.join(refused)} cannot change (only {', '.join(changeable)} can)")
 
 
-def resume_config(run_dir: Path, **changes) -> TrainConfig:
-    """The settings of the fine-tuning run in ``run_dir`` (with ``changes`` to those in ``CHANGEABLE``), if it can be resumed."""
-    manifest = resumable(run_dir)
+def busy(name: str) -> str:
+    return (f"{name} is in use by another process or job right now (resumed, or evaluated): resume it once that has "
+            "ended")
+
+
+@contextmanager
+def holding(resume: Path | None, writes: bool = True):
+    """The lock of the run being resumed (``runstore.locks``), held from before its checks until it has ended; None for
+    a new run (its writer takes one) or a process that does not write (torchrun's other ranks). Two processes that
+    resumed one run at once both trained it, each over the other's files."""
+    if resume is None or not writes:
+        yield None
+        return
+    try:
+        lock = hold_run(resume)
+    except RunBusy:
+        raise ResumeError(busy(Path(resume).name)) from None
+    with lock:
+        yield lock
+
+
+def resume_config(run_dir: Path, held: bool = False, **changes) -> TrainConfig:
+    """The settings of the fine-tuning run in ``run_dir`` (with ``changes`` to those in ``CHANGEABLE``), if it can be
+    resumed (``held``: as ``resumable``)."""
+    manifest = resumable(run_dir, held)
     if manifest.get("method") == "dpo":
         raise ResumeError(f"{Path(run_dir).name} is a preference-tuning (DPO) run: resume it with "
                           f"python -m training.dpo --resume {Path(run_dir).name}")
@@ -169,4 +210,4 @@ def check_unchanged(saved: dict, config, changeable: tuple[str, ...] = CHANGEABL
 
 def check_resume(run_dir: Path, config: TrainConfig) -> None:
     """Refuse a resume whose settings differ from the run's, apart from ``CHANGEABLE`` ones and the folder."""
-    check_unchanged(resume_config(run_dir).to_dict(), config)
+    check_unchanged(resume_config(run_dir, held=True).to_dict(), config)

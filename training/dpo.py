@@ -36,7 +36,7 @@ from runstore import (RunWriter, claim_run_dir, find_run, load_run, new_run_dir,
 from runstore.store import WEIGHTS
 
 from .checkpoint import (
-    ResumeError, check_unchanged, checkpoint_run, load_checkpoint, refuse_changes, restore, resumable, run_precision,
+    ResumeError, check_unchanged, checkpoint_run, holding, load_checkpoint, refuse_changes, restore, resumable, run_precision,
 )
 from .config import ConfigError, Settings, TrainConfig, check_device, setting
 from .cores import CoreShare
@@ -161,13 +161,13 @@ def check_dpo(config: DPOConfig, root: Path | None = None):
 RESUME_CHANGEABLE = ("checkpoint_every", "max_wall_s", "eval_every", "sample_tokens")
 
 
-def resume_dpo_config(run_dir: str | Path, **changes) -> DPOConfig:
+def resume_dpo_config(run_dir: str | Path, held: bool = False, **changes) -> DPOConfig:
     """The settings of the DPO run in ``run_dir`` (``changes`` only to those in ``RESUME_CHANGEABLE``), if it can be resumed.
 
     Its parent is looked for beside it first (a runs folder moved whole), then where it was.
     """
     run_dir = Path(run_dir)
-    manifest = resumable(run_dir)
+    manifest = resumable(run_dir, held)
     if manifest.get("method") != "dpo":
         raise ResumeError(f"{run_dir.name} is a fine-tuning run, not a preference-tuning one: "
                           f"resume it with python -m training --resume {run_dir.name}")
@@ -215,15 +215,21 @@ def reference_pass(model: GPT, plans, device, packed: bool, average: bool, emit,
 def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None = None, resume: str | Path | None = None) -> dict:
     """Align a fine-tuned run with preference data into a new run under ``root``; returns its summary (also in its manifest).
 
-    With ``resume`` (a DPO run folder), continue that run from its checkpoint instead; see ``resume_dpo``.
+    With ``resume`` (a DPO run folder), continue that run from its checkpoint instead, holding its lock; see ``resume_dpo``.
     The checkpoint keeps the reference log-probabilities too (a few bytes a pair): a resumed run skips the
     reference pass, and its figures do not depend on the kernels of the machine it resumes on.
     """
+    with holding(resume) as lock:
+        return train_dpo_held(config, hooks, root, resume, lock)
+
+
+def train_dpo_held(config: DPOConfig, hooks: Hooks | None, root: Path | None, resume: str | Path | None, lock) -> dict:
+    """``train_dpo``, with the resumed run's ``lock`` held."""
     hooks = hooks or Hooks()
     emit = hooks.on_event
     clock = Clock()
     if resume is not None:
-        check_unchanged(resume_dpo_config(resume).to_dict(), config, RESUME_CHANGEABLE + ("parent",))
+        check_unchanged(resume_dpo_config(resume, held=True).to_dict(), config, RESUME_CHANGEABLE + ("parent",))
 
     emit(Status("loading", f"Loading the {data_label(config.data)} preference data"))
     parent_dir, parent_manifest, records, split = check_dpo(config, root)
@@ -279,7 +285,7 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     if checkpoint:
         restore(checkpoint, optimizer, clock)
     run_dir = Path(resume) if resume is not None else claim_run_dir(config.out) if config.out else new_run_dir(f"{parent_dir.name}-dpo", root)
-    writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None)
+    writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None, lock=lock)
     run_fields = dict(
         status="running", owner=process_owner(), method="dpo", parent_run=parent_dir.name, parent_dir=str(parent_dir),
         parent_sha256=parent_sha256, config=sft.to_dict(), dpo=config.to_dict(),

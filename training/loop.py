@@ -37,7 +37,7 @@ from model import GPT, GPTConfig, generate, get_tokenizer, init_generator, load_
 from model.device import configure_precision, describe, peak_rss_mb, release_free_memory
 
 from . import distributed
-from .checkpoint import (ResumeError, check_resume, checkpoint_run, load_checkpoint, mark_resumed, restore, resume_config,
+from .checkpoint import (ResumeError, check_resume, checkpoint_run, holding, load_checkpoint, mark_resumed, restore, resume_config,
                          run_precision, start_epoch)
 from .config import TrainConfig
 from .cores import CoreShare
@@ -313,8 +313,14 @@ def make_batches(config: TrainConfig, split, context: int, ctx) -> Batches:
 def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = None, resume: str | Path | None = None) -> dict:
     """Fine-tune one model on one dataset into a new run under ``root`` (or ``config.out``); returns its summary.
 
-    With ``resume`` (a run folder), continue that run from its checkpoint instead; see ``resume_run``.
+    With ``resume`` (a run folder), continue that run from its checkpoint instead, holding its lock; see ``resume_run``.
     """
+    with holding(resume, distributed.context().is_main) as lock:
+        return train_held(config, hooks, root, resume, lock)
+
+
+def train_held(config: TrainConfig, hooks: Hooks | None, root: Path | None, resume: str | Path | None, lock) -> dict:
+    """``train``, with the resumed run's ``lock`` held."""
     hooks = hooks or Hooks()
     emit = hooks.on_event
     config.validate()
@@ -369,7 +375,7 @@ def train(config: TrainConfig, hooks: Hooks | None = None, root: Path | None = N
     if checkpoint:
         restore(checkpoint, optimizer, clock)
     run_dir = Path(resume) if resume is not None else ctx.on_main(lambda: claim_run_dir(config.out) if config.out else new_run_dir(config.model, root))
-    writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None) if ctx.is_main else distributed.NullWriter()
+    writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None, lock=lock) if ctx.is_main else distributed.NullWriter()
     run_fields = dict(
         status="running",
         owner=process_owner(),
