@@ -881,6 +881,20 @@ def test_cli_keeps_local_files_by_absolute_path_and_refuses_an_empty_resume(tmp_
         assert "error: no run given" in capsys.readouterr().err
 
 
+def test_cli_says_a_full_disk_in_one_error_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from training import cli
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("GPT2_INSTRUCT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr("training.loop.save_pretrained", disk_full)
+    assert cli.main(["--model", "tiny", "--random-init", "--data", "sample", "--max-steps", "1", "--eval-batches", "1",
+                     "--sample-tokens", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "error: [Errno 28] No space left on device\n" in err and "Traceback" not in err
+
+
 def test_cli_help_shows_every_default_takes_none_and_notes_flags_that_do_nothing(capsys):
     from training.cli import make_parser, parse_args
     from training.dpo_cli import parse_args as parse_dpo_args

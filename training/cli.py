@@ -187,7 +187,7 @@ def run(config: TrainConfig, ctx: distributed.Context, stop: threading.Event, re
             train(config, hooks, resume=resume)
         else:
             Engine().run_training(config, hooks)
-    except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError) as e:
+    except (DatasetError, WeightsError, ConfigError, ValueError, FloatingPointError, OSError) as e:  # OSError: a full disk
         print(f"error: {where}{ctx.reason(e) if ctx.enabled else e}", file=sys.stderr)
         return 1
     except TrainingStopped as e:

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     recover_runs()
     try:
         train_dpo(config, Hooks(on_event=DPOProgressBar(), should_stop=stop.is_set), resume=run_dir)
-    except (DatasetError, WeightsError, ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (DatasetError, WeightsError, ConfigError, OSError, ValueError, FloatingPointError) as e:  # OSError: a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
