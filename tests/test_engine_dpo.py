@@ -185,7 +185,7 @@ def test_an_interrupted_dpo_run_resumes_through_the_engine_as_if_it_had_never_st
 
     from ui import align_tab, train_tab  # the Align tab offers it; the Train tab, whose trainer it is not, does not
 
-    assert align_tab.refresh_parents(restarted, None)[2].choices == [("killed · interrupted at step 3", "killed")]
+    assert align_tab.refresh_parents(restarted, None)[2].choices == [("killed · interrupted at step 3, resumes from step 2", "killed")]
     assert train_tab.runs_table(restarted)[2].choices == []
     message, start_btn, stop_btn = align_tab.resume_job(restarted, "bob", "killed")
     assert "Resuming <b>killed</b>" in message

@@ -248,9 +248,15 @@ def no_runs_note(engine, text: str, use: str, level: str = "info") -> str:
 def resumable_runs(runs, dpo: bool, current: str | None = None):
     """A run picker for the Resume button: the stopped or interrupted runs with a checkpoint, preference-tuned ones
     (``dpo``) or fine-tuned ones, newest first; ``current`` stays picked while it can be resumed, else the newest."""
-    choices = [(f"{run.name} · {run.status} at step {run.last_step}", run.name) for run in runs
-               if run.resumable and (run.manifest.get("method") == "dpo") == dpo]
+    choices = [(resume_label(run), run.name) for run in runs if run.resumable and (run.manifest.get("method") == "dpo") == dpo]
     return gr.Dropdown(choices=choices, value=kept_or_newest(choices, current))
+
+
+def resume_label(run) -> str:
+    """Where a run ended and, when its last checkpoint is older (an interrupted run), the step it goes on from."""
+    saved = run.manifest.get("checkpoint_step")
+    since = f", resumes from step {saved}" if isinstance(saved, int) and saved != run.last_step else ""
+    return f"{run.name} · {run.status} at step {run.last_step}{since}"
 
 
 def resume_job(engine, client_id: str | None, name: str | None):
