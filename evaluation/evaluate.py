@@ -40,7 +40,7 @@ from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.cores import CoreShare
 from training.dpo import file_sha256
 from training.loop import now
-from runstore import WEIGHTS, hold_run, parent_folder, read_manifest, run_folder, write_atomic
+from runstore import WEIGHTS, hold_runs, parent_folder, read_manifest, run_folder, write_atomic
 from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences_if_any
 
 EVAL_ROWS = "eval.jsonl"
@@ -193,8 +193,10 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     if not records:
         raise ValueError(f"the {split} split of {source} is empty")
     started = now()
-    # The run's lock, shared: the runs budget of an app on the same runs folder keeps it, a resume waits until the end.
-    with hold_run(run_dir, shared=True, doing="evaluate it"), CoreShare(pick_device()) as cores:
+    # The run's lock, and a preference-tuned run's parent's, shared: a resume of either (in any process) is refused and
+    # the runs budget of an app on the same runs folder keeps them until the evaluation ends.
+    read = [run_dir, *([weights_of["tuned"]] if dpo and "tuned" in names else [])]
+    with hold_runs(read, shared=True, doing="evaluate it"), CoreShare(pick_device()) as cores:
         tracker = Progress(progress, should_stop, cores, steps=(4 if preferences else 3) * len(names) + (len(names) if judge else 0))
         for name in names:
             if name != "base":

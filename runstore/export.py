@@ -174,7 +174,7 @@ def push_to_hub(run_dir, repo_id: str, token: str | None = None, private: bool =
     if reason:
         raise ExportError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({reason}); nothing was uploaded")
     api = HfApi(token=token)
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".hub-") as folder:
+    with hold_run(run_dir, shared=True, doing="push it"), tempfile.TemporaryDirectory(dir=run_dir, prefix=".hub-") as folder:
         for name, content in files.items():
             target = Path(folder) / name
             if isinstance(content, Path):

@@ -8,7 +8,9 @@ is using. The kernel drops a process's locks when it ends, a crash included: not
 """
 from __future__ import annotations
 
+import errno
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 try:
@@ -39,6 +41,10 @@ class RunLock:
         except BlockingIOError:
             self.release()
             return False
+        except OSError as e:  # a file system without locks (some network ones): as where fcntl is missing
+            self.release()
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                raise
         return True
 
     def release(self) -> None:
@@ -60,6 +66,15 @@ def hold_run(run_dir: str | Path, shared: bool = False, doing: str = "resume it"
         using = "trained or resumed" if shared else "in use (trained, resumed or evaluated)"
         raise RunBusy(f"{Path(run_dir).name} is {using} by another process or job right now: wait until it ends to {doing}")
     return lock
+
+
+def hold_runs(run_dirs, shared: bool = False, doing: str = "resume it") -> ExitStack:
+    """``hold_run`` on each of ``run_dirs``, as one context manager; the ones taken are let go if a later one is busy."""
+    stack = ExitStack()
+    with stack:
+        for run_dir in run_dirs:
+            stack.enter_context(hold_run(run_dir, shared, doing))
+        return stack.pop_all()
 
 
 def in_use(run_dir: str | Path) -> bool:

@@ -27,7 +27,7 @@ import psutil
 
 from model.files import atomic_write
 
-from .locks import RunLock, hold_run
+from .locks import RunLock, hold_run, in_use
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
@@ -240,8 +240,8 @@ def recover_run(path: Path) -> RunInfo | None:
     path = Path(path)
     with _MANIFESTS:  # a run of this process cannot end (manifest "done", writer closed) between the read and the write
         manifest = read_manifest(path)
-        if manifest.get("status") != "running" or owner_alive(manifest.get("owner"), path):
-            return None
+        if manifest.get("status") != "running" or in_use(path) or owner_alive(manifest.get("owner"), path):
+            return None  # a process holding the run's lock writes it, whatever host name it recorded
         rows = read_metrics(path)
         last_change = max((f.stat().st_mtime for f in (path / MANIFEST, path / METRICS) if f.exists()), default=time.time())
         manifest.update(status="interrupted", steps=rows[-1]["step"] if rows else 0,

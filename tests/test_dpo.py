@@ -538,6 +538,27 @@ def test_cli_resume(parent, few_pairs, tmp_path, capsys):
 # Evaluation: base, fine-tuned and aligned
 
 
+def test_the_parent_is_held_while_a_run_aligns_from_it_or_is_evaluated_beside_it(parent, pref_file, tmp_path):
+    """The parent's weights are the reference model and the three-way comparison's middle column: resumed or deleted
+    by another process meanwhile, the run and its scores would be another model's."""
+    from evaluation.evaluate import evaluate_run
+    from runstore import RunBusy, in_use
+
+    from .holders import held_elsewhere
+
+    run = tmp_path / "dpo"
+    seen = []
+    train_dpo(dpo_config(parent, pref_file, run, max_steps=1, sample_tokens=0),
+              Hooks(on_event=lambda event: seen.append(in_use(parent)) if isinstance(event, Started) else None))
+    assert seen == [True]
+    with held_elsewhere(parent):  # another process resuming the parent
+        with pytest.raises(RunBusy, match=f"{parent.name} is trained or resumed by another .* to align from it"):
+            train_dpo(dpo_config(parent, pref_file, tmp_path / "second", max_steps=1))
+        with pytest.raises(RunBusy, match=f"{parent.name} is trained or resumed by another .* to evaluate it"):
+            evaluate_run(run, limit=1, max_new_tokens=2)
+    assert not (tmp_path / "second").exists() and not in_use(parent)
+
+
 def test_evaluate_scores_the_three_models_and_the_preference(parent, pref_file, tmp_path):
     from evaluation.evaluate import evaluate_run, format_summary, preference_margins
     from runstore.models import Models

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -23,6 +22,8 @@ from training.checkpoint import ResumeError, resume_config
 from training.events import Finished, Logged, Started
 from training.distributed import Context
 from training.loop import Clock, Hooks, check_data, records_needed, resume_run, train
+
+from .holders import held_elsewhere
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -323,23 +324,6 @@ def test_kill_9_mid_run_then_recover_gives_an_interrupted_run_that_resumes(tmp_p
     assert again.returncode == 1 and "killed is done (6 steps): there is nothing to resume" in again.stderr
 
 
-HOLD = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-        "fcntl.flock(fd, fcntl.LOCK_SH if sys.argv[2] == 'shared' else fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
-
-
-@contextmanager
-def held_elsewhere(run_dir: Path, shared: bool = False):
-    """Another process holding the run's lock, as one resuming it (exclusive) or evaluating it (shared) does."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), "shared" if shared else "exclusive"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def test_a_run_another_process_uses_is_neither_resumed_nor_deleted_until_it_has_ended(tmp_path):
     """Two processes on one runs folder (two apps, the app and a command line): both resumed one stopped run at once,
     each writing over the other, and the app's runs budget deleted a run a command line was evaluating."""
@@ -366,8 +350,36 @@ def test_a_run_another_process_uses_is_neither_resumed_nor_deleted_until_it_has_
             resume_config(run)
         assert prune_runs(tmp_path, 0) == []
         assert export_zip(run, tmp_path / "stopped.zip").is_file()  # readers share the run
+    with held_elsewhere(run):  # torchrun's ranks other than 0 check the run rank 0 has already taken
+        assert resume_config(run, held=True) == config
     assert resume_run(run)["status"] == "done"  # the other process has ended: its lock went with it
     assert prune_runs(tmp_path, 0) == ["stopped"]
+
+
+def test_a_run_that_fails_before_its_loop_lets_go_of_its_lock(tmp_path, monkeypatch):
+    from runstore import in_use, store
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "write_atomic", disk_full)  # the first manifest write, before the loop's own try
+    with pytest.raises(OSError, match="No space left on device"):
+        train(tiny(tmp_path, "run", max_steps=1))
+    assert not in_use(tmp_path / "run")
+
+
+def test_a_file_system_without_locks_locks_nothing_and_refuses_nothing(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from runstore import hold_run, in_use
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with hold_run(tmp_path):
+        assert not in_use(tmp_path)
 
 
 def test_the_app_sees_a_run_whose_process_died_and_starts_beside_runs_it_cannot_write(tmp_path, monkeypatch):
@@ -378,6 +390,7 @@ def test_the_app_sees_a_run_whose_process_died_and_starts_beside_runs_it_cannot_
 
     engine = Engine(root=tmp_path)
     write_running(tmp_path / "killed", {**process_owner(), "host": socket.gethostname() + "-gone"})
+    write_running(tmp_path / "elsewhere", {**process_owner(), "host": "another-container"})  # on the same volume
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "manifest.json").write_text("[]")
 
@@ -386,10 +399,13 @@ def test_the_app_sees_a_run_whose_process_died_and_starts_beside_runs_it_cannot_
 
     monkeypatch.setattr(store, "write_atomic", read_only)
     assert Engine(root=tmp_path).recovered == []
-    assert {r.name: r.status for r in engine.runs()} == {"killed": "running", "damaged": "unknown"}
+    assert {r.name: r.status for r in engine.runs()} == {"killed": "running", "elsewhere": "running", "damaged": "unknown"}
     monkeypatch.undo()
-    assert {r.name: r.status for r in engine.runs()} == {"killed": "interrupted", "damaged": "unknown"}
+    with held_elsewhere(tmp_path / "elsewhere"):  # its process is alive, whatever host name it recorded
+        assert {r.name: r.status for r in engine.runs()} == {"killed": "interrupted", "elsewhere": "running",
+                                                             "damaged": "unknown"}
     assert read_manifest(tmp_path / "killed")["status"] == "interrupted"
+    assert {r.name: r.status for r in engine.runs()}["elsewhere"] == "interrupted"  # once it has gone
 
 
 def test_metrics_grow_a_line_a_step_and_a_half_written_last_line_is_left_out(tmp_path):
@@ -429,6 +445,7 @@ def test_a_run_that_ends_while_it_is_checked_for_recovery_stays_done(tmp_path, m
         return alive(owner, run_dir)
 
     monkeypatch.setattr(store, "owner_alive", slow_owner_alive)
+    monkeypatch.setattr(store, "in_use", lambda path: False)  # as where there are no locks: the owner's liveness decides
     recovering = threading.Thread(target=store.recover_run, args=(tmp_path / "run",))
     recovering.start()
     assert checking.wait(10)

@@ -70,11 +70,12 @@ def save_checkpoint(run_dir: Path, optimizer, *, step: int, epoch: int, tokens_s
     failure = None
     try:
         atomic_write(path, write)
-    except RuntimeError as e:  # torch's own words for a failed write ("unexpected pos 29696 vs 29584")
-        if not isinstance(e.__context__, OSError):
+    except (RuntimeError, OSError) as e:  # torch's words for a failed write ("unexpected pos 29696 vs 29584"), the file's
+        cause = e if isinstance(e, OSError) else e.__context__  # error (a full disk) as their context, or the close's
+        if not isinstance(cause, OSError):
             raise
-        failure = e.__context__.errno, e.__context__.strerror
-    if failure:  # raised once torch's error is gone: its traceback held the half-written file open, and its space
+        failure = cause.errno, cause.strerror
+    if failure:  # one error that names the file, raised once torch's (and the frames it holds) are gone
         raise OSError(*failure, str(path))
 
 
@@ -135,8 +136,8 @@ def resumable(run_dir: Path, held: bool = False) -> dict:
     """The manifest of the run in ``run_dir`` if it can be resumed; else ``ResumeError`` saying why.
 
     A run that its manifest says is running but whose process is gone is marked interrupted first. One whose lock
-    another process or job holds (``runstore.locks``) is refused, unless the caller holds it (``held``: the resume
-    under way checks the run again).
+    another process or job holds (``runstore.locks``) is refused, unless the caller's resume holds it (``held``: the
+    resume under way checks the run again, or torchrun's other ranks, whose rank 0 holds it).
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)

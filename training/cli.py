@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -160,7 +161,9 @@ def main(argv=None) -> int:
     resume = make_parser().parse_args(argv).resume
     try:
         run_dir = run_folder(resume) if resume is not None else None
-        config = resume_config(run_dir, **settings_given(argv)) if resume is not None else parse_args(argv)
+        # Under torchrun, rank 0 alone takes the run's lock: the others may check after it has (NCCL starts lazily).
+        later_rank = int(os.environ.get("RANK", "0")) > 0
+        config = resume_config(run_dir, later_rank, **settings_given(argv)) if resume is not None else parse_args(argv)
     except ValueError as e:  # a run that cannot be resumed, or changed settings
         print(f"error: {e}", file=sys.stderr)
         return 1

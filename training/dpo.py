@@ -31,7 +31,7 @@ from data.preference import (
 )
 from model import GPT, init_generator, pick_device
 from model.device import configure_precision, describe, release_free_memory
-from runstore import (RunWriter, claim_run_dir, find_run, load_run, new_run_dir, parent_folder, process_owner,
+from runstore import (RunWriter, claim_run_dir, hold_run, find_run, load_run, new_run_dir, parent_folder, process_owner,
                       read_manifest)
 from runstore.store import WEIGHTS
 
@@ -219,7 +219,8 @@ def train_dpo(config: DPOConfig, hooks: Hooks | None = None, root: Path | None =
     The checkpoint keeps the reference log-probabilities too (a few bytes a pair): a resumed run skips the
     reference pass, and its figures do not depend on the kernels of the machine it resumes on.
     """
-    with holding(resume) as lock:
+    # The parent's lock too, shared: its weights are the reference model; nobody may resume or delete it meanwhile.
+    with holding(resume) as lock, hold_run(parent_run(config.parent, root)[0], shared=True, doing="align from it"):
         return train_dpo_held(config, hooks, root, resume, lock)
 
 
@@ -286,63 +287,69 @@ def train_dpo_held(config: DPOConfig, hooks: Hooks | None, root: Path | None, re
         restore(checkpoint, optimizer, clock)
     run_dir = Path(resume) if resume is not None else claim_run_dir(config.out) if config.out else new_run_dir(f"{parent_dir.name}-dpo", root)
     writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None, lock=lock)
-    run_fields = dict(
-        status="running", owner=process_owner(), method="dpo", parent_run=parent_dir.name, parent_dir=str(parent_dir),
-        parent_sha256=parent_sha256, config=sft.to_dict(), dpo=config.to_dict(),
-        model={**parent_manifest.get("model", {}), "parameters": total_params, "trainable_parameters": trainable},
-        data={"source": config.data, "file": str(data_file), "sha256": data_sha256,
-              "records": len(records), "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
-              "skipped_too_long": train_ds.skipped + val_ds.skipped},
-        seed=config.seed, versions=versions(), device=describe(device, dtype), total_steps=total_steps,
-    )
-    open_run(writer, checkpoint, emit, Started(
-        run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
-        sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo",
-        start_step=checkpoint["step"] if checkpoint else 0, precision=precision), **run_fields)
+    try:  # a failure before the loop's own try (the first manifest write on a full disk) closes the writer too
+        run_fields = dict(
+            status="running", owner=process_owner(), method="dpo", parent_run=parent_dir.name, parent_dir=str(parent_dir),
+            parent_sha256=parent_sha256, config=sft.to_dict(), dpo=config.to_dict(),
+            model={**parent_manifest.get("model", {}), "parameters": total_params, "trainable_parameters": trainable},
+            data={"source": config.data, "file": str(data_file), "sha256": data_sha256,
+                  "records": len(records), "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+                  "skipped_too_long": train_ds.skipped + val_ds.skipped},
+            seed=config.seed, versions=versions(), device=describe(device, dtype), total_steps=total_steps,
+        )
+        open_run(writer, checkpoint, emit, Started(
+            run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+            epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
+            sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo",
+            start_step=checkpoint["step"] if checkpoint else 0, precision=precision), **run_fields)
 
-    status, reason = "done", None
-    step = tokens_seen = pairs_seen = 0
-    reference_s = 0.0
-    last = {"train": {}, "val": {}}
-    reference = None
-    if checkpoint:
-        step, tokens_seen, pairs_seen, reference_s, last = (checkpoint[k] for k in ("step", "tokens_seen", "pairs_seen", "reference_s", "last"))
-        if checkpoint["reference"] is not None:  # None: stopped before the reference pass ended
-            reference = [r.clone() for r in checkpoint["reference"]]
-    checkpointed = step if checkpoint else None
+        status, reason = "done", None
+        step = tokens_seen = pairs_seen = 0
+        reference_s = 0.0
+        last = {"train": {}, "val": {}}
+        reference = None
+        if checkpoint:
+            step, tokens_seen, pairs_seen, reference_s, last = (
+                checkpoint[k] for k in ("step", "tokens_seen", "pairs_seen", "reference_s", "last"))
+            if checkpoint["reference"] is not None:  # None: stopped before the reference pass ended
+                reference = [r.clone() for r in checkpoint["reference"]]
+        checkpointed = step if checkpoint else None
 
-    def metrics(step_figures: dict, evaluation: dict | None = None) -> dict:
-        record = {
-            "step": step, "epoch": round(step / steps_per_epoch, 4), "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
-            "train_loss": finite(step_figures.get("loss")), "val_loss": None,
-            **{k: finite(step_figures.get(k)) for k in ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")},
-            "lr": optimizer.lr, "tokens_per_s": clock.tokens_per_s(tokens_seen),
-            "elapsed_s": clock.elapsed, "eta_s": clock.eta(step, total_steps, config.eval_every),
-        }
-        for prefix, values in (evaluation or {}).items():
-            for k, v in values.items():
-                record[f"{prefix}_{k}"] = finite(v)
-        return record
+        def metrics(step_figures: dict, evaluation: dict | None = None) -> dict:
+            record = {
+                "step": step, "epoch": round(step / steps_per_epoch, 4), "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
+                "train_loss": finite(step_figures.get("loss")), "val_loss": None,
+                **{k: finite(step_figures.get(k)) for k in ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")},
+                "lr": optimizer.lr, "tokens_per_s": clock.tokens_per_s(tokens_seen),
+                "elapsed_s": clock.elapsed, "eta_s": clock.eta(step, total_steps, config.eval_every),
+            }
+            for prefix, values in (evaluation or {}).items():
+                for k, v in values.items():
+                    record[f"{prefix}_{k}"] = finite(v)
+            return record
 
-    def log_eval(step_figures: dict | None = None) -> None:
-        emit(Status("evaluating", f"Evaluating at step {step}", step))
-        t0 = time.perf_counter()
-        last["train"] = evaluate_dpo(model, train_ds, train_eval_batches, ref_train_eval, device, config.beta, config.packed, average)
-        last["val"] = evaluate_dpo(model, val_ds, val_batches, ref_val, device, config.beta, config.packed, average)
-        last["val_step"] = step
-        sample = respond(model, sample_record, sft.style, config.sample_tokens)
-        clock.eval_s += time.perf_counter() - t0
-        clock.evals += 1
-        record = metrics(step_figures or last["train"], {"val": last["val"], "eval_train": last["train"]})
-        writer.log(record)
-        emit(Logged(record, response=sample))
-        emit(Status("training"))
+        def log_eval(step_figures: dict | None = None) -> None:
+            emit(Status("evaluating", f"Evaluating at step {step}", step))
+            t0 = time.perf_counter()
+            last["train"] = evaluate_dpo(model, train_ds, train_eval_batches, ref_train_eval, device, config.beta, config.packed, average)
+            last["val"] = evaluate_dpo(model, val_ds, val_batches, ref_val, device, config.beta, config.packed, average)
+            last["val_step"] = step
+            sample = respond(model, sample_record, sft.style, config.sample_tokens)
+            clock.eval_s += time.perf_counter() - t0
+            clock.evals += 1
+            record = metrics(step_figures or last["train"], {"val": last["val"], "eval_train": last["train"]})
+            writer.log(record)
+            emit(Logged(record, response=sample))
+            emit(Status("training"))
 
-    def save_resumable() -> None:
-        nonlocal checkpointed
-        checkpointed = checkpoint_run(writer, emit, optimizer, step=step, epoch=step // steps_per_epoch, tokens_seen=tokens_seen,
-                                      clock=clock, pairs_seen=pairs_seen, last=last, reference=reference, reference_s=reference_s)
+        def save_resumable() -> None:
+            nonlocal checkpointed
+            checkpointed = checkpoint_run(writer, emit, optimizer, step=step, epoch=step // steps_per_epoch, tokens_seen=tokens_seen,
+                                          clock=clock, pairs_seen=pairs_seen, last=last, reference=reference, reference_s=reference_s)
+    except BaseException:
+        writer.close()  # and lets go of the run's lock
+        raise
+
 
     cores = CoreShare(device)
     try:

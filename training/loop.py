@@ -376,83 +376,88 @@ def train_held(config: TrainConfig, hooks: Hooks | None, root: Path | None, resu
         restore(checkpoint, optimizer, clock)
     run_dir = Path(resume) if resume is not None else ctx.on_main(lambda: claim_run_dir(config.out) if config.out else new_run_dir(config.model, root))
     writer = RunWriter(run_dir, resume_step=checkpoint["step"] if checkpoint else None, lock=lock) if ctx.is_main else distributed.NullWriter()
-    run_fields = dict(
-        status="running",
-        owner=process_owner(),
-        config=config.to_dict(),
-        model={"name": config.model, "parameters": total_params, "trainable_parameters": trainable,
-               "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "random_init": config.random_init},
-        data={"source": config.data, "file": str(data_file), "sha256": sha256,
-              "records": len(records), "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
-              "skipped_too_long": train_ds.skipped + val_ds.skipped, "skipped_no_answer": train_ds.no_answer + val_ds.no_answer},
-        seed=config.seed,
-        versions=versions(),
-        device=describe(device, dtype),
-        total_steps=total_steps,
-        processes=ctx.world_size,
-        global_batch=config.batch_size * ctx.world_size * config.grad_accum,
-        **({"base_fingerprint": base} if base else {}),
-    )
-    open_run(writer, checkpoint, emit, Started(
-        run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
-        sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
-        start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=data.context,
-        no_answer_records=train_ds.no_answer, max_length=data.max_length,
-        precision=precision), **run_fields)
+    try:  # a failure before the loop's own try (the first manifest write on a full disk) closes the writer too
+        run_fields = dict(
+            status="running",
+            owner=process_owner(),
+            config=config.to_dict(),
+            model={"name": config.model, "parameters": total_params, "trainable_parameters": trainable,
+                   "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "random_init": config.random_init},
+            data={"source": config.data, "file": str(data_file), "sha256": sha256,
+                  "records": len(records), "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+                  "skipped_too_long": train_ds.skipped + val_ds.skipped, "skipped_no_answer": train_ds.no_answer + val_ds.no_answer},
+            seed=config.seed,
+            versions=versions(),
+            device=describe(device, dtype),
+            total_steps=total_steps,
+            processes=ctx.world_size,
+            global_batch=config.batch_size * ctx.world_size * config.grad_accum,
+            **({"base_fingerprint": base} if base else {}),
+        )
+        open_run(writer, checkpoint, emit, Started(
+            run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+            epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
+            sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
+            start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=data.context,
+            no_answer_records=train_ds.no_answer, max_length=data.max_length,
+            precision=precision), **run_fields)
 
-    step = tokens_seen = first_epoch = 0
-    last_val = last_train = float("nan")
-    val_step = None  # the step last_val was measured at: a stopped run's may be older than its last step
-    if checkpoint:
-        step, tokens_seen, last_train, last_val = (checkpoint[k] for k in ("step", "tokens_seen", "last_train", "last_val"))
-        val_step = checkpoint.get("last_val_step", step)
-        first_epoch = start_epoch(loader, checkpoint)
-    checkpointed = step if checkpoint else None
-    asked = None if ctx.enabled else hooks.should_stop  # a stop midway through an evaluation; every process's at a step
+        step = tokens_seen = first_epoch = 0
+        last_val = last_train = float("nan")
+        val_step = None  # the step last_val was measured at: a stopped run's may be older than its last step
+        if checkpoint:
+            step, tokens_seen, last_train, last_val = (checkpoint[k] for k in ("step", "tokens_seen", "last_train", "last_val"))
+            val_step = checkpoint.get("last_val_step", step)
+            first_epoch = start_epoch(loader, checkpoint)
+        checkpointed = step if checkpoint else None
+        asked = None if ctx.enabled else hooks.should_stop  # a stop midway through an evaluation; every process's at a step
 
-    def log_eval(train_loss: float) -> None:
-        nonlocal last_val, val_step
-        emit(Status("evaluating", f"Evaluating at step {step}", step))
-        t0 = time.perf_counter()
-        val = evaluate(model, data.val, device, asked)  # None: stopped midway, the step's row keeps no val loss
-        if val is not None:
-            last_val, val_step = val, step
-        stopped = val is None or (asked and asked())
-        sample = None if stopped else respond(model, sample_record, config.style, config.sample_tokens)
-        if not stopped:
-            clock.eval_s += time.perf_counter() - t0
-            clock.evals += 1
-        record = metrics(train_loss, val)
-        writer.log(record)
-        emit(Logged(record, response=sample))
-        if not stopped:
-            emit(Status("training"))
+        def log_eval(train_loss: float) -> None:
+            nonlocal last_val, val_step
+            emit(Status("evaluating", f"Evaluating at step {step}", step))
+            t0 = time.perf_counter()
+            val = evaluate(model, data.val, device, asked)  # None: stopped midway, the step's row keeps no val loss
+            if val is not None:
+                last_val, val_step = val, step
+            stopped = val is None or (asked and asked())
+            sample = None if stopped else respond(model, sample_record, config.style, config.sample_tokens)
+            if not stopped:
+                clock.eval_s += time.perf_counter() - t0
+                clock.evals += 1
+            record = metrics(train_loss, val)
+            writer.log(record)
+            emit(Logged(record, response=sample))
+            if not stopped:
+                emit(Status("training"))
 
-    def metrics(train_loss: float, val_loss: float | None) -> dict:
-        return {
-            "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens_seen": tokens_seen,
-            "train_loss": finite(train_loss), "val_loss": finite(val_loss), "lr": optimizer.lr,
-            "tokens_per_s": clock.tokens_per_s(tokens_seen),
-            "elapsed_s": clock.elapsed, "eta_s": clock.eta(step, total_steps, config.eval_every),
-        }
+        def metrics(train_loss: float, val_loss: float | None) -> dict:
+            return {
+                "step": step, "epoch": round(step / steps_per_epoch, 4), "tokens_seen": tokens_seen,
+                "train_loss": finite(train_loss), "val_loss": finite(val_loss), "lr": optimizer.lr,
+                "tokens_per_s": clock.tokens_per_s(tokens_seen),
+                "elapsed_s": clock.elapsed, "eta_s": clock.eta(step, total_steps, config.eval_every),
+            }
 
-    def stop_reason() -> str | None:
-        """Why to stop before the next step, the same on every process (a stop on one stops all)."""
-        asked = hooks.should_stop()
-        late = config.max_wall_s is not None and clock.session > config.max_wall_s
-        if not ctx.any(asked or late):
-            return None
-        if asked:
-            return asked if isinstance(asked, str) else "stopped by its owner"
-        return f"wall time limit ({config.max_wall_s:g} s)" if late else "stopped by another process"
+        def stop_reason() -> str | None:
+            """Why to stop before the next step, the same on every process (a stop on one stops all)."""
+            asked = hooks.should_stop()
+            late = config.max_wall_s is not None and clock.session > config.max_wall_s
+            if not ctx.any(asked or late):
+                return None
+            if asked:
+                return asked if isinstance(asked, str) else "stopped by its owner"
+            return f"wall time limit ({config.max_wall_s:g} s)" if late else "stopped by another process"
 
-    def save_resumable() -> None:
-        nonlocal checkpointed
-        # every process holds the same weights and moments: the main one writes them
-        checkpointed = checkpoint_run(writer, emit, optimizer, step=step, write=ctx.is_main, epoch=epoch, epoch_start=epoch_start,
-                                      tokens_seen=tokens_seen, clock=clock, last_train=last_train, last_val=last_val,
-                                      last_val_step=val_step)
+        def save_resumable() -> None:
+            nonlocal checkpointed
+            # every process holds the same weights and moments: the main one writes them
+            checkpointed = checkpoint_run(writer, emit, optimizer, step=step, write=ctx.is_main, epoch=epoch, epoch_start=epoch_start,
+                                          tokens_seen=tokens_seen, clock=clock, last_train=last_train, last_val=last_val,
+                                          last_val_step=val_step)
+    except BaseException:
+        writer.close()  # and lets go of the run's lock
+        raise
+
 
     status, reason = "done", None
     cores = CoreShare(device)
