@@ -59,12 +59,19 @@ class RunLock:
         self.release()
 
 
+def busy_message(run_dir: str | Path, shared: bool = False, doing: str = "resume it") -> str:
+    """Why a hold of the run's lock (``shared`` or not) cannot be taken now, for one who wants to do ``doing``."""
+    name = Path(run_dir).name
+    if shared:
+        return f"{name} is trained or resumed by another process or job right now: wait until it ends to {doing}"
+    return f"{name} is in use by another process or job right now (trained, resumed or evaluated): wait until it ends to {doing}"
+
+
 def hold_run(run_dir: str | Path, shared: bool = False, doing: str = "resume it") -> RunLock:
     """The run's lock, held; ``RunBusy`` naming the run when another hold excludes it."""
     lock = RunLock(run_dir, shared)
     if not lock.acquire():
-        using = "trained or resumed" if shared else "in use (trained, resumed or evaluated)"
-        raise RunBusy(f"{Path(run_dir).name} is {using} by another process or job right now: wait until it ends to {doing}")
+        raise RunBusy(busy_message(run_dir, shared, doing))
     return lock
 
 

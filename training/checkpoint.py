@@ -20,7 +20,7 @@ from data.batching import restore_loader
 from model import pick_dtype
 from model.device import precision_reason
 from model.files import atomic_write
-from runstore import CHECKPOINT, MANIFEST, RunBusy, hold_run, in_use, read_manifest, recover_run
+from runstore import CHECKPOINT, MANIFEST, RunBusy, busy_message, hold_run, in_use, read_manifest, recover_run
 
 from .config import TrainConfig
 from .events import Status
@@ -143,7 +143,7 @@ def resumable(run_dir: Path, held: bool = False) -> dict:
     manifest = read_manifest(run_dir)
     name = run_dir.name
     if manifest and not held and in_use(run_dir):
-        raise ResumeError(busy(name))
+        raise ResumeError(busy_message(run_dir))
     if not manifest:
         damaged = (run_dir / MANIFEST).is_file()
         raise ResumeError(f"{name}: its {MANIFEST} cannot be read (empty or damaged)" if damaged else f"{name}: not a run (no {MANIFEST})")
@@ -169,11 +169,6 @@ def refuse_changes(changes: dict, saved: dict, changeable: tuple[str, ...] = CHA
                           f"{', '.join(refused)} cannot change (only {', '.join(changeable)} can)")
 
 
-def busy(name: str) -> str:
-    return (f"{name} is in use by another process or job right now (resumed, or evaluated): resume it once that has "
-            "ended")
-
-
 @contextmanager
 def holding(resume: Path | None, writes: bool = True):
     """The lock of the run being resumed (``runstore.locks``), held from before its checks until it has ended; None for
@@ -184,8 +179,8 @@ def holding(resume: Path | None, writes: bool = True):
         return
     try:
         lock = hold_run(resume)
-    except RunBusy:
-        raise ResumeError(busy(Path(resume).name)) from None
+    except RunBusy as e:
+        raise ResumeError(str(e)) from None
     with lock:
         yield lock
 
