@@ -11,6 +11,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NATIVE_BF16_ENV = "GPT2_INSTRUCT_NATIVE_BF16"  # 0 or 1: overrides /proc/cpuinfo (to test the other CPU class)
+DEVICE_ENV = "GPT2_INSTRUCT_DEVICE"  # cpu, cuda, cuda:1, mps: what "auto" picks (the tests keep to the CPU)
 
 # Read by torch and oneDNN at their first allocation / first kernel, not at import.
 RUNTIME_ENV = {
@@ -107,8 +108,16 @@ def on_zero_gpu() -> bool:
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
+    """``preferred`` ("cpu", "cuda", ...) or, for None and "auto", ``GPT2_INSTRUCT_DEVICE`` when set, else the
+    best there is: CUDA, then MPS, then the CPU (always the CPU on ZeroGPU)."""
     if preferred and preferred != "auto":
         return torch.device(preferred)
+    chosen = os.environ.get(DEVICE_ENV, "").strip()
+    if chosen and chosen != "auto":
+        try:
+            return torch.device(chosen)
+        except RuntimeError as e:
+            raise ValueError(f"{DEVICE_ENV} must name a device (cpu, cuda, cuda:1, mps), got {chosen!r}") from e
     if on_zero_gpu():
         return torch.device("cpu")
     if torch.cuda.is_available():

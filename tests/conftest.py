@@ -11,6 +11,10 @@ import pytest
 # /tmp/gradio, where every run of the suite left its files (gigabytes over a day). Set before anything imports gradio.
 GRADIO_TEMP = os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gpt2-instruct-tests-gradio-"))
 
+# The suite checks CPU behaviour, bit-exact resumes included, also on a machine with a GPU; tests/test_cuda.py names
+# CUDA itself. Set before anything picks a device.
+os.environ["GPT2_INSTRUCT_DEVICE"] = "cpu"
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

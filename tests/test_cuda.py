@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from data import InstructionDataset, load_instructions, make_loader, split_instructions
 from model import load_pretrained, pick_device, pick_dtype
-from model.device import hardware_note
+from model.device import DEVICE_ENV, hardware_note
 from runstore import read_manifest
 from training import TrainConfig, train
 from training.loop import evaluate
@@ -39,7 +39,8 @@ def val_batches(config: TrainConfig, context: int = 1024) -> list:
 
 @pytest.mark.cuda
 @needs_gpu
-def test_cuda_is_picked_with_bf16_where_the_card_has_it():
+def test_cuda_is_picked_with_bf16_where_the_card_has_it(monkeypatch):
+    monkeypatch.delenv(DEVICE_ENV)
     device = pick_device()
     assert device.type == "cuda"
     native = torch.cuda.get_device_capability(device)[0] >= 8
@@ -138,6 +139,7 @@ def test_two_gpus_with_nccl_train_like_one_with_the_whole_batch(tmp_path):
 
 
 def test_zero_gpu_spaces_train_on_the_cpu_and_say_so(monkeypatch):
+    monkeypatch.delenv(DEVICE_ENV)
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert pick_device().type == "cpu"
     note = hardware_note()

@@ -512,6 +512,23 @@ def test_native_bf16_override_wins_over_cpuinfo(monkeypatch):
         cpu_has_bf16()
 
 
+def test_the_device_setting_picks_what_auto_means(monkeypatch):
+    """GPT2_INSTRUCT_DEVICE (the suite sets cpu) keeps a machine's GPU out of "auto"; a named device still wins."""
+    from model.device import DEVICE_ENV, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device() == pick_device("auto") == torch.device("cpu")
+    assert pick_device("cuda") == torch.device("cuda")
+    monkeypatch.setenv(DEVICE_ENV, "cuda:1")
+    assert pick_device() == torch.device("cuda:1") and pick_device("cpu") == torch.device("cpu")
+    for unset in ("", "auto"):
+        monkeypatch.setenv(DEVICE_ENV, unset)
+        assert pick_device() == torch.device("cuda")
+    monkeypatch.setenv(DEVICE_ENV, "gpu")
+    with pytest.raises(ValueError, match=f"{DEVICE_ENV} must name a device .* got 'gpu'"):
+        pick_device()
+
+
 def test_precision_reason_follows_the_cpu_flags(monkeypatch):
     import model.device as device
 
