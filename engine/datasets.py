@@ -11,6 +11,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from data import FILE_KINDS, DatasetError, load_instructions, token_stats
@@ -23,12 +24,14 @@ BUILT_IN = {"canonical": "canonical (book, ch. 7)", "sample": "bundled sample"}
 _PRUNING = threading.Lock()
 
 
-def prune_folder(folder: Path, max_bytes: float, max_age_s: float, keep: Path | None = None) -> list[Path]:
-    """Delete files older than ``max_age_s``, then the oldest until the folder holds at most ``max_bytes``.
+def prune_folder(folder: Path, max_bytes: float, max_age_s: float, keep: Iterable[str | Path] = ()) -> list[Path]:
+    """Delete files older than ``max_age_s``, then the oldest until the folder holds at most ``max_bytes``; never
+    those in ``keep``.
 
     Each file is looked at once: another visitor's upload may be renamed into place (its ``.tmp`` is left alone)
     or pruned meanwhile.
     """
+    keep = {Path(path).resolve() for path in keep}
     with _PRUNING:
         files = []
         for p in folder.iterdir() if folder.is_dir() else ():
@@ -41,7 +44,7 @@ def prune_folder(folder: Path, max_bytes: float, max_age_s: float, keep: Path | 
         files.sort(key=lambda f: f[0])
         now, gone, total = time.time(), [], sum(size for _, size, _ in files)
         for mtime, size, p in files:
-            if p != keep and (now - mtime > max_age_s or total > max_bytes):
+            if (now - mtime > max_age_s or total > max_bytes) and p.resolve() not in keep:
                 total -= size
                 p.unlink(missing_ok=True)
                 gone.append(p)
@@ -49,8 +52,11 @@ def prune_folder(folder: Path, max_bytes: float, max_age_s: float, keep: Path | 
 
 
 class Datasets:
-    def __init__(self, capacity: int = 8, uploads_mb: float = 200, max_age_hours: float = 24):
+    def __init__(self, capacity: int = 8, uploads_mb: float = 200, max_age_hours: float = 24,
+                 in_use: Callable[[], Iterable[str]] = tuple):
+        """``in_use()``: the data files of the jobs going on, which pruning the uploads leaves in place."""
         self.capacity, self.uploads_bytes, self.max_age_s = capacity, uploads_mb * 2**20, max_age_hours * 3600
+        self.in_use = in_use
         self._parsed: OrderedDict[str, list[dict]] = OrderedDict()
         self._stats: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._lock = threading.Lock()
@@ -125,7 +131,8 @@ class Datasets:
         return self._kept(self._stats, (ref["sha256"], style), lambda: token_stats(records, style=style))
 
     def prune(self, keep: Path | None = None) -> list[Path]:
-        return prune_folder(self.uploads_dir, self.uploads_bytes, self.max_age_s, keep)
+        """The uploads over budget or too old deleted, but ``keep`` (a visitor's new upload) and those in use."""
+        return prune_folder(self.uploads_dir, self.uploads_bytes, self.max_age_s, [*([keep] if keep else []), *self.in_use()])
 
     def cached(self) -> int:
         with self._lock:

@@ -23,6 +23,7 @@ from model.device import configure_runtime
 from model.weights import WeightsError, hub_cached, hub_unreachable, read_config, resolve
 from runstore import RunInfo, find_run, list_recovered, prune_runs, runs_root
 from runstore.export import export_zip
+from runstore.locks import busy_message
 from runstore.store import recover_runs
 from training.calibrate import Calibration, EpochShape, Projection, cached, calibrate, data_shape, projection
 from training.config import ConfigError, TrainConfig
@@ -42,6 +43,21 @@ from .public import scrub
 
 LANES = ("train", "evaluate")
 PREFERENCE = "preference tuning"  # the kind of a DPO job in the ``train`` lane
+
+
+@dataclasses.dataclass(frozen=True)
+class Claims:
+    """What a job uses, known before it starts: the runs it reads or trains (kept from the runs budget), those it trains
+    (no job in the other lane may use them meanwhile), its data files (kept from the uploads budget), and what it
+    does, for a refusal ("resume it")."""
+    runs: frozenset = frozenset()
+    writes: frozenset = frozenset()
+    files: frozenset = frozenset()
+    doing: str = "start it"
+
+    @classmethod
+    def of(cls, runs=(), writes=(), files=(), doing: str = "start it") -> "Claims":
+        return cls(frozenset(runs) | frozenset(writes), frozenset(writes), frozenset(str(f) for f in files), doing)
 
 
 def available_memory_gb() -> float:
@@ -66,8 +82,10 @@ class Engine:
         self.exports = Path(exports) if exports else Path(tempfile.gettempdir()) / "gpt2-instruct-exports"
         self.loopback = loopback  # only then may a blank Hub token or a judge use the host's credentials
         self.models = Models()
-        self.datasets = Datasets(self.limits.datasets_in_memory, self.limits.uploads_mb, self.limits.files_max_age_hours)
+        self.datasets = Datasets(self.limits.datasets_in_memory, self.limits.uploads_mb, self.limits.files_max_age_hours,
+                                 in_use=self.files_in_use)
         self._jobs: dict[str, Job | None] = dict.fromkeys(LANES)
+        self._claims: dict[str, Claims] = {lane: Claims() for lane in LANES}
         self._lock = threading.Lock()
         self.recovered = recover_runs(self.root)
         self._suggestion: str | None = None
@@ -255,9 +273,10 @@ class Engine:
             job.wait(timeout)
         return [f"{snap['title']}: {snap['message']}" for snap in (job.snapshot(since=SCALARS_ONLY) for job in stopped)]
 
-    def _launch(self, lane: str, job: Job, uses: tuple[str, ...] = ()) -> Job:
-        """Start ``job`` in its lane when the lane is free; a new run first makes room on disk (``make_room``), keeping
-        the runs it ``uses``."""
+    def _launch(self, lane: str, job: Job, claims: Claims = Claims()) -> Job:
+        """Start ``job`` in its lane when the lane is free and the other lane's job does not use a run this one trains,
+        or train one this one uses (the second is refused here, not failed by the run's lock once started); a new run
+        first makes room on disk (``make_room``), keeping the runs it ``claims``."""
         with self._lock:
             if self._measuring:
                 raise JobError(f"the expected epoch of {self._measuring} is being measured on this machine (seconds to a "
@@ -265,21 +284,46 @@ class Engine:
             current = self._jobs[lane]
             if current is not None and current.active:
                 raise JobError(f"{running(current.snapshot(since=SCALARS_ONLY))}; wait for it or stop it first")
+            for _, theirs in self._active_claims(but=lane):
+                if clash := sorted(claims.writes & theirs.runs):
+                    raise JobError(busy_message(clash[0], doing=claims.doing))
+                if clash := sorted(theirs.writes & claims.runs):
+                    raise JobError(busy_message(clash[0], shared=True, doing=claims.doing))
             if lane == "train":
-                self.make_room(uses)
-            self._jobs[lane] = job
+                self.make_room(claims.runs)
+            self._jobs[lane], self._claims[lane] = job, claims
             return job.start()
 
-    def make_room(self, uses: tuple[str, ...] = ()) -> list[str]:
+    def _active_claims(self, but: str | None = None) -> list[tuple[Job, Claims]]:
+        return [(job, self._claims[lane]) for lane, job in self._jobs.items()
+                if lane != but and job is not None and job.active]
+
+    def files_in_use(self) -> set[str]:
+        """The data files of the jobs going on (the uploads budget keeps them)."""
+        return {file for _, claims in self._active_claims() for file in claims.files}
+
+    def make_room(self, uses: frozenset[str] | tuple[str, ...] = ()) -> list[str]:
         """Within ``runs_gb``, the oldest ended runs deleted (``prune_runs``): never one a job is using or in ``uses``."""
         if self.limits.runs_gb is None:
             return []
         busy = set(uses)
-        for job in self._jobs.values():
-            if job is not None and job.active:
-                snap = job.snapshot(since=SCALARS_ONLY)
-                busy |= {snap.get("run"), *((snap.get("config") or {}).get(key) for key in ("run", "parent"))}
+        for job, claims in self._active_claims():
+            busy |= {job.snapshot(since=SCALARS_ONLY).get("run"), *claims.runs}
         return prune_runs(self.root, self.limits.runs_gb * GB, keep=busy - {None})
+
+    def require_data(self, run: RunInfo, data: str, doing: str) -> None:
+        """``DatasetError`` up front when the file a run trained on has left this server (an upload, dropped by age or
+        for space: the same file uploaded again comes back under the same name); built-in sources pass."""
+        if data in ("canonical", "sample", "preference") or Path(data).is_file():
+            return
+        path = Path(data)
+        if path.parent.resolve() != self.datasets.uploads_dir.resolve():
+            raise DatasetError(f"{run.name} was trained on {public_data(data)}, which is no longer on this server: "
+                               f"it is needed to {doing}")
+        hours = self.limits.files_max_age_hours
+        raise DatasetError(f"{run.name} was trained on an uploaded file, {path.name.split('-', 1)[-1]}, that is no longer on "
+                           f"this server (uploads are kept {hours:g} hours at most and dropped first when space runs "
+                           f"short): upload the same file again, then {doing}")
 
     def check_training(self, config: TrainConfig) -> TrainConfig:
         """The config within this server's limits, its data checked and its memory admitted; errors say which limit."""
@@ -342,7 +386,7 @@ class Engine:
         def work(hooks) -> None:  # the run's summary reaches watchers through its Finished event, without its path
             train(config, hooks, root=self.root)
 
-        return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public))
+        return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public), Claims.of(files=[config.data]))
 
     def resume_training(self, name: str, owner: str | None = None) -> Job:
         """Continue a stopped or interrupted run from its checkpoint, in the ``train`` lane, under today's wall-time limit
@@ -357,13 +401,15 @@ class Engine:
         if is_dpo_run(run.path):
             return self.resume_preference(run, owner, changes)
         config = resume_config(run.path, **changes)
+        self.require_data(run, config.data, "resume it")
         self.admit(config, still_readable(lambda: check_data(config)[1].train))
 
         def work(hooks) -> None:
             resume_run(run.path, hooks, **changes)
 
         public = {**config.to_dict(), "data": public_data(config.data), "out": None}
-        return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public), uses=(run.name,))
+        return self._launch("train", Job("fine-tuning", work, owner, "fine-tuning run", public),
+                            Claims.of(writes=[run.name], files=[config.data], doing="resume it"))
 
     def store_preference_upload(self, upload: str | Path) -> str:
         """A visitor's preference file checked (``DatasetError`` names a bad record) and kept with the uploads."""
@@ -422,11 +468,13 @@ class Engine:
         def work(hooks) -> None:  # the summary reaches watchers through its Finished event, without its path
             train_dpo(config, hooks, root=self.root)
 
-        return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public), uses=(run.name,))
+        return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public),
+                            Claims.of(runs=[run.name], files=[config.data], doing="align from it"))
 
     def resume_preference(self, run: RunInfo, owner: str | None, changes: dict) -> Job:
         """Continue a stopped or interrupted DPO run from its checkpoint, in the ``train`` lane."""
         config = resume_dpo_config(run.path, **changes)
+        self.require_data(run, config.data, "resume it")
         pairs = still_readable(lambda: split_preferences(load_preferences(config.data)).train)
         self.admit_preference(config, run.manifest, pairs)
         public = preference_public(config, run.manifest["parent_run"], run.manifest.get("config") or {})
@@ -435,7 +483,8 @@ class Engine:
             resume_dpo(run.path, hooks, **changes)
 
         return self._launch("train", Job(PREFERENCE, work, owner, "preference-tuning run", public),
-                            uses=(run.name, run.manifest["parent_run"]))
+                            Claims.of(runs=[run.manifest["parent_run"]], writes=[run.name], files=[config.data],
+                                      doing="resume it"))
 
     def run_training(self, config: TrainConfig, hooks=None) -> dict:
         """Fine-tune in the foreground (the CLI): the same limits and checks as a job, then the loop."""
@@ -454,6 +503,11 @@ class Engine:
             settings["judge"] = settings["judge"].for_visitors()
         settings["limit"] = self.evaluation_limit(settings.get("limit"))
         run = self.finished_run(name)
+        dpo = run.manifest.get("dpo") if run.manifest.get("method") == "dpo" else None
+        data = str(settings.get("data") or (dpo or {}).get("data") or (run.manifest.get("config") or {}).get("data") or
+                   TrainConfig.data)
+        if not settings.get("data"):
+            self.require_data(run, data, "evaluate it")
 
         def work(hooks):
             hooks.on_event(Status("evaluating", f"Evaluating {run.name}"))
@@ -461,7 +515,8 @@ class Engine:
                                 registry=self.models, **settings)
 
         job = Job("evaluation", work, owner, "evaluation", {"run": run.name, **{k: str(v) for k, v in settings.items()}})
-        return self._launch("evaluate", job)
+        parent = [run.manifest["parent_run"]] if dpo and run.manifest.get("parent_run") else []
+        return self._launch("evaluate", job, Claims.of(runs=[run.name, *parent], files=[data], doing="evaluate it"))
 
 
 def still_readable(read) -> list[dict] | None:

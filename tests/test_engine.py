@@ -270,6 +270,80 @@ def test_a_start_makes_room_on_disk_and_spares_the_run_being_evaluated(tmp_path,
     assert names[0] not in [run.name for run in engine.runs()] and len(engine.runs()) == 2
 
 
+def blocked(monkeypatch, name: str) -> tuple[threading.Event, threading.Event]:
+    """``engine.engine.<name>`` (the job's work) replaced by one that waits: (it has started, let it end)."""
+    import engine.engine as engine_module
+
+    started, release = threading.Event(), threading.Event()
+
+    def wait(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return {}
+    monkeypatch.setattr(engine_module, name, wait)
+    return started, release
+
+
+@pytest.mark.parametrize("first", ["evaluate", "resume"])
+def test_a_run_being_resumed_is_not_evaluated_and_the_other_way_round(engine, monkeypatch, first):
+    """The second of a resume and an evaluation of one run is refused at once, not accepted and then failed by the
+    run's lock (the job starts before it takes the lock); an aligned run's evaluation uses its parent too."""
+    engine.start_training(tiny(max_steps=None, epochs=50, eval_every=500), owner="alice")
+    wait_for(engine, "train", lambda s: s["step"] >= 2)
+    engine.stop("train", "alice")
+    assert engine.job("train").wait(60)
+    name = engine.runs()[0].name
+    started, release = blocked(monkeypatch, "evaluate_run" if first == "evaluate" else "resume_run")
+    if first == "evaluate":
+        engine.start_evaluation(name, owner="bob")
+        assert started.wait(30)
+        with pytest.raises(JobError, match=f"^{name} is in use by another process or job right now .* to resume it$"):
+            engine.resume_training(name, owner="alice")
+        assert engine.snapshot("train")["status"] == "stopped"
+    else:
+        engine.resume_training(name, owner="alice")
+        assert started.wait(30)
+        with pytest.raises(JobError, match=f"^{name} is trained or resumed by another process or job right now: wait "
+                                           "until it ends to evaluate it$"):
+            engine.start_evaluation(name, owner="bob")
+        assert engine.snapshot("evaluate")["status"] == "idle"
+    release.set()
+    assert engine.job(first if first == "evaluate" else "train").wait(30)
+
+
+def test_an_upload_in_use_stays_and_one_gone_is_named_until_it_is_uploaded_again(tmp_path, monkeypatch):
+    """Another visitor's upload does not prune the file a run is training on; once pruned, evaluating the run is refused
+    up front, naming the file, until the same file is uploaded again."""
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    engine = Engine(limits=Limits(uploads_mb=0.03), root=tmp_path / "runs")
+    files = []
+    for who in ("a", "b"):
+        files.append(tmp_path / f"{who}.json")
+        files[-1].write_text(json.dumps([{"instruction": f"Say {who} {i}. " + "x" * 600, "input": "", "output": str(i)}
+                                         for i in range(30)]))  # 20 KB each: one fits the budget, not two
+    ref, _ = engine.datasets.open("upload", str(files[0]))
+    mine = engine.datasets.training_source(ref)
+    engine.start_training(tiny(data=mine, max_steps=None, epochs=50, eval_every=500), owner="alice")
+    wait_for(engine, "train", lambda s: s["step"] >= 1)
+    engine.datasets.open("upload", str(files[1]))
+    assert Path(mine).is_file()  # kept while the run trains on it
+    engine.stop("train", "alice")
+    assert engine.job("train").wait(60)
+    engine.datasets.open("upload", str(files[1]))
+    assert not Path(mine).exists()  # no longer in use: over the budget, it goes
+    name = engine.runs()[0].name
+    with pytest.raises(DatasetError, match=f"^{name} was trained on an uploaded file, a.json, that is no longer on this "
+                                           r"server \(uploads are kept 24 hours .*\): upload the same file again, then "
+                                           "evaluate it$"):
+        engine.start_evaluation(name, owner="alice")
+    engine.datasets.open("upload", str(files[0]))
+    started, release = blocked(monkeypatch, "evaluate_run")
+    engine.start_evaluation(name, owner="alice")
+    assert started.wait(30)
+    release.set()
+    assert engine.job("evaluate").wait(30)
+
+
 def test_export_twice_gives_one_file(engine):
     assert engine.start_training(tiny(max_steps=2)).wait(60)
     name = engine.runs()[0].name
@@ -398,18 +472,25 @@ def test_a_stopped_run_resumes_through_the_engine_and_finishes(engine):
     assert resumed.name == run.name and resumed.status == "done" and not resumed.resumable
 
 
-def test_a_stopped_run_whose_data_has_gone_resumes_into_an_error_that_names_it(engine, tmp_path):
-    """Resume admits a run whose data has left the server on its model alone; the run's own start then says what is missing."""
+def test_a_stopped_run_whose_data_has_gone_is_refused_up_front_and_resumes_once_it_is_back(engine, tmp_path):
+    """No job starts (and no run is marked failed) for a resume whose data has left the server; the refusal names it."""
     data = tmp_path / "mine.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(40)]))
     engine.start_training(tiny(data=str(data), max_steps=None, epochs=50, eval_every=500), owner="alice")  # 50 x 4 steps
     wait_for(engine, "train", lambda s: s["step"] >= 2)
     engine.stop("train", "alice")
     assert engine.job("train").wait(60)
+    run, saved = engine.runs()[0], data.read_bytes()
     data.unlink()
-    assert engine.resume_training(engine.runs()[0].name, owner="alice").wait(60)
-    snap = engine.snapshot("train")
-    assert snap["status"] == "failed" and "mine.json" in snap["error"], snap
+    with pytest.raises(DatasetError, match=f"^{run.name} was trained on mine.json, which is no longer on this server: "
+                                           "it is needed to resume it$"):
+        engine.resume_training(run.name, owner="alice")
+    assert engine.snapshot("train")["status"] == "stopped" and engine.runs()[0].resumable
+    data.write_bytes(saved)
+    engine.resume_training(run.name, owner="alice")
+    wait_for(engine, "train", lambda s: s["step"] > run.last_step)
+    engine.stop("train", "alice")
+    assert engine.job("train").wait(60) and engine.runs()[0].status == "stopped"
 
 
 def test_the_expected_epoch_shows_the_last_finished_run_beside_its_estimate(engine):
