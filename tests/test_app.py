@@ -627,27 +627,27 @@ def test_a_run_that_ends_keeps_another_visitors_choices_and_its_button_opens_it(
             time.sleep(0.05)
         engine.stop("train", owner)
         assert job.wait(60) and job.snapshot()["status"] == "stopped"
-        return job.snapshot()["run"]
+        return job.snapshot()["run"], {"run": job.snapshot()["run"], "job": job.snapshot()["started_at"]}
 
     runs_changed = handler("change", gr.State, picker, picker)  # the shared "a run ended" state
     open_run = handler("change", gr.State, lambda b: isinstance(b, gr.State), picker)
     button = handler("click", gr.Button, lambda b: isinstance(b, gr.State), lambda b: isinstance(b, gr.Tabs))
-    first = train("owner-a")
-    second = train("owner-b")
+    first, first_ended = train("owner-a")
+    second, second_ended = train("owner-b")
     from ui import evaluate_tab
 
     polls = [fn for fn in demo.fns.values() if getattr(fn.fn, "func", None) is evaluate_tab.poll]
     shared_state = next(blocks[t[0]] for fn in demo.fns.values() for t in fn.targets if fn.fn is runs_changed)
     assert polls and all(fn.outputs[-1] is shared_state and fn.inputs[-1] is shared_state for fn in polls)
-    assert polls[0].fn("owner-c", None, "fine-tuned ROUGE-L", False, None, first)[-1] == second  # seen on Evaluate too
-    assert polls[0].fn("owner-c", None, "fine-tuned ROUGE-L", False, None, second)[-1] == gr.skip()
+    assert polls[0].fn("owner-c", None, "fine-tuned ROUGE-L", False, None, first_ended)[-1] == second_ended  # on Evaluate too
+    assert polls[0].fn("owner-c", None, "fine-tuned ROUGE-L", False, None, second_ended)[-1] == gr.skip()
     kept = runs_changed(first)  # a page comparing answers with the first run
     assert kept[0].constructor_args == {"choices": finished_run_choices(engine)}
     assert [name for _, name in kept[0].choices] == [second, first] and all(out == gr.skip() for out in kept[1:])
     shown = runs_changed(None)  # a page with no run picked shows the newest
     assert shown[0].value == second and "Base model: tiny with random weights" in text(shown[1])
     assert "the same model after the run, on bundled sample (alpaca prompts)" in text(shown[1])  # as the Dataset tab says
-    tab, asked = button(first)  # the button under the run that page saw end
+    tab, asked = button(first_ended)  # the button under the run that page saw end
     assert tab.constructor_args == {"selected": "playground"} and asked["run"] == first
     opened = open_run(asked)
     assert opened[0].value == first and opened[2].value == opened[3].value == ""  # its answer boxes fresh

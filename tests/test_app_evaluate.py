@@ -160,6 +160,50 @@ def test_a_reloaded_page_gets_the_evaluation_back_with_stop_and_its_results(run)
     assert all(not isinstance(o, (str, gr.Button)) for o in poll(engine, "owner-a", owner, RANK, False)[:-1])  # once
 
 
+def test_another_visitors_evaluation_leaves_a_pages_choice_alone(run, monkeypatch):
+    """A refresh (the button, or a run ending anywhere) keeps the run a page picked; only a page with no choice yet
+    (just opened, or its run gone) is put on the run being evaluated."""
+    from ui.evaluate_tab import refresh_runs
+
+    from .test_engine import blocked
+
+    other = run.parent / "20990101-000001-tiny"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("eval*"))
+    try:
+        engine = Engine()
+        started, release = blocked(monkeypatch, "evaluate_run")
+        job = engine.start_evaluation(RUN, owner="owner-a")
+        assert started.wait(30)
+        assert refresh_runs(engine, other.name).value == other.name
+        assert refresh_runs(engine, None).value == refresh_runs(engine, "20990101-000002-gone").value == RUN
+        release.set()
+        assert job.wait(30)
+    finally:
+        shutil.rmtree(other)
+
+
+def test_a_run_that_finishes_again_after_a_resume_relists_the_runs_again():
+    """The shared "a run finished" state names the finish, not only the run: a stopped run resumed to its end
+    changes it again, so the tabs' run lists (here the Evaluate tab's, which watches the train lane) show it done."""
+    from ui.evaluate_tab import poll
+
+    class Lanes:
+        train = {"run": RUN, "status": "stopped", "started_at": 1.0}
+
+        def snapshot(self, lane, since=None):
+            idle = {"status": "idle", "owner": None, "version": 0, "started_at": None}
+            return {**self.train, "owner": None, "version": 1} if lane == "train" else idle
+
+    lanes = Lanes()
+    latest = poll(lanes, "me", None, RANK, False)[-1]
+    assert latest == {"run": RUN, "job": 1.0}
+    assert poll(lanes, "me", None, RANK, False, None, latest)[-1] == gr.skip()
+    lanes.train = {"run": RUN, "status": "running", "started_at": 2.0}
+    assert poll(lanes, "me", None, RANK, False, None, latest)[-1] == gr.skip()
+    lanes.train = {"run": RUN, "status": "done", "started_at": 2.0}
+    assert poll(lanes, "me", None, RANK, False, None, latest)[-1] == {"run": RUN, "job": 2.0}
+
+
 def test_a_key_typed_for_the_judge_goes_to_it_alone_and_is_saved_nowhere(c, run):
     from .test_evaluate import JudgeServer
 

@@ -87,12 +87,12 @@ def test_a_finished_run_is_aligned_by_name_into_a_dpo_run_watched_like_any_job(e
     assert [row[1] for row in message["rows"] if row[5] is not None] == [0, 2, 4]  # the margin, where it was evaluated
     assert "pairs/s" in progress and "step <b>4</b> / 4" in progress and "from " + parent in progress
     assert "Chosen answer" in responses and "Rejected answer" in responses and "reward margin" in final
-    assert finished == snap["run"] and seen["rows"] == 5
+    assert finished == {"run": snap["run"], "job": snap["started_at"]} and seen["rows"] == 5
     assert to_playground.visible is True  # the aligned model is one click from the Playground
     assert align_tab.poll(engine, "alice", seen)[0] == {"__type__": "update"}  # nothing new: no chart sent
     on_train = train_tab.poll(engine, "alice", None, [])
     assert "see the <b>Align</b> tab" in on_train[1] and on_train[7].visible is False  # the Train tab's button is its own runs'
-    assert on_train[-1] == snap["run"]  # shown on any other tab, the Train poll still refreshes every run list
+    assert on_train[-1] == finished  # shown on any other tab, the Train poll still refreshes every run list
     assert json.loads(train_tab.redraw(engine, [], None)[0])["rows"] == []  # the Train chart leaves DPO curves to Align
 
 
@@ -100,7 +100,7 @@ def test_the_align_tab_tells_every_tab_once_when_a_fine_tuning_run_has_finished(
     from ui import align_tab
 
     *_, seen, finished = align_tab.poll(engine, "alice", None)
-    assert finished == parent
+    assert finished == {"run": parent, "job": engine.snapshot("train")["started_at"]}
     assert align_tab.poll(engine, "alice", seen)[-1] == {"__type__": "update"}
 
 

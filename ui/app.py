@@ -37,7 +37,7 @@ class Shared:
     app: gr.Blocks
     dataset: gr.State  # per visitor: a reference {"source", "name", "sha256", "count"}; records live in the engine
     client_id: gr.BrowserState  # random id kept in localStorage: who may stop the run it started
-    runs_changed: gr.State  # name of the latest finished run seen by this visitor
+    runs_changed: gr.State  # {"run", "job"}: the latest finish of a run seen by this visitor (widgets.run_finished)
     open_run: gr.State  # {"run", "at"}: a button asked the Playground to open that run
     remembered: gr.BrowserState | None = None  # this browser's last dataset reference: outlives ``dataset``'s expiry
     tabs: gr.Tabs | None = None  # an output of gr.Tabs(selected=<title in lower case>) switches tab

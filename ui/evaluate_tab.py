@@ -89,10 +89,16 @@ def not_yet(run: RunInfo, cap: int | None = None) -> str:
 
 
 def run_to_show(engine, current: str | None) -> tuple[list, str | None]:
-    """(the picker's choices, the run being evaluated, else the current choice while it still exists, else the newest)."""
+    """(the picker's choices, the current choice while it still exists, else the run being evaluated, else the newest).
+
+    A page just opened has no choice yet: it shows the evaluation going on, which after a reload is its own; another
+    visitor's evaluation, or a run that ends, leaves a page's choice and the results it shows alone."""
     choices = finished_run_choices(engine)
+    names = [n for _, n in choices]
+    if current in names:
+        return choices, current
     evaluating = evaluated_run(engine.snapshot("evaluate", since=SCALARS_ONLY))
-    return choices, evaluating if evaluating in [n for _, n in choices] else kept_or_newest(choices, current)
+    return choices, evaluating if evaluating in names else kept_or_newest(choices, None)
 
 
 def refresh_runs(engine, current: str | None):
@@ -324,11 +330,11 @@ def outcome(engine, snap: dict, rank_by: str, show_all: bool) -> tuple:
 
 
 def poll(engine, client_id: str | None, seen: dict | None, rank_by: str, show_all: bool, name: str | None = None,
-         latest: str | None = None):
+         latest: dict | None = None):
     """One timer tick for a page that is not streaming the evaluation itself (another visitor's, or this browser's
     after a reload): its progress and Stop while it goes; at its end, the results for the browser that started it
     and for pages showing that run (``name``: the page's picked run), whose old results they replace. Last, the
-    shared latest finished run (``latest``): a training run that ends while this tab is shown is listed here too."""
+    shared latest finish of a run (``latest``): a training run that ends while this tab is shown is listed here too."""
     _, runs_changed = run_finished(engine.snapshot("train", since=SCALARS_ONLY), {"finished": latest})
     return job_poll(engine, client_id, seen, rank_by, show_all, name) + (runs_changed,)
 

@@ -62,9 +62,9 @@ def playground_button(shared, text: str, elem_id: str) -> gr.Button:
     """A button, hidden until a tab's poll shows it, that opens the run that just finished (the visitor's latest seen,
     ``runs_changed``) in the Playground, at the top of the page, not at the depth the page was scrolled to."""
     button = gr.Button(text, visible=False, size="sm", elem_id=elem_id)
-    button.click(lambda name: (gr.Tabs(selected="playground"), {"run": name, "at": time.time()}), shared.runs_changed,
-                 [shared.tabs, shared.open_run], api_visibility="private",
-                 js="(name) => { window.scrollTo({top: 0}); return [name]; }", concurrency_limit=None, show_progress="hidden")
+    button.click(lambda latest: (gr.Tabs(selected="playground"), {"run": (latest or {}).get("run"), "at": time.time()}),
+                 shared.runs_changed, [shared.tabs, shared.open_run], api_visibility="private",
+                 js="(latest) => { window.scrollTo({top: 0}); return [latest]; }", concurrency_limit=None, show_progress="hidden")
     return button
 
 
@@ -84,11 +84,15 @@ def keep_or_fill(choices: list[tuple[str, str]], current: str | None, fill: Call
     return fill()
 
 
-def run_finished(snap: dict, seen: dict) -> tuple:
-    """(the run a job's snapshot says has finished, or None; the shared "latest finished run" update: the run the
-    first time this browser sees it finish, which refreshes every tab's run list, else ``gr.skip()``)."""
-    finished = snap.get("run") if snap["status"] in ("done", "stopped") else None
-    return finished, finished if finished and seen.get("finished") != finished else gr.skip()
+def run_finished(snap: dict, seen: dict | None) -> tuple:
+    """(this finish, ``{"run", "job"}``, when a job's snapshot says its run has finished, else None; the shared
+    "latest finished run" update: this finish the first time this browser sees it (``seen["finished"]`` differs),
+    which refreshes every tab's run list, else ``gr.skip()``).
+
+    The job's start time tells one finish of a run from the next: a run stopped, then resumed to its end, finishes twice.
+    """
+    finished = {"run": snap["run"], "job": snap["started_at"]} if snap.get("run") and snap["status"] in ("done", "stopped") else None
+    return finished, finished if finished and (seen or {}).get("finished") != finished else gr.skip()
 
 
 def stop_job(engine, lane: str, client_id: str | None, nothing: str, stopping: str) -> str:
