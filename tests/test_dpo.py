@@ -476,9 +476,11 @@ def test_a_resumed_dpo_run_trains_exactly_as_an_uninterrupted_one(parent, few_pa
 
 
 def test_checkpoints_every_n_steps_and_a_resume_may_change_only_what_trains_the_same(parent, few_pairs, tmp_path):
-    run = tmp_path / "dpo"
-    train_dpo(dpo_config(parent, few_pairs, run, epochs=3, max_steps=None, checkpoint_every=2), stop_after(3))
+    run, events = tmp_path / "dpo", []
+    train_dpo(dpo_config(parent, few_pairs, run, epochs=3, max_steps=None, checkpoint_every=2), stop_after(3, events))
     assert read_manifest(run)["checkpoint_step"] == 3  # 2 by the setting, then 3 when stopped
+    phases = [e.status for e in events if isinstance(e, Status)]
+    assert phases[phases.index("saving") + 1] == "training"  # the phase shown goes back once the checkpoint is written
     assert resume_dpo_config(run, checkpoint_every=1, max_wall_s=60, eval_every=1, sample_tokens=0).eval_every == 1
     with pytest.raises(ResumeError, match="lr cannot change"):
         resume_dpo(run, lr=0.5)

@@ -19,7 +19,7 @@ from runstore import (CHECKPOINT, RunInfo, RunWriter, find_run, list_runs, proce
                       recover_runs)
 from training import TrainConfig
 from training.checkpoint import ResumeError, resume_config
-from training.events import Finished, Logged, Started
+from training.events import Finished, Logged, Started, Status
 from training.distributed import Context
 from training.loop import Clock, Hooks, check_data, records_needed, resume_run, train
 
@@ -195,6 +195,15 @@ def test_a_failed_save_marks_the_run_failed_and_raises(tmp_path, monkeypatch, wh
     assert not list((tmp_path / "run").glob(".*tmp"))
     run = RunInfo(tmp_path / "run", manifest)
     assert run.resumable == (what == "weights")  # the step-2 checkpoint was written before the failed final save
+
+
+def test_the_phase_goes_back_to_training_once_a_checkpoint_is_written(tmp_path):
+    events = []
+    train(tiny(tmp_path, "run", max_steps=5, eval_every=50, checkpoint_every=2), Hooks(on_event=events.append))
+    phases = [(e.status, e.step) for e in events if isinstance(e, Status)]
+    saving = [i for i, (status, _) in enumerate(phases) if status == "saving"]
+    assert [phases[i] for i in saving[:2]] == [("saving", 2), ("saving", 4)]
+    assert [phases[i + 1][0] for i in saving[:2]] == ["training", "training"]
 
 
 def test_wall_time_limit_stops_saves_and_leaves_a_resumable_run(tmp_path, monkeypatch):

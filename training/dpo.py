@@ -401,6 +401,7 @@ def train_dpo_held(config: DPOConfig, hooks: Hooks | None, root: Path | None, re
                         emit(Logged(record))
                     if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
                         save_resumable()
+                        emit(Status("training"))
                 if step >= total_steps:
                     break
         except StopTraining as stopped:

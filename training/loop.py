@@ -507,6 +507,7 @@ def train_held(config: TrainConfig, hooks: Hooks | None, root: Path | None, resu
                     emit(Logged(record))
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
                     save_resumable()
+                    emit(Status("training"))
             if step >= total_steps or reason:
                 break
         trained = step > 0 or checkpoint is not None  # else nothing but the starting model: nothing to save
