@@ -92,8 +92,8 @@ class Job:
             state["history"] = self._history[since:]
             state["history_len"] = len(self._history)
             state["responses"] = list(state["responses"])
-        if state["status"] in ACTIVE and state["started_at"]:
-            state["elapsed_s"] = time.time() - state["started_at"]
+        if state["status"] in ACTIVE and state["started_at"]:  # a resumed run's clock goes on from where it stopped
+            state["elapsed_s"] = state.get("elapsed_before_s", 0.0) + time.time() - state["started_at"]
         return state
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -139,7 +139,7 @@ class Job:
                 s.update(run=event.run_name, total_steps=event.total_steps, steps_per_epoch=event.steps_per_epoch,
                          epochs=event.epochs, device=event.device, parameters=event.parameters, method=event.method,
                          trainable_parameters=event.trainable_parameters, sample_instruction=event.sample_instruction,
-                         start_step=event.start_step, step=event.start_step)
+                         start_step=event.start_step, step=event.start_step, elapsed_before_s=event.elapsed_before_s)
             elif isinstance(event, Logged):
                 record = event.record
                 self._history.append(record)

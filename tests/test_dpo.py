@@ -463,7 +463,10 @@ def test_a_resumed_dpo_run_trains_exactly_as_an_uninterrupted_one(parent, few_pa
     events = []
     resumed = resume_dpo(run, Hooks(on_event=events.append))
     assert resumed["status"] == straight["status"] == "done" and resumed["steps"] == straight["steps"] == 6
-    assert next(e for e in events if isinstance(e, Started)).start_step == (stop or 0)
+    started = next(e for e in events if isinstance(e, Started))
+    assert started.start_step == (stop or 0) and started.elapsed_before_s > 0  # the clock goes on
+    first_step = next(i for i, e in enumerate(events) if isinstance(e, Logged) and e.record["step"] > started.start_step)
+    assert "training" in [e.status for e in events[events.index(started):first_step] if isinstance(e, Status)]  # not "loading"
     assert any(isinstance(e, Status) and e.status == "reference" for e in events) == (stop is None)  # kept in the checkpoint
     manifest = read_manifest(run)
     assert manifest["resumed_from_step"] == [stop or 0] and manifest["status"] == "done" and manifest["stop_reason"] is None

@@ -464,7 +464,10 @@ def test_a_stopped_run_resumes_through_the_engine_and_finishes(engine):
     assert engine.last_trained("tiny") is None  # a stopped run says nothing about an epoch
     with pytest.raises(ValueError, match="pick one from the list"):
         engine.resume_training("../" + run.name)
-    assert engine.resume_training(run.name, owner="bob").wait(90)
+    job = engine.resume_training(run.name, owner="bob")
+    going = wait_for(engine, "train", lambda s: s["status"] == "training" and s["step"] > run.last_step)
+    assert going["elapsed_s"] > run.manifest["wall_time_s"] > 0  # the clock goes on from the stop, as the final figure does
+    assert job.wait(90)
     snap = engine.snapshot("train")
     assert snap["status"] == "done" and snap["step"] == 21 and snap["start_step"] == run.last_step < 21
     assert [r["step"] for r in snap["history"]][-1] == 21

@@ -301,7 +301,8 @@ def train_dpo_held(config: DPOConfig, hooks: Hooks | None, root: Path | None, re
             run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
             epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
             sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds), method="dpo",
-            start_step=checkpoint["step"] if checkpoint else 0, precision=precision), **run_fields)
+            start_step=checkpoint["step"] if checkpoint else 0,
+            elapsed_before_s=checkpoint["clock"]["elapsed_s"] if checkpoint else 0.0, precision=precision), **run_fields)
 
         status, reason = "done", None
         step = tokens_seen = pairs_seen = 0
@@ -366,6 +367,8 @@ def train_dpo_held(config: DPOConfig, hooks: Hooks | None, root: Path | None, re
             ref_train, ref_train_eval, ref_val = reference
             if not writer.metrics:
                 log_eval()
+            else:
+                emit(Status("training"))  # a resumed run has no step-0 evaluation to end its loading phase
             for epoch in range(step // steps_per_epoch, config.epochs):
                 batches = epoch_batches(train_ds, config.batch_size, epoch, config.seed, config.grouped)
                 for positions in batches[step - epoch * steps_per_epoch:]:  # a resumed run skips the batches it has trained

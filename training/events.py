@@ -42,6 +42,7 @@ class Started:
     train_records: int = 0
     val_records: int = 0
     start_step: int = 0  # above 0 when a run resumes from a checkpoint
+    elapsed_before_s: float = 0.0  # the run's wall time before this resume
     method: str = "sft"
     skipped_records: int = 0  # training records longer than the context, left out
     context: int = 0

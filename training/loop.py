@@ -398,7 +398,8 @@ def train_held(config: TrainConfig, hooks: Hooks | None, root: Path | None, resu
             run_name=run_dir.name, run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
             epochs=config.epochs, device=describe(device, dtype), parameters=total_params, trainable_parameters=trainable,
             sample_instruction=sample_record, train_records=len(train_ds), val_records=len(val_ds),
-            start_step=checkpoint["step"] if checkpoint else 0, skipped_records=train_ds.skipped, context=data.context,
+            start_step=checkpoint["step"] if checkpoint else 0,
+            elapsed_before_s=checkpoint["clock"]["elapsed_s"] if checkpoint else 0.0, skipped_records=train_ds.skipped, context=data.context,
             no_answer_records=train_ds.no_answer, max_length=data.max_length,
             precision=precision), **run_fields)
 
@@ -468,6 +469,8 @@ def train_held(config: TrainConfig, hooks: Hooks | None, root: Path | None, resu
             if baseline is not None:
                 last_train = baseline
                 log_eval(last_train)
+        else:
+            emit(Status("training"))  # a resumed run has no step-0 evaluation to end its loading phase
         for epoch in range(first_epoch, config.epochs):
             epoch_start = loader_state(loader)
             micro = iter(loader)
