@@ -200,8 +200,17 @@ def examples_update(engine, dataset: dict | None):
                       label=f"Examples from the test split{whose} (click one)"), records
 
 
-def reference_html(output: str) -> str:
-    return f'<div class="gi-caption">Reference answer (test split)</div><div class="gi-ref">{html.escape(output)}</div>'
+def reference_html(record: dict) -> str:
+    """A test record's answer under the boxes, tagged with the instruction it answers (``reference_outlived``)."""
+    return (f'<div class="gi-caption" data-instruction="{html.escape(record["instruction"])}">Reference answer (test split)'
+            f'</div><div class="gi-ref">{html.escape(record["output"])}</div>')
+
+
+def reference_outlived(instruction: str, reference: str | None):
+    """The reference cleared once the instruction is edited away from the one it answers; left alone otherwise (Gradio
+    reports a key that changes nothing, Shift+Enter to compare, as an input too)."""
+    found = re.search(r'data-instruction="([^"]*)"', reference or "")
+    return gr.skip() if found and html.unescape(found.group(1)) == instruction else ""
 
 
 def pick_example(index: int, records: list[dict]):
@@ -209,13 +218,13 @@ def pick_example(index: int, records: list[dict]):
     if index is None or not 0 <= index < len(records or []):
         return (gr.skip(),) * 8
     r = records[index]
-    return r["instruction"], r["input"], reference_html(r["output"]), "", "", "", "", ""
+    return r["instruction"], r["input"], reference_html(r), "", "", "", "", ""
 
 
 def open_example(engine, record: dict, name: str, note: str = ""):
     """Values for ``shared.playground``: a record opened here from another tab, with its run picked, answers cleared."""
     base, tuned, aligned, diff = columns(engine, name)
-    return (record["instruction"], record.get("input", ""), reference_html(record["output"]),
+    return (record["instruction"], record.get("input", ""), reference_html(record),
             gr.Dropdown(choices=finished_run_choices(engine), value=name), run_info(engine, name), base, tuned, aligned,
             diff, note)
 
@@ -272,4 +281,4 @@ def build(shared) -> None:
     shared.dataset.change(lambda d: examples_update(engine, d), shared.dataset, [examples, records], api_visibility="private", **cheap)
     examples.click(pick_example, [examples, records], [instruction, input_text, reference, base_out, tuned_out, aligned_out,
                                                        diff, status], api_visibility="private", cancels=[comparing], **cheap)
-    instruction.input(lambda: "", None, reference, api_visibility="private", **cheap)
+    instruction.input(reference_outlived, [instruction, reference], reference, api_visibility="private", **cheap)

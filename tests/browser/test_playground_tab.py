@@ -23,6 +23,23 @@ def test_compare_fills_both_panels(page, finished_run):
     screenshot(page, "playground.png")
 
 
+def test_an_example_keeps_its_reference_answer_until_its_instruction_is_edited(page, finished_run):
+    """Shift+Enter (compare) in the instruction box leaves the example's reference answer; editing the instruction
+    clears it, since it no longer answers what is asked."""
+    open_tab(page, "playground")
+    page.locator("#playground-examples tbody tr, #playground-examples .gallery-item").first.click()
+    wait_text(page, "#reference-answer", "Reference answer")
+    instruction = page.input_value("#playground-instruction textarea")
+    assert instruction
+    page.press("#playground-instruction textarea", "Shift+Enter")
+    wait_text(page, "#playground-status", "Both answers", timeout_ms=60_000)
+    assert "Reference answer" in page.inner_text("#reference-answer")
+    assert page.input_value("#playground-instruction textarea") == instruction
+    page.press("#playground-instruction textarea", "End")
+    page.keyboard.type(" Briefly.")
+    page.wait_for_function("() => !document.querySelector('#reference-answer').innerText.includes('Reference answer')")
+
+
 def test_opening_the_tab_lists_the_runs_as_they_are_now(page, finished_run, folders):
     """A run that appears or goes while the page is open (another visitor's, the runs budget) is listed or gone as soon
     as the tab is opened again; the choice stays."""
