@@ -414,7 +414,8 @@ def test_measure_offline_times_the_bundled_sample(url, tmp_path, monkeypatch):
     assert re.search(r"one epoch of the bundled sample \(the book's data is not cached and could not be downloaded\) "
                      r"\d+:\d\d \(7 steps at [\d,]+ tokens/s\)\.", out), out
     assert "; of the bundled sample" not in out  # the epoch timed is the visitor's
-    assert re.search(r"This run, 20 epochs of the bundled sample at batch 8: \d+:\d\d \(140 steps\)", out), out
+    assert re.search(r"This run, 20 epochs of the bundled sample at batch 8, prompts masked \(the answers alone trained\): "
+                     r"\d+:\d\d \(140 steps\)", out), out
 
 def test_settings_errors_are_messages(url):
     c = client(url)

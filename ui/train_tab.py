@@ -334,6 +334,7 @@ def expected_html(engine, preset: str, lora: bool, rank, dataset: dict | None = 
     run = run_config(preset, lora, rank, *form) if form else None
     if run is not None:
         this_run = (f"This run, {run.epochs} epoch{'s' if run.epochs != 1 else ''} of {name} at batch {run.batch_size}"
+                    f"{', prompts masked (the answers alone trained)' if run.mask_prompt else ''}"
                     f"{in_format(run.style)}{f', rows cut at {run.max_length:,} tokens' if run.max_length else ''}")
         try:
             this = engine.project_run(found, dataset, run)
