@@ -1062,3 +1062,19 @@ def test_a_checked_preference_file_names_pairs_that_will_not_train(tmp_path):
     assert "2 pairs with the same chosen and rejected answer, nothing to prefer: they teach nothing (#19, #20)." in message
     path.write_text(json.dumps([pair] * 20))
     assert "skips" not in text(check_upload(str(path))[0]) and "nothing to prefer" not in text(check_upload(str(path))[0])
+
+
+def test_the_offline_demo_opens_on_the_sample_its_settings_are_for(monkeypatch):
+    """The Dataset tab opens on the book's data when it is cached, except beside the offline demo (tiny, preselected
+    where GPT-2's weights cannot be had): its 20 epochs are for the 74 records of the sample, not 2,320 steps."""
+    from types import SimpleNamespace
+
+    from ui.dataset_tab import default_source
+
+    engine = SimpleNamespace(suggested_model=lambda: "tiny")
+    monkeypatch.setattr(cache, "is_cached", lambda: True)
+    assert default_source(engine) == "sample"
+    engine.suggested_model = lambda: "gpt2"
+    assert default_source(engine) == "canonical"
+    monkeypatch.setattr(cache, "is_cached", lambda: False)
+    assert default_source(engine) == "sample"

@@ -17,6 +17,7 @@ from data.browse import PAGE_SIZE, page_of, split_of
 from data.preference import browse_preferences
 
 from engine.public import scrub
+from training.config import DEMO
 from model import GPTConfig
 
 from .charts import length_histogram
@@ -34,9 +35,10 @@ CELL_CHARS = 160
 CONTEXT = GPTConfig().block_size  # every GPT-2 preset's
 
 
-def default_source() -> str:
-    """Canonical when it is already cached (no network needed), else the bundled sample."""
-    return "canonical" if cache.is_cached() else "sample"
+def default_source(engine) -> str:
+    """Canonical when it is already cached (no network needed), else the bundled sample; the sample too when the Train
+    tab opens on the offline demo, whose settings (and the run time its note gives) are for those 74 records."""
+    return "canonical" if cache.is_cached() and engine.suggested_model() != DEMO["model"] else "sample"
 
 
 def error_notice(source: str, message: str, previous: dict | None) -> str:
@@ -158,8 +160,8 @@ def loaded_notice(state: dict, records: list[dict], stats: dict) -> str:
 
 
 def load_default(engine, remembered: dict | None = None, style: str = "alpaca"):
-    """On page load: the dataset this browser had before a reload while it can still be opened, else the canonical
-    dataset when it is cached, else the sample; never the network. Its record is shown masked as the Train tab's
+    """On page load: the dataset this browser had before a reload while it can still be opened, else ``default_source``;
+    never the network. Its record is shown masked as the Train tab's
     form opens (``suggested_mask``), and the last output sets the mask box so."""
     mask_prompt = suggested_mask(engine)
     if isinstance(remembered, dict) and (remembered.get("source") != "canonical" or cache.is_cached()):
@@ -170,7 +172,7 @@ def load_default(engine, remembered: dict | None = None, style: str = "alpaca"):
         else:
             return (state["source"], state, "") + render(state, records, mask_prompt, style,
                                                          engine.datasets.token_stats(state, records, style)) + (mask_prompt,)
-    return load(engine, default_source(), None, None, mask_prompt, style) + (mask_prompt,)
+    return load(engine, default_source(engine), None, None, mask_prompt, style) + (mask_prompt,)
 
 
 def pick_source(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool, style: str = "alpaca"):
