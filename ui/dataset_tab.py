@@ -325,7 +325,8 @@ def build(shared) -> None:
     pref_load.click(lambda: preference_page(engine), None, pref_outputs, api_visibility="private", concurrency_limit=2)
     pref_page.submit(lambda q, p: preference_page(engine, q, p), [pref_query, pref_page], pref_outputs,
                      api_name="browse_preferences", **cheap)
-    pref_query.submit(lambda q: preference_page(engine, q, 1), pref_query, pref_outputs, api_visibility="private", **cheap)
+    pref_query.change(lambda q: preference_page(engine, q, 1), pref_query, pref_outputs, api_visibility="private",
+                      trigger_mode="always_last", **cheap)  # as the records' search: the count never contradicts the box
     for button, step in ((pref_prev, -1), (pref_next, 1)):
         button.click(lambda q, p, step=step: preference_page(engine, q, box_number(p, "page") + step), [pref_query, pref_page],
                      pref_outputs, api_visibility="private", **cheap)
