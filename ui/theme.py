@@ -117,6 +117,9 @@ CSS = """
                            border-bottom: 1px solid var(--border-color-primary) !important; background: none !important; }
 .gi-eval th:first-child, .gi-eval td.gi-caption { text-align: left; font-weight: 400; }
 .gi-eval tr:first-child th { font-weight: 600; }
+.gi-limits { margin: 0; }
+.gi-limits dt { margin-top: 8px; overflow-wrap: anywhere; }
+.gi-limits dd { margin: 2px 0 0; color: var(--body-text-color-subdued); font-size: .9em; }
 /* On a phone the scores keep their notes: closer cells, the notes wrap, and what is still too wide scrolls sideways. */
 .gi-scroll { overflow-x: auto; }
 @media (max-width: 600px) {

@@ -404,9 +404,10 @@ def data_line(engine, dataset: dict | None, preset: str | None = None) -> str:
 
 
 def limits_html(engine) -> str:
-    rows = "".join(f"<tr><td><code>{html.escape(var)}</code></td><td><b>{html.escape(value)}</b></td><td>{html.escape(text)}</td></tr>"
+    """Each limit as its variable and value, its meaning beneath: a list that fits the form's narrow column and a phone."""
+    rows = "".join(f"<dt><code>{html.escape(var)}</code> <b>{html.escape(value)}</b></dt><dd>{html.escape(text)}</dd>"
                    for var, value, text in engine.limits.rows())
-    return f'<table class="gi-eval">{rows}</table>'
+    return f'<dl class="gi-limits">{rows}</dl>'
 
 
 def model_note(preset: str, why: str = "", max_epochs: int = 100, local_paths: bool = True) -> str:
