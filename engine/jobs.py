@@ -131,8 +131,10 @@ class Job:
             if isinstance(event, Status):
                 if not (s["status"] == "stopping" and event.status in ("training", "evaluating")):
                     s.update(status=event.status, message=event.message)
-                if event.step is not None:
+                if event.step is not None:  # the epoch with it, as a logged row has it: not the last row's
                     s["step"] = event.step
+                    if s.get("steps_per_epoch"):
+                        s["epoch"] = round(event.step / s["steps_per_epoch"], 4)
             elif isinstance(event, Download):
                 s["download"] = {"file": event.file, "done": event.done, "total": event.total}
             elif isinstance(event, Started):

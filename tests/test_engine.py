@@ -597,3 +597,17 @@ def test_a_job_stopped_by_its_owner_is_logged_as_stopped_and_a_failure_with_its_
     assert len(stops) == 1 and stops[0].levelno == logging.INFO and stops[0].exc_info is None
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(failures) == 1 and failures[0].exc_info[0] is RuntimeError
+
+
+def test_a_phase_at_a_step_moves_the_epoch_with_the_step():
+    """'Evaluating at step 10' shows step 10's epoch, not the last logged row's."""
+    from engine.jobs import Job
+    from training.events import Logged, Started, Status
+
+    job = Job("fine-tuning", lambda hooks: None)
+    job.on_event(Started(run_name="r", run_dir="/r", total_steps=19, steps_per_epoch=7, epochs=3, device="cpu",
+                         parameters=1, trainable_parameters=1))
+    job.on_event(Logged({"step": 9, "epoch": round(9 / 7, 4)}))
+    job.on_event(Status("evaluating", "Evaluating at step 10", 10))
+    snap = job.snapshot()
+    assert (snap["status"], snap["step"], snap["epoch"]) == ("evaluating", 10, round(10 / 7, 4))
