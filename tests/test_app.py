@@ -1078,3 +1078,10 @@ def test_the_offline_demo_opens_on_the_sample_its_settings_are_for(monkeypatch):
     assert default_source(engine) == "canonical"
     monkeypatch.setattr(cache, "is_cached", lambda: False)
     assert default_source(engine) == "sample"
+
+
+def test_charts_and_summaries_name_the_data_as_the_dataset_tab_does():
+    from ui.widgets import data_name
+
+    assert [data_name(s) for s in ("sample", "canonical", "preference")] == [
+        "bundled sample", "canonical (book, ch. 7)", "the book's preference pairs"]

@@ -24,7 +24,7 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import (as_int, bar, clock, form_error, listed, kept_or_newest, live_chart, loss_text, notice, number,
+from .widgets import (as_int, bar, clock, data_name, form_error, listed, kept_or_newest, live_chart, loss_text, notice, number,
                       playground_button, plural, resumable_runs, resume_job, run_finished, run_label, saved_run,
                       stop_job, trained_runs, val_loss_text, zero_is_none)
 
@@ -253,7 +253,7 @@ def poll(engine, client_id: str | None, seen: dict | None):
     last = snap["history"][-1] if snap["history"] else seen.get("last")
     if have == 0:
         config = snap.get("config") or {}
-        title = f"{config.get('parent')}: DPO on {config.get('data')}" if config else None
+        title = f"{config.get('parent')}: DPO on {data_name(str(config.get('data')))}" if config else None
         chart = live_figure_message(key, snap["history"], figure=preference_figure(snap["history"], title))
     elif snap["history"]:
         chart = live_rows_message(key, snap["history"])

@@ -25,7 +25,7 @@ from training.config import DEMO, defaults, demo_text
 from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
-from .widgets import (COPY_JS, as_int, bar, clock, form_error, form_values, link_prompt_controls, live_chart, loss_text,
+from .widgets import (COPY_JS, as_int, bar, clock, data_name, form_error, form_values, link_prompt_controls, live_chart, loss_text,
                       model_label, notice, number, playground_button, plural, resumable_runs, resume_job, run_finished,
                       saved_run, stop_job, style_radio, val_loss_text, zero_is_none)
 
@@ -210,7 +210,7 @@ def chart_message(engine, snap: dict, overlays: list[str] | None) -> str:
     known = {run.name: run.path for run in engine.runs()} if overlays else {}
     past = [(name, read_metrics(known[name])) for name in overlays or [] if name in known]
     config = snap.get("config") or {}
-    title = f"{config['model']} on {config['data']}" if config else None
+    title = f"{config['model']} on {data_name(str(config['data']))}" if config else None
     return live_figure_message(chart_key(snap, overlays), snap["history"], past, title)
 
 

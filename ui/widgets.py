@@ -196,11 +196,12 @@ def loss_text(value) -> str:
 
 
 def data_name(source: str) -> str:
-    """A run's data as the Dataset tab names it: "bundled sample", "canonical (book, ch. 7)", or an upload's file name."""
+    """A run's data as the Dataset tab names it: "bundled sample", "canonical (book, ch. 7)", "the book's preference
+    pairs", or an upload's file name."""
     from data.cache import file_label
     from engine.datasets import BUILT_IN
 
-    return BUILT_IN.get(source) or file_label(source)
+    return BUILT_IN.get(source) or ("the book's preference pairs" if source == "preference" else file_label(source))
 
 
 def model_label(manifest: dict) -> str:

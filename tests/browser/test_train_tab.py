@@ -61,7 +61,7 @@ def test_a_tiny_fine_tune_draws_its_loss_live_and_finishes(page):
     page.mouse.move(chart["x"] + chart["width"] / 2, chart["y"] + chart["height"] / 2)
     page.wait_for_selector("#loss-chart .modebar", state="visible")
     title, bar = (page.locator(f"#loss-chart {part}").bounding_box() for part in (".gtitle", ".modebar"))
-    assert page.locator("#loss-chart .gtitle").text_content() == "tiny on sample"
+    assert page.locator("#loss-chart .gtitle").text_content() == "tiny on bundled sample"  # as the Dataset tab names it
     assert title["x"] + title["width"] < bar["x"] or title["y"] + title["height"] < bar["y"], "the mode bar covers the title"
 
     progress = wait_text(page, "#train-progress", "Done")  # "done", capitalised by CSS
