@@ -418,7 +418,7 @@ def push(engine, name: str | None, repo_id: str, token: str) -> str:
 
 
 def build(shared) -> None:
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=True, elem_classes="gi-stack-phone"):  # on a phone the run's name gets the whole width
         run = gr.Dropdown([], value=None, label="Fine-tuned run", allow_custom_value=True, scale=5, elem_id="eval-run")
         refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100, elem_id="eval-refresh-runs")
     with gr.Row(equal_height=False):
@@ -447,7 +447,7 @@ def build(shared) -> None:
         with gr.Column(scale=3):
             summary = gr.HTML(notice(NO_RUNS), elem_id="eval-summary")
             chart = gr.Plot(empty_figure("No evaluation yet", height=340), show_label=False, elem_id="eval-chart")
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=True, elem_classes="gi-stack-phone"):  # on a phone, one above the other
         rank_by = gr.Dropdown(list(RANKINGS), value="fine-tuned ROUGE-L", label="Rank examples by", scale=3, elem_id="eval-rank-by")
         show_all = gr.Checkbox(value=False, label=f"Every example (else the {SHOWN} best and {SHOWN} worst)", scale=2,
                                elem_id="eval-show-all")

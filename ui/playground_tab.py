@@ -230,7 +230,7 @@ def open_example(engine, record: dict, name: str, note: str = ""):
 
 
 def build(shared) -> None:
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=True, elem_classes="gi-stack-phone"):  # on a phone the run's name gets the whole width
         run = gr.Dropdown([], value=None, label="Fine-tuned run", allow_custom_value=True, scale=5, elem_id="tuned-run")
         refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100, elem_id="refresh-tuned-runs")
     info = gr.HTML(notice(NO_RUNS), elem_id="run-info")

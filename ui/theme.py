@@ -123,6 +123,8 @@ CSS = """
 /* On a phone the scores keep their notes: closer cells, the notes wrap, and what is still too wide scrolls sideways. */
 .gi-scroll { overflow-x: auto; }
 @media (max-width: 600px) {
+  .gi-stack-phone { flex-direction: column !important; }
+  .gi-stack-phone > * { width: 100% !important; }
   .gi-eval th, .gi-eval td { padding: 5px 6px !important; }
   .gi-eval td.gi-caption { white-space: normal; min-width: 5em; }
 }

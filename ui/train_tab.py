@@ -475,8 +475,8 @@ def build(shared) -> None:
                 with gr.Row():
                     rank = gr.Slider(1, 64, value=16, step=1, label="Rank", elem_id="lora-rank")
                     alpha = gr.Number(value=DEFAULTS["lora_alpha"], label="Alpha", elem_id="lora-alpha")
-            with gr.Row(equal_height=False):
-                expected = gr.HTML(expected_html(engine, "tiny", False, 16), elem_id="expected-epoch")
+            expected = gr.HTML(expected_html(engine, "tiny", False, 16), elem_id="expected-epoch")  # the column's width
+            with gr.Row():
                 measure_btn = gr.Button("Measure", size="sm", scale=0, min_width=90, elem_id="measure-btn")
             data = gr.HTML(data_line(engine, None), elem_id="train-data")
             with gr.Row():
