@@ -13,6 +13,11 @@ import threading
 import time
 from typing import Callable
 
+from data.errors import DatasetError
+from model.weights import WeightsError
+from runstore.locks import RunBusy
+from training.checkpoint import ResumeError
+from training.config import ConfigError
 from training.events import Download, Finished, Logged, Progress, Started, Status
 from training.loop import Hooks
 
@@ -22,6 +27,9 @@ log = logging.getLogger(__name__)
 ACTIVE = ("starting", "loading", "reference", "training", "evaluating", "stopping", "saving")
 ENDED = ("done", "stopped", "failed")
 SCALARS_ONLY = 10**9  # a ``since`` past any history: a snapshot without its rows
+# Failures whose message says all (weights that cannot be had offline, bad data or settings, a busy run): logged as
+# one warning line, not as an error with a traceback the server's operator need not read.
+EXPECTED_FAILURES = (ConfigError, DatasetError, ResumeError, RunBusy, WeightsError)
 
 
 class JobError(RuntimeError):
@@ -115,6 +123,8 @@ class Job:
             stopped = self._stop.is_set() and type(e).__name__.endswith("Stopped")
             if stopped:
                 log.info("%s stopped: %s", self.kind, e)
+            elif isinstance(e, EXPECTED_FAILURES):
+                log.warning("%s failed: %s", self.kind, e)
             else:
                 log.exception("%s failed", self.kind)
             self._update(status="stopped" if stopped else "failed", message=scrub(str(e)),

@@ -571,7 +571,7 @@ def test_an_estimate_for_an_upload_that_left_the_server_comes_back_when_it_is_up
     assert again == ref and engine.project_run(measured, again).steps == 6  # 60 records: 51 to train, 8 a batch
 
 
-def test_a_job_stopped_by_its_owner_is_logged_as_stopped_and_a_failure_with_its_traceback(caplog):
+def test_a_job_stopped_by_its_owner_is_logged_as_stopped_and_a_failure_with_its_traceback_unless_expected(caplog):
     """The server's log: a stop is no error (it was logged as one, traceback and all); a failure keeps its traceback."""
     import logging
 
@@ -588,15 +588,24 @@ def test_a_job_stopped_by_its_owner_is_logged_as_stopped_and_a_failure_with_its_
     def failing(hooks):
         raise RuntimeError("simulated failure")
 
+    def offline(hooks):
+        from model.weights import WeightsError
+
+        raise WeightsError("gpt2's weights are not cached and the Hugging Face Hub cannot be reached")
+
     with caplog.at_level(logging.INFO, logger="engine.jobs"):
         job = Job("evaluation", stoppable, owner="alice").start()
         threading.Timer(0.05, job.stop, ("alice",)).start()
         assert job.wait(10) and job.snapshot()["status"] == "stopped"
         assert Job("evaluation", failing).start().wait(10)
+        assert Job("fine-tuning", offline).start().wait(10)
     stops = [r for r in caplog.records if "stopped after 3 of 7" in r.getMessage()]
     assert len(stops) == 1 and stops[0].levelno == logging.INFO and stops[0].exc_info is None
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(failures) == 1 and failures[0].exc_info[0] is RuntimeError
+    expected = [r for r in caplog.records if r.levelno == logging.WARNING]  # its message says all: one line
+    assert [r.getMessage() for r in expected] == ["fine-tuning failed: gpt2's weights are not cached and the Hugging Face "
+                                                  "Hub cannot be reached"] and expected[0].exc_info is None
 
 
 def test_a_phase_at_a_step_moves_the_epoch_with_the_step():
