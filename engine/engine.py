@@ -17,7 +17,7 @@ import psutil
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from evaluation.evaluate import evaluate_run
+from evaluation.evaluate import evaluate_run, evaluation_data
 from model import HUB_PRESETS, PRESETS, GPTConfig
 from model.device import configure_runtime
 from model.weights import WeightsError, hub_cached, hub_unreachable, read_config, resolve
@@ -503,9 +503,7 @@ class Engine:
             settings["judge"] = settings["judge"].for_visitors()
         settings["limit"] = self.evaluation_limit(settings.get("limit"))
         run = self.finished_run(name)
-        dpo = run.manifest.get("dpo") if run.manifest.get("method") == "dpo" else None
-        data = str(settings.get("data") or (dpo or {}).get("data") or (run.manifest.get("config") or {}).get("data") or
-                   TrainConfig.data)
+        data = evaluation_data(run.manifest, settings.get("data"))
         if not settings.get("data"):
             self.require_data(run, data, "evaluate it")
 
@@ -515,7 +513,7 @@ class Engine:
                                 registry=self.models, **settings)
 
         job = Job("evaluation", work, owner, "evaluation", {"run": run.name, **{k: str(v) for k, v in settings.items()}})
-        parent = [run.manifest["parent_run"]] if dpo and run.manifest.get("parent_run") else []
+        parent = [run.manifest["parent_run"]] if run.manifest.get("method") == "dpo" else []
         return self._launch("evaluate", job, Claims.of(runs=[run.name, *parent], files=[data], doing="evaluate it"))
 
 

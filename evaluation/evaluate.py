@@ -39,6 +39,7 @@ from runstore.models import Models, run_config
 from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.cores import CoreShare
 from training.dpo import file_sha256
+from training.config import TrainConfig
 from training.loop import now
 from runstore import WEIGHTS, hold_runs, parent_folder, read_manifest, run_folder, write_atomic
 from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences_if_any
@@ -187,7 +188,7 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     for setting, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("limit", limit)):
         if value is not None and value < 1:
             raise ValueError(f"{setting} must be at least 1, got {value}")
-    source = str(data or (manifest["dpo"]["data"] if dpo else config.data))
+    source = evaluation_data(manifest, data)
     preferences = load_preferences_if_any(source)
     records = getattr(split_instructions(preferences or load_instructions(source)), split)[:limit]
     if not records:
@@ -245,6 +246,16 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
         write_atomic(run_dir / EVAL_ROWS, "".join(json.dumps(row) + "\n" for row in rows))
         write_atomic(run_dir / EVAL_SUMMARY, json.dumps(summary, indent=2))
         return {"summary": summary, "rows": rows}
+
+
+def evaluation_data(manifest: dict, data: str | None = None) -> str:
+    """What an evaluation of a run scores on: ``data`` when given, else a preference-tuned run's preference data, else
+    the data the run was fine-tuned on."""
+    if data:
+        return str(data)
+    if manifest.get("method") == "dpo":
+        return str(manifest["dpo"]["data"])
+    return str((manifest.get("config") or {}).get("data") or TrainConfig.data)
 
 
 def parent_changed(parent: Path, manifest: dict) -> str | None:
