@@ -35,7 +35,7 @@ from training.dpo import DPOConfig, base_config, check_dpo, is_dpo_run, resume_d
 from data.preference import PreferenceDataset, load_preferences, split_preferences
 from data import DatasetError, cache, load_instructions, longest_row
 
-from .datasets import Datasets, prune_folder
+from .datasets import BUILT_IN, Datasets, prune_folder
 from .jobs import SCALARS_ONLY, Job, JobError, idle_snapshot
 from .limits import Limits
 from runstore.models import Models
@@ -314,7 +314,7 @@ class Engine:
     def require_data(self, run: RunInfo, data: str, doing: str) -> None:
         """``DatasetError`` up front when the file a run trained on has left this server (an upload, dropped by age or
         for space: the same file uploaded again comes back under the same name); built-in sources pass."""
-        if data in ("canonical", "sample", "preference") or Path(data).is_file():
+        if data in BUILT_IN or data == "preference" or Path(data).is_file():
             return
         path = Path(data)
         if path.parent.resolve() != self.datasets.uploads_dir.resolve():
