@@ -3,7 +3,7 @@
     runs/<timestamp>-<model>/
         config.json, model.safetensors   the fine-tuned GPT-2 (save_pretrained)
         manifest.json                    settings, data, versions, device, times, final losses, status
-        metrics.jsonl                    one JSON object per logged step
+        metrics.jsonl                    one JSON object per logged step (an evaluation's: its sample response too)
         checkpoint.pt                    what a stopped or interrupted run needs to resume (training/checkpoint.py)
 
 A manifest's ``status`` is running, done, stopped, failed or interrupted; ``owner``
@@ -106,12 +106,14 @@ class RunWriter:
             self.manifest.update(fields)
             write_atomic(self.dir / MANIFEST, json.dumps(self.manifest, indent=2, default=str))
 
-    def log(self, record: dict) -> None:
-        """Append one step's record as one line (a reader skips a last line caught half written: ``read_metrics``).
+    def log(self, record: dict, response: str | None = None) -> None:
+        """Append one step's record as one line (a reader skips a last line caught half written: ``read_metrics``),
+        with the sample ``response`` of an evaluation, which a resumed run shows again (``Logged.replay``).
         Rewriting the file whole each step cost a 100-epoch run minutes, growing with every step."""
-        self.metrics.append(record)
+        row = record if response is None else {**record, "response": response}
+        self.metrics.append(row)
         with open(self.dir / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(row) + "\n")
 
     def write_metrics(self) -> None:
         write_atomic(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.metrics))

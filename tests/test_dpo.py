@@ -445,7 +445,8 @@ def same_weights(a: Path, b: Path) -> bool:
     (None, {}),  # inside the reference pass: nothing trained yet, the resume computes the reference
 ])
 def test_a_resumed_dpo_run_trains_exactly_as_an_uninterrupted_one(parent, few_pairs, tmp_path, stop, extra):
-    """6 steps over three epochs straight, against a stop + resume: the same figures, bit for bit, and the same weights."""
+    """6 steps over three epochs straight, against a stop + resume: the same figures and sample answers, bit for bit,
+    and the same weights; the resumed run's watchers are shown the answers from before the stop too."""
     settings = dict(epochs=3, max_steps=None, eval_every=2, eval_batches=1, sample_tokens=2, lr=1e-3, **extra)
     straight = train_dpo(dpo_config(parent, few_pairs, tmp_path / "straight", **settings))
     run = tmp_path / "resumed"
@@ -473,6 +474,7 @@ def test_a_resumed_dpo_run_trains_exactly_as_an_uninterrupted_one(parent, few_pa
     assert not (run / CHECKPOINT).exists()  # a done run keeps no checkpoint
     assert [r["step"] for r in read_metrics(run)] == list(range(7))  # the earlier rows kept, each step once
     assert figures_of(run) == figures_of(tmp_path / "straight")
+    assert [e.step for e in events if isinstance(e, Logged) and e.response is not None] == [0, 2, 4, 6]
     for key in ("final_train_loss", "final_val_loss", "final_val_reward_margin", "pairs_seen", "tokens_seen"):
         assert resumed[key] == straight[key], key
     assert same_weights(run, tmp_path / "straight")

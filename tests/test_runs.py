@@ -65,13 +65,14 @@ def stop_after(step: int, events: list | None = None) -> Hooks:
     ("auto", True, 5, dict(grad_accum=2, batch_size=1, grad_clip=1.0, warmup_steps=2, cosine=True, lora_rank=4)),
 ])
 def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, precision, grouped, stop, extra):
-    """8 steps over two epochs straight, against `stop` steps + stop + resume: equal losses and equal final weights.
+    """8 steps over two epochs straight, against `stop` steps + stop + resume: equal losses and equal final weights,
+    and the resumed run's watchers shown every sample answer, those from before the stop too.
 
     Bit for bit only with the machine to itself: a training in another process at the same time makes this one
     share the cores (``training.cores``), and a change of threads midway changes the order of some sums."""
-    settings = dict(precision=precision, grouped=grouped, **extra)
-    straight = train(tiny(tmp_path, "straight", **settings))
-    events = []
+    settings = dict(precision=precision, grouped=grouped, sample_tokens=3, **extra)
+    straight_events, events = [], []
+    straight = train(tiny(tmp_path, "straight", **settings), Hooks(on_event=straight_events.append))
     stopped = train(tiny(tmp_path, "resumed", **settings), stop_after(stop))
     assert stopped["status"] == "stopped" and stopped["steps"] == stop and stopped["stop_reason"] == "stopped by its owner"
     run = tmp_path / "resumed"
@@ -90,6 +91,9 @@ def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, precisio
         [(r["train_loss"], r["val_loss"], r["lr"], r["tokens_seen"]) for r in b]
     wa, wb = load_file(tmp_path / "straight" / "model.safetensors"), load_file(run / "model.safetensors")
     assert all((wa[k] == wb[k]).all() for k in wa)
+    answers = [[(e.step, e.response) for e in got if isinstance(e, Logged) and e.response is not None] for got in (straight_events, events)]
+    assert answers[0] == answers[1] and [step for step, _ in answers[0]] == [0, 3, 6, 8]
+    assert all("response" not in e.record for e in events if isinstance(e, Logged))
 
 
 def test_an_auto_precision_run_resumes_in_the_precision_it_trained_in_and_with_as_many_processes(tmp_path, monkeypatch):

@@ -196,5 +196,5 @@ class NullWriter:
     def update_manifest(self, **fields) -> None:
         pass
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, response: str | None = None) -> None:
         pass

@@ -339,7 +339,7 @@ def train_dpo_held(config: DPOConfig, hooks: Hooks | None, root: Path | None, re
             clock.eval_s += time.perf_counter() - t0
             clock.evals += 1
             record = metrics(step_figures or last["train"], {"val": last["val"], "eval_train": last["train"]})
-            writer.log(record)
+            writer.log(record, sample)
             emit(Logged(record, response=sample))
             emit(Status("training"))
 

@@ -58,6 +58,11 @@ class Logged:
     record: dict
     response: str | None = None
 
+    @classmethod
+    def replay(cls, row: dict) -> "Logged":
+        """A row as ``metrics.jsonl`` keeps it (``RunWriter.log``), its sample response apart again."""
+        return cls({k: v for k, v in row.items() if k != "response"}, response=row.get("response"))
+
     @property
     def step(self) -> int:
         return self.record["step"]

@@ -216,14 +216,14 @@ def check_data(config: TrainConfig):
 
 def open_run(writer: RunWriter, checkpoint: dict | None, emit, started: Started, **fields) -> None:
     """Write the manifest as running (a resumed run reopened at its checkpoint's step), announce ``started``,
-    and replay the history a resumed run has so far, for watchers that draw it."""
+    and replay the history a resumed run has so far, its sample answers with it, for watchers that show them."""
     if checkpoint:
         mark_resumed(writer, checkpoint["step"], **fields)
     else:
         writer.update_manifest(**fields, started=now())
     emit(started)
-    for record in writer.metrics:
-        emit(Logged(record))
+    for row in writer.metrics:
+        emit(Logged.replay(row))
 
 
 def record_end(writer: RunWriter, run_dir: Path, clock: Clock, status: str, drop_checkpoint: bool = True, **fields) -> dict:
@@ -426,7 +426,7 @@ def train_held(config: TrainConfig, hooks: Hooks | None, root: Path | None, resu
                 clock.eval_s += time.perf_counter() - t0
                 clock.evals += 1
             record = metrics(train_loss, val)
-            writer.log(record)
+            writer.log(record, sample)
             emit(Logged(record, response=sample))
             if not stopped:
                 emit(Status("training"))
