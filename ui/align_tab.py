@@ -25,7 +25,7 @@ from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
 from .widgets import (as_int, bar, clock, data_name, form_error, listed, kept_or_newest, live_chart, loss_text, notice, number,
-                      playground_button, plural, resumable_runs, resume_job, run_finished, run_label, saved_run,
+                      playground_button, plural, resumable_runs, resume_job, run_finished, sample_answers_html, run_label, saved_run,
                       stop_job, trained_runs, val_loss_text, zero_is_none)
 
 TITLE = "Align"
@@ -176,26 +176,9 @@ def progress_html(snap: dict, last: dict | None) -> str:
 
 
 def responses_html(snap: dict) -> str:
-    """The fixed validation instruction, its chosen and rejected answers, and the policy's answer at each evaluation."""
-    record = snap.get("sample_instruction")
-    if not record:
-        return notice("At every evaluation the model answers one fixed validation instruction; its answers appear here.")
-    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    parts = [f'<div class="gi-caption">Validation instruction</div><div class="instruction">{html.escape(prompt)}</div>']
-    items = snap.get("responses") or []
-    if items:
-        latest = items[-1]
-        when = "before aligning" if latest["step"] == 0 else f"step {latest['step']}"
-        parts.append(f'<div class="gi-caption">Model\'s answer, {when}</div>'
-                     f'<div class="response">{html.escape(latest["response"]) or "<i>(empty)</i>"}</div>')
-        older = "".join(f'<div class="gi-older"><span class="gi-caption">{"before" if r["step"] == 0 else "step " + str(r["step"])}:'
-                        f'</span> {html.escape(r["response"]) or "<i>(empty)</i>"}</div>' for r in reversed(items[:-1]))
-        if older:
-            parts.append(f'<div class="gi-older-list">{older}</div>')
-    for key, label in (("chosen", "Chosen answer"), ("rejected", "Rejected answer")):
-        if record.get(key):
-            parts.append(f'<div class="gi-caption">{label}</div><div class="response">{html.escape(record[key])}</div>')
-    return f'<div class="gi-sample">{"".join(parts)}</div>'
+    """The fixed validation instruction, the policy's answer at each evaluation, and the pair's chosen and rejected
+    answers."""
+    return sample_answers_html(snap, "before aligning", (("chosen", "Chosen answer"), ("rejected", "Rejected answer")))
 
 
 def final_html(snap: dict) -> str:

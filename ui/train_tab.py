@@ -26,7 +26,7 @@ from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
 from .widgets import (COPY_JS, as_int, bar, clock, data_name, form_error, form_values, link_prompt_controls, live_chart, loss_text,
-                      model_label, notice, number, playground_button, plural, resumable_runs, resume_job, run_finished,
+                      model_label, notice, number, playground_button, plural, resumable_runs, resume_job, run_finished, sample_answers_html,
                       saved_run, stop_job, style_radio, val_loss_text, zero_is_none)
 
 TITLE = "Train"
@@ -152,30 +152,9 @@ def idle_html(engine) -> str:
                   "<b>Overlay past runs</b> to draw it here; <b>Past runs</b> below lists them all.")
 
 
-def when(response: dict) -> str:
-    return "before training" if response["step"] == 0 else f"step {response['step']}"
-
-
-def answer(response: dict) -> str:
-    return html.escape(response["response"]) or "<i>(empty)</i>"
-
-
 def responses_html(snap: dict) -> str:
-    """The fixed validation instruction, and the model's answer at each evaluation, newest first."""
-    record = snap.get("sample_instruction")
-    if not record:
-        return notice("At every evaluation the model answers one fixed validation instruction; its answers appear here.")
-    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    items = snap.get("responses") or []
-    parts = [f'<div class="gi-caption">Validation instruction</div><div class="instruction">{html.escape(prompt)}</div>']
-    if items:
-        latest = items[-1]
-        parts.append(f'<div class="gi-caption">Model\'s answer, {when(latest)}</div><div class="response">{answer(latest)}</div>')
-        older = "".join(f'<div class="gi-older"><span class="gi-caption">{when(r)}:</span> {answer(r)}</div>' for r in reversed(items[:-1]))
-        if older:
-            parts.append(f'<div class="gi-older-list">{older}</div>')
-    parts.append(f'<div class="gi-caption">Reference answer</div><div class="response">{html.escape(record["output"])}</div>')
-    return f'<div class="gi-sample">{"".join(parts)}</div>'
+    """The fixed validation instruction, the model's answer at each evaluation, and the reference answer."""
+    return sample_answers_html(snap, "before training", (("output", "Reference answer"),))
 
 
 PATH_BOX = "…or a local path / Hugging Face Hub id"

@@ -191,6 +191,34 @@ def bar(fraction: float, extra: str = "") -> str:
     return f'<div class="gi-track"><div class="gi-fill {extra}" style="width:{pct:.1f}%"></div></div>'
 
 
+def sample_answers_html(snap: dict, before: str, references: tuple[tuple[str, str], ...]) -> str:
+    """A run's fixed validation instruction, the model's answer at each evaluation (the newest first, ``before``
+    naming step 0), then the record's ``references`` as (key, caption)."""
+    record = snap.get("sample_instruction")
+    if not record:
+        return notice("At every evaluation the model answers one fixed validation instruction; its answers appear here.")
+
+    def when(response: dict) -> str:
+        return before if response["step"] == 0 else f"step {response['step']}"
+
+    def answer(response: dict) -> str:
+        return html.escape(response["response"]) or "<i>(empty)</i>"
+
+    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    parts = [f'<div class="gi-caption">Validation instruction</div><div class="instruction">{html.escape(prompt)}</div>']
+    items = snap.get("responses") or []
+    if items:
+        latest = items[-1]
+        parts.append(f'<div class="gi-caption">Model\'s answer, {when(latest)}</div><div class="response">{answer(latest)}</div>')
+        older = "".join(f'<div class="gi-older"><span class="gi-caption">{when(r)}:</span> {answer(r)}</div>' for r in reversed(items[:-1]))
+        if older:
+            parts.append(f'<div class="gi-older-list">{older}</div>')
+    for key, caption in references:
+        if record.get(key):
+            parts.append(f'<div class="gi-caption">{caption}</div><div class="response">{html.escape(record[key])}</div>')
+    return f'<div class="gi-sample">{"".join(parts)}</div>'
+
+
 def loss_text(value) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
 
