@@ -122,6 +122,8 @@ def loss_figure(history: list[dict], overlays: list[tuple[str, list[dict]]] = ()
         add_run(fig, history)
         mark_baseline(fig, history)
     fig = base_layout(fig, xaxis_title="tokens seen", yaxis_title="loss")
+    # Overlays wrap the legend across the top, where a horizontal mode bar would cover its last entry on hover.
+    fig.update_layout(modebar_orientation="v", margin_r=40)
     add_title(fig, title)
     return fig
 
