@@ -289,6 +289,7 @@ def test_reward_margin_grows_and_the_run_is_complete(parent, pref_file, tmp_path
     assert [e.step for e in logged if e.response is not None] == [0, 12, 24]
     assert isinstance(events[-1], Finished) and events[-1].summary == summary
     assert any(isinstance(e, Status) and e.status == "reference" for e in events)
+    assert next(e for e in events if isinstance(e, Status)).message == f"Loading the preference pairs in {pref_file.name}"
 
     manifest = read_manifest(tmp_path / "dpo")
     assert manifest["status"] == "done" and manifest["method"] == "dpo" and manifest["parent_run"] == parent.name

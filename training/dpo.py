@@ -232,7 +232,8 @@ def train_dpo_held(config: DPOConfig, hooks: Hooks | None, root: Path | None, re
     if resume is not None:
         check_unchanged(resume_dpo_config(resume, held=True).to_dict(), config, RESUME_CHANGEABLE + ("parent",))
 
-    emit(Status("loading", f"Loading the {data_label(config.data)} preference data"))
+    pairs = "the book's preference pairs" if config.data == "preference" else f"the preference pairs in {data_label(config.data)}"
+    emit(Status("loading", f"Loading {pairs}"))
     parent_dir, parent_manifest, records, split = check_dpo(config, root)
     sft = base_config(parent_manifest)
     data_file = preference_path(config.data)
