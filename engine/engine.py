@@ -298,6 +298,11 @@ class Engine:
         return [(job, self._claims[lane]) for lane, job in self._jobs.items()
                 if lane != but and job is not None and job.active]
 
+    def resuming(self) -> set[str]:
+        """The runs a job of this server is resuming: until it has loaded, their manifests still say stopped or
+        interrupted, and no one is to be offered them for another resume."""
+        return {name for _, claims in self._active_claims() for name in claims.writes}
+
     def files_in_use(self) -> set[str]:
         """The data files of the jobs going on (the uploads budget keeps them)."""
         return {file for _, claims in self._active_claims() for file in claims.files}

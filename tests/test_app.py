@@ -846,6 +846,57 @@ def test_the_runs_table_names_a_random_init_start(tmp_path):
     assert {row[0]: row[1] for row in rows} == {"20990101-000000-gpt2": "gpt2 (random init)", "20990101-000001-gpt2": "gpt2"}
 
 
+def test_a_run_being_resumed_is_listed_as_resuming_and_not_offered_again(tmp_path, monkeypatch):
+    """From the Resume press until the job has loaded (its manifest then says running), the Past runs table and every
+    page's Resume list know the run is being resumed; once it has ended, it is as its manifest says."""
+    import threading
+
+    import engine.engine as engine_module
+    from engine import Engine
+    from ui.train_tab import make_config, runs_table
+
+    engine = Engine(root=tmp_path / "runs", exports=tmp_path / "exports")
+    names = []
+    for owner in ("a", "b"):  # two stopped runs with checkpoints
+        job = engine.start_training(make_config(**{**TINY, "max_steps": 10_000, "checkpoint_every": 1}, data="sample"), owner=owner)
+        while job.snapshot()["step"] < 1:
+            assert job.snapshot()["status"] != "failed"
+            time.sleep(0.05)
+        engine.stop("train", owner)
+        assert job.wait(60) and job.snapshot()["status"] == "stopped"
+        names.append(job.snapshot()["run"])
+    loading, resume_run = threading.Event(), engine_module.resume_run
+    monkeypatch.setattr(engine_module, "resume_run", lambda *a, **k: loading.wait(30) and resume_run(*a, **k))
+    job = engine.resume_training(names[0], owner="a")
+    assert engine.resuming() == {names[0]}
+    rows, _, resumable = runs_table(engine, names[0])
+    assert {row[0]: row[3] for row in rows} == {names[0]: "resuming", names[1]: "stopped"}
+    assert [name for _, name in resumable.choices] == [names[1]] and resumable.value == names[1]
+    engine.stop("train", "a")
+    loading.set()
+    assert job.wait(60) and engine.resuming() == set()
+    assert {row[0]: row[3] for row in runs_table(engine)[0]} == {names[0]: "stopped", names[1]: "stopped"}
+
+
+def test_the_loss_chart_overlays_only_runs_with_a_next_token_loss(tmp_path):
+    """A preference-tuned run's DPO loss (ln 2 at its start) is not drawn on the loss axis beside cross-entropies."""
+    from engine import Engine
+    from ui.train_tab import chart_message, idle_html, runs_table
+
+    for name, method in (("20990101-000000-tiny", None), ("20990101-000001-tiny-dpo", "dpo")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        manifest = {"status": "done", "config": {"model": "tiny", "random_init": True}, "data": {"source": "sample"},
+                    **({"method": method} if method else {})}
+        (tmp_path / "runs" / name / "manifest.json").write_text(json.dumps(manifest))
+        (tmp_path / "runs" / name / "metrics.jsonl").write_text(json.dumps({"step": 0, "epoch": 0.0, "tokens_seen": 0, "train_loss": 0.693, "val_loss": 0.693}) + "\n")
+    engine = Engine(root=tmp_path / "runs", exports=tmp_path / "exports")
+    assert [name for _, name in runs_table(engine)[1].choices] == ["20990101-000000-tiny"]
+    assert "Past runs with curves: 1." in text(idle_html(engine))
+    snap = engine.snapshot("train")
+    drawn = json.loads(chart_message(engine, snap, ["20990101-000000-tiny", "20990101-000001-tiny-dpo"]))  # an API client
+    assert {trace["name"].split(" · ")[0] for trace in drawn["figure"]["data"]} == {"20990101-000000-tiny"}  # names both
+
+
 def test_an_idle_train_tab_points_to_the_past_runs_that_survived_a_restart(tmp_path):
     from engine import Engine
     from ui.train_tab import poll

@@ -48,7 +48,7 @@ def refresh_parents(engine, current: str | None, resuming: str | None = None):
     choices = parent_choices(engine)
     value = kept_or_newest(choices, current)
     return (gr.Dropdown(choices=choices, value=value), policy_note(value),
-            resumable_runs(engine.runs(), dpo=True, current=resuming))
+            resumable_runs(engine.runs(), dpo=True, current=resuming, resuming=engine.resuming()))
 
 
 def parent_note(engine, name: str | None) -> str:
@@ -312,7 +312,8 @@ def build(shared) -> None:
     stop_btn.click(partial(stop, engine), shared.client_id, message, api_name="stop_preference", **cheap)
     upload.change(check_upload, upload, [message, source], api_name="check_preference_file", **cheap)
     resume_btn.click(partial(resume_job, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
-                     api_name="resume_preference", concurrency_limit=1)
+                     api_name="resume_preference", concurrency_limit=1).then(
+        partial(refresh_parents, engine), [parent, resumable], [parent, parent_info, resumable], api_visibility="private", **cheap)
     on_poll = partial(poll, engine)
     shared.poll_while_shown(on_poll, [shared.client_id, seen], poll_outputs)
     for trigger in (shared.app.load, shared.tab.select, refresh.click, shared.runs_changed.change):

@@ -142,10 +142,16 @@ def progress_html(snap: dict) -> str:
     return f'<div class="gi-progress">{"".join(parts)}</div>'
 
 
+def overlaid(run) -> bool:
+    """A past run the loss chart may draw: one with a curve of the next-token loss (a preference-tuned run's DPO loss
+    is another quantity, ln 2 at its start)."""
+    return (run.path / METRICS).is_file() and run.manifest.get("method") != "dpo"
+
+
 def idle_html(engine) -> str:
     """Before the first run since the app started: how to start one, and where the past runs are (a restart keeps them)."""
     text = "Choose a model and press <b>Start</b>; everyone who opens the app sees the run live."
-    past = sum((run.path / METRICS).is_file() for run in engine.runs())
+    past = sum(map(overlaid, engine.runs()))
     if not past:
         return notice(f"No run yet. {text}")
     return notice(f"No run since the app started. {text} Past runs with curves: {past:,}. Pick any under "
@@ -186,7 +192,7 @@ def final_html(snap: dict, local_paths: bool = True) -> str:
 
 def chart_message(engine, snap: dict, overlays: list[str] | None) -> str:
     """The whole live chart for this run and overlay choice, with the chosen past runs (by name) overlaid."""
-    known = {run.name: run.path for run in engine.runs()} if overlays else {}
+    known = {run.name: run.path for run in engine.runs() if overlaid(run)} if overlays else {}
     past = [(name, read_metrics(known[name])) for name in overlays or [] if name in known]
     config = snap.get("config") or {}
     title = f"{config['model']} on {data_name(str(config['data']))}" if config else None
@@ -361,15 +367,16 @@ def runs_table(engine, resuming: str | None = None) -> tuple[list[list], dict, d
     """Past runs as table rows, the overlay picker's choices (runs that logged metrics), and the resumable fine-tuning runs
     (a preference-tuning run resumes in the Align tab), keeping the one picked (``resuming``) while it is one."""
     rows, choices = [], []
-    runs = engine.runs()
+    runs, being_resumed = engine.runs(), engine.resuming()
     for run in runs:
         m = run.manifest
         data = (m.get("data") or {}).get("source", "?")
-        rows.append([run.name, model_label(m), public_data(str(data)), run.status, m.get("steps", ""),
+        status = "resuming" if run.name in being_resumed and run.status != "running" else run.status
+        rows.append([run.name, model_label(m), public_data(str(data)), status, m.get("steps", ""),
                      val_loss_text(m, dpo=True), clock(m.get("wall_time_s"))])
-        if (run.path / METRICS).is_file():
+        if overlaid(run):
             choices.append((run.label(), run.name))
-    return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False, current=resuming)
+    return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False, current=resuming, resuming=being_resumed)
 
 
 def data_line(engine, dataset: dict | None, preset: str | None = None) -> str:
@@ -505,7 +512,8 @@ def build(shared) -> None:
     for trigger in (shared.app.load, shared.tab.select, refresh.click, shared.runs_changed.change):
         trigger(partial(runs_table, engine), resumable, [runs, overlay, resumable], api_visibility="private", **cheap)
     resume_btn.click(partial(resume_job, engine), [shared.client_id, resumable], [message, start_btn, stop_btn],
-                     api_name="resume_training", concurrency_limit=1)
+                     api_name="resume_training", concurrency_limit=1).then(
+        partial(runs_table, engine), resumable, [runs, overlay, resumable], api_visibility="private", **cheap)
     for trigger in (shared.dataset.change, preset.change):
         trigger(partial(data_line, engine), [shared.dataset, preset], data, api_visibility="private", **cheap)
     gr.api(partial(job_status, engine), api_name="job_status", concurrency_limit=None)
