@@ -491,6 +491,25 @@ def test_an_example_picked_in_the_playground_clears_the_answers_to_the_last_ques
     assert picked[:2] == ("Name a color.", "") and "Red." in picked[2] and picked[3:] == ("",) * 5
 
 
+def test_a_comparison_cancelled_by_another_pick_ends_with_its_answers_cleared(tmp_path):
+    """Another run, example or opened run cancels a streaming comparison, and clears the boxes; a chunk that the
+    comparison drew after that clearing (3 of 7 switches in Chromium, before) is cleared again once the cancel has gone
+    through: Gradio runs a cancelled event's ``.failure()`` then, and a successful comparison's never."""
+    from engine import Engine
+    from ui.app import build_app
+
+    demo = build_app(Engine(root=tmp_path / "runs", exports=tmp_path / "exports"))
+    blocks = {b._id: b for b in demo.blocks.values()}
+    compare = next(fn for fn in demo.fns.values() if fn.api_name == "compare")
+    boxes = {"base-output", "tuned-output", "aligned-output", "diff-view", "playground-status"}
+    assert {blocks[o._id].elem_id for o in compare.outputs} == boxes
+    cancelling = [fn for fn in demo.fns.values() if fn.cancels and compare._id in fn.cancels]
+    assert {blocks[t[0]].elem_id for fn in cancelling for t in fn.targets} >= {"tuned-run", "playground-examples"}
+    after = [fn for fn in demo.fns.values() if fn.trigger_after == compare._id]
+    assert len(after) == 1 and after[0].trigger_only_on_failure
+    assert {blocks[o._id].elem_id for o in after[0].outputs} == boxes and after[0].fn() == ("",) * 5
+
+
 def test_the_playground_examples_say_which_dataset_they_come_from(tmp_path):
     """They are the Dataset tab's data, which need not be the data the picked run trained on."""
     from engine import Engine

@@ -268,6 +268,9 @@ def build(shared) -> None:
     comparing = gr.on([compare_btn.click, instruction.submit, input_text.submit], partial(compare, engine),
           [instruction, input_text, run, max_new_tokens, temperature, top_k, top_p, seed],
           [base_out, tuned_out, aligned_out, diff, status], api_name="compare", concurrency_limit=1, concurrency_id="generate")
+    # A comparison cancelled midway (another run or example picked) could draw a chunk after the pick had cleared the
+    # boxes; Gradio runs a cancelled event's .failure() once the cancel has gone through, so the boxes end up empty.
+    comparing.failure(lambda: ("",) * 5, None, [base_out, tuned_out, aligned_out, diff, status], api_visibility="private", **cheap)
     picked = [run, info, base_out, tuned_out, aligned_out, diff]
     shared.app.load(lambda current: refresh_runs(engine, current), run, picked, api_visibility="private", **cheap)
     for trigger in (refresh.click, shared.runs_changed.change):
