@@ -201,14 +201,16 @@ def evaluation_figure(summary: dict) -> go.Figure:
         scores.append(("chosen preferred (%)", "preference_accuracy", 100, "%{y:.0f}%"))
     models = {"base": ("base", BASE_COLOR), "tuned": ("fine-tuned", TUNED_COLOR), "aligned": ("aligned", ALIGNED_COLOR)}
     keys = list(summary.get("models") or ("base", "tuned"))
+    text_size = 12 if len(keys) < 3 else 10  # three bars a group: labels of "100%" or "2,945.8" ran into each other
     for key, (name, color) in ((k, models[k]) for k in keys):
         totals = summary[key]
         ys = [None if totals.get(k) is None else totals[k] * scale for _, k, scale, _ in scores]
         fig.add_trace(go.Bar(x=[label for label, *_ in scores], y=ys, name=name, marker_color=color, legendgroup=key,
                              texttemplate=[t for *_, t in scores], textposition="outside", cliponaxis=False,
-                             hovertemplate=f"{name}<br>%{{x}}: %{{y:.2f}}<extra></extra>"), row=1, col=1)
+                             textfont_size=text_size, hovertemplate=f"{name}<br>%{{x}}: %{{y:.2f}}<extra></extra>"), row=1, col=1)
         fig.add_trace(go.Bar(x=["perplexity"], y=[totals.get("perplexity")], name=name, marker_color=color, legendgroup=key,
-                             showlegend=False, texttemplate="%{y:,.1f}", textposition="outside", cliponaxis=False,
+                             showlegend=False, texttemplate="%{y:.3s}", textposition="outside", cliponaxis=False,
+                             textfont_size=text_size,
                              hovertemplate=f"{name}<br>perplexity %{{y:,.2f}}<extra></extra>"), row=1, col=2)
     fig = base_layout(fig, height=340, barmode="group", bargap=0.25)
     # What is better goes on the outer axes, not in titles over the panels: on a phone those ran into each other.
