@@ -507,12 +507,14 @@ def test_the_expected_epoch_shows_the_last_finished_run_beside_its_estimate(engi
     assert engine.last_trained("tiny") == (run, None)  # not measured: what it took, no estimate
     assert engine.last_trained("tiny", lora_rank=4) is None and engine.last_trained("gpt2") is None
     took = clock(run.manifest["train_time_s"] + run.manifest["eval_time_s"])
-    assert f"not measured on this machine yet (Measure times a few real steps, a few seconds to a minute).Last finished run of tiny, full fine-tuning here ({run.name}): 14 steps of the bundled sample took {took} with evaluations, at " in shown()
+    wall = clock(run.manifest["wall_time_s"])  # the Done line's time, loading included: said beside it when it differs
+    in_all = f" ({wall} in all, with loading)" if wall != took else ""
+    assert f"not measured on this machine yet (Measure times a few real steps, a few seconds to a minute).Last finished run of tiny, full fine-tuning here ({run.name}): 14 steps of the bundled sample took {took} training and evaluating{in_all}, at " in shown()
     assert "Last finished run" not in shown(lora=True) and "Last finished run" not in shown("gpt2")
     engine.measure("tiny")
     found, expected = engine.last_trained("tiny", calibration=engine.calibration("tiny"))
     assert found == run and expected.steps == 14 and expected.eval_s > 0  # the run's own settings: 2 epochs, evaluated every 5
-    assert re.search(rf"took {took} with evaluations, at [\d,]+ tokens/s; estimated for it: {clock(expected.total_s)}\.", shown())
+    assert re.search(rf"took {took} training and evaluating{re.escape(in_all)}, at [\d,]+ tokens/s; estimated for it: {clock(expected.total_s)}\.", shown())
 
 
 def test_a_measurement_runs_alone_so_that_nothing_skews_it(engine, monkeypatch):

@@ -347,8 +347,11 @@ def last_trained_text(engine, preset: str, lora_rank: int, method: str, calibrat
     took = (m.get("train_time_s") or 0) + (m.get("eval_time_s") or 0)
     rate = m.get("tokens_seen", 0) / m["train_time_s"]
     said = f"; estimated for it: {clock(expected.total_s)}" if expected is not None else ""
+    wall = m.get("wall_time_s")
+    in_all = f" ({clock(wall)} in all, with loading)" if isinstance(wall, (int, float)) and clock(wall) != clock(took) else ""
     return (f"<br>Last finished run of {html.escape(preset)}, {method} here ({html.escape(run.name)}): "
-            f"{m.get('steps', 0)} steps of {data} took <b>{clock(took)}</b> with evaluations, at {rate:,.0f} tokens/s{said}.")
+            f"{m.get('steps', 0)} steps of {data} took <b>{clock(took)}</b> training and evaluating{in_all}, at "
+            f"{rate:,.0f} tokens/s{said}.")
 
 
 def measure(engine, preset: str, lora: bool, rank, dataset: dict | None = None, *form) -> str:
