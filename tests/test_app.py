@@ -916,6 +916,19 @@ def test_the_loss_chart_overlays_only_runs_with_a_next_token_loss(tmp_path):
     assert {trace["name"].split(" · ")[0] for trace in drawn["figure"]["data"]} == {"20990101-000000-tiny"}  # names both
 
 
+def test_an_idle_align_tab_draws_its_empty_chart_once(tmp_path):
+    """With no preference tuning in the lane (nothing yet, or a fine-tuning run), the chart says what will draw there,
+    sent on the first tick alone."""
+    from engine import Engine
+    from ui.align_tab import poll
+
+    engine = Engine(root=tmp_path / "runs", exports=tmp_path / "exports")
+    first = poll(engine, "visitor", None)
+    figure = json.loads(first[0])["figure"]
+    assert "Press Start to align" in figure["layout"]["annotations"][0]["text"]
+    assert poll(engine, "visitor", first[-2])[0] == {"__type__": "update"}
+
+
 def test_an_idle_train_tab_points_to_the_past_runs_that_survived_a_restart(tmp_path):
     from engine import Engine
     from ui.train_tab import poll

@@ -223,9 +223,12 @@ def poll(engine, client_id: str | None, seen: dict | None):
     finished, runs_changed = run_finished(latest, seen)
     if latest["kind"] != PREFERENCE:
         changed = seen.get("version") != ("other", latest["version"])
-        seen.update(version=("other", latest["version"]), chart=None, rows=0, active=active, can_stop=False, finished=finished)
+        seen.update(version=("other", latest["version"]), rows=0, active=active, can_stop=False, finished=finished)
         aligned = [run.name for run in trained_runs(engine) if run.manifest.get("method") == "dpo"] if changed else []
-        return (gr.skip(), other_job_html(latest, aligned) if changed else gr.skip(), gr.skip(), gr.skip(),
+        # The empty chart says what will draw there, once: left blank, it was 380 px of nothing above the answers.
+        chart = live_figure_message("none", [], figure=preference_figure([])) if seen.get("chart") != "none" else gr.skip()
+        seen["chart"] = "none"
+        return (chart, other_job_html(latest, aligned) if changed else gr.skip(), gr.skip(), gr.skip(),
                 gr.Button(interactive=not active) if changed else gr.skip(), gr.Button(interactive=False) if changed else gr.skip(),
                 gr.skip(), gr.Button(visible=False) if changed else gr.skip(), seen, runs_changed)
     key = chart_key(latest)
