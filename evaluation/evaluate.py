@@ -41,7 +41,7 @@ from training.cores import CoreShare
 from training.dpo import file_sha256
 from training.config import TrainConfig
 from training.loop import now
-from runstore import WEIGHTS, hold_runs, parent_folder, read_manifest, run_folder, write_atomic
+from runstore import WEIGHTS, RunInfo, hold_runs, parent_folder, read_manifest, run_folder, write_atomic
 from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences_if_any
 
 EVAL_ROWS = "eval.jsonl"
@@ -172,6 +172,9 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     judge = Judge(judge) if isinstance(judge, str) else judge
     config = run_config(run_dir)
     manifest = read_manifest(run_dir)
+    if manifest.get("status") in ("stopped", "interrupted") and not RunInfo(run_dir, manifest).last_step:
+        raise ValueError(f"{run_dir.name} stopped before its first step: nothing was trained (a preference-tuning run's "
+                         "saved weights are still its parent's); resume it, then evaluate it")
     dpo = manifest.get("method") == "dpo"
     names = tuple(models or (DPO_MODELS if dpo else ("base", "tuned")))
     allowed = DPO_MODELS if dpo else ("base", "tuned")

@@ -445,7 +445,7 @@ def same_weights(a: Path, b: Path) -> bool:
     (3, dict(lora_rank=2, grad_clip=1.0, sum_logprobs=True, packed=False)),  # AdamW after backward, frozen weights
     (None, {}),  # inside the reference pass: nothing trained yet, the resume computes the reference
 ])
-def test_a_resumed_dpo_run_trains_exactly_as_an_uninterrupted_one(parent, few_pairs, tmp_path, stop, extra):
+def test_a_resumed_dpo_run_trains_exactly_as_an_uninterrupted_one(parent, few_pairs, tmp_path, stop, extra, capsys):
     """6 steps over three epochs straight, against a stop + resume: the same figures and sample answers, bit for bit,
     and the same weights; the resumed run's watchers are shown the answers from before the stop too."""
     settings = dict(epochs=3, max_steps=None, eval_every=2, eval_batches=1, sample_tokens=2, lr=1e-3, **extra)
@@ -461,6 +461,10 @@ def test_a_resumed_dpo_run_trains_exactly_as_an_uninterrupted_one(parent, few_pa
             parent_run(run)
         with pytest.raises(ValueError, match="resumed stopped before its first step: nothing was trained"):
             Engine(root=tmp_path).finished_run("resumed")
+        from evaluation.evaluate import main as evaluate_main
+
+        assert evaluate_main([str(run), "--limit", "1"]) == 1  # its "aligned" column would be its parent's answers
+        assert "resumed stopped before its first step: nothing was trained" in capsys.readouterr().err
 
     events = []
     resumed = resume_dpo(run, Hooks(on_event=events.append))
