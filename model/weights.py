@@ -25,6 +25,7 @@ from .files import atomic_write
 from .gpt import GPT, PRESETS, GPTConfig, materialize
 
 HUB_PRESETS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+PRESET_NAMES = ", ".join([*HUB_PRESETS, *(f"{name} with random weights" for name in PRESETS if name not in HUB_PRESETS)])
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -138,7 +139,7 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
     try:
         return Path(hf_hub_download(repo, filename, local_files_only=True))
     except HFValidationError as e:
-        raise WeightsError(f"{repo!r} is neither a model preset ({', '.join(HUB_PRESETS)}), a local path, nor a Hub repo id: {e}") from None
+        raise WeightsError(f"{repo!r} is neither a model preset ({PRESET_NAMES}), a local path, nor a Hub repo id: {e}") from None
     except LocalEntryNotFoundError:
         pass
     offline = (
@@ -147,7 +148,7 @@ def hub_download(repo: str, filename: str, progress: ProgressFn | None = None) -
         f"directory holding {WEIGHTS_NAME} and {CONFIG_NAME}, or a .safetensors file."
     )
     if "/" not in repo:  # a typo of a preset reads as a Hub id with no owner
-        offline = f"{repo!r} is not a preset ({', '.join(HUB_PRESETS)}) nor a local path; as a Hub id, " + offline
+        offline = f"{repo!r} is not a preset ({PRESET_NAMES}) nor a local path; as a Hub id, " + offline
     reason = hub_unreachable()
     if reason:
         raise WeightsError(offline.format(why=reason))

@@ -275,6 +275,9 @@ def test_offline_hub_load_honours_hf_hub_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsError, match="HF_HUB_OFFLINE is set"):
         load_pretrained("openai-community/gpt2-medium")
+    presets = r"is not a preset \(gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny with random weights\) nor a local path"
+    with pytest.raises(WeightsError, match=f"^'gtp2' {presets}; as a Hub id, cannot download"):  # a typo of a preset
+        load_pretrained("gtp2")
 
 
 def test_loading_peak_memory_stays_under_1_5x_the_model(tmp_path):

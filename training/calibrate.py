@@ -325,9 +325,10 @@ def main(argv=None) -> int:
 
     configure_runtime()
     p = argparse.ArgumentParser(prog="python -m training.calibrate", description=main.__doc__)
-    p.add_argument("--model", default="gpt2")
-    p.add_argument("--lora-rank", type=int, default=0)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--model", default="gpt2", help="the preset to time (default: gpt2; tiny with random weights too)")
+    p.add_argument("--lora-rank", type=int, default=0, help="time LoRA at this rank (default: 0, full fine-tuning)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 where the hardware multiplies it natively, else fp32 (default auto)")
     p.add_argument("--refresh", action="store_true", help="measure again even if a cached result exists")
     args = p.parse_args(argv)
     try:
