@@ -933,6 +933,11 @@ def test_cli_help_shows_every_default_takes_none_and_notes_flags_that_do_nothing
     with pytest.raises(SystemExit):
         parse_args(["--max-steps", "x"])
     assert "invalid int value: 'x'" in capsys.readouterr().err
+    for parse, args, says in ((parse_args, ["--model", "tiny", "--random-init", "--batch-size", "0"], "--batch-size must be between 1 and 512, got 0"),
+                              (parse_dpo_args, ["--from", "run", "--beta", "-1"], "--beta must be in (0, 100], got -1")):
+        with pytest.raises(SystemExit):  # a setting out of range, named by its flag as typed
+            parse(args)
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {says}")
 
 
 def _run_cli(tmp_path, request):

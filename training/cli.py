@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
+from dataclasses import fields
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -18,7 +20,7 @@ from runstore import run_folder
 
 from . import distributed
 from .checkpoint import resume_config
-from .config import ConfigError, TrainConfig, add_arguments, idle_settings
+from .config import ConfigError, TrainConfig, add_arguments, flag_of, idle_settings
 from .events import Download, Finished, Logged, Started
 from .loop import Hooks, TrainingStopped, train
 
@@ -48,8 +50,10 @@ def parse_args(argv=None, make=None, settings=TrainConfig, check=None):
         parser.error(problem)
     try:
         config = settings(**args)
-    except ConfigError as e:
-        parser.error(str(e))
+    except ConfigError as e:  # "batch_size must be ...": the flag's name, as typed
+        named = {f.name: flag_of(f) for f in fields(settings)}
+        field_name = re.match(r"\w+", str(e))
+        parser.error(named[field_name[0]] + str(e)[field_name.end():] if field_name and field_name[0] in named else str(e))
     for note in idle_settings(config, settings_given(argv, make)):
         print(f"note: {note}", file=sys.stderr)
     return config
