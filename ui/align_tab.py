@@ -48,7 +48,7 @@ def refresh_parents(engine, current: str | None, resuming: str | None = None):
     choices = parent_choices(engine)
     value = kept_or_newest(choices, current)
     return (gr.Dropdown(choices=choices, value=value), policy_note(value),
-            resumable_runs(engine.runs(), dpo=True, current=resuming, resuming=engine.resuming()))
+            resumable_runs(engine.runs(), dpo=True, current=resuming, being_resumed=engine.resuming()))
 
 
 def parent_note(engine, name: str | None) -> str:

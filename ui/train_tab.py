@@ -379,7 +379,7 @@ def runs_table(engine, resuming: str | None = None) -> tuple[list[list], dict, d
                      val_loss_text(m, dpo=True), clock(m.get("wall_time_s"))])
         if overlaid(run):
             choices.append((run.label(), run.name))
-    return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False, current=resuming, resuming=being_resumed)
+    return rows, gr.Dropdown(choices=choices), resumable_runs(runs, dpo=False, current=resuming, being_resumed=being_resumed)
 
 
 def data_line(engine, dataset: dict | None, preset: str | None = None) -> str:

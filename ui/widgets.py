@@ -278,12 +278,12 @@ def no_runs_note(engine, text: str, use: str, level: str = "info") -> str:
     return notice(text, level)
 
 
-def resumable_runs(runs, dpo: bool, current: str | None = None, resuming: set[str] = frozenset()):
+def resumable_runs(runs, dpo: bool, current: str | None = None, being_resumed: set[str] = frozenset()):
     """A run picker for the Resume button: the stopped or interrupted runs with a checkpoint, preference-tuned ones
-    (``dpo``) or fine-tuned ones, newest first, but those being ``resuming`` (``Engine.resuming``); ``current`` stays
+    (``dpo``) or fine-tuned ones, newest first, but those ``being_resumed`` (``Engine.resuming``); ``current`` stays
     picked while it can be resumed, else the newest."""
     choices = [(resume_label(run), run.name) for run in runs
-               if run.resumable and (run.manifest.get("method") == "dpo") == dpo and run.name not in resuming]
+               if run.resumable and (run.manifest.get("method") == "dpo") == dpo and run.name not in being_resumed]
     return gr.Dropdown(choices=choices, value=kept_or_newest(choices, current))
 
 
