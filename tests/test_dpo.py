@@ -509,6 +509,11 @@ def test_checkpoints_every_n_steps_and_a_resume_may_change_only_what_trains_the_
     assert [r["step"] for r in read_metrics(run) if r["val_loss"] is not None] == [0, 2, 4, 5, 6]
     with pytest.raises(ResumeError, match="dpo is done .* nothing to resume"):
         resume_dpo(run)
+    # A finished run of the other kind is named as such, not as done: resuming it would be no use either way.
+    with pytest.raises(ResumeError, match="dpo is a preference-tuning \\(DPO\\) run: resume it with python -m training.dpo"):
+        resume_run(run)
+    with pytest.raises(ResumeError, match=f"{parent.name} is a fine-tuning run, not a preference-tuning one"):
+        resume_dpo(parent)
 
 
 def test_a_resume_is_refused_when_the_data_or_the_parent_changed_or_nothing_was_saved(parent, tmp_path):

@@ -132,8 +132,9 @@ def start_epoch(loader, state: dict) -> int:
     return state["epoch"]
 
 
-def resumable(run_dir: Path, held: bool = False) -> dict:
-    """The manifest of the run in ``run_dir`` if it can be resumed; else ``ResumeError`` saying why.
+def resumable(run_dir: Path, held: bool = False, dpo: bool = False) -> dict:
+    """The manifest of the run in ``run_dir`` if it can be resumed as a fine-tuning run (``dpo``: as a DPO run); else
+    ``ResumeError`` saying why, the wrong kind of run first (a run of the other kind is no use even when done).
 
     A run that its manifest says is running but whose process is gone is marked interrupted first. One whose lock
     another process or job holds (``runstore.locks``) is refused, unless the caller's resume holds it (``held``: the
@@ -147,6 +148,10 @@ def resumable(run_dir: Path, held: bool = False) -> dict:
     if not manifest:
         damaged = (run_dir / MANIFEST).is_file()
         raise ResumeError(f"{name}: its {MANIFEST} cannot be read (empty or damaged)" if damaged else f"{name}: not a run (no {MANIFEST})")
+    if dpo and manifest.get("method") != "dpo":
+        raise ResumeError(f"{name} is a fine-tuning run, not a preference-tuning one: resume it with python -m training --resume {name}")
+    if not dpo and manifest.get("method") == "dpo":
+        raise ResumeError(f"{name} is a preference-tuning (DPO) run: resume it with python -m training.dpo --resume {name}")
     recover_run(run_dir)
     manifest = read_manifest(run_dir)
     status = manifest.get("status")
@@ -189,9 +194,6 @@ def resume_config(run_dir: Path, held: bool = False, **changes) -> TrainConfig:
     """The settings of the fine-tuning run in ``run_dir`` (with ``changes`` to those in ``CHANGEABLE``), if it can be
     resumed (``held``: as ``resumable``)."""
     manifest = resumable(run_dir, held)
-    if manifest.get("method") == "dpo":
-        raise ResumeError(f"{Path(run_dir).name} is a preference-tuning (DPO) run: resume it with "
-                          f"python -m training.dpo --resume {Path(run_dir).name}")
     refuse_changes(changes, manifest["config"])
     return TrainConfig.from_dict({**manifest["config"], **changes, "out": str(run_dir)})
 

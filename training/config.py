@@ -106,7 +106,7 @@ class TrainConfig(Settings):
     grad_clip: float | None = setting(None, "clip the gradient norm to this", 0, low_open=True)
     grad_accum: int = setting(1, "batches accumulated into one optimizer step", 1, 1024)
     eval_every: int = setting(20, "steps between validation evaluations", 1)
-    eval_batches: int | None = setting(3, "validation batches per evaluation (none: all)", 1)
+    eval_batches: int | None = setting(3, "validation batches per evaluation (0 or none: all)", 1)
     sample_tokens: int = setting(40, "new tokens of the validation instruction's answer at each evaluation", 0, 512)
     mask_prompt: bool = setting(False, "learn only the response tokens")
     grouped: bool = setting(False, "length-grouped batches instead of the book's random ones (padding is skipped either way)")

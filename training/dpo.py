@@ -61,8 +61,8 @@ class DPOConfig(Settings):
     seed: int = setting(123, "seed for the batch order", 0, 2**63 - 1)
     grad_clip: float | None = setting(None, "clip the gradient norm to this", 0, low_open=True)
     eval_every: int = setting(20, "steps between evaluations on train and validation pairs", 1)
-    eval_batches: int | None = setting(3, "batches per evaluation, of train and of validation pairs (none: all the "
-                                          "validation pairs and 3 batches of train)", 1)
+    eval_batches: int | None = setting(3, "batches per evaluation, of train and of validation pairs (0 or none: all "
+                                          "the validation pairs and 3 batches of train)", 1)
     sample_tokens: int = setting(40, "new tokens of the validation instruction's answer at each evaluation", 0, 512)
     grouped: bool = setting(True, "length-grouped batches; off: plainly shuffled", flag="--no-grouped")
     packed: bool = setting(True, "one row per pair, the prompt computed once; off: chosen and rejected as 2B rows",
@@ -167,10 +167,7 @@ def resume_dpo_config(run_dir: str | Path, held: bool = False, **changes) -> DPO
     Its parent is looked for beside it first (a runs folder moved whole), then where it was.
     """
     run_dir = Path(run_dir)
-    manifest = resumable(run_dir, held)
-    if manifest.get("method") != "dpo":
-        raise ResumeError(f"{run_dir.name} is a fine-tuning run, not a preference-tuning one: "
-                          f"resume it with python -m training --resume {run_dir.name}")
+    manifest = resumable(run_dir, held, dpo=True)
     refuse_changes(changes, manifest["dpo"], RESUME_CHANGEABLE)
     parent = parent_folder(run_dir, manifest)
     return DPOConfig.from_dict({**manifest["dpo"], **changes, "parent": str(parent), "out": str(run_dir)})
