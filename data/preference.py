@@ -31,7 +31,7 @@ from .batching import LengthGroupedSampler, too_long
 from .browse import PAGE_SIZE, Page, page_of, split_names
 from .errors import DatasetError
 from .prompts import check_style, encode_prompt
-from .records import FIELDS, check_columns, folded, json_type, read_items, split_instructions, validate_records
+from .records import FIELDS, check_characters, check_columns, folded, json_type, read_items, split_instructions, validate_records
 
 PREFERENCE_FIELDS = ("chosen", "rejected")
 
@@ -86,7 +86,8 @@ def validate_preferences(items: list, name: str = "data", label: str = "record")
                     raise DatasetError(f'{where}: field "{field}" must be a string, got {json_type(value[field])}')
                 if not value[field].strip():
                     raise DatasetError(f'{where}: field "{field}" is empty')
-            if value.get("output") is None:
+                check_characters(value[field], f'{where}: field "{field}"')
+            if value.get("output") is None or value.get("output") == "":  # a spreadsheet's empty cell leaves it out too
                 value = {**value, "output": value["chosen"]}
         filled.append((number, value))
     records = validate_records(filled, name, label)

@@ -119,6 +119,8 @@ def parse_json_or_jsonl(text: str, name: str, jsonl: bool) -> tuple[list, str]:
         raise DatasetError(f"{name}, line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}{extra})") from None
     except RecursionError:
         raise DatasetError(f"{name}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # Python's limit on a number's digits
+        raise DatasetError(f"{name}: not valid JSON ({exc}".split("; use sys.")[0] + ")") from None
     if isinstance(data, dict) and len(text.strip().split("\n")) == 1 and not any(
             isinstance(value, (list, dict)) for value in data.values()):  # one record on one line: JSON Lines
         return [(1, data)], "line"
@@ -135,7 +137,7 @@ def first_line_is_json(text: str) -> bool:
     """Whether the first line that is not blank holds a JSON value of its own: else a file is no JSON Lines."""
     try:
         json.loads(next(line for line in text.split("\n") if line.strip()))
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return False
     return True
 
@@ -152,34 +154,50 @@ def parse_jsonl(text: str, name: str) -> list:
             raise DatasetError(f"{name}, line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
         except RecursionError:
             raise DatasetError(f"{name}, line {number}: not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # Python's limit on a number's digits
+            raise DatasetError(f"{name}, line {number}: not valid JSON ({exc}".split("; use sys.")[0] + ")") from None
     return items
 
 
 def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
     """``(row, fields)`` items of a table whose header row names the fields; rows as a spreadsheet numbers them
-    (the header is row 1). An empty cell is an empty string; a row with fewer cells lacks the last fields."""
+    (the header is row 1). An empty cell is an empty string; a row with fewer cells lacks the last fields.
+
+    What spreadsheets and pandas add is left out: columns without a name (pandas' index, a trailing comma), empty
+    cells past the header's last column, rows with every cell empty. A semicolon-separated file (Excel where the
+    comma is the decimal mark) is read as such.
+    """
+    if delimiter == "," and semicolon_separated(text):
+        delimiter = ";"
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     items, header, number = Rows(), None, 0
     try:
         for number, row in enumerate(reader, start=1):  # a blank line is a row in a spreadsheet too
             if header is None:
                 header = [field.strip() for field in row]
-                if not header or not all(header) or len(set(header)) < len(header):
+                named = [field for field in header if field]
+                if not named or len(set(named)) < len(named):
                     raise DatasetError(f"{name}, row 1: the first row must name each column once (instruction, input, "
                                        f"output, ...), got {delimiter.join(header)!r}")
-                items.header = header
-            elif len(row) > len(header):
+                items.header = named
+            elif len(row) > len(header) and any(cell.strip() for cell in row[len(header):]):
                 extra = len(row) - len(header)
                 raise DatasetError(f"{name}, row {number}: {extra} more cell{'s' * (extra > 1)} than the header's "
-                                   f"{len(header)} columns ({', '.join(header)})")
-            elif row:
-                items.append((number, dict(zip(header, row))))
+                                   f"{len(header)} columns ({', '.join(column or '(unnamed)' for column in header)})")
+            elif any(cell.strip() for cell in row):
+                items.append((number, {column: cell for column, cell in zip(header, row) if column}))
     except csv.Error as exc:
         raise DatasetError(f"{name}, row {number + 1}: not valid CSV ({exc})") from None
     if header is None:
         raise DatasetError(f"{name}, row 1: the first row must name each column once (instruction, input, output, "
                            "...), got ''")
     return items
+
+
+def semicolon_separated(text: str) -> bool:
+    """Whether a CSV's header row is one column by its commas and several by its semicolons."""
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    return "," not in first and first.count(";") >= 1
 
 
 class Rows(list):
@@ -222,6 +240,16 @@ def folded(value: dict, fields, where: str) -> dict:
     return {names.get(key, key): text for key, text in value.items()}
 
 
+def check_characters(text: str, where: str) -> None:
+    """A lone UTF-16 surrogate (half an emoji, escaped in JSON as \\ud83d) cannot be encoded to tokens: named here,
+    not as a UnicodeEncodeError when training starts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DatasetError(f"{where}: character {exc.start + 1} is half of a UTF-16 pair (\\u{ord(text[exc.start]):04x}), "
+                           "not a character; was an emoji cut in two?") from None
+
+
 def validate_records(items: list, name: str = "data", label: str = "record") -> list[dict]:
     """Check ``(number, value)`` pairs and return clean three-field records.
 
@@ -251,6 +279,7 @@ def validate_records(items: list, name: str = "data", label: str = "record") -> 
                 raise DatasetError(f'{where}: field "{field}" must be a string, got {json_type(text)}')
             if field != "input" and not text.strip():
                 raise DatasetError(f'{where}: field "{field}" is empty')
+            check_characters(text, f'{where}: field "{field}"')
             record[field] = text
         records.append(record)
     return records

@@ -119,6 +119,23 @@ def test_user_file_csv_and_tsv(tmp_path):
         rec("A", "C", "B")]
 
 
+def test_what_spreadsheets_and_pandas_add_to_a_csv_is_left_out(tmp_path):
+    """pandas' unnamed index column, a trailing comma on every line, Excel's cleared rows (",,") at the bottom and its
+    semicolons where the comma is the decimal mark: the records load as they are."""
+    expected = [rec("A", "", "B"), rec("C", "x; y", "D")]
+    files = {
+        "pandas.csv": ',instruction,input,output\n0,A,,B\n1,C,"x; y",D\n',
+        "trailing.csv": 'instruction,input,output,\r\nA,,B,\r\nC,"x; y",D,\r\n,,,\r\n',
+        "cells.csv": 'instruction,input,output\nA,,B,,\nC,"x; y",D\n,,\n  ,,\n',
+        "semicolons.csv": 'instruction;input;output\nA;;B\nC;"x; y";D\n',
+    }
+    for name, text in files.items():
+        assert load_instructions(write(tmp_path, text, name)) == expected, name
+    with pytest.raises(DatasetError, match=r"row 2: 1 more cell than the header's 4 columns \(\(unnamed\), instruction, input, "
+                                           r"output\)"):
+        load_instructions(write(tmp_path, ",instruction,input,output\n0,A,,B,x\n", "data.csv"))
+
+
 BAD_CSV = [
     ("missing output", "instruction,input\nA,\n", 'data.csv, row 1: the header has no "output" column (its columns: '
                                                    'instruction, input)'),
@@ -181,6 +198,12 @@ BAD_FILES = [
     ("JSON Lines record", json.dumps(rec()) + "\n\n" + json.dumps({"instruction": "a"}),
      'line 3: field "output" is missing'),
     ("deep nesting", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("a number of 5,000 digits", '[{"instruction": "a", "output": ' + "9" * 5000 + "}]",
+     "not valid JSON (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits)"),
+    ("the same in JSON Lines", json.dumps(rec()) + '\n{"instruction": "a", "output": ' + "9" * 5000 + "}",
+     "line 2: not valid JSON (Exceeds the limit"),
+    ("half an emoji", json.dumps(many(3, output="Hi \ud83d there")),
+     'record 3: field "output": character 4 is half of a UTF-16 pair (\\ud83d), not a character; was an emoji cut in two?'),
 ]
 
 

@@ -102,6 +102,9 @@ def test_bad_preference_files_name_the_record_and_field(tmp_path):
         load("instruction,Chosen,worse\nSay hi.,Hi!,No.\n", "p.csv")
     assert load("instruction,chosen,rejected\nSay hi.,Hi!,No.\n", "p.csv") == [
         {"instruction": "Say hi.", "input": "", "output": "Hi!", "chosen": "Hi!", "rejected": "No."}]  # output: the chosen
+    assert load("instruction,input,output,chosen,rejected\nSay hi.,,,Hi!,No.\n", "p.csv")[0]["output"] == "Hi!"  # an empty cell
+    with pytest.raises(DatasetError, match=r'record 1: field "rejected": character 1 is half of a UTF-16 pair'):
+        load(json.dumps([{**good, "rejected": "\udc00"}]))
     with pytest.raises(DatasetError, match="file not found"):
         load_preferences(tmp_path / "missing.json")
     no_output = {k: v for k, v in good.items() if k != "output"}
