@@ -184,6 +184,10 @@ def test_data_that_cannot_make_a_run_fails_before_the_job_starts(engine, tmp_pat
     nine.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(9)]))
     with pytest.raises(ValueError, match="nine.json has 9 records: its test .10 %. split is empty; .* at least 10 records"):
         engine.start_training(tiny(data=str(nine), batch_size=2))
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([{"instruction": "Say 1.", "input": "", "output": "1"}]))
+    with pytest.raises(ValueError, match="^one.json has 1 record: its training split"):
+        engine.start_training(tiny(data=str(one)))
     from data import cache
 
     monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))

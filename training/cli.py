@@ -126,7 +126,7 @@ class ProgressBar:
                 (event.no_answer_records, f"the prompt alone fills max length {event.max_length}, and mask prompt "
                                           "learns only the answer")) if count)
             tqdm.write(f"{event.parameters:,} parameters ({event.trainable_parameters:,} trained) on {event.device}; "
-                       f"{event.train_records} training records{skipped}; run: {event.run_dir}")
+                       f"{event.train_records} training record{'s' * (event.train_records != 1)}{skipped}; run: {event.run_dir}")
             if event.precision:
                 tqdm.write(f"precision {event.precision}")
             if event.start_step:

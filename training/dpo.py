@@ -149,7 +149,7 @@ def check_dpo(config: DPOConfig, root: Path | None = None):
     split = split_preferences(records)
     name = data_label(config.data)
     if len(split.train) < config.batch_size:
-        raise ValueError(f"{name} has {len(records)} pairs: its training split (85 %) has {len(split.train)}, fewer than "
+        raise ValueError(f"{name} has {len(records)} pair{'s' * (len(records) != 1)}: its training split (85 %) has {len(split.train)}, fewer than "
                          f"one batch of {config.batch_size}; use a smaller batch or at least "
                          f"{math.ceil(config.batch_size / 0.85)} pairs")
     return parent_dir, manifest, records, split

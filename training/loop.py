@@ -207,10 +207,10 @@ def check_data(config: TrainConfig):
     if len(split.train) < per_step:
         step = one_step(config, processes)
         smaller = SMALLER_BATCH if split.test else NO_TEST_SPLIT
-        raise DatasetError(f"{name} has {n} records: its training split (85 %) has {len(split.train)}, fewer than one step "
+        raise DatasetError(f"{name} has {n} record{'s' * (n != 1)}: its training split (85 %) has {len(split.train)}, fewer than one step "
                            f"of {step}; {smaller}: {needed}")
     if not split.test:
-        raise DatasetError(f"{name} has {n} records: its test (10 %) split is empty; {needed}")
+        raise DatasetError(f"{name} has {n} record{'s' * (n != 1)}: its test (10 %) split is empty; {needed}")
     return records, split
 
 
