@@ -5,7 +5,11 @@ greedy, fp32, KV cache; prompts are the book's test split formatted as the app
 does. Ours and transformers run interleaved in the same process at the same
 thread count; each figure is the median over rounds, prompt processing
 included. Then the greedy output of the default (exact) mode and of the
-opt-in int8 mode is compared with our plain fp32 loop on the test prompts.
+opt-in int8 mode is compared with our plain fp32 loop on the test prompts, and
+that loop's with transformers' greedy output. The exact mode's speed depends on
+how many of the int8 draft's tokens the model keeps: the tokens per pass of
+the model are printed (random weights may draft better or worse than trained
+ones).
 
     python -m bench.generate [--quick] [--prompts 20] [--tokens 64] [--threads 1] [--data canonical]
 
@@ -21,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -64,6 +69,25 @@ def hf_greedy(model, prompt: list[int], n: int) -> None:
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=50256)
     assert out.shape[1] == len(prompt) + n
+
+
+def hf_tokens(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy new tokens, up to its end token (left out, as ours leaves it out)."""
+    ids = torch.tensor([prompt], device=model.device)
+    with torch.inference_mode():
+        new = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=50256)[0, len(prompt):].tolist()
+    return new[:new.index(50256)] if 50256 in new else new
+
+
+@contextmanager
+def counting_passes(model):
+    """A list whose length is the number of passes of ``model`` (not of its int8 draft) while inside."""
+    passes, hidden_states = [], model.hidden_states
+    model.hidden_states = lambda *a, **k: passes.append(1) or hidden_states(*a, **k)
+    try:
+        yield passes
+    finally:
+        del model.hidden_states
 
 
 def hf_side_by_side(models, prompt: list[int], n: int) -> None:
@@ -140,9 +164,9 @@ def main() -> None:
     mean_len = sum(map(len, prompts)) / len(prompts)
     prefill = per_token["hf"] * 0.15 * mean_len  # prompt tokens go through together, several times cheaper each
     estimate = (args.rounds * 3 * args.tokens * (per_token["ours"] + per_token["hf"])
-                + len(prompts) * (3 * prefill + args.check_tokens * (per_token["hf"] + 2 * per_token["ours"])))
+                + len(prompts) * (4 * prefill + args.check_tokens * (2 * per_token["hf"] + 2 * per_token["ours"])))
     print(f"this takes about {estimate / 60:.1f} min (timing {args.rounds} rounds of {args.tokens} tokens, then "
-          f"{len(prompts)} prompts x {args.check_tokens} tokens in 3 modes); --quick for less", flush=True)
+          f"{len(prompts)} prompts x {args.check_tokens} tokens in 3 modes and in transformers); --quick for less", flush=True)
 
     cases = {
         "batch1_ours": lambda: generate(ours[0], speed_prompt, args.tokens, eos_id=None),
@@ -168,13 +192,23 @@ def main() -> None:
                         f"{case}_ratio": ours_rate / hf_rate})
 
     figures.update(ours_tokens_per_s=rate["batch1_ours"], transformers_tokens_per_s=rate["batch1_transformers"])
+    with counting_passes(ours[0]) as passes:
+        generate(ours[0], speed_prompt, args.tokens, eos_id=None)
+    per_pass = args.tokens / len(passes)  # the plain loop: one pass a token, the prompt's first
+    print(f"exact mode kept {per_pass:.2f} new tokens per pass of the model on the timed prompt (1.00: no draft kept)")
 
     print(f"comparing greedy output on {len(prompts)} test prompts: plain fp32 loop (the reference)...", flush=True)
     reference = [generate(ours[0], p, args.check_tokens, mode="plain") for p in prompts]
     print("  exact mode (the default)...", flush=True)
-    exact = agreement(ours[0], prompts, args.check_tokens, "exact", reference)
+    with counting_passes(ours[0]) as passes:
+        exact = agreement(ours[0], prompts, args.check_tokens, "exact", reference)
+    produced = sum(len(r) + (len(r) < args.check_tokens) for r in reference)  # the end token, where one came, too
+    kept_per_pass = produced / len(passes)
     print(f"exact (default): greedy output identical to our plain fp32 loop on {exact:.0%} of {len(prompts)} test prompts "
-          f"({args.check_tokens} new tokens each)", flush=True)
+          f"({args.check_tokens} new tokens each, {kept_per_pass:.2f} per pass of the model)", flush=True)
+    print("  transformers' greedy output...", flush=True)
+    hf_agree = sum(hf_tokens(hf[0], p, args.check_tokens) == ref for p, ref in zip(prompts, reference)) / len(prompts)
+    print(f"transformers: greedy output identical to our plain fp32 loop on {hf_agree:.0%} of the prompts", flush=True)
     int8_rate = int8_ratio = int8_agree = float("nan")
     if int8:
         int8_agree = agreement(ours[0], prompts, args.check_tokens, "int8", reference)
@@ -182,7 +216,8 @@ def main() -> None:
         int8_ratio = int8_rate / rate["batch1_transformers"]
         print(f"int8 (opt-in, approximate): {int8_rate:.1f} tokens/s, {int8_ratio:.2f}x transformers; "
               f"identical to fp32 on {int8_agree:.0%} of the prompts")
-    figures.update(exact_agreement=exact, int8_tokens_per_s=int8_rate, int8_ratio=int8_ratio, int8_agreement=int8_agree,
+    figures.update(exact_agreement=exact, transformers_agreement=hf_agree, exact_tokens_per_pass=per_pass,
+                   exact_tokens_per_pass_on_prompts=kept_per_pass, int8_tokens_per_s=int8_rate, int8_ratio=int8_ratio, int8_agreement=int8_agree,
                    agreement_prompts=len(prompts), agreement_tokens=args.check_tokens,
                    seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
     print(json.dumps(finite(figures)))

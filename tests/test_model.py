@@ -462,6 +462,24 @@ def test_int8_mode_is_close_and_its_agreement_is_measured(frozen):
     assert 0.0 <= agreement(frozen, prompts, 12, "int8", reference) <= 1.0
 
 
+def test_the_generation_benchmark_reads_transformers_greedy_tokens_and_counts_passes(frozen, tmp_path):
+    """What ``bench.generate`` compares and prints: transformers' greedy tokens as ours (end token left out), and the
+    passes of the model itself (one a token in the plain loop, fewer when the int8 draft's tokens are kept)."""
+    from transformers import GPT2LMHeadModel
+
+    from bench.generate import counting_passes, hf_tokens
+
+    hf = GPT2LMHeadModel.from_pretrained(save_pretrained(frozen, tmp_path / "m")).eval()
+    for prompt in ([5, 17, 300], [8] * 11):
+        assert hf_tokens(hf, prompt, 12) == generate(frozen, prompt, 12, mode="plain")
+    with counting_passes(frozen) as plain:
+        generate(frozen, [5, 17, 300], 12, eos_id=None, mode="plain")
+    with counting_passes(frozen) as exact:
+        generate(frozen, [8] * 11, 12, eos_id=None)
+    assert len(plain) == 12 and 2 <= len(exact) < 12  # a repeated prompt drafts well
+    assert "hidden_states" not in vars(frozen)
+
+
 def test_int8_copy_follows_weight_changes_and_skips_models_in_training(tiny):
     from model.inference import _COPIES, int8_copy
 

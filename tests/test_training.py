@@ -752,6 +752,8 @@ def test_bench_train_ends_with_one_json_object_without_nan(tmp_path):
     figures = json.loads(lines[-1], parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     assert figures["cpu_class"] == "fp32-only" and figures["precision"] == "float32"
     assert figures["transformers_autocast_tokens_per_s"] is None and figures["ours_lora_tokens_per_s"] > 0
+    assert figures["epoch_ratio_grouped_vs_grouped"] == pytest.approx(  # both sides on the length-grouped batches
+        figures["transformers_projected_epoch_grouped_s"] / figures["projected_epoch_grouped_s"], rel=2e-3)
     assert figures["mfu_of_torch_mm_peak"] == pytest.approx(
         figures["mfu"] * figures["matmul_peak_gflops"] / figures["torch_mm_peak_gflops"], abs=2e-3)  # rounded to 3 places
     breakdown = figures["step_breakdown"]
