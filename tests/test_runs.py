@@ -144,8 +144,13 @@ def test_a_stopped_run_says_which_step_its_validation_loss_is_from(tmp_path):
     assert (stopped["steps"], stopped["final_val_step"]) == (5, 3)
     run = tmp_path / "run"
     assert RunInfo(run, read_manifest(run)).label().endswith(f"val loss {stopped['final_val_loss']:.3f} at step 3)")
+    # The checkpoint's clock is read before its save; the manifest's wall time, after. Made 100 s longer here (a slow
+    # disk), the resumed clock goes on from it: it never reads less than the run showed when it stopped.
+    manifest = {**read_manifest(run), "wall_time_s": stopped["wall_time_s"] + 100}
+    (run / "manifest.json").write_text(json.dumps(manifest))
     resumed = resume_run(run, Hooks())
     assert (resumed["steps"], resumed["final_val_step"]) == (8, 8)  # the last step is always evaluated
+    assert resumed["wall_time_s"] > stopped["wall_time_s"] + 100
     assert RunInfo(run, read_manifest(run)).label().endswith(f"val loss {resumed['final_val_loss']:.3f})")
 
 

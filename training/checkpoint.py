@@ -89,6 +89,8 @@ def checkpoint_run(writer, emit, optimizer, *, step: int, write: bool = True, **
 
 
 def load_checkpoint(run_dir: Path) -> dict:
+    """The run's checkpoint; a run stopped at its step goes on from the wall time its manifest shows, the save at the
+    stop included (the checkpoint's clock was read before it), so that the resumed clock never reads less than the stop."""
     path = Path(run_dir) / CHECKPOINT
     if path.is_file() and path.stat().st_size == 0:
         raise ResumeError(f"{Path(run_dir).name}: its checkpoint is an empty file (the disk filled up, or it was cut short)")
@@ -98,6 +100,10 @@ def load_checkpoint(run_dir: Path) -> dict:
         raise ResumeError(f"{Path(run_dir).name}: its checkpoint cannot be read ({e})") from None
     if state.get("format") != FORMAT:
         raise ResumeError(f"{Path(run_dir).name}: the checkpoint has format {state.get('format')}, this version reads {FORMAT}")
+    manifest = read_manifest(run_dir) or {}
+    wall = manifest.get("wall_time_s")
+    if manifest.get("status") == "stopped" and manifest.get("steps") == state.get("step") and isinstance(wall, (int, float)):
+        state["clock"]["elapsed_s"] = max(state["clock"]["elapsed_s"], wall)
     return state
 
 
