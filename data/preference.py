@@ -87,7 +87,7 @@ def validate_preferences(items: list, name: str = "data", label: str = "record")
                 if not value[field].strip():
                     raise DatasetError(f'{where}: field "{field}" is empty')
                 check_characters(value[field], f'{where}: field "{field}"')
-            if value.get("output") is None or value.get("output") == "":  # a spreadsheet's empty cell leaves it out too
+            if value.get("output") in (None, ""):  # a spreadsheet's empty cell leaves it out too
                 value = {**value, "output": value["chosen"]}
         filled.append((number, value))
     records = validate_records(filled, name, label)

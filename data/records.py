@@ -119,8 +119,8 @@ def parse_json_or_jsonl(text: str, name: str, jsonl: bool) -> tuple[list, str]:
         raise DatasetError(f"{name}, line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}{extra})") from None
     except RecursionError:
         raise DatasetError(f"{name}: not valid JSON (nested too deeply)") from None
-    except ValueError as exc:  # Python's limit on a number's digits
-        raise DatasetError(f"{name}: not valid JSON ({exc}".split("; use sys.")[0] + ")") from None
+    except ValueError as exc:
+        raise DatasetError(f"{name}: not valid JSON ({number_too_long(exc)})") from None
     if isinstance(data, dict) and len(text.strip().split("\n")) == 1 and not any(
             isinstance(value, (list, dict)) for value in data.values()):  # one record on one line: JSON Lines
         return [(1, data)], "line"
@@ -154,9 +154,15 @@ def parse_jsonl(text: str, name: str) -> list:
             raise DatasetError(f"{name}, line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
         except RecursionError:
             raise DatasetError(f"{name}, line {number}: not valid JSON (nested too deeply)") from None
-        except ValueError as exc:  # Python's limit on a number's digits
-            raise DatasetError(f"{name}, line {number}: not valid JSON ({exc}".split("; use sys.")[0] + ")") from None
+        except ValueError as exc:
+            raise DatasetError(f"{name}, line {number}: not valid JSON ({number_too_long(exc)})") from None
     return items
+
+
+def number_too_long(exc: ValueError) -> str:
+    """Python's refusal of a number of over 4,300 digits (the one ValueError of json.loads that is not a
+    JSONDecodeError), without its advice to programmers."""
+    return str(exc).split("; use sys.")[0]
 
 
 def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
