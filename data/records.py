@@ -136,7 +136,7 @@ def parse_json_or_jsonl(text: str, name: str, jsonl: bool) -> tuple[list, str]:
 def first_line_is_json(text: str) -> bool:
     """Whether the first line that is not blank holds a JSON value of its own: else a file is no JSON Lines."""
     try:
-        json.loads(next(line for line in text.split("\n") if line.strip()))
+        json.loads(first_line(text))
     except (ValueError, RecursionError):
         return False
     return True
@@ -202,8 +202,20 @@ def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
 
 def semicolon_separated(text: str) -> bool:
     """Whether a CSV's header row is one column by its commas and several by its semicolons."""
-    first = next((line for line in text.split("\n") if line.strip()), "")
+    first = first_line(text)
     return "," not in first and first.count(";") >= 1
+
+
+def first_line(text: str) -> str:
+    """The first line that is not blank ("" if none), found without splitting the whole file (up to 64 MB) into lines."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        if text[start:end].strip():
+            return text[start:end]
+        start = end + 1
+    return ""
 
 
 class Rows(list):
