@@ -3,7 +3,7 @@
     python -m bench.together [--model tiny] [--steps 40] [--runs 2]
 
 Runs ``python -m training`` (random weights, the bundled sample, evaluation
-only at the start and the end) alone, then ``--runs`` of them side by side as
+of one batch only at the start and the end, no sample answer) alone, then ``--runs`` of them side by side as
 they start by default, sharing the machine's cores (``training.cores``), and
 side by side again with ``GPT2_INSTRUCT_SHARE_CORES=0``, each with a thread
 per core. Throughput is each run's own tokens / training seconds from its
@@ -30,7 +30,7 @@ def trainings(model: str, steps: int, runs: int, env: dict, folder: Path) -> lis
     """Tokens per training second of each of ``runs`` CLI trainings started together."""
     outs = [folder / f"run-{i}" for i in range(runs)]
     command = [sys.executable, "-m", "training", "--model", model, "--random-init", "--data", "sample",
-               "--max-steps", str(steps), "--eval-every", str(steps)]
+               "--max-steps", str(steps), "--eval-every", str(steps), "--eval-batches", "1", "--sample-tokens", "0"]
     procs = [subprocess.Popen([*command, "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for out in outs]
     for proc in procs:

@@ -95,7 +95,7 @@ def test_the_dataset_tab_shows_preference_pairs_side_by_side(page, folders):
 
 
 def test_a_stopped_preference_tuning_run_resumes_from_the_align_tab(page, app_url, folders, finished_run, pairs):
-    status = align_through_the_api(app_url, finished_run, pairs, max_steps=0, stop=True)
+    status = align_through_the_api(app_url, finished_run, pairs, max_steps=6, stop=True)
     assert status["status"] == "stopped", status.get("error")
     name = status["run"]
     open_tab(page, "align")
@@ -103,7 +103,7 @@ def test_a_stopped_preference_tuning_run_resumes_from_the_align_tab(page, app_ur
     choose(page, "#align-resume-run", name)
     page.click("#align-resume-btn")
     wait_text(page, "#align-message", f"Resuming {name} from its checkpoint")
-    final = wait_text(page, "#align-final", "Done after 15 steps", timeout_ms=120_000)  # not the stopped run's notice
+    final = wait_text(page, "#align-final", "Done after 6 steps", timeout_ms=120_000)  # not the stopped run's notice
     assert f"Saved as run {name}" in final, final
     manifest = json.loads((folders["runs"] / name / "manifest.json").read_text())
     assert manifest["status"] == "done" and len(manifest["resumed_from_step"]) == 1
