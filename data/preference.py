@@ -31,7 +31,7 @@ from .batching import LengthGroupedSampler, too_long
 from .browse import PAGE_SIZE, Page, page_of, split_names
 from .errors import DatasetError
 from .prompts import check_style, encode_prompt
-from .records import FIELDS, check_characters, check_columns, folded, json_type, read_items, split_instructions, validate_records
+from .records import FIELDS, check_characters, check_columns, check_filled, folded, json_type, read_items, split_instructions, validate_records
 
 PREFERENCE_FIELDS = ("chosen", "rejected")
 
@@ -84,8 +84,7 @@ def validate_preferences(items: list, name: str = "data", label: str = "record")
                     raise DatasetError(f'{where}: field "{field}" is missing (preference data needs "chosen" and "rejected")')
                 if not isinstance(value[field], str):
                     raise DatasetError(f'{where}: field "{field}" must be a string, got {json_type(value[field])}')
-                if not value[field].strip():
-                    raise DatasetError(f'{where}: field "{field}" is empty')
+                check_filled(value[field], f'{where}: field "{field}"')
                 check_characters(value[field], f'{where}: field "{field}"')
             if value.get("output") in (None, ""):  # a spreadsheet's empty cell leaves it out too
                 value = {**value, "output": value["chosen"]}

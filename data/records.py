@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+import unicodedata
 from pathlib import Path
 from typing import NamedTuple
 
@@ -258,6 +259,17 @@ def folded(value: dict, fields, where: str) -> dict:
     return {names.get(key, key): text for key, text in value.items()}
 
 
+def check_filled(text: str, where: str) -> None:
+    """A field must show something: whitespace alone is empty, and so are invisible format characters alone (a
+    zero-width space, a byte-order mark, a soft hyphen), which a copy from a web page or a spreadsheet can leave."""
+    left = text.strip()
+    if not left:
+        raise DatasetError(f"{where} is empty")
+    if all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in left):
+        codes = ", ".join(sorted({f"U+{ord(ch):04X}" for ch in left if not ch.isspace()}))
+        raise DatasetError(f"{where} is empty: it holds only invisible characters ({codes})")
+
+
 def check_characters(text: str, where: str) -> None:
     """A lone UTF-16 surrogate (half an emoji, escaped in JSON as \\ud83d) cannot be encoded to tokens: named here,
     not as a UnicodeEncodeError when training starts."""
@@ -295,8 +307,8 @@ def validate_records(items: list, name: str = "data", label: str = "record") -> 
                 text = ""
             if not isinstance(text, str):
                 raise DatasetError(f'{where}: field "{field}" must be a string, got {json_type(text)}')
-            if field != "input" and not text.strip():
-                raise DatasetError(f'{where}: field "{field}" is empty')
+            if field != "input":
+                check_filled(text, f'{where}: field "{field}"')
             check_characters(text, f'{where}: field "{field}"')
             record[field] = text
         records.append(record)

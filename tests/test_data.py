@@ -95,6 +95,8 @@ def test_user_file_json_list_and_jsonl(tmp_path):
     assert load_instructions(str(write(tmp_path, jsonl, "data.jsonl"))) == expected
     assert load_instructions(write(tmp_path, jsonl, "data.txt")) == expected
     assert load_instructions(write(tmp_path, "\ufeff" + json.dumps(records))) == expected
+    joined = [rec("Code.", "", "\U0001F469\u200d\U0001F4BB"), rec("Co\u00adde.", "", "ok")]
+    assert load_instructions(write(tmp_path, json.dumps(joined))) == joined  # invisible characters beside visible ones
 
 
 def test_json_lines_break_lines_at_line_feeds_only_and_a_list_is_json_whatever_the_name(tmp_path):
@@ -180,6 +182,8 @@ BAD_FILES = [
     ("list input", json.dumps(many(1, input=["a"])), 'record 1: field "input" must be a string, got a list'),
     ("blank instruction", json.dumps(many(4, instruction="  \n ")), 'record 4: field "instruction" is empty'),
     ("empty output", json.dumps(many(2, output="")), 'record 2: field "output" is empty'),
+    ("invisible output", json.dumps(many(2, output="\u00a0\u200b \ufeff")),
+     'record 2: field "output" is empty: it holds only invisible characters (U+200B, U+FEFF)'),
     ("record not an object", json.dumps([rec(), [1, 2]]), "record 2: expected an object"),
     ("top level string", '"hello"', "expected a JSON list of records"),
     ("top level object", json.dumps({"data": [rec()]}, indent=2), "got an object with the keys 'data'"),

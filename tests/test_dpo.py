@@ -89,6 +89,8 @@ def test_bad_preference_files_name_the_record_and_field(tmp_path):
         load(json.dumps([good, {k: v for k, v in good.items() if k != "rejected"}]))
     with pytest.raises(DatasetError, match=r'record 1: field "chosen" is empty'):
         load(json.dumps([{**good, "chosen": "  "}]))
+    with pytest.raises(DatasetError, match=r'record 1: field "rejected" is empty: it holds only invisible characters \(U\+00AD\)'):
+        load(json.dumps([{**good, "rejected": "\u00ad"}]))
     with pytest.raises(DatasetError, match=r'p\.jsonl, line 3: field "chosen" must be a string, got a number'):
         load("\n".join(json.dumps(r) for r in [good, good, {**good, "chosen": 3}]), "p.jsonl")
     with pytest.raises(DatasetError, match=r'record 1: field "instruction" is missing'):
