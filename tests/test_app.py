@@ -1110,7 +1110,10 @@ def test_the_length_histogram_stays_on_non_negative_token_counts():
     many = {"total_tokens": [1025, 10, 2000, *[1026] * 6]}
     assert too_long_note({"total_tokens": [1025, 10]}) == ""  # 1,024 read, the end token only predicted
     assert too_long_note(many) == ("7 records longer than GPT-2's 1,024-token context: training skips them "
-                                   "(#3, #4, #5, #6, #7 and 2 more).")
+                                   "(#3, #4, #5, #6, #7 and 2 more). That is every validation record (#8-#9): "
+                                   "a run will show no validation loss.")
+    assert "validation" not in too_long_note({"total_tokens": [*[10] * 8, 2000]})  # validation is #8-#9, and #8 fits
+    assert too_long_note({"total_tokens": [*[10] * 19, 2000]}).endswith("every validation record (#20): a run will show no validation loss.")
     from ui.dataset_tab import repeats_note
 
     record = {"instruction": "Say hi.", "input": "", "output": "Hi."}

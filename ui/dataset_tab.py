@@ -14,6 +14,7 @@ from data import FILE_KINDS, FILE_SUFFIXES, MAX_FILE_BYTES, STYLES, DatasetError
 from data import cache
 from data.batching import too_long
 from data.browse import PAGE_SIZE, page_of, split_of
+from data.records import split_counts
 from data.preference import browse_preferences
 
 from engine.public import scrub
@@ -127,11 +128,18 @@ def repeats_note(records: list[dict]) -> str:
 
 def too_long_note(stats: dict, context: int = CONTEXT) -> str:
     """Which records training will skip as longer than the context, by number; "" when none."""
-    numbers = [i + 1 for i, total in enumerate(stats["total_tokens"]) if too_long(total - 1, context)]  # total: end token too
+    totals = stats["total_tokens"]
+    numbers = [i + 1 for i, total in enumerate(totals) if too_long(total - 1, context)]  # total: end token too
     if not numbers:
         return ""
-    return (f"{plural(len(numbers), 'record')} longer than GPT-2's {context:,}-token context: training skips "
+    note = (f"{plural(len(numbers), 'record')} longer than GPT-2's {context:,}-token context: training skips "
             f"{'it' if len(numbers) == 1 else 'them'} ({listed([f'#{n:,}' for n in numbers])}).")
+    train, test, _ = split_counts(len(totals))
+    first = train + test + 1  # the validation split: the file's last records
+    if set(range(first, len(totals) + 1)) <= set(numbers):
+        span = f"#{first:,}" if first == len(totals) else f"#{first:,}-#{len(totals):,}"
+        note += f" That is every validation record ({span}): a run will show no validation loss."
+    return note
 
 
 def load(engine, source: str, upload: str | None, previous: dict | None, mask_prompt: bool, style: str = "alpaca"):
