@@ -390,6 +390,7 @@ def test_cli_ctrl_c_stops_saves_and_leaves_a_resumable_run_and_out_never_overwri
     assert resumed.returncode == 0 and f"resuming at step {manifest['steps']} of " in shown, shown
     assert not re.search(r" 0/\d+ |-\d[\d.]*step/s", shown)  # the replayed history does not rewind the bar
 
+
 def test_cli_refuses_a_nan_learning_rate_before_making_the_run_folder(tmp_path, capsys):
     """The parser's refusal, in this process (a process costs 3-4 s of imports): exit 2, nothing on disk."""
     from training import cli
