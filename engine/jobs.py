@@ -43,6 +43,7 @@ def fresh_state(kind: str = "", title: str = "") -> dict:
         "epochs": 0, "tokens_seen": 0, "lr": None, "tokens_per_s": 0.0, "elapsed_s": 0.0, "eta_s": None,
         "responses": [], "sample_instruction": None, "download": None, "progress": None, "error": None, "final": None,
         "result": None, "device": None, "parameters": None, "trainable_parameters": None, "started_at": None,
+        "val_records": None,
     }
 
 
@@ -151,7 +152,8 @@ class Job:
                 s.update(run=event.run_name, total_steps=event.total_steps, steps_per_epoch=event.steps_per_epoch,
                          epochs=event.epochs, device=event.device, parameters=event.parameters, method=event.method,
                          trainable_parameters=event.trainable_parameters, sample_instruction=event.sample_instruction,
-                         start_step=event.start_step, step=event.start_step, elapsed_before_s=event.elapsed_before_s)
+                         start_step=event.start_step, step=event.start_step, elapsed_before_s=event.elapsed_before_s,
+                         val_records=event.val_records)
             elif isinstance(event, Logged):
                 record = event.record
                 self._history.append(record)

@@ -626,3 +626,17 @@ def test_a_phase_at_a_step_moves_the_epoch_with_the_step():
     job.on_event(Status("evaluating", "Evaluating at step 10", 10))
     snap = job.snapshot()
     assert (snap["status"], snap["step"], snap["epoch"]) == ("evaluating", 10, round(10 / 7, 4))
+
+
+def test_a_run_whose_validation_records_are_all_left_out_says_it_has_no_validation_loss(engine, tmp_path):
+    from ui.train_tab import NO_VALIDATION, progress_html
+
+    long_ = {"instruction": "Long.", "input": "", "output": "word " * 2000}
+    data = tmp_path / "data.json"  # 20 records: #20 alone is the validation split
+    data.write_text(json.dumps([*({"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(19)), long_]))
+    assert engine.start_training(tiny(data=str(data), batch_size=2, max_steps=1, sample_tokens=0), owner="alice").wait(90)
+    snap = engine.snapshot("train")
+    assert snap["status"] == "done" and snap["val_records"] == 0 and NO_VALIDATION in progress_html(snap)
+    assert engine.start_training(tiny(max_steps=1, sample_tokens=0), owner="alice").wait(90)
+    snap = engine.snapshot("train")
+    assert snap["val_records"] == 5 and NO_VALIDATION not in progress_html(snap)

@@ -414,8 +414,8 @@ def test_cli_reports_bad_data_clearly(tmp_path):
 
 
 def test_cli_says_how_many_records_were_too_long_to_train_on(tmp_path):
-    records = [{"instruction": "Long.", "input": "", "output": "word " * 2000}]
-    records += [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(19)]
+    long_ = {"instruction": "Long.", "input": "", "output": "word " * 2000}
+    records = [long_, *({"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(18)), long_]  # #20: validation
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records))
     out = subprocess.run([sys.executable, "-m", "training", "--model", "tiny", "--random-init", "--data", str(data),
@@ -424,6 +424,8 @@ def test_cli_says_how_many_records_were_too_long_to_train_on(tmp_path):
     assert out.returncode == 0, out.stderr
     context = GPTConfig.from_name("tiny").block_size
     assert f"16 training records (1 left out: longer than the {context:,}-token context)" in out.stdout + out.stderr
+    assert "note: no validation example is left once the too-long ones are left out: no validation loss is logged" in out.stdout
+    assert read_metrics(tmp_path / "r")[-1]["val_loss"] is None
 
 
 def test_records_whose_masked_prompt_fills_max_length_are_left_out_not_a_nan_loss(tmp_path):

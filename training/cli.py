@@ -127,6 +127,8 @@ class ProgressBar:
                                           "learns only the answer")) if count)
             tqdm.write(f"{event.parameters:,} parameters ({event.trainable_parameters:,} trained) on {event.device}; "
                        f"{event.train_records} training record{'s' * (event.train_records != 1)}{skipped}; run: {event.run_dir}")
+            if not event.val_records:
+                tqdm.write("note: no validation example is left once the too-long ones are left out: no validation loss is logged")
             if event.precision:
                 tqdm.write(f"precision {event.precision}")
             if event.start_step:

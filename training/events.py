@@ -40,7 +40,7 @@ class Started:
     trainable_parameters: int
     sample_instruction: dict | None = None
     train_records: int = 0
-    val_records: int = 0
+    val_records: int = 0  # usable ones: 0 when every validation record is left out, and no validation loss is logged
     start_step: int = 0  # above 0 when a run resumes from a checkpoint
     elapsed_before_s: float = 0.0  # the run's wall time before this resume
     method: str = "sft"

@@ -111,6 +111,9 @@ def settings_line(config: dict) -> str:
     return html.escape(" · ".join(parts))
 
 
+NO_VALIDATION = "No validation record is left once the too-long ones are left out: the chart shows no validation loss"
+
+
 def progress_html(snap: dict) -> str:
     """Step x / y, tokens/s, elapsed, ETA and status; a second bar while weights download."""
     status = snap["status"]
@@ -137,6 +140,8 @@ def progress_html(snap: dict) -> str:
         trained = snap["trainable_parameters"]
         share = "all trained" if trained == snap["parameters"] else f"{trained:,} trained (LoRA)"
         info.append(f"{html.escape(snap['device'])} · {snap['parameters']:,} parameters, {share}")
+    if snap.get("val_records") == 0:
+        info.append(NO_VALIDATION)
     if info:
         parts.append(f'<div class="gi-progress-meta">{"".join(f"<span>{i}</span>" for i in info)}</div>')
     return f'<div class="gi-progress">{"".join(parts)}</div>'
