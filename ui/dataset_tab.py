@@ -13,8 +13,7 @@ import gradio as gr
 from data import FILE_KINDS, FILE_SUFFIXES, MAX_FILE_BYTES, STYLES, DatasetError, skip_reason, split_instructions, split_sizes, split_warnings, token_view
 from data import cache
 from data.batching import too_long
-from data.browse import PAGE_SIZE, page_of, split_of
-from data.records import split_counts
+from data.browse import PAGE_SIZE, page_of, split_names, split_of
 from data.preference import browse_preferences
 
 from engine.public import scrub
@@ -134,10 +133,9 @@ def too_long_note(stats: dict, context: int = CONTEXT) -> str:
         return ""
     note = (f"{plural(len(numbers), 'record')} longer than GPT-2's {context:,}-token context: training skips "
             f"{'it' if len(numbers) == 1 else 'them'} ({listed([f'#{n:,}' for n in numbers])}).")
-    train, test, _ = split_counts(len(totals))
-    first = train + test + 1  # the validation split: the file's last records
-    if set(range(first, len(totals) + 1)) <= set(numbers):
-        span = f"#{first:,}" if first == len(totals) else f"#{first:,}-#{len(totals):,}"
+    validation = [i + 1 for i, name in enumerate(split_names(len(totals))) if name == "val"]
+    if set(validation) <= set(numbers):
+        span = f"#{validation[0]:,}" if len(validation) == 1 else f"#{validation[0]:,}-#{validation[-1]:,}"
         note += f" That is every validation record ({span}): a run will show no validation loss."
     return note
 
