@@ -171,8 +171,9 @@ def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
     (the header is row 1). An empty cell is an empty string; a row with fewer cells lacks the last fields.
 
     What spreadsheets and pandas add is left out: columns without a name (pandas' index, a trailing comma), empty
-    cells past the header's last column, rows with every cell empty. A semicolon-separated file (Excel where the
-    comma is the decimal mark) is read as such.
+    cells past the header's last column, rows with every cell empty, and the carriage return of a Windows line end
+    inside a quoted cell (the model would learn to write it). A semicolon-separated file (Excel where the comma is
+    the decimal mark) is read as such.
     """
     if delimiter == "," and semicolon_separated(text):
         delimiter = ";"
@@ -192,7 +193,7 @@ def parse_csv(text: str, name: str, delimiter: str = ",") -> list:
                 raise DatasetError(f"{name}, row {number}: {extra} more cell{'s' * (extra > 1)} than the header's "
                                    f"{len(header)} columns ({', '.join(column or '(unnamed)' for column in header)})")
             elif any(cell.strip() for cell in row):
-                items.append((number, {column: cell for column, cell in zip(header, row) if column}))
+                items.append((number, {column: cell.replace("\r\n", "\n") for column, cell in zip(header, row) if column}))
     except csv.Error as exc:
         raise DatasetError(f"{name}, row {number + 1}: not valid CSV ({exc})") from None
     if header is None:
@@ -262,12 +263,27 @@ def folded(value: dict, fields, where: str) -> dict:
 def check_filled(text: str, where: str) -> None:
     """A field must show something: whitespace alone is empty, and so are invisible format characters alone (a
     zero-width space, a byte-order mark, a soft hyphen), which a copy from a web page or a spreadsheet can leave."""
-    left = text.strip()
-    if not left:
+    if not text.strip():
         raise DatasetError(f"{where} is empty")
-    if all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in left):
-        codes = ", ".join(sorted({f"U+{ord(ch):04X}" for ch in left if not ch.isspace()}))
+    codes = invisible_only(text)
+    if codes:
         raise DatasetError(f"{where} is empty: it holds only invisible characters ({codes})")
+
+
+def check_input(text: str, where: str) -> None:
+    """An input may be empty, but not invisible: one of format characters alone would add an "### Input:" section
+    that shows nothing, unlike the record without one that its author meant."""
+    codes = invisible_only(text)
+    if codes:
+        raise DatasetError(f"{where} holds only invisible characters ({codes}): leave it empty for a record without input")
+
+
+def invisible_only(text: str) -> str:
+    """The codes of the format characters (Unicode Cf) of a text that holds nothing else but whitespace, else ""."""
+    left = text.strip()
+    if not left or not all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in left):
+        return ""
+    return ", ".join(sorted({f"U+{ord(ch):04X}" for ch in left if not ch.isspace()}))
 
 
 def check_characters(text: str, where: str) -> None:
@@ -307,8 +323,7 @@ def validate_records(items: list, name: str = "data", label: str = "record") -> 
                 text = ""
             if not isinstance(text, str):
                 raise DatasetError(f'{where}: field "{field}" must be a string, got {json_type(text)}')
-            if field != "input":
-                check_filled(text, f'{where}: field "{field}"')
+            (check_input if field == "input" else check_filled)(text, f'{where}: field "{field}"')
             check_characters(text, f'{where}: field "{field}"')
             record[field] = text
         records.append(record)

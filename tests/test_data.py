@@ -95,7 +95,7 @@ def test_user_file_json_list_and_jsonl(tmp_path):
     assert load_instructions(str(write(tmp_path, jsonl, "data.jsonl"))) == expected
     assert load_instructions(write(tmp_path, jsonl, "data.txt")) == expected
     assert load_instructions(write(tmp_path, "\ufeff" + json.dumps(records))) == expected
-    joined = [rec("Code.", "", "\U0001F469\u200d\U0001F4BB"), rec("Co\u00adde.", "", "ok")]
+    joined = [rec("Code.", "", "\U0001F469\u200d\U0001F4BB"), rec("Co\u00adde.", "", "ok"), rec("A", "Co\u200bde", "B")]
     assert load_instructions(write(tmp_path, json.dumps(joined))) == joined  # invisible characters beside visible ones
 
 
@@ -115,6 +115,8 @@ def test_user_file_csv_and_tsv(tmp_path):
     assert load_instructions(write(tmp_path, "\ufeff" + csv_text, "data.csv")) == expected
     tsv_text = "instruction\toutput\nA\tB\nE\tG, and more\n"
     assert load_instructions(write(tmp_path, tsv_text, "data.TSV")) == [rec("A", "", "B"), rec("E", "", "G, and more")]
+    windows = 'instruction,output\r\nA,"line one\r\nline two"\r\n'  # a CSV writer's line ends inside a quoted cell too
+    assert load_instructions(write(tmp_path, windows, "windows.csv")) == [rec("A", "", "line one\nline two")]
     titled = "Instruction,Input,OUTPUT\nA,C,B\n"  # a spreadsheet's header: the inputs must not vanish as unknown columns
     assert load_instructions(write(tmp_path, titled, "titled.csv")) == [rec("A", "C", "B")]
     assert load_instructions(write(tmp_path, json.dumps([{"Instruction": "A", " input": "C", "output": "B"}]))) == [
@@ -184,6 +186,8 @@ BAD_FILES = [
     ("empty output", json.dumps(many(2, output="")), 'record 2: field "output" is empty'),
     ("invisible output", json.dumps(many(2, output="\u00a0\u200b \ufeff")),
      'record 2: field "output" is empty: it holds only invisible characters (U+200B, U+FEFF)'),
+    ("invisible input", json.dumps(many(3, input="\u200b\u2060 ")),
+     'record 3: field "input" holds only invisible characters (U+200B, U+2060): leave it empty for a record without input'),
     ("record not an object", json.dumps([rec(), [1, 2]]), "record 2: expected an object"),
     ("top level string", '"hello"', "expected a JSON list of records"),
     ("top level object", json.dumps({"data": [rec()]}, indent=2), "got an object with the keys 'data'"),
