@@ -3,7 +3,7 @@
 GPT-2 124M with random weights (seeded: the same compute as the real ones),
 greedy, fp32, KV cache; prompts are the book's test split formatted as the app
 does. Ours and transformers run interleaved in the same process at the same
-thread count; each figure is the median over rounds, prompt processing
+thread count, the app's unless ``--threads`` says otherwise; each figure is the median over rounds, prompt processing
 included. Then the greedy output of the default (exact) mode and of the
 opt-in int8 mode is compared with our plain fp32 loop on the test prompts, and
 that loop's with transformers' greedy output. The exact mode's speed depends on
@@ -11,7 +11,7 @@ how many of the int8 draft's tokens the model keeps: the tokens per pass of
 the model are printed (random weights may draft better or worse than trained
 ones).
 
-    python -m bench.generate [--quick] [--prompts 20] [--tokens 64] [--threads 1] [--data canonical]
+    python -m bench.generate [--quick] [--prompts 20] [--tokens 64] [--threads 0] [--data canonical]
 
 ``--prompts 110`` compares the whole test split (several minutes more).
 """
@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=at_least(1), default=3, help="interleaved timing rounds (median)")
     parser.add_argument("--prompts", type=at_least(1), default=20, help="test prompts whose greedy output is compared (110: all)")
     parser.add_argument("--check-tokens", type=at_least(1), default=24, help="new tokens per compared prompt")
-    parser.add_argument("--threads", type=int, default=1, help="threads for ours and transformers alike; 0: PyTorch's default")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for ours and transformers alike; 0 (default): the app's, PyTorch's default capped to this process's cores")
     parser.add_argument("--data", default="canonical", help="canonical, sample or a path (the prompts come from its test split)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 8 prompts")
     parser.add_argument("--skip-nocache", action="store_true", help=argparse.SUPPRESS)  # the textbook loop is no longer timed
@@ -142,9 +143,8 @@ def main() -> None:
     print(f"machine: {machine()}; load average {load:.1f} on {cpu_budget()} cores to use")
     print(f"CPU class: {name}")
     print(f"precision path: {path}")
-    print(f"threads: {torch.get_num_threads()} for both ({'--threads' if args.threads else 'PyTorch default'}): batch-1 generation "
-          "reads every weight per token; one thread read them about as fast as two on the 2-core machines measured, and never "
-          "waits for a core that another process holds (--threads 0: PyTorch's default)")
+    print(f"threads: {torch.get_num_threads()} for both ({'--threads' if args.threads else 'as the app runs its Playground'}); "
+          "--threads 1 never waits for a core that another process holds")
     from transformers import GPT2LMHeadModel
 
     ours, hf = [], []
