@@ -215,24 +215,41 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 def stream_text(model: GPT, tokenizer, prompt: Sequence[int], max_new_tokens: int, **kwargs) -> Iterator[str]:
     """Yield the response text each time it grows; a multi-byte UTF-8 character is never split."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text = ""
+    for grown, _ in stream_counted(model, tokenizer, prompt, max_new_tokens, **kwargs):
+        if grown != text:
+            text = grown
+            yield text
+
+
+def stream_counted(model: GPT, tokenizer, prompt: Sequence[int], max_new_tokens: int, **kwargs) -> Iterator[tuple[str, int]]:
+    """(response text, new tokens so far, the end token left out) each time the text grows, and once more at the
+    end if tokens came that showed nothing yet (part of a character cut short, shown as U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, count, shown = "", 0, 0
     for token in generate_steps(model, [prompt], max_new_tokens, **kwargs):
         t = int(token[0])
         if t == kwargs.get("eos_id", EOT_ID):
             break
+        count += 1
         piece = decoder.decode(tokenizer.decode_single_token_bytes(t))
         if piece:
             text += piece
-            yield text
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield text + tail
+            shown = count
+            yield text, count
+    text += decoder.decode(b"", final=True)
+    if count != shown:
+        yield text, count
+
+
+class Answers(tuple):
+    """The texts of a side-by-side round, and ``tokens``: how many new tokens each model has generated so far."""
+    tokens: tuple[int, ...] = ()
 
 
 def stream_side_by_side(models: Sequence[GPT], tokenizer, prompt: Sequence[int], max_new_tokens: int,
-                        seed: int | None = None, **kwargs) -> Iterator[tuple[str, ...]]:
-    """Stream several models' responses to one prompt in step: yields every text each round.
+                        seed: int | None = None, **kwargs) -> Iterator[Answers]:
+    """Stream several models' responses to one prompt in step: yields every text each round, with the token counts.
 
     With sampling, each model draws from its own generator seeded alike, so the
     comparison is between the models, not between random draws.
@@ -240,16 +257,18 @@ def stream_side_by_side(models: Sequence[GPT], tokenizer, prompt: Sequence[int],
     streams = []
     for model in models:
         generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed) if seed is not None else None
-        streams.append(stream_text(model, tokenizer, prompt, max_new_tokens, generator=generator, **kwargs))
-    texts = [""] * len(streams)
+        streams.append(stream_counted(model, tokenizer, prompt, max_new_tokens, generator=generator, **kwargs))
+    texts, counts = [""] * len(streams), [0] * len(streams)
     active = set(range(len(streams)))
     while active:
         for i in sorted(active):
             try:
-                texts[i] = next(streams[i])
+                texts[i], counts[i] = next(streams[i])
             except StopIteration:
                 active.discard(i)
-        yield tuple(texts)
+        answers = Answers(texts)
+        answers.tokens = tuple(counts)
+        yield answers
 
 
 @torch.inference_mode()

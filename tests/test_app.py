@@ -278,12 +278,14 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
                                         24, 0, 0, 1, 123, api_name="/compare")
     assert aligned == ""  # an ordinary run: two columns
     assert base.strip() and isinstance(tuned, str)  # six steps from random weights: greedy may give blank lines
-    assert "gi-diff" in diff and "greedy, at most 24 new tokens" in text(note)
+    assert "gi-diff" in diff and "greedy, at most 24 new tokens: " in text(note)
+    said = re.search(r"at most 24 new tokens: ([\d,]+) new tokens? \((\d+) \+ (\d+)\) in [\d.]+ s(, \d+ tokens/s)?\.", text(note))
+    assert said and int(said[1]) == int(said[2]) + int(said[3]) and 0 < int(said[2]) <= 24 and int(said[3]) <= 24, text(note)
 
     sampled = c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")
     base, tuned = sampled[0], sampled[1]
     assert base.strip() and tuned.strip()  # six steps at 5e-5 move the tuned model's tokens little from the base's
-    assert "temperature 1, seed 7" in text(sampled[4])
+    assert "temperature 1, seed 7" in text(sampled[4]) and " tokens/s." in text(sampled[4])
     assert c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")[:2] == (base, tuned)
     assert c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 8, api_name="/compare")[:2] != (base, tuned)
 

@@ -370,6 +370,8 @@ def test_streaming_never_splits_a_multibyte_character(tiny, monkeypatch):
     monkeypatch.setattr(generation_module, "generate_steps", scripted)
     pieces = list(stream_text(tiny, tok, [1], 50))
     assert pieces[-1] == text
+    counted = list(generation_module.stream_counted(tiny, tok, [1], 50))
+    assert counted[-1] == (text, len(ids)) and [t for t, _ in counted] == pieces  # split characters' tokens, no end token
     assert all("\ufffd" not in p for p in pieces)
     assert all(text.startswith(p) for p in pieces)
 
@@ -446,6 +448,7 @@ def test_side_by_side_streams_each_models_exact_output(frozen):
     prompt = tok.encode("Hello")
     final = list(stream_side_by_side([frozen, other], tok, prompt, 20, eos_id=None))[-1]
     assert final == tuple(tok.decode(generate(m, prompt, 20, eos_id=None, mode="plain")) for m in (frozen, other))
+    assert final.tokens == (20, 20)
 
 
 def test_int8_mode_is_close_and_its_agreement_is_measured(frozen):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import html
 import re
+import time
 from functools import partial
 
 import gradio as gr
@@ -21,11 +22,12 @@ from engine.public import scrub
 from model import WeightsError, get_tokenizer, stream_side_by_side
 from training import ConfigError
 
-from .widgets import data_name, finished_run_choices, keep_or_fill, kept_or_newest, no_runs_note, notice, number
+from .widgets import data_name, finished_run_choices, keep_or_fill, kept_or_newest, no_runs_note, notice, number, plural
 
 TITLE = "Playground"
 MAX_NEW_TOKENS = 256
 EXAMPLES = 30
+SPEED_EVERY_S = 0.5  # the status line's live speed: twice a second, not at every token
 NO_RUNS = "No fine-tuned run yet: train one in the <b>Train</b> tab, then compare it here with the model it started from."
 
 
@@ -159,9 +161,15 @@ def compare(engine, instruction: str, input_text: str, name: str | None, max_new
         diff = diff_html(texts[1], texts[2], ("fine-tuned", "aligned")) if parent else diff_html(*texts)
         return texts[0], texts[1], texts[2] if parent else "", diff
 
-    for texts in stream_side_by_side(models, tokenizer, ids, limit, **settings):
-        texts = tuple(extract_response(t, config.style) for t in texts)
-        yield *shown(texts), gr.skip()
+    started = shown_at = time.perf_counter()
+    tokens = (0,) * len(models)
+    for answers in stream_side_by_side(models, tokenizer, ids, limit, **settings):
+        texts, tokens = tuple(extract_response(t, config.style) for t in answers), answers.tokens
+        now, status = time.perf_counter(), gr.skip()
+        if now - shown_at >= SPEED_EVERY_S:
+            shown_at, status = now, notice(f"Generating… {speed_note(tokens, now - started)}.{cropped}", "error" if cropped else "info")
+        yield *shown(texts), status
+    speed = speed_note(tokens, time.perf_counter() - started)
     mode = "greedy" if not float(temperature or 0) else f"sampled at temperature {float(temperature):g}, seed {int(seed or 0)}"
     silent = [name for name, text in zip(names, texts) if not text]
     note = f" The {' and the '.join(silent)} model's answer is empty (it ended at once or wrote only blank lines)." if silent else ""
@@ -170,7 +178,16 @@ def compare(engine, instruction: str, input_text: str, name: str | None, max_new
                  "words and shape of its training answers, not to follow instructions. For that, fine-tune a GPT-2 preset "
                  "from its pretrained weights (see the Train tab).")
     which = "All three answers" if parent else "Both answers"
-    yield *shown(texts), notice(f"{which} {mode}, at most {limit} new tokens.{cropped}{note}", "error" if cropped else "info")
+    yield *shown(texts), notice(f"{which} {mode}, at most {limit} new tokens: {speed}.{cropped}{note}",
+                                "error" if cropped else "info")
+
+
+def speed_note(tokens: tuple[int, ...], seconds: float) -> str:
+    """How many new tokens the models have generated, each's and in all, and how fast: "64 new tokens (40 + 24) in
+    1.5 s, 43 tokens/s"."""
+    total = sum(tokens)
+    rate = f", {total / seconds:.0f} tokens/s" if seconds > 0 and total else ""
+    return f"{plural(total, 'new token')} ({' + '.join(f'{n:,}' for n in tokens)}) in {seconds:.1f} s{rate}"
 
 
 def cropped_note(prompt_tokens: int, max_new_tokens: int, context: int) -> str:
