@@ -279,7 +279,7 @@ def test_training_runs_live_refuses_a_second_start_and_the_playground_compares(u
     assert aligned == ""  # an ordinary run: two columns
     assert base.strip() and isinstance(tuned, str)  # six steps from random weights: greedy may give blank lines
     assert "gi-diff" in diff and "greedy, at most 24 new tokens: " in text(note)
-    said = re.search(r"at most 24 new tokens: ([\d,]+) new tokens? \((\d+) \+ (\d+)\) in [\d.]+ s(, \d+ tokens/s)?\.", text(note))
+    said = re.search(r"at most 24 new tokens: ([\d,]+) new tokens? \((\d+) \+ (\d+)\) in [\d.]+ s(, [\d.]+ tokens/s)?\.", text(note))
     assert said and int(said[1]) == int(said[2]) + int(said[3]) and 0 < int(said[2]) <= 24 and int(said[3]) <= 24, text(note)
 
     sampled = c.predict("Name a colour.", "", run_dir, 16, 1.0, 0, 1, 7, api_name="/compare")

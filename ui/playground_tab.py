@@ -186,7 +186,8 @@ def speed_note(tokens: tuple[int, ...], seconds: float) -> str:
     """How many new tokens the models have generated, each's and in all, and how fast: "64 new tokens (40 + 24) in
     1.5 s, 43 tokens/s"."""
     total = sum(tokens)
-    rate = f", {total / seconds:.0f} tokens/s" if seconds > 0 and total else ""
+    rate = total / seconds if seconds > 0 else 0
+    rate = f", {rate:.{1 if rate < 10 else 0}f} tokens/s" if total and rate else ""
     return f"{plural(total, 'new token')} ({' + '.join(f'{n:,}' for n in tokens)}) in {seconds:.1f} s{rate}"
 
 
