@@ -145,19 +145,34 @@ def first_line_is_json(text: str) -> bool:
 
 def parse_jsonl(text: str, name: str) -> list:
     """``(line, value)`` items; lines end at a line feed only (JSON strings may hold U+2028 and other breaks)."""
-    items = []
+    items, start = [], 0
     for number, line in enumerate(text.split("\n"), start=1):
+        start, line_start = start + len(line) + 1, start
         if not line.strip():
             continue
         try:
             items.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
+            last = spread_to(text, line_start + len(line) - len(line.lstrip()))
+            if last > number:
+                raise DatasetError(f"{name}, lines {number}-{last}: one record spread over several lines; JSON Lines needs "
+                                   "each on a line of its own (or save the records as a .json file, in one list [ ... ])") from None
             raise DatasetError(f"{name}, line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
         except RecursionError:
             raise DatasetError(f"{name}, line {number}: not valid JSON (nested too deeply)") from None
         except ValueError as exc:
             raise DatasetError(f"{name}, line {number}: not valid JSON ({number_too_long(exc)})") from None
     return items
+
+
+def spread_to(text: str, start: int) -> int:
+    """The line on which a JSON value starting at ``start`` ends (a pretty-printed object's closing brace); 0 if none
+    parses there."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return 0
+    return text.count("\n", 0, end - 1) + 1
 
 
 def number_too_long(exc: ValueError) -> str:

@@ -203,6 +203,8 @@ BAD_FILES = [
      "line 3: not valid JSON (Expecting ',' delimiter, column 16)"),
     ("bad JSON Lines", json.dumps(rec()) + "\n" + json.dumps(rec()) + '\n{"instruction": "a" "output": "b"}\n',
      "line 3: not valid JSON (Expecting ',' delimiter, column 21)"),
+    ("pretty-printed JSON Lines", json.dumps(rec()) + "\n" + json.dumps(rec(), indent=2) + "\n",
+     "lines 2-6: one record spread over several lines; JSON Lines needs each on a line of its own"),
     ("JSON Lines record", json.dumps(rec()) + "\n\n" + json.dumps({"instruction": "a"}),
      'line 3: field "output" is missing'),
     ("deep nesting", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
