@@ -145,15 +145,16 @@ def first_line_is_json(text: str) -> bool:
 
 def parse_jsonl(text: str, name: str) -> list:
     """``(line, value)`` items; lines end at a line feed only (JSON strings may hold U+2028 and other breaks)."""
-    items, start = [], 0
+    items, offset = [], 0  # where each line starts in the text
     for number, line in enumerate(text.split("\n"), start=1):
-        start, line_start = start + len(line) + 1, start
+        begins = offset + len(line) - len(line.lstrip())  # its first character that is not blank
+        offset += len(line) + 1
         if not line.strip():
             continue
         try:
             items.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            last = spread_to(text, line_start + len(line) - len(line.lstrip()))
+            last = spread_to(text, begins)
             if last > number:
                 raise DatasetError(f"{name}, lines {number}-{last}: one record spread over several lines; JSON Lines needs "
                                    "each on a line of its own (or save the records as a .json file, in one list [ ... ])") from None
