@@ -238,3 +238,19 @@ def test_the_preference_estimate_covers_the_measured_peaks():
     gpt2, config = GPTConfig.from_name("gpt2"), TrainConfig(model="gpt2", batch_size=8)
     for longest, peak in ((118, 2.53), (958, 5.92)):
         assert peak <= memory_needed(gpt2, config, longest, PREFERENCE_ACTIVATION_BYTES) <= peak * 1.05
+
+
+def test_a_run_whose_validation_pairs_are_all_left_out_says_it_has_no_validation_loss(engine, parent, tmp_path):
+    from ui.align_tab import NO_VALIDATION, progress_html
+
+    pairs = json.loads(pairs_file(tmp_path, 20).read_text())
+    pairs[-1]["chosen"] = "word " * 2000  # #20 alone is the validation split
+    long_ = tmp_path / "long-last.json"
+    long_.write_text(json.dumps(pairs))
+    data = engine.store_preference_upload(long_)
+    assert engine.start_preference(parent, owner="alice", **settings(engine, tmp_path, data=data, max_steps=1)).wait(120)
+    snap = engine.snapshot("train")
+    assert snap["status"] == "done" and snap["val_records"] == 0 and NO_VALIDATION in progress_html(snap, None)
+    assert engine.start_preference(parent, owner="alice", **settings(engine, tmp_path, max_steps=1)).wait(120)
+    snap = engine.snapshot("train")
+    assert snap["val_records"] > 0 and NO_VALIDATION not in progress_html(snap, None)

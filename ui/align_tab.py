@@ -29,6 +29,8 @@ from .widgets import (as_int, bar, clock, data_name, form_error, listed, kept_or
                       stop_job, trained_runs, val_loss_text, zero_is_none)
 
 TITLE = "Align"
+NO_VALIDATION = ("No validation pair is left once the too-long ones are left out: the chart shows no validation DPO loss "
+                 "and no reward margin")
 DEFAULTS = DPOConfig(parent="-").to_dict()
 DATA_CHOICES = [("The book's preference pairs: 1,100 polite (chosen) and impolite (rejected) answers", "preference"),
                 (f"Your file: {FILE_KINDS} with chosen and rejected", "upload")]
@@ -170,6 +172,8 @@ def progress_html(snap: dict, last: dict | None) -> str:
         info.append(html.escape(snap["message"]))
     if snap.get("device"):
         info.append(f"{html.escape(snap['device'])} · {snap['trainable_parameters']:,} of {snap['parameters']:,} parameters trained")
+    if snap.get("val_records") == 0:
+        info.append(NO_VALIDATION)
     if info:
         parts.append(f'<div class="gi-progress-meta">{"".join(f"<span>{i}</span>" for i in info)}</div>')
     return f'<div class="gi-progress">{"".join(parts)}</div>'
