@@ -97,8 +97,8 @@ CSS = """
 .gi-status.stopped, .gi-status.stopping { color: #c2410c; }
 
 .gi-sample { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 12px 14px; overflow-wrap: anywhere; }
-.gi-sample .instruction { font-weight: 600; margin-bottom: 8px; white-space: pre-wrap; }
-.gi-sample .response { white-space: pre-wrap; margin: 6px 0; }
+.gi-sample .instruction { font-weight: 600; margin-bottom: 8px; white-space: pre-wrap; max-height: 240px; overflow-y: auto; }
+.gi-sample .response { white-space: pre-wrap; margin: 6px 0; max-height: 240px; overflow-y: auto; }
 .gi-caption { font-size: .78rem; color: var(--body-text-color-subdued); font-variant-numeric: tabular-nums; margin-top: 4px; }
 .gi-sample .gi-older { opacity: .6; font-size: .9rem; }
 .gi-sample .gi-older-list { max-height: 180px; overflow-y: auto; }
