@@ -3,8 +3,8 @@
 GPT-2 124M with random weights (seeded: the same compute as the real ones),
 greedy, fp32, KV cache; prompts are the book's test split formatted as the app
 does. Ours and transformers run interleaved in the same process at the same
-thread count, the app's unless ``--threads`` says otherwise; each figure is the median over rounds, prompt processing
-included. Then the greedy output of the default (exact) mode and of the
+thread count (the app's unless ``--threads`` says otherwise); each figure is
+the median over rounds, prompt processing included. Then the greedy output of the default (exact) mode and of the
 opt-in int8 mode is compared with our plain fp32 loop on the test prompts, and
 that loop's with transformers' greedy output. The exact mode's speed depends on
 how many of the int8 draft's tokens the model keeps: the tokens per pass of
