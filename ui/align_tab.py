@@ -24,7 +24,7 @@ from training import ConfigError
 from training.dpo import DPOConfig
 
 from .charts import live_figure_message, live_rows_message, preference_figure
-from .widgets import (as_int, bar, clock, data_name, form_error, listed, kept_or_newest, live_chart, loss_text, notice, number,
+from .widgets import (as_int, bar, clock, data_name, form_error, listed, kept_or_newest, live_chart, loss_text, meta_row, notice, number,
                       playground_button, plural, resumable_runs, resume_job, run_finished, sample_answers_html, run_label, saved_run,
                       stop_job, trained_runs, val_loss_text, zero_is_none)
 
@@ -162,11 +162,11 @@ def progress_html(snap: dict, last: dict | None) -> str:
     meta.append(f"{clock(snap['elapsed_s'])} elapsed")
     if active and snap["eta_s"] is not None and total:
         meta.append(f"ETA {clock(snap['eta_s'])}")
-    parts = [bar(step / total if total else 0.0), f'<div class="gi-progress-meta">{"".join(f"<span>{m}</span>" for m in meta)}</div>']
+    parts = [bar(step / total if total else 0.0), meta_row(meta)]
     reference = snap.get("progress") or {}
     if active and reference.get("phase") == "reference" and reference["done"] < reference["total"]:
         line = f"Reference log-probabilities: <b>{reference['done']:,}</b> / {reference['total']:,} pairs"
-        parts += [f'<div class="gi-progress-meta"><span>{line}</span></div>', bar(reference["done"] / reference["total"], "download")]
+        parts += [meta_row([line]), bar(reference["done"] / reference["total"], "download")]
     info = [settings_line(snap["config"])] if snap.get("config") else []
     if snap.get("message") and active:
         info.append(html.escape(snap["message"]))
@@ -175,7 +175,7 @@ def progress_html(snap: dict, last: dict | None) -> str:
     if snap.get("val_records") == 0:
         info.append(NO_VALIDATION)
     if info:
-        parts.append(f'<div class="gi-progress-meta">{"".join(f"<span>{i}</span>" for i in info)}</div>')
+        parts.append(meta_row(info))
     return f'<div class="gi-progress">{"".join(parts)}</div>'
 
 

@@ -22,7 +22,7 @@ from runstore import RunInfo
 from runstore.export import ExportError, load_hint, push_to_hub
 
 from .charts import empty_figure, evaluation_figure
-from .widgets import (as_int, bar, clock, data_name, finished_run_choices, kept_or_newest, no_runs_note, notice, plural,
+from .widgets import (as_int, bar, clock, data_name, finished_run_choices, kept_or_newest, meta_row, no_runs_note, notice, plural,
                       run_finished)
 
 TITLE = "Evaluate"
@@ -266,8 +266,7 @@ def progress_html(event: dict) -> str:
     if event["eta_s"] is not None and done < total:
         meta.append(f"ETA {clock(event['eta_s'])} for this phase")
     meta.append(f"{clock(event['elapsed_s'])} elapsed")
-    spans = "".join(f"<span>{m}</span>" for m in meta)
-    return f'<div class="gi-progress">{bar(fraction)}<div class="gi-progress-meta">{spans}</div></div>'
+    return f'<div class="gi-progress">{bar(fraction)}{meta_row(meta)}</div>'
 
 
 def failure(error: str) -> str:

@@ -26,7 +26,7 @@ from training.estimate import Estimate, all_presets
 
 from .charts import live_figure_message, live_rows_message
 from .widgets import (COPY_JS, as_int, bar, clock, data_name, form_error, form_values, link_prompt_controls, live_chart, loss_text,
-                      model_label, notice, number, playground_button, plural, resumable_runs, resume_job, run_finished, sample_answers_html,
+                      meta_row, model_label, notice, number, playground_button, plural, resumable_runs, resume_job, run_finished, sample_answers_html,
                       saved_run, stop_job, style_radio, val_loss_text, zero_is_none)
 
 TITLE = "Train"
@@ -126,12 +126,12 @@ def progress_html(snap: dict) -> str:
             f"{clock(snap['elapsed_s'])} elapsed"]
     if active and snap["eta_s"] is not None and total:
         meta.append(f"ETA {clock(snap['eta_s'])}")
-    parts = [bar(step / total if total else 0.0), f'<div class="gi-progress-meta">{"".join(f"<span>{m}</span>" for m in meta)}</div>']
+    parts = [bar(step / total if total else 0.0), meta_row(meta)]
     download = snap.get("download")
     if download and download.get("total") and download["done"] < download["total"] and active:
         done, size = download["done"] / 2**20, download["total"] / 2**20
         line = f'Downloading <b>{html.escape(download["file"])}</b>: {done:,.0f} / {size:,.0f} MB'
-        parts += [f'<div class="gi-progress-meta"><span>{line}</span></div>',
+        parts += [meta_row([line]),
                   bar(done / size, "download")]
     info = [settings_line(snap["config"])] if snap.get("config") else []
     if snap.get("message") and active:
@@ -143,7 +143,7 @@ def progress_html(snap: dict) -> str:
     if snap.get("val_records") == 0:
         info.append(NO_VALIDATION)
     if info:
-        parts.append(f'<div class="gi-progress-meta">{"".join(f"<span>{i}</span>" for i in info)}</div>')
+        parts.append(meta_row(info))
     return f'<div class="gi-progress">{"".join(parts)}</div>'
 
 

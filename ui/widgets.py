@@ -186,6 +186,11 @@ def clock(seconds: float | None) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
+def meta_row(items) -> str:
+    """One row of a progress panel's small facts (status, step, speed, settings), wrapping as the width allows."""
+    return f'<div class="gi-progress-meta">{"".join(f"<span>{item}</span>" for item in items)}</div>'
+
+
 def bar(fraction: float, extra: str = "") -> str:
     pct = max(0.0, min(1.0, fraction)) * 100
     return f'<div class="gi-track"><div class="gi-fill {extra}" style="width:{pct:.1f}%"></div></div>'
