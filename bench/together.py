@@ -3,8 +3,8 @@
     python -m bench.together [--model tiny] [--steps 40] [--runs 2]
 
 Runs ``python -m training`` (random weights, the bundled sample, evaluation
-of one batch only at the start and the end, no sample answer) alone, then ``--runs`` of them side by side as
-they start by default, sharing the machine's cores (``training.cores``), and
+of one batch only at the start and the end, no sample answer) alone, then
+``--runs`` of them side by side as they start by default, sharing the machine's cores (``training.cores``), and
 side by side again with ``GPT2_INSTRUCT_SHARE_CORES=0``, each with a thread
 per core. Throughput is each run's own tokens / training seconds from its
 manifest. The last line is one JSON object.
