@@ -108,8 +108,7 @@ class MasterWeightAdamW:
         self.direct = fused and not through_torch
         # One optimizer per piece: a step inside backward then touches a few MB at a time.
         # Their moments are views into two whole-tensor buffers, allocated before any activation:
-        # one allocation each, out of the way of every step's short-lived buffers, and no
-        # piece-sized blocks that a 2 MB-aligned (huge page) allocator would leave half empty.
+        # one allocation each, out of the way of every step's short-lived buffers.
         self.pieces = {}
         group = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
         for p in self.params:
