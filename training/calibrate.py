@@ -43,7 +43,7 @@ from .optim import MasterWeightAdamW
 
 CACHE_NAME = "calibration.json"
 PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-VERSION = 11  # bumped when training gets faster (or the cached fields change), so that estimates are measured again
+VERSION = 12  # bumped when training gets faster (or the cached fields change), so that estimates are measured again
 
 
 @dataclass
