@@ -133,6 +133,18 @@ class RunInfo:
         return self.manifest.get("status", "unknown")
 
     @property
+    def started(self) -> str:
+        """When the run started (its manifest's UTC time), else when its manifest was last written (a damaged or
+        half-written one): runs are ordered by it, whatever their names (``--out`` names a run anything)."""
+        if isinstance(started := self.manifest.get("started"), str) and started:
+            return started
+        try:
+            mtime = (self.path / MANIFEST).stat().st_mtime
+        except OSError:
+            return ""
+        return datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
+
+    @property
     def has_weights(self) -> bool:
         return (self.path / WEIGHTS).is_file()
 
@@ -272,12 +284,12 @@ def list_recovered(root: Path | None = None) -> list[RunInfo]:
 
 
 def list_runs(root: Path | None = None) -> list[RunInfo]:
-    """Past runs, newest first; directories without a manifest are not runs."""
+    """Past runs, newest started first; directories without a manifest are not runs."""
     root = root or runs_root()
     if not root.is_dir():
         return []
     runs = [RunInfo(p, read_manifest(p)) for p in root.iterdir() if (p / MANIFEST).is_file()]
-    return sorted(runs, key=lambda r: r.name, reverse=True)
+    return sorted(runs, key=lambda r: (r.started, r.name), reverse=True)
 
 
 def run_bytes(path: Path) -> int:
@@ -299,7 +311,7 @@ def prune_runs(root: Path, max_bytes: float, keep=()) -> list[str]:
     process resuming or evaluating it); a fine-tuned run that a kept preference-tuning run started from goes only after
     that run (its three-way comparison needs it). What is left may still be over the budget.
     """
-    runs = sorted(list_runs(root), key=lambda r: (str(r.manifest.get("started") or ""), r.name))
+    runs = list_runs(root)[::-1]
     sizes = {run.name: run_bytes(run.path) for run in runs}
     total, deleted, busy = sum(sizes.values()), [], set()
     while total > max_bytes:

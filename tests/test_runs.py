@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
@@ -490,6 +491,23 @@ def test_a_damaged_metrics_file_loses_its_bad_rows_not_the_app(tmp_path):
 
 
 # Disk
+
+
+def test_runs_are_listed_newest_started_first_whatever_their_names(tmp_path):
+    """A run named on the command line (``--out x``) sorts after timestamped names, but is listed by when it started;
+    one whose manifest is damaged, by when that file was written."""
+    def run(name: str, manifest: str, mtime: float) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(manifest)
+        os.utime(tmp_path / name / "manifest.json", (mtime, mtime))
+
+    noon = datetime(2026, 12, 1, 12, tzinfo=timezone.utc).timestamp()
+    run("x", json.dumps({"status": "done", "started": "2026-12-01T11:33:17+00:00"}), noon)
+    run("20261201-120955-tiny", json.dumps({"status": "done", "started": "2026-12-01T12:09:55+00:00"}), noon)
+    run("20261201-121502-tiny", json.dumps({"status": "done", "started": "2026-12-01T12:15:02+00:00"}), noon)
+    run("damaged", "{not json", noon - 3600)  # written at 11:00
+    assert [r.name for r in list_runs(tmp_path)] == ["20261201-121502-tiny", "20261201-120955-tiny", "x", "damaged"]
+    assert prune_runs(tmp_path, 0) == ["damaged", "x", "20261201-120955-tiny", "20261201-121502-tiny"]
 
 
 def test_pruning_drops_the_oldest_ended_runs_and_keeps_what_is_in_use(tmp_path):
