@@ -99,7 +99,8 @@ def build_app(engine: Engine) -> gr.Blocks:
                         gr.State(None))
         demo.load(ensure_client_id, shared.client_id, shared.client_id, api_visibility="private",
                   concurrency_limit=None, show_progress="hidden")
-        with gr.Tabs() as shared.tabs:
+        # On a phone the five tabs wrap onto a second line instead of hiding the Playground behind a "..." menu.
+        with gr.Tabs(overflow_behavior="wrap") as shared.tabs:
             tabs = []
             for tab in TABS:
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}") as shared.tab:

@@ -57,6 +57,9 @@ def test_browse_search_page_and_read_a_record(page, folders):
                            " return c.scrollWidth > c.clientWidth + 200 }")
     cells = page.evaluate("() => [...document.querySelector('#dataset-table .virtual-row').children].map(c => c.getBoundingClientRect().width)")
     assert min(cells[2:]) >= 150 and cells[1] >= 60, cells  # "validation" fits its split column
+    tabs = page.locator("[role=tablist] [role=tab]")  # every tab stays in sight (wrapped), none behind a "..." menu
+    page.wait_for_function("() => [...document.querySelectorAll('[role=tablist] [role=tab]')].filter(t => t.offsetParent).length == 5")
+    assert [t.inner_text() for t in tabs.all() if t.is_visible()] == ["Dataset", "Train", "Playground", "Evaluate", "Align"]
     page.set_viewport_size(VIEWPORT)
 
     # Typing narrows the table to the records that say it, in any field, in any case.
