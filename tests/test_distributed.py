@@ -172,9 +172,11 @@ def test_bf16_with_accumulation_agrees_with_one_process(tmp_path):
     assert read_manifest(tmp_path / "ddp")["global_batch"] == 4
     a, b = losses(tmp_path / "ddp", "train_loss"), losses(tmp_path / "one", "train_loss")
     assert a == pytest.approx(b, rel=2e-3)
-    # bf16 gradients (3 significant digits) are summed across ranks in bf16: biases, which start at
-    # zero and so are all update, differ by a few percent; the model as a whole by ~1e-3.
-    assert_same_weights(tmp_path / "ddp", tmp_path / "one", 0.1, overall=5e-3)
+    # bf16 gradients (3 significant digits) are summed across ranks in bf16: biases, which start at zero and so
+    # are all update, differ by up to 0.07 (emulated bf16) and 0.10 (native AVX512-BF16: one LayerNorm bias), the
+    # model as a whole by ~1e-3. Ranks that never reduce their gradients differ by 0.54-0.58 in their biases, 3e-2
+    # as a whole.
+    assert_same_weights(tmp_path / "ddp", tmp_path / "one", 0.25, overall=5e-3)
 
 
 def fault_run(tmp_path: Path, fault: str) -> subprocess.CompletedProcess:
