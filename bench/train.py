@@ -26,6 +26,8 @@ as a fixed part plus a time per FLOP (``project_epoch``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -82,6 +84,21 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3, budget_s: floa
 MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise"}
 
 
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Standard error's file descriptor pointed at /dev/null: torch's profiler (Kineto) writes "USDT: ...
+    profiler_start" lines there from C++, whatever ``KINETO_LOG_LEVEL`` says."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def step_breakdown(step, config: GPTConfig, x, y) -> dict:
     """Where one step of ours goes, by torch's profiler: shares of its wall time in the matmuls, AdamW's fused
     kernel (in bf16 the master weights' join and split count as the rest), attention (SDPA, with its batched
@@ -92,7 +109,7 @@ def step_breakdown(step, config: GPTConfig, x, y) -> dict:
     """
     from torch.profiler import profile
 
-    with profile() as prof:
+    with quiet_native_stderr(), profile() as prof:
         start = time.perf_counter()
         step(x, y)
         wall = time.perf_counter() - start
