@@ -196,9 +196,13 @@ def demo_text(max_epochs: int = 100, local_paths: bool = True) -> tuple[str, str
     """What the offline demo is (one sentence), and what it can show and what shows more, within a server's epoch
     limit and whether it takes local paths."""
     epochs = min(DEMO["epochs"], max_epochs)
+
+    def seconds(at_demo_epochs: int) -> int:  # the demo's 20 epochs took 7 s (native bf16) to 15 s (a slow fp32-only host)
+        return max(1, round(at_demo_epochs * epochs / DEMO["epochs"]))
+
     what = ("The offline demo fine-tunes tiny, a 7-million-parameter GPT-2 that starts from random weights, on the 74 "
-            f"records of the bundled sample: nothing is downloaded, and a run ({7 * epochs} short steps) takes about "
-            f"{max(1, round(15 * epochs / DEMO['epochs']))} seconds on two cores without native bf16.")
+            f"records of the bundled sample: nothing is downloaded, and a run ({7 * epochs} short steps) takes "
+            f"{seconds(7)}-{seconds(15)} seconds on two cores.")
     shows = (
         "Before training it repeats one word. After it, its answers take the words and the shape of the sample's "
         "answers (\"The capital of …\", \"A synonym for …\")"
