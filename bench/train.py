@@ -298,8 +298,8 @@ def main(argv=None) -> int:
     print(f"ours:         {grouped_tps:7.1f} tokens/s on length-grouped batches")
     print(f"transformers: {hf_tps:7.1f} tokens/s, {statistics.mean(times['transformers']):.2f} s/step, "
           f"loss {statistics.mean(losses['transformers']):.3f} (fp32)")
-    print("  (mean losses of the timed steps: they part after the first, since ours also steps on the length-grouped "
-          "batches, and transformers in bf16 on its autocast ones; the same weights give both the same logits)")
+    print("  (mean losses of the timed steps, from weights that differ: the two warm up on other batches, ours also "
+          "steps on the length-grouped ones, transformers in bf16 on its autocast ones; equal weights give equal logits)")
     print(f"ours / transformers fp32, per padded token on the same batch: {ours_tps / hf_tps:.2f}x overall; "
           f"per batch min {vs_hf['min']:.2f}x, median {vs_hf['median']:.2f}x, max {vs_hf['max']:.2f}x")
     autocast_ratio = None
