@@ -142,7 +142,7 @@ class RunInfo:
             mtime = (self.path / MANIFEST).stat().st_mtime
         except OSError:
             return ""
-        return datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
+        return utc_time(mtime)
 
     @property
     def has_weights(self) -> bool:
@@ -259,7 +259,7 @@ def recover_run(path: Path) -> RunInfo | None:
         rows = read_metrics(path)
         last_change = max((f.stat().st_mtime for f in (path / MANIFEST, path / METRICS) if f.exists()), default=time.time())
         manifest.update(status="interrupted", steps=rows[-1]["step"] if rows else 0,
-                        ended=datetime.fromtimestamp(last_change, timezone.utc).isoformat(timespec="seconds"),
+                        ended=utc_time(last_change),
                         stop_reason="its process ended before the run finished")
         try:
             write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, default=str))
@@ -281,6 +281,12 @@ def list_recovered(root: Path | None = None) -> list[RunInfo]:
     """``list_runs``, with every run whose process died since (a command line killed, a crash) shown interrupted, as
     ``recover_runs`` leaves it, instead of running until the app restarts."""
     return [(info.status == "running" and recover_run(info.path)) or info for info in list_runs(root)]
+
+
+def utc_time(seconds: float | None = None) -> str:
+    """A POSIX time (now by default) as manifests record times: UTC, ISO 8601 to the second. One format for every
+    time a manifest holds, so that runs sort by them as strings (``list_runs``)."""
+    return datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc).isoformat(timespec="seconds")
 
 
 def list_runs(root: Path | None = None) -> list[RunInfo]:

@@ -23,7 +23,6 @@ import platform
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -44,7 +43,7 @@ from .cores import CoreShare
 from .events import Download, Finished, Logged, Started, Status
 from .lora import add_lora, count_trainable, merge_lora
 from .optim import MasterWeightAdamW
-from runstore import CHECKPOINT, RunWriter, claim_run_dir, new_run_dir, process_owner, read_manifest
+from runstore import CHECKPOINT, RunWriter, claim_run_dir, new_run_dir, process_owner, read_manifest, utc_time
 
 
 @dataclass
@@ -169,7 +168,7 @@ def data_label(source: str) -> str:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return utc_time()
 
 
 def records_needed(per_step: int) -> int:
