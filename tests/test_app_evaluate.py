@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -54,6 +55,18 @@ def run(tmp_path_factory) -> Path:
 def exports_of(run: Path) -> Path:
     """Where the app under test keeps its export zips: beside the runs folder, not in the shared temp folder."""
     return run.parent.parent / "exports"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_stray_download_folders():
+    """Removes what gradio_client leaves behind: it downloads each output file (the export's zip) through a folder
+    ``<temp>/<40 hex digits>`` of its own, moves the file out and never removes the folder."""
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.iterdir())
+    yield
+    for folder in set(temp.iterdir()) - before:
+        if re.fullmatch(r"[0-9a-f]{40}", folder.name) and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 @pytest.fixture(scope="module")
