@@ -362,7 +362,11 @@ class Engine:
         if records is not None:
             longest = training_row(model_config, config, records)
         needed = memory_needed(model_config, config, longest, per_token)
-        available = self.limits.memory_gb if self.limits.memory_gb is not None else available_memory_gb()
+        available = self.memory_available()
+        held = self.models.held_gb()
+        if available < needed <= available + held:  # the models loaded to compare and evaluate make the difference
+            self.models.release()
+            available = self.memory_available()
         if needed > available:
             method = "LoRA" if config.lora_rank else "full fine-tuning"
             hint = "a smaller model" if config.lora_rank else "LoRA (rank 16 needs far less) or a smaller model"
@@ -370,8 +374,17 @@ class Engine:
             if needed > memory_needed(model_config, config):
                 rows_note = f" at batch {config.batch_size} with training examples of up to {longest:,} tokens"
                 hint = f"a smaller batch size or max length, {hint}"
+            loaded = self.models.held_gb()
+            beside = f" beside the {loaded:.1f} GB of models loaded to compare and evaluate" if loaded >= 0.05 else ""
             raise ConfigError(f"not enough memory: {config.model} with {method} needs about {needed:.1f} GB{rows_note}, "
-                              f"and {available:.1f} GB is available on this server; try {hint}")
+                              f"and {available:.1f} GB is available on this server{beside}; try {hint}")
+
+    def memory_available(self) -> float:
+        """GB a new run may take: ``GPT2_INSTRUCT_MEMORY_GB`` less what the models loaded for the Playground and the
+        evaluation hold, or, without it, what the machine has available now (which those models already take from)."""
+        if self.limits.memory_gb is None:
+            return available_memory_gb()
+        return max(0.0, self.limits.memory_gb - self.models.held_gb())
 
     @staticmethod
     def memory_estimate(config: TrainConfig, records: list[dict] | None = None) -> float | None:

@@ -269,8 +269,9 @@ def _rss_bytes() -> int:
         return 0
 
 
-def release_free_memory() -> None:
-    """After a step: hand memory that the C allocator holds free back to the OS, when it has crept up (glibc only).
+def release_free_memory(force: bool = False) -> None:
+    """After a step: hand memory that the C allocator holds free back to the OS, when it has crept up (glibc only;
+    ``force``: whatever it has grown by, e.g. after dropping models).
 
     Each batch has its own length, so each step's activations have new sizes;
     the freed blocks of earlier steps may fit them badly and resident memory
@@ -285,6 +286,6 @@ def release_free_memory() -> None:
     if libc is None:
         return
     rss = _rss_bytes()
-    if rss > _rss_at_trim[0] * RSS_SLACK:
+    if force or rss > _rss_at_trim[0] * RSS_SLACK:
         libc.malloc_trim(0)
         _rss_at_trim[0] = rss

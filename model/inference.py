@@ -38,6 +38,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        self.nbytes = w.numel() + 4 * len(scale)  # int8 weights and a scale per row, however they are packed
         self.packed = None
         if _fbgemm():
             with warnings.catch_warnings():  # quantised tensors are deprecated; the packed weight is what stays
@@ -100,3 +101,12 @@ def _cached(model: GPT, kind: str, make: Callable[[GPT], GPT]) -> GPT:
 
 def int8_copy(model: GPT) -> GPT:
     return _cached(model, "int8", quantize_int8)
+
+
+def held_bytes(model: GPT) -> int:
+    """Bytes ``model`` holds in memory: its weights and buffers (a tied weight once), and the int8 copy made of it
+    for drafting, if one was made."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers())}
+    with _LOCK:
+        copies = [copy for _, copy in _COPIES.get(model, {}).values()]
+    return sum(storages.values()) + sum(m.nbytes for copy in copies for m in copy.modules() if isinstance(m, Int8Linear))

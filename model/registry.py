@@ -10,6 +10,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from .gpt import GPT
+from .inference import held_bytes
 
 
 class ModelRegistry:
@@ -44,6 +45,12 @@ class ModelRegistry:
     def keys(self) -> list[str]:
         with self._lock:
             return list(self._models)
+
+    def nbytes(self) -> int:
+        """Bytes the cached models hold (``held_bytes``)."""
+        with self._lock:
+            models = list(self._models.values())
+        return sum(held_bytes(m) for m in models)
 
     def clear(self) -> None:
         with self._lock:

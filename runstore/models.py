@@ -5,14 +5,17 @@ small cache (``model.ModelRegistry``) shared by every visitor.
 """
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
 
 from model import GPT, GPTConfig, ModelRegistry, init_generator, load_pretrained, pick_device, pick_dtype
+from model.device import release_free_memory
 from model.weights import ProgressFn
 from .store import WEIGHTS, read_manifest
 from training.config import TrainConfig
+from training.estimate import GB
 
 
 def inference_setup() -> tuple[torch.device, torch.dtype]:
@@ -52,6 +55,17 @@ class Models:
     def base_of_run(self, run_dir: str | Path, progress: ProgressFn | None = None) -> GPT:
         config = run_config(run_dir)
         return self.base(config.model, config.random_init, config.seed, progress)
+
+    def held_gb(self) -> float:
+        """GB the loaded models hold, their int8 drafts included."""
+        return self.registry.nbytes() / GB
+
+    def release(self) -> None:
+        """Drop every loaded model, to make room for a run: the next compare or evaluation loads them again. A model
+        in use (a generation, an evaluation) is freed when that ends."""
+        self.registry.clear()
+        gc.collect()
+        release_free_memory(force=True)
 
     def tuned(self, run_dir: str | Path) -> GPT:
         """A run's weights; a run saved again (a newer file) is loaded afresh."""

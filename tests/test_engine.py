@@ -118,6 +118,49 @@ def test_a_start_whose_estimate_exceeds_available_memory_is_refused_before_anyth
     assert Engine.memory_estimate(TrainConfig(model="someone/unknown-model")) is None  # unknown size: no guess
 
 
+def test_models_loaded_to_compare_count_against_the_memory_limit_and_make_room_for_a_run(tmp_path, monkeypatch):
+    """With ``GPT2_INSTRUCT_MEMORY_GB`` set, the models loaded for the Playground (and their int8 drafts) take from it; a
+    run that fits only without them drops them (the next compare loads them again), one that fits either way or not
+    at all leaves them loaded. Without the limit the machine's available memory decides, measured again after."""
+    from engine.engine import memory_needed
+    from model import GPTConfig
+    from model.inference import held_bytes, int8_copy
+
+    engine = Engine(root=tmp_path / "runs")
+    base = engine.models.base("tiny", random_init=True)
+    weights = sum(p.numel() * 4 for p in base.parameters())  # fp32, the tied head once
+    assert held_bytes(base) == weights
+    int8_copy(base)
+    linears = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))  # the LM head among them
+    assert weights + linears < held_bytes(base) < weights + 1.05 * linears  # a byte a weight, a scale per row
+    held = engine.models.held_gb()
+    assert held == held_bytes(base) / 1e9  # the GB of the estimates
+    needed = memory_needed(GPTConfig.from_name("tiny"), tiny())
+
+    def limited(gb: float) -> Engine:
+        engine.limits = Limits(memory_gb=gb)
+        return engine
+
+    limited(needed + 2 * held).admit(tiny())
+    assert engine.models.registry.keys()  # room enough beside them
+    engine.models.registry.get("more", lambda: GPT(GPTConfig.from_name("tiny")))  # 0.06 GB in all
+    with pytest.raises(ConfigError, match=f"needs about {needed:.1f} GB, and .* beside the 0.1 GB of models loaded to compare"):
+        limited(needed - 0.05).admit(tiny())
+    assert len(engine.models.registry.keys()) == 2  # dropping them would not have helped
+    engine.models.registry.clear()
+    engine.models.base("tiny", random_init=True)
+    assert limited(needed + held / 2).memory_available() < needed
+    limited(needed + held / 2).admit(tiny())
+    assert engine.models.registry.keys() == [] and engine.memory_available() == needed + held / 2
+
+    engine.limits = Limits()
+    engine.models.base("tiny", random_init=True)
+    seen = []
+    monkeypatch.setattr("engine.engine.available_memory_gb", lambda: seen.append(1) or (needed - held / 2 if engine.models.registry.keys() else needed + held / 2))
+    engine.admit(tiny())
+    assert engine.models.registry.keys() == [] and len(seen) == 2
+
+
 def test_long_records_need_more_memory_and_a_refusal_says_so(tmp_path, monkeypatch):
     """The estimate counts a batch's activations beyond the book's batches: a tiny run fits 1 GB on the sample, not on
     records of ~1,000 tokens at batch 8 (at batch 2 it does), and GPT-2 124M's estimate meets its measured peaks."""
