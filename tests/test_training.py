@@ -773,6 +773,25 @@ def test_bench_train_ends_with_one_json_object_without_nan(tmp_path):
     assert sum(breakdown[kind] for kind in ("matmul", "adamw", "attention", "other")) == pytest.approx(1, abs=5e-3)
 
 
+def test_bench_series_sums_up_consecutive_runs_of_the_training_benchmark(tmp_path):
+    env = {**os.environ, "GPT2_INSTRUCT_NATIVE_BF16": "0"}
+    out = subprocess.run([sys.executable, "-m", "bench.series", "--runs", "2", "--model", "tiny", "--steps", "1", "--data",
+                          "sample", "--skip-autocast"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].endswith("tiny, CPU class fp32-only, float32") and lines[1].startswith("run 1: ours tokens/s ")
+    figures = json.loads(lines[-1], parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert figures["runs"] == 2 and figures["options"][-1] == "--skip-autocast" and len(figures["each"]) == 2
+    for run in figures["each"]:
+        assert run["ratio"] == pytest.approx(run["ours_tokens_per_s"] / run["transformers_tokens_per_s"], abs=2e-3)
+    ours = figures["summary"]["ours_tokens_per_s"]
+    assert ours["min"] == min(run["ours_tokens_per_s"] for run in figures["each"]) <= ours["median"] <= ours["max"]
+    assert ours["slowest_over_fastest"] == pytest.approx(ours["min"] / ours["max"], abs=2e-3)
+    missing = subprocess.run([sys.executable, "-m", "bench.series", "--data", str(tmp_path / "none.json")], cwd=REPO,
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and missing.stderr.strip() == f"error: {tmp_path / 'none.json'}: file not found"
+
+
 def test_bench_optim_times_every_side_and_ends_with_json():
     out = subprocess.run([sys.executable, "-m", "bench.optim", "--model", "tiny", "--rounds", "2"], cwd=REPO,
                          capture_output=True, text=True)
@@ -803,6 +822,7 @@ def test_bench_together_times_each_run_alone_and_side_by_side():
     (["bench.watchers", "--model", "gpt9"], "argument --model: unknown preset 'gpt9'"),
     (["bench.together", "--runs", "1"], "argument --runs: must be at least 2, got 1"),
     (["bench.dataset", "--records", "0"], "argument --records: must be at least 1, got 0"),
+    (["bench.series", "--runs", "1"], "argument --runs: must be at least 2, got 1"),
 ])
 def test_benchmarks_refuse_bad_arguments_in_one_usage_line(args, says, monkeypatch, capsys):
     """Each module's ``main`` as ``python -m`` runs it, in this process (a process each cost 2 s of imports):
