@@ -29,6 +29,7 @@ FIGURES = {  # the key in bench.train's JSON: its name here, its format
     "ratio": ("ours / transformers", ".2f"),
     "mfu": ("MFU", ".3f"),
     "epoch_ratio": ("epoch ratio", ".2f"),
+    "epoch_ratio_grouped": ("grouped epoch ratio", ".2f"),  # ours length-grouped, against transformers' random epoch
     "peak_rss_mb": ("peak RSS MiB", ",.0f"),
 }
 STEADY = ("ours_tokens_per_s", "transformers_tokens_per_s", "matmul_peak_gflops", "ratio")
