@@ -123,7 +123,7 @@ def test_models_loaded_to_compare_count_against_the_memory_limit_and_make_room_f
     run that fits only without them drops them (the next compare loads them again), one that fits either way or not
     at all leaves them loaded. Without the limit the machine's available memory decides, measured again after."""
     from engine.engine import memory_needed
-    from model import GPTConfig
+    from model import GPTConfig, init_generator
     from model.inference import held_bytes, int8_copy
 
     engine = Engine(root=tmp_path / "runs")
@@ -143,7 +143,7 @@ def test_models_loaded_to_compare_count_against_the_memory_limit_and_make_room_f
 
     limited(needed + 2 * held).admit(tiny())
     assert engine.models.registry.keys()  # room enough beside them
-    engine.models.registry.get("more", lambda: GPT(GPTConfig.from_name("tiny")))  # 0.06 GB in all
+    engine.models.registry.get("more", lambda: GPT(GPTConfig.from_name("tiny"), init_generator(1)))  # 0.06 GB in all
     with pytest.raises(ConfigError, match=f"needs about {needed:.1f} GB, and .* beside the 0.1 GB of models loaded to compare"):
         limited(needed - 0.05).admit(tiny())
     assert len(engine.models.registry.keys()) == 2  # dropping them would not have helped
