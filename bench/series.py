@@ -60,9 +60,8 @@ def main(argv=None) -> int:
         print(f"run {i + 1}: " + ", ".join(f"{name} {figures[key]:{form}}" for key, (name, form) in FIGURES.items()), flush=True)
     summary = {key: spread(run[key] for run in runs) for key in FIGURES}
     for key in STEADY:
-        summary[key]["slowest_over_fastest"] = summary[key]["min"] / summary[key]["max"]
-    for key in STEADY:
         (name, form), s = FIGURES[key], summary[key]
+        s["slowest_over_fastest"] = s["min"] / s["max"]
         print(f"{name:<22} min {s['min']:>8{form}}  median {s['median']:>8{form}}  max {s['max']:>8{form}}  "
               f"slowest / fastest {s['slowest_over_fastest']:.3f}")
     print_json(dict(runs=args.runs, options=options, model=runs[0]["model"], cpu_class=runs[0]["cpu_class"],

@@ -366,7 +366,7 @@ class Engine:
         held = self.models.held_gb()
         if available < needed <= available + held:  # the models loaded to compare and evaluate make the difference
             self.models.release()
-            available = self.memory_available()
+            available, held = self.memory_available(), 0.0
         if needed > available:
             method = "LoRA" if config.lora_rank else "full fine-tuning"
             hint = "a smaller model" if config.lora_rank else "LoRA (rank 16 needs far less) or a smaller model"
@@ -374,8 +374,7 @@ class Engine:
             if needed > memory_needed(model_config, config):
                 rows_note = f" at batch {config.batch_size} with training examples of up to {longest:,} tokens"
                 hint = f"a smaller batch size or max length, {hint}"
-            loaded = self.models.held_gb()
-            beside = f" beside the {loaded:.1f} GB of models loaded to compare and evaluate" if loaded >= 0.05 else ""
+            beside = f" beside the {held:.1f} GB of models loaded to compare and evaluate" if held >= 0.05 else ""
             raise ConfigError(f"not enough memory: {config.model} with {method} needs about {needed:.1f} GB{rows_note}, "
                               f"and {available:.1f} GB is available on this server{beside}; try {hint}")
 
