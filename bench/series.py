@@ -4,9 +4,9 @@
 
 Runs ``python -m bench.train`` ``--runs`` times, one process after another as a
 person would, and reads each run's last line. Prints each run's figures, then
-min / median / max and the slowest run over the fastest of ours' tokens/s,
-transformers', the machine's matmul peak that each run measured between its
-steps, and ours against transformers on the same batches. A slow mode of ours'
+min / median / max of each, with the slowest run over the fastest of ours'
+tokens/s, transformers', the machine's matmul peak that each run measured
+between its steps, and ours against transformers on the same batches. A slow mode of ours'
 own (one run at half speed) shows as a drop against transformers in that run;
 the machine slowing down slows both sides (ours, nearly all matmuls, the more).
 The last line is one JSON object.
@@ -59,11 +59,13 @@ def main(argv=None) -> int:
             print(f"bench.train {' '.join(options)}: {figures['model']}, CPU class {figures['cpu_class']}, {figures['precision']}")
         print(f"run {i + 1}: " + ", ".join(f"{name} {figures[key]:{form}}" for key, (name, form) in FIGURES.items()), flush=True)
     summary = {key: spread(run[key] for run in runs) for key in FIGURES}
-    for key in STEADY:
-        (name, form), s = FIGURES[key], summary[key]
-        s["slowest_over_fastest"] = s["min"] / s["max"]
-        print(f"{name:<22} min {s['min']:>8{form}}  median {s['median']:>8{form}}  max {s['max']:>8{form}}  "
-              f"slowest / fastest {s['slowest_over_fastest']:.3f}")
+    for key, (name, form) in FIGURES.items():
+        s = summary[key]
+        line = f"{name:<22} min {s['min']:>8{form}}  median {s['median']:>8{form}}  max {s['max']:>8{form}}"
+        if key in STEADY:
+            s["slowest_over_fastest"] = s["min"] / s["max"]
+            line += f"  slowest / fastest {s['slowest_over_fastest']:.3f}"
+        print(line)
     print_json(dict(runs=args.runs, options=options, model=runs[0]["model"], cpu_class=runs[0]["cpu_class"],
                     precision=runs[0]["precision"], summary=summary, each=[{key: run[key] for key in FIGURES} for run in runs]))
     return 0
