@@ -6,9 +6,10 @@ Runs ``python -m bench.train`` ``--runs`` times, one process after another as a
 person would, and reads each run's last line. Prints each run's figures, then
 min / median / max of each, with the slowest run over the fastest of ours'
 tokens/s, transformers', the machine's matmul peak that each run measured
-between its steps, and ours against transformers on the same batches. A slow mode of ours'
-own (one run at half speed) shows as a drop against transformers in that run;
-the machine slowing down slows both sides (ours, nearly all matmuls, the more).
+between its steps, ours against transformers on the same batches, and ours
+against that peak (MFU). A slow mode of ours' own (one run at half speed)
+shows as a drop against transformers and the peak in that run; the machine
+slowing down slows both sides (ours, nearly all matmuls, the more).
 The last line is one JSON object.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ FIGURES = {  # the key in bench.train's JSON: its name here, its format
     "epoch_ratio_grouped": ("grouped epoch ratio", ".2f"),  # ours length-grouped, against transformers' random epoch
     "peak_rss_mb": ("peak RSS MiB", ",.0f"),
 }
-STEADY = ("ours_tokens_per_s", "transformers_tokens_per_s", "matmul_peak_gflops", "ratio")
+# slowest over fastest: each side, the machine, and ours against each of them (a slow mode of ours moves the last two)
+STEADY = ("ours_tokens_per_s", "transformers_tokens_per_s", "matmul_peak_gflops", "ratio", "mfu")
 
 
 def run_once(options: list[str]) -> dict:
