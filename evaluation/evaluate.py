@@ -40,8 +40,7 @@ from .judge import DEFAULT_MODEL, Judge, judge_help, summarize_scores
 from training.cores import CoreShare
 from training.dpo import file_sha256
 from training.config import TrainConfig
-from training.loop import now
-from runstore import WEIGHTS, RunInfo, hold_runs, parent_folder, read_manifest, run_folder, write_atomic
+from runstore import WEIGHTS, RunInfo, hold_runs, parent_folder, read_manifest, run_folder, utc_time, write_atomic
 from data.preference import PreferenceDataset, collate_preferences, in_order_batches, load_preferences_if_any
 
 EVAL_ROWS = "eval.jsonl"
@@ -196,7 +195,7 @@ def evaluate_run(run_dir, data=None, split: str = "test", max_new_tokens: int = 
     records = getattr(split_instructions(preferences or load_instructions(source)), split)[:limit]
     if not records:
         raise ValueError(f"the {split} split of {source} is empty")
-    started = now()
+    started = utc_time()
     # The run's lock, and a preference-tuned run's parent's, shared: a resume of either (in any process) is refused and
     # the runs budget of an app on the same runs folder keeps them until the evaluation ends.
     read = [run_dir, *([weights_of["tuned"]] if dpo and "tuned" in names else [])]

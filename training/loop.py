@@ -167,10 +167,6 @@ def data_label(source: str) -> str:
     return source if source in ("canonical", "sample") else cache.file_label(str(source))
 
 
-def now() -> str:
-    return utc_time()
-
-
 def records_needed(per_step: int) -> int:
     """The fewest records whose 85/10/5 split has a step's worth of training records and a test record (validation
     always gets one)."""
@@ -219,7 +215,7 @@ def open_run(writer: RunWriter, checkpoint: dict | None, emit, started: Started,
     if checkpoint:
         mark_resumed(writer, checkpoint["step"], **fields)
     else:
-        writer.update_manifest(**fields, started=now())
+        writer.update_manifest(**fields, started=utc_time())
     emit(started)
     for row in writer.metrics:
         emit(Logged.replay(row))
@@ -228,7 +224,7 @@ def open_run(writer: RunWriter, checkpoint: dict | None, emit, started: Started,
 def record_end(writer: RunWriter, run_dir: Path, clock: Clock, status: str, drop_checkpoint: bool = True, **fields) -> dict:
     """Write how the run ended (``fields``: its steps, tokens and last losses) with its times and peak memory; a
     finished run drops its checkpoint. The summary, as written."""
-    summary = {"status": status, **fields, "ended": now(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s,
+    summary = {"status": status, **fields, "ended": utc_time(), "wall_time_s": clock.elapsed, "train_time_s": clock.train_s,
                "eval_time_s": clock.eval_s, "run_dir": str(run_dir), "peak_rss_mb": peak_rss_mb()}
     writer.update_manifest(**summary)
     if status == "done" and drop_checkpoint:
@@ -242,7 +238,7 @@ def record_failure(writer: RunWriter, error: BaseException, reason: str, step: i
     if isinstance(error, KeyboardInterrupt):
         ended = {"status": "interrupted", "stop_reason": "interrupted from the keyboard"}
     with suppress(OSError):  # the disk may be full: the first error is the one to report
-        writer.update_manifest(**ended, ended=now(), steps=step, wall_time_s=clock.elapsed)
+        writer.update_manifest(**ended, ended=utc_time(), steps=step, wall_time_s=clock.elapsed)
 
 
 def save_weights(optimizer: MasterWeightAdamW, lora_rank: int, run_dir: Path, emit, write: bool = True) -> None:
