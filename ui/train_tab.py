@@ -100,9 +100,8 @@ def stop(engine, client_id: str | None):
 
 def settings_line(config: dict) -> str:
     """The run's settings in one line, so a visitor who reconnects sees what is running."""
-    model = config["model"] + (" (random init)" if config.get("random_init") else "")
     method = f"LoRA rank {config['lora_rank']}, alpha {config['lora_alpha']:g}" if config.get("lora_rank") else "full fine-tune"
-    parts = [model, str(config["data"]), method, f"lr {config['lr']:g}", f"batch {config['batch_size']}",
+    parts = [model_label({"config": config}), str(config["data"]), method, f"lr {config['lr']:g}", f"batch {config['batch_size']}",
              f"{config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}", f"eval every {config['eval_every']}"]
     parts += ["prompt masked"] if config.get("mask_prompt") else []
     parts += [f"{config['style']} prompts"] if config.get("style", "alpaca") != "alpaca" else []
